@@ -1,0 +1,355 @@
+//! `vmcsnap`: run a node, and operate the cluster through the local node.
+//!
+//! Noun-verb commands (`vmcsnap snapshot create`, `vmcsnap cluster status`); every reading
+//! command takes `--json`; long work shows a progress bar on a terminal.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
+use vmcsnap_node::control::read_frame;
+use vmcsnap_protocol::codec;
+use vmcsnap_protocol::control::{ControlEvent, ControlRequest, ControlResult, VmSpec};
+use vmcsnap_protocol::PAGE_SIZE;
+
+#[derive(Parser)]
+#[command(
+    name = "vmcsnap",
+    version,
+    about = "Deduplicated memory snapshots of whole QEMU/KVM VM clusters, stored across all hosts",
+    long_about = "vmcsnap snapshots the memory of many VMs at once and stores every distinct 4 KiB page \
+once (times --replicas), spread over every host that runs a node. Any host can list and restore any \
+snapshot.\n\nEvery host runs `vmcsnap node run`; every other command talks to the node on this host \
+through its control socket (--node, or VMCSNAP_NODE).",
+    after_help = "Examples:\n  vmcsnap node run --data-dir /var/lib/vmcsnap --listen 10.0.0.1:7400 --peer 10.0.0.2:7400\n  \
+export VMCSNAP_NODE=/var/lib/vmcsnap\n  vmcsnap snapshot create nightly --vm web1=file:/srv/web1.mem --vm web2=file:/srv/web2.mem\n  \
+vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem\n  vmcsnap cluster status"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run this host's node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Take, list, inspect and restore snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Start the node in the foreground (stop it with Ctrl-C or SIGTERM).
+    ///
+    /// The node keeps its identity, pages and catalog in --data-dir; starting it again on the
+    /// same directory brings back the same member with the same pages.
+    Run {
+        /// Directory for the identity, the page store and the control socket.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Address peers reach this node at: TCP for membership, UDP (QUIC) for pages.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: SocketAddr,
+        /// Any existing member to join through (repeatable). Not needed on a restart.
+        #[arg(long = "peer", value_name = "IP:PORT")]
+        peers: Vec<SocketAddr>,
+        /// Copies of every page for snapshots this node takes.
+        #[arg(long, default_value_t = 2, value_name = "N")]
+        replicas: u8,
+        /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
+        #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
+        log: String,
+    },
+}
+
+#[derive(Args)]
+struct NodeArg {
+    /// The local node: its data directory or its control socket.
+    #[arg(long, env = "VMCSNAP_NODE", value_name = "DIR|SOCKET", global = true)]
+    node: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Snapshot the memory of VMs on this host, as one named snapshot.
+    Create {
+        /// A new, unique snapshot name (letters, digits, '.', '_', '-').
+        name: String,
+        /// A VM and its memory: ID=file:PATH (a raw image, whole 4 KiB pages). Repeatable.
+        #[arg(long = "vm", value_name = "ID=SOURCE", required = true)]
+        vms: Vec<String>,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// Restore one VM of a snapshot on this host.
+    Restore {
+        /// Snapshot name.
+        name: String,
+        /// The VM to restore.
+        #[arg(long, value_name = "ID")]
+        vm: String,
+        /// Where: file:PATH writes the guest RAM as a raw image.
+        #[arg(long, value_name = "TARGET")]
+        to: String,
+        /// Replace the target if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// List snapshots (from every reachable member's catalog).
+    List {
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// Show a snapshot: its VMs, their pages and what dedup saved.
+    Show {
+        /// Snapshot name.
+        name: String,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// List every member: address, share of the hash space, pages and bytes stored.
+    Status {
+        #[command(flatten)]
+        common: NodeArg,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, log }) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
+                .with_writer(std::io::stderr)
+                .init();
+            let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas };
+            vmcsnap_node::run(config, None).await
+        }
+        Cmd::Snapshot(SnapshotCmd::Create { name, vms, common }) => {
+            let mut specs = Vec::new();
+            for v in vms {
+                let Some((id, source)) = v.split_once('=') else {
+                    bail!("--vm {v:?} must look like ID=file:PATH");
+                };
+                specs.push(VmSpec { id: id.to_string(), source: absolutize(source)? });
+            }
+            let r = call(&common, ControlRequest::SnapshotCreate { name, vms: specs }).await?;
+            let ControlResult::Created(s) = r else { bail!("node answered with the wrong result") };
+            if common.json {
+                return print_json(&s);
+            }
+            for (id, st) in &s.vms {
+                println!(
+                    "  {id:<16} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent",
+                    st.pages_total,
+                    pct(st.pages_zero, st.pages_total),
+                    st.pages_new,
+                    st.pages_dedup,
+                    human(st.bytes_sent)
+                );
+            }
+            println!(
+                "snapshot {} committed: {} raw, {} new to the cluster, {} sent to peers, {:.2} s ({})",
+                s.name,
+                human(s.raw_bytes),
+                human(s.new_bytes),
+                human(s.bytes_sent),
+                s.elapsed_ms as f64 / 1000.0,
+                rate(s.raw_bytes, s.elapsed_ms)
+            );
+            Ok(())
+        }
+        Cmd::Snapshot(SnapshotCmd::Restore { name, vm, to, force, common }) => {
+            let target = absolutize(&to)?;
+            let r = call(&common, ControlRequest::SnapshotRestore { name, vm, target, force }).await?;
+            let ControlResult::Restored(s) = r else { bail!("node answered with the wrong result") };
+            if common.json {
+                return print_json(&s);
+            }
+            println!(
+                "restored {}/{} to {}: {} raw, {} distinct pages ({} already here), {} fetched, {:.2} s ({})",
+                s.name,
+                s.vm,
+                s.target,
+                human(s.raw_bytes),
+                s.pages_needed,
+                s.pages_local,
+                human(s.bytes_fetched),
+                s.elapsed_ms as f64 / 1000.0,
+                rate(s.raw_bytes, s.elapsed_ms)
+            );
+            Ok(())
+        }
+        Cmd::Snapshot(SnapshotCmd::List { common }) => {
+            let ControlResult::List(list) = call(&common, ControlRequest::SnapshotList).await? else {
+                bail!("node answered with the wrong result")
+            };
+            if common.json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no snapshots");
+                return Ok(());
+            }
+            println!("{:<24} {:>10} {:>10} {:>3}  VMS", "NAME", "RAW", "NEW", "R");
+            for s in list {
+                println!("{:<24} {:>10} {:>10} {:>3}  {}", s.name, human(s.raw_bytes), human(s.new_bytes), s.replicas, s.vms.join(","));
+            }
+            Ok(())
+        }
+        Cmd::Snapshot(SnapshotCmd::Show { name, common }) => {
+            let ControlResult::Show(r) = call(&common, ControlRequest::SnapshotShow { name }).await? else {
+                bail!("node answered with the wrong result")
+            };
+            if common.json {
+                return print_json(&r);
+            }
+            println!("snapshot {}  (replicas {}, {} placement members, taken by {}, {:.2} s)", r.name, r.replicas, r.placement.len(), r.initiator.short(), r.elapsed_ms as f64 / 1000.0);
+            println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "VM", "PAGES", "ZERO", "NONZERO", "NEW", "DEDUP", "SENT");
+            for v in &r.vms {
+                let s = &v.stats;
+                println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", v.id, s.pages_total, s.pages_zero, s.pages_nonzero, s.pages_new, s.pages_dedup, human(s.bytes_sent));
+            }
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Status { common }) => {
+            let ControlResult::Cluster(c) = call(&common, ControlRequest::ClusterStatus).await? else {
+                bail!("node answered with the wrong result")
+            };
+            if common.json {
+                return print_json(&c);
+            }
+            println!("{:<10} {:<22} {:>6} {:>10} {:>10}  STATE", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES");
+            for m in &c.members {
+                println!(
+                    "{:<10} {:<22} {:>5.1}% {:>10} {:>10}  {}{}",
+                    m.id.short(),
+                    m.address,
+                    m.share * 100.0,
+                    m.pages.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    m.bytes.map(human).unwrap_or_else(|| "-".into()),
+                    if m.alive { "up" } else { "DOWN" },
+                    if m.local { " (this node)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 * 100.0 / b as f64 }
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+fn rate(bytes: u64, ms: u64) -> String {
+    format!("{:.2} GB/s", bytes as f64 / (ms.max(1) as f64 / 1000.0) / 1e9)
+}
+
+/// `file:rel/path` → `file:/abs/path`, since the node may run in another directory.
+fn absolutize(source: &str) -> anyhow::Result<String> {
+    match source.split_once(':') {
+        Some((kind, p)) if !p.is_empty() && !Path::new(p).is_absolute() => {
+            let abs = std::env::current_dir()?.join(p);
+            Ok(format!("{kind}:{}", abs.display()))
+        }
+        _ => Ok(source.to_string()),
+    }
+}
+
+fn socket_path(common: &NodeArg) -> anyhow::Result<PathBuf> {
+    let Some(p) = &common.node else {
+        bail!("which node? pass --node DIR (the node's --data-dir) or set VMCSNAP_NODE");
+    };
+    Ok(if p.is_dir() { p.join("control.sock") } else { p.clone() })
+}
+
+async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlResult> {
+    let path = socket_path(common)?;
+    let mut stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .with_context(|| format!("no vmcsnap node at {} (is `vmcsnap node run` running there?)", path.display()))?;
+    stream.write_all(&codec::encode_frame(&req)?).await?;
+    let bar = (!common.json && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{msg:>9} [{bar:40}] {percent:>3}% {pos}/{len} pages, {per_sec}, eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    });
+    loop {
+        let ev: ControlEvent = read_frame(&mut stream).await.context("the node closed the connection mid-request")?;
+        match ev {
+            ControlEvent::Progress { phase, done, total } => {
+                if let Some(b) = &bar {
+                    b.set_message(phase);
+                    b.set_length(total);
+                    b.set_position(done.min(total));
+                }
+            }
+            ControlEvent::Done(r) => {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                return Ok(r);
+            }
+            ControlEvent::Failed { message } => {
+                if let Some(b) = bar {
+                    b.abandon();
+                }
+                bail!("{message}");
+            }
+        }
+    }
+}
+
+const _: () = assert!(PAGE_SIZE == 4096);

@@ -1,0 +1,158 @@
+//! The control socket (`DIR/control.sock`): how the `vmcsnap` CLI on this host talks to its
+//! node. Unix permissions on the data directory decide who may use it.
+//!
+//! One request per connection; the node streams [`ControlEvent::Progress`] frames while it
+//! works and ends with one `Done` or `Failed` frame. If the CLI goes away mid-way the work
+//! still finishes (a snapshot is never left half-committed because a terminal closed).
+
+use crate::engine::{restore, snapshot, Progress};
+use crate::node::Node;
+use anyhow::Context;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use vmcsnap_dht::placement::{primary_shares, View};
+use vmcsnap_protocol::codec::{self, FRAME_HEADER_BYTES};
+use vmcsnap_protocol::control::{ClusterStatus, ControlEvent, ControlRequest, ControlResult, MemberStatus, SnapshotInfo};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse};
+use vmcsnap_protocol::PAGE_SIZE;
+
+/// Progress frames buffered for a slow CLI before updates are dropped.
+pub const PROGRESS_QUEUE: usize = 64;
+/// Samples used to estimate each member's share of the hash space.
+pub const SHARE_SAMPLES: u64 = 1 << 16;
+
+/// Binds the control socket, replacing a stale one left by a node that died.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("a node is already running with control socket {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))
+}
+
+/// Accepts CLI connections forever.
+pub async fn accept_loop(node: Arc<Node>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(node.clone(), stream));
+            }
+            Err(e) => {
+                tracing::warn!(target: "vmcsnap::control", error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one frame from an async reader.
+pub async fn read_frame<T: serde::de::DeserializeOwned, R: AsyncReadExt + Unpin>(r: &mut R) -> anyhow::Result<T> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    r.read_exact(&mut header).await?;
+    let len = codec::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(codec::decode_body(&body)?)
+}
+
+async fn handle(node: Arc<Node>, mut stream: UnixStream) {
+    let req: ControlRequest = match read_frame(&mut stream).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send(&mut stream, &ControlEvent::Failed { message: format!("bad control request: {e}") }).await;
+            return;
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+    let work = tokio::spawn(execute(node, req, Progress::new(Some(tx))));
+    // Forward progress until the work ends (the channel closes with it).
+    let mut cli_gone = false;
+    while let Some(ev) = rx.recv().await {
+        if !cli_gone && send(&mut stream, &ev).await.is_err() {
+            cli_gone = true;
+        }
+    }
+    let last = match work.await {
+        Ok(Ok(r)) => ControlEvent::Done(r),
+        Ok(Err(e)) => ControlEvent::Failed { message: format!("{e:#}") },
+        Err(e) => ControlEvent::Failed { message: format!("internal error: {e}") },
+    };
+    if !cli_gone {
+        let _ = send(&mut stream, &last).await;
+    }
+}
+
+async fn send(stream: &mut UnixStream, ev: &ControlEvent) -> anyhow::Result<()> {
+    let frame = codec::encode_frame(ev)?;
+    stream.write_all(&frame).await?;
+    Ok(())
+}
+
+async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> anyhow::Result<ControlResult> {
+    match req {
+        ControlRequest::SnapshotCreate { name, vms } => {
+            Ok(ControlResult::Created(snapshot::create(node, name, vms, progress).await?))
+        }
+        ControlRequest::SnapshotRestore { name, vm, target, force } => {
+            Ok(ControlResult::Restored(restore::restore(node, name, vm, target, force, progress).await?))
+        }
+        ControlRequest::SnapshotList => {
+            node.sync_catalog().await;
+            let mut out: Vec<SnapshotInfo> = node
+                .store
+                .catalog_all()?
+                .into_iter()
+                .map(|r| SnapshotInfo {
+                    vms: r.vms.iter().map(|v| v.id.clone()).collect(),
+                    raw_bytes: r.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum(),
+                    new_bytes: r.vms.iter().map(|v| v.stats.pages_new * PAGE_SIZE as u64).sum(),
+                    replicas: r.replicas,
+                    created_unix_ms: r.created_unix_ms,
+                    name: r.name,
+                })
+                .collect();
+            out.sort_by(|a, b| (a.created_unix_ms, &a.name).cmp(&(b.created_unix_ms, &b.name)));
+            Ok(ControlResult::List(out))
+        }
+        ControlRequest::SnapshotShow { name } => match node.find_record(&name).await? {
+            Some(r) => Ok(ControlResult::Show(Box::new(r))),
+            None => anyhow::bail!("no snapshot named {name:?} (see `vmcsnap snapshot list`)"),
+        },
+        ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
+    }
+}
+
+async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
+    let members = node.members();
+    let alive: Vec<_> = members.iter().filter(|m| m.alive).map(|m| m.id).collect();
+    let view = View::new(alive);
+    let shares = primary_shares(&view, SHARE_SAMPLES);
+    let stats = futures::future::join_all(members.iter().map(|m| async move {
+        if !m.alive {
+            return None;
+        }
+        match tokio::time::timeout(crate::node::CATALOG_PEER_TIMEOUT, node.call(m, DataRequest::Stats)).await {
+            Ok(Ok(DataResponse::Stats { pages, bytes, .. })) => Some((pages, bytes)),
+            _ => None,
+        }
+    }))
+    .await;
+    let members = members
+        .iter()
+        .zip(stats)
+        .map(|(m, s)| MemberStatus {
+            id: m.id,
+            address: m.data_addr.to_string(),
+            share: view.index_of(&m.id).map(|i| shares[i]).unwrap_or(0.0),
+            pages: s.map(|s| s.0),
+            bytes: s.map(|s| s.1),
+            alive: m.alive,
+            local: m.id == node.id,
+        })
+        .collect();
+    ClusterStatus { node: node.id, replicas: node.config.replicas, members }
+}

@@ -1,0 +1,343 @@
+//! Restoring one VM of a snapshot, on any node.
+//!
+//! States, each with its own failure:
+//! 1. **Find**: the commit record, from this node's catalog or its peers'.
+//! 2. **Manifest**: walk the manifest tree down to the page hashes, fetching chunk pages like
+//!    any page.
+//! 3. **Fetch and write**: window by window, fetch every distinct page once (from this node's
+//!    store if it holds it, else from its first reachable owner, else the next replica),
+//!    verify it against its hash, and write it at every offset that holds it. Zero pages are
+//!    not written: the target starts as a sparse file of zeros.
+//! 4. **Finish**: fsync the partial file and rename it onto the target; until then the
+//!    target path is untouched.
+
+use crate::engine::{Progress, FETCHES_IN_FLIGHT, WINDOW_PAGES};
+use crate::net::NetError;
+use crate::node::Node;
+use crate::source::Target;
+use futures::{stream, StreamExt};
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use vmcsnap_dht::placement::{owners, View};
+use vmcsnap_dht::Member;
+use vmcsnap_protocol::control::RestoreSummary;
+use vmcsnap_protocol::manifest::{expand_level, level_sizes, CommitRecord};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, GET_PAGES_MAX};
+use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
+
+/// Why a restore failed. The target path is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// No such snapshot.
+    #[error("no snapshot named {0:?} (see `vmcsnap snapshot list`)")]
+    UnknownSnapshot(String),
+    /// No such VM in the snapshot.
+    #[error("snapshot {name:?} has no VM {vm:?} (it has: {have})")]
+    UnknownVm {
+        /// Snapshot.
+        name: String,
+        /// VM asked for.
+        vm: String,
+        /// VMs it has.
+        have: String,
+    },
+    /// Bad target.
+    #[error("{0}")]
+    Target(String),
+    /// A page could be had from none of its owners.
+    #[error("page {hash} is unavailable: {reasons}")]
+    Unavailable {
+        /// The page.
+        hash: PageHash,
+        /// What each owner said.
+        reasons: String,
+    },
+    /// Writing the target failed.
+    #[error("writing {path}: {reason}")]
+    Write {
+        /// Target.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A local failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Fetches pages by hash from a snapshot's owners, verifying each.
+struct Fetcher<'a> {
+    node: &'a Arc<Node>,
+    view: View,
+    /// Current address and liveness of each placement member (`None`: not known any more).
+    members: Vec<Option<Member>>,
+    replicas: usize,
+    bytes_fetched: u64,
+    pages_local: u64,
+}
+
+impl<'a> Fetcher<'a> {
+    fn new(node: &'a Arc<Node>, record: &CommitRecord) -> Self {
+        let view = View::new(record.placement.clone());
+        let known: HashMap<NodeId, Member> = node.members().into_iter().map(|m| (m.id, m)).collect();
+        let members = view.members().iter().map(|id| known.get(id).cloned()).collect();
+        Self { node, view, members, replicas: record.replicas as usize, bytes_fetched: 0, pages_local: 0 }
+    }
+
+    /// Fetches distinct non-zero pages. Returns them keyed by hash.
+    async fn fetch(&mut self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+        let mut out = HashMap::with_capacity(hashes.len());
+        // Pages this node already holds are not fetched again.
+        let store = self.node.store.clone();
+        let local = {
+            let hs = hashes.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
+                let have = store.have(&hs)?;
+                let want: Vec<PageHash> = hs.iter().zip(&have).filter(|(_, h)| **h).map(|(x, _)| *x).collect();
+                let mut got = store.get(&want)?.into_iter();
+                Ok(have.into_iter().map(|h| if h { got.next().flatten() } else { None }).collect())
+            })
+            .await
+            .map_err(|e| RestoreError::Internal(e.to_string()))?
+            .map_err(|e| RestoreError::Internal(e.to_string()))?
+        };
+        // Each remaining page: its owners in placement order; try them one after another.
+        let mut todo: Vec<(PageHash, Vec<usize>, Vec<String>)> = Vec::new();
+        for (h, l) in hashes.into_iter().zip(local) {
+            match l {
+                Some(p) => {
+                    self.pages_local += 1;
+                    out.insert(h, p);
+                }
+                None => todo.push((h, owners(&self.view, &h, self.replicas), Vec::new())),
+            }
+        }
+        while !todo.is_empty() {
+            // Group by the next owner to try.
+            let mut by_owner: HashMap<usize, Vec<(PageHash, Vec<usize>, Vec<String>)>> = HashMap::new();
+            for (h, mut cands, mut reasons) in todo.drain(..) {
+                loop {
+                    let Some(&o) = cands.first() else {
+                        return Err(RestoreError::Unavailable { hash: h, reasons: reasons.join("; ") });
+                    };
+                    match &self.members[o] {
+                        Some(m) if m.alive => break,
+                        Some(m) => reasons.push(format!("{} is down", m.id.short())),
+                        None => reasons.push(format!("{} is no longer a member", self.view.members()[o].short())),
+                    }
+                    cands.remove(0);
+                }
+                by_owner.entry(cands[0]).or_default().push((h, cands, reasons));
+            }
+            let mut requests = Vec::new();
+            for (o, items) in by_owner {
+                let mut items = items;
+                while !items.is_empty() {
+                    let rest = items.split_off(items.len().min(GET_PAGES_MAX));
+                    requests.push((o, std::mem::replace(&mut items, rest)));
+                }
+            }
+            let node = self.node;
+            let members = &self.members;
+            let mut results = stream::iter(requests)
+                .map(|(o, items)| async move {
+                    let Some(m) = members[o].clone() else {
+                        return (o, items, Err("not a member".to_string()));
+                    };
+                    let hashes = items.iter().map(|i| i.0).collect();
+                    let r = node.call(&m, DataRequest::Get { hashes }).await;
+                    let r = match r {
+                        Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => Ok(pages),
+                        Ok(_) => Err("answered with the wrong message".to_string()),
+                        Err(e) => Err(match e {
+                            NetError::Unreachable { .. } => "unreachable".to_string(),
+                            e => e.to_string(),
+                        }),
+                    };
+                    (o, items, r)
+                })
+                .buffer_unordered(FETCHES_IN_FLIGHT);
+            let mut dead = Vec::new();
+            while let Some((o, items, r)) = results.next().await {
+                let who = self.view.members()[o].short();
+                match r {
+                    Ok(pages) => {
+                        for ((h, mut cands, mut reasons), p) in items.into_iter().zip(pages) {
+                            match p {
+                                Some(p) if hash_page(&p) == h => {
+                                    self.bytes_fetched += p.len() as u64;
+                                    out.insert(h, p.into_vec());
+                                }
+                                Some(p) => {
+                                    tracing::warn!(target: "vmcsnap::restore", peer = %who, page = %h.short(), got = %hash_page(&p).short(), "peer sent a page that does not match its hash");
+                                    reasons.push(format!("{who} sent a page with hash {}", hash_page(&p).short()));
+                                    cands.remove(0);
+                                    todo.push((h, cands, reasons));
+                                }
+                                None => {
+                                    reasons.push(format!("{who} does not have it"));
+                                    cands.remove(0);
+                                    todo.push((h, cands, reasons));
+                                }
+                            }
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(target: "vmcsnap::restore", peer = %who, %reason, "fetch failed; trying other replicas");
+                        dead.push(o); // do not ask it again in this restore
+                        for (h, mut cands, mut reasons) in items {
+                            reasons.push(format!("{who}: {reason}"));
+                            cands.remove(0);
+                            todo.push((h, cands, reasons));
+                        }
+                    }
+                }
+            }
+            drop(results);
+            for o in dead {
+                if let Some(Some(m)) = self.members.get_mut(o) {
+                    m.alive = false;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn partial_path(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    target.with_file_name(format!(".{name}.vmcsnap-partial"))
+}
+
+/// Restores VM `vm` of snapshot `name` into `target`.
+pub async fn restore(
+    node: Arc<Node>,
+    name: String,
+    vm: String,
+    target: String,
+    force: bool,
+    mut progress: Progress,
+) -> Result<RestoreSummary, RestoreError> {
+    let t0 = Instant::now();
+    let Target::File(path) = Target::parse(&target).map_err(RestoreError::Target)?;
+    let record = node
+        .find_record(&name)
+        .await
+        .map_err(|e| RestoreError::Internal(e.to_string()))?
+        .ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let entry = record.vm(&vm).ok_or_else(|| RestoreError::UnknownVm {
+        name: name.clone(),
+        vm: vm.clone(),
+        have: record.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
+    })?;
+    if path.exists() && !force {
+        return Err(RestoreError::Target(format!("{} exists; pass --force to replace it", path.display())));
+    }
+    match path.parent() {
+        Some(d) if d.is_dir() => {}
+        _ => return Err(RestoreError::Target(format!("the directory of {} does not exist", path.display()))),
+    }
+
+    // 2. Manifest.
+    let mut fetcher = Fetcher::new(&node, &record);
+    let sizes = level_sizes(entry.manifest.pages);
+    let mut level = entry.manifest.top.clone();
+    progress.phase("manifest", entry.manifest.depth as u64);
+    for d in (0..entry.manifest.depth as usize).rev() {
+        let mut need: Vec<PageHash> = level.iter().filter(|h| !h.is_zero()).copied().collect();
+        need.sort();
+        need.dedup();
+        let chunks = fetcher.fetch(need).await?;
+        level = expand_level(&level, sizes[d], |h| {
+            chunks.get(h).cloned().ok_or_else(|| RestoreError::Internal(format!("manifest chunk {h} missing after fetch")))
+        })?;
+        progress.set((entry.manifest.depth as usize - d) as u64);
+    }
+    let hashes = level;
+    if hashes.len() as u64 != entry.manifest.pages {
+        return Err(RestoreError::Internal("manifest size does not match the record".into()));
+    }
+
+    // 3. Fetch and write.
+    let tmp = partial_path(&path);
+    let write_err = |e: std::io::Error| RestoreError::Write { path: path.clone(), reason: e.to_string() };
+    let file = std::fs::OpenOptions::new().create(true).write(true).read(true).truncate(true).open(&tmp).map_err(write_err)?;
+    let total_bytes = entry.manifest.pages * PAGE_SIZE as u64;
+    file.set_len(total_bytes).map_err(write_err)?;
+    let file = Arc::new(file);
+    let result = fill(&mut fetcher, &hashes, file.clone(), &mut progress).await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let pages_needed = result.unwrap_or_default();
+
+    // 4. Finish.
+    let f2 = file.clone();
+    tokio::task::spawn_blocking(move || f2.sync_all()).await.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(write_err)?;
+    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(RestoreSummary {
+        name,
+        vm,
+        target,
+        raw_bytes: total_bytes,
+        pages_needed,
+        pages_local: fetcher.pages_local,
+        bytes_fetched: fetcher.bytes_fetched,
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+/// Writes every page of `hashes` into `file`. Returns the number of distinct non-zero pages.
+async fn fill(fetcher: &mut Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::File>, progress: &mut Progress) -> Result<u64, RestoreError> {
+    // Where each distinct page first appears: later copies are read back from the target.
+    let mut first: HashMap<PageHash, u64> = HashMap::new();
+    for (i, h) in hashes.iter().enumerate() {
+        if !h.is_zero() {
+            first.entry(*h).or_insert(i as u64);
+        }
+    }
+    let distinct = first.len() as u64;
+    progress.phase("restore", hashes.len() as u64);
+    for (w, window) in hashes.chunks(WINDOW_PAGES * 4).enumerate() {
+        let base = (w * WINDOW_PAGES * 4) as u64;
+        let mut need: Vec<PageHash> = Vec::new();
+        for (i, h) in window.iter().enumerate() {
+            if !h.is_zero() && first.get(h) == Some(&(base + i as u64)) {
+                need.push(*h);
+            }
+        }
+        let pages = fetcher.fetch(need).await?;
+        let window: Vec<PageHash> = window.to_vec();
+        let first_of: Vec<Option<u64>> = window.iter().map(|h| if h.is_zero() { None } else { first.get(h).copied() }).collect();
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut copy = vec![0u8; PAGE_SIZE];
+            for (i, (h, fo)) in window.iter().zip(first_of).enumerate() {
+                let Some(fo) = fo else { continue };
+                let off = (base + i as u64) * PAGE_SIZE as u64;
+                match pages.get(h) {
+                    Some(p) => f.write_all_at(p, off)?,
+                    None => {
+                        f.read_exact_at(&mut copy, fo * PAGE_SIZE as u64)?;
+                        f.write_all_at(&copy, off)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| RestoreError::Internal(e.to_string()))?
+        .map_err(|e| RestoreError::Write { path: PathBuf::from("(partial file)"), reason: e.to_string() })?;
+        progress.set(base + WINDOW_PAGES as u64 * 4);
+    }
+    Ok(distinct)
+}

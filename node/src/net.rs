@@ -1,0 +1,251 @@
+//! The QUIC data plane (quinn).
+//!
+//! TLS on every connection is libp2p's TLS profile: each side presents a self-signed
+//! certificate carrying its ed25519 node key, and each side checks the other's. The client
+//! names the node it expects (the connection fails if anyone else answers); the server
+//! accepts only current members and closes any other connection at once.
+//!
+//! One request per bidirectional stream; many streams per connection; one connection per
+//! peer, kept open and re-made after a failure. Every frame is length-checked against
+//! [`MESSAGE_BYTES_MAX`] before it is read.
+
+use crate::store::StoreError;
+use libp2p::identity::Keypair;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use vmcsnap_dht::membership::{node_id_of_peer, peer_of_node_id};
+use vmcsnap_protocol::codec::{self, CodecError, FRAME_HEADER_BYTES, MESSAGE_BYTES_MAX};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, RemoteErrorKind, DATA_ALPN};
+use vmcsnap_protocol::NodeId;
+
+/// Time to set up a connection before the peer counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for one request and its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Concurrent request streams one peer may open to us.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
+/// Attempts at a request whose connection broke (reconnecting in between).
+pub const REQUEST_ATTEMPTS: usize = 3;
+/// Application close code: the peer is not a member of this cluster.
+pub const CLOSE_NOT_MEMBER: u32 = 1;
+/// Application close code: the node is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 2;
+
+/// Why a data-plane request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Could not reach the peer.
+    #[error("peer {peer} at {addr} is unreachable: {reason}")]
+    Unreachable {
+        /// Peer id (short).
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The connection or stream broke mid-request.
+    #[error("request to peer {peer} failed: {reason}")]
+    Transport {
+        /// Peer id (short).
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered with an error.
+    #[error("peer {peer} refused: {message}")]
+    Remote {
+        /// Peer id (short).
+        peer: String,
+        /// Kind of failure.
+        kind: RemoteErrorKind,
+        /// Its message.
+        message: String,
+    },
+    /// The peer sent something that does not decode or breaks a limit.
+    #[error("peer {peer} sent a bad message: {source}")]
+    Codec {
+        /// Peer id (short).
+        peer: String,
+        /// The decode error.
+        source: CodecError,
+    },
+    /// The peer answered with the wrong kind of message.
+    #[error("peer {peer} sent an unexpected answer to {request}")]
+    Unexpected {
+        /// Peer id (short).
+        peer: String,
+        /// The request kind.
+        request: &'static str,
+    },
+    /// Local store error (for requests served locally).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl NetError {
+    /// True when another replica may succeed where this peer failed.
+    pub fn is_peer_failure(&self) -> bool {
+        !matches!(self, NetError::Remote { kind: RemoteErrorKind::HashMismatch | RemoteErrorKind::NameConflict, .. })
+    }
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    #[allow(clippy::unwrap_used)] // 30 s is within QUIC's varint range
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
+    Arc::new(t)
+}
+
+/// Builds the endpoint: a server for members and a client for our requests, on one UDP socket.
+pub fn endpoint(keypair: &Keypair, listen: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let mut tls = libp2p::tls::make_server_config(keypair)?;
+    tls.alpn_protocols = vec![DATA_ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(Arc::new(tls))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport_config());
+    let ep = quinn::Endpoint::server(server, listen)
+        .map_err(|e| anyhow::anyhow!("cannot bind the data plane on udp {listen}: {e}"))?;
+    Ok(ep)
+}
+
+/// The node id the peer proved with its TLS certificate.
+pub fn peer_node_id(conn: &quinn::Connection) -> Option<NodeId> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let cert = libp2p::tls::certificate::parse(certs.first()?).ok()?;
+    node_id_of_peer(&cert.peer_id())
+}
+
+/// Reads one frame (length-checked before the body is read) and decodes it.
+pub async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    recv.read_exact(&mut header).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    let len = codec::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    Ok(codec::decode_body(&body)?)
+}
+
+/// Encodes and writes one frame, then finishes the stream.
+pub async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
+    let frame = codec::encode_frame(msg)?;
+    send.write_all(&frame).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    send.finish().map_err(|e| FrameError::Io(e.to_string()))?;
+    Ok(())
+}
+
+/// A frame that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("{0}")]
+    Io(String),
+    /// The frame broke a limit or did not decode.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// Our side of the data plane: one cached connection per peer.
+pub struct DataClient {
+    endpoint: quinn::Endpoint,
+    keypair: Keypair,
+    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+}
+
+const _: () = assert!(MESSAGE_BYTES_MAX >= 2 << 20);
+
+impl DataClient {
+    /// A client on `endpoint`, proving `keypair`.
+    pub fn new(endpoint: quinn::Endpoint, keypair: Keypair) -> Self {
+        Self { endpoint, keypair, conns: Mutex::new(HashMap::new()) }
+    }
+
+    async fn connection(&self, peer: NodeId, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            conns.remove(&peer);
+        }
+        let unreachable = |reason: String| NetError::Unreachable { peer: peer.short(), addr, reason };
+        let peer_id = peer_of_node_id(&peer).ok_or_else(|| unreachable("not an ed25519 node id".into()))?;
+        let mut tls = libp2p::tls::make_client_config(&self.keypair, Some(peer_id))
+            .map_err(|e| unreachable(e.to_string()))?;
+        tls.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| unreachable(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport_config());
+        // The server name is not checked: libp2p's TLS profile authenticates the key instead.
+        let connecting = self.endpoint.connect_with(cfg, addr, "vmcsnap").map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        conns.insert(peer, conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends one request to `peer` and waits for its answer; retries on a broken connection.
+    /// An `Error` answer becomes [`NetError::Remote`].
+    pub async fn request(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest) -> Result<DataResponse, NetError> {
+        let mut last = None;
+        for attempt in 0..REQUEST_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+            }
+            match self.request_once(peer, addr, req).await {
+                Ok(DataResponse::Error { kind, message }) => {
+                    return Err(NetError::Remote { peer: peer.short(), kind, message })
+                }
+                Ok(r) => return Ok(r),
+                Err(e @ (NetError::Transport { .. } | NetError::Unreachable { .. })) => {
+                    tracing::debug!(target: "vmcsnap::net", peer = %peer.short(), attempt, error = %e, "request failed");
+                    self.conns.lock().await.remove(&peer);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| NetError::Transport { peer: peer.short(), reason: "no attempt".into() }))
+    }
+
+    async fn request_once(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest) -> Result<DataResponse, NetError> {
+        let conn = self.connection(peer, addr).await?;
+        let transport = |reason: String| NetError::Transport { peer: peer.short(), reason };
+        let fut = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+            write_frame(&mut send, req).await.map_err(|e| match e {
+                FrameError::Codec(source) => NetError::Codec { peer: peer.short(), source },
+                FrameError::Io(s) => transport(s),
+            })?;
+            read_frame::<DataResponse>(&mut recv).await.map_err(|e| match e {
+                FrameError::Codec(source) => NetError::Codec { peer: peer.short(), source },
+                FrameError::Io(s) => transport(s),
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| transport(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        for (_, c) in self.conns.lock().await.drain() {
+            c.close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        }
+    }
+}

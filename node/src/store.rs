@@ -1,0 +1,306 @@
+//! The page store: one RocksDB per node.
+//!
+//! Column families:
+//! - `pages`: page hash → 4096 bytes, in BlobDB blob files (half the write amplification of
+//!   plain leveled storage for 4 KiB values, measured in `shared/research/crates-perf.md`);
+//! - `present`: page hash → empty, written in the same batch as the page. Existence checks
+//!   (`Have`) read only this small family and never touch the 4 KiB blobs;
+//! - `catalog`: snapshot name → encoded [`CommitRecord`];
+//! - `meta`: node metadata (the member list).
+//!
+//! **Invariant:** a page is stored only under its own hash. [`Store::put_verified`] re-hashes
+//! every page; [`Store::put_own`] is only for pages this node hashed itself.
+//! Writes go to the write-ahead log without fsync; [`Store::sync`] makes everything before it
+//! durable, and a snapshot commits only after every owner answered a sync.
+
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use vmcsnap_protocol::manifest::CommitRecord;
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+
+const CF_PAGES: &str = "pages";
+const CF_PRESENT: &str = "present";
+const CF_CATALOG: &str = "catalog";
+const CF_META: &str = "meta";
+const META_MEMBERS: &[u8] = b"members";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the database.
+    #[error("data directory {dir} is in use by another vmcsnap node")]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// RocksDB failed (disk full, IO error, corruption).
+    #[error("page store: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A page did not hash to the hash it came with.
+    #[error("page hash mismatch: expected {expected}, got {actual}")]
+    HashMismatch {
+        /// Claimed hash.
+        expected: PageHash,
+        /// Real hash of the bytes.
+        actual: PageHash,
+    },
+    /// A page of the wrong size.
+    #[error("page of {0} bytes (pages are {PAGE_SIZE})")]
+    BadPageSize(usize),
+    /// A stored record did not decode.
+    #[error("corrupt record in the store: {0}")]
+    Corrupt(String),
+    /// A different snapshot already has this name.
+    #[error("a different snapshot named {0:?} already exists")]
+    NameConflict(String),
+}
+
+/// The node's RocksDB.
+pub struct Store {
+    db: DB,
+    pages: AtomicU64,
+    /// Serialises page writes so that the exact page count stays exact under concurrent puts.
+    write_lock: Mutex<()>,
+}
+
+fn cf_options(blob: bool) -> Options {
+    let mut o = Options::default();
+    let mut t = BlockBasedOptions::default();
+    t.set_bloom_filter(10.0, false);
+    o.set_block_based_table_factory(&t);
+    if blob {
+        o.set_enable_blob_files(true);
+        o.set_min_blob_size(1024);
+        o.set_blob_file_size(256 << 20);
+        o.set_enable_blob_gc(false);
+        o.set_write_buffer_size(64 << 20);
+    }
+    o
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir/db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_max_total_wal_size(256 << 20);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_PAGES, cf_options(true)),
+            ColumnFamilyDescriptor::new(CF_PRESENT, cf_options(false)),
+            ColumnFamilyDescriptor::new(CF_CATALOG, cf_options(false)),
+            ColumnFamilyDescriptor::new(CF_META, cf_options(false)),
+        ];
+        let path = dir.join("db");
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| {
+            if e.to_string().contains("lock") {
+                StoreError::Locked { dir: dir.to_path_buf() }
+            } else {
+                StoreError::Rocks(e)
+            }
+        })?;
+        let store = Self { db, pages: AtomicU64::new(0), write_lock: Mutex::new(()) };
+        let n = store.db.iterator_cf(store.cf(CF_PRESENT), rocksdb::IteratorMode::Start).count() as u64;
+        store.pages.store(n, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // The four families are created at open; a missing one is a programming error.
+        #[allow(clippy::expect_used)]
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    /// Distinct pages stored.
+    pub fn page_count(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    /// For each hash, whether this store holds the page.
+    pub fn have(&self, hashes: &[PageHash]) -> Result<Vec<bool>, StoreError> {
+        let cf = self.cf(CF_PRESENT);
+        let mut out = vec![false; hashes.len()];
+        let mut maybe = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            if self.db.key_may_exist_cf(cf, h.0) {
+                maybe.push(i);
+            }
+        }
+        if !maybe.is_empty() {
+            let got = self.db.batched_multi_get_cf(cf, maybe.iter().map(|&i| hashes[i].0), false);
+            for (i, r) in maybe.into_iter().zip(got) {
+                out[i] = r?.is_some();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores pages that came from a peer, after re-hashing each one. Returns
+    /// `(stored, already_present)`. Nothing is written if any page fails its check.
+    pub fn put_verified(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32), StoreError> {
+        for (h, data) in pages {
+            if data.len() != PAGE_SIZE {
+                return Err(StoreError::BadPageSize(data.len()));
+            }
+            let actual = hash_page(data);
+            if actual != *h || h.is_zero() {
+                return Err(StoreError::HashMismatch { expected: *h, actual });
+            }
+        }
+        self.put_own(pages)
+    }
+
+    /// Stores pages this node hashed itself. Returns `(stored, already_present)`.
+    pub fn put_own(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32), StoreError> {
+        let hashes: Vec<PageHash> = pages.iter().map(|(h, _)| *h).collect();
+        #[allow(clippy::unwrap_used)] // a poisoned lock means a panic already happened
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let have = self.have(&hashes)?;
+        let mut batch = WriteBatch::default();
+        let mut stored = 0u32;
+        let mut seen = std::collections::HashSet::new();
+        for ((h, data), had) in pages.iter().zip(have) {
+            debug_assert_eq!(data.len(), PAGE_SIZE);
+            if had || !seen.insert(*h) {
+                continue;
+            }
+            batch.put_cf(self.cf(CF_PAGES), h.0, data);
+            batch.put_cf(self.cf(CF_PRESENT), h.0, []);
+            stored += 1;
+        }
+        if stored > 0 {
+            self.db.write(batch)?;
+            self.pages.fetch_add(stored as u64, Ordering::Relaxed);
+        }
+        Ok((stored, pages.len() as u32 - stored))
+    }
+
+    /// Reads pages; `None` where the store lacks one. Each page read is checked against its
+    /// hash, so a corrupted disk is reported, not served.
+    pub fn get(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let got = self.db.batched_multi_get_cf(self.cf(CF_PAGES), hashes.iter().map(|h| h.0), false);
+        let mut out = Vec::with_capacity(hashes.len());
+        for (h, r) in hashes.iter().zip(got) {
+            match r? {
+                Some(p) => {
+                    let actual = hash_page(&p);
+                    if actual != *h {
+                        return Err(StoreError::HashMismatch { expected: *h, actual });
+                    }
+                    out.push(Some(p.to_vec()));
+                }
+                None => out.push(None),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes every write before this call durable (fsyncs the write-ahead log).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Stores a commit record (and syncs). Storing the same record again is a no-op; a
+    /// different record under the same name is a conflict.
+    pub fn catalog_put(&self, rec: &CommitRecord) -> Result<bool, StoreError> {
+        let bytes = rec.encode().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        #[allow(clippy::unwrap_used)]
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = self.db.get_pinned_cf(self.cf(CF_CATALOG), rec.name.as_bytes())? {
+            if old.as_ref() == bytes.as_slice() {
+                return Ok(false);
+            }
+            return Err(StoreError::NameConflict(rec.name.clone()));
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(self.cf(CF_CATALOG), rec.name.as_bytes(), bytes, &wo)?;
+        Ok(true)
+    }
+
+    /// The commit record of `name`, if stored here.
+    pub fn catalog_get(&self, name: &str) -> Result<Option<CommitRecord>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_CATALOG), name.as_bytes())? {
+            Some(b) => CommitRecord::decode(&b).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Every commit record stored here, by name.
+    pub fn catalog_all(&self) -> Result<Vec<CommitRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_CATALOG), rocksdb::IteratorMode::Start) {
+            let (_, v) = kv?;
+            out.push(CommitRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Saves an opaque metadata value.
+    pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db.put_cf(self.cf(CF_META), key, value)?;
+        Ok(())
+    }
+
+    /// Reads an opaque metadata value.
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_META), key)?)
+    }
+
+    /// Saves the member list (encoded by the caller).
+    pub fn save_members(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.meta_put(META_MEMBERS, bytes)
+    }
+
+    /// Loads the member list saved by [`Store::save_members`].
+    pub fn load_members(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta_get(META_MEMBERS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(b: u8) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE];
+        p[0] = b;
+        p[PAGE_SIZE - 1] = b.wrapping_mul(7);
+        p
+    }
+
+    #[test]
+    fn pages_round_trip_and_count_exactly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        let (a, b) = (page(1), page(2));
+        let (ha, hb) = (hash_page(&a), hash_page(&b));
+        assert_eq!(s.put_verified(&[(ha, &a), (hb, &b), (ha, &a)]).expect("put"), (2, 1));
+        assert_eq!(s.put_verified(&[(ha, &a)]).expect("put"), (0, 1));
+        assert_eq!(s.page_count(), 2);
+        assert_eq!(s.have(&[ha, hash_page(&page(3)), hb]).expect("have"), vec![true, false, true]);
+        assert_eq!(s.get(&[hb, hash_page(&page(3))]).expect("get"), vec![Some(b.clone()), None]);
+        s.sync().expect("sync");
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.page_count(), 2, "count survives a restart");
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
+    }
+
+    #[test]
+    fn a_page_under_the_wrong_hash_is_refused_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        let (a, b) = (page(1), page(2));
+        let err = s.put_verified(&[(hash_page(&a), &a), (hash_page(&a), &b)]).expect_err("mismatch");
+        assert!(matches!(err, StoreError::HashMismatch { .. }));
+        assert_eq!(s.page_count(), 0, "nothing of the batch was written");
+        let short = vec![1u8; 100];
+        assert!(matches!(s.put_verified(&[(hash_page(&short), &short)]), Err(StoreError::BadPageSize(100))));
+    }
+}

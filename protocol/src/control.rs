@@ -1,0 +1,170 @@
+//! The control API: what the `vmcsnap` CLI asks its local node over `DIR/control.sock`.
+//!
+//! One request per connection; the node answers with any number of [`ControlEvent::Progress`]
+//! frames and then exactly one `Done` or `Failed`. Frames use [`crate::codec`].
+
+use crate::manifest::{CommitRecord, VmStats};
+use crate::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// One VM to snapshot: the operator's id and where its memory is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// VM id.
+    pub id: String,
+    /// Memory source, such as `file:/abs/path.img`.
+    pub source: String,
+}
+
+/// A request from the CLI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Take a snapshot.
+    SnapshotCreate {
+        /// Snapshot name.
+        name: String,
+        /// VMs to capture on this host.
+        vms: Vec<VmSpec>,
+    },
+    /// Restore one VM of a snapshot.
+    SnapshotRestore {
+        /// Snapshot name.
+        name: String,
+        /// VM id.
+        vm: String,
+        /// Target, such as `file:/abs/path.img`.
+        target: String,
+        /// Replace the target if it exists.
+        force: bool,
+    },
+    /// List snapshots.
+    SnapshotList,
+    /// Show one snapshot.
+    SnapshotShow {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Members and what they store.
+    ClusterStatus,
+}
+
+/// A snapshot as `snapshot list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Name.
+    pub name: String,
+    /// Commit time, ms since the epoch.
+    pub created_unix_ms: u64,
+    /// VM ids.
+    pub vms: Vec<String>,
+    /// Raw memory bytes over all VMs.
+    pub raw_bytes: u64,
+    /// Page bytes that were new to the cluster (one copy).
+    pub new_bytes: u64,
+    /// Replicas.
+    pub replicas: u8,
+}
+
+/// The outcome of `snapshot create`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSummary {
+    /// Name.
+    pub name: String,
+    /// Raw memory bytes over all VMs.
+    pub raw_bytes: u64,
+    /// Page bytes sent to other owners, over all replicas.
+    pub bytes_sent: u64,
+    /// Page bytes new to the cluster (one copy).
+    pub new_bytes: u64,
+    /// Wall time, ms.
+    pub elapsed_ms: u64,
+    /// Per-VM counters.
+    pub vms: Vec<(String, VmStats)>,
+}
+
+/// The outcome of `snapshot restore`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    /// Snapshot.
+    pub name: String,
+    /// VM id.
+    pub vm: String,
+    /// Target written.
+    pub target: String,
+    /// Bytes of guest memory written.
+    pub raw_bytes: u64,
+    /// Distinct non-zero pages needed.
+    pub pages_needed: u64,
+    /// Of those, pages this node already held.
+    pub pages_local: u64,
+    /// Page bytes fetched from peers.
+    pub bytes_fetched: u64,
+    /// Wall time, ms.
+    pub elapsed_ms: u64,
+}
+
+/// One member as `cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node id (hex in JSON).
+    pub id: NodeId,
+    /// Data-plane address.
+    pub address: String,
+    /// Fraction of the hash space this member is primary owner of.
+    pub share: f64,
+    /// Distinct pages stored; `None` when the member did not answer.
+    pub pages: Option<u64>,
+    /// Page bytes stored; `None` when the member did not answer.
+    pub bytes: Option<u64>,
+    /// Reachable now.
+    pub alive: bool,
+    /// This is the node that answered the request.
+    pub local: bool,
+}
+
+/// The answer to `cluster status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The answering node.
+    pub node: NodeId,
+    /// Replicas new snapshots use.
+    pub replicas: u8,
+    /// Every known member.
+    pub members: Vec<MemberStatus>,
+}
+
+/// A result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControlResult {
+    /// From `SnapshotCreate`.
+    Created(CreateSummary),
+    /// From `SnapshotRestore`.
+    Restored(RestoreSummary),
+    /// From `SnapshotList`.
+    List(Vec<SnapshotInfo>),
+    /// From `SnapshotShow`.
+    Show(Box<CommitRecord>),
+    /// From `ClusterStatus`.
+    Cluster(ClusterStatus),
+}
+
+/// One frame from node to CLI.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControlEvent {
+    /// Work done so far.
+    Progress {
+        /// What is being done ("capture", "fetch", ...).
+        phase: String,
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+    },
+    /// Finished.
+    Done(ControlResult),
+    /// Failed; nothing was committed.
+    Failed {
+        /// The error, with its causes.
+        message: String,
+    },
+}

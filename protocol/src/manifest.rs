@@ -1,0 +1,335 @@
+//! Manifests and commit records.
+//!
+//! A VM's manifest is the hash (or zero mark) of every page, in page order across its RAM
+//! blocks. It is stored in the fabric exactly like guest pages: the hash list is cut into
+//! 4 KiB chunks of [`FANOUT`] hashes, each chunk is a page, and the chunk hashes form the next
+//! level, until one level fits in [`FANOUT`] entries: the [`ManifestRoot`]. So
+//! - a manifest dedups like memory does: an unchanged 512 KiB region of a VM gives the same
+//!   chunk in the next snapshot, and an all-zero region gives a zero chunk, which is never stored;
+//! - a commit record stays small (at most 4 KiB of root per VM) whatever the VM's size.
+//!
+//! The commit record (name → VMs → manifest roots, plus the placement view the pages were
+//! written under) is written last, on every live member, so a snapshot is visible whole or not
+//! at all.
+
+use crate::codec::{self, CodecError};
+use crate::{NodeId, PageHash, PAGE_SIZE, ZERO_HASH};
+use serde::{Deserialize, Serialize};
+
+/// Hashes per manifest chunk: one page of 32-byte hashes.
+pub const FANOUT: usize = PAGE_SIZE / 32;
+/// Deepest manifest tree accepted: 128^6 pages is far beyond any guest.
+pub const MANIFEST_DEPTH_MAX: u8 = 6;
+/// Most VMs in one snapshot.
+pub const SNAPSHOT_VMS_MAX: usize = 1024;
+/// Most RAM blocks in one VM.
+pub const VM_BLOCKS_MAX: usize = 256;
+/// Longest snapshot name or VM id, in bytes.
+pub const NAME_BYTES_MAX: usize = 128;
+
+const RECORD_MAGIC: [u8; 4] = *b"VMCR";
+const RECORD_VERSION: u16 = 1;
+
+/// The top of a VM's manifest tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRoot {
+    /// Pages covered.
+    pub pages: u64,
+    /// Levels of chunks between `top` and the page hashes; 0 means `top` lists page hashes.
+    pub depth: u8,
+    /// At most [`FANOUT`] hashes.
+    pub top: Vec<PageHash>,
+}
+
+/// One RAM block of a VM, in manifest order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// Block name (`ram` for an image file; QEMU's RAMBlock id for a live VM).
+    pub name: String,
+    /// Length in bytes, a multiple of [`PAGE_SIZE`].
+    pub bytes: u64,
+}
+
+/// What one VM's snapshot cost and saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// Pages in the VM's memory.
+    pub pages_total: u64,
+    /// All-zero pages (marked, never stored or sent).
+    pub pages_zero: u64,
+    /// Non-zero pages.
+    pub pages_nonzero: u64,
+    /// Non-zero pages the cluster did not hold before this snapshot (first copy of each).
+    pub pages_new: u64,
+    /// Non-zero pages already stored, or repeated earlier in this snapshot.
+    pub pages_dedup: u64,
+    /// Page bytes sent over the network to other owners (all replicas).
+    pub bytes_sent: u64,
+    /// Wall time from the first page read to the last page durable, in milliseconds.
+    pub capture_ms: u64,
+}
+
+/// One VM in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEntry {
+    /// The operator's id for the VM.
+    pub id: String,
+    /// Where the memory came from (`file:/path`).
+    pub source: String,
+    /// The node that captured it.
+    pub host: NodeId,
+    /// RAM layout, in manifest order.
+    pub blocks: Vec<Block>,
+    /// The manifest tree.
+    pub manifest: ManifestRoot,
+    /// Counters.
+    pub stats: VmStats,
+}
+
+/// A committed snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    /// Snapshot name, unique in the cluster.
+    pub name: String,
+    /// Milliseconds since the Unix epoch at commit.
+    pub created_unix_ms: u64,
+    /// Copies of every page.
+    pub replicas: u8,
+    /// The membership view the pages were placed over; restore computes owners from it.
+    pub placement: Vec<NodeId>,
+    /// The node that took the snapshot.
+    pub initiator: NodeId,
+    /// The VMs.
+    pub vms: Vec<VmEntry>,
+    /// Wall time of the whole snapshot, in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// A commit record or manifest that breaks a rule.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Could not decode.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// Decoded, but inconsistent.
+    #[error("invalid commit record: {0}")]
+    Invalid(String),
+}
+
+/// Checks a snapshot name or VM id: 1 to [`NAME_BYTES_MAX`] bytes of `A-Z a-z 0-9 . _ -`,
+/// not starting with `.` or `-`.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > NAME_BYTES_MAX {
+        return Err(format!("{what} must be 1 to {NAME_BYTES_MAX} characters"));
+    }
+    if !name.chars().all(ok_char) || name.starts_with(['.', '-']) {
+        return Err(format!(
+            "{what} {name:?} may only use letters, digits, '.', '_' and '-' (not first)"
+        ));
+    }
+    Ok(())
+}
+
+impl CommitRecord {
+    /// Encodes for storage: magic, version, body.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode_record(RECORD_MAGIC, RECORD_VERSION, self)
+    }
+
+    /// Decodes and validates a stored record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let rec: Self = codec::decode_record(RECORD_MAGIC, "commit", RECORD_VERSION, bytes)?;
+        rec.validate()?;
+        Ok(rec)
+    }
+
+    /// BLAKE3 of the encoded record: two records with one name conflict unless this matches.
+    pub fn record_hash(&self) -> Result<PageHash, CodecError> {
+        Ok(PageHash(*blake3::hash(&self.encode()?).as_bytes()))
+    }
+
+    /// Checks the rules a record from a peer or disk must follow.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        let bad = |m: String| Err(RecordError::Invalid(m));
+        validate_name("snapshot name", &self.name).map_err(RecordError::Invalid)?;
+        if self.replicas == 0 || self.replicas as usize > self.placement.len() {
+            return bad(format!(
+                "replicas {} with {} placement members",
+                self.replicas,
+                self.placement.len()
+            ));
+        }
+        if self.vms.is_empty() || self.vms.len() > SNAPSHOT_VMS_MAX {
+            return bad(format!("{} VMs", self.vms.len()));
+        }
+        for vm in &self.vms {
+            validate_name("VM id", &vm.id).map_err(RecordError::Invalid)?;
+            if vm.blocks.is_empty() || vm.blocks.len() > VM_BLOCKS_MAX {
+                return bad(format!("VM {} has {} blocks", vm.id, vm.blocks.len()));
+            }
+            let bytes: u64 = vm.blocks.iter().map(|b| b.bytes).sum();
+            if vm.blocks.iter().any(|b| b.bytes % PAGE_SIZE as u64 != 0)
+                || bytes / PAGE_SIZE as u64 != vm.manifest.pages
+            {
+                return bad(format!("VM {} block layout does not match its manifest", vm.id));
+            }
+            vm.manifest.validate().map_err(RecordError::Invalid)?;
+        }
+        Ok(())
+    }
+
+    /// The VM with this id.
+    pub fn vm(&self, id: &str) -> Option<&VmEntry> {
+        self.vms.iter().find(|v| v.id == id)
+    }
+}
+
+/// Entries at each level of a tree over `pages` leaves: `[pages, chunks, chunks of chunks, ..]`,
+/// ending with the first level of at most [`FANOUT`] entries.
+pub fn level_sizes(pages: u64) -> Vec<u64> {
+    let mut sizes = vec![pages];
+    while *sizes.last().unwrap_or(&0) > FANOUT as u64 {
+        let n = *sizes.last().unwrap_or(&0);
+        sizes.push(n.div_ceil(FANOUT as u64));
+    }
+    sizes
+}
+
+impl ManifestRoot {
+    /// Checks depth and width against the page count.
+    pub fn validate(&self) -> Result<(), String> {
+        let sizes = level_sizes(self.pages);
+        if self.depth > MANIFEST_DEPTH_MAX || self.depth as usize + 1 != sizes.len() {
+            return Err(format!("manifest depth {} for {} pages", self.depth, self.pages));
+        }
+        if self.top.len() as u64 != sizes[self.depth as usize] {
+            return Err(format!("manifest root of {} entries for {} pages", self.top.len(), self.pages));
+        }
+        Ok(())
+    }
+}
+
+/// Packs up to [`FANOUT`] hashes into one chunk page (zero-padded).
+pub fn encode_chunk(hashes: &[PageHash]) -> Vec<u8> {
+    debug_assert!(hashes.len() <= FANOUT);
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (i, h) in hashes.iter().enumerate() {
+        page[i * 32..(i + 1) * 32].copy_from_slice(&h.0);
+    }
+    page
+}
+
+/// Unpacks a chunk page into its [`FANOUT`] hashes.
+pub fn decode_chunk(page: &[u8]) -> Vec<PageHash> {
+    page.chunks_exact(32)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            PageHash(h)
+        })
+        .collect()
+}
+
+/// A manifest tree built from a VM's page hashes: the root, plus every non-zero chunk page
+/// that must be stored (as `(hash, bytes)`).
+#[derive(Debug)]
+pub struct BuiltManifest {
+    /// The root for the commit record.
+    pub root: ManifestRoot,
+    /// Chunk pages to store like guest pages.
+    pub chunks: Vec<(PageHash, Vec<u8>)>,
+}
+
+/// Builds the manifest tree of a VM from its page hashes, in page order.
+pub fn build_manifest(hashes: &[PageHash]) -> BuiltManifest {
+    let mut chunks = Vec::new();
+    let mut level: Vec<PageHash> = hashes.to_vec();
+    let mut depth = 0u8;
+    while level.len() > FANOUT {
+        let mut next = Vec::with_capacity(level.len().div_ceil(FANOUT));
+        for group in level.chunks(FANOUT) {
+            let page = encode_chunk(group);
+            let h = crate::hash_page(&page);
+            if h != ZERO_HASH {
+                chunks.push((h, page));
+            }
+            next.push(h);
+        }
+        level = next;
+        depth += 1;
+    }
+    BuiltManifest { root: ManifestRoot { pages: hashes.len() as u64, depth, top: level }, chunks }
+}
+
+/// Expands one level of a manifest tree: given the entries of level `k` and the chunk pages
+/// they name (a lookup that returns the page for a non-zero hash), returns the entries of
+/// level `k - 1`, cut to `want` entries.
+pub fn expand_level<E>(
+    level: &[PageHash],
+    want: u64,
+    mut chunk: impl FnMut(&PageHash) -> Result<Vec<u8>, E>,
+) -> Result<Vec<PageHash>, E> {
+    let mut out = Vec::with_capacity(want as usize);
+    for h in level {
+        if h.is_zero() {
+            out.extend(std::iter::repeat_n(ZERO_HASH, FANOUT));
+        } else {
+            out.extend(decode_chunk(&chunk(h)?));
+        }
+    }
+    out.truncate(want as usize);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn h(i: u64) -> PageHash {
+        if i % 3 == 0 {
+            return ZERO_HASH;
+        }
+        PageHash(*blake3::hash(&i.to_le_bytes()).as_bytes())
+    }
+
+    fn unfold(m: &BuiltManifest) -> Vec<PageHash> {
+        let store: HashMap<PageHash, Vec<u8>> = m.chunks.iter().cloned().collect();
+        let sizes = level_sizes(m.root.pages);
+        let mut level = m.root.top.clone();
+        for d in (0..m.root.depth as usize).rev() {
+            level = expand_level::<()>(&level, sizes[d], |h| Ok(store[h].clone())).expect("chunk");
+        }
+        level
+    }
+
+    proptest! {
+        #[test]
+        fn manifest_tree_round_trips(n in 0u64..40_000) {
+            let hashes: Vec<PageHash> = (0..n).map(h).collect();
+            let m = build_manifest(&hashes);
+            prop_assert!(m.root.validate().is_ok());
+            prop_assert!(m.root.top.len() <= FANOUT);
+            prop_assert_eq!(unfold(&m), hashes);
+        }
+    }
+
+    #[test]
+    fn zero_regions_make_no_chunks() {
+        let hashes = vec![ZERO_HASH; FANOUT * 10];
+        let m = build_manifest(&hashes);
+        assert!(m.chunks.is_empty());
+        assert_eq!(m.root.top, vec![ZERO_HASH; 10]);
+        assert_eq!(unfold(&m), hashes);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("n", "nightly-2026.11_25").is_ok());
+        for bad in ["", "-x", ".x", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_name("n", bad).is_err(), "{bad:?}");
+        }
+    }
+}

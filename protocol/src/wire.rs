@@ -1,0 +1,163 @@
+//! The data plane: messages exchanged between nodes over QUIC.
+//!
+//! Every exchange is one request and one response on a fresh bidirectional QUIC stream of a
+//! long-lived, identity-authenticated connection. Many streams run at once on a connection,
+//! so a snapshot keeps many batches in flight per owner.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as snapshotting node
+//!     participant O as owner
+//!     S->>O: Have { hashes (<= HAVE_HASHES_MAX) }
+//!     O-->>S: Have { missing indexes }
+//!     S->>O: Put { pages (<= PUT_PAGES_MAX) }
+//!     Note over O: re-hash every page, reject a mismatch, write to RocksDB
+//!     O-->>S: Put { stored, already }
+//!     S->>O: Sync
+//!     Note over O: fsync the write-ahead log
+//!     O-->>S: Synced
+//!     S->>O: Commit { record } (to every live member)
+//!     O-->>S: Committed
+//! ```
+//!
+//! Restore is `Get { hashes (<= GET_PAGES_MAX) }` → `Pages`, with the restorer verifying every
+//! page against the hash it asked for.
+
+use crate::manifest::CommitRecord;
+use crate::{NodeId, PageHash};
+use serde::{Deserialize, Serialize};
+
+/// ALPN of the data plane; the version changes with any incompatible message change.
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/1";
+
+/// Most hashes in one `Have` request (512 KiB of hashes).
+pub const HAVE_HASHES_MAX: usize = 16_384;
+/// Most pages in one `Put` request (1 MiB of page data).
+pub const PUT_PAGES_MAX: usize = 256;
+/// Most pages asked for in one `Get` request (1 MiB of page data in the answer).
+pub const GET_PAGES_MAX: usize = 256;
+/// Most catalog entries in one `CatalogList` answer.
+pub const CATALOG_ENTRIES_MAX: usize = 16_384;
+
+const _: () = assert!(PUT_PAGES_MAX * crate::PAGE_SIZE < crate::codec::MESSAGE_BYTES_MAX / 2);
+const _: () = assert!(GET_PAGES_MAX * crate::PAGE_SIZE < crate::codec::MESSAGE_BYTES_MAX / 2);
+const _: () = assert!(HAVE_HASHES_MAX * 33 < crate::codec::MESSAGE_BYTES_MAX);
+
+/// One page sent to an owner, with the hash the sender claims for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagePut {
+    /// What the sender says the page hashes to; the owner checks it.
+    pub hash: PageHash,
+    /// The page's bytes (must be exactly one page).
+    pub data: serde_bytes::ByteBuf,
+}
+
+/// A request on the data plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataRequest {
+    /// Which of these pages do you lack?
+    Have {
+        /// Up to [`HAVE_HASHES_MAX`] page hashes.
+        hashes: Vec<PageHash>,
+    },
+    /// Store these pages.
+    Put {
+        /// Up to [`PUT_PAGES_MAX`] pages.
+        pages: Vec<PagePut>,
+    },
+    /// Send me these pages.
+    Get {
+        /// Up to [`GET_PAGES_MAX`] page hashes.
+        hashes: Vec<PageHash>,
+    },
+    /// Make everything acknowledged so far durable (fsync the log).
+    Sync,
+    /// Record this committed snapshot in your catalog.
+    Commit {
+        /// The commit record.
+        record: CommitRecord,
+    },
+    /// List the snapshots in your catalog.
+    CatalogList,
+    /// Send the commit record of this snapshot.
+    CatalogGet {
+        /// Snapshot name.
+        name: String,
+    },
+    /// How many pages and bytes do you store?
+    Stats,
+}
+
+/// One catalog entry: enough to notice a missing or conflicting record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Snapshot name.
+    pub name: String,
+    /// BLAKE3 of the encoded commit record.
+    pub record_hash: PageHash,
+}
+
+/// What went wrong on the far side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteErrorKind {
+    /// A page did not hash to the hash it was sent with.
+    HashMismatch,
+    /// The request broke a protocol limit or rule.
+    BadRequest,
+    /// A snapshot of that name exists with different content.
+    NameConflict,
+    /// The node's store failed (disk full, IO error).
+    Storage,
+}
+
+/// An answer on the data plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataResponse {
+    /// Indexes (into the request) of the pages this owner lacks.
+    Have {
+        /// Missing indexes, ascending.
+        missing: Vec<u32>,
+    },
+    /// The pages are durable in the owner's write-ahead log (not yet fsynced: see `Sync`).
+    Put {
+        /// Pages newly written.
+        stored: u32,
+        /// Pages the owner already had.
+        already: u32,
+    },
+    /// The pages asked for, in order; `None` where this node does not hold one.
+    Pages {
+        /// One entry per requested hash.
+        pages: Vec<Option<serde_bytes::ByteBuf>>,
+    },
+    /// Everything acknowledged before is on disk.
+    Synced,
+    /// The commit record is stored (and synced).
+    Committed,
+    /// The catalog.
+    Catalog {
+        /// Up to [`CATALOG_ENTRIES_MAX`] entries.
+        entries: Vec<CatalogEntry>,
+    },
+    /// A commit record, if this node has it.
+    Record {
+        /// The record.
+        record: Option<CommitRecord>,
+    },
+    /// Store statistics.
+    Stats {
+        /// The node's identity.
+        node: NodeId,
+        /// Distinct pages stored.
+        pages: u64,
+        /// Bytes of page data stored.
+        bytes: u64,
+    },
+    /// The request failed.
+    Error {
+        /// Which kind of failure.
+        kind: RemoteErrorKind,
+        /// A short human message.
+        message: String,
+    },
+}
