@@ -1,1 +1,31 @@
-//! placeholder
+//! A real local vmcsnap cluster for demos, tests and benchmarks.
+//!
+//! - [`cluster`]: N real `vmcsnap node run` processes on loopback, each with its own data
+//!   directory and port, driven through the real `vmcsnap` CLI.
+//! - [`gen`]: synthetic VM memory images with realistic shares of zero, shared-image,
+//!   intra-VM duplicate and private pages, from a seed.
+//! - [`pagestats`]: an independent count of the pages in images (total, zero, distinct),
+//!   for tests to check the fabric's numbers against.
+
+pub mod cluster;
+pub mod gen;
+pub mod pagestats;
+
+use std::path::PathBuf;
+
+/// Finds the `vmcsnap` binary: `$VMCSNAP_BIN`, else next to the running executable (or one
+/// directory up, for test binaries in `deps/`), else `vmcsnap` on `PATH`.
+pub fn vmcsnap_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMCSNAP_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let cand = dir.join("vmcsnap");
+            if cand.is_file() {
+                return cand;
+            }
+        }
+    }
+    PathBuf::from("vmcsnap")
+}

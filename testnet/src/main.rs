@@ -1,1 +1,355 @@
-fn main(){}
+//! `vmcsnap-testnet`: a real local cluster, a VM memory generator, the demo and the benchmark.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vmcsnap_testnet::cluster::{self, Cluster};
+use vmcsnap_testnet::gen::{self, GenConfig};
+use vmcsnap_testnet::{pagestats, vmcsnap_bin};
+
+#[derive(Parser)]
+#[command(name = "vmcsnap-testnet", version, about = "A real local vmcsnap cluster: node processes on loopback, generated VM memory, demo and benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct GenArgs {
+    /// Number of VMs.
+    #[arg(long, default_value_t = 4)]
+    vms: usize,
+    /// Memory per VM (K, M, G suffixes; binary units), a multiple of 4 KiB.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    size: u64,
+    /// Fraction of zero pages.
+    #[arg(long, default_value_t = 0.61)]
+    zero: f64,
+    /// Fraction of non-zero pages shared by every VM of the image.
+    #[arg(long, default_value_t = 0.25)]
+    shared: f64,
+    /// Fraction of non-zero pages that repeat a page of the same VM.
+    #[arg(long, default_value_t = 0.15)]
+    duplicate: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl GenArgs {
+    fn config(&self) -> anyhow::Result<GenConfig> {
+        if self.size == 0 || self.size % 4096 != 0 {
+            bail!("--size must be a positive multiple of 4 KiB");
+        }
+        let c = GenConfig { vms: self.vms, pages: self.size / 4096, zero: self.zero, shared: self.shared, duplicate: self.duplicate, seed: self.seed };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start N nodes on loopback in the background and print how to reach them.
+    Up {
+        /// Nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Directory for the nodes' data.
+        #[arg(long, default_value = ".testnet/cluster")]
+        dir: PathBuf,
+        /// First port (node i listens on PORT+i); free ports are picked when omitted.
+        #[arg(long)]
+        base_port: Option<u16>,
+        /// Replicas.
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+    },
+    /// Stop the nodes started by `up`.
+    Down {
+        /// The directory given to `up`.
+        #[arg(long, default_value = ".testnet/cluster")]
+        dir: PathBuf,
+    },
+    /// Write synthetic VM memory images (vm0.img, vm1.img, ...).
+    Gen {
+        /// Output directory.
+        #[arg(long, default_value = ".testnet/images")]
+        out: PathBuf,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// 3 nodes, 4 generated VMs: snapshot on one host, restore on another with the first stopped.
+    Demo {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/demo")]
+        dir: PathBuf,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Snapshot and restore generated memory on 3 nodes; print GB/s, MB/s and node RSS.
+    Bench {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/bench")]
+        dir: PathBuf,
+        /// Fresh clusters to measure (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Replicas.
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().map(|n| n * mult).map_err(|_| format!("bad size {s:?} (examples: 4096, 64M, 1G)"))
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", U[i])
+}
+
+fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        if dir.join("testnet.json").exists() {
+            bail!("{} holds a running testnet; run `vmcsnap-testnet down --dir {}` first", dir.display(), dir.display());
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+fn vm_args(paths: &[PathBuf]) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        a.push("--vm".to_string());
+        a.push(format!("vm{i}=file:{}", p.display()));
+    }
+    a
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Up { nodes, dir, base_port, replicas } => {
+            if dir.join("testnet.json").exists() {
+                bail!("a testnet is already up in {}; `vmcsnap-testnet down --dir {}` first", dir.display(), dir.display());
+            }
+            let mut c = Cluster::start(&vmcsnap_bin(), &dir, nodes, replicas, base_port)?;
+            c.detach = true;
+            c.save_state()?;
+            println!("{} nodes up (replicas {replicas}):", nodes);
+            for (i, n) in c.nodes.iter().enumerate() {
+                println!("  node {}  {}  data {}  pid {}", i + 1, n.addr, n.dir.display(), n.pid().unwrap_or(0));
+            }
+            let abs = std::fs::canonicalize(&c.nodes[0].dir)?;
+            println!("\nTalk to node 1:\n  export VMCSNAP_NODE={}\n  vmcsnap cluster status", abs.display());
+            println!("Stop them:\n  vmcsnap-testnet down --dir {}", dir.display());
+            Ok(())
+        }
+        Cmd::Down { dir } => {
+            let n = cluster::down(&dir)?;
+            println!("stopped {n} node(s)");
+            Ok(())
+        }
+        Cmd::Gen { out, gen } => {
+            let cfg = gen.config()?;
+            let t0 = Instant::now();
+            let paths = gen::write_images(&cfg, &out)?;
+            let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+            let s = pagestats::count(&refs)?;
+            println!("wrote {} images of {} to {} in {:.1} s", paths.len(), human(gen.size), out.display(), t0.elapsed().as_secs_f64());
+            print_stats(&s);
+            Ok(())
+        }
+        Cmd::Demo { dir, gen } => demo(&dir, &gen),
+        Cmd::Bench { dir, runs, replicas, json, gen } => bench(&dir, runs, replicas, json, &gen),
+    }
+}
+
+fn print_stats(s: &pagestats::PageStats) {
+    let nonzero = s.total - s.zero;
+    println!(
+        "  {} pages: {:.1}% zero; {} non-zero, {} distinct within each VM, {} distinct over all VMs ({:.2}x dedup of non-zero pages)",
+        s.total,
+        s.zero as f64 * 100.0 / s.total.max(1) as f64,
+        nonzero,
+        s.per_vm_distinct_nonzero,
+        s.distinct_nonzero,
+        nonzero as f64 / s.distinct_nonzero.max(1) as f64
+    );
+}
+
+fn demo(dir: &Path, gen: &GenArgs) -> anyhow::Result<()> {
+    let cfg = gen.config()?;
+    fresh_dir(dir)?;
+    let bin = vmcsnap_bin();
+    println!("== vmcsnap demo: 3 nodes on loopback, {} generated VMs of {} ==", cfg.vms, human(gen.size));
+    let mut c = Cluster::start(&bin, &dir.join("cluster"), 3, 2, None)?;
+    for (i, n) in c.nodes.iter().enumerate() {
+        println!("node {} listening on {} (data in {})", i + 1, n.addr, n.dir.display());
+    }
+    let t = Instant::now();
+    let paths = gen::write_images(&cfg, &dir.join("images"))?;
+    println!("generated {} VM images in {:.1} s", paths.len(), t.elapsed().as_secs_f64());
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let stats = pagestats::count(&refs)?;
+    print_stats(&stats);
+
+    println!("\n$ vmcsnap snapshot create demo {} --node node1", vm_args(&paths).join(" "));
+    let mut args = vec!["snapshot".to_string(), "create".into(), "demo".into()];
+    args.extend(vm_args(&paths));
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let t = Instant::now();
+    c.cli_visible(0, &a)?;
+    let snap_s = t.elapsed().as_secs_f64();
+    let stored = c.stored_pages(0)? * 4096;
+
+    println!("\nstopping node 1 (the host that took the snapshot)");
+    c.stop(0)?;
+    let target = dir.join("restored-vm1.img");
+    let to = format!("file:{}", std::fs::canonicalize(dir)?.join("restored-vm1.img").display());
+    println!("$ vmcsnap snapshot restore demo --vm vm1 --to {to} --node node3");
+    let t = Instant::now();
+    c.cli_visible(2, &["snapshot", "restore", "demo", "--vm", "vm1", "--to", &to])?;
+    let restore_s = t.elapsed().as_secs_f64();
+    let identical = std::fs::read(&target)? == std::fs::read(&paths[1])?;
+
+    let raw = stats.total * 4096;
+    let unique = stats.distinct_nonzero * 4096;
+    println!("\n{:<44} {:>12}", "raw VM memory (default KVM stores all of it)", human(raw));
+    println!("{:<44} {:>12}", "distinct non-zero pages (one copy)", human(unique));
+    println!("{:<44} {:>12}", "stored cluster-wide (replicas 2, + manifests)", human(stored));
+    println!("{:<44} {:>11.1}%", "reduction vs raw, one copy", 100.0 * (1.0 - unique as f64 / raw as f64));
+    println!("{:<44} {:>11.1}%", "reduction vs raw, with 2 replicas", 100.0 * (1.0 - stored as f64 / raw as f64));
+    println!("{:<44} {:>10.2} s", "snapshot time (4 VMs, until durable)", snap_s);
+    println!("{:<44} {:>10.2} s", "restore time (vm1 on node 3, node 1 down)", restore_s);
+    println!("{:<44} {:>12}", "restored vm1 byte-identical", if identical { "yes" } else { "NO" });
+    drop(c);
+    if !identical {
+        bail!("restored image differs from the original");
+    }
+    println!("\nall nodes stopped; files are in {}", dir.display());
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn bench(dir: &Path, runs: usize, replicas: u8, json: bool, gen: &GenArgs) -> anyhow::Result<()> {
+    let cfg = gen.config()?;
+    fresh_dir(dir)?;
+    let bin = vmcsnap_bin();
+    let paths = gen::write_images(&cfg, &dir.join("images"))?;
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let stats = pagestats::count(&refs)?;
+    let raw = stats.total * 4096;
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for run in 0..runs.max(1) {
+        let cdir = dir.join(format!("run{run}"));
+        let c = Cluster::start(&bin, &cdir, 3, replicas, None)?;
+        let mut args = vec!["snapshot".to_string(), "create".into(), "s1".into()];
+        args.extend(vm_args(&paths));
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let t = Instant::now();
+        let s1 = c.json(0, &a)?;
+        let snap1 = t.elapsed().as_secs_f64();
+        args[2] = "s2".into();
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let t = Instant::now();
+        let s2 = c.json(0, &a)?;
+        let snap2 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut fetched = 0u64;
+        for i in 0..paths.len() {
+            let to = format!("file:{}", std::fs::canonicalize(&cdir)?.join(format!("r{i}.img")).display());
+            let r = c.json(1, &["snapshot", "restore", "s1", "--vm", &format!("vm{i}"), "--to", &to])?;
+            fetched += r["bytes_fetched"].as_u64().unwrap_or(0);
+        }
+        let restore = t.elapsed().as_secs_f64();
+        for i in 0..paths.len() {
+            if std::fs::read(cdir.join(format!("r{i}.img")))? != std::fs::read(&paths[i])? {
+                bail!("run {run}: restored vm{i} differs from the original");
+            }
+        }
+        let rss = (0..3).filter_map(|i| c.peak_rss(i)).max().unwrap_or(0);
+        let row = serde_json::json!({
+            "run": run,
+            "snapshot_s": snap1,
+            "snapshot_gbps": raw as f64 / snap1 / 1e9,
+            "unique_mbps": s1["new_bytes"].as_u64().unwrap_or(0) as f64 / snap1 / 1e6,
+            "sent_mbps": s1["bytes_sent"].as_u64().unwrap_or(0) as f64 / snap1 / 1e6,
+            "second_snapshot_s": snap2,
+            "second_snapshot_sent": s2["bytes_sent"],
+            "restore_s": restore,
+            "restore_gbps": raw as f64 / restore / 1e9,
+            "restore_fetched": fetched,
+            "peak_node_rss": rss,
+        });
+        if !json {
+            println!(
+                "run {run}: snapshot {:.2} s ({:.2} GB/s raw, {:.0} MB/s unique), again {:.2} s, restore {:.2} s ({:.2} GB/s), peak node RSS {}",
+                snap1, row["snapshot_gbps"].as_f64().unwrap_or(0.0), row["unique_mbps"].as_f64().unwrap_or(0.0), snap2, restore,
+                row["restore_gbps"].as_f64().unwrap_or(0.0), human(rss)
+            );
+        }
+        rows.push(row);
+        drop(c);
+        let _ = std::fs::remove_dir_all(&cdir);
+    }
+    let col = |k: &str| median(rows.iter().filter_map(|r| r[k].as_f64()).collect());
+    let summary = serde_json::json!({
+        "raw_bytes": raw,
+        "vms": cfg.vms,
+        "replicas": replicas,
+        "distinct_nonzero_pages": stats.distinct_nonzero,
+        "zero_pages": stats.zero,
+        "median": {
+            "snapshot_s": col("snapshot_s"), "snapshot_gbps": col("snapshot_gbps"), "unique_mbps": col("unique_mbps"),
+            "sent_mbps": col("sent_mbps"), "second_snapshot_s": col("second_snapshot_s"), "restore_s": col("restore_s"),
+            "restore_gbps": col("restore_gbps"), "peak_node_rss": col("peak_node_rss"),
+        },
+        "runs": rows,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let m = &summary["median"];
+        let g = |k: &str| m[k].as_f64().unwrap_or(0.0);
+        println!("\nmedian of {} runs, {} raw over {} VMs, 3 nodes, replicas {replicas}:", rows.len(), human(raw), cfg.vms);
+        println!("  snapshot         {:>6.2} s   {:>5.2} GB/s raw   {:>6.0} MB/s unique   {:>6.0} MB/s sent", g("snapshot_s"), g("snapshot_gbps"), g("unique_mbps"), g("sent_mbps"));
+        println!("  second snapshot  {:>6.2} s   (no page bytes move)", g("second_snapshot_s"));
+        println!("  restore (all)    {:>6.2} s   {:>5.2} GB/s raw", g("restore_s"), g("restore_gbps"));
+        println!("  peak node RSS    {}", human(g("peak_node_rss") as u64));
+    }
+    let _ = std::fs::remove_dir_all(dir.join("images"));
+    Ok(())
+}
