@@ -8,6 +8,7 @@ use crate::net::{read_frame, write_frame, FrameError, CLOSE_NOT_MEMBER};
 use crate::node::Node;
 use crate::store::{Store, StoreError};
 use std::sync::Arc;
+use tracing::Instrument;
 use vmcsnap_protocol::wire::{
     CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX,
     HAVE_HASHES_MAX, PUT_PAGES_MAX,
@@ -46,8 +47,7 @@ pub async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint) {
                 return;
             }
             let span = tracing::debug_span!("conn", peer = %peer.short());
-            let _e = span.enter();
-            serve_connection(node, conn, peer).await;
+            serve_connection(node, conn, peer).instrument(span).await;
         });
     }
 }

@@ -67,13 +67,33 @@ pub fn encode_body<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     Ok(body)
 }
 
-/// Encodes `msg` as one frame: a 4-byte big-endian length, then the body.
+/// Encodes `msg` as one frame: a 4-byte big-endian length, then the body (encoded in place,
+/// behind the header, so page data is copied once).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
-    let body = encode_body(msg)?;
-    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    // A first pass only counts bytes, so the frame is allocated once at its exact size.
+    let mut counter = ByteCounter(0);
+    bincode::serde::encode_into_std_write(msg, &mut counter, config())?;
+    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + counter.0);
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    bincode::serde::encode_into_std_write(msg, &mut out, config())?;
+    let len = out.len() - FRAME_HEADER_BYTES;
+    if len > MESSAGE_BYTES_MAX {
+        return Err(CodecError::TooLarge { len, max: MESSAGE_BYTES_MAX });
+    }
+    out[..FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
+}
+
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads a frame header and checks the announced length against [`MESSAGE_BYTES_MAX`]

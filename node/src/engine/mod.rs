@@ -24,8 +24,12 @@ pub const OWNER_BATCH_PAGES: usize = 1024;
 pub const OWNER_QUEUE_BATCHES: usize = 2;
 /// Batches being asked/sent to one owner at once.
 pub const OWNER_BATCHES_IN_FLIGHT: usize = 3;
-/// `Get` requests in flight during a restore.
+/// `Get` requests in flight per restore window.
 pub const FETCHES_IN_FLIGHT: usize = 8;
+/// Restore windows (of 4 × [`WINDOW_PAGES`]) being fetched while earlier ones are written.
+pub const RESTORE_WINDOWS_IN_FLIGHT: usize = 3;
+/// Pages looked up in this node's own store per blocking task (lookups run in parallel).
+pub const LOCAL_LOOKUP_PAGES: usize = 512;
 
 const _: () = assert!(OWNER_BATCH_PAGES <= vmcsnap_protocol::wire::HAVE_HASHES_MAX);
 

@@ -11,7 +11,8 @@
 //! 4. **Finish**: fsync the partial file and rename it onto the target; until then the
 //!    target path is untouched.
 
-use crate::engine::{Progress, FETCHES_IN_FLIGHT, WINDOW_PAGES};
+use crate::engine::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, WINDOW_PAGES};
+use std::sync::atomic::{AtomicU64, Ordering};
 use crate::net::NetError;
 use crate::node::Node;
 use crate::source::Target;
@@ -73,10 +74,11 @@ struct Fetcher<'a> {
     node: &'a Arc<Node>,
     view: View,
     /// Current address and liveness of each placement member (`None`: not known any more).
-    members: Vec<Option<Member>>,
+    /// A member that fails a fetch is marked down for the rest of this restore.
+    members: std::sync::Mutex<Vec<Option<Member>>>,
     replicas: usize,
-    bytes_fetched: u64,
-    pages_local: u64,
+    bytes_fetched: AtomicU64,
+    pages_local: AtomicU64,
 }
 
 impl<'a> Fetcher<'a> {
@@ -84,32 +86,42 @@ impl<'a> Fetcher<'a> {
         let view = View::new(record.placement.clone());
         let known: HashMap<NodeId, Member> = node.members().into_iter().map(|m| (m.id, m)).collect();
         let members = view.members().iter().map(|id| known.get(id).cloned()).collect();
-        Self { node, view, members, replicas: record.replicas as usize, bytes_fetched: 0, pages_local: 0 }
+        Self {
+            node,
+            view,
+            members: std::sync::Mutex::new(members),
+            replicas: record.replicas as usize,
+            bytes_fetched: AtomicU64::new(0),
+            pages_local: AtomicU64::new(0),
+        }
     }
 
     /// Fetches distinct non-zero pages. Returns them keyed by hash.
-    async fn fetch(&mut self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+    async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
         let mut out = HashMap::with_capacity(hashes.len());
-        // Pages this node already holds are not fetched again.
-        let store = self.node.store.clone();
-        let local = {
-            let hs = hashes.clone();
+        let t0 = Instant::now();
+        // Pages this node already holds are not fetched again. Looked up in parallel slices.
+        let lookups = hashes.chunks(LOCAL_LOOKUP_PAGES).map(|chunk| {
+            let store = self.node.store.clone();
+            let hs = chunk.to_vec();
             tokio::task::spawn_blocking(move || -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
                 let have = store.have(&hs)?;
                 let want: Vec<PageHash> = hs.iter().zip(&have).filter(|(_, h)| **h).map(|(x, _)| *x).collect();
                 let mut got = store.get(&want)?.into_iter();
                 Ok(have.into_iter().map(|h| if h { got.next().flatten() } else { None }).collect())
             })
-            .await
-            .map_err(|e| RestoreError::Internal(e.to_string()))?
-            .map_err(|e| RestoreError::Internal(e.to_string()))?
-        };
+        });
+        let mut local = Vec::with_capacity(hashes.len());
+        for r in futures::future::join_all(lookups).await {
+            local.extend(r.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(|e| RestoreError::Internal(e.to_string()))?);
+        }
+        tracing::trace!(target: "vmcsnap::restore", pages = local.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "local lookup");
         // Each remaining page: its owners in placement order; try them one after another.
         let mut todo: Vec<(PageHash, Vec<usize>, Vec<String>)> = Vec::new();
         for (h, l) in hashes.into_iter().zip(local) {
             match l {
                 Some(p) => {
-                    self.pages_local += 1;
+                    self.pages_local.fetch_add(1, Ordering::Relaxed);
                     out.insert(h, p);
                 }
                 None => todo.push((h, owners(&self.view, &h, self.replicas), Vec::new())),
@@ -118,12 +130,13 @@ impl<'a> Fetcher<'a> {
         while !todo.is_empty() {
             // Group by the next owner to try.
             let mut by_owner: HashMap<usize, Vec<(PageHash, Vec<usize>, Vec<String>)>> = HashMap::new();
+            let members = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
             for (h, mut cands, mut reasons) in todo.drain(..) {
                 loop {
                     let Some(&o) = cands.first() else {
                         return Err(RestoreError::Unavailable { hash: h, reasons: reasons.join("; ") });
                     };
-                    match &self.members[o] {
+                    match &members[o] {
                         Some(m) if m.alive => break,
                         Some(m) => reasons.push(format!("{} is down", m.id.short())),
                         None => reasons.push(format!("{} is no longer a member", self.view.members()[o].short())),
@@ -141,7 +154,7 @@ impl<'a> Fetcher<'a> {
                 }
             }
             let node = self.node;
-            let members = &self.members;
+            let members = &members;
             let mut results = stream::iter(requests)
                 .map(|(o, items)| async move {
                     let Some(m) = members[o].clone() else {
@@ -168,7 +181,7 @@ impl<'a> Fetcher<'a> {
                         for ((h, mut cands, mut reasons), p) in items.into_iter().zip(pages) {
                             match p {
                                 Some(p) if hash_page(&p) == h => {
-                                    self.bytes_fetched += p.len() as u64;
+                                    self.bytes_fetched.fetch_add(p.len() as u64, Ordering::Relaxed);
                                     out.insert(h, p.into_vec());
                                 }
                                 Some(p) => {
@@ -197,8 +210,9 @@ impl<'a> Fetcher<'a> {
                 }
             }
             drop(results);
+            let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
             for o in dead {
-                if let Some(Some(m)) = self.members.get_mut(o) {
+                if let Some(Some(m)) = members.get_mut(o) {
                     m.alive = false;
                 }
             }
@@ -242,7 +256,7 @@ pub async fn restore(
     }
 
     // 2. Manifest.
-    let mut fetcher = Fetcher::new(&node, &record);
+    let fetcher = Fetcher::new(&node, &record);
     let sizes = level_sizes(entry.manifest.pages);
     let mut level = entry.manifest.top.clone();
     progress.phase("manifest", entry.manifest.depth as u64);
@@ -257,6 +271,7 @@ pub async fn restore(
         progress.set((entry.manifest.depth as usize - d) as u64);
     }
     let hashes = level;
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "manifest read");
     if hashes.len() as u64 != entry.manifest.pages {
         return Err(RestoreError::Internal("manifest size does not match the record".into()));
     }
@@ -268,16 +283,18 @@ pub async fn restore(
     let total_bytes = entry.manifest.pages * PAGE_SIZE as u64;
     file.set_len(total_bytes).map_err(write_err)?;
     let file = Arc::new(file);
-    let result = fill(&mut fetcher, &hashes, file.clone(), &mut progress).await;
+    let result = fill(&fetcher, &hashes, file.clone(), &mut progress).await;
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     let pages_needed = result.unwrap_or_default();
 
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "pages written");
     // 4. Finish.
     let f2 = file.clone();
     tokio::task::spawn_blocking(move || f2.sync_all()).await.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(write_err)?;
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "synced");
     std::fs::rename(&tmp, &path).map_err(write_err)?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
@@ -290,14 +307,17 @@ pub async fn restore(
         target,
         raw_bytes: total_bytes,
         pages_needed,
-        pages_local: fetcher.pages_local,
-        bytes_fetched: fetcher.bytes_fetched,
+        pages_local: fetcher.pages_local.load(Ordering::Relaxed),
+        bytes_fetched: fetcher.bytes_fetched.load(Ordering::Relaxed),
         elapsed_ms: t0.elapsed().as_millis() as u64,
     })
 }
 
 /// Writes every page of `hashes` into `file`. Returns the number of distinct non-zero pages.
-async fn fill(fetcher: &mut Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::File>, progress: &mut Progress) -> Result<u64, RestoreError> {
+///
+/// Windows are fetched [`RESTORE_WINDOWS_IN_FLIGHT`] at a time while a writer thread writes
+/// finished windows in order.
+async fn fill(fetcher: &Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::File>, progress: &mut Progress) -> Result<u64, RestoreError> {
     // Where each distinct page first appears: later copies are read back from the target.
     let mut first: HashMap<PageHash, u64> = HashMap::new();
     for (i, h) in hashes.iter().enumerate() {
@@ -306,38 +326,69 @@ async fn fill(fetcher: &mut Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs:
         }
     }
     let distinct = first.len() as u64;
-    progress.phase("restore", hashes.len() as u64);
-    for (w, window) in hashes.chunks(WINDOW_PAGES * 4).enumerate() {
-        let base = (w * WINDOW_PAGES * 4) as u64;
-        let mut need: Vec<PageHash> = Vec::new();
-        for (i, h) in window.iter().enumerate() {
-            if !h.is_zero() && first.get(h) == Some(&(base + i as u64)) {
-                need.push(*h);
-            }
-        }
-        let pages = fetcher.fetch(need).await?;
-        let window: Vec<PageHash> = window.to_vec();
-        let first_of: Vec<Option<u64>> = window.iter().map(|h| if h.is_zero() { None } else { first.get(h).copied() }).collect();
-        let f = file.clone();
+    let total = hashes.len() as u64;
+    progress.phase("restore", total);
+    let first = Arc::new(first);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<PageHash>, HashMap<PageHash, Vec<u8>>)>(2);
+    let writer = {
+        let first = first.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut copy = vec![0u8; PAGE_SIZE];
-            for (i, (h, fo)) in window.iter().zip(first_of).enumerate() {
-                let Some(fo) = fo else { continue };
-                let off = (base + i as u64) * PAGE_SIZE as u64;
-                match pages.get(h) {
-                    Some(p) => f.write_all_at(p, off)?,
-                    None => {
-                        f.read_exact_at(&mut copy, fo * PAGE_SIZE as u64)?;
-                        f.write_all_at(&copy, off)?;
+            while let Some((base, window, pages)) = rx.blocking_recv() {
+                for (i, h) in window.iter().enumerate() {
+                    if h.is_zero() {
+                        continue; // the file is already zero there
+                    }
+                    let off = (base + i as u64) * PAGE_SIZE as u64;
+                    match pages.get(h) {
+                        Some(p) => file.write_all_at(p, off)?,
+                        None => {
+                            let fo = first.get(h).copied().ok_or_else(|| std::io::Error::other("page missing from the restore plan"))?;
+                            file.read_exact_at(&mut copy, fo * PAGE_SIZE as u64)?;
+                            file.write_all_at(&copy, off)?;
+                        }
                     }
                 }
             }
             Ok(())
         })
-        .await
-        .map_err(|e| RestoreError::Internal(e.to_string()))?
-        .map_err(|e| RestoreError::Write { path: PathBuf::from("(partial file)"), reason: e.to_string() })?;
-        progress.set(base + WINDOW_PAGES as u64 * 4);
+    };
+    let window_pages = WINDOW_PAGES * 4;
+    let windows = hashes.len().div_ceil(window_pages);
+    let first_ref = &first;
+    let mut fetches = stream::iter(0..windows)
+        .map(move |w| {
+            let base = (w * window_pages) as u64;
+            let window = &hashes[w * window_pages..((w + 1) * window_pages).min(hashes.len())];
+            let first = first_ref;
+            let need: Vec<PageHash> = window
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| !h.is_zero() && first.get(*h) == Some(&(base + *i as u64)))
+                .map(|(_, h)| *h)
+                .collect();
+            async move { fetcher.fetch(need).await.map(|pages| (base, window.to_vec(), pages)) }
+        })
+        .buffered(RESTORE_WINDOWS_IN_FLIGHT);
+    let mut fetch_result = Ok(());
+    while let Some(r) = fetches.next().await {
+        match r {
+            Ok((base, window, pages)) => {
+                let end = base + window.len() as u64;
+                if tx.send((base, window, pages)).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+                progress.set(end.min(total));
+            }
+            Err(e) => {
+                fetch_result = Err(e);
+                break;
+            }
+        }
     }
+    drop(tx);
+    let written = writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
+    fetch_result?;
+    written.map_err(|e| RestoreError::Write { path: PathBuf::from("(partial file)"), reason: e.to_string() })?;
     Ok(distinct)
 }
