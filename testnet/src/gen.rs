@@ -115,3 +115,26 @@ pub fn write_images(cfg: &GenConfig, dir: &Path) -> anyhow::Result<Vec<PathBuf>>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_measured_guests() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cfg = GenConfig { pages: 4096, ..Default::default() };
+        let paths = write_images(&cfg, dir.path()).expect("gen");
+        let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let s = crate::pagestats::count(&refs).expect("count");
+        assert_eq!(s.total, 4 * 4096);
+        let zero = s.zero as f64 / s.total as f64;
+        assert!((zero - 0.61).abs() < 0.02, "zero share {zero}");
+        let dedup = (s.total - s.zero) as f64 / s.distinct_nonzero as f64;
+        assert!((1.4..1.6).contains(&dedup), "non-zero dedup {dedup}");
+        // Same seed, same bytes.
+        let again = tempfile::tempdir().expect("tmp");
+        let p2 = write_images(&cfg, again.path()).expect("gen");
+        assert_eq!(std::fs::read(&paths[2]).expect("read"), std::fs::read(&p2[2]).expect("read"));
+    }
+}

@@ -1,0 +1,168 @@
+//! The fabric end to end, with real node processes on loopback: real libp2p membership, real
+//! QUIC between nodes, real RocksDB stores, driven through the real `vmcsnap` CLI.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use vmcsnap_protocol::manifest::build_manifest;
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+use vmcsnap_testnet::cluster::Cluster;
+use vmcsnap_testnet::gen::{self, GenConfig};
+use vmcsnap_testnet::pagestats;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
+}
+
+fn page_hashes(path: &Path) -> Vec<PageHash> {
+    std::fs::read(path).expect("read image").chunks(PAGE_SIZE).map(hash_page).collect()
+}
+
+/// Distinct non-zero manifest chunk pages over these images: the fabric stores them like pages.
+fn manifest_chunks(paths: &[PathBuf]) -> u64 {
+    let mut chunks = HashSet::new();
+    for p in paths {
+        for (h, _) in build_manifest(&page_hashes(p)).chunks {
+            chunks.insert(h);
+        }
+    }
+    chunks.len() as u64
+}
+
+fn vm_args(paths: &[PathBuf]) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        a.push("--vm".into());
+        a.push(format!("vm{i}=file:{}", p.display()));
+    }
+    a
+}
+
+fn fails(c: &Cluster, i: usize, args: &[&str], msg: &str) {
+    let o = c.cli(i, args).expect("run");
+    assert!(!o.status.success(), "{args:?} should fail");
+    assert!(stderr(&o).contains(msg), "{args:?}: expected {msg:?} in {:?}", stderr(&o));
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn snapshot_on_one_host_restore_on_another_with_the_first_down() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    // Two VMs of one image: 2 MiB each, sharing pages, with zero and duplicate pages.
+    let cfg = GenConfig { vms: 2, pages: 512, seed: 42, ..Default::default() };
+    let paths = gen::write_images(&cfg, &tmp.path().join("img")).expect("gen");
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let want = pagestats::count(&refs).expect("count");
+    assert!(want.zero > 0 && want.distinct_nonzero < want.per_vm_distinct_nonzero, "images share pages: {want:?}");
+
+    let mut args: Vec<String> = vec!["snapshot".into(), "create".into(), "s1".into()];
+    args.extend(vm_args(&paths));
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let s1 = c.json(0, &a).expect("snapshot");
+    let vms = s1["vms"].as_array().expect("vms");
+    let sum = |k: &str| vms.iter().map(|v| v[1][k].as_u64().expect("counter")).sum::<u64>();
+    assert_eq!(sum("pages_total"), want.total);
+    assert_eq!(sum("pages_zero"), want.zero);
+    assert_eq!(sum("pages_nonzero"), want.total - want.zero);
+    assert_eq!(sum("pages_new"), want.distinct_nonzero, "each distinct page is new exactly once");
+    assert_eq!(sum("pages_dedup"), want.total - want.zero - want.distinct_nonzero);
+
+    // Exactly every distinct non-zero page (plus the manifest chunk pages) on 2 owners.
+    let chunks = manifest_chunks(&paths);
+    assert_eq!(c.stored_pages(0).expect("status"), (want.distinct_nonzero + chunks) * 2);
+
+    // The same images again move no page bytes at all.
+    args[2] = "s2".into();
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let s2 = c.json(0, &a).expect("second snapshot");
+    assert_eq!(s2["bytes_sent"], 0);
+    assert_eq!(s2["new_bytes"], 0);
+    assert_eq!(c.stored_pages(0).expect("status"), (want.distinct_nonzero + chunks) * 2);
+
+    // Any node lists both.
+    let list = c.json(2, &["snapshot", "list"]).expect("list");
+    let names: Vec<&str> = list.as_array().expect("list").iter().map(|s| s["name"].as_str().expect("name")).collect();
+    assert_eq!(names, ["s1", "s2"]);
+
+    // Stop the host that took the snapshot; restore both VMs on another.
+    let node1 = c.json(0, &["cluster", "status"]).expect("status")["node"].clone();
+    c.stop(0).expect("stop");
+    for (i, p) in paths.iter().enumerate() {
+        let out = tmp.path().join(format!("restored{i}.img"));
+        let r = c
+            .json(2, &["snapshot", "restore", "s1", "--vm", &format!("vm{i}"), "--to", &format!("file:{}", out.display())])
+            .expect("restore with node 1 down");
+        assert_eq!(r["raw_bytes"], std::fs::metadata(p).expect("meta").len());
+        assert!(std::fs::read(&out).expect("read") == std::fs::read(p).expect("read"), "vm{i} restored byte-identical");
+    }
+
+    // Node 1 comes back with its identity and its pages.
+    let before = c.json(1, &["cluster", "status"]).expect("status");
+    let pages_of = |v: &serde_json::Value, id: &serde_json::Value| {
+        v["members"].as_array().expect("members").iter().find(|m| m["id"] == *id).map(|m| m["pages"].clone())
+    };
+    assert_eq!(pages_of(&before, &node1), Some(serde_json::Value::Null), "node 1 is down");
+    c.restart(0).expect("restart");
+    c.wait_converged(std::time::Duration::from_secs(30)).expect("converged");
+    let after = c.json(0, &["cluster", "status"]).expect("status");
+    assert_eq!(after["node"], node1, "same identity after restart");
+    assert!(pages_of(&after, &node1).and_then(|p| p.as_u64()).unwrap_or(0) > 0, "its pages survived");
+    assert_eq!(c.stored_pages(0).expect("status"), (want.distinct_nonzero + chunks) * 2);
+}
+
+#[test]
+fn bad_input_is_refused_and_commits_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    let good = tmp.path().join("good.img");
+    let mut data = vec![0u8; 64 * PAGE_SIZE];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&good, &data).expect("write");
+    let odd = tmp.path().join("odd.img");
+    std::fs::write(&odd, vec![1u8; PAGE_SIZE + 1]).expect("write");
+    let gvm = format!("a=file:{}", good.display());
+
+    fails(&c, 0, &["snapshot", "create", "x1", "--vm", "a=file:/nonexistent/mem.img"], "cannot read");
+    fails(&c, 0, &["snapshot", "create", "x2", "--vm", &format!("a=file:{}", odd.display())], "whole number");
+    fails(&c, 0, &["snapshot", "create", "x3", "--vm", "a"], "ID=file:PATH");
+    fails(&c, 0, &["snapshot", "create", "x4", "--vm", "a=qcow2:/x"], "unknown memory source");
+    fails(&c, 0, &["snapshot", "create", "bad/name", "--vm", &gvm], "may only use");
+    fails(&c, 0, &["snapshot", "create", "x5", "--vm", &gvm, "--vm", &gvm], "given twice");
+
+    assert!(c.cli(0, &["snapshot", "create", "ok", "--vm", &gvm]).expect("run").status.success());
+    fails(&c, 1, &["snapshot", "create", "ok", "--vm", &gvm], "already exists");
+    fails(&c, 2, &["snapshot", "restore", "nope", "--vm", "a", "--to", "file:/tmp/x"], "no snapshot named");
+    fails(&c, 2, &["snapshot", "show", "nope"], "no snapshot named");
+    fails(&c, 2, &["snapshot", "restore", "ok", "--vm", "b", "--to", "file:/tmp/x"], "has no VM");
+    // An existing target is never overwritten without --force.
+    let existing = tmp.path().join("existing.img");
+    std::fs::write(&existing, b"keep me").expect("write");
+    fails(&c, 2, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", existing.display())], "--force");
+    assert_eq!(std::fs::read(&existing).expect("read"), b"keep me");
+    // No node there.
+    let o = std::process::Command::new(bin())
+        .args(["snapshot", "list", "--node", "/nonexistent/control.sock"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success() && stderr(&o).contains("no vmcsnap node"), "{}", stderr(&o));
+
+    // Only one member left with replicas 2: refused before anything is written.
+    c.kill(1);
+    c.kill(2);
+    c.wait_converged(std::time::Duration::from_secs(30)).expect("converged");
+    fails(&c, 0, &["snapshot", "create", "x6", "--vm", &gvm], "replicas = 2 needs at least 2");
+    // Both owners of some pages are down: a clear error, and no partial target.
+    let target = tmp.path().join("never.img");
+    fails(&c, 0, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", target.display())], "unavailable");
+    assert!(!target.exists());
+    assert!(std::fs::read_dir(tmp.path()).expect("dir").all(|e| !e.expect("entry").file_name().to_string_lossy().contains("partial")));
+
+    let list = c.json(0, &["snapshot", "list"]).expect("list");
+    let names: Vec<&str> = list.as_array().expect("list").iter().map(|s| s["name"].as_str().expect("name")).collect();
+    assert_eq!(names, ["ok"], "failed snapshots are invisible");
+}

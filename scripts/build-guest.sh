@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds a small Linux guest for tests and demos from Debian packages only, and caches it:
+#   guest/cache/vmlinux     Debian's cloud kernel, decompressed (boots directly via PVH)
+#   guest/cache/initrd.gz   busybox-static initramfs with vmcsnap's init script
+# Usage: scripts/build-guest.sh [--force]
+#
+# Kernel command-line options the init understands:
+#   fill=N     write N MiB of random data to /tmp/fill and print "FILL-DONE <md5> /tmp/fill"
+#   writer=1   keep rewriting 8 MiB of random data in the background (dirties memory)
+# After boot it prints "BOOT-OK uptime=<s>" and runs a shell on the serial console; the line
+# "vmcsnap-check" prints "CHECK <md5 of /tmp/fill>" (used by tests after a restore).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${VMCSNAP_GUEST_DIR:-guest/cache}
+if [ "${1:-}" != "--force" ] && [ -s "$out/vmlinux" ] && [ -s "$out/initrd.gz" ]; then
+  exit 0
+fi
+scripts/setup.sh
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Kernel: the package linux-image-cloud-amd64 depends on.
+pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/{print $2; exit}')
+[ -n "$pkg" ] || { echo "build-guest: cannot find the cloud kernel package (apt-get update?)" >&2; exit 1; }
+(cd "$work" && apt-get download -qq "$pkg" >/dev/null 2>&1) || { echo "build-guest: cannot download $pkg" >&2; exit 1; }
+dpkg-deb -x "$work"/"$pkg"_*.deb "$work/k"
+vmlinuz=$(ls "$work"/k/boot/vmlinuz-* | head -n1)
+# The bzImage payload is LZ4 legacy (magic 02 21 4c 18); decompressed it is an ELF with a PVH
+# entry point, which QEMU boots directly (faster than the bzImage decompressor).
+python3 - "$vmlinuz" "$work/k.lz4" <<'PY'
+import sys
+d = open(sys.argv[1], 'rb').read()
+i = d.find(b'\x02\x21\x4c\x18')
+if i < 0:
+    sys.exit('build-guest: no LZ4 payload in the kernel image')
+open(sys.argv[2], 'wb').write(d[i:])
+PY
+lz4 -dc "$work/k.lz4" > "$work/vmlinux" 2>/dev/null || true
+head -c 4 "$work/vmlinux" | grep -q ELF || { echo "build-guest: kernel did not decompress to an ELF" >&2; exit 1; }
+
+# initramfs
+r="$work/initrd"
+mkdir -p "$r"/{bin,proc,sys,dev,tmp}
+cp /bin/busybox "$r/bin/"
+cat > "$r/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=90% tmp /tmp
+for x in $(cat /proc/cmdline); do
+  case $x in
+    fill=*) FILL=${x#fill=} ;;
+    writer=*) WRITER=${x#writer=} ;;
+  esac
+done
+echo "BOOT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+if [ -n "$FILL" ]; then
+  dd if=/dev/urandom of=/tmp/fill bs=1M count="$FILL" 2>/dev/null
+  echo "FILL-DONE $(md5sum /tmp/fill)"
+fi
+if [ "$WRITER" = 1 ]; then
+  (while true; do dd if=/dev/urandom of=/tmp/writer bs=1M count=8 2>/dev/null; done) &
+  echo "WRITER-STARTED"
+fi
+cat > /bin/vmcsnap-check <<'EOC'
+#!/bin/sh
+echo "CHECK $(md5sum /tmp/fill 2>/dev/null | cut -d' ' -f1) uptime=$(cut -d' ' -f1 /proc/uptime)"
+EOC
+chmod +x /bin/vmcsnap-check
+exec sh </dev/console >/dev/console 2>&1
+INIT
+chmod +x "$r/init"
+(cd "$r" && find . | cpio -o -H newc --quiet | gzip -9) > "$work/initrd.gz"
+cp "$work/vmlinux" "$out/vmlinux.tmp" && mv "$out/vmlinux.tmp" "$out/vmlinux"
+cp "$work/initrd.gz" "$out/initrd.gz.tmp" && mv "$out/initrd.gz.tmp" "$out/initrd.gz"
+echo "build-guest: $(du -h "$out/vmlinux" | cut -f1) kernel ($pkg), $(du -h "$out/initrd.gz" | cut -f1) initramfs in $out" >&2
