@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use vmcsnap_node::control::read_frame;
 use vmcsnap_protocol::codec;
 use vmcsnap_protocol::control::{ControlEvent, ControlRequest, ControlResult, VmSpec};
+use vmcsnap_protocol::manifest::CaptureMode;
 use vmcsnap_protocol::PAGE_SIZE;
 
 #[derive(Parser)]
@@ -87,9 +88,14 @@ enum SnapshotCmd {
     Create {
         /// A new, unique snapshot name (letters, digits, '.', '_', '-').
         name: String,
-        /// A VM and its memory: ID=file:PATH (a raw image, whole 4 KiB pages). Repeatable.
+        /// A VM and its memory, repeatable: ID=qemu:QMP_SOCKET (a running QEMU VM) or
+        /// ID=file:PATH (a raw memory image of whole 4 KiB pages).
         #[arg(long = "vm", value_name = "ID=SOURCE", required = true)]
         vms: Vec<String>,
+        /// How to capture running VMs: pre-copy copies while the VM runs and pauses it only
+        /// for the last round; stop-copy pauses it for the whole copy.
+        #[arg(long, value_enum, default_value = "pre-copy")]
+        mode: Mode,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -100,10 +106,19 @@ enum SnapshotCmd {
         /// The VM to restore.
         #[arg(long, value_name = "ID")]
         vm: String,
-        /// Where: file:PATH writes the guest RAM as a raw image.
-        #[arg(long, value_name = "TARGET")]
-        to: String,
-        /// Replace the target if it exists.
+        /// Where: file:PATH writes the guest RAM as a raw image; qemu:unix:PATH feeds a QEMU
+        /// started with `-incoming unix:PATH` (same command line as the snapshotted VM).
+        #[arg(long, value_name = "TARGET", required_unless_present = "launch")]
+        to: Option<String>,
+        /// Start the snapshotted VM's QEMU command line on this host and restore into it; the
+        /// guest runs on from where it was captured.
+        #[arg(long, conflicts_with = "to")]
+        launch: bool,
+        /// With --to qemu:unix:PATH: the target's QMP socket, to check its accelerator and
+        /// resume the guest after loading.
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<PathBuf>,
+        /// Replace a file target if it exists.
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -121,6 +136,14 @@ enum SnapshotCmd {
         #[command(flatten)]
         common: NodeArg,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    /// Copy while running; pause only for the last round.
+    PreCopy,
+    /// Pause, copy everything, resume.
+    StopCopy,
 }
 
 #[derive(Subcommand)]
@@ -158,7 +181,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas };
             vmcsnap_node::run(config, None).await
         }
-        Cmd::Snapshot(SnapshotCmd::Create { name, vms, common }) => {
+        Cmd::Snapshot(SnapshotCmd::Create { name, vms, mode, common }) => {
+            let mode = match mode {
+                Mode::PreCopy => CaptureMode::PreCopy,
+                Mode::StopCopy => CaptureMode::StopCopy,
+            };
             let mut specs = Vec::new();
             for v in vms {
                 let Some((id, source)) = v.split_once('=') else {
@@ -166,19 +193,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 specs.push(VmSpec { id: id.to_string(), source: absolutize(source)? });
             }
-            let r = call(&common, ControlRequest::SnapshotCreate { name, vms: specs }).await?;
+            let r = call(&common, ControlRequest::SnapshotCreate { name, vms: specs, mode }).await?;
             let ControlResult::Created(s) = r else { bail!("node answered with the wrong result") };
             if common.json {
                 return print_json(&s);
             }
             for (id, st) in &s.vms {
                 println!(
-                    "  {id:<16} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent",
+                    "  {id:<16} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent{}",
                     st.pages_total,
                     pct(st.pages_zero, st.pages_total),
                     st.pages_new,
                     st.pages_dedup,
-                    human(st.bytes_sent)
+                    human(st.bytes_sent),
+                    st.pause_ms.map(|p| format!("  paused {p} ms")).unwrap_or_default()
                 );
             }
             println!(
@@ -192,9 +220,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Snapshot(SnapshotCmd::Restore { name, vm, to, force, common }) => {
-            let target = absolutize(&to)?;
-            let r = call(&common, ControlRequest::SnapshotRestore { name, vm, target, force }).await?;
+        Cmd::Snapshot(SnapshotCmd::Restore { name, vm, to, launch, qmp, force, common }) => {
+            let target = to.as_deref().map(absolutize).transpose()?;
+            let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
+            let r = call(&common, ControlRequest::SnapshotRestore { name, vm, target, force, launch, qmp }).await?;
             let ControlResult::Restored(s) = r else { bail!("node answered with the wrong result") };
             if common.json {
                 return print_json(&s);
@@ -211,6 +240,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.elapsed_ms as f64 / 1000.0,
                 rate(s.raw_bytes, s.elapsed_ms)
             );
+            if let Some(pid) = s.launched_pid {
+                println!("QEMU started with pid {pid}");
+            }
+            if let Some(st) = s.vm_status {
+                println!("guest is {st}");
+            }
             Ok(())
         }
         Cmd::Snapshot(SnapshotCmd::List { common }) => {
@@ -242,6 +277,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for v in &r.vms {
                 let s = &v.stats;
                 println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", v.id, s.pages_total, s.pages_zero, s.pages_nonzero, s.pages_new, s.pages_dedup, human(s.bytes_sent));
+            }
+            for v in &r.vms {
+                if let Some(q) = &v.qemu {
+                    println!("\nVM {}: QEMU {} ({}), machine {}, {:?}, paused {} ms, device state {}", v.id, q.qemu_version, q.accel, q.machine, q.mode,
+                        v.stats.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "?".into()), human(q.device_state.len));
+                    println!("  RAM blocks: {}", v.blocks.iter().map(|b| format!("{} ({})", b.name, human(b.bytes))).collect::<Vec<_>>().join(", "));
+                    println!("  command line: {}", q.cmdline.join(" "));
+                }
             }
             Ok(())
         }
@@ -310,6 +353,13 @@ fn rate(bytes: u64, ms: u64) -> String {
 /// `file:rel/path` → `file:/abs/path`, since the node may run in another directory.
 fn absolutize(source: &str) -> anyhow::Result<String> {
     match source.split_once(':') {
+        Some(("qemu", rest)) if rest.starts_with("unix:") => {
+            let p = &rest[5..];
+            if !p.is_empty() && !Path::new(p).is_absolute() {
+                return Ok(format!("qemu:unix:{}", std::env::current_dir()?.join(p).display()));
+            }
+            Ok(source.to_string())
+        }
         Some((kind, p)) if !p.is_empty() && !Path::new(p).is_absolute() => {
             let abs = std::env::current_dir()?.join(p);
             Ok(format!("{kind}:{}", abs.display()))

@@ -94,11 +94,12 @@ async fn send(stream: &mut UnixStream, ev: &ControlEvent) -> anyhow::Result<()> 
 
 async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> anyhow::Result<ControlResult> {
     match req {
-        ControlRequest::SnapshotCreate { name, vms } => {
-            Ok(ControlResult::Created(snapshot::create(node, name, vms, progress).await?))
+        ControlRequest::SnapshotCreate { name, vms, mode } => {
+            Ok(ControlResult::Created(snapshot::create(node, name, vms, mode, progress).await?))
         }
-        ControlRequest::SnapshotRestore { name, vm, target, force } => {
-            Ok(ControlResult::Restored(restore::restore(node, name, vm, target, force, progress).await?))
+        ControlRequest::SnapshotRestore { name, vm, target, force, launch, qmp } => {
+            let opts = restore::RestoreOptions { target, force, launch, qmp };
+            Ok(ControlResult::Restored(restore::restore(node, name, vm, opts, progress).await?))
         }
         ControlRequest::SnapshotList => {
             node.sync_catalog().await;

@@ -15,7 +15,8 @@
 //! - [`store`]: RocksDB page store and catalog.
 //! - [`net`]: QUIC data plane (client side and framing); [`server`]: its request handler.
 //! - [`engine`]: the snapshot and restore engines.
-//! - [`source`]: VM memory sources (`file:` images).
+//! - [`source`]: VM memory sources (`file:` images, `qemu:` running VMs).
+//! - [`qemu`]: QEMU migration stream parser and rebuilder, QMP, capture, launch.
 //! - [`control`]: the local control socket the CLI talks to.
 //! - [`identity`]: the persistent ed25519 identity.
 
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod identity;
 pub mod net;
 pub mod node;
+pub mod qemu;
 pub mod server;
 pub mod source;
 pub mod store;

@@ -11,6 +11,8 @@ use vmcsnap_protocol::PAGE_SIZE;
 pub enum Source {
     /// A raw memory image.
     File(PathBuf),
+    /// A running QEMU VM, through its QMP socket.
+    Qemu(PathBuf),
 }
 
 /// A parsed restore target.
@@ -18,6 +20,8 @@ pub enum Source {
 pub enum Target {
     /// Write the VM's RAM as a raw image.
     File(PathBuf),
+    /// Write a migration stream into a QEMU listening with `-incoming unix:PATH`.
+    QemuIncoming(PathBuf),
 }
 
 fn abs_path(kind: &str, p: &str) -> Result<PathBuf, String> {
@@ -36,14 +40,21 @@ impl Source {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
             Some(("file", p)) => Ok(Source::File(abs_path("file", p)?)),
-            Some((kind, _)) => Err(format!("unknown memory source kind {kind:?} (supported: file:PATH)")),
-            None => Err(format!("memory source {s:?} must look like file:PATH")),
+            Some(("qemu", p)) => Ok(Source::Qemu(abs_path("qemu", p)?)),
+            Some((kind, _)) => Err(format!("unknown memory source kind {kind:?} (supported: file:PATH, qemu:QMP_SOCKET)")),
+            None => Err(format!("memory source {s:?} must look like file:PATH or qemu:QMP_SOCKET")),
         }
     }
 
-    /// Checks the source can be read and returns its size in bytes.
+    /// Checks the source can be read and returns its size in bytes (0 for a QEMU VM, whose
+    /// size is known once its stream arrives).
     pub fn probe(&self) -> Result<u64, String> {
         match self {
+            Source::Qemu(p) => {
+                std::os::unix::net::UnixStream::connect(p)
+                    .map_err(|e| format!("cannot reach QMP socket {}: {e} (is the VM running?)", p.display()))?;
+                Ok(0)
+            }
             Source::File(p) => {
                 let meta = std::fs::metadata(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 if !meta.is_file() {
@@ -65,12 +76,16 @@ impl Source {
 }
 
 impl Target {
-    /// Parses `file:/abs/path`.
+    /// Parses `file:/abs/path` or `qemu:unix:/abs/path`.
     pub fn parse(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
             Some(("file", p)) => Ok(Target::File(abs_path("file", p)?)),
-            Some((kind, _)) => Err(format!("unknown restore target kind {kind:?} (supported: file:PATH)")),
-            None => Err(format!("restore target {s:?} must look like file:PATH")),
+            Some(("qemu", rest)) => match rest.split_once(':') {
+                Some(("unix", p)) => Ok(Target::QemuIncoming(abs_path("qemu:unix", p)?)),
+                _ => Err(format!("restore target {s:?}: QEMU targets look like qemu:unix:PATH (QEMU started with -incoming unix:PATH)")),
+            },
+            Some((kind, _)) => Err(format!("unknown restore target kind {kind:?} (supported: file:PATH, qemu:unix:PATH, or --launch)")),
+            None => Err(format!("restore target {s:?} must look like file:PATH or qemu:unix:PATH")),
         }
     }
 }

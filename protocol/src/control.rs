@@ -3,7 +3,7 @@
 //! One request per connection; the node answers with any number of [`ControlEvent::Progress`]
 //! frames and then exactly one `Done` or `Failed`. Frames use [`crate::codec`].
 
-use crate::manifest::{CommitRecord, VmStats};
+use crate::manifest::{CaptureMode, CommitRecord, VmStats};
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,8 @@ pub enum ControlRequest {
         name: String,
         /// VMs to capture on this host.
         vms: Vec<VmSpec>,
+        /// How to capture running QEMU VMs.
+        mode: CaptureMode,
     },
     /// Restore one VM of a snapshot.
     SnapshotRestore {
@@ -32,10 +34,17 @@ pub enum ControlRequest {
         name: String,
         /// VM id.
         vm: String,
-        /// Target, such as `file:/abs/path.img`.
-        target: String,
-        /// Replace the target if it exists.
+        /// Target: `file:/abs/path.img`, `qemu:unix:/path` (a QEMU waiting with
+        /// `-incoming unix:/path`), or `None` with `launch`.
+        target: Option<String>,
+        /// Replace a file target if it exists.
         force: bool,
+        /// Start the recorded QEMU command line on this host with `-incoming`, and restore
+        /// into it.
+        launch: bool,
+        /// QMP socket of the target QEMU (for `qemu:` targets): used to check the
+        /// accelerator and resume the guest.
+        qmp: Option<String>,
     },
     /// List snapshots.
     SnapshotList,
@@ -101,6 +110,10 @@ pub struct RestoreSummary {
     pub bytes_fetched: u64,
     /// Wall time, ms.
     pub elapsed_ms: u64,
+    /// Process id of the QEMU started with `--launch`.
+    pub launched_pid: Option<u32>,
+    /// Run state of the target QEMU after the restore, when known.
+    pub vm_status: Option<String>,
 }
 
 /// One member as `cluster status` shows it.

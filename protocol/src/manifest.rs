@@ -65,8 +65,56 @@ pub struct VmStats {
     pub pages_dedup: u64,
     /// Page bytes sent over the network to other owners (all replicas).
     pub bytes_sent: u64,
-    /// Wall time from the first page read to the last page durable, in milliseconds.
+    /// Wall time from the first page read to the last page handed to the owners, in ms.
     pub capture_ms: u64,
+    /// How long the VM was paused, in ms (QEMU sources only).
+    pub pause_ms: Option<u64>,
+}
+
+/// How a running QEMU VM was captured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CaptureMode {
+    /// Pause, copy all memory, resume.
+    StopCopy,
+    /// Copy while running (QEMU's live rounds), pause only for the last round.
+    PreCopy,
+}
+
+/// Bytes stored in the fabric as pages: cut into 4 KiB chunks (the last zero-padded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Length in bytes.
+    pub len: u64,
+    /// Hash of each chunk, in order (zero mark for an all-zero chunk).
+    pub chunks: Vec<PageHash>,
+}
+
+/// What a QEMU VM's snapshot needs beyond its pages to run again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuState {
+    /// The QMP socket the VM was captured through.
+    pub qmp: String,
+    /// The migration stream's header and configuration, verbatim.
+    #[serde(with = "serde_bytes")]
+    pub head: Vec<u8>,
+    /// Machine type (`pc-i440fx-7.2`).
+    pub machine: String,
+    /// The stream's RAM section id, instance and version.
+    pub ram_section: (u32, u32, u32),
+    /// Whether the stream used section footers.
+    pub footers: bool,
+    /// Device state: the stream from the first non-RAM section to its end.
+    pub device_state: BlobRef,
+    /// QEMU version (`7.2.22`).
+    pub qemu_version: String,
+    /// `kvm` or `tcg`; a snapshot restores only on the same accelerator.
+    pub accel: String,
+    /// The QEMU command line, from the running process.
+    pub cmdline: Vec<String>,
+    /// Capture mode.
+    pub mode: CaptureMode,
+    /// Whether the VM was running when captured (a restore leaves it running too).
+    pub was_running: bool,
 }
 
 /// One VM in a snapshot.
@@ -84,6 +132,8 @@ pub struct VmEntry {
     pub manifest: ManifestRoot,
     /// Counters.
     pub stats: VmStats,
+    /// For a running QEMU VM: what its restore needs.
+    pub qemu: Option<QemuState>,
 }
 
 /// A committed snapshot.
@@ -175,6 +225,11 @@ impl CommitRecord {
                 return bad(format!("VM {} block layout does not match its manifest", vm.id));
             }
             vm.manifest.validate().map_err(RecordError::Invalid)?;
+            if let Some(q) = &vm.qemu {
+                if q.device_state.len.div_ceil(PAGE_SIZE as u64) != q.device_state.chunks.len() as u64 {
+                    return bad(format!("VM {} device state length does not match its chunks", vm.id));
+                }
+            }
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod gen;
+pub mod guest;
 pub mod pagestats;
 
 use std::path::PathBuf;

@@ -10,6 +10,11 @@
 //!    not written: the target starts as a sparse file of zeros.
 //! 4. **Finish**: fsync the partial file and rename it onto the target; until then the
 //!    target path is untouched.
+//!
+//! Into QEMU (`--to qemu:unix:PATH`, or `--launch`), step 3 writes a migration stream
+//! instead: the recorded head and RAM block list, each non-zero page once, then the device
+//! state; with the target's QMP socket the accelerator is checked first, and the guest is
+//! resumed afterwards if it was running when captured.
 
 use crate::engine::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, WINDOW_PAGES};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +30,10 @@ use std::time::Instant;
 use vmcsnap_dht::placement::{owners, View};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::RestoreSummary;
-use vmcsnap_protocol::manifest::{expand_level, level_sizes, CommitRecord};
+use crate::qemu::qmp::Qmp;
+use crate::qemu::stream::{RamBlock, Rebuilder, StreamMeta};
+use std::time::Duration;
+use vmcsnap_protocol::manifest::{expand_level, level_sizes, CommitRecord, QemuState, VmEntry};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, GET_PAGES_MAX};
 use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
 
@@ -226,17 +234,33 @@ fn partial_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.vmcsnap-partial"))
 }
 
-/// Restores VM `vm` of snapshot `name` into `target`.
-pub async fn restore(
-    node: Arc<Node>,
-    name: String,
-    vm: String,
-    target: String,
-    force: bool,
-    mut progress: Progress,
-) -> Result<RestoreSummary, RestoreError> {
+/// Where and how to restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// `file:PATH` or `qemu:unix:PATH`; `None` with `launch`.
+    pub target: Option<String>,
+    /// Replace an existing file target.
+    pub force: bool,
+    /// Start the recorded QEMU command line here and restore into it.
+    pub launch: bool,
+    /// QMP socket of a `qemu:unix:` target.
+    pub qmp: Option<String>,
+}
+
+enum Dest {
+    File(PathBuf),
+    Qemu { incoming: PathBuf, qmp: Option<PathBuf>, launched: Option<crate::qemu::launch::Launched> },
+}
+
+/// Restores VM `vm` of snapshot `name` as `opts` say.
+pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOptions, mut progress: Progress) -> Result<RestoreSummary, RestoreError> {
     let t0 = Instant::now();
-    let Target::File(path) = Target::parse(&target).map_err(RestoreError::Target)?;
+    let target = match (&opts.target, opts.launch) {
+        (Some(_), true) => return Err(RestoreError::Target("give either --to or --launch, not both".into())),
+        (None, false) => return Err(RestoreError::Target("say where: --to file:PATH, --to qemu:unix:PATH, or --launch".into())),
+        (None, true) => None,
+        (Some(t), false) => Some(Target::parse(t).map_err(RestoreError::Target)?),
+    };
     let record = node
         .find_record(&name)
         .await
@@ -247,16 +271,72 @@ pub async fn restore(
         vm: vm.clone(),
         have: record.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
     })?;
-    if path.exists() && !force {
-        return Err(RestoreError::Target(format!("{} exists; pass --force to replace it", path.display())));
+    let qemu_state = || {
+        entry.qemu.as_ref().ok_or_else(|| {
+            RestoreError::Target(format!("VM {vm} was captured from {}, not a running QEMU; restore it with --to file:PATH", entry.source))
+        })
+    };
+    let dest = match target {
+        Some(Target::File(path)) => {
+            if path.exists() && !opts.force {
+                return Err(RestoreError::Target(format!("{} exists; pass --force to replace it", path.display())));
+            }
+            match path.parent() {
+                Some(d) if d.is_dir() => {}
+                _ => return Err(RestoreError::Target(format!("the directory of {} does not exist", path.display()))),
+            }
+            Dest::File(path)
+        }
+        Some(Target::QemuIncoming(incoming)) => {
+            qemu_state()?;
+            Dest::Qemu { incoming, qmp: opts.qmp.as_ref().map(PathBuf::from), launched: None }
+        }
+        None => {
+            let state = qemu_state()?;
+            let dir = node.config.data_dir.clone();
+            let (vm2, st) = (vm.clone(), state.clone());
+            let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st))
+                .await
+                .map_err(|e| RestoreError::Internal(e.to_string()))?
+                .map_err(RestoreError::Target)?;
+            tracing::info!(target: "vmcsnap::restore", vm = %vm, pid = l.pid, log = %l.log.display(), "launched QEMU for the restore");
+            Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
+        }
+    };
+    let r = restore_into(&node, &record, entry, &dest, &mut progress).await;
+    if r.is_err() {
+        if let Dest::Qemu { launched: Some(l), .. } = &dest {
+            // A QEMU we started for a restore that failed would only wait forever.
+            let _ = std::process::Command::new("kill").arg(l.pid.to_string()).status();
+        }
     }
-    match path.parent() {
-        Some(d) if d.is_dir() => {}
-        _ => return Err(RestoreError::Target(format!("the directory of {} does not exist", path.display()))),
-    }
+    let (pages_needed, fetcher_stats, vm_status) = r?;
+    Ok(RestoreSummary {
+        name,
+        vm,
+        target: match &dest {
+            Dest::File(p) => format!("file:{}", p.display()),
+            Dest::Qemu { incoming, .. } => format!("qemu:unix:{}", incoming.display()),
+        },
+        raw_bytes: entry.manifest.pages * PAGE_SIZE as u64,
+        pages_needed,
+        pages_local: fetcher_stats.0,
+        bytes_fetched: fetcher_stats.1,
+        elapsed_ms: t0.elapsed().as_millis() as u64,
+        launched_pid: match &dest {
+            Dest::Qemu { launched: Some(l), .. } => Some(l.pid),
+            _ => None,
+        },
+        vm_status,
+    })
+}
 
+type Restored = (u64, (u64, u64), Option<String>);
+
+async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, dest: &Dest, progress: &mut Progress) -> Result<Restored, RestoreError> {
+    let t0 = Instant::now();
     // 2. Manifest.
-    let fetcher = Fetcher::new(&node, &record);
+    let fetcher = Fetcher::new(node, record);
     let sizes = level_sizes(entry.manifest.pages);
     let mut level = entry.manifest.top.clone();
     progress.phase("manifest", entry.manifest.depth as u64);
@@ -271,65 +351,222 @@ pub async fn restore(
         progress.set((entry.manifest.depth as usize - d) as u64);
     }
     let hashes = level;
-    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "manifest read");
     if hashes.len() as u64 != entry.manifest.pages {
         return Err(RestoreError::Internal("manifest size does not match the record".into()));
     }
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "manifest read");
 
     // 3. Fetch and write.
-    let tmp = partial_path(&path);
-    let write_err = |e: std::io::Error| RestoreError::Write { path: path.clone(), reason: e.to_string() };
-    let file = std::fs::OpenOptions::new().create(true).write(true).read(true).truncate(true).open(&tmp).map_err(write_err)?;
-    let total_bytes = entry.manifest.pages * PAGE_SIZE as u64;
-    file.set_len(total_bytes).map_err(write_err)?;
-    let file = Arc::new(file);
-    let result = fill(&fetcher, &hashes, file.clone(), &mut progress).await;
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let pages_needed = result.unwrap_or_default();
+    let (distinct, status) = match dest {
+        Dest::File(path) => (restore_file(&fetcher, &hashes, path, progress).await?, None),
+        Dest::Qemu { incoming, qmp, .. } => {
+            let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
+            restore_qemu(&fetcher, entry, state, &hashes, incoming, qmp.as_deref(), progress).await?
+        }
+    };
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
+    Ok((distinct, (fetcher.pages_local.load(Ordering::Relaxed), fetcher.bytes_fetched.load(Ordering::Relaxed)), status))
+}
 
-    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "pages written");
-    // 4. Finish.
+async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, progress: &mut Progress) -> Result<u64, RestoreError> {
+    let tmp = partial_path(path);
+    let write_err = |e: std::io::Error| RestoreError::Write { path: path.to_path_buf(), reason: e.to_string() };
+    let file = std::fs::OpenOptions::new().create(true).write(true).read(true).truncate(true).open(&tmp).map_err(write_err)?;
+    file.set_len(hashes.len() as u64 * PAGE_SIZE as u64).map_err(write_err)?;
+    let file = Arc::new(file);
+    let distinct = match fill(fetcher, hashes, file.clone(), progress).await {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    // 4. Finish: durable, then visible under its name.
     let f2 = file.clone();
-    tokio::task::spawn_blocking(move || f2.sync_all()).await.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(write_err)?;
-    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "synced");
-    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    let synced = tokio::task::spawn_blocking(move || f2.sync_all()).await.map_err(|e| RestoreError::Internal(e.to_string()))?;
+    if let Err(e) = synced.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(e));
+    }
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
     }
-    Ok(RestoreSummary {
-        name,
-        vm,
-        target,
-        raw_bytes: total_bytes,
-        pages_needed,
-        pages_local: fetcher.pages_local.load(Ordering::Relaxed),
-        bytes_fetched: fetcher.bytes_fetched.load(Ordering::Relaxed),
-        elapsed_ms: t0.elapsed().as_millis() as u64,
-    })
+    Ok(distinct)
+}
+
+/// Fetches the bytes of a blob stored as pages.
+async fn fetch_blob(fetcher: &Fetcher<'_>, blob: &vmcsnap_protocol::manifest::BlobRef) -> Result<Vec<u8>, RestoreError> {
+    let mut need: Vec<PageHash> = blob.chunks.iter().filter(|h| !h.is_zero()).copied().collect();
+    need.sort();
+    need.dedup();
+    let got = fetcher.fetch(need).await?;
+    let mut out = Vec::with_capacity(blob.chunks.len() * PAGE_SIZE);
+    for h in &blob.chunks {
+        match got.get(h) {
+            Some(p) => out.extend_from_slice(p),
+            None if h.is_zero() => out.extend_from_slice(&[0u8; PAGE_SIZE]),
+            None => return Err(RestoreError::Internal(format!("device state chunk {h} missing after fetch"))),
+        }
+    }
+    out.truncate(blob.len as usize);
+    Ok(out)
+}
+
+/// Writes a migration stream of the VM into a QEMU waiting on `incoming`; with its QMP
+/// socket, checks the accelerator first and leaves the guest running if it was.
+async fn restore_qemu(
+    fetcher: &Fetcher<'_>,
+    entry: &VmEntry,
+    state: &QemuState,
+    hashes: &[PageHash],
+    incoming: &Path,
+    qmp: Option<&Path>,
+    progress: &mut Progress,
+) -> Result<(u64, Option<String>), RestoreError> {
+    let target_err = |m: String| RestoreError::Target(m);
+    let mut q = match qmp {
+        Some(p) => Some(Qmp::connect(p).await.map_err(|e| target_err(e.to_string()))?),
+        None => None,
+    };
+    if let Some(q) = q.as_mut() {
+        let kvm = q.execute("query-kvm", serde_json::json!({})).await.map_err(|e| target_err(e.to_string()))?;
+        let accel = if kvm["enabled"].as_bool().unwrap_or(false) { "kvm" } else { "tcg" };
+        if accel != state.accel {
+            return Err(target_err(format!(
+                "snapshot of VM {} was taken under {}, but the target QEMU runs {accel}; a snapshot restores only on the same accelerator",
+                entry.id, state.accel
+            )));
+        }
+        let status = q.status().await.map_err(|e| target_err(e.to_string()))?;
+        if status != "inmigrate" {
+            return Err(target_err(format!("the target QEMU is {status}, not waiting for an incoming migration")));
+        }
+    }
+    let tail = fetch_blob(fetcher, &state.device_state).await?;
+    let meta = StreamMeta {
+        head: state.head.clone(),
+        machine: state.machine.clone(),
+        ram_section: state.ram_section,
+        footers: state.footers,
+        blocks: entry.blocks.iter().map(|b| RamBlock { name: b.name.clone(), len: b.bytes }).collect(),
+    };
+    // Page index where each block starts.
+    let mut starts = Vec::with_capacity(meta.blocks.len());
+    let mut at = 0u64;
+    for b in &meta.blocks {
+        starts.push(at);
+        at += b.len / PAGE_SIZE as u64;
+    }
+    let conn = std::os::unix::net::UnixStream::connect(incoming)
+        .map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Window>(2);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut rb = Rebuilder::start(std::io::BufWriter::with_capacity(1 << 20, conn), meta)?;
+        while let Some((base, window, pages)) = rx.blocking_recv() {
+            for (i, h) in window.iter().enumerate() {
+                if h.is_zero() {
+                    continue; // the destination's RAM starts zeroed
+                }
+                let g = base + i as u64;
+                let b = starts.partition_point(|&s| s <= g) - 1;
+                let data = pages.get(h).ok_or_else(|| std::io::Error::other("page missing from the restore plan"))?;
+                rb.page(b, g - starts[b], data)?;
+            }
+        }
+        let w = rb.finish(&tail)?;
+        let conn = w.into_inner().map_err(|e| e.into_error())?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    let fetched = fetch_windows(fetcher, hashes, None, tx, progress).await;
+    let written = writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
+    let distinct = fetched?;
+    written.map_err(|e| RestoreError::Write { path: incoming.to_path_buf(), reason: e.to_string() })?;
+
+    // QEMU loads the stream; wait until it has, then leave the guest as it was.
+    let Some(q) = q.as_mut() else { return Ok((distinct, None)) };
+    let t0 = Instant::now();
+    let status = loop {
+        let s = match q.status().await {
+            Ok(s) => s,
+            Err(e) => return Err(target_err(format!("QEMU failed to load the snapshot ({e}); it exits on a stream it cannot load — see its log"))),
+        };
+        if s != "inmigrate" {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(target_err("QEMU did not finish loading the snapshot within 60 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let status = if status == "paused" && state.was_running {
+        q.execute("cont", serde_json::json!({})).await.map_err(|e| target_err(e.to_string()))?;
+        q.status().await.map_err(|e| target_err(e.to_string()))?
+    } else {
+        status
+    };
+    Ok((distinct, Some(status)))
+}
+
+/// One restore window: first page index, the window's hashes, the fetched pages.
+type Window = (u64, Vec<PageHash>, HashMap<PageHash, Vec<u8>>);
+
+/// Fetches `hashes` window by window, [`RESTORE_WINDOWS_IN_FLIGHT`] at a time, and sends
+/// each finished window, in order, to `tx`. With `first` (where each page first appears),
+/// only a page's first appearance is fetched; otherwise every distinct page of each window.
+/// Returns the number of distinct non-zero pages fetched or found.
+async fn fetch_windows(
+    fetcher: &Fetcher<'_>,
+    hashes: &[PageHash],
+    first: Option<&HashMap<PageHash, u64>>,
+    tx: tokio::sync::mpsc::Sender<Window>,
+    progress: &mut Progress,
+) -> Result<u64, RestoreError> {
+    let total = hashes.len() as u64;
+    progress.phase("restore", total);
+    let window_pages = WINDOW_PAGES * 4;
+    let windows = hashes.len().div_ceil(window_pages);
+    let mut distinct = std::collections::HashSet::new();
+    let mut fetches = stream::iter(0..windows)
+        .map(move |w| {
+            let base = (w * window_pages) as u64;
+            let window = &hashes[w * window_pages..((w + 1) * window_pages).min(hashes.len())];
+            let mut need: Vec<PageHash> = window
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| !h.is_zero() && first.is_none_or(|f| f.get(*h) == Some(&(base + *i as u64))))
+                .map(|(_, h)| *h)
+                .collect();
+            need.sort();
+            need.dedup();
+            async move { fetcher.fetch(need).await.map(|pages| (base, window.to_vec(), pages)) }
+        })
+        .buffered(RESTORE_WINDOWS_IN_FLIGHT);
+    while let Some(r) = fetches.next().await {
+        let (base, window, pages) = r?;
+        distinct.extend(pages.keys().copied());
+        let end = base + window.len() as u64;
+        if tx.send((base, window, pages)).await.is_err() {
+            break; // the writer failed; its caller reports why
+        }
+        progress.set(end.min(total));
+    }
+    Ok(distinct.len() as u64)
 }
 
 /// Writes every page of `hashes` into `file`. Returns the number of distinct non-zero pages.
-///
-/// Windows are fetched [`RESTORE_WINDOWS_IN_FLIGHT`] at a time while a writer thread writes
-/// finished windows in order.
+/// Each distinct page is fetched once; its later copies are read back from the file.
 async fn fill(fetcher: &Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::File>, progress: &mut Progress) -> Result<u64, RestoreError> {
-    // Where each distinct page first appears: later copies are read back from the target.
     let mut first: HashMap<PageHash, u64> = HashMap::new();
     for (i, h) in hashes.iter().enumerate() {
         if !h.is_zero() {
             first.entry(*h).or_insert(i as u64);
         }
     }
-    let distinct = first.len() as u64;
-    let total = hashes.len() as u64;
-    progress.phase("restore", total);
     let first = Arc::new(first);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<PageHash>, HashMap<PageHash, Vec<u8>>)>(2);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Window>(2);
     let writer = {
         let first = first.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -353,42 +590,9 @@ async fn fill(fetcher: &Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::Fil
             Ok(())
         })
     };
-    let window_pages = WINDOW_PAGES * 4;
-    let windows = hashes.len().div_ceil(window_pages);
-    let first_ref = &first;
-    let mut fetches = stream::iter(0..windows)
-        .map(move |w| {
-            let base = (w * window_pages) as u64;
-            let window = &hashes[w * window_pages..((w + 1) * window_pages).min(hashes.len())];
-            let first = first_ref;
-            let need: Vec<PageHash> = window
-                .iter()
-                .enumerate()
-                .filter(|(i, h)| !h.is_zero() && first.get(*h) == Some(&(base + *i as u64)))
-                .map(|(_, h)| *h)
-                .collect();
-            async move { fetcher.fetch(need).await.map(|pages| (base, window.to_vec(), pages)) }
-        })
-        .buffered(RESTORE_WINDOWS_IN_FLIGHT);
-    let mut fetch_result = Ok(());
-    while let Some(r) = fetches.next().await {
-        match r {
-            Ok((base, window, pages)) => {
-                let end = base + window.len() as u64;
-                if tx.send((base, window, pages)).await.is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-                progress.set(end.min(total));
-            }
-            Err(e) => {
-                fetch_result = Err(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
+    let fetched = fetch_windows(fetcher, hashes, Some(&first), tx, progress).await;
     let written = writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
-    fetch_result?;
+    let distinct = fetched?;
     written.map_err(|e| RestoreError::Write { path: PathBuf::from("(partial file)"), reason: e.to_string() })?;
     Ok(distinct)
 }

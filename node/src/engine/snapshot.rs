@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use vmcsnap_dht::placement::{owners_into, View};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::{CreateSummary, VmSpec};
-use vmcsnap_protocol::manifest::{build_manifest, validate_name, Block, CommitRecord, VmEntry, VmStats};
+use vmcsnap_protocol::manifest::{build_manifest, validate_name, Block, CaptureMode, CommitRecord, VmEntry, VmStats};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, PUT_PAGES_MAX};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
@@ -71,6 +71,14 @@ pub enum SnapshotError {
     /// An owner answered nonsense.
     #[error("owner {0} answered a request with the wrong message")]
     Protocol(String),
+    /// Driving or reading a QEMU VM failed (the VM is left running if it was).
+    #[error("VM {vm}: {reason}")]
+    Qemu {
+        /// VM id.
+        vm: String,
+        /// Why.
+        reason: String,
+    },
     /// A local failure.
     #[error("{0}")]
     Internal(String),
@@ -93,7 +101,7 @@ struct VmCounters {
 }
 
 /// Groups pages by owner and feeds one worker per owner.
-struct Uploader {
+pub struct Uploader {
     view: View,
     members: Vec<Member>,
     replicas: usize,
@@ -121,7 +129,7 @@ impl Uploader {
     }
 
     /// Queues a non-zero page; returns false if it was already queued in this snapshot.
-    async fn push(&mut self, hash: PageHash, data: Bytes, vm: Option<usize>) -> Result<bool, SnapshotError> {
+    pub async fn push(&mut self, hash: PageHash, data: Bytes, vm: Option<usize>) -> Result<bool, SnapshotError> {
         if !self.seen.insert(hash) {
             return Ok(false);
         }
@@ -229,7 +237,8 @@ async fn owner_worker(
 
 struct Prepared {
     spec: VmSpec,
-    path: std::path::PathBuf,
+    source: Source,
+    /// Memory size for files; 0 for QEMU VMs (known once the stream arrives).
     bytes: u64,
 }
 
@@ -238,12 +247,12 @@ fn now_ms() -> u64 {
 }
 
 /// Takes snapshot `name` of `vms` (all on this host).
-pub async fn create(node: Arc<Node>, name: String, vms: Vec<VmSpec>, progress: Progress) -> Result<CreateSummary, SnapshotError> {
+pub async fn create(node: Arc<Node>, name: String, vms: Vec<VmSpec>, mode: CaptureMode, progress: Progress) -> Result<CreateSummary, SnapshotError> {
     validate_name("snapshot name", &name).map_err(SnapshotError::Invalid)?;
     if !node.reserve_name(&name) {
         return Err(SnapshotError::NameTaken(name));
     }
-    let r = create_reserved(&node, &name, vms, progress).await;
+    let r = create_reserved(&node, &name, vms, mode, progress).await;
     node.release_name(&name);
     match &r {
         Ok(s) => tracing::info!(target: "vmcsnap::snapshot", snapshot = %name, raw = s.raw_bytes, new = s.new_bytes, ms = s.elapsed_ms, "snapshot committed"),
@@ -252,7 +261,7 @@ pub async fn create(node: Arc<Node>, name: String, vms: Vec<VmSpec>, progress: P
     r
 }
 
-async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mut progress: Progress) -> Result<CreateSummary, SnapshotError> {
+async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mode: CaptureMode, mut progress: Progress) -> Result<CreateSummary, SnapshotError> {
     let t0 = Instant::now();
     // 1. Check.
     if vms.is_empty() {
@@ -267,8 +276,7 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mut pro
         }
         let source = Source::parse(&spec.source).map_err(SnapshotError::Invalid)?;
         let bytes = source.probe().map_err(|reason| SnapshotError::Read { vm: spec.id.clone(), reason })?;
-        let Source::File(path) = source;
-        prepared.push(Prepared { spec, path, bytes });
+        prepared.push(Prepared { spec, source, bytes });
     }
     if node.find_record(name).await.map_err(|e| SnapshotError::Internal(e.to_string()))?.is_some() || name_on_peers(node, name).await {
         return Err(SnapshotError::NameTaken(name.to_string()));
@@ -287,12 +295,26 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mut pro
     let mut done_pages = 0u64;
     let mut entries = Vec::new();
     let mut all_hashes = Vec::new();
+    let mut layouts = Vec::new();
+    let mut qemu_states = Vec::new();
     for (vi, p) in prepared.iter().enumerate() {
         let tv = Instant::now();
-        let (hashes, mut stats) = capture_file(&mut up, vi, p, &progress, &mut done_pages).await?;
+        let (hashes, mut stats, blocks, qemu) = match &p.source {
+            Source::File(path) => {
+                let (h, s) = capture_file(&mut up, vi, p, path, &progress, &mut done_pages).await?;
+                (h, s, vec![Block { name: "ram".into(), bytes: p.bytes }], None)
+            }
+            Source::Qemu(qmp) => {
+                progress.phase("capture", 0);
+                let c = crate::qemu::capture::capture(node, &mut up, vi, &p.spec.id, qmp, mode, &progress).await?;
+                (c.hashes, c.stats, c.blocks, Some(c.state))
+            }
+        };
         stats.capture_ms = tv.elapsed().as_millis() as u64;
         entries.push(stats);
         all_hashes.push(hashes);
+        layouts.push(blocks);
+        qemu_states.push(qemu);
     }
 
     // 3. Seal: manifest chunks go through the same pipeline, then every owner syncs.
@@ -317,18 +339,21 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mut pro
 
     // 4. Commit.
     let mut vms_out = Vec::new();
-    for ((p, mut stats), root) in prepared.iter().zip(entries).zip(roots) {
+    for ((((p, mut stats), root), blocks), qemu) in prepared.iter().zip(entries).zip(roots).zip(layouts).zip(qemu_states) {
         let c = &counters[vms_out.len()];
+        // In live pre-copy a page re-sent with new content is stored too; "new" counts every
+        // page stored, so it can exceed the pages the final memory holds.
         stats.pages_new = c.new.load(Ordering::Relaxed);
-        stats.pages_dedup = stats.pages_nonzero - stats.pages_new;
+        stats.pages_dedup = stats.pages_nonzero.saturating_sub(stats.pages_new);
         stats.bytes_sent = c.bytes_sent.load(Ordering::Relaxed);
         vms_out.push(VmEntry {
             id: p.spec.id.clone(),
             source: p.spec.source.clone(),
             host: node.id,
-            blocks: vec![Block { name: "ram".into(), bytes: p.bytes }],
+            blocks,
             manifest: root,
             stats,
+            qemu,
         });
     }
     let record = CommitRecord {
@@ -343,7 +368,7 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mut pro
     record.validate().map_err(|e| SnapshotError::Internal(e.to_string()))?;
     commit(node, &record).await?;
 
-    let raw_bytes = prepared.iter().map(|p| p.bytes).sum();
+    let raw_bytes = record.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum();
     let vms: Vec<(String, VmStats)> = record.vms.iter().map(|v| (v.id.clone(), v.stats.clone())).collect();
     Ok(CreateSummary {
         name: name.to_string(),
@@ -396,10 +421,11 @@ async fn capture_file(
     up: &mut Uploader,
     vi: usize,
     p: &Prepared,
+    path: &std::path::Path,
     progress: &Progress,
     done_pages: &mut u64,
 ) -> Result<(Vec<PageHash>, VmStats), SnapshotError> {
-    let file = Arc::new(std::fs::File::open(&p.path).map_err(|e| SnapshotError::Read { vm: p.spec.id.clone(), reason: e.to_string() })?);
+    let file = Arc::new(std::fs::File::open(path).map_err(|e| SnapshotError::Read { vm: p.spec.id.clone(), reason: e.to_string() })?);
     let pages = p.bytes / PAGE_SIZE as u64;
     let windows = pages.div_ceil(WINDOW_PAGES as u64);
     let vm = p.spec.id.clone();

@@ -1,0 +1,297 @@
+//! Capturing a running QEMU VM: the node becomes the VM's migration destination.
+//!
+//! 1. Over QMP: check the VM is running or paused and not migrating; read its QEMU version,
+//!    accelerator and command line (from `/proc/PID/cmdline`, PID from the socket's peer
+//!    credentials); turn off [`super::CAPABILITIES_OFF`]; raise `max-bandwidth`.
+//! 2. Listen on a unix socket in the data directory; `stop` first for stop-copy;
+//!    `migrate unix:SOCK`.
+//! 3. A blocking thread parses the stream as it arrives and hashes every page; the async side
+//!    keeps the VM's page map (last copy wins) and pushes non-zero pages to the owners.
+//! 4. Wait for QEMU to report the migration `completed`; `cont` if the VM was running.
+//!    Whatever fails, the VM is resumed if it was running and the migration cancelled.
+
+use super::qmp::Qmp;
+use super::stream::{self, StreamError};
+use crate::engine::snapshot::{SnapshotError, Uploader};
+use crate::engine::Progress;
+use crate::node::Node;
+use bytes::Bytes;
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmcsnap_protocol::manifest::{Block, CaptureMode, QemuState, VmStats};
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE, ZERO_HASH};
+
+/// Pages handed from the parser thread to the uploader in one message.
+pub const CAPTURE_BATCH_PAGES: usize = 256;
+/// Batches queued between the parser thread and the uploader.
+pub const CAPTURE_QUEUE_BATCHES: usize = 8;
+/// Time for QEMU to connect to the node's socket after `migrate`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for QEMU to report the migration finished after the stream ended.
+pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One VM captured.
+pub struct Captured {
+    /// Page hashes in block order.
+    pub hashes: Vec<PageHash>,
+    /// RAM blocks.
+    pub blocks: Vec<Block>,
+    /// Counters (zero, non-zero, total, pause).
+    pub stats: VmStats,
+    /// What a restore needs.
+    pub state: QemuState,
+}
+
+struct Batch {
+    /// (block, page index, hash) of each page record, in stream order.
+    items: Vec<(u32, u64, PageHash)>,
+    /// The non-zero pages of `items`, concatenated in order.
+    data: Bytes,
+}
+
+fn qemu_err(vm: &str, reason: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Qemu { vm: vm.to_string(), reason: reason.to_string() }
+}
+
+/// Captures VM `vm` (index `vi` in the snapshot) through its QMP socket.
+pub async fn capture(
+    node: &Arc<Node>,
+    up: &mut Uploader,
+    vi: usize,
+    vm: &str,
+    qmp_path: &Path,
+    mode: CaptureMode,
+    progress: &Progress,
+) -> Result<Captured, SnapshotError> {
+    let mut q = Qmp::connect(qmp_path).await.map_err(|e| qemu_err(vm, e))?;
+    let status = q.status().await.map_err(|e| qemu_err(vm, e))?;
+    let was_running = match status.as_str() {
+        "running" => true,
+        "paused" => false,
+        other => return Err(qemu_err(vm, format!("VM is {other}; it must be running or paused (after a migration, `cont` it first)"))),
+    };
+    let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+    if let Some(st) = info.get("status").and_then(|s| s.as_str()) {
+        if matches!(st, "active" | "setup" | "pre-switchover" | "device" | "postcopy-active" | "cancelling") {
+            return Err(qemu_err(vm, format!("a migration is already {st}")));
+        }
+    }
+    let v = q.execute("query-version", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+    let qemu_version = format!(
+        "{}.{}.{}",
+        v["qemu"]["major"].as_u64().unwrap_or(0),
+        v["qemu"]["minor"].as_u64().unwrap_or(0),
+        v["qemu"]["micro"].as_u64().unwrap_or(0)
+    );
+    let kvm = q.execute("query-kvm", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+    let accel = if kvm["enabled"].as_bool().unwrap_or(false) { "kvm" } else { "tcg" }.to_string();
+    let pid = q.pid().ok_or_else(|| qemu_err(vm, "cannot tell which process serves the QMP socket"))?;
+    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map_err(|e| qemu_err(vm, format!("cannot read QEMU's command line: {e}")))?
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+
+    // Capabilities that change the stream's format: off.
+    let caps = q.execute("query-migrate-capabilities", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+    let off: Vec<serde_json::Value> = caps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["state"].as_bool() == Some(true))
+        .filter_map(|c| c["capability"].as_str())
+        .filter(|c| super::CAPABILITIES_OFF.contains(c))
+        .map(|c| json!({"capability": c, "state": false}))
+        .collect();
+    if !off.is_empty() {
+        tracing::info!(target: "vmcsnap::snapshot", vm, caps = ?off, "turning off migration capabilities vmcsnap cannot capture");
+        q.execute("migrate-set-capabilities", json!({ "capabilities": off })).await.map_err(|e| qemu_err(vm, e))?;
+    }
+    let params = q.execute("query-migrate-parameters", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+    let old_bandwidth = params["max-bandwidth"].as_u64();
+    q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await.map_err(|e| qemu_err(vm, e))?;
+
+    let sock = node.config.data_dir.join(format!("capture-{vm}-{}.sock", std::process::id() ^ vi as u32));
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| qemu_err(vm, format!("cannot listen on {}: {e}", sock.display())))?;
+
+    let mut paused_at = None;
+    let result = async {
+        if mode == CaptureMode::StopCopy && was_running {
+            q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+            paused_at = Some(Instant::now());
+        }
+        q.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()) })).await.map_err(|e| qemu_err(vm, e))?;
+        let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
+            .await
+            .map_err(|_| qemu_err(vm, "QEMU did not connect to the capture socket"))?
+            .map_err(|e| qemu_err(vm, e))?;
+        let conn = conn.into_std().map_err(|e| qemu_err(vm, e))?;
+        conn.set_nonblocking(false).map_err(|e| qemu_err(vm, e))?;
+        let parsed = receive(up, vi, vm, conn, progress).await?;
+        // QEMU decides when the migration is over; wait for its word.
+        let t0 = Instant::now();
+        let downtime = loop {
+            let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+            match info.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => break info.get("downtime").and_then(|d| d.as_u64()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"])));
+                }
+                _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(qemu_err(vm, "QEMU did not finish the migration")),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        Ok((parsed, downtime))
+    }
+    .await;
+    drop(listener);
+    let _ = std::fs::remove_file(&sock);
+
+    // Whatever happened: no migration left running, the VM as it was, the old bandwidth.
+    if result.is_err() {
+        let _ = q.execute("migrate_cancel", json!({})).await;
+    }
+    let mut resume_err = None;
+    if was_running {
+        for _ in 0..100 {
+            match q.status().await {
+                Ok(s) if s == "running" => break,
+                Ok(s) if matches!(s.as_str(), "paused" | "postmigrate") => {
+                    if let Err(e) = q.execute("cont", json!({})).await {
+                        resume_err = Some(e.to_string());
+                    }
+                    break;
+                }
+                // finish-migrate, cancelling: wait for it to settle
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+    let pause_ms = paused_at.map(|t| t.elapsed().as_millis() as u64);
+    if let Some(b) = old_bandwidth {
+        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b })).await;
+    }
+    let ((parsed, hashes_by_block), downtime) = result?;
+    if let Some(e) = resume_err {
+        return Err(qemu_err(vm, format!("captured, but could not resume the VM: {e}")));
+    }
+
+    let mut stats = VmStats { pause_ms: if mode == CaptureMode::StopCopy { pause_ms.or(downtime) } else { downtime }, ..Default::default() };
+    let mut hashes = Vec::new();
+    for h in hashes_by_block {
+        hashes.extend(h);
+    }
+    stats.pages_total = hashes.len() as u64;
+    stats.pages_zero = hashes.iter().filter(|h| h.is_zero()).count() as u64;
+    stats.pages_nonzero = stats.pages_total - stats.pages_zero;
+    let (device_state, tail_pages) = super::blob_chunks(&parsed.tail);
+    for (h, p) in device_state.chunks.iter().zip(tail_pages) {
+        if !h.is_zero() {
+            up.push(*h, Bytes::from(p), None).await?;
+        }
+    }
+    let blocks = parsed.meta.blocks.iter().map(|b| Block { name: b.name.clone(), bytes: b.len }).collect();
+    let state = QemuState {
+        qmp: qmp_path.display().to_string(),
+        head: parsed.meta.head,
+        machine: parsed.meta.machine,
+        ram_section: parsed.meta.ram_section,
+        footers: parsed.meta.footers,
+        device_state,
+        qemu_version,
+        accel,
+        cmdline,
+        mode,
+        was_running,
+    };
+    Ok(Captured { hashes, blocks, stats, state })
+}
+
+/// Parses the stream on a blocking thread and feeds the uploader. Returns the parse result
+/// and each block's page hashes (last copy of each page).
+async fn receive(
+    up: &mut Uploader,
+    vi: usize,
+    vm: &str,
+    conn: std::os::unix::net::UnixStream,
+    progress: &Progress,
+) -> Result<(stream::Parsed, Vec<Vec<PageHash>>), SnapshotError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(CAPTURE_QUEUE_BATCHES);
+    let parser = tokio::task::spawn_blocking(move || {
+        let reader = std::io::BufReader::with_capacity(1 << 20, conn);
+        let mut items = Vec::with_capacity(CAPTURE_BATCH_PAGES);
+        let mut data = Vec::with_capacity(CAPTURE_BATCH_PAGES * PAGE_SIZE);
+        let flush = |items: &mut Vec<(u32, u64, PageHash)>, data: &mut Vec<u8>| -> Result<(), StreamError> {
+            let batch = Batch { items: std::mem::take(items), data: Bytes::from(std::mem::replace(data, Vec::with_capacity(CAPTURE_BATCH_PAGES * PAGE_SIZE))) };
+            tx.blocking_send(batch).map_err(|_| StreamError::Sink("the snapshot stopped".into()))
+        };
+        let parsed = stream::parse(reader, |b, i, d| {
+            let h = match d {
+                Some(d) => {
+                    let h = hash_page(d);
+                    if !h.is_zero() {
+                        data.extend_from_slice(d);
+                    }
+                    h
+                }
+                None => ZERO_HASH,
+            };
+            items.push((b as u32, i, h));
+            if items.len() >= CAPTURE_BATCH_PAGES {
+                flush(&mut items, &mut data)?;
+            }
+            Ok(())
+        })?;
+        if !items.is_empty() {
+            flush(&mut items, &mut data)?;
+        }
+        Ok::<_, StreamError>(parsed)
+    });
+    let mut maps: Vec<Vec<PageHash>> = Vec::new();
+    let mut records = 0u64;
+    let mut push_err = None;
+    while let Some(batch) = rx.recv().await {
+        let mut off = 0;
+        for (b, i, h) in batch.items {
+            let b = b as usize;
+            if maps.len() <= b {
+                maps.resize_with(b + 1, Vec::new);
+            }
+            let m = &mut maps[b];
+            if m.len() <= i as usize {
+                m.resize(i as usize + 1, ZERO_HASH);
+            }
+            m[i as usize] = h;
+            if !h.is_zero() {
+                let page = batch.data.slice(off..off + PAGE_SIZE);
+                off += PAGE_SIZE;
+                if push_err.is_none() {
+                    if let Err(e) = up.push(h, page, Some(vi)).await {
+                        push_err = Some(e);
+                    }
+                }
+            }
+            records += 1;
+        }
+        progress.set(records);
+        if push_err.is_some() {
+            break; // dropping rx stops the parser
+        }
+    }
+    drop(rx);
+    let parsed = parser.await.map_err(|e| SnapshotError::Internal(e.to_string()))?;
+    if let Some(e) = push_err {
+        return Err(e);
+    }
+    let parsed = parsed.map_err(|e| qemu_err(vm, e))?;
+    // Every block gets a full-length map (pages never sent are zero).
+    maps.resize_with(parsed.meta.blocks.len(), Vec::new);
+    for (m, b) in maps.iter_mut().zip(&parsed.meta.blocks) {
+        m.resize((b.len / PAGE_SIZE as u64) as usize, ZERO_HASH);
+    }
+    Ok((parsed, maps))
+}

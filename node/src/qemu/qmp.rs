@@ -1,0 +1,120 @@
+//! A small QMP client: JSON commands over QEMU's monitor socket.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+/// Time for one QMP command to answer.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest QMP line accepted.
+pub const QMP_LINE_BYTES_MAX: usize = 4 << 20;
+
+/// A QMP failure.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// Could not reach the socket.
+    #[error("cannot connect to QMP socket {path}: {reason}")]
+    Connect {
+        /// The socket.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The monitor went away or sent nonsense.
+    #[error("QMP: {0}")]
+    Protocol(String),
+    /// QEMU refused a command.
+    #[error("QEMU refused {command}: {desc}")]
+    Refused {
+        /// The command.
+        command: String,
+        /// QEMU's error description.
+        desc: String,
+    },
+}
+
+/// A connected, negotiated QMP session.
+pub struct Qmp {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+    pid: Option<u32>,
+}
+
+impl Qmp {
+    /// Connects and leaves capability negotiation mode.
+    pub async fn connect(path: &Path) -> Result<Self, QmpError> {
+        let connect_err = |reason: String| QmpError::Connect { path: path.display().to_string(), reason };
+        let s = tokio::time::timeout(QMP_TIMEOUT, UnixStream::connect(path))
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
+        let (rd, wr) = s.into_split();
+        let mut q = Self { rd: BufReader::new(rd), wr, pid };
+        let greeting = q.read_value().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!("not a QMP greeting: {greeting}")));
+        }
+        q.execute("qmp_capabilities", json!({})).await?;
+        Ok(q)
+    }
+
+    /// The QEMU process id (from the socket's peer credentials).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    async fn read_value(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(QMP_TIMEOUT, (&mut self.rd).take(QMP_LINE_BYTES_MAX as u64).read_line(&mut line))
+            .await
+            .map_err(|_| QmpError::Protocol("QEMU did not answer in time".into()))?
+            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        if n == 0 {
+            return Err(QmpError::Protocol("QEMU closed the monitor".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("bad JSON from QEMU: {e}")))
+    }
+
+    /// Runs `command` with `arguments`; returns its `return` value. Events are skipped.
+    pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let msg = if arguments.as_object().is_some_and(|o| o.is_empty()) {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        };
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.wr.write_all(line.as_bytes()).await.map_err(|e| QmpError::Protocol(e.to_string()))?;
+        loop {
+            let v = self.read_value().await?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(QmpError::Refused {
+                    command: command.to_string(),
+                    desc: e.get("desc").and_then(|d| d.as_str()).unwrap_or("unknown error").to_string(),
+                });
+            }
+            return Err(QmpError::Protocol(format!("unexpected QMP message: {v}")));
+        }
+    }
+
+    /// The run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
+    pub async fn status(&mut self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", json!({})).await?;
+        Ok(v.get("status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string())
+    }
+
+    /// `query-migrate`'s answer.
+    pub async fn migrate_info(&mut self) -> Result<Value, QmpError> {
+        self.execute("query-migrate", json!({})).await
+    }
+}

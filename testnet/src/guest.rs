@@ -1,0 +1,222 @@
+//! Real QEMU guests for tests, demos and benchmarks, booted from the repository's guest build
+//! (`scripts/build-guest.sh`: Debian's cloud kernel and a busybox initramfs).
+//!
+//! Each guest gets, in its directory: `NAME.qmp` (QMP), `NAME.ser` (serial console socket),
+//! `NAME.log` (everything the console printed).
+
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The guest kernel and initramfs: `$VMCSNAP_GUEST_DIR`, else `guest/cache` in the repository.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("VMCSNAP_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/cache"))
+}
+
+/// Checks the guest build is there.
+pub fn guest_files() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let d = guest_dir();
+    let (k, i) = (d.join("vmlinux"), d.join("initrd.gz"));
+    if !k.is_file() || !i.is_file() {
+        bail!("no guest build in {} (run scripts/build-guest.sh)", d.display());
+    }
+    Ok((k, i))
+}
+
+/// The accelerator guests use: `$VMCSNAP_ACCEL`, else KVM if a guest really boots under it
+/// (a short boot probe, cached in the guest directory), else TCG. `/dev/kvm` opening is not
+/// enough: on nested hosts without hardware virtualisation stock guests crash under it.
+pub fn accel() -> anyhow::Result<String> {
+    if let Ok(a) = std::env::var("VMCSNAP_ACCEL") {
+        return Ok(a);
+    }
+    let cache = guest_dir().join("accel");
+    if let Ok(a) = std::fs::read_to_string(&cache) {
+        return Ok(a.trim().to_string());
+    }
+    let a = if Path::new("/dev/kvm").exists() && probe_kvm()? { "kvm" } else { "tcg" };
+    let _ = std::fs::write(&cache, a);
+    Ok(a.to_string())
+}
+
+fn probe_kvm() -> anyhow::Result<bool> {
+    let dir = tempfile_dir("kvm-probe")?;
+    let g = Guest::start(&dir, "probe", 128, "", "kvm");
+    let ok = match g {
+        Ok(mut g) => {
+            let r = g.wait_for("BOOT-OK", Duration::from_secs(15)).is_ok();
+            g.kill();
+            r
+        }
+        Err(_) => false,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ok)
+}
+
+fn tempfile_dir(tag: &str) -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("vmcsnap-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// A running guest.
+pub struct Guest {
+    /// Its name.
+    pub name: String,
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+    /// Its serial console socket.
+    pub serial: PathBuf,
+    /// What its console printed.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Guest {
+    /// The QEMU command line for a guest (also what a snapshot records and `--launch` reruns).
+    pub fn command(dir: &Path, name: &str, mem_mb: u32, kargs: &str, accel: &str) -> anyhow::Result<Vec<String>> {
+        let (kernel, initrd) = guest_files()?;
+        let p = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();
+        Ok(vec![
+            "qemu-system-x86_64".into(),
+            "-name".into(),
+            name.into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            "max".into(),
+            "-m".into(),
+            format!("{mem_mb}"),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-nic".into(),
+            "none".into(),
+            "-kernel".into(),
+            kernel.display().to_string(),
+            "-initrd".into(),
+            initrd.display().to_string(),
+            "-append".into(),
+            format!("console=ttyS0 quiet panic=-1 {kargs}"),
+            "-chardev".into(),
+            format!("socket,id=ser0,path={},server=on,wait=off,logfile={}", p("ser"), p("log")),
+            "-serial".into(),
+            "chardev:ser0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p("qmp")),
+        ])
+    }
+
+    /// Boots a guest in `dir`; returns once its QMP socket answers.
+    pub fn start(dir: &Path, name: &str, mem_mb: u32, kargs: &str, accel: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let argv = Self::command(dir, name, mem_mb, kargs, accel)?;
+        let mut g = Self::paths(dir, name);
+        let _ = std::fs::remove_file(&g.log);
+        let err = std::fs::File::create(dir.join(format!("{name}.qemu.log")))?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        g.child = Some(child);
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&g.qmp).is_err() {
+            if let Some(c) = g.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    g.child = None;
+                    let e = std::fs::read_to_string(dir.join(format!("{name}.qemu.log"))).unwrap_or_default();
+                    bail!("QEMU for {name} exited ({st}): {}", e.trim());
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("QEMU for {name} did not open its QMP socket");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(g)
+    }
+
+    /// A handle on a guest that someone else started (e.g. `vmcsnap snapshot restore --launch`).
+    pub fn paths(dir: &Path, name: &str) -> Self {
+        let p = |ext: &str| dir.join(format!("{name}.{ext}"));
+        Self { name: name.into(), qmp: p("qmp"), serial: p("ser"), log: p("log"), child: None }
+    }
+
+    /// Waits until a console line contains `pattern`; returns the line.
+    pub fn wait_for(&self, pattern: &str, timeout: Duration) -> anyhow::Result<String> {
+        let t0 = Instant::now();
+        loop {
+            let s = std::fs::read(&self.log).unwrap_or_default();
+            let s = String::from_utf8_lossy(&s);
+            if let Some(l) = s.lines().rev().find(|l| l.contains(pattern)) {
+                return Ok(l.trim().to_string());
+            }
+            if t0.elapsed() > timeout {
+                bail!("guest {}: no {pattern:?} on the console within {timeout:?}; it printed: {}", self.name, s.chars().rev().take(400).collect::<String>().chars().rev().collect::<String>());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Types `line` on the serial console and waits for a new console line containing
+    /// `expect` after it; returns that line.
+    pub fn console(&self, line: &str, expect: &str, timeout: Duration) -> anyhow::Result<String> {
+        let before = std::fs::read(&self.log).map(|b| b.len()).unwrap_or(0);
+        let mut s = std::os::unix::net::UnixStream::connect(&self.serial)
+            .with_context(|| format!("cannot open the serial console of {}", self.name))?;
+        let t0 = Instant::now();
+        let mut last_write = None::<Instant>;
+        loop {
+            // Re-type the line every 2 s: a guest just resumed may miss the first.
+            if last_write.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+                s.write_all(format!("{line}\n").as_bytes())?;
+                last_write = Some(Instant::now());
+            }
+            let all = std::fs::read(&self.log).unwrap_or_default();
+            let new = String::from_utf8_lossy(all.get(before..).unwrap_or(&[]));
+            if let Some(l) = new.lines().find(|l| l.contains(expect) && !l.contains(line)) {
+                return Ok(l.trim().to_string());
+            }
+            if t0.elapsed() > timeout {
+                bail!("guest {}: no {expect:?} after typing {line:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id, if this handle started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Kills the guest's QEMU.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Kills whatever QEMU serves `qmp` (for guests started by a restore's `--launch`).
+pub fn kill_by_qmp(qmp: &Path) {
+    if let Ok(s) = std::os::unix::net::UnixStream::connect(qmp) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut s2 = s;
+        let _ = s2.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+        let mut buf = [0u8; 4096];
+        let _ = std::io::Read::read(&mut s2, &mut buf);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
