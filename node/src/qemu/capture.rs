@@ -5,9 +5,13 @@
 //!    credentials); turn off [`super::CAPABILITIES_OFF`]; raise `max-bandwidth`.
 //! 2. Listen on a unix socket in the data directory; `stop` first for stop-copy;
 //!    `migrate unix:SOCK`.
-//! 3. A blocking thread parses the stream as it arrives and hashes every page; the async side
-//!    keeps the VM's page map (last copy wins) and pushes non-zero pages to the owners.
-//! 4. Wait for QEMU to report the migration `completed`; `cont` if the VM was running.
+//! 3. A blocking thread parses the stream as it arrives, hashes every page and appends the
+//!    non-zero ones to a spool file (unlinked, in the data directory), so QEMU sends at stream
+//!    speed whatever the owners' pace; the async side keeps the VM's page map (last copy
+//!    wins) and pushes the spooled pages to the owners.
+//! 4. As soon as QEMU reports the migration `completed`, `cont` the VM if it was running —
+//!    while the upload may still go on. The snapshot commits only after every page is
+//!    durable on its owners.
 //!    Whatever fails, the VM is resumed if it was running and the migration cancelled.
 
 use super::qmp::Qmp;
@@ -21,12 +25,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmcsnap_protocol::manifest::{Block, CaptureMode, QemuState, VmStats};
-use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE, ZERO_HASH};
+use vmcsnap_protocol::{hash_page, is_zero_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
-/// Pages handed from the parser thread to the uploader in one message.
+/// Page records handed from the parser thread to the uploader in one message. The queue of
+/// such messages is unbounded on purpose (records are 48 bytes; the pages are in the spool),
+/// so that the VM's pause never waits on the network.
 pub const CAPTURE_BATCH_PAGES: usize = 256;
-/// Batches queued between the parser thread and the uploader.
-pub const CAPTURE_QUEUE_BATCHES: usize = 8;
 /// Time for QEMU to connect to the node's socket after `migrate`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for QEMU to report the migration finished after the stream ended.
@@ -42,13 +46,6 @@ pub struct Captured {
     pub stats: VmStats,
     /// What a restore needs.
     pub state: QemuState,
-}
-
-struct Batch {
-    /// (block, page index, hash) of each page record, in stream order.
-    items: Vec<(u32, u64, PageHash)>,
-    /// The non-zero pages of `items`, concatenated in order.
-    data: Bytes,
 }
 
 fn qemu_err(vm: &str, reason: impl std::fmt::Display) -> SnapshotError {
@@ -112,13 +109,28 @@ pub async fn capture(
     }
     let params = q.execute("query-migrate-parameters", json!({})).await.map_err(|e| qemu_err(vm, e))?;
     let old_bandwidth = params["max-bandwidth"].as_u64();
-    q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await.map_err(|e| qemu_err(vm, e))?;
+    let old_downtime = params["downtime-limit"].as_u64();
+    q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
+        .await
+        .map_err(|e| qemu_err(vm, e))?;
 
     let sock = node.config.data_dir.join(format!("capture-{vm}-{}.sock", std::process::id() ^ vi as u32));
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| qemu_err(vm, format!("cannot listen on {}: {e}", sock.display())))?;
 
+    let spool_path = node.config.data_dir.join(format!("spool-{vm}-{}", std::process::id() ^ vi as u32));
+    let spool = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&spool_path)
+        .map_err(|e| qemu_err(vm, format!("cannot create the spool file {}: {e}", spool_path.display())))?;
+    // Unlinked at once: it disappears with the last handle, whatever happens.
+    let _ = std::fs::remove_file(&spool_path);
+
     let mut paused_at = None;
+    let mut resumed_at = None;
     let result = async {
         if mode == CaptureMode::StopCopy && was_running {
             q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
@@ -131,21 +143,41 @@ pub async fn capture(
             .map_err(|e| qemu_err(vm, e))?;
         let conn = conn.into_std().map_err(|e| qemu_err(vm, e))?;
         conn.set_nonblocking(false).map_err(|e| qemu_err(vm, e))?;
-        let parsed = receive(up, vi, vm, conn, progress).await?;
-        // QEMU decides when the migration is over; wait for its word.
-        let t0 = Instant::now();
-        let downtime = loop {
-            let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
-            match info.get("status").and_then(|s| s.as_str()) {
-                Some("completed") => break info.get("downtime").and_then(|d| d.as_u64()),
-                Some("failed") | Some("cancelled") => {
-                    return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"])));
+        let spool_w = spool.try_clone().map_err(|e| qemu_err(vm, e))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
+        let parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
+        // The VM resumes as soon as QEMU has sent everything: the stream is parsed and spooled
+        // at stream speed, while the owners take the pages at their own pace.
+        let resume = async {
+            let parsed = parser.await.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?;
+            let t0 = Instant::now();
+            let downtime = loop {
+                let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+                match info.get("status").and_then(|s| s.as_str()) {
+                    Some("completed") => break info.get("downtime").and_then(|d| d.as_u64()),
+                    Some("failed") | Some("cancelled") => {
+                        return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"])));
+                    }
+                    _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(qemu_err(vm, "QEMU did not finish the migration")),
+                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
                 }
-                _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(qemu_err(vm, "QEMU did not finish the migration")),
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            };
+            if was_running {
+                q.execute("cont", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+                resumed_at = Some(Instant::now());
             }
+            Ok::<_, SnapshotError>((parsed, downtime))
         };
-        Ok((parsed, downtime))
+        let drain = drain(up, vi, rx, &spool, progress);
+        let (resumed, drained) = tokio::join!(resume, drain);
+        let (parsed, downtime) = resumed?;
+        let mut maps = drained?;
+        // Every block gets a full-length map (pages never sent are zero).
+        maps.resize_with(parsed.meta.blocks.len(), Vec::new);
+        for (m, b) in maps.iter_mut().zip(&parsed.meta.blocks) {
+            m.resize((b.len / PAGE_SIZE as u64) as usize, ZERO_HASH);
+        }
+        Ok(((parsed, maps), downtime))
     }
     .await;
     drop(listener);
@@ -156,7 +188,7 @@ pub async fn capture(
         let _ = q.execute("migrate_cancel", json!({})).await;
     }
     let mut resume_err = None;
-    if was_running {
+    if was_running && resumed_at.is_none() {
         for _ in 0..100 {
             match q.status().await {
                 Ok(s) if s == "running" => break,
@@ -171,9 +203,9 @@ pub async fn capture(
             }
         }
     }
-    let pause_ms = paused_at.map(|t| t.elapsed().as_millis() as u64);
-    if let Some(b) = old_bandwidth {
-        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b })).await;
+    let pause_ms = paused_at.map(|t| resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
+    if let (Some(b), Some(d)) = (old_bandwidth, old_downtime) {
+        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
     }
     let ((parsed, hashes_by_block), downtime) = result?;
     if let Some(e) = resume_err {
@@ -211,52 +243,81 @@ pub async fn capture(
     Ok(Captured { hashes, blocks, stats, state })
 }
 
-/// Parses the stream on a blocking thread and feeds the uploader. Returns the parse result
-/// and each block's page hashes (last copy of each page).
-async fn receive(
+/// One page record: block, page index, and where its bytes are in the spool file (`None` for
+/// a zero page).
+type Entry = (u32, u64, Option<u64>);
+
+/// Parses the stream, appending non-zero pages to `spool`; sends the page records in batches
+/// (the spool is flushed before each batch is sent). Hashing happens on the other side, so
+/// this thread — the one QEMU waits on — only copies.
+fn parse_to_spool(
+    conn: std::os::unix::net::UnixStream,
+    spool: std::fs::File,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<Entry>>,
+) -> Result<stream::Parsed, StreamError> {
+    use std::io::Write;
+    let reader = std::io::BufReader::with_capacity(1 << 20, conn);
+    let mut w = std::io::BufWriter::with_capacity(CAPTURE_BATCH_PAGES * PAGE_SIZE, spool);
+    let mut off = 0u64;
+    let mut batch: Vec<Entry> = Vec::with_capacity(CAPTURE_BATCH_PAGES);
+    let spool_err = |e: std::io::Error| StreamError::Sink(format!("spool file: {e}"));
+    let parsed = stream::parse(reader, |b, i, d| {
+        let entry = match d {
+            Some(d) if !is_zero_page(d) => {
+                w.write_all(d).map_err(spool_err)?;
+                off += PAGE_SIZE as u64;
+                (b as u32, i, Some(off - PAGE_SIZE as u64))
+            }
+            _ => (b as u32, i, None),
+        };
+        batch.push(entry);
+        if batch.len() >= CAPTURE_BATCH_PAGES {
+            w.flush().map_err(spool_err)?;
+            tx.send(std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH_PAGES)))
+                .map_err(|_| StreamError::Sink("the snapshot stopped".into()))?;
+        }
+        Ok(())
+    })?;
+    w.flush().map_err(spool_err)?;
+    if !batch.is_empty() {
+        let _ = tx.send(batch);
+    }
+    Ok(parsed)
+}
+
+/// Keeps each block's page map (last copy wins) and pushes non-zero pages, read back from the
+/// spool, to the owners.
+async fn drain(
     up: &mut Uploader,
     vi: usize,
-    vm: &str,
-    conn: std::os::unix::net::UnixStream,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Entry>>,
+    spool: &std::fs::File,
     progress: &Progress,
-) -> Result<(stream::Parsed, Vec<Vec<PageHash>>), SnapshotError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(CAPTURE_QUEUE_BATCHES);
-    let parser = tokio::task::spawn_blocking(move || {
-        let reader = std::io::BufReader::with_capacity(1 << 20, conn);
-        let mut items = Vec::with_capacity(CAPTURE_BATCH_PAGES);
-        let mut data = Vec::with_capacity(CAPTURE_BATCH_PAGES * PAGE_SIZE);
-        let flush = |items: &mut Vec<(u32, u64, PageHash)>, data: &mut Vec<u8>| -> Result<(), StreamError> {
-            let batch = Batch { items: std::mem::take(items), data: Bytes::from(std::mem::replace(data, Vec::with_capacity(CAPTURE_BATCH_PAGES * PAGE_SIZE))) };
-            tx.blocking_send(batch).map_err(|_| StreamError::Sink("the snapshot stopped".into()))
-        };
-        let parsed = stream::parse(reader, |b, i, d| {
-            let h = match d {
-                Some(d) => {
-                    let h = hash_page(d);
-                    if !h.is_zero() {
-                        data.extend_from_slice(d);
-                    }
-                    h
-                }
-                None => ZERO_HASH,
-            };
-            items.push((b as u32, i, h));
-            if items.len() >= CAPTURE_BATCH_PAGES {
-                flush(&mut items, &mut data)?;
-            }
-            Ok(())
-        })?;
-        if !items.is_empty() {
-            flush(&mut items, &mut data)?;
-        }
-        Ok::<_, StreamError>(parsed)
-    });
+) -> Result<Vec<Vec<PageHash>>, SnapshotError> {
+    use std::os::unix::fs::FileExt;
     let mut maps: Vec<Vec<PageHash>> = Vec::new();
     let mut records = 0u64;
-    let mut push_err = None;
     while let Some(batch) = rx.recv().await {
-        let mut off = 0;
-        for (b, i, h) in batch.items {
+        // The batch's non-zero pages sit one after another in the spool: one read, then hash
+        // them on the blocking pool.
+        let offs: Vec<u64> = batch.iter().filter_map(|e| e.2).collect();
+        let (first, data, hashes) = match (offs.first(), offs.last()) {
+            (Some(&first), Some(&last)) => {
+                let spool = spool.try_clone().map_err(|e| SnapshotError::Internal(format!("spool file: {e}")))?;
+                let (data, hashes) = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, Vec<PageHash>)> {
+                    let mut buf = vec![0u8; (last - first) as usize + PAGE_SIZE];
+                    spool.read_exact_at(&mut buf, first)?;
+                    let hashes = buf.chunks_exact(PAGE_SIZE).map(hash_page).collect();
+                    Ok((Bytes::from(buf), hashes))
+                })
+                .await
+                .map_err(|e| SnapshotError::Internal(e.to_string()))?
+                .map_err(|e| SnapshotError::Internal(format!("spool file: {e}")))?;
+                (first, data, hashes)
+            }
+            _ => (0, Bytes::new(), Vec::new()),
+        };
+        for (b, i, off) in batch {
             let b = b as usize;
             if maps.len() <= b {
                 maps.resize_with(b + 1, Vec::new);
@@ -265,33 +326,18 @@ async fn receive(
             if m.len() <= i as usize {
                 m.resize(i as usize + 1, ZERO_HASH);
             }
-            m[i as usize] = h;
-            if !h.is_zero() {
-                let page = batch.data.slice(off..off + PAGE_SIZE);
-                off += PAGE_SIZE;
-                if push_err.is_none() {
-                    if let Err(e) = up.push(h, page, Some(vi)).await {
-                        push_err = Some(e);
-                    }
+            match off {
+                Some(off) => {
+                    let at = (off - first) as usize;
+                    let h = hashes[at / PAGE_SIZE];
+                    m[i as usize] = h;
+                    up.push(h, data.slice(at..at + PAGE_SIZE), Some(vi)).await?;
                 }
+                None => m[i as usize] = ZERO_HASH,
             }
             records += 1;
         }
         progress.set(records);
-        if push_err.is_some() {
-            break; // dropping rx stops the parser
-        }
     }
-    drop(rx);
-    let parsed = parser.await.map_err(|e| SnapshotError::Internal(e.to_string()))?;
-    if let Some(e) = push_err {
-        return Err(e);
-    }
-    let parsed = parsed.map_err(|e| qemu_err(vm, e))?;
-    // Every block gets a full-length map (pages never sent are zero).
-    maps.resize_with(parsed.meta.blocks.len(), Vec::new);
-    for (m, b) in maps.iter_mut().zip(&parsed.meta.blocks) {
-        m.resize((b.len / PAGE_SIZE as u64) as usize, ZERO_HASH);
-    }
-    Ok((parsed, maps))
+    Ok(maps)
 }

@@ -1,0 +1,222 @@
+//! Real VMs: QEMU guests (from `scripts/build-guest.sh`) snapshotted through their own
+//! migration streams by real node processes, killed, and brought back in fresh QEMUs on
+//! another host, with the guest's memory checked from inside the guest.
+//!
+//! Needs `qemu-system-x86_64` and the guest build (`scripts/test.sh` provides both). The
+//! accelerator is KVM when a guest really boots under it, TCG otherwise.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmcsnap_protocol::manifest::build_manifest;
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+use vmcsnap_testnet::cluster::Cluster;
+use vmcsnap_testnet::guest::{self, Guest};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
+}
+
+const BOOT: Duration = Duration::from_secs(90);
+const CONSOLE: Duration = Duration::from_secs(30);
+
+fn md5_of(fill_line: &str) -> String {
+    // "FILL-DONE <md5>  /tmp/fill" or "CHECK <md5> uptime=..."
+    match fill_line.split_whitespace().nth(1) {
+        Some(t) if !t.starts_with("uptime=") => t.to_string(),
+        _ => String::new(), // no /tmp/fill in this guest
+    }
+}
+
+fn uptime_of(check_line: &str) -> f64 {
+    check_line.split("uptime=").nth(1).and_then(|u| u.split_whitespace().next()).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+}
+
+fn snapshot(c: &Cluster, node: usize, name: &str, mode: &str, vms: &[(&str, &Path)]) -> serde_json::Value {
+    let mut args: Vec<String> = vec!["snapshot".into(), "create".into(), name.into(), "--mode".into(), mode.into()];
+    for (id, dir) in vms {
+        args.push("--vm".into());
+        args.push(format!("{id}=qemu:{}", dir.join(format!("{id}.qmp")).display()));
+    }
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    c.json(node, &a).unwrap_or_else(|e| panic!("snapshot {name}: {e:#}"))
+}
+
+/// Restores `vm` of `snap` on `node` with --launch and checks, over the serial console, that
+/// the guest runs on with its memory intact (and its uptime past `min_uptime`).
+fn restore_and_check(c: &Cluster, node: usize, snap: &str, vm: &str, dir: &Path, md5: &str, min_uptime: f64) -> f64 {
+    let r = c.json(node, &["snapshot", "restore", snap, "--vm", vm, "--launch"]).unwrap_or_else(|e| panic!("restore {vm}: {e:#}"));
+    assert_eq!(r["vm_status"], "running", "{vm}: {r}");
+    let g = Guest::paths(dir, vm);
+    let line = g.console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm} after restore: {e:#}"));
+    assert_eq!(md5_of(&line), md5, "{vm}: guest memory after restore ({line})");
+    let up = uptime_of(&line);
+    assert!(up >= min_uptime, "{vm}: uptime {up} went back before {min_uptime}: not the snapshotted guest?");
+    up
+}
+
+#[test]
+fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    let vmdir = tmp.path().join("vms");
+
+    // Host 1 runs g1 (idle) and g2 (32 MiB of random data); host 2 runs g3 (idle, writing).
+    let g1 = Guest::start(&vmdir, "g1", 128, "", &accel).expect("g1");
+    let g2 = Guest::start(&vmdir, "g2", 128, "fill=32", &accel).expect("g2");
+    let g3 = Guest::start(&vmdir, "g3", 128, "writer=1", &accel).expect("g3");
+    let fill = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
+    g1.wait_for("BOOT-OK", BOOT).expect("g1 boot");
+    g3.wait_for("WRITER-STARTED", BOOT).expect("g3 writer");
+    let empty = md5_of(&g1.console("vmcsnap-check", "CHECK", CONSOLE).expect("g1 console"));
+    let up2 = uptime_of(&g2.console("vmcsnap-check", "CHECK", CONSOLE).expect("g2 console"));
+
+    // Stop-copy, on the hosts that run the guests.
+    let s1 = snapshot(&c, 0, "stop1", "stop-copy", &[("g1", &vmdir), ("g2", &vmdir)]);
+    let s2 = snapshot(&c, 1, "stop2", "stop-copy", &[("g3", &vmdir)]);
+    for s in [&s1, &s2] {
+        for v in s["vms"].as_array().expect("vms") {
+            assert!(v[1]["pause_ms"].as_u64().is_some(), "pause reported: {v}");
+        }
+    }
+    // The guests run on after the snapshot.
+    assert!(uptime_of(&g2.console("vmcsnap-check", "CHECK", CONSOLE).expect("g2 after snapshot")) > up2);
+
+    // Cross-VM dedup is exact: what the cluster stores is every distinct non-zero page of the
+    // captured memory, manifest chunk and device-state chunk, times 2 — counted here from
+    // raw restores of each VM's RAM and the commit records, independently of the nodes.
+    let mut distinct: HashSet<PageHash> = HashSet::new();
+    for (snap, vm) in [("stop1", "g1"), ("stop1", "g2"), ("stop2", "g3")] {
+        let raw = tmp.path().join(format!("{vm}.ram"));
+        c.json(2, &["snapshot", "restore", snap, "--vm", vm, "--to", &format!("file:{}", raw.display())]).expect("raw restore");
+        let hashes: Vec<PageHash> = std::fs::read(&raw).expect("read").chunks(PAGE_SIZE).map(hash_page).collect();
+        distinct.extend(hashes.iter().filter(|h| !h.is_zero()));
+        distinct.extend(build_manifest(&hashes).chunks.into_iter().map(|(h, _)| h));
+        let show = c.json(0, &["snapshot", "show", snap]).expect("show");
+        let entry = show["vms"].as_array().expect("vms").iter().find(|v| v["id"] == vm).expect("vm").clone();
+        for ch in entry["qemu"]["device_state"]["chunks"].as_array().expect("chunks") {
+            let mut h = [0u8; 32];
+            let hex = ch.as_str().expect("hex");
+            for (i, b) in h.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+            }
+            if h != [0u8; 32] {
+                distinct.insert(PageHash(h));
+            }
+        }
+    }
+    assert_eq!(c.stored_pages(0).expect("status"), distinct.len() as u64 * 2, "pages stored = distinct pages x replicas");
+
+    // Kill the guests; bring each back on host 3 in a fresh QEMU.
+    drop((g1, g2, g3));
+    let up1 = restore_and_check(&c, 2, "stop1", "g1", &vmdir, &empty, 0.0);
+    let up2b = restore_and_check(&c, 2, "stop1", "g2", &vmdir, &fill, up2);
+    restore_and_check(&c, 2, "stop2", "g3", &vmdir, &empty, 0.0);
+    assert!(up1 > 0.0 && up2b > up2);
+
+    // Pre-copy of the restored guests, now on host 3, with g3's writer dirtying memory.
+    let s3 = snapshot(&c, 2, "live", "pre-copy", &[("g1", &vmdir), ("g2", &vmdir), ("g3", &vmdir)]);
+    for v in s3["vms"].as_array().expect("vms") {
+        assert!(v[1]["pause_ms"].as_u64().is_some(), "downtime reported: {v}");
+    }
+    for vm in ["g1", "g2", "g3"] {
+        guest::kill_by_qmp(&vmdir.join(format!("{vm}.qmp")));
+    }
+    restore_and_check(&c, 0, "live", "g2", &vmdir, &fill, up2b);
+    restore_and_check(&c, 0, "live", "g3", &vmdir, &empty, 0.0);
+    // A snapshot restores only into a QEMU of the same accelerator, and never over a running VM.
+    let o = c.cli(1, &["snapshot", "restore", "live", "--vm", "g2", "--launch"]).expect("run");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"), "{}", String::from_utf8_lossy(&o.stderr));
+    for vm in ["g2", "g3"] {
+        guest::kill_by_qmp(&vmdir.join(format!("{vm}.qmp")));
+    }
+}
+
+/// A stand-in QEMU monitor that answers like QEMU 7.2 and, on `migrate`, sends `stream`.
+/// Used only to feed the node streams that a real QEMU would never send.
+fn fake_qemu(dir: &Path, stream: Vec<u8>) -> PathBuf {
+    use std::io::{BufRead, BufReader, Write};
+    let path = dir.join("fake.qmp");
+    let _ = std::fs::remove_file(&path);
+    let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { return };
+            let stream = stream.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().expect("clone");
+                let mut state = "none";
+                let _ = writeln!(w, r#"{{"QMP": {{"version": {{"qemu": {{"major": 7, "minor": 2, "micro": 22}}}}, "capabilities": []}}}}"#);
+                for line in BufReader::new(conn).lines() {
+                    let Ok(line) = line else { return };
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    let ret = match v["execute"].as_str().unwrap_or("") {
+                        "query-status" => serde_json::json!({"status": "running", "running": true}),
+                        "query-migrate" => serde_json::json!({"status": state}),
+                        "query-version" => serde_json::json!({"qemu": {"major": 7, "minor": 2, "micro": 22}}),
+                        "query-kvm" => serde_json::json!({"enabled": false, "present": false}),
+                        "query-migrate-capabilities" => serde_json::json!([]),
+                        "query-migrate-parameters" => serde_json::json!({"max-bandwidth": 134217728, "downtime-limit": 300}),
+                        "migrate" => {
+                            let uri = v["arguments"]["uri"].as_str().unwrap_or("").trim_start_matches("unix:").to_string();
+                            let bytes = stream.clone();
+                            std::thread::spawn(move || {
+                                if let Ok(mut s) = std::os::unix::net::UnixStream::connect(uri) {
+                                    let _ = s.write_all(&bytes);
+                                }
+                            });
+                            state = "failed";
+                            serde_json::json!({})
+                        }
+                        _ => serde_json::json!({}),
+                    };
+                    let _ = writeln!(w, "{}", serde_json::json!({ "return": ret }));
+                }
+            });
+        }
+    });
+    path
+}
+
+#[test]
+fn a_corrupt_or_truncated_stream_commits_nothing() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 2, None).expect("cluster");
+    // A real stream from a real QEMU, taken with QEMU's own file migration.
+    let g = Guest::start(&tmp.path().join("vms"), "src", 128, "", &accel).expect("guest");
+    g.wait_for("BOOT-OK", BOOT).expect("boot");
+    let file = tmp.path().join("stream.bin");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut q = vmcsnap_node::qemu::qmp::Qmp::connect(&g.qmp).await.expect("qmp");
+        q.execute("stop", serde_json::json!({})).await.expect("stop");
+        q.execute("migrate", serde_json::json!({"uri": format!("exec:cat > {}", file.display())})).await.expect("migrate");
+        while q.migrate_info().await.expect("info")["status"] != "completed" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    drop(g);
+    let stream = std::fs::read(&file).expect("stream");
+    assert!(stream.len() > 1 << 20);
+
+    let mut corrupt = stream.clone();
+    // The first RAM page record after the block list: make its flags unknown.
+    let at = corrupt.windows(8).position(|w| u64::from_be_bytes(w.try_into().expect("8")) & 0xfff == 0x02).expect("a zero-page record");
+    corrupt[at + 6] |= 0x0c;
+    for (name, bytes, msg) in [
+        ("truncated", stream[..stream.len() / 2].to_vec(), "truncated"),
+        ("truncated-tail", stream[..stream.len() - 100].to_vec(), "truncated"),
+        ("corrupt", corrupt, "migration stream"),
+    ] {
+        let qmp = fake_qemu(tmp.path(), bytes);
+        let o = c.cli(0, &["snapshot", "create", name, "--vm", &format!("x=qemu:{}", qmp.display())]).expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(msg), "{name}: {err}");
+    }
+    let list = c.json(1, &["snapshot", "list"]).expect("list");
+    assert_eq!(list, serde_json::json!([]), "nothing committed");
+}
