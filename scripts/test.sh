@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test: unit and property tests, the data-plane test against a real node, and the
-# end-to-end tests with real node processes (and, where present, real QEMU guests).
+# Runs every test: unit and property tests, the data-plane test against a real node, the
+# end-to-end tests with real node processes, and the real-QEMU tests (guests booted under KVM
+# when it really works, TCG otherwise).
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/build-guest.sh   # the real-QEMU tests boot this guest (cached in guest/cache)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

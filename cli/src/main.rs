@@ -156,6 +156,12 @@ enum ClusterCmd {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`vmcsnap snapshot list | head`), as command-line tools do.
+    // SAFETY: signal(2) with SIG_DFL before any thread exists; no handler code runs.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -18,7 +18,7 @@ fn bin() -> PathBuf {
 }
 
 const BOOT: Duration = Duration::from_secs(90);
-const CONSOLE: Duration = Duration::from_secs(30);
+const CONSOLE: Duration = Duration::from_secs(60);
 
 fn md5_of(fill_line: &str) -> String {
     // "FILL-DONE <md5>  /tmp/fill" or "CHECK <md5> uptime=..."

@@ -183,7 +183,8 @@ impl Guest {
                 return Ok(l.trim().to_string());
             }
             if t0.elapsed() > timeout {
-                bail!("guest {}: no {expect:?} after typing {line:?}", self.name);
+                let tail: String = new.chars().rev().take(600).collect::<String>().chars().rev().collect();
+                bail!("guest {}: no {expect:?} within {timeout:?} after typing {line:?}; the console printed: {tail:?}", self.name);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -219,4 +220,105 @@ pub fn kill_by_qmp(qmp: &Path) {
         let _ = std::io::Read::read(&mut s2, &mut buf);
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A blocking QMP client, for benchmarks and tests that drive QEMU directly.
+pub struct QmpSync {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl QmpSync {
+    /// Connects and negotiates.
+    pub fn connect(path: &Path) -> anyhow::Result<Self> {
+        let s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("QMP {}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Self { r: std::io::BufReader::new(s.try_clone()?), w: s };
+        q.read()?;
+        q.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> anyhow::Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            bail!("QEMU closed the monitor");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Runs a command; returns its `return`.
+    pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let msg = if args.as_object().is_some_and(|o| o.is_empty()) {
+            serde_json::json!({ "execute": cmd })
+        } else {
+            serde_json::json!({ "execute": cmd, "arguments": args })
+        };
+        writeln!(self.w, "{msg}")?;
+        loop {
+            let v = self.read()?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QEMU refused {cmd}: {e}");
+            }
+            return Ok(v.get("return").cloned().unwrap_or_default());
+        }
+    }
+
+    /// The run state.
+    pub fn status(&mut self) -> anyhow::Result<String> {
+        Ok(self.execute("query-status", serde_json::json!({}))?["status"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Polls `query-migrate` until `completed`; returns its answer.
+    pub fn wait_migrated(&mut self) -> anyhow::Result<serde_json::Value> {
+        let t0 = Instant::now();
+        loop {
+            let v = self.execute("query-migrate", serde_json::json!({}))?;
+            match v["status"].as_str() {
+                Some("completed") => return Ok(v),
+                Some("failed") | Some("cancelled") => bail!("migration {}", v["status"]),
+                _ if t0.elapsed() > Duration::from_secs(120) => bail!("migration did not finish"),
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+}
+
+/// Starts `argv` (a guest command line) with `-incoming exec:cat FILE`, as QEMU restores a
+/// saved VM, and waits until the guest runs. Returns (seconds, child).
+pub fn qemu_restore_from_file(argv: &[String], file: &Path, qmp: &Path, log: &Path) -> anyhow::Result<(f64, Child)> {
+    let _ = std::fs::remove_file(qmp);
+    let t0 = Instant::now();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .arg("-incoming")
+        .arg(format!("exec:cat {}", file.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn()?;
+    use std::os::unix::fs::FileTypeExt;
+    while !std::fs::metadata(qmp).map(|m| m.file_type().is_socket()).unwrap_or(false) {
+        if child.try_wait()?.is_some() {
+            bail!("QEMU exited: {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut q = QmpSync::connect(qmp)?;
+    loop {
+        match q.status()?.as_str() {
+            "inmigrate" => std::thread::sleep(Duration::from_millis(2)),
+            "paused" => {
+                q.execute("cont", serde_json::json!({}))?;
+            }
+            "running" => break,
+            other => bail!("restored QEMU is {other}"),
+        }
+    }
+    Ok((t0.elapsed().as_secs_f64(), child))
 }

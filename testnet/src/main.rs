@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::{self, Cluster};
 use vmcsnap_testnet::gen::{self, GenConfig};
 use vmcsnap_testnet::{pagestats, vmcsnap_bin};
@@ -86,6 +86,22 @@ enum Cmd {
         dir: PathBuf,
         #[command(flatten)]
         gen: GenArgs,
+    },
+    /// Real guests: VM pause, snapshot and restore times of vmcsnap against QEMU's own
+    /// migration to a file and `-incoming` from it, same guests, same run.
+    BenchVm {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/bench-vm")]
+        dir: PathBuf,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u32,
+        /// Runs per workload (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Snapshot and restore generated memory on 3 nodes; print GB/s, MB/s and node RSS.
     Bench {
@@ -192,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Demo { dir, gen } => demo(&dir, &gen),
+        Cmd::BenchVm { dir, mem, runs, json } => bench_vm(&dir, mem, runs, json),
         Cmd::Bench { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
     }
 }
@@ -371,5 +388,129 @@ fn bench(dir: &Path, runs: usize, replicas: u8, json: bool, mem_dir: &Path, gen:
         println!("  peak node RSS    {}", human(g("peak_node_rss") as u64));
     }
     let _ = std::fs::remove_dir_all(dir.join("images"));
+    Ok(())
+}
+
+/// One workload's measurements in one run (seconds unless named).
+#[derive(Default, serde::Serialize, Clone)]
+struct VmRow {
+    qemu_stop_pause_ms: f64,
+    qemu_file_bytes: u64,
+    qemu_file_durable_s: f64,
+    qemu_live_downtime_ms: f64,
+    qemu_restore_s: f64,
+    vmcsnap_stop_pause_ms: f64,
+    vmcsnap_stop_durable_s: f64,
+    vmcsnap_new_bytes: u64,
+    vmcsnap_live_downtime_ms: f64,
+    vmcsnap_restore_s: f64,
+}
+
+fn bench_vm(dir: &Path, mem: u32, runs: usize, json: bool) -> anyhow::Result<()> {
+    use vmcsnap_testnet::guest::{self, Guest, QmpSync};
+    fresh_dir(dir)?;
+    let accel = guest::accel()?;
+    let bin = vmcsnap_bin();
+    let c = Cluster::start(&bin, &dir.join("cluster"), 3, 2, None)?;
+    let vmdir = std::fs::canonicalize(dir)?.join("vms");
+    let workloads = [("idle", "", "BOOT-OK"), ("random-64M", "fill=64", "FILL-DONE"), ("writer", "writer=1", "WRITER-STARTED")];
+    let mut out = serde_json::Map::new();
+    for (wl, kargs, ready) in workloads {
+        let mut rows = Vec::new();
+        for run in 0..runs.max(1) {
+            let name = format!("b{run}{}", wl.replace('-', ""));
+            let mut g = Guest::start(&vmdir, &name, mem, kargs, &accel)?;
+            g.wait_for(ready, Duration::from_secs(120))?;
+            let mut row = VmRow::default();
+            let file = vmdir.join(format!("{name}.qemu-save"));
+            {
+                // Default KVM: stop, migrate to a file, cont (what `virsh save` does, plus fsync).
+                let mut q = QmpSync::connect(&g.qmp)?;
+                q.execute("migrate-set-parameters", serde_json::json!({"max-bandwidth": 64u64 << 30}))?;
+                let t = Instant::now();
+                q.execute("stop", serde_json::json!({}))?;
+                q.execute("migrate", serde_json::json!({"uri": format!("exec:cat > {}", file.display())}))?;
+                q.wait_migrated()?;
+                q.execute("cont", serde_json::json!({}))?;
+                row.qemu_stop_pause_ms = t.elapsed().as_secs_f64() * 1e3;
+                std::fs::File::open(&file)?.sync_all()?;
+                row.qemu_file_durable_s = t.elapsed().as_secs_f64();
+                row.qemu_file_bytes = std::fs::metadata(&file)?.len();
+                // Default KVM, live: migrate to a file while running.
+                let live = vmdir.join(format!("{name}.qemu-live"));
+                q.execute("migrate", serde_json::json!({"uri": format!("exec:cat > {}", live.display())}))?;
+                let v = q.wait_migrated()?;
+                row.qemu_live_downtime_ms = v["downtime"].as_f64().unwrap_or(f64::NAN);
+                q.execute("cont", serde_json::json!({}))?;
+                let _ = std::fs::remove_file(&live);
+            }
+            let qmp = format!("{name}=qemu:{}", g.qmp.display());
+            let t = Instant::now();
+            let s = c.json(0, &["snapshot", "create", &format!("{name}-stop"), "--mode", "stop-copy", "--vm", &qmp])?;
+            row.vmcsnap_stop_durable_s = t.elapsed().as_secs_f64();
+            row.vmcsnap_stop_pause_ms = s["vms"][0][1]["pause_ms"].as_f64().unwrap_or(f64::NAN);
+            row.vmcsnap_new_bytes = s["new_bytes"].as_u64().unwrap_or(0);
+            let s = c.json(0, &["snapshot", "create", &format!("{name}-live"), "--mode", "pre-copy", "--vm", &qmp])?;
+            row.vmcsnap_live_downtime_ms = s["vms"][0][1]["pause_ms"].as_f64().unwrap_or(f64::NAN);
+            let argv = Guest::command(&vmdir, &name, mem, kargs, &accel)?;
+            g.kill();
+            // Default KVM restore: -incoming from the file.
+            let (secs, mut child) = guest::qemu_restore_from_file(&argv, &file, &g.qmp, &vmdir.join(format!("{name}.restore.log")))?;
+            row.qemu_restore_s = secs;
+            let _ = child.kill();
+            let _ = child.wait();
+            // vmcsnap: launch on another host, stream from the owners, resume.
+            let t = Instant::now();
+            let r = c.json(1, &["snapshot", "restore", &format!("{name}-stop"), "--vm", &name, "--launch"])?;
+            row.vmcsnap_restore_s = t.elapsed().as_secs_f64();
+            if r["vm_status"] != "running" {
+                bail!("{wl}: restored guest is {}", r["vm_status"]);
+            }
+            Guest::paths(&vmdir, &name).console("vmcsnap-check", "CHECK", Duration::from_secs(30))?;
+            guest::kill_by_qmp(&g.qmp);
+            let _ = std::fs::remove_file(&file);
+            if !json {
+                println!(
+                    "{wl} run {run}: pause {:.0} ms (QEMU {:.0} ms), live downtime {:.0} ms (QEMU {:.0} ms), durable {:.2} s (QEMU file {:.2} s), restore {:.2} s (QEMU {:.2} s), stored {} new (QEMU file {})",
+                    row.vmcsnap_stop_pause_ms, row.qemu_stop_pause_ms, row.vmcsnap_live_downtime_ms, row.qemu_live_downtime_ms,
+                    row.vmcsnap_stop_durable_s, row.qemu_file_durable_s, row.vmcsnap_restore_s, row.qemu_restore_s,
+                    human(row.vmcsnap_new_bytes), human(row.qemu_file_bytes)
+                );
+            }
+            rows.push(row);
+        }
+        let med = |f: fn(&VmRow) -> f64| median(rows.iter().map(f).collect());
+        let m = serde_json::json!({
+            "qemu_stop_pause_ms": med(|r| r.qemu_stop_pause_ms),
+            "vmcsnap_stop_pause_ms": med(|r| r.vmcsnap_stop_pause_ms),
+            "qemu_live_downtime_ms": med(|r| r.qemu_live_downtime_ms),
+            "vmcsnap_live_downtime_ms": med(|r| r.vmcsnap_live_downtime_ms),
+            "qemu_file_durable_s": med(|r| r.qemu_file_durable_s),
+            "vmcsnap_stop_durable_s": med(|r| r.vmcsnap_stop_durable_s),
+            "qemu_restore_s": med(|r| r.qemu_restore_s),
+            "vmcsnap_restore_s": med(|r| r.vmcsnap_restore_s),
+            "qemu_file_bytes": med(|r| r.qemu_file_bytes as f64),
+            "vmcsnap_new_bytes": med(|r| r.vmcsnap_new_bytes as f64),
+        });
+        if !json {
+            let g = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+            println!("\n{wl} ({mem} MiB, {accel}), median of {}:", rows.len());
+            println!("  {:<34} {:>12} {:>12} {:>8}", "", "QEMU (file)", "vmcsnap", "ratio");
+            for (label, a, b) in [
+                ("stop-copy pause, ms", "qemu_stop_pause_ms", "vmcsnap_stop_pause_ms"),
+                ("pre-copy downtime, ms", "qemu_live_downtime_ms", "vmcsnap_live_downtime_ms"),
+                ("snapshot until durable, s", "qemu_file_durable_s", "vmcsnap_stop_durable_s"),
+                ("restore until running, s", "qemu_restore_s", "vmcsnap_restore_s"),
+            ] {
+                println!("  {label:<34} {:>12.3} {:>12.3} {:>7.2}x", g(a), g(b), g(b) / g(a));
+            }
+            println!("  {:<34} {:>12} {:>12}", "bytes stored (vmcsnap: new, 1 copy)", human(g("qemu_file_bytes") as u64), human(g("vmcsnap_new_bytes") as u64));
+            println!();
+        }
+        out.insert(wl.to_string(), serde_json::json!({"median": m, "runs": rows}));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"mem_mib": mem, "accel": accel, "workloads": out}))?);
+    }
     Ok(())
 }

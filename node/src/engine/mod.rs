@@ -6,7 +6,7 @@
 //!   ([`HASH_WINDOWS_IN_FLIGHT`] at once) → group new hashes by owner → per owner, `Have`
 //!   batches of [`OWNER_BATCH_PAGES`] with [`OWNER_BATCHES_IN_FLIGHT`] in flight → `Put` only
 //!   the missing pages;
-//! - restore: windows of [`WINDOW_PAGES`] → fetch each distinct page once, from its first
+//! - restore: windows of [`RESTORE_WINDOW_PAGES`] → fetch each distinct page once, from its first
 //!   reachable owner, in `Get` batches with [`FETCHES_IN_FLIGHT`] in flight → write in place.
 
 pub mod restore;
@@ -26,7 +26,9 @@ pub const OWNER_QUEUE_BATCHES: usize = 2;
 pub const OWNER_BATCHES_IN_FLIGHT: usize = 3;
 /// `Get` requests in flight per restore window.
 pub const FETCHES_IN_FLIGHT: usize = 8;
-/// Restore windows (of 4 × [`WINDOW_PAGES`]) being fetched while earlier ones are written.
+/// Pages per restore window (16 MiB of guest memory; only its non-zero pages are held).
+pub const RESTORE_WINDOW_PAGES: usize = 4 * WINDOW_PAGES;
+/// Restore windows being fetched while earlier ones are written.
 pub const RESTORE_WINDOWS_IN_FLIGHT: usize = 3;
 /// Pages looked up in this node's own store per blocking task (lookups run in parallel).
 pub const LOCAL_LOOKUP_PAGES: usize = 512;

@@ -16,7 +16,7 @@
 //! state; with the target's QMP socket the accelerator is checked first, and the guest is
 //! resumed afterwards if it was running when captured.
 
-use crate::engine::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, WINDOW_PAGES};
+use crate::engine::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
 use std::sync::atomic::{AtomicU64, Ordering};
 use crate::net::NetError;
 use crate::node::Node;
@@ -112,12 +112,8 @@ impl<'a> Fetcher<'a> {
         let lookups = hashes.chunks(LOCAL_LOOKUP_PAGES).map(|chunk| {
             let store = self.node.store.clone();
             let hs = chunk.to_vec();
-            tokio::task::spawn_blocking(move || -> Result<Vec<Option<Vec<u8>>>, crate::store::StoreError> {
-                let have = store.have(&hs)?;
-                let want: Vec<PageHash> = hs.iter().zip(&have).filter(|(_, h)| **h).map(|(x, _)| *x).collect();
-                let mut got = store.get(&want)?.into_iter();
-                Ok(have.into_iter().map(|h| if h { got.next().flatten() } else { None }).collect())
-            })
+            // A read of a page this node lacks costs no more than an existence check would.
+            tokio::task::spawn_blocking(move || store.get(&hs))
         });
         let mut local = Vec::with_capacity(hashes.len());
         for r in futures::future::join_all(lookups).await {
@@ -303,6 +299,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }
     };
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "target ready");
     let r = restore_into(&node, &record, entry, &dest, &mut progress).await;
     if r.is_err() {
         if let Dest::Qemu { launched: Some(l), .. } = &dest {
@@ -444,7 +441,9 @@ async fn restore_qemu(
             return Err(target_err(format!("the target QEMU is {status}, not waiting for an incoming migration")));
         }
     }
+    let t0 = Instant::now();
     let tail = fetch_blob(fetcher, &state.device_state).await?;
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "device state fetched");
     let meta = StreamMeta {
         head: state.head.clone(),
         machine: state.machine.clone(),
@@ -485,6 +484,7 @@ async fn restore_qemu(
     let distinct = fetched?;
     written.map_err(|e| RestoreError::Write { path: incoming.to_path_buf(), reason: e.to_string() })?;
 
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "stream written");
     // QEMU loads the stream; wait until it has, then leave the guest as it was.
     let Some(q) = q.as_mut() else { return Ok((distinct, None)) };
     let t0 = Instant::now();
@@ -501,6 +501,7 @@ async fn restore_qemu(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "QEMU loaded the stream");
     let status = if status == "paused" && state.was_running {
         q.execute("cont", serde_json::json!({})).await.map_err(|e| target_err(e.to_string()))?;
         q.status().await.map_err(|e| target_err(e.to_string()))?
@@ -509,6 +510,9 @@ async fn restore_qemu(
     };
     Ok((distinct, Some(status)))
 }
+
+/// Largest run of consecutive pages written with one call.
+const RUN_BYTES_MAX: usize = 1 << 20;
 
 /// One restore window: first page index, the window's hashes, the fetched pages.
 type Window = (u64, Vec<PageHash>, HashMap<PageHash, Vec<u8>>);
@@ -526,7 +530,7 @@ async fn fetch_windows(
 ) -> Result<u64, RestoreError> {
     let total = hashes.len() as u64;
     progress.phase("restore", total);
-    let window_pages = WINDOW_PAGES * 4;
+    let window_pages = RESTORE_WINDOW_PAGES;
     let windows = hashes.len().div_ceil(window_pages);
     let mut distinct = std::collections::HashSet::new();
     let mut fetches = stream::iter(0..windows)
@@ -571,22 +575,39 @@ async fn fill(fetcher: &Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::Fil
         let first = first.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut copy = vec![0u8; PAGE_SIZE];
+            // Consecutive non-zero pages are gathered and written with one call.
+            let mut run: Vec<u8> = Vec::with_capacity(RUN_BYTES_MAX);
+            let mut run_at = 0u64;
+            let flush = |run: &mut Vec<u8>, at: u64| -> std::io::Result<()> {
+                if !run.is_empty() {
+                    file.write_all_at(run, at)?;
+                    run.clear();
+                }
+                Ok(())
+            };
             while let Some((base, window, pages)) = rx.blocking_recv() {
                 for (i, h) in window.iter().enumerate() {
+                    let off = (base + i as u64) * PAGE_SIZE as u64;
+                    if h.is_zero() || run.len() >= RUN_BYTES_MAX || run_at + run.len() as u64 != off {
+                        flush(&mut run, run_at)?;
+                        run_at = off;
+                    }
                     if h.is_zero() {
                         continue; // the file is already zero there
                     }
-                    let off = (base + i as u64) * PAGE_SIZE as u64;
                     match pages.get(h) {
-                        Some(p) => file.write_all_at(p, off)?,
+                        Some(p) => run.extend_from_slice(p),
                         None => {
                             let fo = first.get(h).copied().ok_or_else(|| std::io::Error::other("page missing from the restore plan"))?;
+                            flush(&mut run, run_at)?;
                             file.read_exact_at(&mut copy, fo * PAGE_SIZE as u64)?;
-                            file.write_all_at(&copy, off)?;
+                            run_at = off;
+                            run.extend_from_slice(&copy);
                         }
                     }
                 }
             }
+            flush(&mut run, run_at)?;
             Ok(())
         })
     };

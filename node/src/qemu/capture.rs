@@ -148,7 +148,11 @@ pub async fn capture(
         let parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
         // The VM resumes as soon as QEMU has sent everything: the stream is parsed and spooled
         // at stream speed, while the owners take the pages at their own pace.
+        // In stop-copy the VM waits for the stream: hashing and sending pages then would only
+        // compete with it for the CPU, so the upload starts once the VM runs again.
+        let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel::<()>();
         let resume = async {
+            let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
             let parsed = parser.await.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?;
             let t0 = Instant::now();
             let downtime = loop {
@@ -168,7 +172,12 @@ pub async fn capture(
             }
             Ok::<_, SnapshotError>((parsed, downtime))
         };
-        let drain = drain(up, vi, rx, &spool, progress);
+        let drain = async {
+            if mode == CaptureMode::StopCopy {
+                let _ = resumed_rx.await;
+            }
+            drain(up, vi, rx, &spool, progress).await
+        };
         let (resumed, drained) = tokio::join!(resume, drain);
         let (parsed, downtime) = resumed?;
         let mut maps = drained?;
