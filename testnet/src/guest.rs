@@ -172,14 +172,17 @@ impl Guest {
         let t0 = Instant::now();
         let mut last_write = None::<Instant>;
         loop {
-            // Re-type the line every 2 s: a guest just resumed may miss the first.
-            if last_write.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+            // Re-type the line now and then: a guest just resumed may miss the first. Not too
+            // often: a busy guest's answer could come out mixed with the echo of a retype.
+            if last_write.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 s.write_all(format!("{line}\n").as_bytes())?;
                 last_write = Some(Instant::now());
             }
             let all = std::fs::read(&self.log).unwrap_or_default();
             let new = String::from_utf8_lossy(all.get(before..).unwrap_or(&[]));
-            if let Some(l) = new.lines().find(|l| l.contains(expect) && !l.contains(line)) {
+            // The answer starts at `expect`; an echo of the typed line may follow on the line.
+            if let Some(l) = new.lines().find_map(|l| l.find(expect).map(|i| &l[i..])) {
+                let l = l.split(line).next().unwrap_or(l);
                 return Ok(l.trim().to_string());
             }
             if t0.elapsed() > timeout {
