@@ -87,13 +87,6 @@ pub enum NetError {
     Store(#[from] StoreError),
 }
 
-impl NetError {
-    /// True when another replica may succeed where this peer failed.
-    pub fn is_peer_failure(&self) -> bool {
-        !matches!(self, NetError::Remote { kind: RemoteErrorKind::HashMismatch | RemoteErrorKind::NameConflict, .. })
-    }
-}
-
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());

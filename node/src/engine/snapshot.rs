@@ -278,7 +278,9 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mode: C
         let bytes = source.probe().map_err(|reason| SnapshotError::Read { vm: spec.id.clone(), reason })?;
         prepared.push(Prepared { spec, source, bytes });
     }
-    if node.find_record(name).await.map_err(|e| SnapshotError::Internal(e.to_string()))?.is_some() || name_on_peers(node, name).await {
+    // Here, then one targeted question per live peer (not a pull of their whole catalogs).
+    let here = node.store.catalog_get(name).map_err(|e| SnapshotError::Internal(e.to_string()))?;
+    if here.is_some() || name_on_peers(node, name).await {
         return Err(SnapshotError::NameTaken(name.to_string()));
     }
     let members = node.alive_members();
