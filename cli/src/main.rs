@@ -26,8 +26,9 @@ once (times --replicas), spread over every host that runs a node. Any host can l
 snapshot.\n\nEvery host runs `vmcsnap node run`; every other command talks to the node on this host \
 through its control socket (--node, or VMCSNAP_NODE).",
     after_help = "Examples:\n  vmcsnap node run --data-dir /var/lib/vmcsnap --listen 10.0.0.1:7400 --peer 10.0.0.2:7400\n  \
-export VMCSNAP_NODE=/var/lib/vmcsnap\n  vmcsnap snapshot create nightly --vm web1=file:/srv/web1.mem --vm web2=file:/srv/web2.mem\n  \
-vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem\n  vmcsnap cluster status"
+export VMCSNAP_NODE=/var/lib/vmcsnap\n  \
+vmcsnap vm add web1 --qmp /run/web1.qmp\n  vmcsnap snapshot create nightly --all\n  \
+vmcsnap snapshot restore nightly --launch --on kvm-03\n  vmcsnap cluster status"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,9 +43,41 @@ enum Cmd {
     /// Take, list, inspect and restore snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Register this host's VMs and list the cluster's.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Register a QEMU VM running on this host, so that any host can snapshot it by id.
+    ///
+    /// The VM needs a QMP socket: `-qmp unix:PATH,server=on,wait=off`. The registration is
+    /// kept across node restarts; a restore with --launch moves it to the host the VM runs on.
+    Add {
+        /// VM id, unique in the cluster (letters, digits, '.', '_', '-').
+        id: String,
+        /// The VM's QMP socket.
+        #[arg(long, value_name = "PATH")]
+        qmp: PathBuf,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// Forget a VM registered on this host.
+    Remove {
+        /// VM id.
+        id: String,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// List every VM of the cluster: where it runs and its state.
+    List {
+        #[command(flatten)]
+        common: NodeArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -66,6 +99,13 @@ enum NodeCmd {
         /// Copies of every page for snapshots this node takes.
         #[arg(long, default_value_t = 2, value_name = "N")]
         replicas: u8,
+        /// This node's name in the cluster (`vm list`, `restore --on`); default: the hostname.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// A directory of this host's QMP sockets named ID.qmp: each is a registered VM for as
+        /// long as the socket exists.
+        #[arg(long, value_name = "DIR")]
+        vm_dir: Option<PathBuf>,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -84,34 +124,63 @@ struct NodeArg {
 
 #[derive(Subcommand)]
 enum SnapshotCmd {
-    /// Snapshot the memory of VMs on this host, as one named snapshot.
+    /// Snapshot VMs wherever they run in the cluster, as one cut.
+    ///
+    /// This node drives the snapshot; each VM's own host captures it. One cut: with stop-copy
+    /// no VM resumes before every VM is paused; with pre-copy every VM copies live first, then
+    /// all pause together for the last round. If any VM or host fails, every VM is resumed
+    /// and nothing is committed.
+    #[command(after_help = "Examples:\n  vmcsnap snapshot create nightly --all\n  \
+vmcsnap snapshot create before-upgrade --vm web1 --vm db1 --mode stop-copy\n  \
+vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
     Create {
         /// A new, unique snapshot name (letters, digits, '.', '_', '-').
         name: String,
-        /// A VM and its memory, repeatable: ID=qemu:QMP_SOCKET (a running QEMU VM) or
-        /// ID=file:PATH (a raw memory image of whole 4 KiB pages).
-        #[arg(long = "vm", value_name = "ID=SOURCE", required = true)]
+        /// A VM, repeatable: ID of a VM registered on any host (`vmcsnap vm list`), or
+        /// ID=qemu:QMP_SOCKET / ID=file:PATH (a raw image of whole 4 KiB pages) on this host.
+        #[arg(long = "vm", value_name = "ID[=SOURCE]", required_unless_present = "all")]
         vms: Vec<String>,
+        /// Every VM registered in the cluster (plus any --vm).
+        #[arg(long)]
+        all: bool,
         /// How to capture running VMs: pre-copy copies while the VM runs and pauses it only
         /// for the last round; stop-copy pauses it for the whole copy.
         #[arg(long, value_enum, default_value = "pre-copy")]
         mode: Mode,
+        /// Copies of every page (default: the node's --replicas).
+        #[arg(long, value_name = "N")]
+        replicas: Option<u8>,
+        /// Cap each VM's live copy at this many MiB/s (pre-copy), to disturb guests less.
+        #[arg(long, value_name = "MIB_PER_S")]
+        max_bandwidth: Option<u64>,
         #[command(flatten)]
         common: NodeArg,
     },
-    /// Restore one VM of a snapshot on this host.
+    /// Restore VMs of a snapshot: launch them on chosen hosts, or write one here.
+    ///
+    /// With --launch every VM named (all of the snapshot's by default) starts on its host —
+    /// the one --on names, else the one that captured it if it is up, else this one — from
+    /// its recorded QEMU command line, and runs on from the snapshot.
+    #[command(after_help = "Examples:\n  vmcsnap snapshot restore nightly --launch\n  \
+vmcsnap snapshot restore nightly --vm web1 --launch --on kvm-03\n  \
+vmcsnap snapshot restore nightly --launch --on web1=kvm-03 --on db1=kvm-04\n  \
+vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
     Restore {
         /// Snapshot name.
         name: String,
-        /// The VM to restore.
-        #[arg(long, value_name = "ID")]
-        vm: String,
+        /// A VM to restore (repeatable; default with --launch: every VM of the snapshot).
+        #[arg(long = "vm", value_name = "ID")]
+        vms: Vec<String>,
+        /// With --launch: HOST (a member's name or node id) for every VM, or VM=HOST
+        /// (repeatable).
+        #[arg(long, value_name = "HOST|VM=HOST", requires = "launch")]
+        on: Vec<String>,
         /// Where: file:PATH writes the guest RAM as a raw image; qemu:unix:PATH feeds a QEMU
         /// started with `-incoming unix:PATH` (same command line as the snapshotted VM).
         #[arg(long, value_name = "TARGET", required_unless_present = "launch")]
         to: Option<String>,
-        /// Start the snapshotted VM's QEMU command line on this host and restore into it; the
-        /// guest runs on from where it was captured.
+        /// Start each VM's recorded QEMU command line on its host and restore into it; the
+        /// guests run on from where they were captured.
         #[arg(long, conflicts_with = "to")]
         launch: bool,
         /// With --to qemu:unix:PATH: the target's QMP socket, to check its accelerator and
@@ -178,35 +247,42 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, log }) => {
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, vm_dir, log }) => {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
                 .with_writer(std::io::stderr)
                 .init();
             tune_malloc();
-            let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas };
+            let name = match name {
+                Some(n) => n,
+                None => hostname()?,
+            };
+            let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
+            let data_dir = std::path::absolute(&data_dir)?;
+            let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir };
             vmcsnap_node::run(config, None).await
         }
-        Cmd::Snapshot(SnapshotCmd::Create { name, vms, mode, common }) => {
+        Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, common }) => {
             let mode = match mode {
                 Mode::PreCopy => CaptureMode::PreCopy,
                 Mode::StopCopy => CaptureMode::StopCopy,
             };
             let mut specs = Vec::new();
             for v in vms {
-                let Some((id, source)) = v.split_once('=') else {
-                    bail!("--vm {v:?} must look like ID=file:PATH");
-                };
-                specs.push(VmSpec { id: id.to_string(), source: absolutize(source)? });
+                specs.push(match v.split_once('=') {
+                    Some((id, source)) => VmSpec { id: id.to_string(), source: Some(absolutize(source)?) },
+                    None => VmSpec { id: v, source: None },
+                });
             }
-            let r = call(&common, ControlRequest::SnapshotCreate { name, vms: specs, mode }).await?;
+            let max_bandwidth = max_bandwidth.map(|m| m.saturating_mul(1 << 20));
+            let r = call(&common, ControlRequest::SnapshotCreate { name, vms: specs, all, mode, replicas, max_bandwidth }).await?;
             let ControlResult::Created(s) = r else { bail!("node answered with the wrong result") };
             if common.json {
                 return print_json(&s);
             }
-            for (id, st) in &s.vms {
+            for ((id, st), host) in s.vms.iter().zip(&s.hosts) {
                 println!(
-                    "  {id:<16} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent{}",
+                    "  {id:<16} on {host:<12} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent{}",
                     st.pages_total,
                     pct(st.pages_zero, st.pages_total),
                     st.pages_new,
@@ -224,20 +300,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.elapsed_ms as f64 / 1000.0,
                 rate(s.raw_bytes, s.elapsed_ms)
             );
+            if let Some(us) = s.pause_skew_us {
+                println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
+            }
             Ok(())
         }
-        Cmd::Snapshot(SnapshotCmd::Restore { name, vm, to, launch, qmp, force, common }) => {
+        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, common }) => {
+            if !launch && vms.len() != 1 {
+                bail!("--to restores one VM: name it with --vm ID (or use --launch to restore several)");
+            }
             let target = to.as_deref().map(absolutize).transpose()?;
             let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
-            let r = call(&common, ControlRequest::SnapshotRestore { name, vm, target, force, launch, qmp }).await?;
-            let ControlResult::Restored(s) = r else { bail!("node answered with the wrong result") };
+            let r = call(&common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp }).await?;
+            let ControlResult::Restored(list) = r else { bail!("node answered with the wrong result") };
             if common.json {
-                return print_json(&s);
+                return print_json(&list);
             }
+            for s in list {
             println!(
-                "restored {}/{} to {}: {} raw, {} distinct pages ({} already here), {} fetched, {:.2} s ({})",
+                "restored {}/{} on {} to {}: {} raw, {} distinct pages ({} already there), {} fetched, {:.2} s ({})",
                 s.name,
                 s.vm,
+                s.host,
                 s.target,
                 human(s.raw_bytes),
                 s.pages_needed,
@@ -251,6 +335,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(st) = s.vm_status {
                 println!("guest is {st}");
+            }
+            }
+            Ok(())
+        }
+        Cmd::Vm(VmCmd::Add { id, qmp, common }) => {
+            let qmp = std::path::absolute(&qmp)?.display().to_string();
+            call(&common, ControlRequest::VmAdd { id: id.clone(), qmp: qmp.clone() }).await?;
+            if common.json {
+                return print_json(&serde_json::json!({ "id": id, "qmp": qmp }));
+            }
+            println!("VM {id} registered ({qmp})");
+            Ok(())
+        }
+        Cmd::Vm(VmCmd::Remove { id, common }) => {
+            call(&common, ControlRequest::VmRemove { id: id.clone() }).await?;
+            if common.json {
+                return print_json(&serde_json::json!({ "id": id }));
+            }
+            println!("VM {id} forgotten");
+            Ok(())
+        }
+        Cmd::Vm(VmCmd::List { common }) => {
+            let ControlResult::Vms(list) = call(&common, ControlRequest::VmList).await? else {
+                bail!("node answered with the wrong result")
+            };
+            if common.json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no VMs registered (see `vmcsnap vm add --help`)");
+                return Ok(());
+            }
+            println!("{:<16} {:<14} {:<12} {:<6} QMP", "VM", "HOST", "STATE", "FROM");
+            for v in list {
+                println!("{:<16} {:<14} {:<12} {:<6} {}", v.id, v.host, v.status, v.origin, v.qmp);
             }
             Ok(())
         }
@@ -279,10 +398,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&r);
             }
             println!("snapshot {}  (replicas {}, {} placement members, taken by {}, {:.2} s)", r.name, r.replicas, r.placement.len(), r.initiator.short(), r.elapsed_ms as f64 / 1000.0);
-            println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "VM", "PAGES", "ZERO", "NONZERO", "NEW", "DEDUP", "SENT");
+            println!("{:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}", "VM", "HOST", "PAGES", "ZERO", "NONZERO", "NEW", "DEDUP", "SENT", "PAUSE");
             for v in &r.vms {
                 let s = &v.stats;
-                println!("{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", v.id, s.pages_total, s.pages_zero, s.pages_nonzero, s.pages_new, s.pages_dedup, human(s.bytes_sent));
+                let pause = s.pause_ms.map(|p| format!("{p} ms")).unwrap_or_else(|| "-".into());
+                println!("{:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}", v.id, v.host_name, s.pages_total, s.pages_zero, s.pages_nonzero, s.pages_new, s.pages_dedup, human(s.bytes_sent), pause);
+            }
+            if let Some(us) = r.pause_skew_us {
+                println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
             }
             for v in &r.vms {
                 if let Some(q) = &v.qemu {
@@ -301,10 +424,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if common.json {
                 return print_json(&c);
             }
-            println!("{:<10} {:<22} {:>6} {:>10} {:>10}  STATE", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES");
+            println!("{:<14} {:<10} {:<22} {:>6} {:>10} {:>10}  STATE", "NAME", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES");
             for m in &c.members {
                 println!(
-                    "{:<10} {:<22} {:>5.1}% {:>10} {:>10}  {}{}",
+                    "{:<14} {:<10} {:<22} {:>5.1}% {:>10} {:>10}  {}{}",
+                    if m.name.is_empty() { "?" } else { m.name.as_str() },
                     m.id.short(),
                     m.address,
                     m.share * 100.0,
@@ -330,6 +454,15 @@ fn tune_malloc() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").context("cannot read the hostname; pass --name")?;
+    let h = h.trim().to_string();
+    if h.is_empty() {
+        bail!("the hostname is empty; pass --name");
+    }
+    Ok(h)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {

@@ -95,7 +95,7 @@ fn snapshot_on_one_host_restore_on_another_with_the_first_down() {
         let r = c
             .json(2, &["snapshot", "restore", "s1", "--vm", &format!("vm{i}"), "--to", &format!("file:{}", out.display())])
             .expect("restore with node 1 down");
-        assert_eq!(r["raw_bytes"], std::fs::metadata(p).expect("meta").len());
+        assert_eq!(r[0]["raw_bytes"], std::fs::metadata(p).expect("meta").len());
         assert!(std::fs::read(&out).expect("read") == std::fs::read(p).expect("read"), "vm{i} restored byte-identical");
     }
 
@@ -129,7 +129,7 @@ fn bad_input_is_refused_and_commits_nothing() {
 
     fails(&c, 0, &["snapshot", "create", "x1", "--vm", "a=file:/nonexistent/mem.img"], "cannot read");
     fails(&c, 0, &["snapshot", "create", "x2", "--vm", &format!("a=file:{}", odd.display())], "whole number");
-    fails(&c, 0, &["snapshot", "create", "x3", "--vm", "a"], "ID=file:PATH");
+    fails(&c, 0, &["snapshot", "create", "x3", "--vm", "a"], "not registered on any live member");
     fails(&c, 0, &["snapshot", "create", "x4", "--vm", "a=qcow2:/x"], "unknown memory source");
     fails(&c, 0, &["snapshot", "create", "bad/name", "--vm", &gvm], "may only use");
     fails(&c, 0, &["snapshot", "create", "x5", "--vm", &gvm, "--vm", &gvm], "given twice");

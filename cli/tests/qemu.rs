@@ -45,8 +45,10 @@ fn snapshot(c: &Cluster, node: usize, name: &str, mode: &str, vms: &[(&str, &Pat
 /// Restores `vm` of `snap` on `node` with --launch and checks, over the serial console, that
 /// the guest runs on with its memory intact (and its uptime past `min_uptime`).
 fn restore_and_check(c: &Cluster, node: usize, snap: &str, vm: &str, dir: &Path, md5: &str, min_uptime: f64) -> f64 {
-    let r = c.json(node, &["snapshot", "restore", snap, "--vm", vm, "--launch"]).unwrap_or_else(|e| panic!("restore {vm}: {e:#}"));
-    assert_eq!(r["vm_status"], "running", "{vm}: {r}");
+    let on = Cluster::name(node);
+    let r = c.json(node, &["snapshot", "restore", snap, "--vm", vm, "--launch", "--on", &on]).unwrap_or_else(|e| panic!("restore {vm}: {e:#}"));
+    assert_eq!(r[0]["host"], on.as_str(), "{vm}: {r}");
+    assert_eq!(r[0]["vm_status"], "running", "{vm}: {r}");
     let g = Guest::paths(dir, vm);
     let line = g.console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm} after restore: {e:#}"));
     assert_eq!(md5_of(&line), md5, "{vm}: guest memory after restore ({line})");
@@ -127,7 +129,7 @@ fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
     restore_and_check(&c, 0, "live", "g2", &vmdir, &fill, up2b);
     restore_and_check(&c, 0, "live", "g3", &vmdir, &empty, 0.0);
     // A snapshot restores only into a QEMU of the same accelerator, and never over a running VM.
-    let o = c.cli(1, &["snapshot", "restore", "live", "--vm", "g2", "--launch"]).expect("run");
+    let o = c.cli(1, &["snapshot", "restore", "live", "--vm", "g2", "--launch", "--on", "n2"]).expect("run");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"), "{}", String::from_utf8_lossy(&o.stderr));
     for vm in ["g2", "g3"] {
         guest::kill_by_qmp(&vmdir.join(format!("{vm}.qmp")));

@@ -10,6 +10,7 @@
 
 pub mod membership;
 pub mod placement;
+pub mod sim;
 
 pub use membership::{Member, Membership, MembershipConfig, MembershipError};
 pub use placement::{owners, primary_shares, View};

@@ -45,6 +45,8 @@ pub struct Member {
     pub data_addr: SocketAddr,
     /// A connection to it is up (always true for the local node).
     pub alive: bool,
+    /// Its operator-given name (by default its hostname); empty until it has identified.
+    pub name: String,
 }
 
 /// What the membership layer needs to start.
@@ -57,6 +59,8 @@ pub struct MembershipConfig {
     pub bootstrap: Vec<SocketAddr>,
     /// Members remembered from an earlier run.
     pub known: Vec<Member>,
+    /// This node's name, shown to operators.
+    pub name: String,
 }
 
 /// Why membership could not start.
@@ -142,7 +146,7 @@ impl Membership {
         let local = node_id_of_key(&cfg.keypair.public()).ok_or(MembershipError::NotEd25519)?;
         let local_peer = cfg.keypair.public().to_peer_id();
         let data_addr = cfg.listen;
-        let agent = format!("vmcsnap/{} data={}", env!("CARGO_PKG_VERSION"), data_addr);
+        let agent = format!("vmcsnap/{} data={} name={}", env!("CARGO_PKG_VERSION"), data_addr, cfg.name);
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -189,7 +193,7 @@ impl Membership {
             connected: HashSet::new(),
             bootstrap: cfg.bootstrap.clone(),
         };
-        state.members.insert(local, Member { id: local, data_addr, alive: true });
+        state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone() });
         for m in cfg.known {
             if m.id != local && state.members.len() < MEMBERS_MAX {
                 if let Some(peer) = peer_of_node_id(&m.id) {
@@ -269,6 +273,10 @@ fn parse_agent(agent: &str) -> Option<SocketAddr> {
     agent.split_whitespace().find_map(|w| w.strip_prefix("data=")).and_then(|a| a.parse().ok())
 }
 
+fn agent_name(agent: &str) -> String {
+    agent.split_whitespace().find_map(|w| w.strip_prefix("name=")).unwrap_or_default().to_string()
+}
+
 async fn run(
     mut swarm: Swarm<Behaviour>,
     mut st: State,
@@ -341,7 +349,7 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
                 }
             }
             let alive = st.connected.contains(&peer_id);
-            let new = Member { id, data_addr, alive };
+            let new = Member { id, data_addr, alive, name: agent_name(&info.agent_version) };
             match st.members.get(&id) {
                 Some(m) if *m == new => false,
                 Some(_) => {
@@ -390,6 +398,8 @@ mod tests {
     fn agent_carries_the_data_address() {
         assert_eq!(parse_agent("vmcsnap/0.1.0 data=127.0.0.1:7000"), Some("127.0.0.1:7000".parse().expect("addr")));
         assert_eq!(parse_agent("rust-libp2p/0.1"), None);
+        assert_eq!(agent_name("vmcsnap/0.1.0 data=127.0.0.1:7000 name=kvm-07"), "kvm-07");
+        assert_eq!(agent_name("vmcsnap/0.1.0 data=127.0.0.1:7000"), "");
     }
 
     #[tokio::test]
@@ -405,7 +415,7 @@ mod tests {
             let listen: SocketAddr = format!("127.0.0.1:{p}").parse().expect("addr");
             let bootstrap = if i == 0 { vec![] } else { vec![format!("127.0.0.1:{}", ports[0]).parse().expect("addr")] };
             nodes.push(
-                Membership::start(MembershipConfig { keypair: Keypair::generate_ed25519(), listen, bootstrap, known: vec![] })
+                Membership::start(MembershipConfig { keypair: Keypair::generate_ed25519(), listen, bootstrap, known: vec![], name: "t".into() })
                     .await
                     .expect("start"),
             );

@@ -94,12 +94,41 @@ async fn send(stream: &mut UnixStream, ev: &ControlEvent) -> anyhow::Result<()> 
 
 async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> anyhow::Result<ControlResult> {
     match req {
-        ControlRequest::SnapshotCreate { name, vms, mode } => {
-            Ok(ControlResult::Created(snapshot::create(node, name, vms, mode, progress).await?))
+        ControlRequest::SnapshotCreate { name, vms, all, mode, replicas, max_bandwidth } => {
+            let req = snapshot::CreateRequest { name, vms, all, mode, replicas, max_bandwidth };
+            Ok(ControlResult::Created(snapshot::create(node, req, progress).await?))
         }
-        ControlRequest::SnapshotRestore { name, vm, target, force, launch, qmp } => {
+        ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp } => {
             let opts = restore::RestoreOptions { target, force, launch, qmp };
-            Ok(ControlResult::Restored(restore::restore(node, name, vm, opts, progress).await?))
+            Ok(ControlResult::Restored(restore::restore_many(node, name, vms, on, opts, progress).await?))
+        }
+        ControlRequest::VmAdd { id, qmp } => {
+            let path = std::path::PathBuf::from(&qmp);
+            // A typo should fail now, not at the next snapshot.
+            let status = crate::vms::status(&path).await;
+            if status == "unreachable" {
+                anyhow::bail!("no QEMU answers on QMP socket {qmp} (is the VM running, with -qmp unix:{qmp},server=on,wait=off?)");
+            }
+            let (known, _) = snapshot::cluster_vms(&node).await;
+            if let Some(other) = known.iter().find(|v| v.id == id && v.node != node.id) {
+                anyhow::bail!("VM {id} is already registered on host {}; `vmcsnap vm remove {id}` there first", other.host);
+            }
+            node.vms.add(&id, &path).map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(target: "vmcsnap::vms", vm = %id, qmp = %qmp, status = %status, "VM registered");
+            Ok(ControlResult::VmChanged)
+        }
+        ControlRequest::VmRemove { id } => {
+            if !node.vms.remove(&id)? {
+                anyhow::bail!("VM {id} is not registered on this host (a socket in --vm-dir is listed for as long as it exists)");
+            }
+            Ok(ControlResult::VmChanged)
+        }
+        ControlRequest::VmList => {
+            let (vms, silent) = snapshot::cluster_vms(&node).await;
+            if !silent.is_empty() {
+                tracing::warn!(target: "vmcsnap::vms", hosts = %silent.join(", "), "some members did not list their VMs");
+            }
+            Ok(ControlResult::Vms(vms))
         }
         ControlRequest::SnapshotList => {
             node.sync_catalog().await;
@@ -147,6 +176,7 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         .zip(stats)
         .map(|(m, s)| MemberStatus {
             id: m.id,
+            name: m.name.clone(),
             address: m.data_addr.to_string(),
             share: view.index_of(&m.id).map(|i| shares[i]).unwrap_or(0.0),
             pages: s.map(|s| s.0),

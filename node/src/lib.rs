@@ -19,6 +19,7 @@
 //! - [`qemu`]: QEMU migration stream parser and rebuilder, QMP, capture, launch.
 //! - [`control`]: the local control socket the CLI talks to.
 //! - [`identity`]: the persistent ed25519 identity.
+//! - [`vms`]: this host's VM registry and the pause journal.
 
 pub mod control;
 pub mod engine;
@@ -29,5 +30,6 @@ pub mod qemu;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod vms;
 
 pub use node::{run, Node, NodeConfig};

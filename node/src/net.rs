@@ -140,6 +140,13 @@ pub async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, msg:
     Ok(())
 }
 
+/// Encodes and writes one frame, leaving the stream open for more (a cut's conversation).
+pub async fn write_frame_open<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
+    let frame = codec::encode_frame(msg)?;
+    send.write_all(&frame).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    Ok(())
+}
+
 /// A frame that could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -149,6 +156,13 @@ pub enum FrameError {
     /// The frame broke a limit or did not decode.
     #[error(transparent)]
     Codec(#[from] CodecError),
+}
+
+fn frame_error(peer: NodeId, e: FrameError) -> NetError {
+    match e {
+        FrameError::Codec(source) => NetError::Codec { peer: peer.short(), source },
+        FrameError::Io(reason) => NetError::Transport { peer: peer.short(), reason },
+    }
 }
 
 /// Our side of the data plane: one cached connection per peer.
@@ -233,6 +247,48 @@ impl DataClient {
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
             .map_err(|_| transport(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+    }
+
+    /// Sends one request and waits up to `timeout` for its answer, without retrying: for work
+    /// that must not run twice (starting a VM). An `Error` answer becomes [`NetError::Remote`].
+    pub async fn request_within(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest, timeout: Duration) -> Result<DataResponse, NetError> {
+        let conn = self.connection(peer, addr).await?;
+        let transport = |reason: String| NetError::Transport { peer: peer.short(), reason };
+        let fut = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+            write_frame(&mut send, req).await.map_err(|e| frame_error(peer, e))?;
+            read_frame::<DataResponse>(&mut recv).await.map_err(|e| frame_error(peer, e))
+        };
+        match tokio::time::timeout(timeout, fut).await.map_err(|_| transport(format!("no answer within {timeout:?}")))?? {
+            DataResponse::Error { kind, message } => Err(NetError::Remote { peer: peer.short(), kind, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Opens a stream to `peer` for a conversation (a cut) and sends `req` as its first frame.
+    pub async fn open_session(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest) -> Result<(quinn::SendStream, quinn::RecvStream), NetError> {
+        let conn = match self.connection(peer, addr).await {
+            Ok(c) => c,
+            Err(_) => {
+                // A cached connection may have died with the peer's last run: make a fresh one.
+                self.conns.lock().await.remove(&peer);
+                self.connection(peer, addr).await?
+            }
+        };
+        let (mut send, recv) = tokio::time::timeout(CONNECT_TIMEOUT, conn.open_bi())
+            .await
+            .map_err(|_| NetError::Transport { peer: peer.short(), reason: "cannot open a stream".into() })?
+            .map_err(|e| NetError::Transport { peer: peer.short(), reason: e.to_string() })?;
+        write_frame_open(&mut send, req).await.map_err(|e| frame_error(peer, e))?;
+        Ok((send, recv))
+    }
+
+    /// Drops the cached connection to `peer` (it went away: a restarted peer would not know
+    /// the old connection, and requests on it would wait for the idle timeout).
+    pub async fn forget(&self, peer: &NodeId) {
+        if let Some(c) = self.conns.lock().await.remove(peer) {
+            c.close(CLOSE_SHUTDOWN.into(), b"peer left");
+        }
     }
 
     /// Closes every connection.

@@ -5,7 +5,8 @@
 //! - the membership swarm (`vmcsnap_dht::Membership`);
 //! - the data-plane accept loop ([`crate::server`]), one task per connection and per stream;
 //! - the control-socket accept loop ([`crate::control`]), one task per CLI request;
-//! - `members-saver`: persists the member list whenever it changes;
+//! - `members-saver`: persists the member list whenever it changes, and drops the data-plane
+//!   connection of a member that went down (so its next run gets a fresh one);
 //! - `catalog-sync`: every [`CATALOG_SYNC_INTERVAL`], pulls commit records this node lacks
 //!   from live members (so a node that was down when a snapshot committed learns of it).
 
@@ -33,7 +34,7 @@ pub const DEFAULT_REPLICAS: u8 = 2;
 pub const REPLICAS_MAX: u8 = 8;
 
 const MEMBERS_MAGIC: [u8; 4] = *b"VMMB";
-const MEMBERS_VERSION: u16 = 1;
+const MEMBERS_VERSION: u16 = 2;
 
 /// Validated node configuration.
 #[derive(Clone, Debug)]
@@ -46,6 +47,10 @@ pub struct NodeConfig {
     pub peers: Vec<SocketAddr>,
     /// Replicas of every page for snapshots this node takes.
     pub replicas: u8,
+    /// This node's name, shown to operators and used by `restore --on` (default: hostname).
+    pub name: String,
+    /// A directory of QMP sockets (`ID.qmp`) of this host's VMs, registered as they appear.
+    pub vm_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -56,6 +61,12 @@ impl NodeConfig {
         }
         if self.listen.port() == 0 {
             anyhow::bail!("--listen needs an explicit port: peers reach this node there");
+        }
+        vmcsnap_protocol::manifest::validate_name("--name", &self.name).map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(d) = &self.vm_dir {
+            if !d.is_absolute() {
+                anyhow::bail!("--vm-dir must be an absolute path, not {}", d.display());
+            }
         }
         if self.listen.ip().is_unspecified() {
             anyhow::bail!("--listen needs the address peers should use, not {}", self.listen.ip());
@@ -77,6 +88,8 @@ pub struct Node {
     pub store: Arc<Store>,
     /// Its configuration.
     pub config: NodeConfig,
+    /// This host's VMs.
+    pub vms: crate::vms::Registry,
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -86,6 +99,7 @@ pub struct Node {
 struct SavedMember {
     id: NodeId,
     addr: SocketAddr,
+    name: String,
 }
 
 impl Node {
@@ -104,6 +118,31 @@ impl Node {
         self.members().into_iter().find(|m| m.id == *id)
     }
 
+    /// A member's name for messages: its `--name`, else its short id.
+    pub fn host_name(&self, id: &NodeId) -> String {
+        match self.member(id) {
+            Some(m) if !m.name.is_empty() => m.name,
+            _ => id.short(),
+        }
+    }
+
+    /// The member an operator means by `host`: its name, or (a prefix of) its node id.
+    pub fn find_host(&self, host: &str) -> Result<Member, String> {
+        let members = self.members();
+        if let Some(m) = members.iter().find(|m| m.name == host) {
+            return Ok(m.clone());
+        }
+        let by_id: Vec<&Member> = members.iter().filter(|m| !host.is_empty() && m.id.to_string().starts_with(host)).collect();
+        match by_id.as_slice() {
+            [m] => Ok((*m).clone()),
+            [] => Err(format!(
+                "no member named {host:?} (members: {})",
+                members.iter().map(|m| if m.name.is_empty() { m.id.short() } else { m.name.clone() }).collect::<Vec<_>>().join(", ")
+            )),
+            _ => Err(format!("{host:?} matches several node ids; give more of it")),
+        }
+    }
+
     /// Sends `req` to `member`, or serves it here when the member is this node.
     pub async fn call(&self, member: &Member, req: DataRequest) -> Result<DataResponse, NetError> {
         if member.id == self.id {
@@ -114,6 +153,17 @@ impl Node {
                 .map_err(|e| NetError::Transport { peer: "self".into(), reason: e.to_string() });
         }
         self.client.request(member.id, member.data_addr, &req).await
+    }
+
+    /// Opens a conversation stream to `member` (a cut), sending `req` first.
+    pub async fn open_session(&self, member: &Member, req: &DataRequest) -> Result<(quinn::SendStream, quinn::RecvStream), NetError> {
+        self.client.open_session(member.id, member.data_addr, req).await
+    }
+
+    /// Sends `req` to a remote `member` once, waiting up to `timeout` (for work that must not
+    /// run twice).
+    pub async fn call_within(&self, member: &Member, req: DataRequest, timeout: Duration) -> Result<DataResponse, NetError> {
+        self.client.request_within(member.id, member.data_addr, &req, timeout).await
     }
 
     /// Marks a snapshot name as being created here; false if it already is.
@@ -175,7 +225,7 @@ impl Node {
 }
 
 fn save_members(store: &Store, members: &[Member]) {
-    let saved: Vec<SavedMember> = members.iter().map(|m| SavedMember { id: m.id, addr: m.data_addr }).collect();
+    let saved: Vec<SavedMember> = members.iter().map(|m| SavedMember { id: m.id, addr: m.data_addr, name: m.name.clone() }).collect();
     match codec::encode_record(MEMBERS_MAGIC, MEMBERS_VERSION, &saved) {
         Ok(b) => {
             if let Err(e) = store.save_members(&b) {
@@ -189,7 +239,7 @@ fn save_members(store: &Store, members: &[Member]) {
 fn load_members(store: &Store) -> anyhow::Result<Vec<Member>> {
     let Some(b) = store.load_members()? else { return Ok(vec![]) };
     let saved: Vec<SavedMember> = codec::decode_record(MEMBERS_MAGIC, "member list", MEMBERS_VERSION, &b)?;
-    Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false }).collect())
+    Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false, name: s.name }).collect())
 }
 
 /// Starts a node and runs it until `shutdown` resolves (or SIGINT/SIGTERM when `None`).
@@ -210,6 +260,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
         listen: config.listen,
         bootstrap: config.peers.clone(),
         known,
+        name: config.name.clone(),
     })
     .await?;
     let id = membership.local();
@@ -219,6 +270,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
         store: store.clone(),
         config: config.clone(),
         client: DataClient::new(endpoint.clone(), keypair),
+        vms: crate::vms::Registry::new(store.clone(), config.vm_dir.clone()),
         membership,
         busy: Default::default(),
     });
@@ -228,12 +280,26 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
 
     let mut tasks = tokio::task::JoinSet::new();
     {
+        // A node that died mid-snapshot may have left a VM paused: resume it.
+        let node = node.clone();
+        tasks.spawn(async move { node.vms.resume_journaled().await });
+    }
+    {
         let mut rx = node.membership.subscribe();
         let store = store.clone();
+        let node = node.clone();
         tasks.spawn(async move {
             let mut last: Vec<(NodeId, SocketAddr)> = vec![];
+            let mut was_alive: std::collections::HashSet<NodeId> = Default::default();
             loop {
                 let members = rx.borrow_and_update().clone();
+                for m in &members {
+                    if !m.alive && was_alive.remove(&m.id) {
+                        node.client.forget(&m.id).await;
+                    } else if m.alive {
+                        was_alive.insert(m.id);
+                    }
+                }
                 let now: Vec<(NodeId, SocketAddr)> = members.iter().map(|m| (m.id, m.data_addr)).collect();
                 if now != last {
                     let s = store.clone();

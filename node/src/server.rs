@@ -61,6 +61,25 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
         let node = node.clone();
         tokio::spawn(async move {
             let resp = match read_frame::<DataRequest>(&mut recv).await {
+                Ok(DataRequest::Cut(begin)) => {
+                    tracing::info!(target: "vmcsnap::snapshot", snapshot = %begin.name, from = %peer.short(), vms = begin.vms.len(), "taking part in a cluster snapshot");
+                    crate::engine::cut::serve(node, begin, send, recv).await;
+                    return;
+                }
+                Ok(DataRequest::VmList) => {
+                    DataResponse::Vms { host: node.config.name.clone(), vms: crate::engine::snapshot::local_vms(&node).await }
+                }
+                Ok(DataRequest::VmForget { id }) => match node.vms.remove(&id) {
+                    Ok(_) => DataResponse::Ok,
+                    Err(e) => error(RemoteErrorKind::Storage, e.to_string()),
+                },
+                Ok(DataRequest::RestoreVm { name, vm }) => {
+                    let opts = crate::engine::restore::RestoreOptions { launch: true, ..Default::default() };
+                    match crate::engine::restore::restore(node.clone(), name, vm, opts, crate::engine::Progress::new(None)).await {
+                        Ok(s) => DataResponse::Restored(s),
+                        Err(e) => error(RemoteErrorKind::Failed, e.to_string()),
+                    }
+                }
                 Ok(req) => {
                     let store = node.store.clone();
                     let id = node.id;
@@ -141,6 +160,9 @@ pub fn serve(store: &Store, id: NodeId, req: DataRequest, local: bool) -> DataRe
         DataRequest::Stats => {
             let pages = store.page_count();
             Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64 })
+        }
+        DataRequest::Cut(_) | DataRequest::VmList | DataRequest::VmForget { .. } | DataRequest::RestoreVm { .. } => {
+            Ok(error(RemoteErrorKind::BadRequest, "this request needs the node, not just its store".into()))
         }
     })();
     r.unwrap_or_else(store_error)

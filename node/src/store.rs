@@ -307,6 +307,26 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_META), key)?)
     }
 
+    /// Deletes a metadata value.
+    pub fn meta_delete(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.db.delete_cf(self.cf(CF_META), key)?;
+        Ok(())
+    }
+
+    /// Every metadata entry whose key starts with `prefix`, in key order.
+    pub fn meta_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for kv in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (k, v) = kv?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Saves the member list (encoded by the caller).
     pub fn save_members(&self, bytes: &[u8]) -> Result<(), StoreError> {
         self.meta_put(META_MEMBERS, bytes)

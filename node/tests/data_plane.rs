@@ -36,13 +36,13 @@ async fn owners_reject_bad_pages_and_strangers() {
     let dir = tempfile::tempdir().expect("tmp");
     let node_addr = free_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let config = NodeConfig { data_dir: dir.path().join("node"), listen: node_addr, peers: vec![], replicas: 1 };
+    let config = NodeConfig { data_dir: dir.path().join("node"), listen: node_addr, peers: vec![], replicas: 1, name: "solo".into(), vm_dir: None };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 
     // A member: joins through libp2p, then talks QUIC.
     let kp = Keypair::generate_ed25519();
     let my_addr = free_addr();
-    let me = Membership::start(MembershipConfig { keypair: kp.clone(), listen: my_addr, bootstrap: vec![node_addr], known: vec![] })
+    let me = Membership::start(MembershipConfig { keypair: kp.clone(), listen: my_addr, bootstrap: vec![node_addr], known: vec![], name: "probe".into() })
         .await
         .expect("membership");
     let target: Member = wait_for(|| me.members().into_iter().find(|m| m.id != me.local() && m.alive)).await;

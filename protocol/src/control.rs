@@ -7,33 +7,44 @@ use crate::manifest::{CaptureMode, CommitRecord, VmStats};
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
 
-/// One VM to snapshot: the operator's id and where its memory is.
+/// One VM to snapshot: the operator's id and, for a VM not registered with any node, where
+/// its memory is on the asked node's host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// VM id.
     pub id: String,
-    /// Memory source, such as `file:/abs/path.img`.
-    pub source: String,
+    /// `file:/abs/path.img` or `qemu:/abs/qmp.sock` on the asked node's host; `None` for a VM
+    /// registered with some node (`vmcsnap vm add`, `--vm-dir`), wherever it runs.
+    pub source: Option<String>,
 }
 
 /// A request from the CLI.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
-    /// Take a snapshot.
+    /// Take a snapshot of VMs on any hosts, as one cut.
     SnapshotCreate {
         /// Snapshot name.
         name: String,
-        /// VMs to capture on this host.
+        /// VMs to capture.
         vms: Vec<VmSpec>,
+        /// Also every VM registered anywhere in the cluster.
+        all: bool,
         /// How to capture running QEMU VMs.
         mode: CaptureMode,
+        /// Copies of every page; `None` for the node's `--replicas`.
+        replicas: Option<u8>,
+        /// Cap on each VM's live-copy bandwidth in bytes/s (pre-copy); `None` for no cap.
+        max_bandwidth: Option<u64>,
     },
-    /// Restore one VM of a snapshot.
+    /// Restore VMs of a snapshot.
     SnapshotRestore {
         /// Snapshot name.
         name: String,
-        /// VM id.
-        vm: String,
+        /// VM ids; empty for every VM of the snapshot (with `launch` only).
+        vms: Vec<String>,
+        /// Where each VM is launched: `HOST` for all of them, or `VM=HOST`; a VM not named
+        /// goes back to the host that captured it if it is up, else to this node's host.
+        on: Vec<String>,
         /// Target: `file:/abs/path.img`, `qemu:unix:/path` (a QEMU waiting with
         /// `-incoming unix:/path`), or `None` with `launch`.
         target: Option<String>,
@@ -55,6 +66,38 @@ pub enum ControlRequest {
     },
     /// Members and what they store.
     ClusterStatus,
+    /// Register a QEMU VM running on this host.
+    VmAdd {
+        /// VM id, unique in the cluster.
+        id: String,
+        /// Its QMP socket (absolute path).
+        qmp: String,
+    },
+    /// Forget a VM registered on this host.
+    VmRemove {
+        /// VM id.
+        id: String,
+    },
+    /// Every VM registered on any live member.
+    VmList,
+}
+
+/// A VM a node knows of on its host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM id.
+    pub id: String,
+    /// Its QMP socket.
+    pub qmp: String,
+    /// `added` (`vmcsnap vm add`, or launched by a restore) or `dir` (found in `--vm-dir`).
+    pub origin: String,
+    /// QEMU's run state (`running`, `paused`, ...), `busy` when its monitor is in use, or
+    /// `unreachable`.
+    pub status: String,
+    /// Name of the host's node.
+    pub host: String,
+    /// The host's node id.
+    pub node: NodeId,
 }
 
 /// A snapshot as `snapshot list` shows it.
@@ -89,15 +132,21 @@ pub struct CreateSummary {
     pub elapsed_ms: u64,
     /// Per-VM counters.
     pub vms: Vec<(String, VmStats)>,
+    /// Host name of each VM, in the order of `vms`.
+    pub hosts: Vec<String>,
+    /// Time between the first and the last pause of the cut, µs.
+    pub pause_skew_us: Option<u64>,
 }
 
-/// The outcome of `snapshot restore`.
+/// The outcome of restoring one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreSummary {
     /// Snapshot.
     pub name: String,
     /// VM id.
     pub vm: String,
+    /// Name of the host it was restored on.
+    pub host: String,
     /// Target written.
     pub target: String,
     /// Bytes of guest memory written.
@@ -123,6 +172,8 @@ pub struct MemberStatus {
     pub id: NodeId,
     /// Data-plane address.
     pub address: String,
+    /// Its name (`--name`).
+    pub name: String,
     /// Fraction of the hash space this member is primary owner of.
     pub share: f64,
     /// Distinct pages stored; `None` when the member did not answer.
@@ -151,14 +202,18 @@ pub struct ClusterStatus {
 pub enum ControlResult {
     /// From `SnapshotCreate`.
     Created(CreateSummary),
-    /// From `SnapshotRestore`.
-    Restored(RestoreSummary),
+    /// From `SnapshotRestore`: one summary per VM.
+    Restored(Vec<RestoreSummary>),
     /// From `SnapshotList`.
     List(Vec<SnapshotInfo>),
     /// From `SnapshotShow`.
     Show(Box<CommitRecord>),
     /// From `ClusterStatus`.
     Cluster(ClusterStatus),
+    /// From `VmAdd` and `VmRemove`.
+    VmChanged,
+    /// From `VmList`.
+    Vms(Vec<VmInfo>),
 }
 
 /// One frame from node to CLI.

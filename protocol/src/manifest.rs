@@ -28,7 +28,7 @@ pub const VM_BLOCKS_MAX: usize = 256;
 pub const NAME_BYTES_MAX: usize = 128;
 
 const RECORD_MAGIC: [u8; 4] = *b"VMCR";
-const RECORD_VERSION: u16 = 1;
+const RECORD_VERSION: u16 = 2;
 
 /// The top of a VM's manifest tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +69,8 @@ pub struct VmStats {
     pub capture_ms: u64,
     /// How long the VM was paused, in ms (QEMU sources only).
     pub pause_ms: Option<u64>,
+    /// When the pause began, µs since the Unix epoch on its host's clock (QEMU sources only).
+    pub paused_unix_us: Option<u64>,
 }
 
 /// How a running QEMU VM was captured.
@@ -126,6 +128,8 @@ pub struct VmEntry {
     pub source: String,
     /// The node that captured it.
     pub host: NodeId,
+    /// That node's name (`--name`, by default its hostname).
+    pub host_name: String,
     /// RAM layout, in manifest order.
     pub blocks: Vec<Block>,
     /// The manifest tree.
@@ -153,6 +157,9 @@ pub struct CommitRecord {
     pub vms: Vec<VmEntry>,
     /// Wall time of the whole snapshot, in milliseconds.
     pub elapsed_ms: u64,
+    /// Time between the first and the last VM pause of the cut, in µs (`None` without
+    /// running VMs). Host clocks are compared as they are, so this is only as good as NTP.
+    pub pause_skew_us: Option<u64>,
 }
 
 /// A commit record or manifest that breaks a rule.

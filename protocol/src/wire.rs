@@ -23,7 +23,8 @@
 //! Restore is `Get { hashes (<= GET_PAGES_MAX) }` → `Pages`, with the restorer verifying every
 //! page against the hash it asked for.
 
-use crate::manifest::CommitRecord;
+use crate::control::{RestoreSummary, VmInfo};
+use crate::manifest::{CaptureMode, CommitRecord, VmEntry};
 use crate::{NodeId, PageHash};
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +87,106 @@ pub enum DataRequest {
     },
     /// How many pages and bytes do you store?
     Stats,
+    /// Take part in a cluster snapshot: capture these VMs of your host as one cut with the
+    /// other participants. The stream stays open for the cut's conversation: the asker sends
+    /// [`CutCommand`] frames and the participant [`CutReport`] frames (see [`CutBegin`]).
+    Cut(CutBegin),
+    /// Which VMs run on your host?
+    VmList,
+    /// This VM now runs elsewhere: forget it.
+    VmForget {
+        /// VM id.
+        id: String,
+    },
+    /// Restore this VM of a snapshot on your host: start its recorded QEMU command line and
+    /// load the snapshot into it.
+    RestoreVm {
+        /// Snapshot name.
+        name: String,
+        /// VM id.
+        vm: String,
+    },
+}
+
+/// Opens a participant's part of a cluster snapshot.
+///
+/// ```mermaid
+/// sequenceDiagram
+///     participant C as initiating node
+///     participant P as participant (each host with VMs)
+///     C->>P: Cut(CutBegin)
+///     Note over P: prepare each VM (pre-copy: live rounds until one full pass)
+///     P-->>C: Ready
+///     C->>P: Go (to every participant at once)
+///     Note over P: pause each VM (stop-copy: then copy it)
+///     P-->>C: Paused
+///     C->>P: Release (every VM of the cut is paused)
+///     Note over P: resume each VM once QEMU sent it all; upload pages, sync owners
+///     P-->>C: Done { VM entries }
+///     Note over C: commit record, as for a local snapshot
+/// ```
+///
+/// Either side sends `Heartbeat` every second; a participant aborts (resuming its VMs) when
+/// the asker is silent for [`CUT_SILENCE_MAX_MS`] or sends `Abort`; the asker aborts the whole
+/// cut when any participant fails or goes silent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutBegin {
+    /// Snapshot name.
+    pub name: String,
+    /// The participant's VMs: id and, for a VM not registered there, its source.
+    pub vms: Vec<(String, Option<String>)>,
+    /// Capture mode.
+    pub mode: CaptureMode,
+    /// Copies of every page.
+    pub replicas: u8,
+    /// The placement view every participant places pages over.
+    pub placement: Vec<NodeId>,
+    /// Live-copy bandwidth cap (bytes/s), if any.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Silence after which a cut's peer counts as gone.
+pub const CUT_SILENCE_MAX_MS: u64 = 6_000;
+/// How often each side of a cut says it is alive.
+pub const CUT_HEARTBEAT_MS: u64 = 1_000;
+
+/// From the initiating node to a participant, after [`CutBegin`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CutCommand {
+    /// Pause your VMs now.
+    Go,
+    /// Every VM of the cut is paused: resume yours once captured.
+    Release,
+    /// Give up: resume your VMs, commit nothing.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// Still here.
+    Heartbeat,
+}
+
+/// From a participant to the initiating node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CutReport {
+    /// Every VM is prepared (pre-copy: has done its live rounds).
+    Ready,
+    /// Every VM is paused.
+    Paused,
+    /// Every page is durable on its owners; here are the VM entries for the record.
+    Done {
+        /// One per VM, in the order asked.
+        vms: Vec<VmEntry>,
+    },
+    /// This participant failed; its VMs are resumed.
+    Failed {
+        /// The VM concerned, if one.
+        vm: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// Still here.
+    Heartbeat,
 }
 
 /// One catalog entry: enough to notice a missing or conflicting record.
@@ -108,6 +209,8 @@ pub enum RemoteErrorKind {
     NameConflict,
     /// The node's store failed (disk full, IO error).
     Storage,
+    /// The asked work failed (a restore, an unknown VM).
+    Failed,
 }
 
 /// An answer on the data plane.
@@ -153,6 +256,17 @@ pub enum DataResponse {
         /// Bytes of page data stored.
         bytes: u64,
     },
+    /// The VMs on the answering node's host.
+    Vms {
+        /// The node's name.
+        host: String,
+        /// Its VMs.
+        vms: Vec<VmInfo>,
+    },
+    /// A VM restored on the answering node's host.
+    Restored(RestoreSummary),
+    /// Done.
+    Ok,
     /// The request failed.
     Error {
         /// Which kind of failure.

@@ -39,6 +39,8 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     /// Keep the processes running when this value is dropped (for `testnet up`).
     pub detach: bool,
+    /// Extra `node run` arguments per node (by index).
+    pub extra_args: Vec<Vec<String>>,
 }
 
 /// A port free for both TCP (membership) and UDP (data plane) on 127.0.0.1.
@@ -57,8 +59,13 @@ impl Cluster {
     /// Starts `n` nodes under `dir` (node `i` in `dir/n{i+1}`), the first on its own and the
     /// rest joining through it, and waits until every node sees every other.
     pub fn start(bin: &Path, dir: &Path, n: usize, replicas: u8, base_port: Option<u16>) -> anyhow::Result<Self> {
+        Self::start_with_args(bin, dir, n, replicas, base_port, vec![])
+    }
+
+    /// [`Cluster::start`], with extra `node run` arguments for node `i` in `extra_args[i]`.
+    pub fn start_with_args(bin: &Path, dir: &Path, n: usize, replicas: u8, base_port: Option<u16>, extra_args: Vec<Vec<String>>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut c = Cluster { dir: dir.to_path_buf(), bin: bin.to_path_buf(), replicas, nodes: Vec::new(), detach: false };
+        let mut c = Cluster { dir: dir.to_path_buf(), bin: bin.to_path_buf(), replicas, nodes: Vec::new(), detach: false, extra_args };
         for i in 0..n {
             let port = match base_port {
                 Some(b) => b + i as u16,
@@ -80,9 +87,13 @@ impl Cluster {
         cmd.args(["node", "run", "--data-dir"])
             .arg(&node.dir)
             .args(["--listen", &node.addr.to_string(), "--replicas", &self.replicas.to_string()])
+            .args(["--name", &format!("n{}", i + 1)])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(extra) = self.extra_args.get(i) {
+            cmd.args(extra);
+        }
         if i > 0 {
             cmd.args(["--peer", &self.nodes[0].addr.to_string()]);
         } else if self.nodes.len() > 1 {
@@ -134,6 +145,11 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Node `i`'s name in the cluster (`n1`, `n2`, ...).
+    pub fn name(i: usize) -> String {
+        format!("n{}", i + 1)
     }
 
     /// Stops node `i` (SIGTERM, then SIGKILL after 5 s).

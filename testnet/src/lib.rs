@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod gen;
 pub mod guest;
 pub mod pagestats;
+pub mod svg;
 
 use std::path::PathBuf;
 

@@ -297,7 +297,7 @@ fn restore_all(c: &Cluster, node: usize, snap: &str, paths: &[PathBuf], out_dir:
         let t = Instant::now();
         let r = c.json(node, &["snapshot", "restore", snap, "--vm", &format!("vm{i}"), "--to", &to])?;
         secs += t.elapsed().as_secs_f64();
-        fetched += r["bytes_fetched"].as_u64().unwrap_or(0);
+        fetched += r[0]["bytes_fetched"].as_u64().unwrap_or(0);
         if std::fs::read(&out)? != std::fs::read(p)? {
             bail!("restored vm{i} differs from the original");
         }
@@ -463,8 +463,8 @@ fn bench_vm(dir: &Path, mem: u32, runs: usize, json: bool) -> anyhow::Result<()>
             let t = Instant::now();
             let r = c.json(1, &["snapshot", "restore", &format!("{name}-stop"), "--vm", &name, "--launch"])?;
             row.vmcsnap_restore_s = t.elapsed().as_secs_f64();
-            if r["vm_status"] != "running" {
-                bail!("{wl}: restored guest is {}", r["vm_status"]);
+            if r[0]["vm_status"] != "running" {
+                bail!("{wl}: restored guest is {}", r[0]["vm_status"]);
             }
             Guest::paths(&vmdir, &name).console("vmcsnap-check", "CHECK", Duration::from_secs(30))?;
             guest::kill_by_qmp(&g.qmp);

@@ -9,6 +9,7 @@
 //! - restore: windows of [`RESTORE_WINDOW_PAGES`] → fetch each distinct page once, from its first
 //!   reachable owner, in `Get` batches with [`FETCHES_IN_FLIGHT`] in flight → write in place.
 
+pub mod cut;
 pub mod restore;
 pub mod snapshot;
 

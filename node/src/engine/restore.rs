@@ -75,6 +75,124 @@ pub enum RestoreError {
     /// A local failure.
     #[error("{0}")]
     Internal(String),
+    /// Some VMs of a cluster restore failed.
+    #[error("{failed}{}", if .restored.is_empty() { String::new() } else { format!(" (restored: {})", .restored) })]
+    Hosts {
+        /// `host H: VM v: reason`, per failure.
+        failed: String,
+        /// The VMs that were restored and run.
+        restored: String,
+    },
+}
+
+/// Time a remote host has to restore one VM.
+pub const REMOTE_RESTORE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Restores `vms` of snapshot `name` (all of its VMs when empty): into the target `opts`
+/// names (one VM, on this host), or with `opts.launch` on the hosts `on` chooses — `HOST` for
+/// every VM or `VM=HOST` — else on the host that captured each VM if it is up, else here.
+/// Hosts work in parallel; a VM launched on a host is registered there and forgotten elsewhere.
+pub async fn restore_many(
+    node: Arc<Node>,
+    name: String,
+    vms: Vec<String>,
+    on: Vec<String>,
+    opts: RestoreOptions,
+    progress: Progress,
+) -> Result<Vec<RestoreSummary>, RestoreError> {
+    if !opts.launch {
+        let [vm] = vms.as_slice() else {
+            return Err(RestoreError::Target("--to restores one VM: name it with --vm (or use --launch for several)".into()));
+        };
+        if !on.is_empty() {
+            return Err(RestoreError::Target("--on goes with --launch; --to writes on this host".into()));
+        }
+        return Ok(vec![restore(node, name, vm.clone(), opts, progress).await?]);
+    }
+    let record = node
+        .find_record(&name)
+        .await
+        .map_err(|e| RestoreError::Internal(e.to_string()))?
+        .ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let vms: Vec<String> = if vms.is_empty() { record.vms.iter().map(|v| v.id.clone()).collect() } else { vms };
+    let mut all_host = None;
+    let mut per_vm = HashMap::new();
+    for o in &on {
+        match o.split_once('=') {
+            Some((vm, host)) => {
+                per_vm.insert(vm.to_string(), node.find_host(host).map_err(RestoreError::Target)?);
+            }
+            None => all_host = Some(node.find_host(o).map_err(RestoreError::Target)?),
+        }
+    }
+    let mut plan: Vec<(String, Member)> = Vec::new();
+    for vm in &vms {
+        let entry = record.vm(vm).ok_or_else(|| RestoreError::UnknownVm {
+            name: name.clone(),
+            vm: vm.clone(),
+            have: record.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        let host = match (per_vm.get(vm), &all_host) {
+            (Some(h), _) | (None, Some(h)) => h.clone(),
+            (None, None) => match node.member(&entry.host) {
+                Some(m) if m.alive => m,
+                _ => node.member(&node.id).ok_or_else(|| RestoreError::Internal("this node is not a member".into()))?,
+            },
+        };
+        if !host.alive {
+            return Err(RestoreError::Target(format!("host {} is down; choose another with --on", node.host_name(&host.id))));
+        }
+        plan.push((vm.clone(), host));
+    }
+    for vm in per_vm.keys() {
+        if !vms.contains(vm) {
+            return Err(RestoreError::Target(format!("--on {vm}=...: VM {vm} is not being restored")));
+        }
+    }
+    let results = futures::future::join_all(plan.iter().map(|(vm, host)| {
+        let (node, name, progress) = (node.clone(), name.clone(), progress.clone());
+        async move {
+            if host.id == node.id {
+                let opts = RestoreOptions { launch: true, ..Default::default() };
+                restore(node, name, vm.clone(), opts, progress).await.map_err(|e| e.to_string())
+            } else {
+                match node.call_within(host, DataRequest::RestoreVm { name, vm: vm.clone() }, REMOTE_RESTORE_TIMEOUT).await {
+                    Ok(DataResponse::Restored(s)) => Ok(s),
+                    Ok(_) => Err("answered with the wrong message".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }))
+    .await;
+    let mut out = Vec::new();
+    let mut failed = Vec::new();
+    for ((vm, host), r) in plan.iter().zip(results) {
+        match r {
+            Ok(s) => {
+                // The VM runs on `host` now: every other member forgets it.
+                for m in node.alive_members().into_iter().filter(|m| m.id != host.id) {
+                    if m.id == node.id {
+                        let _ = node.vms.remove(vm);
+                    } else {
+                        let _ = tokio::time::timeout(Duration::from_secs(3), node.call(&m, DataRequest::VmForget { id: vm.clone() })).await;
+                    }
+                }
+                out.push(s);
+            }
+            Err(e) => {
+                let e = if e.contains(&format!("VM {vm}")) { e } else { format!("VM {vm}: {e}") };
+                failed.push(format!("host {}: {e}", node.host_name(&host.id)));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(RestoreError::Hosts {
+            failed: failed.join("; "),
+            restored: out.iter().map(|s| format!("{} on {}", s.vm, s.host)).collect::<Vec<_>>().join(", "),
+        });
+    }
+    Ok(out)
 }
 
 /// Fetches pages by hash from a snapshot's owners, verifying each.
@@ -308,8 +426,15 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         }
     }
     let (pages_needed, fetcher_stats, vm_status) = r?;
+    if let Dest::Qemu { launched: Some(l), .. } = &dest {
+        // The VM runs on this host now.
+        if let Err(e) = node.vms.add(&vm, &l.qmp) {
+            tracing::warn!(target: "vmcsnap::restore", vm = %vm, error = %e, "cannot register the restored VM");
+        }
+    }
     Ok(RestoreSummary {
         name,
+        host: node.config.name.clone(),
         vm,
         target: match &dest {
             Dest::File(p) => format!("file:{}", p.display()),

@@ -1,12 +1,14 @@
 //! Taking a snapshot.
 //!
 //! States, each with its own failure, in order:
-//! 1. **Check**: name free (here and on every live member), sources readable, enough live
-//!    members for `replicas`. Fails with nothing written.
-//! 2. **Capture**: read, hash, group by owner, `Have`, `Put` the missing pages. Pages written
-//!    here are invisible (no record names them) until step 4.
-//! 3. **Seal**: build each VM's manifest tree and store its chunks like pages; `Sync` every
-//!    owner so that every page is durable on `replicas` owners.
+//! 1. **Check**: name free (here and on every live member), enough live members for
+//!    `replicas`, every VM found (registered on exactly one live member, or given with its
+//!    source on this host). Fails with nothing written.
+//! 2. **Capture** (on each VM's host, as one cut: [`super::cut`]): read, hash, group by owner,
+//!    `Have`, `Put` the missing pages. Pages written here are invisible (no record names them)
+//!    until step 4.
+//! 3. **Seal** (on each host): build each VM's manifest tree and store its chunks like pages;
+//!    `Sync` every owner so that every page is durable on `replicas` owners.
 //! 4. **Commit**: store the commit record here (the commit point: every page it names is
 //!    already durable on its owners), then send it to every live member; members that miss
 //!    it pull it later through the catalog sync.
@@ -14,10 +16,10 @@
 //! A failure in 1–3 leaves no record anywhere, so `snapshot list` never shows it. Pages a
 //! failed snapshot wrote stay in the store unreferenced (a later snapshot reuses them).
 
+use crate::engine::cut;
 use crate::engine::{Progress, HASH_WINDOWS_IN_FLIGHT, OWNER_BATCHES_IN_FLIGHT, OWNER_BATCH_PAGES, OWNER_QUEUE_BATCHES, WINDOW_PAGES};
 use crate::net::NetError;
 use crate::node::Node;
-use crate::source::Source;
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use std::collections::HashSet;
@@ -28,10 +30,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use vmcsnap_dht::placement::{owners_into, View};
 use vmcsnap_dht::Member;
-use vmcsnap_protocol::control::{CreateSummary, VmSpec};
-use vmcsnap_protocol::manifest::{build_manifest, validate_name, Block, CaptureMode, CommitRecord, VmEntry, VmStats};
-use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, PUT_PAGES_MAX};
-use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+use vmcsnap_protocol::control::{CreateSummary, VmInfo, VmSpec};
+use vmcsnap_protocol::manifest::{validate_name, CaptureMode, CommitRecord, VmEntry, VmStats};
+use vmcsnap_protocol::wire::{CutBegin, CutCommand, CutReport, DataRequest, DataResponse, PagePut, PUT_PAGES_MAX};
+use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
 
 /// Why a snapshot failed. Whatever the variant, nothing was committed.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,29 @@ pub enum SnapshotError {
     /// A local failure.
     #[error("{0}")]
     Internal(String),
+    /// The cut was aborted (another VM or host failed).
+    #[error("the snapshot was aborted")]
+    Aborted,
+    /// A host taking part failed.
+    #[error("host {host}: {reason}")]
+    Participant {
+        /// Its name.
+        host: String,
+        /// What went wrong, naming the VM.
+        reason: String,
+    },
+}
+
+impl SnapshotError {
+    /// A participant's failure, naming its host and the VM (or every VM it had).
+    pub fn participant(host: &str, vm: Option<&str>, vms: &[String], reason: &str) -> Self {
+        let reason = match vm {
+            Some(vm) if reason.contains(&format!("VM {vm}")) => reason.to_string(),
+            Some(vm) => format!("VM {vm}: {reason}"),
+            None => format!("{reason} (its VMs: {})", vms.join(", ")),
+        };
+        SnapshotError::Participant { host: host.to_string(), reason }
+    }
 }
 
 /// One page on its way to one owner.
@@ -94,10 +119,13 @@ struct Item {
     primary: bool,
 }
 
+/// Per-VM counters the owner workers keep.
 #[derive(Default)]
-struct VmCounters {
-    new: AtomicU64,
-    bytes_sent: AtomicU64,
+pub struct VmCounters {
+    /// Pages the VM's primary owners did not have.
+    pub new: AtomicU64,
+    /// Page bytes sent to other nodes.
+    pub bytes_sent: AtomicU64,
 }
 
 /// Groups pages by owner and feeds one worker per owner.
@@ -113,7 +141,8 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    fn new(node: &Arc<Node>, members: Vec<Member>, replicas: usize, counters: Arc<Vec<VmCounters>>) -> Self {
+    /// An uploader placing over `members` (sorted by id), one worker per member.
+    pub fn new(node: &Arc<Node>, members: Vec<Member>, replicas: usize, counters: Arc<Vec<VmCounters>>) -> Self {
         let view = View::new(members.iter().map(|m| m.id).collect());
         // View sorts by id; the member list is sorted by id too, so indexes agree.
         debug_assert!(members.iter().map(|m| m.id).eq(view.members().iter().copied()));
@@ -168,7 +197,7 @@ impl Uploader {
     }
 
     /// Sends what is pending and waits for every owner to acknowledge everything.
-    async fn finish(mut self) -> Result<Vec<Member>, SnapshotError> {
+    pub async fn finish(mut self) -> Result<Vec<Member>, SnapshotError> {
         for o in 0..self.members.len() {
             self.flush(o).await?;
         }
@@ -184,7 +213,8 @@ impl Uploader {
     }
 }
 
-fn owner_error(m: &Member, source: NetError) -> SnapshotError {
+/// An owner's failure as a snapshot error.
+pub fn owner_error(m: &Member, source: NetError) -> SnapshotError {
     SnapshotError::Owner { owner: m.id.short(), addr: m.data_addr, source }
 }
 
@@ -235,24 +265,35 @@ async fn owner_worker(
         .await
 }
 
-struct Prepared {
-    spec: VmSpec,
-    source: Source,
-    /// Memory size for files; 0 for QEMU VMs (known once the stream arrives).
-    bytes: u64,
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Takes snapshot `name` of `vms` (all on this host).
-pub async fn create(node: Arc<Node>, name: String, vms: Vec<VmSpec>, mode: CaptureMode, progress: Progress) -> Result<CreateSummary, SnapshotError> {
-    validate_name("snapshot name", &name).map_err(SnapshotError::Invalid)?;
+/// What `snapshot create` asks for.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    /// Snapshot name.
+    pub name: String,
+    /// VMs named by the operator.
+    pub vms: Vec<VmSpec>,
+    /// Also every VM registered in the cluster.
+    pub all: bool,
+    /// Capture mode for running VMs.
+    pub mode: CaptureMode,
+    /// Replicas; `None` for the node's default.
+    pub replicas: Option<u8>,
+    /// Live-copy bandwidth cap, bytes/s.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Takes snapshot `req.name` of VMs wherever they run, as one cut driven from this node.
+pub async fn create(node: Arc<Node>, req: CreateRequest, progress: Progress) -> Result<CreateSummary, SnapshotError> {
+    validate_name("snapshot name", &req.name).map_err(SnapshotError::Invalid)?;
+    let name = req.name.clone();
     if !node.reserve_name(&name) {
         return Err(SnapshotError::NameTaken(name));
     }
-    let r = create_reserved(&node, &name, vms, mode, progress).await;
+    let r = create_reserved(&node, req, progress).await;
     node.release_name(&name);
     match &r {
         Ok(s) => tracing::info!(target: "vmcsnap::snapshot", snapshot = %name, raw = s.raw_bytes, new = s.new_bytes, ms = s.elapsed_ms, "snapshot committed"),
@@ -261,22 +302,64 @@ pub async fn create(node: Arc<Node>, name: String, vms: Vec<VmSpec>, mode: Captu
     r
 }
 
-async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mode: CaptureMode, mut progress: Progress) -> Result<CreateSummary, SnapshotError> {
+/// Every VM registered on a live member (this node included), with its status.
+pub async fn cluster_vms(node: &Arc<Node>) -> (Vec<VmInfo>, Vec<String>) {
+    let mut out = local_vms(node).await;
+    let peers: Vec<Member> = node.alive_members().into_iter().filter(|m| m.id != node.id).collect();
+    let answers = futures::future::join_all(
+        peers.iter().map(|p| tokio::time::timeout(crate::node::CATALOG_PEER_TIMEOUT, node.call(p, DataRequest::VmList))),
+    )
+    .await;
+    let mut silent = Vec::new();
+    for (p, a) in peers.iter().zip(answers) {
+        match a {
+            Ok(Ok(DataResponse::Vms { vms, .. })) => out.extend(vms),
+            _ => silent.push(node.host_name(&p.id)),
+        }
+    }
+    out.sort_by(|a, b| (&a.id, &a.host).cmp(&(&b.id, &b.host)));
+    (out, silent)
+}
+
+/// This host's VMs, with their status.
+pub async fn local_vms(node: &Arc<Node>) -> Vec<VmInfo> {
+    let list = node.vms.list().unwrap_or_default();
+    let statuses = futures::future::join_all(list.iter().map(|(_, qmp, _)| crate::vms::status(qmp))).await;
+    list.into_iter()
+        .zip(statuses)
+        .map(|((id, qmp, origin), status)| VmInfo {
+            id,
+            qmp: qmp.display().to_string(),
+            origin: origin.as_str().into(),
+            status,
+            host: node.config.name.clone(),
+            node: node.id,
+        })
+        .collect()
+}
+
+async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Progress) -> Result<CreateSummary, SnapshotError> {
     let t0 = Instant::now();
+    let name = req.name.as_str();
     // 1. Check.
-    if vms.is_empty() {
-        return Err(SnapshotError::Invalid("name at least one VM (--vm ID=file:PATH)".into()));
+    if req.vms.is_empty() && !req.all {
+        return Err(SnapshotError::Invalid(
+            "name the VMs: --vm ID (registered with a node: see `vmcsnap vm list`), --vm ID=qemu:QMP_SOCKET or ID=file:PATH (on this host), or --all".into(),
+        ));
     }
     let mut ids = HashSet::new();
-    let mut prepared = Vec::new();
-    for spec in vms {
+    for spec in &req.vms {
         validate_name("VM id", &spec.id).map_err(SnapshotError::Invalid)?;
         if !ids.insert(spec.id.clone()) {
             return Err(SnapshotError::Invalid(format!("VM id {} is given twice", spec.id)));
         }
-        let source = Source::parse(&spec.source).map_err(SnapshotError::Invalid)?;
-        let bytes = source.probe().map_err(|reason| SnapshotError::Read { vm: spec.id.clone(), reason })?;
-        prepared.push(Prepared { spec, source, bytes });
+        if let Some(source) = &spec.source {
+            crate::source::Source::parse(source).map_err(SnapshotError::Invalid)?;
+        }
+    }
+    let replicas = req.replicas.unwrap_or(node.config.replicas);
+    if replicas == 0 || replicas > crate::node::REPLICAS_MAX {
+        return Err(SnapshotError::Invalid(format!("--replicas must be 1 to {}, not {replicas}", crate::node::REPLICAS_MAX)));
     }
     // Here, then one targeted question per live peer (not a pull of their whole catalogs).
     let here = node.store.catalog_get(name).map_err(|e| SnapshotError::Internal(e.to_string()))?;
@@ -284,91 +367,150 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mode: C
         return Err(SnapshotError::NameTaken(name.to_string()));
     }
     let members = node.alive_members();
-    let replicas = node.config.replicas;
     if members.len() < replicas as usize {
         return Err(SnapshotError::TooFewMembers { alive: members.len(), replicas });
     }
 
-    // 2. Capture.
-    let counters: Arc<Vec<VmCounters>> = Arc::new(prepared.iter().map(|_| VmCounters::default()).collect());
-    let mut up = Uploader::new(node, members, replicas as usize, counters.clone());
-    let total_pages: u64 = prepared.iter().map(|p| p.bytes / PAGE_SIZE as u64).sum();
-    progress.phase("capture", total_pages);
-    let mut done_pages = 0u64;
-    let mut entries = Vec::new();
-    let mut all_hashes = Vec::new();
-    let mut layouts = Vec::new();
-    let mut qemu_states = Vec::new();
-    for (vi, p) in prepared.iter().enumerate() {
-        let tv = Instant::now();
-        let (hashes, mut stats, blocks, qemu) = match &p.source {
-            Source::File(path) => {
-                let (h, s) = capture_file(&mut up, vi, p, path, &progress, &mut done_pages).await?;
-                (h, s, vec![Block { name: "ram".into(), bytes: p.bytes }], None)
-            }
-            Source::Qemu(qmp) => {
-                progress.phase("capture", 0);
-                let c = crate::qemu::capture::capture(node, &mut up, vi, &p.spec.id, qmp, mode, &progress).await?;
-                (c.hashes, c.stats, c.blocks, Some(c.state))
-            }
+    // Where each VM runs.
+    let known = if req.all || req.vms.iter().any(|v| v.source.is_none()) { cluster_vms(node).await.0 } else { vec![] };
+    let host_of = |id: &str| -> Result<NodeId, SnapshotError> {
+        let hosts: Vec<&VmInfo> = known.iter().filter(|v| v.id == id).collect();
+        match hosts.as_slice() {
+            [v] => Ok(v.node),
+            [] => Err(SnapshotError::Invalid(format!("VM {id} is not registered on any live member (see `vmcsnap vm list`; register it with `vmcsnap vm add`)"))),
+            many => Err(SnapshotError::Invalid(format!(
+                "VM {id} is registered on several hosts ({}); remove the stale registration with `vmcsnap vm remove {id}` there",
+                many.iter().map(|v| v.host.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    };
+    let mut placed: Vec<(String, Option<String>, NodeId)> = Vec::new();
+    for spec in &req.vms {
+        let host = match &spec.source {
+            Some(_) => node.id,
+            None => host_of(&spec.id)?,
         };
-        stats.capture_ms = tv.elapsed().as_millis() as u64;
-        entries.push(stats);
-        all_hashes.push(hashes);
-        layouts.push(blocks);
-        qemu_states.push(qemu);
+        placed.push((spec.id.clone(), spec.source.clone(), host));
+    }
+    if req.all {
+        for v in &known {
+            if !placed.iter().any(|(id, _, _)| *id == v.id) {
+                placed.push((v.id.clone(), None, host_of(&v.id)?));
+            }
+        }
+    }
+    if placed.is_empty() {
+        return Err(SnapshotError::Invalid("--all: no VM is registered on any live member (see `vmcsnap vm add`)".into()));
+    }
+    if placed.len() > vmcsnap_protocol::manifest::SNAPSHOT_VMS_MAX {
+        return Err(SnapshotError::Invalid(format!("{} VMs; one snapshot takes at most {}", placed.len(), vmcsnap_protocol::manifest::SNAPSHOT_VMS_MAX)));
     }
 
-    // 3. Seal: manifest chunks go through the same pipeline, then every owner syncs.
-    progress.phase("seal", prepared.len() as u64);
-    let mut roots = Vec::new();
-    for hashes in &all_hashes {
-        let built = build_manifest(hashes);
-        for (h, page) in built.chunks {
-            up.push(h, Bytes::from(page), None).await?;
+    // 2. The cut: one participant per host.
+    let mut hosts: Vec<(NodeId, Vec<(String, Option<String>)>)> = Vec::new();
+    for (id, source, host) in &placed {
+        match hosts.iter_mut().find(|(h, _)| h == host) {
+            Some((_, v)) => v.push((id.clone(), source.clone())),
+            None => hosts.push((*host, vec![(id.clone(), source.clone())])),
         }
-        roots.push(built.root);
     }
-    drop(all_hashes);
-    let members = up.finish().await?;
-    futures::future::try_join_all(members.iter().map(|m| async move {
-        match node.call(m, DataRequest::Sync).await.map_err(|e| owner_error(m, e))? {
-            DataResponse::Synced => Ok(()),
-            _ => Err(SnapshotError::Protocol(m.id.short())),
+    let placement: Vec<NodeId> = members.iter().map(|m| m.id).collect();
+    let (rep_tx, mut rep_rx) = mpsc::channel(64);
+    let mut sessions = Vec::new();
+    for (i, (host, vms)) in hosts.into_iter().enumerate() {
+        let member = node.member(&host).ok_or_else(|| SnapshotError::Internal(format!("host {} vanished", host.short())))?;
+        let begin = CutBegin { name: name.to_string(), vms, mode: req.mode, replicas, placement: placement.clone(), max_bandwidth: req.max_bandwidth };
+        sessions.push(cut::start_session(node, member, begin, i, rep_tx.clone()).await);
+    }
+    drop(rep_tx);
+    let n = sessions.len();
+    let total_vms = placed.len() as u64;
+    progress.phase("prepare", n as u64);
+    let (mut ready, mut paused, mut done) = (0usize, 0usize, 0usize);
+    let mut results: Vec<Option<Vec<VmEntry>>> = (0..n).map(|_| None).collect();
+    let mut ended = vec![false; n];
+    let failure = loop {
+        let Some((i, r)) = rep_rx.recv().await else {
+            break Some(SnapshotError::Internal("every participant ended without finishing".into()));
+        };
+        let s = &sessions[i];
+        match r {
+            None => {
+                ended[i] = true;
+                if results[i].is_none() {
+                    break Some(SnapshotError::participant(&s.host_name, None, &s.vms, "ended without reporting"));
+                }
+            }
+            Some(CutReport::Ready) => {
+                ready += 1;
+                progress.set(ready as u64);
+                if ready == n {
+                    // Every participant at once: the pauses start together.
+                    futures::future::join_all(sessions.iter().map(|s| s.send(CutCommand::Go))).await;
+                    progress.phase("pause", n as u64);
+                }
+            }
+            Some(CutReport::Paused) => {
+                paused += 1;
+                progress.set(paused as u64);
+                if paused == n {
+                    futures::future::join_all(sessions.iter().map(|s| s.send(CutCommand::Release))).await;
+                    progress.phase("upload", total_vms);
+                }
+            }
+            Some(CutReport::Done { vms }) => {
+                done += vms.len();
+                progress.set(done as u64);
+                results[i] = Some(vms);
+                if results.iter().all(|r| r.is_some()) {
+                    break None;
+                }
+            }
+            Some(CutReport::Failed { vm, reason }) => break Some(SnapshotError::participant(&s.host_name, vm.as_deref(), &s.vms, &reason)),
+            Some(CutReport::Heartbeat) => {}
         }
-    }))
-    .await?;
+    };
+    if let Some(err) = failure {
+        let reason = err.to_string();
+        futures::future::join_all(sessions.iter().map(|s| s.send(CutCommand::Abort { reason: reason.clone() }))).await;
+        // Wait for every participant to end, so that the error comes back only once every VM
+        // that can run again does.
+        let deadline = Instant::now() + ABORT_WAIT;
+        while ended.iter().any(|e| !e) {
+            match tokio::time::timeout_at(deadline.into(), rep_rx.recv()).await {
+                Ok(Some((i, None))) => ended[i] = true,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        return Err(err);
+    }
 
-    // 4. Commit.
+    // 3. Commit: VMs in the order asked.
+    let mut by_id: std::collections::HashMap<String, VmEntry> =
+        results.into_iter().flatten().flatten().map(|v| (v.id.clone(), v)).collect();
     let mut vms_out = Vec::new();
-    for ((((p, mut stats), root), blocks), qemu) in prepared.iter().zip(entries).zip(roots).zip(layouts).zip(qemu_states) {
-        let c = &counters[vms_out.len()];
-        // In live pre-copy a page re-sent with new content is stored too; "new" counts every
-        // page stored, so it can exceed the pages the final memory holds.
-        stats.pages_new = c.new.load(Ordering::Relaxed);
-        stats.pages_dedup = stats.pages_nonzero.saturating_sub(stats.pages_new);
-        stats.bytes_sent = c.bytes_sent.load(Ordering::Relaxed);
-        vms_out.push(VmEntry {
-            id: p.spec.id.clone(),
-            source: p.spec.source.clone(),
-            host: node.id,
-            blocks,
-            manifest: root,
-            stats,
-            qemu,
-        });
+    for (id, _, _) in &placed {
+        vms_out.push(by_id.remove(id).ok_or_else(|| SnapshotError::Internal(format!("no entry came back for VM {id}")))?);
     }
+    let starts: Vec<u64> = vms_out.iter().filter_map(|v| v.stats.paused_unix_us).collect();
+    let pause_skew_us = match (starts.iter().min(), starts.iter().max()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let record = CommitRecord {
         name: name.to_string(),
         created_unix_ms: now_ms(),
         replicas,
-        placement: members.iter().map(|m| m.id).collect(),
+        placement,
         initiator: node.id,
         vms: vms_out,
         elapsed_ms: t0.elapsed().as_millis() as u64,
+        pause_skew_us,
     };
     record.validate().map_err(|e| SnapshotError::Internal(e.to_string()))?;
     commit(node, &record).await?;
+    drop(sessions);
 
     let raw_bytes = record.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum();
     let vms: Vec<(String, VmStats)> = record.vms.iter().map(|v| (v.id.clone(), v.stats.clone())).collect();
@@ -378,9 +520,14 @@ async fn create_reserved(node: &Arc<Node>, name: &str, vms: Vec<VmSpec>, mode: C
         bytes_sent: vms.iter().map(|(_, s)| s.bytes_sent).sum(),
         new_bytes: vms.iter().map(|(_, s)| s.pages_new).sum::<u64>() * PAGE_SIZE as u64,
         elapsed_ms: t0.elapsed().as_millis() as u64,
+        hosts: record.vms.iter().map(|v| v.host_name.clone()).collect(),
+        pause_skew_us,
         vms,
     })
 }
+
+/// How long an aborted cut waits for its participants to resume their VMs and end.
+pub const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn name_on_peers(node: &Arc<Node>, name: &str) -> bool {
     let peers: Vec<Member> = node.alive_members().into_iter().filter(|m| m.id != node.id).collect();
@@ -419,24 +566,24 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
 }
 
 /// Reads one image file through the pipeline. Returns its page hashes in order.
-async fn capture_file(
-    up: &mut Uploader,
+pub async fn capture_file(
+    up: &tokio::sync::Mutex<Uploader>,
     vi: usize,
-    p: &Prepared,
+    vm: &str,
+    bytes: u64,
     path: &std::path::Path,
     progress: &Progress,
     done_pages: &mut u64,
 ) -> Result<(Vec<PageHash>, VmStats), SnapshotError> {
-    let file = Arc::new(std::fs::File::open(path).map_err(|e| SnapshotError::Read { vm: p.spec.id.clone(), reason: e.to_string() })?);
-    let pages = p.bytes / PAGE_SIZE as u64;
+    let file = Arc::new(std::fs::File::open(path).map_err(|e| SnapshotError::Read { vm: vm.to_string(), reason: e.to_string() })?);
+    let pages = bytes / PAGE_SIZE as u64;
     let windows = pages.div_ceil(WINDOW_PAGES as u64);
-    let vm = p.spec.id.clone();
     let mut stats = VmStats { pages_total: pages, ..Default::default() };
     let mut hashes = Vec::with_capacity(pages as usize);
     let mut reads = stream::iter(0..windows)
         .map(|w| {
             let file = file.clone();
-            let vm = vm.clone();
+            let vm = vm.to_string();
             async move {
                 let first = w * WINDOW_PAGES as u64;
                 let n = (pages - first).min(WINDOW_PAGES as u64) as usize;
@@ -454,6 +601,7 @@ async fn capture_file(
         .buffered(HASH_WINDOWS_IN_FLIGHT);
     while let Some(r) = reads.next().await {
         let (buf, window_hashes) = r?;
+        let mut up = up.lock().await;
         for (i, h) in window_hashes.iter().enumerate() {
             if h.is_zero() {
                 stats.pages_zero += 1;
@@ -462,6 +610,7 @@ async fn capture_file(
             stats.pages_nonzero += 1;
             up.push(*h, buf.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE), Some(vi)).await?;
         }
+        drop(up);
         *done_pages += window_hashes.len() as u64;
         progress.set(*done_pages);
         hashes.extend(window_hashes);

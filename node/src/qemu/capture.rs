@@ -16,6 +16,7 @@
 
 use super::qmp::Qmp;
 use super::stream::{self, StreamError};
+use crate::engine::cut::{check_abort, Gate, Stage};
 use crate::engine::snapshot::{SnapshotError, Uploader};
 use crate::engine::Progress;
 use crate::node::Node;
@@ -24,6 +25,7 @@ use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
 use vmcsnap_protocol::manifest::{Block, CaptureMode, QemuState, VmStats};
 use vmcsnap_protocol::{hash_page, is_zero_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
@@ -53,15 +55,18 @@ fn qemu_err(vm: &str, reason: impl std::fmt::Display) -> SnapshotError {
 }
 
 /// Captures VM `vm` (index `vi` in the snapshot) through its QMP socket.
+#[allow(clippy::too_many_arguments)]
 pub async fn capture(
     node: &Arc<Node>,
-    up: &mut Uploader,
+    up: &Mutex<Uploader>,
     vi: usize,
     vm: &str,
     qmp_path: &Path,
     mode: CaptureMode,
-    progress: &Progress,
+    gate: &mut Gate,
+    max_bandwidth: Option<u64>,
 ) -> Result<Captured, SnapshotError> {
+    let progress = &Progress::new(None);
     let mut q = Qmp::connect(qmp_path).await.map_err(|e| qemu_err(vm, e))?;
     let status = q.status().await.map_err(|e| qemu_err(vm, e))?;
     let was_running = match status.as_str() {
@@ -110,7 +115,11 @@ pub async fn capture(
     let params = q.execute("query-migrate-parameters", json!({})).await.map_err(|e| qemu_err(vm, e))?;
     let old_bandwidth = params["max-bandwidth"].as_u64();
     let old_downtime = params["downtime-limit"].as_u64();
-    q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
+    let live_bandwidth = match mode {
+        CaptureMode::PreCopy => max_bandwidth.unwrap_or(super::CAPTURE_BANDWIDTH),
+        CaptureMode::StopCopy => super::CAPTURE_BANDWIDTH,
+    };
+    q.execute("migrate-set-parameters", json!({ "max-bandwidth": live_bandwidth, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
         .await
         .map_err(|e| qemu_err(vm, e))?;
 
@@ -129,12 +138,21 @@ pub async fn capture(
     // Unlinked at once: it disappears with the last handle, whatever happens.
     let _ = std::fs::remove_file(&spool_path);
 
-    let mut paused_at = None;
+    let mut paused_at: Option<(Instant, u64)> = None;
     let mut resumed_at = None;
+    let mut journaled = false;
+    let abort = gate.watch();
     let result = async {
-        if mode == CaptureMode::StopCopy && was_running {
-            q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-            paused_at = Some(Instant::now());
+        if mode == CaptureMode::StopCopy {
+            gate.ready();
+            gate.wait(Stage::Go).await?;
+            if was_running {
+                node.vms.note_paused(vm, qmp_path);
+                journaled = true;
+                q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+                paused_at = Some((Instant::now(), unix_us()));
+            }
+            gate.paused();
         }
         q.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()) })).await.map_err(|e| qemu_err(vm, e))?;
         let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
@@ -145,38 +163,77 @@ pub async fn capture(
         conn.set_nonblocking(false).map_err(|e| qemu_err(vm, e))?;
         let spool_w = spool.try_clone().map_err(|e| qemu_err(vm, e))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
-        let parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
-        // The VM resumes as soon as QEMU has sent everything: the stream is parsed and spooled
-        // at stream speed, while the owners take the pages at their own pace.
+        let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
+        // The VM resumes as soon as QEMU has sent everything and every VM of the cut is
+        // paused: the stream is parsed and spooled at stream speed, while the owners take the
+        // pages at their own pace.
         // In stop-copy the VM waits for the stream: hashing and sending pages then would only
         // compete with it for the CPU, so the upload starts once the VM runs again.
         let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel::<()>();
         let resume = async {
             let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
-            let parsed = parser.await.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?;
-            let t0 = Instant::now();
-            let downtime = loop {
-                let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
-                match info.get("status").and_then(|s| s.as_str()) {
-                    Some("completed") => break info.get("downtime").and_then(|d| d.as_u64()),
-                    Some("failed") | Some("cancelled") => {
-                        return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"])));
+            let r = async {
+                if mode == CaptureMode::PreCopy {
+                    let self_paused = match live_rounds(&mut q, vm, gate).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            // When QEMU gave up, the stream's own fault says more than its
+                            // "failed": the parser ends at once (QEMU closed the socket).
+                            if let Ok(Ok(Err(pe))) = tokio::time::timeout(Duration::from_secs(2), &mut parser).await {
+                                return Err(qemu_err(vm, pe));
+                            }
+                            return Err(e);
+                        }
+                    };
+                    if was_running {
+                        node.vms.note_paused(vm, qmp_path);
+                        journaled = true;
+                        paused_at = Some(match self_paused {
+                            Some(t) => t,
+                            None => {
+                                // The final round starts now, on every host of the cut.
+                                q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+                                (Instant::now(), unix_us())
+                            }
+                        });
+                        // What is left goes at full speed: the VM waits for it.
+                        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
                     }
-                    _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(qemu_err(vm, "QEMU did not finish the migration")),
-                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                    gate.paused();
                 }
-            };
-            if was_running {
-                q.execute("cont", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                resumed_at = Some(Instant::now());
+                let parsed = (&mut parser).await.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?;
+                let t0 = Instant::now();
+                let downtime = loop {
+                    let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+                    match info.get("status").and_then(|s| s.as_str()) {
+                        Some("completed") => break info.get("downtime").and_then(|d| d.as_u64()),
+                        Some("failed") | Some("cancelled") => {
+                            return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"])));
+                        }
+                        _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(qemu_err(vm, "QEMU did not finish the migration")),
+                        _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                    }
+                };
+                // One cut: no VM runs on before every VM of the snapshot is paused.
+                gate.wait(Stage::Release).await?;
+                if was_running {
+                    q.execute("cont", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+                    resumed_at = Some(Instant::now());
+                }
+                Ok::<_, SnapshotError>((parsed, downtime))
             }
-            Ok::<_, SnapshotError>((parsed, downtime))
+            .await;
+            if r.is_err() {
+                // Stop QEMU sending at once, so that the parser (and the upload) end too.
+                let _ = q.execute("migrate_cancel", json!({})).await;
+            }
+            r
         };
         let drain = async {
             if mode == CaptureMode::StopCopy {
                 let _ = resumed_rx.await;
             }
-            drain(up, vi, rx, &spool, progress).await
+            drain(up, vi, rx, &spool, progress, &abort).await
         };
         let (resumed, drained) = tokio::join!(resume, drain);
         let (parsed, downtime) = resumed?;
@@ -198,7 +255,7 @@ pub async fn capture(
     }
     let mut resume_err = None;
     if was_running && resumed_at.is_none() {
-        for _ in 0..100 {
+        for _ in 0..500 {
             match q.status().await {
                 Ok(s) if s == "running" => break,
                 Ok(s) if matches!(s.as_str(), "paused" | "postmigrate") => {
@@ -212,7 +269,10 @@ pub async fn capture(
             }
         }
     }
-    let pause_ms = paused_at.map(|t| resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
+    if journaled && resume_err.is_none() {
+        node.vms.note_resumed(vm);
+    }
+    let pause_ms = paused_at.map(|(t, _)| resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
     if let (Some(b), Some(d)) = (old_bandwidth, old_downtime) {
         let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
     }
@@ -221,7 +281,7 @@ pub async fn capture(
         return Err(qemu_err(vm, format!("captured, but could not resume the VM: {e}")));
     }
 
-    let mut stats = VmStats { pause_ms: if mode == CaptureMode::StopCopy { pause_ms.or(downtime) } else { downtime }, ..Default::default() };
+    let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us: paused_at.map(|(_, u)| u), ..Default::default() };
     let mut hashes = Vec::new();
     for h in hashes_by_block {
         hashes.extend(h);
@@ -230,11 +290,13 @@ pub async fn capture(
     stats.pages_zero = hashes.iter().filter(|h| h.is_zero()).count() as u64;
     stats.pages_nonzero = stats.pages_total - stats.pages_zero;
     let (device_state, tail_pages) = super::blob_chunks(&parsed.tail);
+    let mut upl = up.lock().await;
     for (h, p) in device_state.chunks.iter().zip(tail_pages) {
         if !h.is_zero() {
-            up.push(*h, Bytes::from(p), None).await?;
+            upl.push(*h, Bytes::from(p), None).await?;
         }
     }
+    drop(upl);
     let blocks = parsed.meta.blocks.iter().map(|b| Block { name: b.name.clone(), bytes: b.len }).collect();
     let state = QemuState {
         qmp: qmp_path.display().to_string(),
@@ -250,6 +312,49 @@ pub async fn capture(
         was_running,
     };
     Ok(Captured { hashes, blocks, stats, state })
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Pre-copy's live rounds: waits until QEMU has made one full pass over the VM's memory (its
+/// second dirty-bitmap sync) and reports the VM ready, then waits for the cut's `Go`. If QEMU
+/// finishes on its own meanwhile (an idle VM converges at once), it paused the VM itself:
+/// returns when that was first seen.
+async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Option<(Instant, u64)>, SnapshotError> {
+    let mut self_paused = None;
+    let abort = gate.watch();
+    loop {
+        check_abort(&abort)?;
+        let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+        match info.get("status").and_then(|s| s.as_str()) {
+            Some("failed") | Some("cancelled") => return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"]))),
+            Some("device") | Some("completed") | Some("pre-switchover") => {
+                self_paused = Some((Instant::now(), unix_us()));
+                break;
+            }
+            _ => {}
+        }
+        if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.ready();
+    loop {
+        tokio::select! {
+            r = gate.wait(Stage::Go) => { r?; return Ok(self_paused); }
+            _ = tokio::time::sleep(Duration::from_millis(20)), if self_paused.is_none() => {
+                let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+                match info.get("status").and_then(|s| s.as_str()) {
+                    Some("failed") | Some("cancelled") => return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"]))),
+                    Some("device") | Some("completed") | Some("pre-switchover") => self_paused = Some((Instant::now(), unix_us())),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// One page record: block, page index, and where its bytes are in the spool file (`None` for
@@ -297,16 +402,18 @@ fn parse_to_spool(
 /// Keeps each block's page map (last copy wins) and pushes non-zero pages, read back from the
 /// spool, to the owners.
 async fn drain(
-    up: &mut Uploader,
+    up: &Mutex<Uploader>,
     vi: usize,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Entry>>,
     spool: &std::fs::File,
     progress: &Progress,
+    abort: &tokio::sync::watch::Receiver<Stage>,
 ) -> Result<Vec<Vec<PageHash>>, SnapshotError> {
     use std::os::unix::fs::FileExt;
     let mut maps: Vec<Vec<PageHash>> = Vec::new();
     let mut records = 0u64;
     while let Some(batch) = rx.recv().await {
+        check_abort(abort)?;
         // The batch's non-zero pages sit one after another in the spool: one read, then hash
         // them on the blocking pool.
         let offs: Vec<u64> = batch.iter().filter_map(|e| e.2).collect();
@@ -326,6 +433,7 @@ async fn drain(
             }
             _ => (0, Bytes::new(), Vec::new()),
         };
+        let mut up = up.lock().await;
         for (b, i, off) in batch {
             let b = b as usize;
             if maps.len() <= b {

@@ -1,0 +1,206 @@
+//! Cluster snapshots: real QEMU guests on two hosts, registered with their nodes, snapshotted
+//! as one cut from a third host, rolled back on other hosts; and a participant's node killed
+//! mid-snapshot, which aborts the whole cut with every VM left running.
+//!
+//! Needs `qemu-system-x86_64` and the guest build (`scripts/test.sh` provides both).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmcsnap_testnet::cluster::Cluster;
+use vmcsnap_testnet::guest::{self, Guest, QmpSync};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
+}
+
+const BOOT: Duration = Duration::from_secs(90);
+const CONSOLE: Duration = Duration::from_secs(60);
+
+/// The md5 field of "FILL-DONE <md5> ..." or "CHECK <md5> uptime=...".
+fn md5_of(line: &str) -> String {
+    match line.split_whitespace().nth(1) {
+        Some(t) if !t.starts_with("uptime=") => t.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn uptime_of(line: &str) -> f64 {
+    line.split("uptime=").nth(1).and_then(|u| u.split_whitespace().next()).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+}
+
+fn check(dir: &Path, vm: &str) -> String {
+    Guest::paths(dir, vm).console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm}: {e:#}"))
+}
+
+fn status(qmp: &Path) -> String {
+    QmpSync::connect(qmp).and_then(|mut q| q.status()).unwrap_or_else(|e| format!("unreachable: {e:#}"))
+}
+
+/// Three string fields of every object of a JSON array.
+fn triples(list: &serde_json::Value, a: &str, b: &str, c: &str) -> Vec<(String, String, String)> {
+    let f = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+    list.as_array().expect("array").iter().map(|v| (f(v, a), f(v, b), f(v, c))).collect()
+}
+
+/// Per VM: (id, host, pause start µs, pause end µs).
+fn pauses(created: &serde_json::Value) -> Vec<(String, String, u64, u64)> {
+    let hosts = created["hosts"].as_array().expect("hosts");
+    created["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .zip(hosts)
+        .map(|(v, h)| {
+            let start = v[1]["paused_unix_us"].as_u64().unwrap_or_else(|| panic!("pause start of {v}"));
+            let ms = v[1]["pause_ms"].as_u64().unwrap_or_else(|| panic!("pause of {v}"));
+            (v[0].as_str().expect("id").to_string(), h.as_str().expect("host").to_string(), start, start + ms * 1000)
+        })
+        .collect()
+}
+
+/// One cut: every VM was paused at one instant (the last pause began before the first resume).
+fn assert_one_cut(created: &serde_json::Value) {
+    let p = pauses(created);
+    let last_start = p.iter().map(|x| x.2).max().expect("vms");
+    let first_end = p.iter().map(|x| x.3).min().expect("vms");
+    // Pause lengths are whole ms: allow that rounding.
+    assert!(last_start <= first_end + 1000, "not one cut: {p:?}");
+    let first_start = p.iter().map(|x| x.2).min().expect("vms");
+    assert_eq!(created["pause_skew_us"].as_u64(), Some(last_start - first_start), "{created}");
+}
+
+#[test]
+fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+
+    // n1 runs g1 (idle) and g2 (16 MiB of random data); n2 runs g3 (writing all the time).
+    let _g1 = Guest::start(&vms, "g1", 128, "", &accel).expect("g1");
+    let g2 = Guest::start(&vms, "g2", 128, "fill=16", &accel).expect("g2");
+    let g3 = Guest::start(&vms, "g3", 128, "writer=1", &accel).expect("g3");
+    let fill = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
+    g3.wait_for("WRITER-STARTED", BOOT).expect("g3 writer");
+    let up1 = uptime_of(&check(&vms, "g1"));
+    for (node, vm) in [(0, "g1"), (0, "g2"), (1, "g3")] {
+        let qmp = vms.join(format!("{vm}.qmp"));
+        c.json(node, &["vm", "add", vm, "--qmp", &qmp.display().to_string()]).unwrap_or_else(|e| panic!("vm add {vm}: {e:#}"));
+    }
+    // Registering the same id on another host is refused.
+    let o = c.cli(2, &["vm", "add", "g1", "--qmp", &vms.join("g1.qmp").display().to_string()]).expect("run");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already registered on host n1"));
+
+    // Every host sees every VM and where it runs.
+    let seen = triples(&c.json(2, &["vm", "list"]).expect("vm list"), "id", "host", "status");
+    let want = |s: &[(&str, &str)]| s.iter().map(|(v, h)| (v.to_string(), h.to_string(), "running".to_string())).collect::<Vec<_>>();
+    assert_eq!(seen, want(&[("g1", "n1"), ("g2", "n1"), ("g3", "n2")]));
+
+    // Stop-copy of the whole cluster, driven from n3, which runs none of the VMs.
+    let s1 = c.json(2, &["snapshot", "create", "cut1", "--all", "--mode", "stop-copy"]).expect("cluster snapshot");
+    assert_eq!(s1["hosts"], serde_json::json!(["n1", "n1", "n2"]), "{s1}");
+    assert_one_cut(&s1);
+    let show = c.json(0, &["snapshot", "show", "cut1"]).expect("show");
+    assert_eq!(show["pause_skew_us"], s1["pause_skew_us"]);
+    assert_eq!(show["initiator"], c.json(2, &["cluster", "status"]).expect("status")["node"]);
+    for v in show["vms"].as_array().expect("vms") {
+        assert!(v["stats"]["pause_ms"].as_u64().is_some(), "{v}");
+    }
+    // The guests run on, memory intact.
+    assert_eq!(md5_of(&check(&vms, "g2")), fill);
+    let up1_after = uptime_of(&check(&vms, "g1"));
+    assert!(up1_after > up1);
+
+    // Pre-copy, one cut too; incremental by content: the idle guests barely changed, so
+    // almost none of their pages are new.
+    let s2 = c.json(2, &["snapshot", "create", "cut2", "--vm", "g1", "--vm", "g2", "--vm", "g3"]).expect("pre-copy cluster snapshot");
+    assert_one_cut(&s2);
+    for v in s2["vms"].as_array().expect("vms").iter().filter(|v| v[0] != "g3") {
+        let (new, nonzero) = (v[1]["pages_new"].as_u64().expect("new"), v[1]["pages_nonzero"].as_u64().expect("nonzero"));
+        assert!(new * 20 < nonzero, "second snapshot of an idle guest stores only its changes: {v}");
+    }
+    assert!(s2["new_bytes"].as_u64() < s1["new_bytes"].as_u64(), "{s1} vs {s2}");
+
+    // Lose every guest; roll the cluster back to cut1 from n1, each VM on another host.
+    for vm in ["g1", "g2", "g3"] {
+        guest::kill_by_qmp(&vms.join(format!("{vm}.qmp")));
+    }
+    drop((g2, g3));
+    let r = c
+        .json(0, &["snapshot", "restore", "cut1", "--launch", "--on", "g1=n2", "--on", "g2=n3", "--on", "g3=n1"])
+        .expect("cluster rollback");
+    let placed = triples(&r, "vm", "host", "vm_status");
+    assert_eq!(placed, want(&[("g1", "n2"), ("g2", "n3"), ("g3", "n1")]));
+    assert_eq!(md5_of(&check(&vms, "g2")), fill, "g2's memory after the rollback");
+    let up1_restored = uptime_of(&check(&vms, "g1"));
+    assert!(up1_restored >= up1 && up1_restored > 0.0, "g1 runs on from the snapshot");
+    check(&vms, "g3");
+    // The registry followed the VMs.
+    let seen = triples(&c.json(1, &["vm", "list"]).expect("vm list"), "id", "host", "status");
+    assert_eq!(seen, want(&[("g1", "n2"), ("g2", "n3"), ("g3", "n1")]));
+    for vm in ["g1", "g2", "g3"] {
+        guest::kill_by_qmp(&vms.join(format!("{vm}.qmp")));
+    }
+}
+
+#[test]
+fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let vms1 = tmp.path().join("vms-n1");
+    let vms2 = tmp.path().join("vms-n2");
+    std::fs::create_dir_all(&vms2).expect("dir");
+    // n2 finds its VMs by their sockets in --vm-dir.
+    let extra = vec![vec![], vec!["--vm-dir".to_string(), vms2.display().to_string()], vec![]];
+    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, extra).expect("cluster");
+
+    let g1 = Guest::start(&vms1, "g1", 128, "fill=16", &accel).expect("g1");
+    let g2 = Guest::start(&vms2, "g2", 128, "fill=32", &accel).expect("g2");
+    let fill1 = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
+    let fill2 = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
+    c.json(0, &["vm", "add", "g1", "--qmp", &vms1.join("g1.qmp").display().to_string()]).expect("vm add");
+    let list = c.json(2, &["vm", "list"]).expect("vm list");
+    let g2_entry = list.as_array().expect("list").iter().find(|v| v["id"] == "g2").cloned().expect("g2 listed");
+    assert_eq!((g2_entry["host"].as_str(), g2_entry["origin"].as_str()), (Some("n2"), Some("dir")), "{list}");
+
+    // Pre-copy with the live copy capped at 2 MiB/s: g2's 32 MiB take long enough to kill
+    // n2 while its guest is being copied.
+    let before = c.json(0, &["snapshot", "list"]).expect("list");
+    let mut create = std::process::Command::new(bin())
+        .args(["snapshot", "create", "k1", "--vm", "g1", "--vm", "g2", "--max-bandwidth", "2", "--node"])
+        .arg(c.nodes[2].dir.as_os_str())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(create.try_wait().expect("wait").is_none(), "the snapshot should still be copying");
+    let t_kill = Instant::now();
+    c.kill(1);
+    let out = create.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the cut must fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("host n2"), "the error names the host: {err}");
+    assert!(err.contains("g2"), "the error names the VM: {err}");
+    assert!(t_kill.elapsed() < Duration::from_secs(60), "aborted in {:?}", t_kill.elapsed());
+
+    // Every VM runs, and nothing was committed anywhere.
+    assert_eq!(status(&vms1.join("g1.qmp")), "running");
+    assert_eq!(status(&vms2.join("g2.qmp")), "running");
+    assert_eq!(c.json(0, &["snapshot", "list"]).expect("list"), before);
+    assert_eq!(c.json(2, &["snapshot", "list"]).expect("list"), before);
+
+    // n2 comes back; the same snapshot now succeeds, and the guests are intact.
+    c.restart(1).expect("restart");
+    c.wait_converged(Duration::from_secs(30)).expect("converged");
+    let s = c.json(2, &["snapshot", "create", "k1", "--vm", "g1", "--vm", "g2"]).expect("retry");
+    assert_eq!(s["hosts"], serde_json::json!(["n1", "n2"]), "{s}");
+    assert_one_cut(&s);
+    assert_eq!(md5_of(&check(&vms1, "g1")), fill1);
+    assert_eq!(md5_of(&check(&vms2, "g2")), fill2);
+    let names: Vec<String> =
+        c.json(0, &["snapshot", "list"]).expect("list").as_array().expect("list").iter().map(|s| s["name"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(names, ["k1"]);
+}

@@ -1,0 +1,176 @@
+//! The VMs of this host: registered ones (`vmcsnap vm add`, or launched here by a restore),
+//! kept in the store's metadata, and those whose QMP socket (`ID.qmp`) sits in `--vm-dir`,
+//! found by reading the directory whenever the list is asked for (so it is never stale).
+//!
+//! Also the pause journal: before a capture pauses a VM it notes the VM here, and removes the
+//! note once the VM runs again. A node that died in between finds the note when it starts and
+//! resumes the VM, so a crash mid-snapshot never leaves a guest paused for good.
+
+use crate::qemu::qmp::Qmp;
+use crate::store::{Store, StoreError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use vmcsnap_protocol::manifest::validate_name;
+
+const VM_PREFIX: &[u8] = b"vm:";
+const PAUSED_PREFIX: &[u8] = b"paused:";
+/// Time a status question to one VM's monitor may take (a capture holding it answers "busy").
+pub const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Where a VM's registration came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `vmcsnap vm add`, or launched here by a restore.
+    Added,
+    /// A socket in `--vm-dir`.
+    Dir,
+}
+
+impl Origin {
+    /// As shown by `vm list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Added => "added",
+            Origin::Dir => "dir",
+        }
+    }
+}
+
+/// This host's VMs.
+pub struct Registry {
+    store: Arc<Store>,
+    dir: Option<PathBuf>,
+}
+
+impl Registry {
+    /// The registry kept in `store`, plus the sockets in `dir`.
+    pub fn new(store: Arc<Store>, dir: Option<PathBuf>) -> Self {
+        Self { store, dir }
+    }
+
+    /// Registers (or re-points) VM `id` at QMP socket `qmp`.
+    pub fn add(&self, id: &str, qmp: &Path) -> Result<(), String> {
+        validate_name("VM id", id)?;
+        if !qmp.is_absolute() {
+            return Err(format!("the QMP socket must be an absolute path, not {}", qmp.display()));
+        }
+        let key = [VM_PREFIX, id.as_bytes()].concat();
+        self.store.meta_put(&key, qmp.display().to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// Forgets VM `id`; false if it was not registered (a `--vm-dir` socket cannot be forgotten).
+    pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        let key = [VM_PREFIX, id.as_bytes()].concat();
+        let had = self.store.meta_get(&key)?.is_some();
+        if had {
+            self.store.meta_delete(&key)?;
+        }
+        Ok(had)
+    }
+
+    /// Every VM of this host: registered ones, then `--vm-dir` sockets not registered by id.
+    pub fn list(&self) -> Result<Vec<(String, PathBuf, Origin)>, StoreError> {
+        let mut out: Vec<(String, PathBuf, Origin)> = self
+            .store
+            .meta_prefix(VM_PREFIX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let id = String::from_utf8_lossy(&k[VM_PREFIX.len()..]).into_owned();
+                (id, PathBuf::from(String::from_utf8_lossy(&v).into_owned()), Origin::Added)
+            })
+            .collect();
+        if let Some(dir) = &self.dir {
+            for (id, path) in scan_dir(dir) {
+                if !out.iter().any(|(i, _, _)| *i == id) {
+                    out.push((id, path, Origin::Dir));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The QMP socket of VM `id`, if it is one of this host's.
+    pub fn lookup(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        Ok(self.list()?.into_iter().find(|(i, _, _)| i == id).map(|(_, p, _)| p))
+    }
+
+    /// Notes that a capture is about to pause VM `id` (QMP socket `qmp`).
+    pub fn note_paused(&self, id: &str, qmp: &Path) {
+        let key = [PAUSED_PREFIX, id.as_bytes()].concat();
+        if let Err(e) = self.store.meta_put(&key, qmp.display().to_string().as_bytes()) {
+            tracing::warn!(target: "vmcsnap::vms", vm = id, error = %e, "cannot journal the pause");
+        }
+    }
+
+    /// Removes the note of [`Registry::note_paused`]: the VM runs again (or was never paused).
+    pub fn note_resumed(&self, id: &str) {
+        let key = [PAUSED_PREFIX, id.as_bytes()].concat();
+        let _ = self.store.meta_delete(&key);
+    }
+
+    /// Resumes every VM a capture paused and never resumed (the node died mid-snapshot).
+    pub async fn resume_journaled(&self) {
+        let Ok(entries) = self.store.meta_prefix(PAUSED_PREFIX) else { return };
+        for (k, v) in entries {
+            let id = String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned();
+            let qmp = PathBuf::from(String::from_utf8_lossy(&v).into_owned());
+            match resume_if_paused(&qmp).await {
+                Ok(Some(was)) => tracing::warn!(target: "vmcsnap::vms", vm = %id, state = %was,
+                    "resumed a VM that a snapshot interrupted by a node crash had left paused"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(target: "vmcsnap::vms", vm = %id, error = %e, "cannot check a VM a crashed snapshot paused"),
+            }
+            self.note_resumed(&id);
+        }
+    }
+}
+
+async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, String> {
+    let mut q = Qmp::connect(qmp).await.map_err(|e| e.to_string())?;
+    let _ = q.execute("migrate_cancel", serde_json::json!({})).await;
+    for _ in 0..200 {
+        let s = q.status().await.map_err(|e| e.to_string())?;
+        match s.as_str() {
+            "paused" | "postmigrate" => {
+                q.execute("cont", serde_json::json!({})).await.map_err(|e| e.to_string())?;
+                return Ok(Some(s));
+            }
+            "finish-migrate" => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// `ID.qmp` sockets in `dir`, by id.
+fn scan_dir(dir: &Path) -> Vec<(String, PathBuf)> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(rd) = std::fs::read_dir(dir) else { return vec![] };
+    let mut out: Vec<(String, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_socket()).unwrap_or(false))
+        .filter_map(|e| {
+            let p = e.path();
+            let id = p.file_name()?.to_str()?.strip_suffix(".qmp")?.to_string();
+            validate_name("VM id", &id).ok()?;
+            Some((id, p))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// QEMU's run state of the VM behind `qmp`: `running`, `paused`, ..., `busy` when another
+/// client holds its monitor (a capture), or `unreachable`.
+pub async fn status(qmp: &Path) -> String {
+    let ask = async {
+        let mut q = Qmp::connect(qmp).await.map_err(|_| "unreachable".to_string())?;
+        q.status().await.map_err(|_| "unreachable".to_string())
+    };
+    match tokio::time::timeout(STATUS_TIMEOUT, ask).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(s)) => s,
+        Err(_) => "busy".into(),
+    }
+}
