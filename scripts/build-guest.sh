@@ -6,13 +6,17 @@
 #
 # Kernel command-line options the init understands:
 #   fill=N     write N MiB of random data to /tmp/fill and print "FILL-DONE <md5> /tmp/fill"
+#   cache=N    fill the page cache with N MiB of text that every guest generates identically
+#              (/tmp/cache, from `seq`), print "CACHE-DONE <md5>"
 #   writer=1   keep rewriting 8 MiB of random data in the background (dirties memory)
 # After boot it prints "BOOT-OK uptime=<s>" and runs a shell on the serial console; the line
 # "vmcsnap-check" prints "CHECK <md5 of /tmp/fill>" (used by tests after a restore).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${VMCSNAP_GUEST_DIR:-guest/cache}
-if [ "${1:-}" != "--force" ] && [ -s "$out/vmlinux" ] && [ -s "$out/initrd.gz" ]; then
+# Bump when the init script changes, so that cached guests are rebuilt.
+version=2
+if [ "${1:-}" != "--force" ] && [ -s "$out/vmlinux" ] && [ -s "$out/initrd.gz" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; then
   exit 0
 fi
 scripts/setup.sh
@@ -54,12 +58,22 @@ for x in $(cat /proc/cmdline); do
   case $x in
     fill=*) FILL=${x#fill=} ;;
     writer=*) WRITER=${x#writer=} ;;
+    cache=*) CACHE=${x#cache=} ;;
   esac
 done
 echo "BOOT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ -n "$FILL" ]; then
   dd if=/dev/urandom of=/tmp/fill bs=1M count="$FILL" 2>/dev/null
   echo "FILL-DONE $(md5sum /tmp/fill)"
+fi
+if [ -n "$CACHE" ]; then
+  i=0
+  : > /tmp/cache
+  while [ "$i" -lt "$CACHE" ]; do
+    seq $((i * 120000 + 1)) $((i * 120000 + 120000)) >> /tmp/cache
+    i=$((i + 1))
+  done
+  echo "CACHE-DONE $(md5sum /tmp/cache | cut -d' ' -f1)"
 fi
 if [ "$WRITER" = 1 ]; then
   (while true; do dd if=/dev/urandom of=/tmp/writer bs=1M count=8 2>/dev/null; done) &
@@ -76,4 +90,5 @@ chmod +x "$r/init"
 (cd "$r" && find . | cpio -o -H newc --quiet | gzip -9) > "$work/initrd.gz"
 cp "$work/vmlinux" "$out/vmlinux.tmp" && mv "$out/vmlinux.tmp" "$out/vmlinux"
 cp "$work/initrd.gz" "$out/initrd.gz.tmp" && mv "$out/initrd.gz.tmp" "$out/initrd.gz"
+echo "$version" > "$out/version"
 echo "build-guest: $(du -h "$out/vmlinux" | cut -f1) kernel ($pkg), $(du -h "$out/initrd.gz" | cut -f1) initramfs in $out" >&2

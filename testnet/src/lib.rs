@@ -7,6 +7,7 @@
 //! - [`pagestats`]: an independent count of the pages in images (total, zero, distinct),
 //!   for tests to check the fabric's numbers against.
 
+pub mod bench;
 pub mod cluster;
 pub mod gen;
 pub mod guest;

@@ -103,10 +103,55 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Snapshot and restore generated memory on 3 nodes; print GB/s, MB/s and node RSS.
+    /// The cluster benchmark: real guests on several hosts, vmcsnap (R=1, R=2) against the
+    /// default KVM way (QEMU migration to a file per VM, fsynced; + a copy on a second host),
+    /// stop-copy and pre-copy, in one run; goals checked; an SVG chart; placement simulation.
     Bench {
         /// Working directory (wiped first).
         #[arg(long, default_value = ".testnet/bench")]
+        dir: PathBuf,
+        /// Hosts (node processes).
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Guests per host.
+        #[arg(long, default_value_t = 2)]
+        guests_per_host: usize,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u32,
+        /// MiB of random data / shared page cache in the guests that have them.
+        #[arg(long, default_value_t = 48)]
+        data: u32,
+        /// Seconds from the first snapshot to the second.
+        #[arg(long, default_value_t = 60)]
+        interval: u64,
+        /// Capture modes, comma-separated.
+        #[arg(long, default_value = "stop-copy,pre-copy", value_delimiter = ',')]
+        modes: Vec<String>,
+        /// Where to write the chart.
+        #[arg(long, default_value = ".testnet/bench/cluster.svg")]
+        svg: PathBuf,
+        /// Also write every number as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keys per placement simulation.
+        #[arg(long, default_value_t = 1_000_000)]
+        sim_keys: u64,
+    },
+    /// Placement simulation for 10, 100 and 1,000 hosts: share balance, keys moved when one
+    /// host joins or leaves.
+    Placement {
+        /// Keys per simulation.
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Replicas.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+    },
+    /// Fabric throughput on generated memory, 3 nodes: snapshot and restore GB/s, node RSS.
+    BenchFabric {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/bench-fabric")]
         dir: PathBuf,
         /// Fresh clusters to measure (the median is reported).
         #[arg(long, default_value_t = 3)]
@@ -209,7 +254,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo { dir, gen } => demo(&dir, &gen),
         Cmd::BenchVm { dir, mem, runs, json } => bench_vm(&dir, mem, runs, json),
-        Cmd::Bench { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
+        Cmd::BenchFabric { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
+        Cmd::Bench { dir, hosts, guests_per_host, mem, data, interval, modes, svg, json, sim_keys } => {
+            for m in &modes {
+                if m != "stop-copy" && m != "pre-copy" {
+                    bail!("--modes takes stop-copy and/or pre-copy, not {m:?}");
+                }
+            }
+            let opts = vmcsnap_testnet::bench::BenchOptions { dir, hosts, guests_per_host, mem_mib: mem, data_mib: data, interval_s: interval, modes, svg, sim_keys };
+            let out = vmcsnap_testnet::bench::run(&opts, &vmcsnap_bin())?;
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&out)?)?;
+                println!("numbers: {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Placement { keys, replicas } => {
+            let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| vmcsnap_dht::sim::simulate(h, replicas, keys, 1)).collect();
+            print!("{}", vmcsnap_dht::sim::table(&sims));
+            Ok(())
+        }
     }
 }
 
@@ -461,7 +525,7 @@ fn bench_vm(dir: &Path, mem: u32, runs: usize, json: bool) -> anyhow::Result<()>
             let _ = child.wait();
             // vmcsnap: launch on another host, stream from the owners, resume.
             let t = Instant::now();
-            let r = c.json(1, &["snapshot", "restore", &format!("{name}-stop"), "--vm", &name, "--launch"])?;
+            let r = c.json(1, &["snapshot", "restore", &format!("{name}-stop"), "--vm", &name, "--launch", "--on", "n2"])?;
             row.vmcsnap_restore_s = t.elapsed().as_secs_f64();
             if r[0]["vm_status"] != "running" {
                 bail!("{wl}: restored guest is {}", r[0]["vm_status"]);

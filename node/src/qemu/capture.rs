@@ -149,8 +149,9 @@ pub async fn capture(
             if was_running {
                 node.vms.note_paused(vm, qmp_path);
                 journaled = true;
+                let t = (Instant::now(), unix_us());
                 q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                paused_at = Some((Instant::now(), unix_us()));
+                paused_at = Some(t);
             }
             gate.paused();
         }
@@ -189,11 +190,17 @@ pub async fn capture(
                         node.vms.note_paused(vm, qmp_path);
                         journaled = true;
                         paused_at = Some(match self_paused {
-                            Some(t) => t,
+                            Some(t) => {
+                                tracing::info!(target: "vmcsnap::snapshot", vm, "QEMU paused the VM on its own before the cut's Go (its live copy converged before the hold)");
+                                t
+                            }
                             None => {
-                                // The final round starts now, on every host of the cut.
+                                // The final round starts now, on every host of the cut. The
+                                // pause counts from the command (QEMU needs a moment to stop
+                                // the vCPUs).
+                                let t = (Instant::now(), unix_us());
                                 q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                                (Instant::now(), unix_us())
+                                t
                             }
                         });
                         // What is left goes at full speed: the VM waits for it.
@@ -318,10 +325,19 @@ fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// Pre-copy's live rounds: waits until QEMU has made one full pass over the VM's memory (its
-/// second dirty-bitmap sync) and reports the VM ready, then waits for the cut's `Go`. If QEMU
-/// finishes on its own meanwhile (an idle VM converges at once), it paused the VM itself:
-/// returns when that was first seen.
+/// Unsent bytes left in pre-copy's first pass at which the live copy is held (see
+/// [`live_rounds`]); what is left then goes in the final round, while the VM is paused.
+pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
+/// QEMU's `max-bandwidth` while a live copy is held, bytes/s: so low that QEMU never finds the
+/// copy converged, so it never pauses the VM on its own before the cut's `Go`.
+pub const HOLD_BANDWIDTH: u64 = 4096;
+
+/// Pre-copy's live rounds: waits until QEMU has (nearly) made one full pass over the VM's
+/// memory, then holds the copy there — by throttling it, since QEMU would otherwise pause an
+/// idle VM on its own the moment the pass ends, long before the other VMs of the cut are
+/// ready — and reports the VM ready; then waits for the cut's `Go`. If QEMU still finished on
+/// its own (the hold came too late), it paused the VM itself: returns when that was first
+/// seen.
 async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Option<(Instant, u64)>, SnapshotError> {
     let mut self_paused = None;
     let abort = gate.watch();
@@ -334,12 +350,18 @@ async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Option<(I
                 self_paused = Some((Instant::now(), unix_us()));
                 break;
             }
+            Some("active") => {
+                let ram = &info["ram"];
+                let passes_done = ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2;
+                let near_end = ram["remaining"].as_u64().is_some_and(|r| r <= HOLD_REMAINING_BYTES) && ram["transferred"].as_u64().unwrap_or(0) > 0;
+                if passes_done || near_end {
+                    q.execute("migrate-set-parameters", json!({ "max-bandwidth": HOLD_BANDWIDTH })).await.map_err(|e| qemu_err(vm, e))?;
+                    break;
+                }
+            }
             _ => {}
         }
-        if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     gate.ready();
     loop {

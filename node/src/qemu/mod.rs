@@ -23,9 +23,11 @@ pub const CAPABILITIES_OFF: &[&str] =
 /// snapshot of a 1 GiB VM take 8 s.
 pub const CAPTURE_BANDWIDTH: u64 = 64 << 30;
 
-/// QEMU's `downtime-limit` during a pre-copy capture, in ms: QEMU keeps copying live until it
-/// expects the final paused round to take less than this (its default is 300 ms).
-pub const CAPTURE_DOWNTIME_LIMIT_MS: u64 = 10;
+/// QEMU's `downtime-limit` during a capture, in ms (its default is 300 ms). It is as low as
+/// QEMU allows above 0, so that QEMU does not end a pre-copy on its own (pausing the VM at a
+/// moment of its choosing, before the other VMs of the cut are ready): vmcsnap pauses every
+/// VM itself, at the cut's `Go`.
+pub const CAPTURE_DOWNTIME_LIMIT_MS: u64 = 1;
 
 /// Cuts `bytes` into page-sized chunks (the last zero-padded), as stored in the fabric.
 pub fn blob_chunks(bytes: &[u8]) -> (BlobRef, Vec<Vec<u8>>) {

@@ -1,0 +1,616 @@
+//! The cluster benchmark: real guests on several node processes, snapshotted and rolled back
+//! by vmcsnap (replicas 1 and 2) and by the default KVM way (each VM migrated by QEMU to its
+//! own file, fsynced; optionally copied to a second host), in one run, for stop-copy and
+//! pre-copy. Prints a table per mode with the goals checked, the reduction broken down, and a
+//! placement simulation; writes the numbers as JSON and an SVG chart.
+
+use crate::cluster::Cluster;
+use crate::guest::{self, Guest, QmpSync};
+use crate::svg::{self, Panel, Series};
+use anyhow::{bail, Context};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Working directory (wiped first).
+    pub dir: PathBuf,
+    /// Node processes (hosts); each runs `guests_per_host` guests.
+    pub hosts: usize,
+    /// Guests per host.
+    pub guests_per_host: usize,
+    /// Guest memory, MiB.
+    pub mem_mib: u32,
+    /// MiB of random data (`fill`) and of shared page cache (`cache`) in the guests that have them.
+    pub data_mib: u32,
+    /// Seconds from the first snapshot to the second.
+    pub interval_s: u64,
+    /// Capture modes to measure.
+    pub modes: Vec<String>,
+    /// Where to write the SVG chart.
+    pub svg: PathBuf,
+    /// Keys per placement simulation.
+    pub sim_keys: u64,
+}
+
+/// One column's numbers for one mode.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// Bytes stored cluster-wide after the first snapshot.
+    pub bytes: u64,
+    /// Snapshot time until every byte is durable, s.
+    pub durable_s: f64,
+    /// Longest VM pause, ms.
+    pub pause_max_ms: f64,
+    /// Median VM pause, ms.
+    pub pause_median_ms: f64,
+    /// Time from one pause start to the last, ms (vmcsnap's one cut; `None` for default KVM).
+    pub pause_skew_ms: Option<f64>,
+    /// Rollback of every VM on other hosts, until all run, s.
+    pub restore_s: f64,
+    /// Bytes written cluster-wide by the second snapshot.
+    pub second_bytes: u64,
+    /// The second snapshot's time until durable, s.
+    pub second_s: f64,
+}
+
+/// The reduction of raw guest memory, by cause (pages).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Breakdown {
+    /// Pages of guest RAM over all VMs.
+    pub total: u64,
+    /// All-zero pages.
+    pub zero: u64,
+    /// Non-zero pages repeating an earlier page of the same VM.
+    pub dup_within_vm: u64,
+    /// Non-zero pages held by another VM of the snapshot too (beyond the first copy).
+    pub dup_across_vms: u64,
+    /// Distinct non-zero pages (each stored once per replica).
+    pub unique: u64,
+    /// Of the second snapshot's distinct pages: already stored by the first.
+    pub second_unchanged: u64,
+    /// The second snapshot's distinct non-zero pages.
+    pub second_unique: u64,
+}
+
+struct Vm {
+    name: String,
+    kargs: String,
+    ready: &'static str,
+    /// Index of the host it runs on now.
+    host: usize,
+}
+
+fn workloads(hosts: usize, per_host: usize, data: u32) -> Vec<Vm> {
+    let kinds: [(&str, String, &'static str); 4] = [
+        ("idle", String::new(), "BOOT-OK"),
+        ("random", format!("fill={data}"), "FILL-DONE"),
+        ("writer", "writer=1".into(), "WRITER-STARTED"),
+        ("cache", format!("cache={data}"), "CACHE-DONE"),
+    ];
+    let mut out = Vec::new();
+    for h in 0..hosts {
+        for k in 0..per_host {
+            // Every host gets one guest with the shared page cache; the others rotate.
+            let (kind, kargs, ready) = if k == per_host - 1 { &kinds[3] } else { &kinds[(h + k) % 3] };
+            out.push(Vm { name: format!("{kind}{}", out.len() + 1), kargs: kargs.clone(), ready, host: h });
+        }
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+fn stored_bytes(c: &Cluster) -> anyhow::Result<u64> {
+    let s = c.json(0, &["cluster", "status"])?;
+    Ok(s["members"].as_array().context("members")?.iter().map(|m| m["bytes"].as_u64().unwrap_or(0)).sum())
+}
+
+/// Default KVM: every VM migrated by QEMU to its own file at once, then fsynced (and, for
+/// "+ copy", copied to a second host's directory and fsynced). Returns (bytes, durable s,
+/// pauses ms, copy s).
+fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms: &[Vm], mode: &str) -> anyhow::Result<(u64, f64, Vec<f64>, f64)> {
+    std::fs::create_dir_all(out)?;
+    let t0 = Instant::now();
+    let results: Vec<anyhow::Result<(u64, f64, f64)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = vms
+            .iter()
+            .map(|vm| {
+                s.spawn(move || -> anyhow::Result<(u64, f64, f64)> {
+                    let file = out.join(format!("{}.save", vm.name));
+                    let mut q = QmpSync::connect(&vmdir.join(format!("{}.qmp", vm.name)))?;
+                    q.execute("migrate-set-parameters", serde_json::json!({"max-bandwidth": 64u64 << 30, "downtime-limit": 10}))?;
+                    let uri = format!("exec:cat > {}", file.display());
+                    let pause_ms = if mode == "stop-copy" {
+                        let t = Instant::now();
+                        q.execute("stop", serde_json::json!({}))?;
+                        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
+                        q.wait_migrated()?;
+                        q.execute("cont", serde_json::json!({}))?;
+                        t.elapsed().as_secs_f64() * 1e3
+                    } else {
+                        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
+                        let v = q.wait_migrated()?;
+                        let seen = Instant::now();
+                        // QEMU leaves the source paused after a migration: resume it.
+                        q.execute("cont", serde_json::json!({}))?;
+                        v["downtime"].as_f64().unwrap_or(f64::NAN) + seen.elapsed().as_secs_f64() * 1e3
+                    };
+                    std::fs::File::open(&file)?.sync_all()?;
+                    Ok((std::fs::metadata(&file)?.len(), t0.elapsed().as_secs_f64(), pause_ms))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked")))).collect()
+    });
+    let mut bytes = 0;
+    let mut durable: f64 = 0.0;
+    let mut pauses = Vec::new();
+    for r in results {
+        let (b, d, p) = r?;
+        bytes += b;
+        durable = durable.max(d);
+        pauses.push(p);
+    }
+    let mut copy_s = 0.0;
+    if let Some(dst) = copy_to {
+        std::fs::create_dir_all(dst)?;
+        let t = Instant::now();
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let hs: Vec<_> = vms
+                .iter()
+                .map(|vm| {
+                    s.spawn(move || -> anyhow::Result<()> {
+                        let to = dst.join(format!("{}.save", vm.name));
+                        std::fs::copy(out.join(format!("{}.save", vm.name)), &to)?;
+                        std::fs::File::open(&to)?.sync_all()?;
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().map_err(|_| anyhow::anyhow!("copy thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        copy_s = t.elapsed().as_secs_f64();
+    }
+    Ok((bytes, durable, pauses, copy_s))
+}
+
+/// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
+/// seconds until all run. The guests are killed again afterwards.
+fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let children: Vec<anyhow::Result<std::process::Child>> = std::thread::scope(|s| {
+        let hs: Vec<_> = vms
+            .iter()
+            .map(|vm| {
+                s.spawn(move || -> anyhow::Result<std::process::Child> {
+                    let argv = Guest::command(vmdir, &vm.name, mem, &vm.kargs, accel)?;
+                    let qmp = vmdir.join(format!("{}.qmp", vm.name));
+                    let log = vmdir.join(format!("{}.kvm-restore.log", vm.name));
+                    Ok(guest::qemu_restore_from_file(&argv, &files.join(format!("{}.save", vm.name)), &qmp, &log)?.1)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked")))).collect()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let mut first_err = None;
+    for c in children {
+        match c {
+            Ok(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok(secs)
+}
+
+fn kill_all(vmdir: &Path, vms: &[Vm]) {
+    for vm in vms {
+        guest::kill_by_qmp(&vmdir.join(format!("{}.qmp", vm.name)));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// A fresh vmcsnap cluster with every VM registered on its host.
+fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm]) -> anyhow::Result<Cluster> {
+    let c = Cluster::start(bin, dir, hosts, 1, None)?;
+    for vm in vms {
+        let qmp = vmdir.join(format!("{}.qmp", vm.name));
+        c.json(vm.host, &["vm", "add", &vm.name, "--qmp", &qmp.display().to_string()])?;
+    }
+    Ok(c)
+}
+
+/// vmcsnap's snapshot of every VM, from the last host. Returns (stored bytes after, durable
+/// s, pauses ms, skew ms).
+fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<(u64, f64, Vec<f64>, Option<f64>)> {
+    let t = Instant::now();
+    let s = c.json(hosts - 1, &["snapshot", "create", name, "--all", "--mode", mode, "--replicas", &replicas.to_string()])?;
+    let secs = t.elapsed().as_secs_f64();
+    let pauses: Vec<f64> = s["vms"].as_array().context("vms")?.iter().map(|v| v[1]["pause_ms"].as_f64().unwrap_or(f64::NAN)).collect();
+    let names = s["vms"].as_array().context("vms")?.iter().map(|v| v[0].as_str().unwrap_or("?").to_string());
+    println!("  {name} R={replicas} pauses: {}", names.zip(&pauses).map(|(n, p)| format!("{n} {p:.0} ms")).collect::<Vec<_>>().join(", "));
+    let skew = s["pause_skew_us"].as_f64().map(|u| u / 1000.0);
+    Ok((stored_bytes(c)?, secs, pauses, skew))
+}
+
+/// vmcsnap's rollback of every VM, each on the next host. Returns seconds until all run.
+fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<f64> {
+    let mut args: Vec<String> = vec!["snapshot".into(), "restore".into(), name.into(), "--launch".into()];
+    for vm in vms.iter() {
+        args.push("--on".into());
+        args.push(format!("{}={}", vm.name, Cluster::name((vm.host + 1) % hosts)));
+    }
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let t = Instant::now();
+    let r = c.json(0, &a)?;
+    let secs = t.elapsed().as_secs_f64();
+    for s in r.as_array().context("restored")? {
+        if s["vm_status"] != "running" {
+            bail!("{} restored but {}", s["vm"], s["vm_status"]);
+        }
+    }
+    for vm in vms.iter_mut() {
+        vm.host = (vm.host + 1) % hosts;
+    }
+    Ok(secs)
+}
+
+/// Page hashes of every VM of a snapshot, from raw restores into `tmp` (deleted after).
+fn snapshot_hashes(c: &Cluster, name: &str, vms: &[Vm], tmp: &Path) -> anyhow::Result<Vec<Vec<PageHash>>> {
+    std::fs::create_dir_all(tmp)?;
+    let mut out = Vec::new();
+    for vm in vms {
+        let f = tmp.join(format!("{}.ram", vm.name));
+        c.json(0, &["snapshot", "restore", name, "--vm", &vm.name, "--to", &format!("file:{}", f.display()), "--force"])?;
+        let data = std::fs::read(&f)?;
+        let _ = std::fs::remove_file(&f);
+        out.push(data.chunks(PAGE_SIZE).map(hash_page).collect());
+    }
+    Ok(out)
+}
+
+fn breakdown(first: &[Vec<PageHash>], second: &[Vec<PageHash>]) -> Breakdown {
+    let mut b = Breakdown::default();
+    let mut all: HashSet<PageHash> = HashSet::new();
+    let mut per_vm_distinct = 0u64;
+    for vm in first {
+        b.total += vm.len() as u64;
+        let nz: Vec<&PageHash> = vm.iter().filter(|h| !h.is_zero()).collect();
+        b.zero += (vm.len() - nz.len()) as u64;
+        let own: HashSet<&PageHash> = nz.iter().copied().collect();
+        b.dup_within_vm += (nz.len() - own.len()) as u64;
+        per_vm_distinct += own.len() as u64;
+        all.extend(own.into_iter().copied());
+    }
+    b.unique = all.len() as u64;
+    b.dup_across_vms = per_vm_distinct - b.unique;
+    let second_all: HashSet<&PageHash> = second.iter().flatten().filter(|h| !h.is_zero()).collect();
+    b.second_unique = second_all.len() as u64;
+    b.second_unchanged = second_all.iter().filter(|h| all.contains(**h)).count() as u64;
+    b
+}
+
+/// One mode's results.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ModeResult {
+    /// `stop-copy` or `pre-copy`.
+    pub mode: String,
+    /// Default KVM, default KVM + copy, vmcsnap R=1, vmcsnap R=2.
+    pub columns: Vec<Column>,
+    /// The reduction by cause (from vmcsnap R=1's snapshots).
+    pub breakdown: Breakdown,
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value> {
+    if opts.hosts < 2 {
+        bail!("--hosts must be at least 2 (restores go to other hosts)");
+    }
+    let _ = std::fs::remove_dir_all(&opts.dir);
+    std::fs::create_dir_all(&opts.dir)?;
+    let dir = std::fs::canonicalize(&opts.dir)?;
+    let accel = guest::accel()?;
+    let vmdir = dir.join("vms");
+    let mut vms = workloads(opts.hosts, opts.guests_per_host, opts.data_mib);
+    println!(
+        "{} guests of {} MiB ({accel}) on {} hosts: {}",
+        vms.len(),
+        opts.mem_mib,
+        opts.hosts,
+        vms.iter().map(|v| format!("{} on {}", v.name, Cluster::name(v.host))).collect::<Vec<_>>().join(", ")
+    );
+    let mut guests = Vec::new();
+    for vm in &vms {
+        guests.push(Guest::start(&vmdir, &vm.name, opts.mem_mib, &vm.kargs, &accel)?);
+    }
+    for (g, vm) in guests.iter().zip(&vms) {
+        g.wait_for(vm.ready, Duration::from_secs(300)).with_context(|| format!("guest {}", vm.name))?;
+    }
+    println!("guests ready");
+    let mut results = Vec::new();
+    for mode in &opts.modes {
+        let mode = mode.as_str();
+        println!("\n== {mode} ==");
+        let mdir = dir.join(mode);
+        // Default KVM.
+        let t_first = Instant::now();
+        let (kvm_bytes, kvm_s, kvm_pauses, copy_s) = kvm_snapshot(&vmdir, &mdir.join("kvm/first"), Some(&mdir.join("kvm/copy")), &vms, mode)?;
+        println!("default KVM: {:.0} MiB in {kvm_s:.2} s (+ copy {copy_s:.2} s)", mib(kvm_bytes));
+        // vmcsnap, R=1 and R=2, each in its own fresh cluster.
+        let mut clusters = Vec::new();
+        let mut firsts = Vec::new();
+        for r in [1u8, 2] {
+            let c = vmcsnap_cluster(bin, &mdir.join(format!("r{r}")), opts.hosts, &vmdir, &vms)?;
+            let f = vmcsnap_snapshot(&c, opts.hosts, "first", mode, r)?;
+            println!("vmcsnap R={r}: {:.0} MiB stored in {:.2} s, pause max {:.0} ms", mib(f.0), f.1, f.2.iter().cloned().fold(0.0, f64::max));
+            clusters.push(c);
+            firsts.push(f);
+        }
+        // The second snapshot, an interval after the first.
+        let wait = Duration::from_secs(opts.interval_s).saturating_sub(t_first.elapsed());
+        println!("second snapshots in {:.0} s", wait.as_secs_f64());
+        std::thread::sleep(wait);
+        let (kvm2_bytes, kvm2_s, _, _) = kvm_snapshot(&vmdir, &mdir.join("kvm/second"), None, &vms, mode)?;
+        let _ = std::fs::remove_dir_all(mdir.join("kvm/second"));
+        let mut seconds = Vec::new();
+        for (c, (r, f)) in clusters.iter().zip([1u8, 2].iter().zip(&firsts)) {
+            let s = vmcsnap_snapshot(c, opts.hosts, "second", mode, *r)?;
+            println!("vmcsnap R={r} second: {:.1} MiB added in {:.2} s", mib(s.0 - f.0), s.1);
+            seconds.push((s.0 - f.0, s.1));
+        }
+        let h1 = snapshot_hashes(&clusters[0], "first", &vms, &dir.join("ram"))?;
+        let h2 = snapshot_hashes(&clusters[0], "second", &vms, &dir.join("ram"))?;
+        let bd = breakdown(&h1, &h2);
+        drop((h1, h2));
+        // Rollbacks: default KVM, then vmcsnap R=1, then R=2 (whose guests run on).
+        kill_all(&vmdir, &vms);
+        drop(std::mem::take(&mut guests));
+        let kvm_restore_s = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel)?;
+        println!("default KVM rollback: {kvm_restore_s:.2} s");
+        let mut restores = Vec::new();
+        for (i, c) in clusters.iter().enumerate() {
+            let secs = vmcsnap_restore(c, opts.hosts, "first", &mut vms)?;
+            println!("vmcsnap R={} rollback: {secs:.2} s", i + 1);
+            restores.push(secs);
+            if i + 1 < clusters.len() {
+                kill_all(&vmdir, &vms);
+                // The next rollback puts every VM where this one found it.
+                for vm in vms.iter_mut() {
+                    vm.host = (vm.host + opts.hosts - 1) % opts.hosts;
+                }
+            }
+        }
+        drop(clusters);
+        let _ = std::fs::remove_dir_all(&mdir);
+        let max = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
+        let kvm = Column {
+            name: "default KVM".into(),
+            bytes: kvm_bytes,
+            durable_s: kvm_s,
+            pause_max_ms: max(&kvm_pauses),
+            pause_median_ms: median(kvm_pauses.clone()),
+            pause_skew_ms: None,
+            restore_s: kvm_restore_s,
+            second_bytes: kvm2_bytes,
+            second_s: kvm2_s,
+        };
+        let kvm_copy = Column {
+            name: "default KVM + copy".into(),
+            bytes: 2 * kvm_bytes,
+            durable_s: kvm_s + copy_s,
+            second_bytes: 2 * kvm2_bytes,
+            second_s: kvm2_s + copy_s,
+            ..kvm.clone()
+        };
+        let mut columns = vec![kvm, kvm_copy];
+        for (i, ((f, s), rs)) in firsts.iter().zip(&seconds).zip(&restores).enumerate() {
+            columns.push(Column {
+                name: format!("vmcsnap R={}", i + 1),
+                bytes: f.0,
+                durable_s: f.1,
+                pause_max_ms: max(&f.2),
+                pause_median_ms: median(f.2.clone()),
+                pause_skew_ms: f.3,
+                restore_s: *rs,
+                second_bytes: s.0,
+                second_s: s.1,
+            });
+        }
+        let m = ModeResult { mode: mode.to_string(), columns, breakdown: bd };
+        print!("{}", table(&m));
+        results.push(m);
+    }
+    // The guests left running by the last rollback.
+    kill_all(&vmdir, &vms);
+
+    println!("\nplacement simulation (rendezvous hashing, R=2, {} keys):", opts.sim_keys);
+    let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| vmcsnap_dht::sim::simulate(h, 2, opts.sim_keys, 1)).collect();
+    print!("{}", vmcsnap_dht::sim::table(&sims));
+
+    let chart = svg::chart(
+        &format!("vmcsnap vs default KVM: {} guests x {} MiB on {} hosts ({accel})", vms.len(), opts.mem_mib, opts.hosts),
+        &panels(&results),
+    );
+    if let Some(p) = opts.svg.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(&opts.svg, chart)?;
+    println!("\nchart: {}", opts.svg.display());
+    let sim_json: Vec<serde_json::Value> = sims
+        .iter()
+        .map(|s| {
+            serde_json::json!({"hosts": s.hosts, "keys": s.keys, "share_min": s.share_min, "share_max": s.share_max,
+                "share_stddev_rel": s.share_stddev_rel, "join_moved": s.join_moved, "join_moved_ideal": s.join_moved_ideal,
+                "leave_moved": s.leave_moved, "leave_moved_ideal": s.leave_moved_ideal})
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "guests": vms.len(), "mem_mib": opts.mem_mib, "hosts": opts.hosts, "accel": accel,
+        "modes": results, "placement": sim_json,
+    }))
+}
+
+fn panels(results: &[ModeResult]) -> Vec<Panel> {
+    let groups: Vec<String> = results.first().map(|m| m.columns.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
+    let panel = |title: &str, unit: &str, f: &dyn Fn(&Column) -> f64| Panel {
+        title: title.into(),
+        unit: unit.into(),
+        groups: groups.clone(),
+        series: results.iter().map(|m| Series { name: m.mode.clone(), values: m.columns.iter().map(f).collect() }).collect(),
+    };
+    vec![
+        panel("bytes stored", "MiB", &|c| mib(c.bytes)),
+        panel("snapshot until durable", "s", &|c| c.durable_s),
+        panel("longest VM pause", "ms", &|c| c.pause_max_ms),
+        panel("rollback on other hosts", "s", &|c| c.restore_s),
+        panel("second snapshot: bytes written", "MiB", &|c| mib(c.second_bytes)),
+        panel("second snapshot: time", "s", &|c| c.second_s),
+    ]
+}
+
+/// The table of one mode, with the goals checked.
+pub fn table(m: &ModeResult) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let c = &m.columns;
+    let _ = writeln!(o, "\n{} — {}", m.mode, "same run, same guests");
+    let _ = write!(o, "{:<34}", "");
+    for col in c {
+        let _ = write!(o, " {:>19}", col.name);
+    }
+    let _ = writeln!(o);
+    let row = |o: &mut String, label: &str, f: &dyn Fn(&Column) -> String| {
+        let _ = write!(o, "{label:<34}");
+        for col in c {
+            let _ = write!(o, " {:>19}", f(col));
+        }
+        let _ = writeln!(o);
+    };
+    let kvm = &c[0];
+    row(&mut o, "bytes stored cluster-wide", &|x| format!("{:.1} MiB", mib(x.bytes)));
+    row(&mut o, "reduction vs default KVM", &|x| format!("{:+.1}%", (1.0 - x.bytes as f64 / kvm.bytes as f64) * 100.0));
+    row(&mut o, "snapshot until durable", &|x| format!("{:.2} s", x.durable_s));
+    row(&mut o, "time vs default KVM", &|x| format!("{:+.1}%", (1.0 - x.durable_s / kvm.durable_s) * 100.0));
+    row(&mut o, "VM pause, max", &|x| format!("{:.0} ms", x.pause_max_ms));
+    row(&mut o, "VM pause, median", &|x| format!("{:.0} ms", x.pause_median_ms));
+    row(&mut o, "pause skew (one cut)", &|x| x.pause_skew_ms.map(|s| format!("{s:.1} ms")).unwrap_or_else(|| "-".into()));
+    row(&mut o, "rollback on other hosts", &|x| format!("{:.2} s", x.restore_s));
+    row(&mut o, "second snapshot: bytes written", &|x| format!("{:.1} MiB", mib(x.second_bytes)));
+    row(&mut o, "second snapshot: time", &|x| format!("{:.2} s", x.second_s));
+    let b = &m.breakdown;
+    let pct = |n: u64| n as f64 * 100.0 / b.total.max(1) as f64;
+    let _ = writeln!(
+        o,
+        "raw memory {} pages: zero {:.1}%, duplicate within a VM {:.1}%, duplicate across VMs {:.1}%, unique {:.1}%; \
+second snapshot: {:.1}% of its {} distinct pages unchanged since the first",
+        b.total,
+        pct(b.zero),
+        pct(b.dup_within_vm),
+        pct(b.dup_across_vms),
+        pct(b.unique),
+        b.second_unchanged as f64 * 100.0 / b.second_unique.max(1) as f64,
+        b.second_unique
+    );
+    for line in goals(m) {
+        let _ = writeln!(o, "{line}");
+    }
+    o
+}
+
+/// The issue's goals, each MET or MISSED with its numbers.
+pub fn goals(m: &ModeResult) -> Vec<String> {
+    let c = &m.columns;
+    let (kvm, copy, r1, r2) = (&c[0], &c[1], &c[2], &c[3]);
+    let verdict = |ok: bool| if ok { "MET   " } else { "MISSED" };
+    let bytes_red = 1.0 - r1.bytes as f64 / kvm.bytes as f64;
+    let time_red = 1.0 - r1.durable_s / kvm.durable_s;
+    let mut out = vec![
+        format!("{} R=1 stores >= 30% fewer bytes than default KVM: {:.1}% fewer", verdict(bytes_red >= 0.30), bytes_red * 100.0),
+        format!("{} R=1 snapshot time >= 63% below default KVM: {:+.1}%", verdict(time_red >= 0.63), -time_red * 100.0),
+        format!(
+            "{} R=2 beats default KVM + copy on bytes ({:.1} vs {:.1} MiB) and time ({:.2} vs {:.2} s)",
+            verdict(r2.bytes < copy.bytes && r2.durable_s < copy.durable_s),
+            mib(r2.bytes),
+            mib(copy.bytes),
+            r2.durable_s,
+            copy.durable_s
+        ),
+    ];
+    for r in [r1, r2] {
+        out.push(format!(
+            "{} {} longest pause no longer than default KVM's: {:.0} vs {:.0} ms",
+            verdict(r.pause_max_ms <= kvm.pause_max_ms),
+            r.name,
+            r.pause_max_ms,
+            kvm.pause_max_ms
+        ));
+        out.push(format!(
+            "{} {} rollback within 1.5x default KVM's: {:.2} vs {:.2} s ({:.2}x)",
+            verdict(r.restore_s <= 1.5 * kvm.restore_s),
+            r.name,
+            r.restore_s,
+            kvm.restore_s,
+            r.restore_s / kvm.restore_s
+        ));
+    }
+    out
+}
+
+/// Used by tests: the workload layout.
+pub fn layout(hosts: usize, per_host: usize) -> Vec<(String, usize)> {
+    workloads(hosts, per_host, 1).into_iter().map(|v| (v.name, v.host)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_host_has_a_cache_guest_and_names_are_unique() {
+        let l = layout(3, 2);
+        assert_eq!(l.len(), 6);
+        for h in 0..3 {
+            assert!(l.iter().any(|(n, host)| *host == h && n.starts_with("cache")));
+        }
+        let names: HashSet<&String> = l.iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 6);
+    }
+
+    #[test]
+    fn breakdown_counts_each_cause_once() {
+        let h = |i: u8| PageHash([i; 32]);
+        let z = PageHash([0; 32]);
+        let first = vec![vec![h(1), h(1), z, h(2)], vec![h(2), h(3), z, z]];
+        let second = vec![vec![h(1), h(4)]];
+        let b = breakdown(&first, &second);
+        assert_eq!((b.total, b.zero, b.dup_within_vm, b.dup_across_vms, b.unique), (8, 3, 1, 1, 3));
+        assert_eq!((b.second_unique, b.second_unchanged), (2, 1));
+    }
+}
