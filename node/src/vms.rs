@@ -119,7 +119,11 @@ impl Registry {
                 Ok(Some(was)) => tracing::warn!(target: "vmcsnap::vms", vm = %id, state = %was,
                     "resumed a VM that a snapshot interrupted by a node crash had left paused"),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(target: "vmcsnap::vms", vm = %id, error = %e, "cannot check a VM a crashed snapshot paused"),
+                Err(e) => {
+                    // Kept: the next start tries again (a VM that is gone is dropped then too).
+                    tracing::warn!(target: "vmcsnap::vms", vm = %id, error = %e, "cannot resume a VM a crashed snapshot may have left paused");
+                    continue;
+                }
             }
             self.note_resumed(&id);
         }
@@ -127,6 +131,9 @@ impl Registry {
 }
 
 async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, String> {
+    if !qmp.exists() {
+        return Ok(None); // the VM is gone
+    }
     let mut q = Qmp::connect(qmp).await.map_err(|e| e.to_string())?;
     let _ = q.execute("migrate_cancel", serde_json::json!({})).await;
     for _ in 0..200 {
@@ -136,11 +143,11 @@ async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, String> {
                 q.execute("cont", serde_json::json!({})).await.map_err(|e| e.to_string())?;
                 return Ok(Some(s));
             }
-            "finish-migrate" => tokio::time::sleep(Duration::from_millis(10)).await,
+            "finish-migrate" | "cancelling" => tokio::time::sleep(Duration::from_millis(10)).await,
             _ => return Ok(None),
         }
     }
-    Ok(None)
+    Err("QEMU did not settle".into())
 }
 
 /// `ID.qmp` sockets in `dir`, by id.

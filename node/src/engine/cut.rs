@@ -51,6 +51,9 @@ enum VmEvent {
     Paused,
 }
 
+/// Longest a participant keeps its VMs paused waiting for the cut's `Release` after `Go`.
+pub const RELEASE_WAIT_MAX: Duration = Duration::from_secs(120);
+
 /// One VM capture's handle on the cut.
 pub struct Gate {
     stage: watch::Receiver<Stage>,
@@ -137,8 +140,12 @@ async fn participate_inner(
     if begin.replicas == 0 || begin.replicas as usize > begin.placement.len() {
         return Err(invalid(format!("replicas {} over {} placement members", begin.replicas, begin.placement.len())));
     }
+    let mut seen = std::collections::HashSet::new();
     for (id, _) in &begin.vms {
         vmcsnap_protocol::manifest::validate_name("VM id", id).map_err(invalid)?;
+        if !seen.insert(id.as_str()) {
+            return Err(invalid(format!("VM {id} is named twice")));
+        }
     }
     // Resolve every VM before touching any.
     let mut sources = Vec::new();
@@ -201,8 +208,15 @@ async fn participate_inner(
     let mut captured: Vec<Option<VmCaptured>> = (0..n).map(|_| None).collect();
     let mut failure: Option<PartError> = None;
     let mut cmds_open = true;
+    // Paused VMs wait for `Release` at most this long, whatever the initiating node does.
+    let mut release_deadline: Option<tokio::time::Instant> = None;
     while !tasks.is_empty() {
         tokio::select! {
+            _ = async { if let Some(d) = release_deadline { tokio::time::sleep_until(d).await } }, if release_deadline.is_some() => {
+                release_deadline = None;
+                failure.get_or_insert((None, SnapshotError::Invalid(format!("no Release within {} s of Go", RELEASE_WAIT_MAX.as_secs()))));
+                stage_tx.send_replace(Stage::Abort);
+            }
             cmd = cmds.recv(), if cmds_open => {
                 let stage = match cmd {
                     Some(CutCommand::Go) => Stage::Go,
@@ -218,6 +232,11 @@ async fn participate_inner(
                         Stage::Abort
                     }
                 };
+                match stage {
+                    Stage::Go if release_deadline.is_none() => release_deadline = Some(tokio::time::Instant::now() + RELEASE_WAIT_MAX),
+                    Stage::Release | Stage::Abort => release_deadline = None,
+                    _ => {}
+                }
                 stage_tx.send_modify(|s| *s = (*s).max(stage));
             }
             Some((_, ev)) = ev_rx.recv() => {
@@ -230,6 +249,9 @@ async fn participate_inner(
                 match joined {
                     Ok((vi, Ok(c))) => captured[vi] = Some(c),
                     Ok((vi, Err(e))) => {
+                        if failure.is_some() && !matches!(e, SnapshotError::Aborted) {
+                            tracing::error!(target: "vmcsnap::snapshot", vm = %sources[vi].0, error = %e, "VM capture failed during the abort");
+                        }
                         if failure.is_none() {
                             // Tell the initiating node at once, so the other hosts resume too.
                             let _ = reports.send(CutReport::Failed { vm: Some(sources[vi].0.clone()), reason: e.to_string() }).await;
@@ -450,7 +472,13 @@ impl HeartbeatMsg for CutReport {
 }
 
 /// Serves a participant's side of a cut on a data-plane stream.
-pub async fn serve(node: Arc<Node>, begin: CutBegin, send: quinn::SendStream, recv: quinn::RecvStream) {
+pub async fn serve(node: Arc<Node>, begin: CutBegin, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    // A peer names only VMs registered here: never a file or socket of its choosing.
+    if begin.vms.iter().any(|(_, source)| source.is_some()) {
+        let _ = write_frame_open(&mut send, &CutReport::Failed { vm: None, reason: "a remote cut may only name VMs registered on this host".into() }).await;
+        let _ = send.finish();
+        return;
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel::<CutCommand>(8);
     let (rep_tx, rep_rx) = mpsc::channel::<CutReport>(8);
     let work = tokio::spawn(participate(node, begin, cmd_rx, rep_tx));

@@ -372,7 +372,16 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     }
 
     // Where each VM runs.
-    let known = if req.all || req.vms.iter().any(|v| v.source.is_none()) { cluster_vms(node).await.0 } else { vec![] };
+    let known = if req.all || req.vms.iter().any(|v| v.source.is_none()) {
+        let (known, silent) = cluster_vms(node).await;
+        if !silent.is_empty() {
+            // Their VMs could be the ones asked for (or, with --all, left out unseen).
+            return Err(SnapshotError::Invalid(format!("host(s) {} did not list their VMs; try again", silent.join(", "))));
+        }
+        known
+    } else {
+        vec![]
+    };
     let host_of = |id: &str| -> Result<NodeId, SnapshotError> {
         let hosts: Vec<&VmInfo> = known.iter().filter(|v| v.id == id).collect();
         match hosts.as_slice() {
@@ -426,7 +435,8 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     let n = sessions.len();
     let total_vms = placed.len() as u64;
     progress.phase("prepare", n as u64);
-    let (mut ready, mut paused, mut done) = (0usize, 0usize, 0usize);
+    let (mut ready, mut paused, mut done) = (vec![false; n], vec![false; n], 0usize);
+    let mut released = false;
     let mut results: Vec<Option<Vec<VmEntry>>> = (0..n).map(|_| None).collect();
     let mut ended = vec![false; n];
     let failure = loop {
@@ -442,23 +452,35 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
                 }
             }
             Some(CutReport::Ready) => {
-                ready += 1;
-                progress.set(ready as u64);
-                if ready == n {
+                if std::mem::replace(&mut ready[i], true) {
+                    break Some(SnapshotError::participant(&s.host_name, None, &s.vms, "said Ready twice"));
+                }
+                let k = ready.iter().filter(|r| **r).count();
+                progress.set(k as u64);
+                if k == n {
                     // Every participant at once: the pauses start together.
                     futures::future::join_all(sessions.iter().map(|s| s.send(CutCommand::Go))).await;
                     progress.phase("pause", n as u64);
                 }
             }
             Some(CutReport::Paused) => {
-                paused += 1;
-                progress.set(paused as u64);
-                if paused == n {
+                if !ready.iter().all(|r| *r) || std::mem::replace(&mut paused[i], true) {
+                    break Some(SnapshotError::participant(&s.host_name, None, &s.vms, "said Paused out of turn"));
+                }
+                let k = paused.iter().filter(|p| **p).count();
+                progress.set(k as u64);
+                if k == n {
+                    released = true;
                     futures::future::join_all(sessions.iter().map(|s| s.send(CutCommand::Release))).await;
                     progress.phase("upload", total_vms);
                 }
             }
             Some(CutReport::Done { vms }) => {
+                // Only after the cut, and only the VMs this host was asked for, as its own.
+                let ids: Vec<&str> = vms.iter().map(|v| v.id.as_str()).collect();
+                if !released || results[i].is_some() || ids != s.vms.iter().map(|v| v.as_str()).collect::<Vec<_>>() || vms.iter().any(|v| v.host != s.host.id) {
+                    break Some(SnapshotError::participant(&s.host_name, None, &s.vms, "reported VMs it was not asked for, or out of turn"));
+                }
                 done += vms.len();
                 progress.set(done as u64);
                 results[i] = Some(vms);

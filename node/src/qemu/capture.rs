@@ -142,13 +142,17 @@ pub async fn capture(
     let mut resumed_at = None;
     let mut journaled = false;
     let abort = gate.watch();
+    if was_running {
+        // Before anything can pause it (QEMU itself may, in pre-copy): a node that dies from
+        // here on resumes the VM when it starts again.
+        node.vms.note_paused(vm, qmp_path);
+        journaled = true;
+    }
     let result = async {
         if mode == CaptureMode::StopCopy {
             gate.ready();
             gate.wait(Stage::Go).await?;
             if was_running {
-                node.vms.note_paused(vm, qmp_path);
-                journaled = true;
                 let t = (Instant::now(), unix_us());
                 q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
                 paused_at = Some(t);
@@ -187,28 +191,35 @@ pub async fn capture(
                         }
                     };
                     if was_running {
-                        node.vms.note_paused(vm, qmp_path);
-                        journaled = true;
                         paused_at = Some(match self_paused {
-                            Some(t) => {
-                                tracing::info!(target: "vmcsnap::snapshot", vm, "QEMU paused the VM on its own before the cut's Go (its live copy converged before the hold)");
-                                t
-                            }
-                            None => {
+                            Ok(t) => t,
+                            Err(ready_at) => {
                                 // The final round starts now, on every host of the cut. The
                                 // pause counts from the command (QEMU needs a moment to stop
                                 // the vCPUs).
                                 let t = (Instant::now(), unix_us());
                                 q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                                t
+                                // Still throttled, QEMU cannot have finished since: if it has,
+                                // it paused the VM on its own while it was ready (from then on,
+                                // an upper bound).
+                                let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+                                if matches!(info.get("status").and_then(|s| s.as_str()), Some("device" | "completed" | "pre-switchover")) {
+                                    ready_at
+                                } else {
+                                    t
+                                }
                             }
                         });
-                        // What is left goes at full speed: the VM waits for it.
-                        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
                     }
+                    // What is left goes at full speed: the VM waits for it.
+                    let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
                     gate.paused();
                 }
-                let parsed = (&mut parser).await.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?;
+                // An abort ends the wait for the stream too: the VM must not stay paused for it.
+                let parsed = tokio::select! {
+                    r = &mut parser => r.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?,
+                    _ = aborted(abort.clone()) => return Err(SnapshotError::Aborted),
+                };
                 let t0 = Instant::now();
                 let downtime = loop {
                     let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
@@ -262,31 +273,42 @@ pub async fn capture(
     }
     let mut resume_err = None;
     if was_running && resumed_at.is_none() {
+        resume_err = Some("QEMU did not settle within 5 s".to_string());
         for _ in 0..500 {
             match q.status().await {
-                Ok(s) if s == "running" => break,
+                Ok(s) if s == "running" => {
+                    resume_err = None;
+                    break;
+                }
                 Ok(s) if matches!(s.as_str(), "paused" | "postmigrate") => {
-                    if let Err(e) = q.execute("cont", json!({})).await {
-                        resume_err = Some(e.to_string());
-                    }
+                    resume_err = q.execute("cont", json!({})).await.err().map(|e| e.to_string());
+                    break;
+                }
+                Err(e) => {
+                    resume_err = Some(e.to_string());
                     break;
                 }
                 // finish-migrate, cancelling: wait for it to settle
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
     }
     if journaled && resume_err.is_none() {
         node.vms.note_resumed(vm);
     }
+    if let Some(e) = &resume_err {
+        // The journal keeps the VM: the node's next start tries again.
+        tracing::error!(target: "vmcsnap::snapshot", vm, error = %e, "could not resume the VM");
+    }
     let pause_ms = paused_at.map(|(t, _)| resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
     if let (Some(b), Some(d)) = (old_bandwidth, old_downtime) {
         let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
     }
-    let ((parsed, hashes_by_block), downtime) = result?;
     if let Some(e) = resume_err {
-        return Err(qemu_err(vm, format!("captured, but could not resume the VM: {e}")));
+        let what = if result.is_ok() { "captured" } else { "aborted" };
+        return Err(qemu_err(vm, format!("{what}, but could not resume the VM: {e}")));
     }
+    let ((parsed, hashes_by_block), downtime) = result?;
 
     let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us: paused_at.map(|(_, u)| u), ..Default::default() };
     let mut hashes = Vec::new();
@@ -321,6 +343,15 @@ pub async fn capture(
     Ok(Captured { hashes, blocks, stats, state })
 }
 
+/// Resolves once the cut is aborted (or its stage can no longer change).
+async fn aborted(mut stage: tokio::sync::watch::Receiver<Stage>) {
+    while *stage.borrow_and_update() != Stage::Abort {
+        if stage.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
@@ -338,7 +369,8 @@ pub const HOLD_BANDWIDTH: u64 = 4096;
 /// ready — and reports the VM ready; then waits for the cut's `Go`. If QEMU still finished on
 /// its own (the hold came too late), it paused the VM itself: returns when that was first
 /// seen.
-async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Option<(Instant, u64)>, SnapshotError> {
+/// `Ok(Ok(t))`: QEMU paused the VM itself at `t`; `Ok(Err(t))`: the VM runs, ready since `t`.
+async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Result<(Instant, u64), (Instant, u64)>, SnapshotError> {
     let mut self_paused = None;
     let abort = gate.watch();
     loop {
@@ -363,20 +395,12 @@ async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Option<(I
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let ready_at = (Instant::now(), unix_us());
     gate.ready();
-    loop {
-        tokio::select! {
-            r = gate.wait(Stage::Go) => { r?; return Ok(self_paused); }
-            _ = tokio::time::sleep(Duration::from_millis(20)), if self_paused.is_none() => {
-                let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
-                match info.get("status").and_then(|s| s.as_str()) {
-                    Some("failed") | Some("cancelled") => return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"]))),
-                    Some("device") | Some("completed") | Some("pre-switchover") => self_paused = Some((Instant::now(), unix_us())),
-                    _ => {}
-                }
-            }
-        }
-    }
+    // No QMP round trip while waiting: `Go` must be acted on the moment it arrives (a busy
+    // QEMU can take a long while to answer).
+    gate.wait(Stage::Go).await?;
+    Ok(self_paused.ok_or(ready_at))
 }
 
 /// One page record: block, page index, and where its bytes are in the spool file (`None` for

@@ -58,6 +58,11 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result
     if state.cmdline.is_empty() {
         return Err("the snapshot has no QEMU command line".into());
     }
+    // A record can come from any member: run QEMU and nothing else.
+    let prog = std::path::Path::new(&state.cmdline[0]).file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !prog.starts_with("qemu-system-") {
+        return Err(format!("the recorded command line runs {:?}, not a qemu-system-* binary; refusing to start it", state.cmdline[0]));
+    }
     let qmp = qmp_path_of(&state.cmdline).ok_or(
         "the recorded command line has no -qmp unix:PATH; start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH",
     )?;
