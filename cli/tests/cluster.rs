@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::Cluster;
-use vmcsnap_testnet::guest::{self, Guest, QmpSync};
+use vmcsnap_testnet::guest::{self, md5_of, uptime_of, Guest, QmpSync};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
@@ -15,18 +15,6 @@ fn bin() -> PathBuf {
 
 const BOOT: Duration = Duration::from_secs(90);
 const CONSOLE: Duration = Duration::from_secs(60);
-
-/// The md5 field of "FILL-DONE <md5> ..." or "CHECK <md5> uptime=...".
-fn md5_of(line: &str) -> String {
-    match line.split_whitespace().nth(1) {
-        Some(t) if !t.starts_with("uptime=") => t.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn uptime_of(line: &str) -> f64 {
-    line.split("uptime=").nth(1).and_then(|u| u.split_whitespace().next()).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-}
 
 fn check(dir: &Path, vm: &str) -> String {
     Guest::paths(dir, vm).console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm}: {e:#}"))

@@ -11,7 +11,7 @@ use std::time::Duration;
 use vmcsnap_protocol::manifest::build_manifest;
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 use vmcsnap_testnet::cluster::Cluster;
-use vmcsnap_testnet::guest::{self, Guest};
+use vmcsnap_testnet::guest::{self, md5_of, uptime_of, Guest};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
@@ -19,18 +19,6 @@ fn bin() -> PathBuf {
 
 const BOOT: Duration = Duration::from_secs(90);
 const CONSOLE: Duration = Duration::from_secs(60);
-
-fn md5_of(fill_line: &str) -> String {
-    // "FILL-DONE <md5>  /tmp/fill" or "CHECK <md5> uptime=..."
-    match fill_line.split_whitespace().nth(1) {
-        Some(t) if !t.starts_with("uptime=") => t.to_string(),
-        _ => String::new(), // no /tmp/fill in this guest
-    }
-}
-
-fn uptime_of(check_line: &str) -> f64 {
-    check_line.split("uptime=").nth(1).and_then(|u| u.split_whitespace().next()).and_then(|u| u.parse().ok()).unwrap_or(0.0)
-}
 
 fn snapshot(c: &Cluster, node: usize, name: &str, mode: &str, vms: &[(&str, &Path)]) -> serde_json::Value {
     let mut args: Vec<String> = vec!["snapshot".into(), "create".into(), name.into(), "--mode".into(), mode.into()];

@@ -583,18 +583,13 @@ pub fn goals(m: &ModeResult) -> Vec<String> {
     out
 }
 
-/// Used by tests: the workload layout.
-pub fn layout(hosts: usize, per_host: usize) -> Vec<(String, usize)> {
-    workloads(hosts, per_host, 1).into_iter().map(|v| (v.name, v.host)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_host_has_a_cache_guest_and_names_are_unique() {
-        let l = layout(3, 2);
+        let l: Vec<(String, usize)> = workloads(3, 2, 1).into_iter().map(|v| (v.name, v.host)).collect();
         assert_eq!(l.len(), 6);
         for h in 0..3 {
             assert!(l.iter().any(|(n, host)| *host == h && n.starts_with("cache")));

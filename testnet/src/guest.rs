@@ -64,6 +64,20 @@ fn tempfile_dir(tag: &str) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
+/// The md5 field of a guest's "FILL-DONE <md5> ..." or "CHECK <md5> uptime=..." console line
+/// (empty when the guest has no /tmp/fill).
+pub fn md5_of(line: &str) -> String {
+    match line.split_whitespace().nth(1) {
+        Some(t) if !t.starts_with("uptime=") => t.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The uptime field of a "CHECK ... uptime=<s>" console line (0 when absent).
+pub fn uptime_of(line: &str) -> f64 {
+    line.split("uptime=").nth(1).and_then(|u| u.split_whitespace().next()).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+}
+
 /// A running guest.
 pub struct Guest {
     /// Its name.

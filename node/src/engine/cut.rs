@@ -318,7 +318,6 @@ async fn participate_inner(
             qemu: c.qemu,
         });
     }
-    check_abort(&stage_rx).map_err(|e| (None, e))?;
     Ok(entries)
 }
 
