@@ -9,11 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use tokio::io::AsyncWriteExt;
-use vmcsnap_node::control::read_frame;
-use vmcsnap_protocol::codec;
-use vmcsnap_protocol::control::{ControlEvent, ControlRequest, ControlResult, VmSpec};
+use vmcsnap_node::control::{read_frame, write_frame, FrameReadError};
+use vmcsnap_protocol::control::{ControlEvent, ControlRequest, ControlResult, ErrorKind, VmSpec};
 use vmcsnap_protocol::manifest::CaptureMode;
+use vmcsnap_protocol::units::human_bytes;
 use vmcsnap_protocol::PAGE_SIZE;
 
 #[derive(Parser)]
@@ -232,6 +231,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    let json = cli.cmd.json();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -240,105 +240,62 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(cli)) {
+        let kind = e.downcast_ref::<CliError>().map(|c| c.kind).unwrap_or(ErrorKind::Invalid);
+        if json {
+            // Scripts get the kind as well as the message, on stdout like every other answer.
+            println!("{}", serde_json::json!({ "error": { "kind": kind, "message": format!("{e:#}") } }));
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
+impl Cmd {
+    /// Whether the command was asked for JSON output.
+    fn json(&self) -> bool {
+        match self {
+            Cmd::Node(_) => false,
+            Cmd::Snapshot(c) => match c {
+                SnapshotCmd::Create { common, .. } | SnapshotCmd::Restore { common, .. } | SnapshotCmd::List { common } | SnapshotCmd::Show { common, .. } => common.json,
+            },
+            Cmd::Vm(c) => match c {
+                VmCmd::Add { common, .. } | VmCmd::Remove { common, .. } | VmCmd::List { common } => common.json,
+            },
+            Cmd::Cluster(ClusterCmd::Status { common }) => common.json,
+        }
+    }
+}
+
+/// A failure the node reported (or the CLI met reaching it), with its kind.
+#[derive(Debug)]
+struct CliError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
+    CliError { kind, message: message.into() }.into()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, vm_dir, log }) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
-                .with_writer(std::io::stderr)
-                .init();
-            tune_malloc();
-            let name = match name {
-                Some(n) => n,
-                None => hostname()?,
-            };
-            let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
-            let data_dir = std::path::absolute(&data_dir)?;
-            let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir };
-            vmcsnap_node::run(config, None).await
-        }
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, vm_dir, log }) => node_run(data_dir, listen, peers, replicas, name, vm_dir, log).await,
         Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, common }) => {
-            let mode = match mode {
-                Mode::PreCopy => CaptureMode::PreCopy,
-                Mode::StopCopy => CaptureMode::StopCopy,
-            };
-            let mut specs = Vec::new();
-            for v in vms {
-                specs.push(match v.split_once('=') {
-                    Some((id, source)) => VmSpec { id: id.to_string(), source: Some(absolutize(source)?) },
-                    None => VmSpec { id: v, source: None },
-                });
-            }
-            let max_bandwidth = max_bandwidth.map(|m| m.saturating_mul(1 << 20));
-            let r = call(&common, ControlRequest::SnapshotCreate { name, vms: specs, all, mode, replicas, max_bandwidth }).await?;
-            let ControlResult::Created(s) = r else { bail!("node answered with the wrong result") };
-            if common.json {
-                return print_json(&s);
-            }
-            for ((id, st), host) in s.vms.iter().zip(&s.hosts) {
-                println!(
-                    "  {id:<16} on {host:<12} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent{}",
-                    st.pages_total,
-                    pct(st.pages_zero, st.pages_total),
-                    st.pages_new,
-                    st.pages_dedup,
-                    human(st.bytes_sent),
-                    st.pause_ms.map(|p| format!("  paused {p} ms")).unwrap_or_default()
-                );
-            }
-            println!(
-                "snapshot {} committed: {} raw, {} new to the cluster, {} sent to peers, {:.2} s ({})",
-                s.name,
-                human(s.raw_bytes),
-                human(s.new_bytes),
-                human(s.bytes_sent),
-                s.elapsed_ms as f64 / 1000.0,
-                rate(s.raw_bytes, s.elapsed_ms)
-            );
-            if let Some(us) = s.pause_skew_us {
-                println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
-            }
-            Ok(())
+            snapshot_create(name, vms, all, mode, replicas, max_bandwidth, &common).await
         }
         Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, common }) => {
-            if !launch && vms.len() != 1 {
-                bail!("--to restores one VM: name it with --vm ID (or use --launch to restore several)");
-            }
-            let target = to.as_deref().map(absolutize).transpose()?;
-            let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
-            let r = call(&common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp }).await?;
-            let ControlResult::Restored(list) = r else { bail!("node answered with the wrong result") };
-            if common.json {
-                return print_json(&list);
-            }
-            for s in list {
-            println!(
-                "restored {}/{} on {} to {}: {} raw, {} distinct pages ({} already there), {} fetched, {:.2} s ({})",
-                s.name,
-                s.vm,
-                s.host,
-                s.target,
-                human(s.raw_bytes),
-                s.pages_needed,
-                s.pages_local,
-                human(s.bytes_fetched),
-                s.elapsed_ms as f64 / 1000.0,
-                rate(s.raw_bytes, s.elapsed_ms)
-            );
-            if let Some(pid) = s.launched_pid {
-                println!("QEMU started with pid {pid}");
-            }
-            if let Some(st) = s.vm_status {
-                println!("guest is {st}");
-            }
-            }
-            Ok(())
+            snapshot_restore(name, vms, on, to, launch, qmp, force, &common).await
         }
+        Cmd::Snapshot(SnapshotCmd::List { common }) => snapshot_list(&common).await,
+        Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
         Cmd::Vm(VmCmd::Add { id, qmp, common }) => {
             let qmp = std::path::absolute(&qmp)?.display().to_string();
             call(&common, ControlRequest::VmAdd { id: id.clone(), qmp: qmp.clone() }).await?;
@@ -356,91 +313,242 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("VM {id} forgotten");
             Ok(())
         }
-        Cmd::Vm(VmCmd::List { common }) => {
-            let ControlResult::Vms(list) = call(&common, ControlRequest::VmList).await? else {
-                bail!("node answered with the wrong result")
-            };
-            if common.json {
-                return print_json(&list);
-            }
-            if list.is_empty() {
-                println!("no VMs registered (see `vmcsnap vm add --help`)");
-                return Ok(());
-            }
-            println!("{:<16} {:<14} {:<12} {:<6} QMP", "VM", "HOST", "STATE", "FROM");
-            for v in list {
-                println!("{:<16} {:<14} {:<12} {:<6} {}", v.id, v.host, v.status, v.origin, v.qmp);
-            }
-            Ok(())
+        Cmd::Vm(VmCmd::List { common }) => vm_list(&common).await,
+        Cmd::Cluster(ClusterCmd::Status { common }) => cluster_status(&common).await,
+    }
+}
+
+async fn node_run(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    peers: Vec<SocketAddr>,
+    replicas: u8,
+    name: Option<String>,
+    vm_dir: Option<PathBuf>,
+    log: String,
+) -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
+    tune_malloc();
+    let name = match name {
+        Some(n) => n,
+        None => hostname()?,
+    };
+    let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
+    let data_dir = std::path::absolute(&data_dir)?;
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir };
+    vmcsnap_node::run(config, None).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn snapshot_create(
+    name: String,
+    vms: Vec<String>,
+    all: bool,
+    mode: Mode,
+    replicas: Option<u8>,
+    max_bandwidth: Option<u64>,
+    common: &NodeArg,
+) -> anyhow::Result<()> {
+    let mode = match mode {
+        Mode::PreCopy => CaptureMode::PreCopy,
+        Mode::StopCopy => CaptureMode::StopCopy,
+    };
+    let mut specs = Vec::new();
+    for v in vms {
+        specs.push(match v.split_once('=') {
+            Some((id, source)) => VmSpec { id: id.to_string(), source: Some(absolutize(source)?) },
+            None => VmSpec { id: v, source: None },
+        });
+    }
+    let max_bandwidth = max_bandwidth.map(|m| m.saturating_mul(1 << 20));
+    let r = call(common, ControlRequest::SnapshotCreate { name, vms: specs, all, mode, replicas, max_bandwidth }).await?;
+    let ControlResult::Created(s) = r else { bail!("node answered with the wrong result") };
+    if common.json {
+        return print_json(&s);
+    }
+    for ((id, st), host) in s.vms.iter().zip(&s.hosts) {
+        println!(
+            "  {id:<16} on {host:<12} {:>9} pages  {:>5.1}% zero  {:>8} new  {:>8} dedup  {:>10} sent{}",
+            st.pages_total,
+            pct(st.pages_zero, st.pages_total),
+            st.pages_new,
+            st.pages_dedup,
+            human_bytes(st.bytes_sent),
+            st.pause_ms.map(|p| format!("  paused {p} ms")).unwrap_or_default()
+        );
+    }
+    println!(
+        "snapshot {} committed: {} raw, {} new to the cluster, {} sent to peers, {:.2} s ({})",
+        s.name,
+        human_bytes(s.raw_bytes),
+        human_bytes(s.new_bytes),
+        human_bytes(s.bytes_sent),
+        s.elapsed_ms as f64 / 1000.0,
+        rate(s.raw_bytes, s.elapsed_ms)
+    );
+    if let Some(us) = s.pause_skew_us {
+        println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn snapshot_restore(
+    name: String,
+    vms: Vec<String>,
+    on: Vec<String>,
+    to: Option<String>,
+    launch: bool,
+    qmp: Option<PathBuf>,
+    force: bool,
+    common: &NodeArg,
+) -> anyhow::Result<()> {
+    if !launch && vms.len() != 1 {
+        return Err(cli_error(ErrorKind::Invalid, "--to restores one VM: name it with --vm ID (or use --launch to restore several)"));
+    }
+    let target = to.as_deref().map(absolutize).transpose()?;
+    let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
+    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp }).await?;
+    let ControlResult::Restored(list) = r else { bail!("node answered with the wrong result") };
+    if common.json {
+        return print_json(&list);
+    }
+    for s in list {
+        println!(
+            "restored {}/{} on {} to {}: {} raw, {} distinct pages ({} already there), {} fetched, {:.2} s ({})",
+            s.name,
+            s.vm,
+            s.host,
+            s.target,
+            human_bytes(s.raw_bytes),
+            s.pages_needed,
+            s.pages_local,
+            human_bytes(s.bytes_fetched),
+            s.elapsed_ms as f64 / 1000.0,
+            rate(s.raw_bytes, s.elapsed_ms)
+        );
+        if let Some(pid) = s.launched_pid {
+            println!("QEMU started with pid {pid}");
         }
-        Cmd::Snapshot(SnapshotCmd::List { common }) => {
-            let ControlResult::List(list) = call(&common, ControlRequest::SnapshotList).await? else {
-                bail!("node answered with the wrong result")
-            };
-            if common.json {
-                return print_json(&list);
-            }
-            if list.is_empty() {
-                println!("no snapshots");
-                return Ok(());
-            }
-            println!("{:<24} {:>10} {:>10} {:>3}  VMS", "NAME", "RAW", "NEW", "R");
-            for s in list {
-                println!("{:<24} {:>10} {:>10} {:>3}  {}", s.name, human(s.raw_bytes), human(s.new_bytes), s.replicas, s.vms.join(","));
-            }
-            Ok(())
-        }
-        Cmd::Snapshot(SnapshotCmd::Show { name, common }) => {
-            let ControlResult::Show(r) = call(&common, ControlRequest::SnapshotShow { name }).await? else {
-                bail!("node answered with the wrong result")
-            };
-            if common.json {
-                return print_json(&r);
-            }
-            println!("snapshot {}  (replicas {}, {} placement members, taken by {}, {:.2} s)", r.name, r.replicas, r.placement.len(), r.initiator.short(), r.elapsed_ms as f64 / 1000.0);
-            println!("{:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}", "VM", "HOST", "PAGES", "ZERO", "NONZERO", "NEW", "DEDUP", "SENT", "PAUSE");
-            for v in &r.vms {
-                let s = &v.stats;
-                let pause = s.pause_ms.map(|p| format!("{p} ms")).unwrap_or_else(|| "-".into());
-                println!("{:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}", v.id, v.host_name, s.pages_total, s.pages_zero, s.pages_nonzero, s.pages_new, s.pages_dedup, human(s.bytes_sent), pause);
-            }
-            if let Some(us) = r.pause_skew_us {
-                println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
-            }
-            for v in &r.vms {
-                if let Some(q) = &v.qemu {
-                    println!("\nVM {}: QEMU {} ({}), machine {}, {:?}, paused {} ms, device state {}", v.id, q.qemu_version, q.accel, q.machine, q.mode,
-                        v.stats.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "?".into()), human(q.device_state.len));
-                    println!("  RAM blocks: {}", v.blocks.iter().map(|b| format!("{} ({})", b.name, human(b.bytes))).collect::<Vec<_>>().join(", "));
-                    println!("  command line: {}", q.cmdline.join(" "));
-                }
-            }
-            Ok(())
-        }
-        Cmd::Cluster(ClusterCmd::Status { common }) => {
-            let ControlResult::Cluster(c) = call(&common, ControlRequest::ClusterStatus).await? else {
-                bail!("node answered with the wrong result")
-            };
-            if common.json {
-                return print_json(&c);
-            }
-            println!("{:<14} {:<10} {:<22} {:>6} {:>10} {:>10}  STATE", "NAME", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES");
-            for m in &c.members {
-                println!(
-                    "{:<14} {:<10} {:<22} {:>5.1}% {:>10} {:>10}  {}{}",
-                    if m.name.is_empty() { "?" } else { m.name.as_str() },
-                    m.id.short(),
-                    m.address,
-                    m.share * 100.0,
-                    m.pages.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    m.bytes.map(human).unwrap_or_else(|| "-".into()),
-                    if m.alive { "up" } else { "DOWN" },
-                    if m.local { " (this node)" } else { "" }
-                );
-            }
-            Ok(())
+        if let Some(st) = s.vm_status {
+            println!("guest is {st}");
         }
     }
+    Ok(())
+}
+
+async fn vm_list(common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::Vms(list) = call(common, ControlRequest::VmList).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("no VMs registered (see `vmcsnap vm add --help`)");
+        return Ok(());
+    }
+    println!("{:<16} {:<14} {:<12} {:<6} QMP", "VM", "HOST", "STATE", "FROM");
+    for v in list {
+        println!("{:<16} {:<14} {:<12} {:<6} {}", v.id, v.host, v.status, v.origin, v.qmp);
+    }
+    Ok(())
+}
+
+async fn snapshot_list(common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::List(list) = call(common, ControlRequest::SnapshotList).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("no snapshots");
+        return Ok(());
+    }
+    println!("{:<24} {:>10} {:>10} {:>3}  VMS", "NAME", "RAW", "NEW", "R");
+    for s in list {
+        println!("{:<24} {:>10} {:>10} {:>3}  {}", s.name, human_bytes(s.raw_bytes), human_bytes(s.new_bytes), s.replicas, s.vms.join(","));
+    }
+    Ok(())
+}
+
+async fn snapshot_show(name: String, common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::Show(r) = call(common, ControlRequest::SnapshotShow { name }).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&r);
+    }
+    println!(
+        "snapshot {}  (replicas {}, {} placement members, taken by {}, {:.2} s)",
+        r.name,
+        r.replicas,
+        r.placement.len(),
+        r.initiator.short(),
+        r.elapsed_ms as f64 / 1000.0
+    );
+    println!("{:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}", "VM", "HOST", "PAGES", "ZERO", "NONZERO", "NEW", "DEDUP", "SENT", "PAUSE");
+    for v in &r.vms {
+        let s = &v.stats;
+        let pause = s.pause_ms.map(|p| format!("{p} ms")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<16} {:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+            v.id,
+            v.host_name,
+            s.pages_total,
+            s.pages_zero,
+            s.pages_nonzero,
+            s.pages_new,
+            s.pages_dedup,
+            human_bytes(s.bytes_sent),
+            pause
+        );
+    }
+    if let Some(us) = r.pause_skew_us {
+        println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
+    }
+    for v in &r.vms {
+        if let Some(q) = &v.qemu {
+            println!(
+                "\nVM {}: QEMU {} ({}), machine {}, {:?}, paused {} ms, device state {}",
+                v.id,
+                q.qemu_version,
+                q.accel,
+                q.machine,
+                q.mode,
+                v.stats.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                human_bytes(q.device_state.len)
+            );
+            println!("  RAM blocks: {}", v.blocks.iter().map(|b| format!("{} ({})", b.name, human_bytes(b.bytes))).collect::<Vec<_>>().join(", "));
+            println!("  command line: {}", q.cmdline.join(" "));
+        }
+    }
+    Ok(())
+}
+
+async fn cluster_status(common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::Cluster(c) = call(common, ControlRequest::ClusterStatus).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&c);
+    }
+    println!("{:<14} {:<10} {:<22} {:>6} {:>10} {:>10}  STATE", "NAME", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES");
+    for m in &c.members {
+        println!(
+            "{:<14} {:<10} {:<22} {:>5.1}% {:>10} {:>10}  {}{}",
+            if m.name.is_empty() { "?" } else { m.name.as_str() },
+            m.id.short(),
+            m.address,
+            m.share * 100.0,
+            m.pages.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            m.bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+            if m.alive { "up" } else { "DOWN" },
+            if m.local { " (this node)" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// The node allocates and frees many buffers of a few MiB (read windows, QUIC frames). By
@@ -474,16 +582,6 @@ fn pct(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 * 100.0 / b as f64 }
 }
 
-fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
-}
 
 fn rate(bytes: u64, ms: u64) -> String {
     format!("{:.2} GB/s", bytes as f64 / (ms.max(1) as f64 / 1000.0) / 1e9)
@@ -516,10 +614,10 @@ fn socket_path(common: &NodeArg) -> anyhow::Result<PathBuf> {
 
 async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlResult> {
     let path = socket_path(common)?;
-    let mut stream = tokio::net::UnixStream::connect(&path)
-        .await
-        .with_context(|| format!("no vmcsnap node at {} (is `vmcsnap node run` running there?)", path.display()))?;
-    stream.write_all(&codec::encode_frame(&req)?).await?;
+    let mut stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+        cli_error(ErrorKind::Unavailable, format!("no vmcsnap node at {} (is `vmcsnap node run` running there?): {e}", path.display()))
+    })?;
+    write_frame(&mut stream, &req).await?;
     let bar = (!common.json && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(0);
         b.set_style(
@@ -530,7 +628,10 @@ async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlRe
         b
     });
     loop {
-        let ev: ControlEvent = read_frame(&mut stream).await.context("the node closed the connection mid-request")?;
+        let ev: ControlEvent = read_frame(&mut stream).await.map_err(|e| match e {
+            FrameReadError::Version(_) => cli_error(ErrorKind::VersionMismatch, format!("the node at {}: {e}", path.display())),
+            e => cli_error(ErrorKind::Unavailable, format!("the node closed the connection mid-request: {e}")),
+        })?;
         match ev {
             ControlEvent::Progress { phase, done, total } => {
                 if let Some(b) = &bar {
@@ -545,11 +646,11 @@ async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlRe
                 }
                 return Ok(r);
             }
-            ControlEvent::Failed { message } => {
+            ControlEvent::Failed { kind, message } => {
                 if let Some(b) = bar {
                     b.abandon();
                 }
-                bail!("{message}");
+                return Err(cli_error(kind, message));
             }
         }
     }

@@ -38,9 +38,27 @@ fn vm_args(paths: &[PathBuf]) -> Vec<String> {
 }
 
 fn fails(c: &Cluster, i: usize, args: &[&str], msg: &str) {
+    fails_as(c, i, args, msg, None);
+}
+
+/// `args` fails with `msg` on stderr; with `--json`, stdout carries the error's kind (`kind`
+/// when given) and the same message.
+fn fails_as(c: &Cluster, i: usize, args: &[&str], msg: &str, kind: Option<&str>) {
     let o = c.cli(i, args).expect("run");
     assert!(!o.status.success(), "{args:?} should fail");
     assert!(stderr(&o).contains(msg), "{args:?}: expected {msg:?} in {:?}", stderr(&o));
+    let mut a = args.to_vec();
+    a.push("--json");
+    let o = c.cli(i, &a).expect("run");
+    assert!(!o.status.success(), "{args:?} --json should fail");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{args:?} --json: {e}: {:?}", String::from_utf8_lossy(&o.stdout)));
+    let got = v["error"]["kind"].as_str().unwrap_or_else(|| panic!("{args:?} --json: no error kind in {v}"));
+    const KINDS: &[&str] = &["invalid", "not_found", "conflict", "unavailable", "peer", "qemu", "storage", "aborted", "version_mismatch", "internal"];
+    assert!(KINDS.contains(&got), "{args:?}: unknown kind {got}");
+    if let Some(k) = kind {
+        assert_eq!(got, k, "{args:?}: {v}");
+    }
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains(msg)), "{args:?}: {v}");
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -127,7 +145,7 @@ fn bad_input_is_refused_and_commits_nothing() {
     std::fs::write(&odd, vec![1u8; PAGE_SIZE + 1]).expect("write");
     let gvm = format!("a=file:{}", good.display());
 
-    fails(&c, 0, &["snapshot", "create", "x1", "--vm", "a=file:/nonexistent/mem.img"], "cannot read");
+    fails_as(&c, 0, &["snapshot", "create", "x1", "--vm", "a=file:/nonexistent/mem.img"], "cannot read", Some("invalid"));
     fails(&c, 0, &["snapshot", "create", "x2", "--vm", &format!("a=file:{}", odd.display())], "whole number");
     fails(&c, 0, &["snapshot", "create", "x3", "--vm", "a"], "not registered on any live member");
     fails(&c, 0, &["snapshot", "create", "x4", "--vm", "a=qcow2:/x"], "unknown memory source");
@@ -135,9 +153,9 @@ fn bad_input_is_refused_and_commits_nothing() {
     fails(&c, 0, &["snapshot", "create", "x5", "--vm", &gvm, "--vm", &gvm], "given twice");
 
     assert!(c.cli(0, &["snapshot", "create", "ok", "--vm", &gvm]).expect("run").status.success());
-    fails(&c, 1, &["snapshot", "create", "ok", "--vm", &gvm], "already exists");
-    fails(&c, 2, &["snapshot", "restore", "nope", "--vm", "a", "--to", "file:/tmp/x"], "no snapshot named");
-    fails(&c, 2, &["snapshot", "show", "nope"], "no snapshot named");
+    fails_as(&c, 1, &["snapshot", "create", "ok", "--vm", &gvm], "already exists", Some("conflict"));
+    fails_as(&c, 2, &["snapshot", "restore", "nope", "--vm", "a", "--to", "file:/tmp/x"], "no snapshot named", Some("not_found"));
+    fails_as(&c, 2, &["snapshot", "show", "nope"], "no snapshot named", Some("not_found"));
     fails(&c, 2, &["snapshot", "restore", "ok", "--vm", "b", "--to", "file:/tmp/x"], "has no VM");
     // An existing target is never overwritten without --force.
     let existing = tmp.path().join("existing.img");
@@ -155,10 +173,10 @@ fn bad_input_is_refused_and_commits_nothing() {
     c.kill(1);
     c.kill(2);
     c.wait_converged(std::time::Duration::from_secs(30)).expect("converged");
-    fails(&c, 0, &["snapshot", "create", "x6", "--vm", &gvm], "replicas = 2 needs at least 2");
+    fails_as(&c, 0, &["snapshot", "create", "x6", "--vm", &gvm], "replicas = 2 needs at least 2", Some("unavailable"));
     // Both owners of some pages are down: a clear error, and no partial target.
     let target = tmp.path().join("never.img");
-    fails(&c, 0, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", target.display())], "unavailable");
+    fails_as(&c, 0, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", target.display())], "unavailable", Some("unavailable"));
     assert!(!target.exists());
     assert!(std::fs::read_dir(tmp.path()).expect("dir").all(|e| !e.expect("entry").file_name().to_string_lossy().contains("partial")));
 

@@ -10,7 +10,6 @@
 
 pub mod membership;
 pub mod placement;
-pub mod sim;
 
 pub use membership::{Member, Membership, MembershipConfig, MembershipError};
 pub use placement::{owners, primary_shares, View};

@@ -2,19 +2,26 @@
 //! node. Unix permissions on the data directory decide who may use it.
 //!
 //! One request per connection; the node streams [`ControlEvent::Progress`] frames while it
-//! works and ends with one `Done` or `Failed` frame. If the CLI goes away mid-way the work
+//! works and ends with one `Done` or `Failed` frame (with an [`ErrorKind`]). Every frame is a
+//! versioned control record ([`vmcsnap_protocol::control::encode_control`]): a CLI of another
+//! version gets a clear "version mismatch", both ways. If the CLI goes away mid-way the work
 //! still finishes (a snapshot is never left half-committed because a terminal closed).
 
+use crate::engine::error::{RestoreError, SnapshotError};
 use crate::engine::{restore, snapshot, Progress};
-use crate::node::Node;
+use crate::node::{fan_out, Node, PEER_ANSWER_TIMEOUT};
+use crate::store::StoreError;
 use anyhow::Context;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use vmcsnap_dht::placement::{primary_shares, View};
-use vmcsnap_protocol::codec::{self, FRAME_HEADER_BYTES};
-use vmcsnap_protocol::control::{ClusterStatus, ControlEvent, ControlRequest, ControlResult, MemberStatus, SnapshotInfo};
+use vmcsnap_protocol::codec::{self, CodecError, FRAME_HEADER_BYTES};
+use vmcsnap_protocol::control::{
+    decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberStatus,
+    SnapshotInfo, CONTROL_VERSION,
+};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse};
 use vmcsnap_protocol::PAGE_SIZE;
 
@@ -49,21 +56,87 @@ pub async fn accept_loop(node: Arc<Node>, listener: UnixListener) {
     }
 }
 
-/// Reads one frame from an async reader.
-pub async fn read_frame<T: serde::de::DeserializeOwned, R: AsyncReadExt + Unpin>(r: &mut R) -> anyhow::Result<T> {
+/// Why a control frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameReadError {
+    /// The socket failed or closed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The other side speaks another control protocol version.
+    #[error("version mismatch: the other side speaks another control protocol ({0}; this side speaks version {CONTROL_VERSION}); use the vmcsnap binary that matches the node")]
+    Version(CodecError),
+    /// The frame broke a limit or did not decode.
+    #[error("bad control frame: {0}")]
+    Codec(CodecError),
+}
+
+impl From<CodecError> for FrameReadError {
+    fn from(e: CodecError) -> Self {
+        if is_version_mismatch(&e) {
+            FrameReadError::Version(e)
+        } else {
+            FrameReadError::Codec(e)
+        }
+    }
+}
+
+/// Reads one control frame (length-checked before the body is read) and decodes it.
+pub async fn read_frame<T: serde::de::DeserializeOwned, R: AsyncReadExt + Unpin>(r: &mut R) -> Result<T, FrameReadError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     r.read_exact(&mut header).await?;
     let len = codec::frame_len(header)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    Ok(codec::decode_body(&body)?)
+    Ok(decode_control(&body)?)
+}
+
+/// Writes one control frame.
+pub async fn write_frame<T: serde::Serialize, W: AsyncWriteExt + Unpin>(w: &mut W, msg: &T) -> anyhow::Result<()> {
+    let frame = encode_control(msg)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// A control request's failure, as the CLI gets it.
+#[derive(Debug)]
+pub struct ControlError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// The message.
+    pub message: String,
+}
+
+impl ControlError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl From<SnapshotError> for ControlError {
+    fn from(e: SnapshotError) -> Self {
+        Self::new(e.kind(), e.to_string())
+    }
+}
+
+impl From<RestoreError> for ControlError {
+    fn from(e: RestoreError) -> Self {
+        Self::new(e.kind(), e.to_string())
+    }
+}
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> Self {
+        Self::new(ErrorKind::Storage, e.to_string())
+    }
 }
 
 async fn handle(node: Arc<Node>, mut stream: UnixStream) {
     let req: ControlRequest = match read_frame(&mut stream).await {
         Ok(r) => r,
         Err(e) => {
-            let _ = send(&mut stream, &ControlEvent::Failed { message: format!("bad control request: {e}") }).await;
+            let kind = if matches!(e, FrameReadError::Version(_)) { ErrorKind::VersionMismatch } else { ErrorKind::Invalid };
+            tracing::warn!(target: "vmcsnap::control", error = %e, "bad control request");
+            let _ = write_frame(&mut stream, &ControlEvent::Failed { kind, message: format!("bad control request: {e}") }).await;
             return;
         }
     };
@@ -72,27 +145,21 @@ async fn handle(node: Arc<Node>, mut stream: UnixStream) {
     // Forward progress until the work ends (the channel closes with it).
     let mut cli_gone = false;
     while let Some(ev) = rx.recv().await {
-        if !cli_gone && send(&mut stream, &ev).await.is_err() {
+        if !cli_gone && write_frame(&mut stream, &ev).await.is_err() {
             cli_gone = true;
         }
     }
     let last = match work.await {
         Ok(Ok(r)) => ControlEvent::Done(r),
-        Ok(Err(e)) => ControlEvent::Failed { message: format!("{e:#}") },
-        Err(e) => ControlEvent::Failed { message: format!("internal error: {e}") },
+        Ok(Err(e)) => ControlEvent::Failed { kind: e.kind, message: e.message },
+        Err(e) => ControlEvent::Failed { kind: ErrorKind::Internal, message: format!("internal error: {e}") },
     };
     if !cli_gone {
-        let _ = send(&mut stream, &last).await;
+        let _ = write_frame(&mut stream, &last).await;
     }
 }
 
-async fn send(stream: &mut UnixStream, ev: &ControlEvent) -> anyhow::Result<()> {
-    let frame = codec::encode_frame(ev)?;
-    stream.write_all(&frame).await?;
-    Ok(())
-}
-
-async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> anyhow::Result<ControlResult> {
+async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Result<ControlResult, ControlError> {
     match req {
         ControlRequest::SnapshotCreate { name, vms, all, mode, replicas, max_bandwidth } => {
             let req = snapshot::CreateRequest { name, vms, all, mode, replicas, max_bandwidth };
@@ -107,24 +174,36 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> an
             // A typo should fail now, not at the next snapshot.
             let status = crate::vms::status(&path).await;
             if status == "unreachable" {
-                anyhow::bail!("no QEMU answers on QMP socket {qmp} (is the VM running, with -qmp unix:{qmp},server=on,wait=off?)");
+                return Err(ControlError::new(
+                    ErrorKind::Invalid,
+                    format!("no QEMU answers on QMP socket {qmp} (is the VM running, with -qmp unix:{qmp},server=on,wait=off?)"),
+                ));
             }
-            let (known, _) = snapshot::cluster_vms(&node).await;
+            let (known, _) = node.cluster_vms().await;
             if let Some(other) = known.iter().find(|v| v.id == id && v.node != node.id) {
-                anyhow::bail!("VM {id} is already registered on host {}; `vmcsnap vm remove {id}` there first", other.host);
+                return Err(ControlError::new(
+                    ErrorKind::Conflict,
+                    format!("VM {id} is already registered on host {}; `vmcsnap vm remove {id}` there first", other.host),
+                ));
             }
-            node.vms.add(&id, &path).map_err(|e| anyhow::anyhow!(e))?;
+            node.vms.add(&id, &path).map_err(|e| match e {
+                crate::vms::VmError::Invalid(m) => ControlError::new(ErrorKind::Invalid, m),
+                crate::vms::VmError::Store(e) => e.into(),
+            })?;
             tracing::info!(target: "vmcsnap::vms", vm = %id, qmp = %qmp, status = %status, "VM registered");
             Ok(ControlResult::VmChanged)
         }
         ControlRequest::VmRemove { id } => {
             if !node.vms.remove(&id)? {
-                anyhow::bail!("VM {id} is not registered on this host (a socket in --vm-dir is listed for as long as it exists)");
+                return Err(ControlError::new(
+                    ErrorKind::NotFound,
+                    format!("VM {id} is not registered on this host (a socket in --vm-dir is listed for as long as it exists)"),
+                ));
             }
             Ok(ControlResult::VmChanged)
         }
         ControlRequest::VmList => {
-            let (vms, silent) = snapshot::cluster_vms(&node).await;
+            let (vms, silent) = node.cluster_vms().await;
             if !silent.is_empty() {
                 tracing::warn!(target: "vmcsnap::vms", hosts = %silent.join(", "), "some members did not list their VMs");
             }
@@ -150,7 +229,7 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> an
         }
         ControlRequest::SnapshotShow { name } => match node.find_record(&name).await? {
             Some(r) => Ok(ControlResult::Show(Box::new(r))),
-            None => anyhow::bail!("no snapshot named {name:?} (see `vmcsnap snapshot list`)"),
+            None => Err(RestoreError::UnknownSnapshot(name).into()),
         },
         ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
     }
@@ -158,19 +237,19 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> an
 
 async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
     let members = node.members();
-    let alive: Vec<_> = members.iter().filter(|m| m.alive).map(|m| m.id).collect();
-    let view = View::new(alive);
+    let view = View::new(members.iter().filter(|m| m.alive).map(|m| m.id).collect());
     let shares = primary_shares(&view, SHARE_SAMPLES);
-    let stats = futures::future::join_all(members.iter().map(|m| async move {
-        if !m.alive {
-            return None;
-        }
-        match tokio::time::timeout(crate::node::CATALOG_PEER_TIMEOUT, node.call(m, DataRequest::Stats)).await {
-            Ok(Ok(DataResponse::Stats { pages, bytes, .. })) => Some((pages, bytes)),
+    let alive: Vec<_> = members.iter().filter(|m| m.alive).cloned().collect();
+    let answers = fan_out(&alive, PEER_ANSWER_TIMEOUT, |m| async move { node.call(&m, DataRequest::Stats).await }).await;
+    let figures: std::collections::HashMap<_, _> = alive
+        .iter()
+        .zip(answers)
+        .filter_map(|(m, a)| match a {
+            Ok(DataResponse::Stats { pages, bytes, .. }) => Some((m.id, (pages, bytes))),
             _ => None,
-        }
-    }))
-    .await;
+        })
+        .collect();
+    let stats: Vec<Option<(u64, u64)>> = members.iter().map(|m| figures.get(&m.id).copied()).collect();
     let members = members
         .iter()
         .zip(stats)

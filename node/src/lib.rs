@@ -10,18 +10,25 @@
 //! - Deleting snapshots and collecting unreferenced pages (pages are only ever added).
 //! - Moving pages when membership changes: each snapshot records the view it was placed over.
 //!
-//! # Codemap
-//! - [`node`]: the [`node::Node`] that ties the pieces together, and [`node::run`].
-//! - [`store`]: RocksDB page store and catalog.
-//! - [`net`]: QUIC data plane (client side and framing); [`server`]: its request handler.
-//! - [`engine`]: the snapshot and restore engines.
-//! - [`source`]: VM memory sources (`file:` images, `qemu:` running VMs).
-//! - [`qemu`]: QEMU migration stream parser and rebuilder, QMP, capture, launch.
-//! - [`control`]: the local control socket the CLI talks to.
-//! - [`identity`]: the persistent ed25519 identity.
-//! - [`vms`]: this host's VM registry and the pause journal.
+//! # Codemap, in layers (a module imports only modules of a lower layer; `tests/layers.rs`
+//! checks it)
+//! 0. [`config`] (the validated configuration), [`identity`] (the ed25519 key), [`store`]
+//!    (RocksDB pages, catalog, metadata), [`source`] (memory sources and the capture contract:
+//!    pacing, page sink, result).
+//! 1. [`qemu`] (stream parser and rebuilder, QMP, capture, launch: QEMU's terms only), [`net`]
+//!    (the QUIC data plane's client side and framing), [`answer`] (store requests, for peers
+//!    and for this node alike).
+//! 2. [`vms`]: this host's VM registry and the pause journal.
+//! 3. [`node`]: the [`Node`] API — members, calls, the peer fan-out, the catalog.
+//! 4. [`engine`]: uploads, the cut (coordinator and participant state machines), snapshot,
+//!    restore.
+//! 5. [`server`] (the data plane's serving side) and [`control`] (the CLI's socket).
+//! 6. [`daemon`]: [`run`] — builds the node and runs its background tasks.
 
+pub mod answer;
+pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod engine;
 pub mod identity;
 pub mod net;
@@ -32,4 +39,6 @@ pub mod source;
 pub mod store;
 pub mod vms;
 
-pub use node::{run, Node, NodeConfig};
+pub use config::NodeConfig;
+pub use daemon::run;
+pub use node::Node;

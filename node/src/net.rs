@@ -82,9 +82,30 @@ pub enum NetError {
         /// The request kind.
         request: &'static str,
     },
+    /// The peer speaks another data-plane version (the TLS handshake found no common ALPN).
+    #[error("peer {peer} at {addr} runs another vmcsnap version (data plane {}); upgrade every node to the same version", String::from_utf8_lossy(DATA_ALPN))]
+    VersionMismatch {
+        /// Peer id (short).
+        peer: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
     /// Local store error (for requests served locally).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// TLS alert `no_application_protocol` (RFC 7301), as a QUIC crypto error code.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// Whether a failed handshake means the two sides share no data-plane version.
+pub fn is_version_mismatch(e: &quinn::ConnectionError) -> bool {
+    let code = quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL);
+    match e {
+        quinn::ConnectionError::TransportError(t) => t.code == code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code == code,
+        _ => false,
+    }
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -169,6 +190,7 @@ fn frame_error(peer: NodeId, e: FrameError) -> NetError {
 pub struct DataClient {
     endpoint: quinn::Endpoint,
     keypair: Keypair,
+    alpn: &'static [u8],
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
 }
 
@@ -177,7 +199,13 @@ const _: () = assert!(MESSAGE_BYTES_MAX >= 2 << 20);
 impl DataClient {
     /// A client on `endpoint`, proving `keypair`.
     pub fn new(endpoint: quinn::Endpoint, keypair: Keypair) -> Self {
-        Self { endpoint, keypair, conns: Mutex::new(HashMap::new()) }
+        Self::with_alpn(endpoint, keypair, DATA_ALPN)
+    }
+
+    /// A client speaking data-plane version `alpn` (another version's, to check that peers
+    /// of different versions refuse each other cleanly).
+    pub fn with_alpn(endpoint: quinn::Endpoint, keypair: Keypair, alpn: &'static [u8]) -> Self {
+        Self { endpoint, keypair, alpn, conns: Mutex::new(HashMap::new()) }
     }
 
     async fn connection(&self, peer: NodeId, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
@@ -192,7 +220,7 @@ impl DataClient {
         let peer_id = peer_of_node_id(&peer).ok_or_else(|| unreachable("not an ed25519 node id".into()))?;
         let mut tls = libp2p::tls::make_client_config(&self.keypair, Some(peer_id))
             .map_err(|e| unreachable(e.to_string()))?;
-        tls.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        tls.alpn_protocols = vec![self.alpn.to_vec()];
         let crypto = QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| unreachable(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(transport_config());
@@ -201,7 +229,13 @@ impl DataClient {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| {
+                if is_version_mismatch(&e) {
+                    NetError::VersionMismatch { peer: peer.short(), addr }
+                } else {
+                    unreachable(e.to_string())
+                }
+            })?;
         conns.insert(peer, conn.clone());
         Ok(conn)
     }

@@ -1,83 +1,58 @@
-//! The node: wiring of store, membership, data plane and control socket, and the helpers the
-//! engines share (calling a member, finding a snapshot, the placement view).
+//! The [`Node`] API the engines and servers use: members, calling a member (or this node
+//! itself), asking every peer at once ([`fan_out`]), the catalog, and this host's VMs.
 //!
-//! Tasks a running node owns:
-//! - the membership swarm (`vmcsnap_dht::Membership`);
-//! - the data-plane accept loop ([`crate::server`]), one task per connection and per stream;
-//! - the control-socket accept loop ([`crate::control`]), one task per CLI request;
-//! - `members-saver`: persists the member list whenever it changes, and drops the data-plane
-//!   connection of a member that went down (so its next run gets a fresh one);
-//! - `catalog-sync`: every [`CATALOG_SYNC_INTERVAL`], pulls commit records this node lacks
-//!   from live members (so a node that was down when a snapshot committed learns of it).
+//! A `Node` holds no task of its own: [`crate::daemon::run`] builds it and runs the daemon's
+//! background work around it.
 
+use crate::answer::{answer, Asker};
+use crate::config::NodeConfig;
 use crate::net::{DataClient, NetError};
 use crate::store::Store;
-use anyhow::Context;
-use futures::future::join_all;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use crate::vms::Registry;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use vmcsnap_dht::{Member, Membership, MembershipConfig};
-use vmcsnap_protocol::codec;
+use vmcsnap_dht::{Member, Membership};
+use vmcsnap_protocol::control::VmInfo;
 use vmcsnap_protocol::manifest::CommitRecord;
 use vmcsnap_protocol::wire::{DataRequest, DataResponse};
 use vmcsnap_protocol::NodeId;
 
-/// How often a node pulls missing commit records from its peers.
-pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a catalog question to one peer may take before it is skipped.
+/// How long a quick question to one peer (a catalog entry, its VM list, its store figures)
+/// may take in a fan-out before that peer counts as silent.
+pub const PEER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long pulling missing commit records from one peer may take in a catalog sync.
 pub const CATALOG_PEER_TIMEOUT: Duration = Duration::from_secs(3);
-/// Default replicas of every page.
-pub const DEFAULT_REPLICAS: u8 = 2;
-/// Most replicas a snapshot may ask for.
-pub const REPLICAS_MAX: u8 = 8;
 
-const MEMBERS_MAGIC: [u8; 4] = *b"VMMB";
-const MEMBERS_VERSION: u16 = 2;
-
-/// Validated node configuration.
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    /// Data directory (identity, RocksDB, control socket).
-    pub data_dir: PathBuf,
-    /// Address for libp2p (TCP) and the data plane (UDP).
-    pub listen: SocketAddr,
-    /// Existing members to join through.
-    pub peers: Vec<SocketAddr>,
-    /// Replicas of every page for snapshots this node takes.
-    pub replicas: u8,
-    /// This node's name, shown to operators and used by `restore --on` (default: hostname).
-    pub name: String,
-    /// A directory of QMP sockets (`ID.qmp`) of this host's VMs, registered as they appear.
-    pub vm_dir: Option<PathBuf>,
+/// Why one peer of a [`fan_out`] gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FanOutError {
+    /// The peer did not answer within the fan-out's timeout.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    /// The request failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
-impl NodeConfig {
-    /// Checks the values an operator can get wrong.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if self.replicas == 0 || self.replicas > REPLICAS_MAX {
-            anyhow::bail!("--replicas must be 1 to {REPLICAS_MAX}, not {}", self.replicas);
-        }
-        if self.listen.port() == 0 {
-            anyhow::bail!("--listen needs an explicit port: peers reach this node there");
-        }
-        vmcsnap_protocol::manifest::validate_name("--name", &self.name).map_err(|e| anyhow::anyhow!(e))?;
-        if let Some(d) = &self.vm_dir {
-            if !d.is_absolute() {
-                anyhow::bail!("--vm-dir must be an absolute path, not {}", d.display());
+/// Asks every member of `peers` at once with `ask`, giving each at most `timeout`. Answers
+/// come back in the order of `peers`; a slow or failed peer never delays the others' answers
+/// beyond `timeout`.
+pub async fn fan_out<T, F, Fut>(peers: &[Member], timeout: Duration, ask: F) -> Vec<Result<T, FanOutError>>
+where
+    F: Fn(Member) -> Fut,
+    Fut: Future<Output = Result<T, NetError>>,
+{
+    futures::future::join_all(peers.iter().map(|p| {
+        let fut = ask(p.clone());
+        async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r.map_err(FanOutError::Net),
+                Err(_) => Err(FanOutError::TimedOut(timeout)),
             }
         }
-        if self.listen.ip().is_unspecified() {
-            anyhow::bail!("--listen needs the address peers should use, not {}", self.listen.ip());
-        }
-        Ok(())
-    }
-
-    /// The control socket's path.
-    pub fn control_socket(&self) -> PathBuf {
-        self.data_dir.join("control.sock")
-    }
+    }))
+    .await
 }
 
 /// A running node.
@@ -89,28 +64,36 @@ pub struct Node {
     /// Its configuration.
     pub config: NodeConfig,
     /// This host's VMs.
-    pub vms: crate::vms::Registry,
+    pub vms: Registry,
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SavedMember {
-    id: NodeId,
-    addr: SocketAddr,
-    name: String,
-}
-
 impl Node {
+    /// A node over its parts (see [`crate::daemon::run`]).
+    pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, membership: Membership, client: DataClient) -> Self {
+        Self { id: membership.local(), store, config, vms, membership, client, busy: Default::default() }
+    }
+
     /// Every known member (sorted by id), with liveness.
     pub fn members(&self) -> Vec<Member> {
         self.membership.members()
     }
 
+    /// A receiver of every change of the member list.
+    pub fn subscribe_members(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
+        self.membership.subscribe()
+    }
+
     /// Members reachable now, this node included.
     pub fn alive_members(&self) -> Vec<Member> {
         self.members().into_iter().filter(|m| m.alive).collect()
+    }
+
+    /// Members reachable now, other than this node.
+    pub fn alive_peers(&self) -> Vec<Member> {
+        self.members().into_iter().filter(|m| m.alive && m.id != self.id).collect()
     }
 
     /// The member with this id, if known.
@@ -143,16 +126,32 @@ impl Node {
         }
     }
 
-    /// Sends `req` to `member`, or serves it here when the member is this node.
+    /// Sends `req` to `member`, or answers it here when the member is this node (with the
+    /// same handler peers get, so a store failure here is the same error as there).
     pub async fn call(&self, member: &Member, req: DataRequest) -> Result<DataResponse, NetError> {
         if member.id == self.id {
             let store = self.store.clone();
             let id = self.id;
-            return tokio::task::spawn_blocking(move || crate::server::serve(&store, id, req, true))
+            let r = tokio::task::spawn_blocking(move || answer(&store, id, req, Asker::Local))
                 .await
-                .map_err(|e| NetError::Transport { peer: "self".into(), reason: e.to_string() });
+                .map_err(|e| NetError::Transport { peer: "self".into(), reason: e.to_string() })?;
+            return r.map_err(|e| match e {
+                crate::answer::AnswerError::Store(s) => NetError::Store(s),
+                e => NetError::Remote { peer: "self".into(), kind: e.remote_kind(), message: e.to_string() },
+            });
         }
         self.client.request(member.id, member.data_addr, &req).await
+    }
+
+    /// Sends `req` to every live peer at once (not this node), each within `timeout`.
+    pub async fn ask_peers(&self, req: DataRequest, timeout: Duration) -> Vec<(Member, Result<DataResponse, FanOutError>)> {
+        let peers = self.alive_peers();
+        let answers = fan_out(&peers, timeout, |p| {
+            let req = req.clone();
+            async move { self.call(&p, req).await }
+        })
+        .await;
+        peers.into_iter().zip(answers).collect()
     }
 
     /// Opens a conversation stream to `member` (a cut), sending `req` first.
@@ -166,26 +165,31 @@ impl Node {
         self.client.request_within(member.id, member.data_addr, &req, timeout).await
     }
 
+    /// Drops the cached data-plane connection to `peer` (it went down).
+    pub async fn forget_connection(&self, peer: &NodeId) {
+        self.client.forget(peer).await;
+    }
+
+    /// Closes every data-plane connection (shutdown).
+    pub async fn close_connections(&self) {
+        self.client.close().await;
+    }
+
     /// Marks a snapshot name as being created here; false if it already is.
     pub fn reserve_name(&self, name: &str) -> bool {
-        #[allow(clippy::unwrap_used)]
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string())
     }
 
     /// Releases a name taken by [`Node::reserve_name`].
     pub fn release_name(&self, name: &str) {
-        #[allow(clippy::unwrap_used)]
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 
     /// Pulls commit records this node lacks from every live peer. Returns how many were added.
     pub async fn sync_catalog(&self) -> usize {
-        let peers: Vec<Member> = self.alive_members().into_iter().filter(|m| m.id != self.id).collect();
-        let added = join_all(peers.iter().map(|p| async move {
-            tokio::time::timeout(CATALOG_PEER_TIMEOUT, self.sync_catalog_from(p)).await.unwrap_or(0)
-        }))
-        .await;
-        added.into_iter().sum()
+        let peers = self.alive_peers();
+        let added = fan_out(&peers, CATALOG_PEER_TIMEOUT, |p| async move { Ok(self.sync_catalog_from(&p).await) }).await;
+        added.into_iter().map(|a| a.unwrap_or(0)).sum()
     }
 
     async fn sync_catalog_from(&self, peer: &Member) -> usize {
@@ -197,9 +201,7 @@ impl Node {
             if matches!(self.store.catalog_get(&e.name), Ok(Some(_))) {
                 continue;
             }
-            if let Ok(DataResponse::Record { record: Some(rec) }) =
-                self.call(peer, DataRequest::CatalogGet { name: e.name.clone() }).await
-            {
+            if let Ok(DataResponse::Record { record: Some(rec) }) = self.call(peer, DataRequest::CatalogGet { name: e.name.clone() }).await {
                 if rec.name != e.name || rec.validate().is_err() {
                     tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), name = %e.name, "peer sent an invalid commit record");
                     continue;
@@ -215,147 +217,95 @@ impl Node {
     }
 
     /// The commit record of `name`, from this node's catalog or, failing that, from peers.
-    pub async fn find_record(&self, name: &str) -> anyhow::Result<Option<CommitRecord>> {
+    pub async fn find_record(&self, name: &str) -> Result<Option<CommitRecord>, crate::store::StoreError> {
         if let Some(r) = self.store.catalog_get(name)? {
             return Ok(Some(r));
         }
         self.sync_catalog().await;
-        Ok(self.store.catalog_get(name)?)
+        self.store.catalog_get(name)
     }
-}
 
-fn save_members(store: &Store, members: &[Member]) {
-    let saved: Vec<SavedMember> = members.iter().map(|m| SavedMember { id: m.id, addr: m.data_addr, name: m.name.clone() }).collect();
-    match codec::encode_record(MEMBERS_MAGIC, MEMBERS_VERSION, &saved) {
-        Ok(b) => {
-            if let Err(e) = store.save_members(&b) {
-                tracing::warn!(target: "vmcsnap::node", error = %e, "cannot save the member list");
+    /// Whether a live peer has a snapshot named `name` (one targeted question each, not a
+    /// pull of their whole catalogs).
+    pub async fn name_on_peers(&self, name: &str) -> bool {
+        let answers = self.ask_peers(DataRequest::CatalogGet { name: name.to_string() }, PEER_ANSWER_TIMEOUT).await;
+        answers.into_iter().any(|(_, a)| matches!(a, Ok(DataResponse::Record { record: Some(_) })))
+    }
+
+    /// This host's VMs, with their status.
+    pub async fn local_vms(&self) -> Vec<VmInfo> {
+        let list = self.vms.list().unwrap_or_default();
+        let statuses = futures::future::join_all(list.iter().map(|(_, qmp, _)| crate::vms::status(qmp))).await;
+        list.into_iter()
+            .zip(statuses)
+            .map(|((id, qmp, origin), status)| VmInfo {
+                id,
+                qmp: qmp.display().to_string(),
+                origin: origin.as_str().into(),
+                status,
+                host: self.config.name.clone(),
+                node: self.id,
+            })
+            .collect()
+    }
+
+    /// Every VM registered on a live member (this node included), with its status, and the
+    /// names of the live peers that did not answer.
+    pub async fn cluster_vms(&self) -> (Vec<VmInfo>, Vec<String>) {
+        let mut out = self.local_vms().await;
+        let mut silent = Vec::new();
+        for (p, a) in self.ask_peers(DataRequest::VmList, PEER_ANSWER_TIMEOUT).await {
+            match a {
+                Ok(DataResponse::Vms { vms, .. }) => out.extend(vms),
+                _ => silent.push(self.host_name(&p.id)),
             }
         }
-        Err(e) => tracing::warn!(target: "vmcsnap::node", error = %e, "cannot encode the member list"),
+        out.sort_by(|a, b| (&a.id, &a.host).cmp(&(&b.id, &b.host)));
+        (out, silent)
     }
 }
 
-fn load_members(store: &Store) -> anyhow::Result<Vec<Member>> {
-    let Some(b) = store.load_members()? else { return Ok(vec![]) };
-    let saved: Vec<SavedMember> = codec::decode_record(MEMBERS_MAGIC, "member list", MEMBERS_VERSION, &b)?;
-    Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false, name: s.name }).collect())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Starts a node and runs it until `shutdown` resolves (or SIGINT/SIGTERM when `None`).
-pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Receiver<()>>) -> anyhow::Result<()> {
-    config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let keypair = crate::identity::load_or_create(&config.data_dir)?;
-    let store = Arc::new(Store::open(&config.data_dir)?);
-    let known = load_members(&store).unwrap_or_else(|e| {
-        tracing::warn!(target: "vmcsnap::node", error = %e, "ignoring the saved member list");
-        vec![]
-    });
-    // Bind the data plane first: a taken port then fails before anything else starts.
-    let endpoint = crate::net::endpoint(&keypair, config.listen)?;
-    let membership = Membership::start(MembershipConfig {
-        keypair: keypair.clone(),
-        listen: config.listen,
-        bootstrap: config.peers.clone(),
-        known,
-        name: config.name.clone(),
-    })
-    .await?;
-    let id = membership.local();
-    let control = crate::control::bind(&config.control_socket())?;
-    let node = Arc::new(Node {
-        id,
-        store: store.clone(),
-        config: config.clone(),
-        client: DataClient::new(endpoint.clone(), keypair),
-        vms: crate::vms::Registry::new(store.clone(), config.vm_dir.clone()),
-        membership,
-        busy: Default::default(),
-    });
-    tracing::info!(target: "vmcsnap::node", node = %id, listen = %config.listen, dir = %config.data_dir.display(),
-        pages = store.page_count(), "node started");
-    println!("vmcsnap node {id} listening on {} (control: {})", config.listen, config.control_socket().display());
-
-    let mut tasks = tokio::task::JoinSet::new();
-    {
-        // A node that died mid-snapshot may have left a VM paused: resume it.
-        let node = node.clone();
-        tasks.spawn(async move { node.vms.resume_journaled().await });
+    fn member(i: u8) -> Member {
+        Member { id: NodeId([i; 32]), data_addr: ([127, 0, 0, 1], 7000 + i as u16).into(), alive: true, name: format!("n{i}") }
     }
-    {
-        let mut rx = node.membership.subscribe();
-        let store = store.clone();
-        let node = node.clone();
-        tasks.spawn(async move {
-            let mut last: Vec<(NodeId, SocketAddr)> = vec![];
-            let mut was_alive: std::collections::HashSet<NodeId> = Default::default();
-            loop {
-                let members = rx.borrow_and_update().clone();
-                for m in &members {
-                    if !m.alive && was_alive.remove(&m.id) {
-                        node.client.forget(&m.id).await;
-                    } else if m.alive {
-                        was_alive.insert(m.id);
+
+    #[tokio::test(start_paused = true)]
+    async fn fan_out_keeps_order_and_bounds_each_peer() {
+        let peers: Vec<Member> = (1..=4).map(member).collect();
+        let t0 = tokio::time::Instant::now();
+        let answers = fan_out(&peers, Duration::from_secs(3), |p| {
+            let i = p.id.0[0];
+            async move {
+                match i {
+                    // A silent peer: counted as timed out, and the others do not wait for it.
+                    2 => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        Ok(0)
+                    }
+                    3 => Err(NetError::Transport { peer: "n3".into(), reason: "broken".into() }),
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
+                        Ok(i)
                     }
                 }
-                let now: Vec<(NodeId, SocketAddr)> = members.iter().map(|m| (m.id, m.data_addr)).collect();
-                if now != last {
-                    let s = store.clone();
-                    let _ = tokio::task::spawn_blocking(move || save_members(&s, &members)).await;
-                    last = now;
-                }
-                if rx.changed().await.is_err() {
-                    break;
-                }
             }
-        });
-    }
-    tasks.spawn(crate::server::accept_loop(node.clone(), endpoint.clone()));
-    tasks.spawn(crate::control::accept_loop(node.clone(), control));
-    {
-        let node = node.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(CATALOG_SYNC_INTERVAL);
-            loop {
-                tick.tick().await;
-                let n = node.sync_catalog().await;
-                if n > 0 {
-                    tracing::info!(target: "vmcsnap::catalog", added = n, "learned snapshots from peers");
-                }
-            }
-        });
+        })
+        .await;
+        assert!(t0.elapsed() <= Duration::from_secs(3) + Duration::from_millis(1), "took {:?}", t0.elapsed());
+        assert_eq!(answers.len(), 4);
+        assert_eq!(answers[0].as_ref().ok(), Some(&1));
+        assert!(matches!(answers[1], Err(FanOutError::TimedOut(d)) if d == Duration::from_secs(3)));
+        assert!(matches!(answers[2], Err(FanOutError::Net(NetError::Transport { .. }))));
+        assert_eq!(answers[3].as_ref().ok(), Some(&4));
     }
 
-    match shutdown {
-        Some(rx) => {
-            let _ = rx.await;
-        }
-        None => wait_for_signal().await,
-    }
-    tracing::info!(target: "vmcsnap::node", "shutting down");
-    tasks.abort_all();
-    node.client.close().await;
-    endpoint.close(crate::net::CLOSE_SHUTDOWN.into(), b"shutdown");
-    let _ = std::fs::remove_file(config.control_socket());
-    if let Err(e) = store.sync() {
-        tracing::warn!(target: "vmcsnap::node", error = %e, "final sync failed");
-    }
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    #[tokio::test]
+    async fn fan_out_to_nobody_is_empty() {
+        let answers: Vec<Result<(), FanOutError>> = fan_out(&[], Duration::from_secs(1), |_| async { Ok(()) }).await;
+        assert!(answers.is_empty());
     }
 }

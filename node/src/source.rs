@@ -1,10 +1,141 @@
-//! VM memory sources.
+//! VM memory sources, and the contract every capture of one shares.
 //!
 //! `file:PATH` is a raw guest-memory image (what `pmemsave` or a mapped memory file holds): a
-//! whole number of 4 KiB pages, read as one RAM block named `ram`.
+//! whole number of 4 KiB pages, read as one RAM block named `ram`. `qemu:QMP_SOCKET` is a
+//! running QEMU VM ([`crate::qemu::capture`]).
+//!
+//! A capture is paced from outside (by the cut, in the engine) and knows nothing of who paces
+//! it: it reports [`Reached::Prepared`] and [`Reached::Paused`] through its [`Pacer`], waits
+//! for [`Step::Pause`] before pausing the VM and for [`Step::Resume`] before resuming it, and
+//! gives up at [`Step::Cancel`]. Pages go to a [`PageSink`]; the result is a [`Captured`].
 
+use bytes::Bytes;
+use std::future::Future;
 use std::path::PathBuf;
-use vmcsnap_protocol::PAGE_SIZE;
+use tokio::sync::{mpsc, watch};
+use vmcsnap_protocol::manifest::{Block, QemuState, VmStats};
+use vmcsnap_protocol::{PageHash, PAGE_SIZE};
+
+/// How far a capture may go, as set by whoever paces it. Steps only move forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// Prepare (and, with pre-copy, copy live); do not pause yet.
+    Prepare,
+    /// Pause the VM now.
+    Pause,
+    /// Resume the VM as soon as it is captured.
+    Resume,
+    /// Give up: resume the VM, keep nothing.
+    Cancel,
+}
+
+/// What a capture reports to its pacer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reached {
+    /// Ready to pause (pre-copy: the live copy is held at the end of its first pass).
+    Prepared,
+    /// The VM is paused (or, if it was not running, would be).
+    Paused,
+}
+
+/// The capture was cancelled by its pacer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the capture was cancelled")]
+pub struct Cancelled;
+
+/// One capture's handle on its pacing: the current [`Step`] and a channel for what it reached,
+/// tagged with the capture's index.
+pub struct Pacer {
+    step: watch::Receiver<Step>,
+    reached: mpsc::UnboundedSender<(usize, Reached)>,
+    index: usize,
+}
+
+impl Pacer {
+    /// A pacer following `step`, reporting on `reached` as capture `index`.
+    pub fn new(step: watch::Receiver<Step>, reached: mpsc::UnboundedSender<(usize, Reached)>, index: usize) -> Self {
+        Self { step, reached, index }
+    }
+
+    /// Reports that the capture is prepared.
+    pub fn prepared(&self) {
+        let _ = self.reached.send((self.index, Reached::Prepared));
+    }
+
+    /// Reports that the VM is paused.
+    pub fn paused(&self) {
+        let _ = self.reached.send((self.index, Reached::Paused));
+    }
+
+    /// Waits until the pacing reaches `step`; fails if it is cancelled first.
+    pub async fn wait(&mut self, step: Step) -> Result<(), Cancelled> {
+        loop {
+            let now = *self.step.borrow_and_update();
+            if now == Step::Cancel {
+                return Err(Cancelled);
+            }
+            if now >= step {
+                return Ok(());
+            }
+            if self.step.changed().await.is_err() {
+                return Err(Cancelled);
+            }
+        }
+    }
+
+    /// A watch on cancellation alone, for work that runs beside the paced steps.
+    pub fn cancel_watch(&self) -> CancelWatch {
+        CancelWatch(self.step.clone())
+    }
+}
+
+/// Notices that a capture was cancelled.
+#[derive(Clone)]
+pub struct CancelWatch(watch::Receiver<Step>);
+
+impl CancelWatch {
+    /// Fails if the capture was cancelled.
+    pub fn check(&self) -> Result<(), Cancelled> {
+        if *self.0.borrow() == Step::Cancel {
+            return Err(Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Resolves once the capture is cancelled (or nobody paces it any more).
+    pub async fn cancelled(mut self) {
+        while *self.0.borrow_and_update() != Step::Cancel {
+            if self.0.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A sink's failure, as the capture passes it back untouched (the engine downcasts it).
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a capture puts the non-zero pages it reads.
+pub trait PageSink: Sync {
+    /// Takes a batch of pages with their hashes; may wait (backpressure).
+    fn push(&self, pages: Vec<(PageHash, Bytes)>) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// One VM's memory, captured.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// The hash (or zero mark) of every page, in block order.
+    pub hashes: Vec<PageHash>,
+    /// RAM blocks, in order.
+    pub blocks: Vec<Block>,
+    /// Counters (total, zero, non-zero, pause); the engine adds what the owners said.
+    pub stats: VmStats,
+    /// What a QEMU restore needs; `None` for a memory image.
+    pub qemu: Option<QemuState>,
+    /// Non-zero pages the capture read besides guest memory (QEMU's device state, as the
+    /// chunks of `qemu.device_state`): to be stored like pages, but not counted as the VM's.
+    pub extra_pages: Vec<(PageHash, Bytes)>,
+}
 
 /// A parsed memory source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +224,24 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn pacers_follow_their_steps_and_cancel() {
+        let (step_tx, step_rx) = watch::channel(Step::Prepare);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut p = Pacer::new(step_rx, tx, 3);
+        p.prepared();
+        assert_eq!(rx.recv().await, Some((3, Reached::Prepared)));
+        step_tx.send_replace(Step::Resume);
+        // A later step includes the earlier ones.
+        p.wait(Step::Pause).await.expect("pause");
+        let watch = p.cancel_watch();
+        assert!(watch.check().is_ok());
+        step_tx.send_replace(Step::Cancel);
+        assert_eq!(p.wait(Step::Resume).await, Err(Cancelled));
+        assert!(watch.check().is_err());
+        watch.cancelled().await;
+    }
 
     #[test]
     fn sources_parse_and_probe() {

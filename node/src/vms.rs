@@ -6,7 +6,7 @@
 //! note once the VM runs again. A node that died in between finds the note when it starts and
 //! resumes the VM, so a crash mid-snapshot never leaves a guest paused for good.
 
-use crate::qemu::qmp::Qmp;
+use crate::qemu::qmp::{Qmp, Settled};
 use crate::store::{Store, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,8 @@ use vmcsnap_protocol::manifest::validate_name;
 
 const VM_PREFIX: &[u8] = b"vm:";
 const PAUSED_PREFIX: &[u8] = b"paused:";
+/// Time QEMU has to leave a passing state before a journaled VM is resumed.
+pub const RESUME_SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a status question to one VM's monitor may take (a capture holding it answers "busy").
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -37,6 +39,17 @@ impl Origin {
     }
 }
 
+/// Why a VM could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A bad id or path.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// This host's VMs.
 pub struct Registry {
     store: Arc<Store>,
@@ -50,13 +63,13 @@ impl Registry {
     }
 
     /// Registers (or re-points) VM `id` at QMP socket `qmp`.
-    pub fn add(&self, id: &str, qmp: &Path) -> Result<(), String> {
-        validate_name("VM id", id)?;
+    pub fn add(&self, id: &str, qmp: &Path) -> Result<(), VmError> {
+        validate_name("VM id", id).map_err(VmError::Invalid)?;
         if !qmp.is_absolute() {
-            return Err(format!("the QMP socket must be an absolute path, not {}", qmp.display()));
+            return Err(VmError::Invalid(format!("the QMP socket must be an absolute path, not {}", qmp.display())));
         }
         let key = [VM_PREFIX, id.as_bytes()].concat();
-        self.store.meta_put(&key, qmp.display().to_string().as_bytes()).map_err(|e| e.to_string())
+        Ok(self.store.meta_put(&key, qmp.display().to_string().as_bytes())?)
     }
 
     /// Forgets VM `id`; false if it was not registered (a `--vm-dir` socket cannot be forgotten).
@@ -136,18 +149,20 @@ async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, String> {
     }
     let mut q = Qmp::connect(qmp).await.map_err(|e| e.to_string())?;
     let _ = q.execute("migrate_cancel", serde_json::json!({})).await;
-    for _ in 0..200 {
-        let s = q.status().await.map_err(|e| e.to_string())?;
-        match s.as_str() {
-            "paused" | "postmigrate" => {
-                q.execute("cont", serde_json::json!({})).await.map_err(|e| e.to_string())?;
-                return Ok(Some(s));
-            }
-            "finish-migrate" | "cancelling" => tokio::time::sleep(Duration::from_millis(10)).await,
-            _ => return Ok(None),
-        }
+    match q.resume_settled(RESUME_SETTLE_TIMEOUT).await.map_err(|e| e.to_string())? {
+        Settled::Resumed(was) => Ok(Some(was)),
+        Settled::Running | Settled::Other(_) => Ok(None),
     }
-    Err("QEMU did not settle".into())
+}
+
+impl crate::qemu::capture::PauseJournal for Registry {
+    fn paused(&self, vm: &str, qmp: &Path) {
+        self.note_paused(vm, qmp);
+    }
+
+    fn resumed(&self, vm: &str) {
+        self.note_resumed(vm);
+    }
 }
 
 /// `ID.qmp` sockets in `dir`, by id.

@@ -46,7 +46,7 @@ async fn owners_reject_bad_pages_and_strangers() {
         .await
         .expect("membership");
     let target: Member = wait_for(|| me.members().into_iter().find(|m| m.id != me.local() && m.alive)).await;
-    let client = DataClient::new(net::endpoint(&kp, my_addr).expect("endpoint"), kp);
+    let client = DataClient::new(net::endpoint(&kp, my_addr).expect("endpoint"), kp.clone());
 
     let mut page = vec![0u8; PAGE_SIZE];
     page[100] = 7;
@@ -77,6 +77,15 @@ async fn owners_reject_bad_pages_and_strangers() {
     // A request over its limit is refused by the owner.
     let big = DataRequest::Have { hashes: vec![good; HAVE_HASHES_MAX + 1] };
     assert!(matches!(client.request(target.id, target.data_addr, &big).await, Err(NetError::Remote { kind: RemoteErrorKind::BadRequest, .. })));
+
+    // A member of another data-plane version is refused at the handshake, with a clear
+    // "another version" error rather than a misdecode.
+    let old = DataClient::with_alpn(net::endpoint(&kp, free_addr()).expect("endpoint"), kp.clone(), b"vmcsnap/data/1");
+    let r = old.request(target.id, target.data_addr, &DataRequest::Stats).await;
+    match r {
+        Err(e @ NetError::VersionMismatch { .. }) => assert!(e.to_string().contains("another vmcsnap version"), "{e}"),
+        other => panic!("expected a version mismatch, got {other:?}"),
+    }
 
     // A stranger with a valid TLS identity but no membership is cut off.
     let stranger_kp = Keypair::generate_ed25519();

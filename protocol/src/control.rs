@@ -1,11 +1,89 @@
 //! The control API: what the `vmcsnap` CLI asks its local node over `DIR/control.sock`.
 //!
 //! One request per connection; the node answers with any number of [`ControlEvent::Progress`]
-//! frames and then exactly one `Done` or `Failed`. Frames use [`crate::codec`].
+//! frames and then exactly one `Done` or `Failed`.
+//!
+//! Every frame body, both ways, is a versioned record ([`CONTROL_MAGIC`], [`CONTROL_VERSION`],
+//! then the bincode body: [`encode_control`], [`decode_control`]), so that a CLI and a node of
+//! different versions get a clear "version mismatch" instead of misdecoding each other.
 
+use crate::codec::{self, CodecError, FRAME_HEADER_BYTES};
 use crate::manifest::{CaptureMode, CommitRecord, VmStats};
 use crate::NodeId;
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Magic at the start of every control frame body.
+pub const CONTROL_MAGIC: [u8; 4] = *b"VMCC";
+/// Version of the control protocol. Version 1 was unversioned (bare bincode frames); 2 added
+/// this header and [`ErrorKind`].
+pub const CONTROL_VERSION: u16 = 2;
+
+/// Encodes one control message as a frame (length, magic, version, body).
+pub fn encode_control<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
+    let record = codec::encode_record(CONTROL_MAGIC, CONTROL_VERSION, msg)?;
+    if record.len() > codec::MESSAGE_BYTES_MAX {
+        return Err(CodecError::TooLarge { len: record.len(), max: codec::MESSAGE_BYTES_MAX });
+    }
+    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + record.len());
+    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    out.extend_from_slice(&record);
+    Ok(out)
+}
+
+/// Decodes a control frame body; a body of another version or without the magic is
+/// [`CodecError::BadVersion`] or [`CodecError::BadMagic`] (see [`is_version_mismatch`]).
+pub fn decode_control<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    codec::decode_record(CONTROL_MAGIC, "control", CONTROL_VERSION, body)
+}
+
+/// Whether a decode failure means the other side speaks another control protocol version.
+pub fn is_version_mismatch(e: &CodecError) -> bool {
+    matches!(e, CodecError::BadVersion { .. } | CodecError::BadMagic { .. })
+}
+
+/// What kind of failure a control request met: for scripts (`--json`) and exit handling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or asks for something impossible (a bad name, a bad option).
+    Invalid,
+    /// A snapshot, VM or host that does not exist.
+    NotFound,
+    /// A name already taken, or a VM registered elsewhere.
+    Conflict,
+    /// Too few members, an owner or host down, a page no owner can serve.
+    Unavailable,
+    /// A peer failed or refused mid-operation.
+    Peer,
+    /// Driving QEMU failed (the VM is left running if it was).
+    Qemu,
+    /// A local disk or store failure.
+    Storage,
+    /// The cluster snapshot was aborted (another VM or host failed).
+    Aborted,
+    /// The other side speaks another protocol version.
+    VersionMismatch,
+    /// A bug or an unexpected local failure.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The kind's name as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Peer => "peer",
+            ErrorKind::Qemu => "qemu",
+            ErrorKind::Storage => "storage",
+            ErrorKind::Aborted => "aborted",
+            ErrorKind::VersionMismatch => "version_mismatch",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
 
 /// One VM to snapshot: the operator's id and, for a VM not registered with any node, where
 /// its memory is on the asked node's host.
@@ -232,7 +310,30 @@ pub enum ControlEvent {
     Done(ControlResult),
     /// Failed; nothing was committed.
     Failed {
+        /// What kind of failure.
+        kind: ErrorKind,
         /// The error, with its causes.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_frames_carry_their_version() {
+        let frame = encode_control(&ControlRequest::ClusterStatus).expect("encode");
+        let body = &frame[FRAME_HEADER_BYTES..];
+        assert_eq!(codec::frame_len(frame[..4].try_into().expect("4")).expect("len"), body.len());
+        assert_eq!(decode_control::<ControlRequest>(body).expect("decode"), ControlRequest::ClusterStatus);
+        // Another version: refused as a mismatch, not misdecoded.
+        let mut other = body.to_vec();
+        other[5] ^= 1;
+        let e = decode_control::<ControlRequest>(&other).expect_err("other version");
+        assert!(is_version_mismatch(&e), "{e}");
+        // A version-1 CLI sent a bare bincode request.
+        let bare = codec::encode_body(&ControlRequest::ClusterStatus).expect("encode");
+        assert!(is_version_mismatch(&decode_control::<ControlRequest>(&bare).expect_err("bare")));
+    }
 }

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod control;
 pub mod manifest;
 pub mod page;
+pub mod units;
 pub mod wire;
 
 pub use page::{hash_page, is_zero_page, NodeId, PageHash, PAGE_SIZE, ZERO_HASH};

@@ -28,8 +28,14 @@ use crate::manifest::{CaptureMode, CommitRecord, VmEntry};
 use crate::{NodeId, PageHash};
 use serde::{Deserialize, Serialize};
 
-/// ALPN of the data plane; the version changes with any incompatible message change.
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/1";
+/// ALPN of the data plane; the version changes with any incompatible message change, so that
+/// nodes of different versions fail the TLS handshake ("no application protocol") instead of
+/// misdecoding each other's messages.
+///
+/// - `vmcsnap/data/1`: the first data plane (commit records v1).
+/// - `vmcsnap/data/2`: commit records v2 (per-VM host name and pause time, the cut's skew),
+///   the cut conversation (`Cut`), VM registry and remote restore requests.
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/2";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -182,6 +188,8 @@ pub enum CutReport {
     Failed {
         /// The VM concerned, if one.
         vm: Option<String>,
+        /// What kind of failure (the operator sees it with the message).
+        kind: crate::control::ErrorKind,
         /// Why.
         reason: String,
     },

@@ -104,15 +104,6 @@ fn workloads(hosts: usize, per_host: usize, data: u32) -> Vec<Vm> {
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-}
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
@@ -415,7 +406,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             bytes: kvm_bytes,
             durable_s: kvm_s,
             pause_max_ms: max(&kvm_pauses),
-            pause_median_ms: median(kvm_pauses.clone()),
+            pause_median_ms: crate::stats::median(kvm_pauses.clone()),
             pause_skew_ms: None,
             restore_s: kvm_restore_s,
             second_bytes: kvm2_bytes,
@@ -436,7 +427,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
                 bytes: f.0,
                 durable_s: f.1,
                 pause_max_ms: max(&f.2),
-                pause_median_ms: median(f.2.clone()),
+                pause_median_ms: crate::stats::median(f.2.clone()),
                 pause_skew_ms: f.3,
                 restore_s: *rs,
                 second_bytes: s.0,
@@ -451,8 +442,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     kill_all(&vmdir, &vms);
 
     println!("\nplacement simulation (rendezvous hashing, R=2, {} keys):", opts.sim_keys);
-    let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| vmcsnap_dht::sim::simulate(h, 2, opts.sim_keys, 1)).collect();
-    print!("{}", vmcsnap_dht::sim::table(&sims));
+    let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| crate::sim::simulate(h, 2, opts.sim_keys, 1)).collect();
+    print!("{}", crate::sim::table(&sims));
 
     let chart = svg::chart(
         &format!("vmcsnap vs default KVM: {} guests x {} MiB on {} hosts ({accel})", vms.len(), opts.mem_mib, opts.hosts),

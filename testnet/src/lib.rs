@@ -6,12 +6,16 @@
 //!   intra-VM duplicate and private pages, from a seed.
 //! - [`pagestats`]: an independent count of the pages in images (total, zero, distinct),
 //!   for tests to check the fabric's numbers against.
+//! - [`sim`]: the placement simulation (balance and movement at 10 to 1,000 hosts).
+//! - [`stats`]: the one `median` every published figure goes through.
 
 pub mod bench;
 pub mod cluster;
 pub mod gen;
 pub mod guest;
 pub mod pagestats;
+pub mod sim;
+pub mod stats;
 pub mod svg;
 
 use std::path::PathBuf;

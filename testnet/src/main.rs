@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::{self, Cluster};
 use vmcsnap_testnet::gen::{self, GenConfig};
 use vmcsnap_testnet::{pagestats, vmcsnap_bin};
+use vmcsnap_protocol::units::human_bytes;
 
 #[derive(Parser)]
 #[command(name = "vmcsnap-testnet", version, about = "A real local vmcsnap cluster: node processes on loopback, generated VM memory, demo and benchmark")]
@@ -188,16 +189,6 @@ fn main() {
     }
 }
 
-fn human(b: u64) -> String {
-    const U: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    format!("{v:.1} {}", U[i])
-}
 
 fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
@@ -248,7 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let paths = gen::write_images(&cfg, &out)?;
             let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
             let s = pagestats::count(&refs)?;
-            println!("wrote {} images of {} to {} in {:.1} s", paths.len(), human(gen.size), out.display(), t0.elapsed().as_secs_f64());
+            println!("wrote {} images of {} to {} in {:.1} s", paths.len(), human_bytes(gen.size), out.display(), t0.elapsed().as_secs_f64());
             print_stats(&s);
             Ok(())
         }
@@ -270,8 +261,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Placement { keys, replicas } => {
-            let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| vmcsnap_dht::sim::simulate(h, replicas, keys, 1)).collect();
-            print!("{}", vmcsnap_dht::sim::table(&sims));
+            let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| vmcsnap_testnet::sim::simulate(h, replicas, keys, 1)).collect();
+            print!("{}", vmcsnap_testnet::sim::table(&sims));
             Ok(())
         }
     }
@@ -294,7 +285,7 @@ fn demo(dir: &Path, gen: &GenArgs) -> anyhow::Result<()> {
     let cfg = gen.config()?;
     fresh_dir(dir)?;
     let bin = vmcsnap_bin();
-    println!("== vmcsnap demo: 3 nodes on loopback, {} generated VMs of {} ==", cfg.vms, human(gen.size));
+    println!("== vmcsnap demo: 3 nodes on loopback, {} generated VMs of {} ==", cfg.vms, human_bytes(gen.size));
     let mut c = Cluster::start(&bin, &dir.join("cluster"), 3, 2, None)?;
     for (i, n) in c.nodes.iter().enumerate() {
         println!("node {} listening on {} (data in {})", i + 1, n.addr, n.dir.display());
@@ -327,9 +318,9 @@ fn demo(dir: &Path, gen: &GenArgs) -> anyhow::Result<()> {
 
     let raw = stats.total * 4096;
     let unique = stats.distinct_nonzero * 4096;
-    println!("\n{:<44} {:>12}", "raw VM memory (default KVM stores all of it)", human(raw));
-    println!("{:<44} {:>12}", "distinct non-zero pages (one copy)", human(unique));
-    println!("{:<44} {:>12}", "stored cluster-wide (replicas 2, + manifests)", human(stored));
+    println!("\n{:<44} {:>12}", "raw VM memory (default KVM stores all of it)", human_bytes(raw));
+    println!("{:<44} {:>12}", "distinct non-zero pages (one copy)", human_bytes(unique));
+    println!("{:<44} {:>12}", "stored cluster-wide (replicas 2, + manifests)", human_bytes(stored));
     println!("{:<44} {:>11.1}%", "reduction vs raw, one copy", 100.0 * (1.0 - unique as f64 / raw as f64));
     println!("{:<44} {:>11.1}%", "reduction vs raw, with 2 replicas", 100.0 * (1.0 - stored as f64 / raw as f64));
     println!("{:<44} {:>10.2} s", "snapshot time (4 VMs, until durable)", snap_s);
@@ -343,10 +334,6 @@ fn demo(dir: &Path, gen: &GenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
 
 /// Restores every VM of `snap` on node `node` into `out_dir`, checks each against its image,
 /// deletes it, and returns (seconds, bytes fetched from peers).
@@ -417,14 +404,14 @@ fn bench(dir: &Path, runs: usize, replicas: u8, json: bool, mem_dir: &Path, gen:
             println!(
                 "run {run}: snapshot {:.2} s ({:.2} GB/s raw, {:.0} MB/s unique), again {:.2} s, restore to memory {:.2} s ({:.2} GB/s), to disk {:.2} s ({:.2} GB/s), peak node RSS {}",
                 snap1, row["snapshot_gbps"].as_f64().unwrap_or(0.0), row["unique_mbps"].as_f64().unwrap_or(0.0), snap2, restore,
-                row["restore_gbps"].as_f64().unwrap_or(0.0), restore_disk, row["restore_disk_gbps"].as_f64().unwrap_or(0.0), human(rss)
+                row["restore_gbps"].as_f64().unwrap_or(0.0), restore_disk, row["restore_disk_gbps"].as_f64().unwrap_or(0.0), human_bytes(rss)
             );
         }
         rows.push(row);
         drop(c);
         let _ = std::fs::remove_dir_all(&cdir);
     }
-    let col = |k: &str| median(rows.iter().filter_map(|r| r[k].as_f64()).collect());
+    let col = |k: &str| vmcsnap_testnet::stats::median(rows.iter().filter_map(|r| r[k].as_f64()).collect());
     let summary = serde_json::json!({
         "raw_bytes": raw,
         "vms": cfg.vms,
@@ -444,12 +431,12 @@ fn bench(dir: &Path, runs: usize, replicas: u8, json: bool, mem_dir: &Path, gen:
     } else {
         let m = &summary["median"];
         let g = |k: &str| m[k].as_f64().unwrap_or(0.0);
-        println!("\nmedian of {} runs, {} raw over {} VMs, 3 nodes, replicas {replicas}:", rows.len(), human(raw), cfg.vms);
+        println!("\nmedian of {} runs, {} raw over {} VMs, 3 nodes, replicas {replicas}:", rows.len(), human_bytes(raw), cfg.vms);
         println!("  snapshot         {:>6.2} s   {:>5.2} GB/s raw   {:>6.0} MB/s unique   {:>6.0} MB/s sent", g("snapshot_s"), g("snapshot_gbps"), g("unique_mbps"), g("sent_mbps"));
         println!("  second snapshot  {:>6.2} s   (no page bytes move)", g("second_snapshot_s"));
         println!("  restore, memory  {:>6.2} s   {:>5.2} GB/s raw   (all VMs on node 2, into tmpfs)", g("restore_s"), g("restore_gbps"));
         println!("  restore, disk    {:>6.2} s   {:>5.2} GB/s raw   (all VMs on node 3, files fsynced)", g("restore_disk_s"), g("restore_disk_gbps"));
-        println!("  peak node RSS    {}", human(g("peak_node_rss") as u64));
+        println!("  peak node RSS    {}", human_bytes(g("peak_node_rss") as u64));
     }
     let _ = std::fs::remove_dir_all(dir.join("images"));
     Ok(())
@@ -538,12 +525,12 @@ fn bench_vm(dir: &Path, mem: u32, runs: usize, json: bool) -> anyhow::Result<()>
                     "{wl} run {run}: pause {:.0} ms (QEMU {:.0} ms), live downtime {:.0} ms (QEMU {:.0} ms), durable {:.2} s (QEMU file {:.2} s), restore {:.2} s (QEMU {:.2} s), stored {} new (QEMU file {})",
                     row.vmcsnap_stop_pause_ms, row.qemu_stop_pause_ms, row.vmcsnap_live_downtime_ms, row.qemu_live_downtime_ms,
                     row.vmcsnap_stop_durable_s, row.qemu_file_durable_s, row.vmcsnap_restore_s, row.qemu_restore_s,
-                    human(row.vmcsnap_new_bytes), human(row.qemu_file_bytes)
+                    human_bytes(row.vmcsnap_new_bytes), human_bytes(row.qemu_file_bytes)
                 );
             }
             rows.push(row);
         }
-        let med = |f: fn(&VmRow) -> f64| median(rows.iter().map(f).collect());
+        let med = |f: fn(&VmRow) -> f64| vmcsnap_testnet::stats::median(rows.iter().map(f).collect());
         let m = serde_json::json!({
             "qemu_stop_pause_ms": med(|r| r.qemu_stop_pause_ms),
             "vmcsnap_stop_pause_ms": med(|r| r.vmcsnap_stop_pause_ms),
@@ -568,7 +555,7 @@ fn bench_vm(dir: &Path, mem: u32, runs: usize, json: bool) -> anyhow::Result<()>
             ] {
                 println!("  {label:<34} {:>12.3} {:>12.3} {:>7.2}x", g(a), g(b), g(b) / g(a));
             }
-            println!("  {:<34} {:>12} {:>12}", "bytes stored (vmcsnap: new, 1 copy)", human(g("qemu_file_bytes") as u64), human(g("vmcsnap_new_bytes") as u64));
+            println!("  {:<34} {:>12} {:>12}", "bytes stored (vmcsnap: new, 1 copy)", human_bytes(g("qemu_file_bytes") as u64), human_bytes(g("vmcsnap_new_bytes") as u64));
             println!();
         }
         out.insert(wl.to_string(), serde_json::json!({"median": m, "runs": rows}));

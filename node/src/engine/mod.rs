@@ -1,5 +1,11 @@
 //! The snapshot and restore engines.
 //!
+//! - [`error`]: one error type per operation, each with the kind the CLI gets;
+//! - [`upload`]: pages to their owners ([`upload::Uploader`]), and image files through it;
+//! - [`cut`]: a cluster snapshot as one cut (coordinator and participant state machines);
+//! - [`snapshot`]: `snapshot create` — check, cut, commit;
+//! - [`restore`]: restoring VMs, on this host or others.
+//!
 //! Both are pipelines with a named bound at every stage, so a node's memory use depends on
 //! these constants and not on the size of a VM:
 //! - snapshot: read + hash windows of [`WINDOW_PAGES`] on the blocking pool
@@ -10,8 +16,10 @@
 //!   reachable owner, in `Get` batches with [`FETCHES_IN_FLIGHT`] in flight → write in place.
 
 pub mod cut;
+pub mod error;
 pub mod restore;
 pub mod snapshot;
+pub mod upload;
 
 use vmcsnap_protocol::control::ControlEvent;
 

@@ -16,74 +16,26 @@
 //! state; with the target's QMP socket the accelerator is checked first, and the guest is
 //! resumed afterwards if it was running when captured.
 
-use crate::engine::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::error::RestoreError;
+use super::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
 use crate::net::NetError;
-use crate::node::Node;
+use crate::node::{fan_out, Node, PEER_ANSWER_TIMEOUT};
+use crate::qemu::qmp::Qmp;
+use crate::qemu::stream::Rebuilder;
 use crate::source::Target;
 use futures::{stream, StreamExt};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmcsnap_dht::placement::{owners, View};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::RestoreSummary;
-use crate::qemu::qmp::Qmp;
-use crate::qemu::stream::{RamBlock, Rebuilder, StreamMeta};
-use std::time::Duration;
 use vmcsnap_protocol::manifest::{expand_level, level_sizes, CommitRecord, QemuState, VmEntry};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, GET_PAGES_MAX};
 use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
-
-/// Why a restore failed. The target path is left as it was.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// No such snapshot.
-    #[error("no snapshot named {0:?} (see `vmcsnap snapshot list`)")]
-    UnknownSnapshot(String),
-    /// No such VM in the snapshot.
-    #[error("snapshot {name:?} has no VM {vm:?} (it has: {have})")]
-    UnknownVm {
-        /// Snapshot.
-        name: String,
-        /// VM asked for.
-        vm: String,
-        /// VMs it has.
-        have: String,
-    },
-    /// Bad target.
-    #[error("{0}")]
-    Target(String),
-    /// A page could be had from none of its owners.
-    #[error("page {hash} is unavailable: {reasons}")]
-    Unavailable {
-        /// The page.
-        hash: PageHash,
-        /// What each owner said.
-        reasons: String,
-    },
-    /// Writing the target failed.
-    #[error("writing {path}: {reason}")]
-    Write {
-        /// Target.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// A local failure.
-    #[error("{0}")]
-    Internal(String),
-    /// Some VMs of a cluster restore failed.
-    #[error("{failed}{}", if .restored.is_empty() { String::new() } else { format!(" (restored: {})", .restored) })]
-    Hosts {
-        /// `host H: VM v: reason`, per failure.
-        failed: String,
-        /// The VMs that were restored and run.
-        restored: String,
-    },
-}
 
 /// Time a remote host has to restore one VM.
 pub const REMOTE_RESTORE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -109,15 +61,39 @@ pub async fn restore_many(
         }
         return Ok(vec![restore(node, name, vm.clone(), opts, progress).await?]);
     }
-    let record = node
-        .find_record(&name)
-        .await
-        .map_err(|e| RestoreError::Internal(e.to_string()))?
-        .ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let record = node.find_record(&name).await?.ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let plan = plan_hosts(&node, &record, vms, &on)?;
+    let results = futures::future::join_all(plan.iter().map(|(vm, host)| launch_on(&node, &name, vm, host, progress.clone()))).await;
+    let mut out = Vec::new();
+    let mut failed = Vec::new();
+    for ((vm, host), r) in plan.iter().zip(results) {
+        match r {
+            Ok(s) => {
+                forget_elsewhere(&node, vm, host).await;
+                out.push(s);
+            }
+            Err(e) => {
+                let e = if e.contains(&format!("VM {vm}")) { e } else { format!("VM {vm}: {e}") };
+                failed.push(format!("host {}: {e}", node.host_name(&host.id)));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(RestoreError::Hosts {
+            failed: failed.join("; "),
+            restored: out.iter().map(|s| format!("{} on {}", s.vm, s.host)).collect::<Vec<_>>().join(", "),
+        });
+    }
+    Ok(out)
+}
+
+/// The host each VM is launched on: `on`'s `VM=HOST`, else its `HOST`, else the host that
+/// captured the VM if it is up, else this node.
+fn plan_hosts(node: &Node, record: &CommitRecord, vms: Vec<String>, on: &[String]) -> Result<Vec<(String, Member)>, RestoreError> {
     let vms: Vec<String> = if vms.is_empty() { record.vms.iter().map(|v| v.id.clone()).collect() } else { vms };
     let mut all_host = None;
     let mut per_vm = HashMap::new();
-    for o in &on {
+    for o in on {
         match o.split_once('=') {
             Some((vm, host)) => {
                 per_vm.insert(vm.to_string(), node.find_host(host).map_err(RestoreError::Target)?);
@@ -128,7 +104,7 @@ pub async fn restore_many(
     let mut plan: Vec<(String, Member)> = Vec::new();
     for vm in &vms {
         let entry = record.vm(vm).ok_or_else(|| RestoreError::UnknownVm {
-            name: name.clone(),
+            name: record.name.clone(),
             vm: vm.clone(),
             have: record.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>().join(", "),
         })?;
@@ -149,50 +125,34 @@ pub async fn restore_many(
             return Err(RestoreError::Target(format!("--on {vm}=...: VM {vm} is not being restored")));
         }
     }
-    let results = futures::future::join_all(plan.iter().map(|(vm, host)| {
-        let (node, name, progress) = (node.clone(), name.clone(), progress.clone());
-        async move {
-            if host.id == node.id {
-                let opts = RestoreOptions { launch: true, ..Default::default() };
-                restore(node, name, vm.clone(), opts, progress).await.map_err(|e| e.to_string())
-            } else {
-                match node.call_within(host, DataRequest::RestoreVm { name, vm: vm.clone() }, REMOTE_RESTORE_TIMEOUT).await {
-                    Ok(DataResponse::Restored(s)) => Ok(s),
-                    Ok(_) => Err("answered with the wrong message".into()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
+    Ok(plan)
+}
+
+/// Restores and launches `vm` on `host` (here, or by asking it once).
+async fn launch_on(node: &Arc<Node>, name: &str, vm: &str, host: &Member, progress: Progress) -> Result<RestoreSummary, String> {
+    if host.id == node.id {
+        let opts = RestoreOptions { launch: true, ..Default::default() };
+        return restore(node.clone(), name.to_string(), vm.to_string(), opts, progress).await.map_err(|e| e.to_string());
+    }
+    let req = DataRequest::RestoreVm { name: name.to_string(), vm: vm.to_string() };
+    match node.call_within(host, req, REMOTE_RESTORE_TIMEOUT).await {
+        Ok(DataResponse::Restored(s)) => Ok(s),
+        Ok(_) => Err("answered with the wrong message".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The VM runs on `host` now: every other live member forgets it.
+async fn forget_elsewhere(node: &Arc<Node>, vm: &str, host: &Member) {
+    let others: Vec<Member> = node.alive_members().into_iter().filter(|m| m.id != host.id).collect();
+    fan_out(&others, PEER_ANSWER_TIMEOUT, |m| async move {
+        if m.id == node.id {
+            node.vms.remove(vm).map(|_| ()).map_err(NetError::Store)
+        } else {
+            node.call(&m, DataRequest::VmForget { id: vm.to_string() }).await.map(|_| ())
         }
-    }))
+    })
     .await;
-    let mut out = Vec::new();
-    let mut failed = Vec::new();
-    for ((vm, host), r) in plan.iter().zip(results) {
-        match r {
-            Ok(s) => {
-                // The VM runs on `host` now: every other member forgets it.
-                for m in node.alive_members().into_iter().filter(|m| m.id != host.id) {
-                    if m.id == node.id {
-                        let _ = node.vms.remove(vm);
-                    } else {
-                        let _ = tokio::time::timeout(Duration::from_secs(3), node.call(&m, DataRequest::VmForget { id: vm.clone() })).await;
-                    }
-                }
-                out.push(s);
-            }
-            Err(e) => {
-                let e = if e.contains(&format!("VM {vm}")) { e } else { format!("VM {vm}: {e}") };
-                failed.push(format!("host {}: {e}", node.host_name(&host.id)));
-            }
-        }
-    }
-    if !failed.is_empty() {
-        return Err(RestoreError::Hosts {
-            failed: failed.join("; "),
-            restored: out.iter().map(|s| format!("{} on {}", s.vm, s.host)).collect::<Vec<_>>().join(", "),
-        });
-    }
-    Ok(out)
 }
 
 /// Fetches pages by hash from a snapshot's owners, verifying each.
@@ -225,113 +185,22 @@ impl<'a> Fetcher<'a> {
     /// Fetches distinct non-zero pages. Returns them keyed by hash.
     async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
         let mut out = HashMap::with_capacity(hashes.len());
-        let t0 = Instant::now();
-        // Pages this node already holds are not fetched again. Looked up in parallel slices.
-        let lookups = hashes.chunks(LOCAL_LOOKUP_PAGES).map(|chunk| {
-            let store = self.node.store.clone();
-            let hs = chunk.to_vec();
-            // A read of a page this node lacks costs no more than an existence check would.
-            tokio::task::spawn_blocking(move || store.get(&hs))
-        });
-        let mut local = Vec::with_capacity(hashes.len());
-        for r in futures::future::join_all(lookups).await {
-            local.extend(r.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(|e| RestoreError::Internal(e.to_string()))?);
-        }
-        tracing::trace!(target: "vmcsnap::restore", pages = local.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "local lookup");
+        let local = self.lookup_local(&hashes).await?;
         // Each remaining page: its owners in placement order; try them one after another.
-        let mut todo: Vec<(PageHash, Vec<usize>, Vec<String>)> = Vec::new();
+        let mut todo: Vec<Wanted> = Vec::new();
         for (h, l) in hashes.into_iter().zip(local) {
             match l {
                 Some(p) => {
                     self.pages_local.fetch_add(1, Ordering::Relaxed);
                     out.insert(h, p);
                 }
-                None => todo.push((h, owners(&self.view, &h, self.replicas), Vec::new())),
+                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), reasons: Vec::new() }),
             }
         }
         while !todo.is_empty() {
-            // Group by the next owner to try.
-            let mut by_owner: HashMap<usize, Vec<(PageHash, Vec<usize>, Vec<String>)>> = HashMap::new();
             let members = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            for (h, mut cands, mut reasons) in todo.drain(..) {
-                loop {
-                    let Some(&o) = cands.first() else {
-                        return Err(RestoreError::Unavailable { hash: h, reasons: reasons.join("; ") });
-                    };
-                    match &members[o] {
-                        Some(m) if m.alive => break,
-                        Some(m) => reasons.push(format!("{} is down", m.id.short())),
-                        None => reasons.push(format!("{} is no longer a member", self.view.members()[o].short())),
-                    }
-                    cands.remove(0);
-                }
-                by_owner.entry(cands[0]).or_default().push((h, cands, reasons));
-            }
-            let mut requests = Vec::new();
-            for (o, items) in by_owner {
-                let mut items = items;
-                while !items.is_empty() {
-                    let rest = items.split_off(items.len().min(GET_PAGES_MAX));
-                    requests.push((o, std::mem::replace(&mut items, rest)));
-                }
-            }
-            let node = self.node;
-            let members = &members;
-            let mut results = stream::iter(requests)
-                .map(|(o, items)| async move {
-                    let Some(m) = members[o].clone() else {
-                        return (o, items, Err("not a member".to_string()));
-                    };
-                    let hashes = items.iter().map(|i| i.0).collect();
-                    let r = node.call(&m, DataRequest::Get { hashes }).await;
-                    let r = match r {
-                        Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => Ok(pages),
-                        Ok(_) => Err("answered with the wrong message".to_string()),
-                        Err(e) => Err(match e {
-                            NetError::Unreachable { .. } => "unreachable".to_string(),
-                            e => e.to_string(),
-                        }),
-                    };
-                    (o, items, r)
-                })
-                .buffer_unordered(FETCHES_IN_FLIGHT);
-            let mut dead = Vec::new();
-            while let Some((o, items, r)) = results.next().await {
-                let who = self.view.members()[o].short();
-                match r {
-                    Ok(pages) => {
-                        for ((h, mut cands, mut reasons), p) in items.into_iter().zip(pages) {
-                            match p {
-                                Some(p) if hash_page(&p) == h => {
-                                    self.bytes_fetched.fetch_add(p.len() as u64, Ordering::Relaxed);
-                                    out.insert(h, p.into_vec());
-                                }
-                                Some(p) => {
-                                    tracing::warn!(target: "vmcsnap::restore", peer = %who, page = %h.short(), got = %hash_page(&p).short(), "peer sent a page that does not match its hash");
-                                    reasons.push(format!("{who} sent a page with hash {}", hash_page(&p).short()));
-                                    cands.remove(0);
-                                    todo.push((h, cands, reasons));
-                                }
-                                None => {
-                                    reasons.push(format!("{who} does not have it"));
-                                    cands.remove(0);
-                                    todo.push((h, cands, reasons));
-                                }
-                            }
-                        }
-                    }
-                    Err(reason) => {
-                        tracing::warn!(target: "vmcsnap::restore", peer = %who, %reason, "fetch failed; trying other replicas");
-                        dead.push(o); // do not ask it again in this restore
-                        for (h, mut cands, mut reasons) in items {
-                            reasons.push(format!("{who}: {reason}"));
-                            cands.remove(0);
-                            todo.push((h, cands, reasons));
-                        }
-                    }
-                }
-            }
-            drop(results);
+            let requests = self.route(std::mem::take(&mut todo), &members)?;
+            let dead = self.fetch_round(requests, &members, &mut out, &mut todo).await;
             let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
             for o in dead {
                 if let Some(Some(m)) = members.get_mut(o) {
@@ -340,6 +209,130 @@ impl<'a> Fetcher<'a> {
             }
         }
         Ok(out)
+    }
+
+    /// This node's copies of `hashes` (pages it holds are not fetched again), looked up in
+    /// parallel slices. A read of a page this node lacks costs no more than an existence check.
+    async fn lookup_local(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, RestoreError> {
+        let t0 = Instant::now();
+        let lookups = hashes.chunks(LOCAL_LOOKUP_PAGES).map(|chunk| {
+            let store = self.node.store.clone();
+            let hs = chunk.to_vec();
+            tokio::task::spawn_blocking(move || store.get(&hs))
+        });
+        let mut local = Vec::with_capacity(hashes.len());
+        for r in futures::future::join_all(lookups).await {
+            local.extend(r.map_err(|e| RestoreError::Internal(format!("local lookup failed: {e}")))??);
+        }
+        tracing::trace!(target: "vmcsnap::restore", pages = local.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "local lookup");
+        Ok(local)
+    }
+
+    /// Groups wanted pages by the next owner to try (skipping owners that are down), in
+    /// `Get` requests of at most [`GET_PAGES_MAX`]; a page with no owner left is unavailable.
+    fn route(&self, todo: Vec<Wanted>, members: &[Option<Member>]) -> Result<Vec<(usize, Vec<Wanted>)>, RestoreError> {
+        let mut by_owner: HashMap<usize, Vec<Wanted>> = HashMap::new();
+        for mut w in todo {
+            loop {
+                let Some(&o) = w.owners.first() else {
+                    return Err(RestoreError::Unavailable { hash: w.hash, reasons: w.reasons.join("; ") });
+                };
+                match &members[o] {
+                    Some(m) if m.alive => break,
+                    Some(m) => w.reasons.push(format!("{} is down", m.id.short())),
+                    None => w.reasons.push(format!("{} is no longer a member", self.view.members()[o].short())),
+                }
+                w.owners.remove(0);
+            }
+            by_owner.entry(w.owners[0]).or_default().push(w);
+        }
+        let mut requests = Vec::new();
+        for (o, mut items) in by_owner {
+            while !items.is_empty() {
+                let rest = items.split_off(items.len().min(GET_PAGES_MAX));
+                requests.push((o, std::mem::replace(&mut items, rest)));
+            }
+        }
+        Ok(requests)
+    }
+
+    /// Sends one round of `Get`s, [`FETCHES_IN_FLIGHT`] at once. Verified pages go to `out`;
+    /// pages an owner lacked or sent wrong go back to `retry` with their next owner. Returns
+    /// the owners that failed (not asked again in this restore).
+    async fn fetch_round(
+        &self,
+        requests: Vec<(usize, Vec<Wanted>)>,
+        members: &[Option<Member>],
+        out: &mut HashMap<PageHash, Vec<u8>>,
+        retry: &mut Vec<Wanted>,
+    ) -> Vec<usize> {
+        let node = self.node;
+        let mut results = stream::iter(requests)
+            .map(|(o, items)| async move {
+                let Some(m) = members[o].clone() else {
+                    return (o, items, Err("not a member".to_string()));
+                };
+                let hashes = items.iter().map(|i| i.hash).collect();
+                let r = match node.call(&m, DataRequest::Get { hashes }).await {
+                    Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => Ok(pages),
+                    Ok(_) => Err("answered with the wrong message".to_string()),
+                    Err(NetError::Unreachable { .. }) => Err("unreachable".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (o, items, r)
+            })
+            .buffer_unordered(FETCHES_IN_FLIGHT);
+        let mut dead = Vec::new();
+        while let Some((o, items, r)) = results.next().await {
+            let who = self.view.members()[o].short();
+            match r {
+                Ok(pages) => {
+                    for (mut w, p) in items.into_iter().zip(pages) {
+                        match p {
+                            Some(p) if hash_page(&p) == w.hash => {
+                                self.bytes_fetched.fetch_add(p.len() as u64, Ordering::Relaxed);
+                                out.insert(w.hash, p.into_vec());
+                            }
+                            Some(p) => {
+                                let got = hash_page(&p);
+                                tracing::warn!(target: "vmcsnap::restore", peer = %who, page = %w.hash.short(), got = %got.short(), "peer sent a page that does not match its hash");
+                                w.next_owner(format!("{who} sent a page with hash {}", got.short()));
+                                retry.push(w);
+                            }
+                            None => {
+                                w.next_owner(format!("{who} does not have it"));
+                                retry.push(w);
+                            }
+                        }
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(target: "vmcsnap::restore", peer = %who, %reason, "fetch failed; trying other replicas");
+                    dead.push(o); // do not ask it again in this restore
+                    for mut w in items {
+                        w.next_owner(format!("{who}: {reason}"));
+                        retry.push(w);
+                    }
+                }
+            }
+        }
+        dead
+    }
+}
+
+/// A page still to fetch: its remaining owners (placement indexes, next first) and what the
+/// owners tried so far said.
+struct Wanted {
+    hash: PageHash,
+    owners: Vec<usize>,
+    reasons: Vec<String>,
+}
+
+impl Wanted {
+    /// The current owner failed for `reason`: on to the next.
+    fn next_owner(&mut self, reason: String) {
+        self.reasons.push(reason);
+        self.owners.remove(0);
     }
 }
 
@@ -375,11 +368,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         (None, true) => None,
         (Some(t), false) => Some(Target::parse(t).map_err(RestoreError::Target)?),
     };
-    let record = node
-        .find_record(&name)
-        .await
-        .map_err(|e| RestoreError::Internal(e.to_string()))?
-        .ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let record = node.find_record(&name).await?.ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
     let entry = record.vm(&vm).ok_or_else(|| RestoreError::UnknownVm {
         name: name.clone(),
         vm: vm.clone(),
@@ -553,8 +542,7 @@ async fn restore_qemu(
         None => None,
     };
     if let Some(q) = q.as_mut() {
-        let kvm = q.execute("query-kvm", serde_json::json!({})).await.map_err(|e| target_err(e.to_string()))?;
-        let accel = if kvm["enabled"].as_bool().unwrap_or(false) { "kvm" } else { "tcg" };
+        let accel = q.accel().await.map_err(|e| target_err(e.to_string()))?;
         if accel != state.accel {
             return Err(target_err(format!(
                 "snapshot of VM {} was taken under {}, but the target QEMU runs {accel}; a snapshot restores only on the same accelerator",
@@ -569,19 +557,13 @@ async fn restore_qemu(
     let t0 = Instant::now();
     let tail = fetch_blob(fetcher, &state.device_state).await?;
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "device state fetched");
-    let meta = StreamMeta {
-        head: state.head.clone(),
-        machine: state.machine.clone(),
-        ram_section: state.ram_section,
-        footers: state.footers,
-        blocks: entry.blocks.iter().map(|b| RamBlock { name: b.name.clone(), len: b.bytes }).collect(),
-    };
+    let meta = crate::qemu::stream_meta(state, &entry.blocks);
     // Page index where each block starts.
     let mut starts = Vec::with_capacity(meta.blocks.len());
     let mut at = 0u64;
     for b in &meta.blocks {
         starts.push(at);
-        at += b.len / PAGE_SIZE as u64;
+        at += b.bytes / PAGE_SIZE as u64;
     }
     let conn = std::os::unix::net::UnixStream::connect(incoming)
         .map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;

@@ -1,104 +1,217 @@
 //! Capturing a running QEMU VM: the node becomes the VM's migration destination.
 //!
-//! 1. Over QMP: check the VM is running or paused and not migrating; read its QEMU version,
-//!    accelerator and command line (from `/proc/PID/cmdline`, PID from the socket's peer
-//!    credentials); turn off [`super::CAPABILITIES_OFF`]; raise `max-bandwidth`.
-//! 2. Listen on a unix socket in the data directory; `stop` first for stop-copy;
-//!    `migrate unix:SOCK`.
-//! 3. A blocking thread parses the stream as it arrives, hashes every page and appends the
-//!    non-zero ones to a spool file (unlinked, in the data directory), so QEMU sends at stream
-//!    speed whatever the owners' pace; the async side keeps the VM's page map (last copy
-//!    wins) and pushes the spooled pages to the owners.
-//! 4. As soon as QEMU reports the migration `completed`, `cont` the VM if it was running —
-//!    while the upload may still go on. The snapshot commits only after every page is
-//!    durable on its owners.
-//!    Whatever fails, the VM is resumed if it was running and the migration cancelled.
+//! 1. **Inspect** over QMP: the VM is running or paused and not migrating; its QEMU version,
+//!    accelerator and command line.
+//! 2. **Configure**: turn off [`super::CAPABILITIES_OFF`]; raise `max-bandwidth`; lower
+//!    `downtime-limit` (the old values come back at the end).
+//! 3. **Migrate**: listen on a unix socket in the work directory; for stop-copy, wait for the
+//!    pacer's [`Step::Pause`] and `stop` first; `migrate unix:SOCK`. A blocking thread parses
+//!    the stream as it arrives and appends the non-zero pages to a spool file (unlinked), so
+//!    QEMU sends at stream speed whatever the sink's pace; the async side hashes the spooled
+//!    pages, keeps the VM's page map (last copy wins) and hands the pages to the sink. For
+//!    pre-copy, the live rounds run until one pass is (nearly) done, the copy is held there,
+//!    and the VM is stopped at [`Step::Pause`].
+//! 4. **Resume**: once QEMU reports the migration `completed` and the pacer says
+//!    [`Step::Resume`], `cont` the VM if it was running — while the sink may still be busy.
+//!
+//! Whatever fails, the migration is cancelled, the VM is resumed if it was running and the
+//! old parameters come back. A [`PauseJournal`] notes the VM before anything can pause it and
+//! forgets it once it runs again, so a node that dies in between resumes it on its next start.
 
-use super::qmp::Qmp;
+use super::qmp::{Qmp, QmpError, Settled};
 use super::stream::{self, StreamError};
-use crate::engine::cut::{check_abort, Gate, Stage};
-use crate::engine::snapshot::{SnapshotError, Uploader};
-use crate::engine::Progress;
-use crate::node::Node;
+use super::QemuFacts;
+use crate::source::{CancelWatch, Cancelled, Captured, PageSink, Pacer, SinkError, Step};
 use bytes::Bytes;
 use serde_json::json;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
-use vmcsnap_protocol::manifest::{Block, CaptureMode, QemuState, VmStats};
+use vmcsnap_protocol::manifest::{CaptureMode, VmStats};
 use vmcsnap_protocol::{hash_page, is_zero_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
-/// Page records handed from the parser thread to the uploader in one message. The queue of
-/// such messages is unbounded on purpose (records are 48 bytes; the pages are in the spool),
-/// so that the VM's pause never waits on the network.
+/// Page records handed from the parser thread to the hashing side in one message. The queue
+/// of such messages is unbounded on purpose (records are 48 bytes; the pages are in the
+/// spool), so that the VM's pause never waits on the sink.
 pub const CAPTURE_BATCH_PAGES: usize = 256;
 /// Time for QEMU to connect to the node's socket after `migrate`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for QEMU to report the migration finished after the stream ended.
 pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for QEMU to leave a passing state (`finish-migrate`, `cancelling`) before the VM is
+/// resumed after a failure.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unsent bytes left in pre-copy's first pass at which the live copy is held (see
+/// [`live_rounds`]); what is left then goes in the final round, while the VM is paused.
+pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
+/// QEMU's `max-bandwidth` while a live copy is held, bytes/s: so low that QEMU never finds the
+/// copy converged, so it never pauses the VM on its own before the pacer's [`Step::Pause`].
+pub const HOLD_BANDWIDTH: u64 = 4096;
 
-/// One VM captured.
-pub struct Captured {
-    /// Page hashes in block order.
-    pub hashes: Vec<PageHash>,
-    /// RAM blocks.
-    pub blocks: Vec<Block>,
-    /// Counters (zero, non-zero, total, pause).
-    pub stats: VmStats,
-    /// What a restore needs.
-    pub state: QemuState,
+/// Why a capture failed. The VM is left running if it was (except for
+/// [`CaptureError::NotResumed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// QMP failed or QEMU refused a command.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// The VM cannot be captured in its state.
+    #[error("{0}")]
+    Refused(String),
+    /// The migration stream was refused.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// A local file or socket failed.
+    #[error("{0}")]
+    Io(String),
+    /// The pacer cancelled the capture.
+    #[error(transparent)]
+    Cancelled(#[from] Cancelled),
+    /// The page sink failed; its error, untouched.
+    #[error("{0}")]
+    Sink(SinkError),
+    /// The capture ended (`what`), but the VM could not be resumed.
+    #[error("{what}, but could not resume the VM: {reason}")]
+    NotResumed {
+        /// `captured` or `aborted`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
-fn qemu_err(vm: &str, reason: impl std::fmt::Display) -> SnapshotError {
-    SnapshotError::Qemu { vm: vm.to_string(), reason: reason.to_string() }
+/// Which VM to capture, and how.
+#[derive(Clone, Debug)]
+pub struct CaptureRequest<'a> {
+    /// The VM's id (names the socket and spool files, and the journal entry).
+    pub vm: &'a str,
+    /// Its QMP socket.
+    pub qmp: &'a Path,
+    /// Stop-copy or pre-copy.
+    pub mode: CaptureMode,
+    /// Live-copy bandwidth cap for pre-copy, bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Directory for the capture socket and the spool file.
+    pub work_dir: &'a Path,
+    /// Distinguishes concurrent captures of this process in file names.
+    pub tag: u32,
 }
 
-/// Captures VM `vm` (index `vi` in the snapshot) through its QMP socket.
-#[allow(clippy::too_many_arguments)]
-pub async fn capture(
-    node: &Arc<Node>,
-    up: &Mutex<Uploader>,
-    vi: usize,
-    vm: &str,
-    qmp_path: &Path,
-    mode: CaptureMode,
-    gate: &mut Gate,
-    max_bandwidth: Option<u64>,
-) -> Result<Captured, SnapshotError> {
-    let progress = &Progress::new(None);
-    let mut q = Qmp::connect(qmp_path).await.map_err(|e| qemu_err(vm, e))?;
-    let status = q.status().await.map_err(|e| qemu_err(vm, e))?;
-    let was_running = match status.as_str() {
+/// Where a capture notes a VM it may leave paused, so that a restarted node resumes it.
+pub trait PauseJournal: Sync {
+    /// VM `vm` (QMP socket `qmp`) may be paused from now on.
+    fn paused(&self, vm: &str, qmp: &Path);
+    /// VM `vm` runs again.
+    fn resumed(&self, vm: &str);
+}
+
+/// When the VM was paused and resumed.
+#[derive(Default)]
+struct Timing {
+    /// The pause: monotonic and wall-clock (µs since the epoch) time.
+    paused_at: Option<(Instant, u64)>,
+    resumed_at: Option<Instant>,
+}
+
+/// QEMU's migration parameters before the capture changed them.
+struct SavedParams {
+    bandwidth: Option<u64>,
+    downtime: Option<u64>,
+}
+
+/// The capture socket QEMU connects to and the spool file; the socket file is removed on drop.
+struct CaptureIo {
+    sock: PathBuf,
+    listener: tokio::net::UnixListener,
+    spool: std::fs::File,
+}
+
+impl Drop for CaptureIo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+/// A stream parsed, with each block's page map and QEMU's downtime.
+type Streamed = (stream::Parsed, Vec<Vec<PageHash>>, Option<u64>);
+
+/// Captures the VM `req` names, paced by `pacer`, handing its pages to `sink`.
+pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl PageSink, journal: &dyn PauseJournal) -> Result<Captured, CaptureError> {
+    let mut q = Qmp::connect(req.qmp).await?;
+    let facts = inspect(&mut q, req).await?;
+    let saved = configure(&mut q, req).await?;
+    let io = CaptureIo::open(req)?;
+    if facts.was_running {
+        // Before anything can pause it (QEMU itself may, in pre-copy).
+        journal.paused(req.vm, req.qmp);
+    }
+    let mut timing = Timing::default();
+    let result = migrate(&mut q, req, &facts, &io, pacer, sink, &mut timing).await;
+    drop(io);
+
+    // Whatever happened: no migration left running, the VM as it was, the old parameters.
+    if result.is_err() {
+        let _ = q.execute("migrate_cancel", json!({})).await;
+    }
+    let mut resume_err = None;
+    if facts.was_running && timing.resumed_at.is_none() {
+        resume_err = match q.resume_settled(SETTLE_TIMEOUT).await {
+            Ok(Settled::Running | Settled::Resumed(_)) => None,
+            Ok(Settled::Other(s)) => Some(format!("the VM is {s}")),
+            Err(e) => Some(e.to_string()),
+        };
+    }
+    if facts.was_running && resume_err.is_none() {
+        journal.resumed(req.vm);
+    }
+    if let Some(e) = &resume_err {
+        // The journal keeps the VM: the node's next start tries again.
+        tracing::error!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "could not resume the VM");
+    }
+    let pause_ms = timing.paused_at.map(|(t, _)| timing.resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
+    if let (Some(b), Some(d)) = (saved.bandwidth, saved.downtime) {
+        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
+    }
+    if let Some(reason) = resume_err {
+        return Err(CaptureError::NotResumed { what: if result.is_ok() { "captured" } else { "aborted" }, reason });
+    }
+    let (parsed, maps, downtime) = result?;
+    let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us: timing.paused_at.map(|(_, u)| u), ..Default::default() };
+    let hashes: Vec<PageHash> = maps.into_iter().flatten().collect();
+    stats.pages_total = hashes.len() as u64;
+    stats.pages_zero = hashes.iter().filter(|h| h.is_zero()).count() as u64;
+    stats.pages_nonzero = stats.pages_total - stats.pages_zero;
+    let (device_state, tail_pages) = super::blob_chunks(&parsed.tail);
+    let extra_pages = device_state.chunks.iter().zip(tail_pages).filter(|(h, _)| !h.is_zero()).map(|(h, p)| (*h, Bytes::from(p))).collect();
+    let (state, blocks) = super::recorded_state(parsed.meta, device_state, facts);
+    Ok(Captured { hashes, blocks, stats, qemu: Some(state), extra_pages })
+}
+
+/// Step 1: what the VM is and whether it can be captured now.
+async fn inspect(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<QemuFacts, CaptureError> {
+    let was_running = match q.status().await?.as_str() {
         "running" => true,
         "paused" => false,
-        other => return Err(qemu_err(vm, format!("VM is {other}; it must be running or paused (after a migration, `cont` it first)"))),
-    };
-    let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
-    if let Some(st) = info.get("status").and_then(|s| s.as_str()) {
-        if matches!(st, "active" | "setup" | "pre-switchover" | "device" | "postcopy-active" | "cancelling") {
-            return Err(qemu_err(vm, format!("a migration is already {st}")));
+        other => {
+            return Err(CaptureError::Refused(format!("VM is {other}; it must be running or paused (after a migration, `cont` it first)")))
         }
+    };
+    let st = q.migrate_status().await?;
+    if matches!(st.as_str(), "active" | "setup" | "pre-switchover" | "device" | "postcopy-active" | "cancelling") {
+        return Err(CaptureError::Refused(format!("a migration is already {st}")));
     }
-    let v = q.execute("query-version", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-    let qemu_version = format!(
-        "{}.{}.{}",
-        v["qemu"]["major"].as_u64().unwrap_or(0),
-        v["qemu"]["minor"].as_u64().unwrap_or(0),
-        v["qemu"]["micro"].as_u64().unwrap_or(0)
-    );
-    let kvm = q.execute("query-kvm", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-    let accel = if kvm["enabled"].as_bool().unwrap_or(false) { "kvm" } else { "tcg" }.to_string();
-    let pid = q.pid().ok_or_else(|| qemu_err(vm, "cannot tell which process serves the QMP socket"))?;
-    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map_err(|e| qemu_err(vm, format!("cannot read QEMU's command line: {e}")))?
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    Ok(QemuFacts {
+        qmp: req.qmp.display().to_string(),
+        qemu_version: q.version().await?,
+        accel: q.accel().await?,
+        cmdline: q.cmdline()?,
+        mode: req.mode,
+        was_running,
+    })
+}
 
-    // Capabilities that change the stream's format: off.
-    let caps = q.execute("query-migrate-capabilities", json!({})).await.map_err(|e| qemu_err(vm, e))?;
+/// Step 2: capabilities that change the stream's format off; bandwidth and downtime set.
+async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<SavedParams, CaptureError> {
+    let caps = q.execute("query-migrate-capabilities", json!({})).await?;
     let off: Vec<serde_json::Value> = caps
         .as_array()
         .into_iter()
@@ -109,275 +222,181 @@ pub async fn capture(
         .map(|c| json!({"capability": c, "state": false}))
         .collect();
     if !off.is_empty() {
-        tracing::info!(target: "vmcsnap::snapshot", vm, caps = ?off, "turning off migration capabilities vmcsnap cannot capture");
-        q.execute("migrate-set-capabilities", json!({ "capabilities": off })).await.map_err(|e| qemu_err(vm, e))?;
+        tracing::info!(target: "vmcsnap::snapshot", vm = req.vm, caps = ?off, "turning off migration capabilities vmcsnap cannot capture");
+        q.execute("migrate-set-capabilities", json!({ "capabilities": off })).await?;
     }
-    let params = q.execute("query-migrate-parameters", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-    let old_bandwidth = params["max-bandwidth"].as_u64();
-    let old_downtime = params["downtime-limit"].as_u64();
-    let live_bandwidth = match mode {
-        CaptureMode::PreCopy => max_bandwidth.unwrap_or(super::CAPTURE_BANDWIDTH),
+    let params = q.execute("query-migrate-parameters", json!({})).await?;
+    let saved = SavedParams { bandwidth: params["max-bandwidth"].as_u64(), downtime: params["downtime-limit"].as_u64() };
+    let live_bandwidth = match req.mode {
+        CaptureMode::PreCopy => req.max_bandwidth.unwrap_or(super::CAPTURE_BANDWIDTH),
         CaptureMode::StopCopy => super::CAPTURE_BANDWIDTH,
     };
     q.execute("migrate-set-parameters", json!({ "max-bandwidth": live_bandwidth, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
-        .await
-        .map_err(|e| qemu_err(vm, e))?;
-
-    let sock = node.config.data_dir.join(format!("capture-{vm}-{}.sock", std::process::id() ^ vi as u32));
-    let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| qemu_err(vm, format!("cannot listen on {}: {e}", sock.display())))?;
-
-    let spool_path = node.config.data_dir.join(format!("spool-{vm}-{}", std::process::id() ^ vi as u32));
-    let spool = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&spool_path)
-        .map_err(|e| qemu_err(vm, format!("cannot create the spool file {}: {e}", spool_path.display())))?;
-    // Unlinked at once: it disappears with the last handle, whatever happens.
-    let _ = std::fs::remove_file(&spool_path);
-
-    let mut paused_at: Option<(Instant, u64)> = None;
-    let mut resumed_at = None;
-    let mut journaled = false;
-    let abort = gate.watch();
-    if was_running {
-        // Before anything can pause it (QEMU itself may, in pre-copy): a node that dies from
-        // here on resumes the VM when it starts again.
-        node.vms.note_paused(vm, qmp_path);
-        journaled = true;
-    }
-    let result = async {
-        if mode == CaptureMode::StopCopy {
-            gate.ready();
-            gate.wait(Stage::Go).await?;
-            if was_running {
-                let t = (Instant::now(), unix_us());
-                q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                paused_at = Some(t);
-            }
-            gate.paused();
-        }
-        q.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()) })).await.map_err(|e| qemu_err(vm, e))?;
-        let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
-            .await
-            .map_err(|_| qemu_err(vm, "QEMU did not connect to the capture socket"))?
-            .map_err(|e| qemu_err(vm, e))?;
-        let conn = conn.into_std().map_err(|e| qemu_err(vm, e))?;
-        conn.set_nonblocking(false).map_err(|e| qemu_err(vm, e))?;
-        let spool_w = spool.try_clone().map_err(|e| qemu_err(vm, e))?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
-        let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
-        // The VM resumes as soon as QEMU has sent everything and every VM of the cut is
-        // paused: the stream is parsed and spooled at stream speed, while the owners take the
-        // pages at their own pace.
-        // In stop-copy the VM waits for the stream: hashing and sending pages then would only
-        // compete with it for the CPU, so the upload starts once the VM runs again.
-        let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel::<()>();
-        let resume = async {
-            let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
-            let r = async {
-                if mode == CaptureMode::PreCopy {
-                    let self_paused = match live_rounds(&mut q, vm, gate).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            // When QEMU gave up, the stream's own fault says more than its
-                            // "failed": the parser ends at once (QEMU closed the socket).
-                            if let Ok(Ok(Err(pe))) = tokio::time::timeout(Duration::from_secs(2), &mut parser).await {
-                                return Err(qemu_err(vm, pe));
-                            }
-                            return Err(e);
-                        }
-                    };
-                    if was_running {
-                        paused_at = Some(match self_paused {
-                            Ok(t) => t,
-                            Err(ready_at) => {
-                                // The final round starts now, on every host of the cut. The
-                                // pause counts from the command (QEMU needs a moment to stop
-                                // the vCPUs).
-                                let t = (Instant::now(), unix_us());
-                                q.execute("stop", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                                // Still throttled, QEMU cannot have finished since: if it has,
-                                // it paused the VM on its own while it was ready (from then on,
-                                // an upper bound).
-                                let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
-                                if matches!(info.get("status").and_then(|s| s.as_str()), Some("device" | "completed" | "pre-switchover")) {
-                                    ready_at
-                                } else {
-                                    t
-                                }
-                            }
-                        });
-                    }
-                    // What is left goes at full speed: the VM waits for it.
-                    let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
-                    gate.paused();
-                }
-                // An abort ends the wait for the stream too: the VM must not stay paused for it.
-                let parsed = tokio::select! {
-                    r = &mut parser => r.map_err(|e| SnapshotError::Internal(e.to_string()))?.map_err(|e| qemu_err(vm, e))?,
-                    _ = aborted(abort.clone()) => return Err(SnapshotError::Aborted),
-                };
-                let t0 = Instant::now();
-                let downtime = loop {
-                    let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
-                    match info.get("status").and_then(|s| s.as_str()) {
-                        Some("completed") => break info.get("downtime").and_then(|d| d.as_u64()),
-                        Some("failed") | Some("cancelled") => {
-                            return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"])));
-                        }
-                        _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(qemu_err(vm, "QEMU did not finish the migration")),
-                        _ => tokio::time::sleep(Duration::from_millis(2)).await,
-                    }
-                };
-                // One cut: no VM runs on before every VM of the snapshot is paused.
-                gate.wait(Stage::Release).await?;
-                if was_running {
-                    q.execute("cont", json!({})).await.map_err(|e| qemu_err(vm, e))?;
-                    resumed_at = Some(Instant::now());
-                }
-                Ok::<_, SnapshotError>((parsed, downtime))
-            }
-            .await;
-            if r.is_err() {
-                // Stop QEMU sending at once, so that the parser (and the upload) end too.
-                let _ = q.execute("migrate_cancel", json!({})).await;
-            }
-            r
-        };
-        let drain = async {
-            if mode == CaptureMode::StopCopy {
-                let _ = resumed_rx.await;
-            }
-            drain(up, vi, rx, &spool, progress, &abort).await
-        };
-        let (resumed, drained) = tokio::join!(resume, drain);
-        let (parsed, downtime) = resumed?;
-        let mut maps = drained?;
-        // Every block gets a full-length map (pages never sent are zero).
-        maps.resize_with(parsed.meta.blocks.len(), Vec::new);
-        for (m, b) in maps.iter_mut().zip(&parsed.meta.blocks) {
-            m.resize((b.len / PAGE_SIZE as u64) as usize, ZERO_HASH);
-        }
-        Ok(((parsed, maps), downtime))
-    }
-    .await;
-    drop(listener);
-    let _ = std::fs::remove_file(&sock);
-
-    // Whatever happened: no migration left running, the VM as it was, the old bandwidth.
-    if result.is_err() {
-        let _ = q.execute("migrate_cancel", json!({})).await;
-    }
-    let mut resume_err = None;
-    if was_running && resumed_at.is_none() {
-        resume_err = Some("QEMU did not settle within 5 s".to_string());
-        for _ in 0..500 {
-            match q.status().await {
-                Ok(s) if s == "running" => {
-                    resume_err = None;
-                    break;
-                }
-                Ok(s) if matches!(s.as_str(), "paused" | "postmigrate") => {
-                    resume_err = q.execute("cont", json!({})).await.err().map(|e| e.to_string());
-                    break;
-                }
-                Err(e) => {
-                    resume_err = Some(e.to_string());
-                    break;
-                }
-                // finish-migrate, cancelling: wait for it to settle
-                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    }
-    if journaled && resume_err.is_none() {
-        node.vms.note_resumed(vm);
-    }
-    if let Some(e) = &resume_err {
-        // The journal keeps the VM: the node's next start tries again.
-        tracing::error!(target: "vmcsnap::snapshot", vm, error = %e, "could not resume the VM");
-    }
-    let pause_ms = paused_at.map(|(t, _)| resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
-    if let (Some(b), Some(d)) = (old_bandwidth, old_downtime) {
-        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
-    }
-    if let Some(e) = resume_err {
-        let what = if result.is_ok() { "captured" } else { "aborted" };
-        return Err(qemu_err(vm, format!("{what}, but could not resume the VM: {e}")));
-    }
-    let ((parsed, hashes_by_block), downtime) = result?;
-
-    let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us: paused_at.map(|(_, u)| u), ..Default::default() };
-    let mut hashes = Vec::new();
-    for h in hashes_by_block {
-        hashes.extend(h);
-    }
-    stats.pages_total = hashes.len() as u64;
-    stats.pages_zero = hashes.iter().filter(|h| h.is_zero()).count() as u64;
-    stats.pages_nonzero = stats.pages_total - stats.pages_zero;
-    let (device_state, tail_pages) = super::blob_chunks(&parsed.tail);
-    let mut upl = up.lock().await;
-    for (h, p) in device_state.chunks.iter().zip(tail_pages) {
-        if !h.is_zero() {
-            upl.push(*h, Bytes::from(p), None).await?;
-        }
-    }
-    drop(upl);
-    let blocks = parsed.meta.blocks.iter().map(|b| Block { name: b.name.clone(), bytes: b.len }).collect();
-    let state = QemuState {
-        qmp: qmp_path.display().to_string(),
-        head: parsed.meta.head,
-        machine: parsed.meta.machine,
-        ram_section: parsed.meta.ram_section,
-        footers: parsed.meta.footers,
-        device_state,
-        qemu_version,
-        accel,
-        cmdline,
-        mode,
-        was_running,
-    };
-    Ok(Captured { hashes, blocks, stats, state })
+        .await?;
+    Ok(saved)
 }
 
-/// Resolves once the cut is aborted (or its stage can no longer change).
-async fn aborted(mut stage: tokio::sync::watch::Receiver<Stage>) {
-    while *stage.borrow_and_update() != Stage::Abort {
-        if stage.changed().await.is_err() {
-            return;
-        }
+impl CaptureIo {
+    fn open(req: &CaptureRequest<'_>) -> Result<Self, CaptureError> {
+        let sock = req.work_dir.join(format!("capture-{}-{}.sock", req.vm, req.tag));
+        let _ = std::fs::remove_file(&sock);
+        let listener =
+            tokio::net::UnixListener::bind(&sock).map_err(|e| CaptureError::Io(format!("cannot listen on {}: {e}", sock.display())))?;
+        let spool_path = req.work_dir.join(format!("spool-{}-{}", req.vm, req.tag));
+        let spool = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&spool_path)
+            .map_err(|e| CaptureError::Io(format!("cannot create the spool file {}: {e}", spool_path.display())))?;
+        // Unlinked at once: it disappears with the last handle, whatever happens.
+        let _ = std::fs::remove_file(&spool_path);
+        Ok(Self { sock, listener, spool })
     }
+}
+
+/// Step 3 and 4: the migration, from `migrate` (or, for stop-copy, the pause before it) to the
+/// VM running again and every page handed to the sink.
+async fn migrate(
+    q: &mut Qmp,
+    req: &CaptureRequest<'_>,
+    facts: &QemuFacts,
+    io: &CaptureIo,
+    pacer: &mut Pacer,
+    sink: &impl PageSink,
+    timing: &mut Timing,
+) -> Result<Streamed, CaptureError> {
+    if req.mode == CaptureMode::StopCopy {
+        pacer.prepared();
+        pacer.wait(Step::Pause).await?;
+        if facts.was_running {
+            let t = (Instant::now(), unix_us());
+            q.execute("stop", json!({})).await?;
+            timing.paused_at = Some(t);
+        }
+        pacer.paused();
+    }
+    q.execute("migrate", json!({ "uri": format!("unix:{}", io.sock.display()) })).await?;
+    let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, io.listener.accept())
+        .await
+        .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?
+        .map_err(|e| CaptureError::Io(e.to_string()))?;
+    let conn = conn.into_std().map_err(|e| CaptureError::Io(e.to_string()))?;
+    conn.set_nonblocking(false).map_err(|e| CaptureError::Io(e.to_string()))?;
+    let spool_w = io.spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
+    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
+    let watch = pacer.cancel_watch();
+    // The VM resumes as soon as QEMU has sent everything and the pacer allows it: the stream is
+    // parsed and spooled at stream speed while the sink takes the pages at its own pace. In
+    // stop-copy the VM waits for the stream: hashing and handing pages over then would only
+    // compete with it for the CPU, so that starts once the VM runs again.
+    let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel::<()>();
+    let resume = async {
+        let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
+        let r = finish_stream(q, req.mode, facts.was_running, pacer, &mut parser, watch.clone(), timing).await;
+        if r.is_err() {
+            // Stop QEMU sending at once, so that the parser (and the sink) end too.
+            let _ = q.execute("migrate_cancel", json!({})).await;
+        }
+        r
+    };
+    let drain = async {
+        if req.mode == CaptureMode::StopCopy {
+            let _ = resumed_rx.await;
+        }
+        drain(sink, rx, &io.spool, &watch).await
+    };
+    let (resumed, drained) = tokio::join!(resume, drain);
+    let (parsed, downtime) = resumed?;
+    let mut maps = drained?;
+    // Every block gets a full-length map (pages never sent are zero).
+    maps.resize_with(parsed.meta.blocks.len(), Vec::new);
+    for (m, b) in maps.iter_mut().zip(&parsed.meta.blocks) {
+        m.resize((b.bytes / PAGE_SIZE as u64) as usize, ZERO_HASH);
+    }
+    Ok((parsed, maps, downtime))
+}
+
+/// The pausing side of the migration: pre-copy's live rounds and pause, then the end of the
+/// stream, QEMU's `completed`, and the resume the pacer allows.
+async fn finish_stream(
+    q: &mut Qmp,
+    mode: CaptureMode,
+    was_running: bool,
+    pacer: &mut Pacer,
+    parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
+    watch: CancelWatch,
+    timing: &mut Timing,
+) -> Result<(stream::Parsed, Option<u64>), CaptureError> {
+    if mode == CaptureMode::PreCopy {
+        let self_paused = match live_rounds(q, pacer).await {
+            Ok(p) => p,
+            Err(e) => {
+                // When QEMU gave up, the stream's own fault says more than its "failed": the
+                // parser ends at once (QEMU closed the socket).
+                if let Ok(Ok(Err(pe))) = tokio::time::timeout(Duration::from_secs(2), &mut *parser).await {
+                    return Err(pe.into());
+                }
+                return Err(e);
+            }
+        };
+        if was_running {
+            timing.paused_at = Some(match self_paused {
+                Ok(t) => t,
+                Err(ready_at) => {
+                    // The final round starts now, on every VM paced together. The pause counts
+                    // from the command (QEMU needs a moment to stop the vCPUs).
+                    let t = (Instant::now(), unix_us());
+                    q.execute("stop", json!({})).await?;
+                    // Still throttled, QEMU cannot have finished since: if it has, it paused
+                    // the VM on its own while it was ready (from then on, an upper bound).
+                    if matches!(q.migrate_status().await?.as_str(), "device" | "completed" | "pre-switchover") {
+                        ready_at
+                    } else {
+                        t
+                    }
+                }
+            });
+        }
+        // What is left goes at full speed: the VM waits for it.
+        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
+        pacer.paused();
+    }
+    // A cancel ends the wait for the stream too: the VM must not stay paused for it.
+    let parsed = tokio::select! {
+        r = &mut *parser => r.map_err(|e| CaptureError::Io(format!("stream parser failed: {e}")))??,
+        _ = watch.cancelled() => return Err(Cancelled.into()),
+    };
+    let downtime = q.wait_migration_completed(COMPLETE_TIMEOUT).await?;
+    pacer.wait(Step::Resume).await?;
+    if was_running {
+        q.execute("cont", json!({})).await?;
+        timing.resumed_at = Some(Instant::now());
+    }
+    Ok((parsed, downtime))
 }
 
 fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// Unsent bytes left in pre-copy's first pass at which the live copy is held (see
-/// [`live_rounds`]); what is left then goes in the final round, while the VM is paused.
-pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
-/// QEMU's `max-bandwidth` while a live copy is held, bytes/s: so low that QEMU never finds the
-/// copy converged, so it never pauses the VM on its own before the cut's `Go`.
-pub const HOLD_BANDWIDTH: u64 = 4096;
-
 /// Pre-copy's live rounds: waits until QEMU has (nearly) made one full pass over the VM's
 /// memory, then holds the copy there — by throttling it, since QEMU would otherwise pause an
-/// idle VM on its own the moment the pass ends, long before the other VMs of the cut are
-/// ready — and reports the VM ready; then waits for the cut's `Go`. If QEMU still finished on
-/// its own (the hold came too late), it paused the VM itself: returns when that was first
-/// seen.
+/// idle VM on its own the moment the pass ends, long before the other VMs paced with it are
+/// ready — and reports the VM prepared; then waits for [`Step::Pause`]. If QEMU still
+/// finished on its own (the hold came too late), it paused the VM itself: returns when that
+/// was first seen.
 /// `Ok(Ok(t))`: QEMU paused the VM itself at `t`; `Ok(Err(t))`: the VM runs, ready since `t`.
-async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Result<(Instant, u64), (Instant, u64)>, SnapshotError> {
+async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer) -> Result<Result<(Instant, u64), (Instant, u64)>, CaptureError> {
     let mut self_paused = None;
-    let abort = gate.watch();
+    let watch = pacer.cancel_watch();
     loop {
-        check_abort(&abort)?;
-        let info = q.migrate_info().await.map_err(|e| qemu_err(vm, e))?;
+        watch.check()?;
+        let info = q.migrate_info().await?;
         match info.get("status").and_then(|s| s.as_str()) {
-            Some("failed") | Some("cancelled") => return Err(qemu_err(vm, format!("QEMU reports the migration {}", info["status"]))),
+            Some(st @ ("failed" | "cancelled")) => return Err(CaptureError::Refused(format!("QEMU reports the migration {st}"))),
             Some("device") | Some("completed") | Some("pre-switchover") => {
                 self_paused = Some((Instant::now(), unix_us()));
                 break;
@@ -387,7 +406,7 @@ async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Result<(I
                 let passes_done = ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2;
                 let near_end = ram["remaining"].as_u64().is_some_and(|r| r <= HOLD_REMAINING_BYTES) && ram["transferred"].as_u64().unwrap_or(0) > 0;
                 if passes_done || near_end {
-                    q.execute("migrate-set-parameters", json!({ "max-bandwidth": HOLD_BANDWIDTH })).await.map_err(|e| qemu_err(vm, e))?;
+                    q.execute("migrate-set-parameters", json!({ "max-bandwidth": HOLD_BANDWIDTH })).await?;
                     break;
                 }
             }
@@ -396,10 +415,10 @@ async fn live_rounds(q: &mut Qmp, vm: &str, gate: &mut Gate) -> Result<Result<(I
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let ready_at = (Instant::now(), unix_us());
-    gate.ready();
-    // No QMP round trip while waiting: `Go` must be acted on the moment it arrives (a busy
-    // QEMU can take a long while to answer).
-    gate.wait(Stage::Go).await?;
+    pacer.prepared();
+    // No QMP round trip while waiting: the pause must be acted on the moment it is allowed (a
+    // busy QEMU can take a long while to answer).
+    pacer.wait(Step::Pause).await?;
     Ok(self_paused.ok_or(ready_at))
 }
 
@@ -434,7 +453,7 @@ fn parse_to_spool(
         if batch.len() >= CAPTURE_BATCH_PAGES {
             w.flush().map_err(spool_err)?;
             tx.send(std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH_PAGES)))
-                .map_err(|_| StreamError::Sink("the snapshot stopped".into()))?;
+                .map_err(|_| StreamError::Sink("the capture stopped".into()))?;
         }
         Ok(())
     })?;
@@ -445,27 +464,24 @@ fn parse_to_spool(
     Ok(parsed)
 }
 
-/// Keeps each block's page map (last copy wins) and pushes non-zero pages, read back from the
-/// spool, to the owners.
+/// Keeps each block's page map (last copy wins) and hands non-zero pages, read back from the
+/// spool and hashed, to the sink.
 async fn drain(
-    up: &Mutex<Uploader>,
-    vi: usize,
+    sink: &impl PageSink,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Entry>>,
     spool: &std::fs::File,
-    progress: &Progress,
-    abort: &tokio::sync::watch::Receiver<Stage>,
-) -> Result<Vec<Vec<PageHash>>, SnapshotError> {
+    watch: &CancelWatch,
+) -> Result<Vec<Vec<PageHash>>, CaptureError> {
     use std::os::unix::fs::FileExt;
     let mut maps: Vec<Vec<PageHash>> = Vec::new();
-    let mut records = 0u64;
     while let Some(batch) = rx.recv().await {
-        check_abort(abort)?;
+        watch.check()?;
         // The batch's non-zero pages sit one after another in the spool: one read, then hash
         // them on the blocking pool.
         let offs: Vec<u64> = batch.iter().filter_map(|e| e.2).collect();
         let (first, data, hashes) = match (offs.first(), offs.last()) {
             (Some(&first), Some(&last)) => {
-                let spool = spool.try_clone().map_err(|e| SnapshotError::Internal(format!("spool file: {e}")))?;
+                let spool = spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
                 let (data, hashes) = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, Vec<PageHash>)> {
                     let mut buf = vec![0u8; (last - first) as usize + PAGE_SIZE];
                     spool.read_exact_at(&mut buf, first)?;
@@ -473,13 +489,13 @@ async fn drain(
                     Ok((Bytes::from(buf), hashes))
                 })
                 .await
-                .map_err(|e| SnapshotError::Internal(e.to_string()))?
-                .map_err(|e| SnapshotError::Internal(format!("spool file: {e}")))?;
+                .map_err(|e| CaptureError::Io(format!("hashing failed: {e}")))?
+                .map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
                 (first, data, hashes)
             }
             _ => (0, Bytes::new(), Vec::new()),
         };
-        let mut up = up.lock().await;
+        let mut pages = Vec::with_capacity(offs.len());
         for (b, i, off) in batch {
             let b = b as usize;
             if maps.len() <= b {
@@ -494,13 +510,12 @@ async fn drain(
                     let at = (off - first) as usize;
                     let h = hashes[at / PAGE_SIZE];
                     m[i as usize] = h;
-                    up.push(h, data.slice(at..at + PAGE_SIZE), Some(vi)).await?;
+                    pages.push((h, data.slice(at..at + PAGE_SIZE)));
                 }
                 None => m[i as usize] = ZERO_HASH,
             }
-            records += 1;
         }
-        progress.set(records);
+        sink.push(pages).await.map_err(CaptureError::Sink)?;
     }
     Ok(maps)
 }

@@ -117,4 +117,88 @@ impl Qmp {
     pub async fn migrate_info(&mut self) -> Result<Value, QmpError> {
         self.execute("query-migrate", json!({})).await
     }
+
+    /// The migration's status (`active`, `completed`, ...), `none` when there is none.
+    pub async fn migrate_status(&mut self) -> Result<String, QmpError> {
+        let info = self.migrate_info().await?;
+        Ok(info.get("status").and_then(|s| s.as_str()).unwrap_or("none").to_string())
+    }
+
+    /// QEMU's version (`7.2.22`).
+    pub async fn version(&mut self) -> Result<String, QmpError> {
+        let v = self.execute("query-version", json!({})).await?;
+        Ok(format!(
+            "{}.{}.{}",
+            v["qemu"]["major"].as_u64().unwrap_or(0),
+            v["qemu"]["minor"].as_u64().unwrap_or(0),
+            v["qemu"]["micro"].as_u64().unwrap_or(0)
+        ))
+    }
+
+    /// The accelerator: `kvm` or `tcg`.
+    pub async fn accel(&mut self) -> Result<String, QmpError> {
+        let kvm = self.execute("query-kvm", json!({})).await?;
+        Ok(if kvm["enabled"].as_bool().unwrap_or(false) { "kvm" } else { "tcg" }.to_string())
+    }
+
+    /// The QEMU process's command line (from `/proc/PID/cmdline`, the PID from the socket's
+    /// peer credentials).
+    pub fn cmdline(&self) -> Result<Vec<String>, QmpError> {
+        let pid = self.pid.ok_or_else(|| QmpError::Protocol("cannot tell which process serves the QMP socket".into()))?;
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map_err(|e| QmpError::Protocol(format!("cannot read QEMU's command line: {e}")))?;
+        Ok(raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+    }
+
+    /// Waits (up to `timeout`) for a migration whose stream has ended to be `completed`;
+    /// returns QEMU's downtime in ms, if it says.
+    pub async fn wait_migration_completed(&mut self, timeout: Duration) -> Result<Option<u64>, QmpError> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let info = self.migrate_info().await?;
+            match info.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => return Ok(info.get("downtime").and_then(|d| d.as_u64())),
+                Some(st @ ("failed" | "cancelled")) => {
+                    return Err(QmpError::Protocol(format!("QEMU reports the migration {st}")));
+                }
+                _ if t0.elapsed() > timeout => return Err(QmpError::Protocol("QEMU did not finish the migration".into())),
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
+    /// Leaves the VM running if a migration (finished, failed or cancelled) left it paused:
+    /// waits out QEMU's passing states (`finish-migrate`, `cancelling`) for up to `timeout`,
+    /// then `cont`s a `paused` or `postmigrate` VM.
+    pub async fn resume_settled(&mut self, timeout: Duration) -> Result<Settled, QmpError> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = self.status().await?;
+            match s.as_str() {
+                "running" => return Ok(Settled::Running),
+                "paused" | "postmigrate" => {
+                    self.execute("cont", json!({})).await?;
+                    return Ok(Settled::Resumed(s));
+                }
+                "finish-migrate" | "cancelling" | "save-vm" => {
+                    if t0.elapsed() > timeout {
+                        return Err(QmpError::Protocol(format!("QEMU did not settle within {timeout:?} (still {s})")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => return Ok(Settled::Other(s)),
+            }
+        }
+    }
+}
+
+/// What [`Qmp::resume_settled`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The VM was running.
+    Running,
+    /// The VM was in this state and is running now.
+    Resumed(String),
+    /// The VM is in a state that `cont` does not leave (`shutdown`, `inmigrate`, ...).
+    Other(String),
 }

@@ -19,6 +19,7 @@
 //! All integers are big-endian; `str8` is a length byte and that many bytes.
 
 use std::io::{self, Read, Write};
+use vmcsnap_protocol::manifest::Block;
 use vmcsnap_protocol::PAGE_SIZE;
 
 const QEVM_MAGIC: u32 = 0x5145_564d;
@@ -54,14 +55,6 @@ pub const TAIL_BYTES_MAX: usize = 16 << 20;
 /// Largest guest RAM accepted (16 TiB).
 pub const RAM_BYTES_MAX: u64 = 16 << 40;
 
-/// A RAM block as the stream lists it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RamBlock {
-    /// QEMU's RAMBlock id (`pc.ram`, `/rom@etc/acpi/tables`, ...).
-    pub name: String,
-    /// Used length in bytes.
-    pub len: u64,
-}
 
 /// What a stream says about itself, enough to rebuild it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -74,8 +67,9 @@ pub struct StreamMeta {
     pub ram_section: (u32, u32, u32),
     /// Whether sections carry footers (`send-section-footer`).
     pub footers: bool,
-    /// RAM blocks in stream order.
-    pub blocks: Vec<RamBlock>,
+    /// RAM blocks in stream order: QEMU's RAMBlock id (`pc.ram`, `/rom@etc/acpi/tables`, ...)
+    /// and used length, as the manifest records them.
+    pub blocks: Vec<Block>,
 }
 
 /// The result of parsing a whole stream.
@@ -233,7 +227,7 @@ pub fn parse<R: Read>(
     let mut ram: Option<(u32, u32, u32)> = None;
     let mut ram_done = false;
     let mut footers = false;
-    let mut blocks: Vec<RamBlock> = Vec::new();
+    let mut blocks: Vec<Block> = Vec::new();
     let mut last_block: Option<usize> = None;
     let mut page_records = 0u64;
     let mut buf = vec![0u8; PAGE_SIZE];
@@ -307,7 +301,7 @@ pub fn parse<R: Read>(
                         return Err(r.malformed(format!("RAM block {name} of {len} bytes")));
                     }
                     left -= len;
-                    blocks.push(RamBlock { name, len });
+                    blocks.push(Block { name, bytes: len });
                 }
                 continue;
             }
@@ -337,7 +331,7 @@ pub fn parse<R: Read>(
                 blocks.iter().position(|b| b.name == name).ok_or_else(|| r.malformed(format!("page of unknown RAM block {name:?}")))?
             };
             last_block = Some(b);
-            if addr >= blocks[b].len {
+            if addr >= blocks[b].bytes {
                 return Err(r.malformed(format!("page at {addr:#x} beyond RAM block {}", blocks[b].name)));
             }
             let index = addr / PAGE_SIZE as u64;
@@ -372,7 +366,7 @@ pub fn parse<R: Read>(
     Ok(Parsed { meta: meta(head, machine, ram, footers, blocks, &r)?, tail, page_records })
 }
 
-fn meta<R>(head: Vec<u8>, machine: String, ram: Option<(u32, u32, u32)>, footers: bool, blocks: Vec<RamBlock>, r: &Reader<R>) -> Result<StreamMeta, StreamError>
+fn meta<R>(head: Vec<u8>, machine: String, ram: Option<(u32, u32, u32)>, footers: bool, blocks: Vec<Block>, r: &Reader<R>) -> Result<StreamMeta, StreamError>
 where
     R: Read,
 {
@@ -439,12 +433,12 @@ impl<W: Write> Rebuilder<W> {
         w.write_all(b"ram")?;
         w.write_all(&inst.to_be_bytes())?;
         w.write_all(&ver.to_be_bytes())?;
-        let total: u64 = meta.blocks.iter().map(|b| b.len).sum();
+        let total: u64 = meta.blocks.iter().map(|b| b.bytes).sum();
         w.write_all(&(total | F_MEM_SIZE).to_be_bytes())?;
         for b in &meta.blocks {
             w.write_all(&[b.name.len() as u8])?;
             w.write_all(b.name.as_bytes())?;
-            w.write_all(&b.len.to_be_bytes())?;
+            w.write_all(&b.bytes.to_be_bytes())?;
         }
         w.write_all(&F_EOS.to_be_bytes())?;
         let mut me = Self { w, meta, last_block: None };
@@ -589,7 +583,7 @@ mod tests {
         let (p, pages) = collect(&s).expect("parse");
         assert_eq!(pages, want);
         assert_eq!(p.meta.machine, "pc-i440fx-7.2");
-        assert_eq!(p.meta.blocks, vec![RamBlock { name: "pc.ram".into(), len: 8 * 4096 }, RamBlock { name: "pc.rom".into(), len: 4096 }]);
+        assert_eq!(p.meta.blocks, vec![Block { name: "pc.ram".into(), bytes: 8 * 4096 }, Block { name: "pc.rom".into(), bytes: 4096 }]);
         assert!(p.meta.footers);
         assert_eq!(p.page_records, 6);
         assert_eq!(p.tail[0], SEC_FULL);

@@ -1,4 +1,4 @@
-//! Placement simulation: how evenly [`placement`](crate::placement) spreads key copies over
+//! Placement simulation: how evenly [`placement`](vmcsnap_dht::placement) spreads key copies over
 //! hosts, and how many copies move when one host joins or leaves.
 //!
 //! [`simulate`] builds a view of `hosts` pseudo-random members, places `keys` pseudo-random
@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use vmcsnap_protocol::NodeId;
 
-use crate::placement::{owners_into, View};
+use vmcsnap_dht::placement::{owners_into, View};
 
 /// The outcome of one [`simulate`] run.
 ///

@@ -1,0 +1,107 @@
+//! Answers the data-plane requests that need only this node's store: `Have`, `Put`, `Get`,
+//! `Sync`, `Commit`, the catalog, `Stats`. Both the data-plane server (for peers) and
+//! [`crate::node::Node::call`] (for this node itself) go through [`answer`], so a node treats
+//! itself exactly like any owner — except that its own pages, hashed here, are not re-hashed.
+//!
+//! Requests that need the whole node (a cut, the VM registry, a restore) are not answered
+//! here: [`AnswerError::NeedsNode`].
+
+use crate::store::{Store, StoreError};
+use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, PUT_PAGES_MAX};
+use vmcsnap_protocol::{NodeId, PAGE_SIZE};
+
+/// Who asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asker {
+    /// This node: its pages were hashed here.
+    Local,
+    /// A peer: every page it sends is re-hashed.
+    Peer,
+}
+
+/// Why a store request was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The request broke a limit or a rule.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The store failed, or refused a page or record.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The request needs the node, not just its store.
+    #[error("this request needs the node, not just its store")]
+    NeedsNode,
+}
+
+impl AnswerError {
+    /// The kind a peer is told.
+    pub fn remote_kind(&self) -> RemoteErrorKind {
+        match self {
+            AnswerError::BadRequest(_) | AnswerError::NeedsNode => RemoteErrorKind::BadRequest,
+            AnswerError::Store(StoreError::HashMismatch { .. } | StoreError::BadPageSize(_)) => RemoteErrorKind::HashMismatch,
+            AnswerError::Store(StoreError::NameConflict(_)) => RemoteErrorKind::NameConflict,
+            AnswerError::Store(_) => RemoteErrorKind::Storage,
+        }
+    }
+
+    /// The answer a peer gets.
+    pub fn into_response(self) -> DataResponse {
+        DataResponse::Error { kind: self.remote_kind(), message: self.to_string() }
+    }
+}
+
+/// Answers one request against `store` (node `id`). Runs store work inline: call it from the
+/// blocking pool.
+pub fn answer(store: &Store, id: NodeId, req: DataRequest, asker: Asker) -> Result<DataResponse, AnswerError> {
+    match req {
+        DataRequest::Have { hashes } => {
+            if hashes.len() > HAVE_HASHES_MAX {
+                return Err(AnswerError::BadRequest(format!("Have of {} hashes (max {HAVE_HASHES_MAX})", hashes.len())));
+            }
+            let have = store.have(&hashes)?;
+            let missing = have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect();
+            Ok(DataResponse::Have { missing })
+        }
+        DataRequest::Put { pages } => {
+            if pages.len() > PUT_PAGES_MAX {
+                return Err(AnswerError::BadRequest(format!("Put of {} pages (max {PUT_PAGES_MAX})", pages.len())));
+            }
+            let refs: Vec<_> = pages.iter().map(|p| (p.hash, p.data.as_slice())).collect();
+            let (stored, already) = match asker {
+                Asker::Local => store.put_own(&refs)?,
+                Asker::Peer => store.put_verified(&refs)?,
+            };
+            Ok(DataResponse::Put { stored, already })
+        }
+        DataRequest::Get { hashes } => {
+            if hashes.len() > GET_PAGES_MAX {
+                return Err(AnswerError::BadRequest(format!("Get of {} pages (max {GET_PAGES_MAX})", hashes.len())));
+            }
+            let pages = store.get(&hashes)?.into_iter().map(|p| p.map(serde_bytes::ByteBuf::from)).collect();
+            Ok(DataResponse::Pages { pages })
+        }
+        DataRequest::Sync => {
+            store.sync()?;
+            Ok(DataResponse::Synced)
+        }
+        DataRequest::Commit { record } => {
+            record.validate().map_err(|e| AnswerError::BadRequest(e.to_string()))?;
+            store.catalog_put(&record)?;
+            Ok(DataResponse::Committed)
+        }
+        DataRequest::CatalogList => {
+            let mut entries = Vec::new();
+            for r in store.catalog_all()?.into_iter().take(CATALOG_ENTRIES_MAX) {
+                let record_hash = r.record_hash().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                entries.push(CatalogEntry { name: r.name, record_hash });
+            }
+            Ok(DataResponse::Catalog { entries })
+        }
+        DataRequest::CatalogGet { name } => Ok(DataResponse::Record { record: store.catalog_get(&name)? }),
+        DataRequest::Stats => {
+            let pages = store.page_count();
+            Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64 })
+        }
+        DataRequest::Cut(_) | DataRequest::VmList | DataRequest::VmForget { .. } | DataRequest::RestoreVm { .. } => Err(AnswerError::NeedsNode),
+    }
+}

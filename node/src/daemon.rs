@@ -1,0 +1,168 @@
+//! The daemon: builds a [`Node`] from its configuration and runs it, with its background
+//! work as named tasks, until shutdown.
+//!
+//! Tasks a running node owns:
+//! - the membership swarm (`vmcsnap_dht::Membership`, its own task);
+//! - [`resume_journaled`]: once at start, resumes VMs a crashed capture left paused;
+//! - [`watch_members`]: persists the member list whenever it changes, and drops the
+//!   data-plane connection of a member that went down (so its next run gets a fresh one);
+//! - the data-plane accept loop ([`crate::server::accept_loop`]), one task per connection
+//!   and per stream;
+//! - the control-socket accept loop ([`crate::control::accept_loop`]), one task per CLI
+//!   request;
+//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], pulls commit records this node lacks
+//!   from live members (so a node that was down when a snapshot committed learns of it).
+
+use crate::config::NodeConfig;
+use crate::net::DataClient;
+use crate::node::Node;
+use crate::store::Store;
+use crate::vms::Registry;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use vmcsnap_dht::{Member, Membership, MembershipConfig};
+use vmcsnap_protocol::codec;
+use vmcsnap_protocol::NodeId;
+
+/// How often a node pulls missing commit records from its peers.
+pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+const MEMBERS_MAGIC: [u8; 4] = *b"VMMB";
+const MEMBERS_VERSION: u16 = 2;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedMember {
+    id: NodeId,
+    addr: SocketAddr,
+    name: String,
+}
+
+/// Starts a node and runs it until `shutdown` resolves (or SIGINT/SIGTERM when `None`).
+pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Receiver<()>>) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let keypair = crate::identity::load_or_create(&config.data_dir)?;
+    let store = Arc::new(Store::open(&config.data_dir)?);
+    let known = load_members(&store).unwrap_or_else(|e| {
+        tracing::warn!(target: "vmcsnap::node", error = %e, "ignoring the saved member list");
+        vec![]
+    });
+    // Bind the data plane first: a taken port then fails before anything else starts.
+    let endpoint = crate::net::endpoint(&keypair, config.listen)?;
+    let membership = Membership::start(MembershipConfig {
+        keypair: keypair.clone(),
+        listen: config.listen,
+        bootstrap: config.peers.clone(),
+        known,
+        name: config.name.clone(),
+    })
+    .await?;
+    let control = crate::control::bind(&config.control_socket())?;
+    let vms = Registry::new(store.clone(), config.vm_dir.clone());
+    let node = Arc::new(Node::new(store.clone(), config.clone(), vms, membership, DataClient::new(endpoint.clone(), keypair)));
+    tracing::info!(target: "vmcsnap::node", node = %node.id, listen = %config.listen, dir = %config.data_dir.display(),
+        pages = store.page_count(), "node started");
+    println!("vmcsnap node {} listening on {} (control: {})", node.id, config.listen, config.control_socket().display());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(resume_journaled(node.clone()));
+    tasks.spawn(watch_members(node.clone()));
+    tasks.spawn(crate::server::accept_loop(node.clone(), endpoint.clone()));
+    tasks.spawn(crate::control::accept_loop(node.clone(), control));
+    tasks.spawn(sync_catalog(node.clone()));
+
+    match shutdown {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => wait_for_signal().await,
+    }
+    tracing::info!(target: "vmcsnap::node", "shutting down");
+    tasks.abort_all();
+    node.close_connections().await;
+    endpoint.close(crate::net::CLOSE_SHUTDOWN.into(), b"shutdown");
+    let _ = std::fs::remove_file(config.control_socket());
+    if let Err(e) = store.sync() {
+        tracing::warn!(target: "vmcsnap::node", error = %e, "final sync failed");
+    }
+    Ok(())
+}
+
+/// A node that died mid-snapshot may have left a VM paused: resume it.
+async fn resume_journaled(node: Arc<Node>) {
+    node.vms.resume_journaled().await;
+}
+
+/// Persists the member list whenever it changes; drops the connection of a member that went
+/// down.
+async fn watch_members(node: Arc<Node>) {
+    let mut rx = node.subscribe_members();
+    let mut last: Vec<(NodeId, SocketAddr)> = vec![];
+    let mut was_alive: std::collections::HashSet<NodeId> = Default::default();
+    loop {
+        let members = rx.borrow_and_update().clone();
+        for m in &members {
+            if !m.alive && was_alive.remove(&m.id) {
+                node.forget_connection(&m.id).await;
+            } else if m.alive {
+                was_alive.insert(m.id);
+            }
+        }
+        let now: Vec<(NodeId, SocketAddr)> = members.iter().map(|m| (m.id, m.data_addr)).collect();
+        if now != last {
+            let s = node.store.clone();
+            let _ = tokio::task::spawn_blocking(move || save_members(&s, &members)).await;
+            last = now;
+        }
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Every [`CATALOG_SYNC_INTERVAL`], pulls the commit records this node lacks.
+async fn sync_catalog(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(CATALOG_SYNC_INTERVAL);
+    loop {
+        tick.tick().await;
+        let n = node.sync_catalog().await;
+        if n > 0 {
+            tracing::info!(target: "vmcsnap::catalog", added = n, "learned snapshots from peers");
+        }
+    }
+}
+
+fn save_members(store: &Store, members: &[Member]) {
+    let saved: Vec<SavedMember> = members.iter().map(|m| SavedMember { id: m.id, addr: m.data_addr, name: m.name.clone() }).collect();
+    match codec::encode_record(MEMBERS_MAGIC, MEMBERS_VERSION, &saved) {
+        Ok(b) => {
+            if let Err(e) = store.save_members(&b) {
+                tracing::warn!(target: "vmcsnap::node", error = %e, "cannot save the member list");
+            }
+        }
+        Err(e) => tracing::warn!(target: "vmcsnap::node", error = %e, "cannot encode the member list"),
+    }
+}
+
+fn load_members(store: &Store) -> anyhow::Result<Vec<Member>> {
+    let Some(b) = store.load_members()? else { return Ok(vec![]) };
+    let saved: Vec<SavedMember> = codec::decode_record(MEMBERS_MAGIC, "member list", MEMBERS_VERSION, &b)?;
+    Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false, name: s.name }).collect())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

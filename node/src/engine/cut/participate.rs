@@ -1,0 +1,244 @@
+//! A participant's runtime, in three phases:
+//! 1. **Resolve**: check the peer's request like any input, find every VM's source (a VM
+//!    registered here, or a source this node was given), and the placement members. Nothing
+//!    is touched before all of it resolves.
+//! 2. **Capture**: one task per VM, each paced by a [`Pacer`]; the [`Participant`] machine
+//!    turns commands, capture events and the release deadline into steps and reports.
+//! 3. **Seal**: each VM's manifest chunks go through the same uploader, every owner `Sync`s,
+//!    and the VM entries are reported in `Done`.
+
+use super::machine::{PartAction, PartEvent, Participant};
+use super::RELEASE_WAIT_MAX;
+use crate::engine::error::SnapshotError;
+use crate::engine::upload::{capture_file, from_sink, owner_error, Uploader, VmCounters, VmPages};
+use crate::node::Node;
+use crate::qemu::capture::{capture, CaptureError, CaptureRequest};
+use crate::source::{Captured, Pacer, Source, Step};
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch, Mutex};
+use vmcsnap_dht::Member;
+use vmcsnap_protocol::manifest::{build_manifest, validate_name, Block, VmEntry, SNAPSHOT_VMS_MAX};
+use vmcsnap_protocol::wire::{CutBegin, CutCommand, CutReport, DataRequest, DataResponse};
+
+/// A participant's failure: the VM concerned, if one, and why.
+type PartError = (Option<String>, SnapshotError);
+
+/// One VM to capture: its id, source and (for an image) size in bytes.
+type Resolved = (String, Source, u64);
+
+/// A participant's part of a cut: captures `begin.vms` on this host, following the commands
+/// on `cmds`, and reports on `reports` (ending with exactly one `Done` or `Failed`).
+pub async fn participate(node: Arc<Node>, begin: CutBegin, cmds: mpsc::Receiver<CutCommand>, reports: mpsc::Sender<CutReport>) {
+    let report = match run(&node, &begin, cmds, &reports).await {
+        Ok(vms) => CutReport::Done { vms },
+        Err((vm, e)) => {
+            tracing::warn!(target: "vmcsnap::snapshot", snapshot = %begin.name, vm = ?vm, error = %e, "cut part failed; VMs resumed");
+            CutReport::Failed { vm, kind: e.kind(), reason: e.to_string() }
+        }
+    };
+    let _ = reports.send(report).await;
+}
+
+async fn run(node: &Arc<Node>, begin: &CutBegin, cmds: mpsc::Receiver<CutCommand>, reports: &mpsc::Sender<CutReport>) -> Result<Vec<VmEntry>, PartError> {
+    let (sources, members) = resolve(node, begin)?;
+    let counters: Arc<Vec<VmCounters>> = Arc::new(sources.iter().map(|_| VmCounters::default()).collect());
+    let up = Arc::new(Mutex::new(Uploader::new(node, members, begin.replicas as usize, counters.clone())));
+    let captured = capture_all(node, begin, &sources, &up, cmds, reports).await?;
+    let up = Arc::try_unwrap(up).map_err(|_| (None, SnapshotError::Internal("uploader still shared".into())))?.into_inner();
+    seal(node, &sources, captured, up, &counters).await.map_err(|e| (None, e))
+}
+
+/// Phase 1: the request checked, every VM's source found, the placement members known.
+fn resolve(node: &Arc<Node>, begin: &CutBegin) -> Result<(Vec<Resolved>, Vec<Member>), PartError> {
+    let invalid = |m: String| (None, SnapshotError::Invalid(m));
+    validate_name("snapshot name", &begin.name).map_err(invalid)?;
+    if begin.vms.is_empty() || begin.vms.len() > SNAPSHOT_VMS_MAX {
+        return Err(invalid(format!("a cut of {} VMs", begin.vms.len())));
+    }
+    if begin.replicas == 0 || begin.replicas as usize > begin.placement.len() {
+        return Err(invalid(format!("replicas {} over {} placement members", begin.replicas, begin.placement.len())));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (id, _) in &begin.vms {
+        validate_name("VM id", id).map_err(invalid)?;
+        if !seen.insert(id.as_str()) {
+            return Err(invalid(format!("VM {id} is named twice")));
+        }
+    }
+    let mut sources = Vec::new();
+    for (id, source) in &begin.vms {
+        let vm_err = |e: SnapshotError| (Some(id.clone()), e);
+        let s = match source {
+            Some(s) => Source::parse(s).map_err(|e| vm_err(SnapshotError::Invalid(e)))?,
+            None => match node.vms.lookup(id).map_err(|e| vm_err(e.into()))? {
+                Some(qmp) => Source::Qemu(qmp),
+                None => return Err(vm_err(SnapshotError::Invalid(format!("VM {id} is not registered on host {}", node.config.name)))),
+            },
+        };
+        let bytes = s.probe().map_err(|reason| vm_err(SnapshotError::Read { vm: id.clone(), reason }))?;
+        sources.push((id.clone(), s, bytes));
+    }
+    let mut members = Vec::new();
+    for id in &begin.placement {
+        match node.member(id) {
+            Some(m) => members.push(m),
+            None => return Err(invalid(format!("placement member {} is unknown on this host", id.short()))),
+        }
+    }
+    members.sort_by_key(|m| m.id);
+    Ok((sources, members))
+}
+
+/// Phase 2: every VM captured, paced by the cut. Returns them in order.
+async fn capture_all(
+    node: &Arc<Node>,
+    begin: &CutBegin,
+    sources: &[Resolved],
+    up: &Arc<Mutex<Uploader>>,
+    mut cmds: mpsc::Receiver<CutCommand>,
+    reports: &mpsc::Sender<CutReport>,
+) -> Result<Vec<Captured>, PartError> {
+    let (step_tx, step_rx) = watch::channel(Step::Prepare);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (vi, (id, source, bytes)) in sources.iter().cloned().enumerate() {
+        let pacer = Pacer::new(step_rx.clone(), ev_tx.clone(), vi);
+        let (node, up, mode, bw) = (node.clone(), up.clone(), begin.mode, begin.max_bandwidth);
+        tasks.spawn(async move {
+            let t0 = std::time::Instant::now();
+            let r = capture_one(&node, &up, vi, &id, &source, bytes, mode, bw, pacer).await;
+            (vi, r.map(|mut c| {
+                c.stats.capture_ms = t0.elapsed().as_millis() as u64;
+                c
+            }))
+        });
+    }
+    drop(ev_tx);
+
+    let mut machine = Participant::new(sources.iter().map(|s| s.0.clone()).collect());
+    let mut captured: Vec<Option<Captured>> = (0..sources.len()).map(|_| None).collect();
+    let mut cmds_open = true;
+    // Paused VMs wait for `Release` at most this long, whatever the coordinator does.
+    let mut release_deadline: Option<tokio::time::Instant> = None;
+    while !tasks.is_empty() {
+        let ev = tokio::select! {
+            _ = async { if let Some(d) = release_deadline { tokio::time::sleep_until(d).await } }, if release_deadline.is_some() => PartEvent::ReleaseDeadline,
+            cmd = cmds.recv(), if cmds_open => {
+                cmds_open = cmd.is_some();
+                PartEvent::Command(cmd)
+            }
+            Some((_, reached)) = ev_rx.recv() => PartEvent::Reached(reached),
+            Some(joined) = tasks.join_next() => match joined {
+                Ok((vi, Ok(c))) => {
+                    captured[vi] = Some(c);
+                    continue;
+                }
+                Ok((vi, Err(error))) => PartEvent::CaptureFailed { vm: vi, error },
+                Err(e) => PartEvent::TaskFailed(e.to_string()),
+            },
+        };
+        for action in machine.on_event(ev) {
+            match action {
+                PartAction::Step(s) => {
+                    step_tx.send_modify(|now| *now = (*now).max(s));
+                }
+                PartAction::Report(r) => {
+                    let _ = reports.send(r).await;
+                }
+                PartAction::ArmDeadline => release_deadline = Some(tokio::time::Instant::now() + RELEASE_WAIT_MAX),
+                PartAction::DisarmDeadline => release_deadline = None,
+            }
+        }
+    }
+    if let Some(f) = machine.take_failure() {
+        return Err(f);
+    }
+    captured.into_iter().map(|c| c.ok_or_else(|| (None, SnapshotError::Internal("a VM capture vanished".into())))).collect()
+}
+
+/// Captures one VM, paced by `pacer`, its pages going to `up` as VM `vi`'s.
+#[allow(clippy::too_many_arguments)]
+async fn capture_one(
+    node: &Arc<Node>,
+    up: &Mutex<Uploader>,
+    vi: usize,
+    id: &str,
+    source: &Source,
+    bytes: u64,
+    mode: vmcsnap_protocol::manifest::CaptureMode,
+    max_bandwidth: Option<u64>,
+    mut pacer: Pacer,
+) -> Result<Captured, SnapshotError> {
+    match source {
+        Source::File(path) => {
+            // An image does not change: it is read after the cut.
+            pacer.prepared();
+            pacer.wait(Step::Pause).await.map_err(|_| SnapshotError::Aborted)?;
+            pacer.paused();
+            pacer.wait(Step::Resume).await.map_err(|_| SnapshotError::Aborted)?;
+            let (hashes, stats) = capture_file(up, vi, id, bytes, path).await?;
+            Ok(Captured { hashes, blocks: vec![Block { name: "ram".into(), bytes }], stats, qemu: None, extra_pages: vec![] })
+        }
+        Source::Qemu(qmp) => {
+            let req = CaptureRequest { vm: id, qmp, mode, max_bandwidth, work_dir: &node.config.data_dir, tag: std::process::id() ^ vi as u32 };
+            let mut c = capture(&req, &mut pacer, &VmPages { up, vm: vi }, &node.vms).await.map_err(|e| match e {
+                CaptureError::Cancelled(_) => SnapshotError::Aborted,
+                CaptureError::Sink(e) => from_sink(e),
+                source => SnapshotError::Capture { vm: id.to_string(), source },
+            })?;
+            // The device state is stored like pages, but not counted as the VM's memory.
+            let mut upl = up.lock().await;
+            for (h, p) in std::mem::take(&mut c.extra_pages) {
+                upl.push(h, p, None).await?;
+            }
+            Ok(c)
+        }
+    }
+}
+
+/// Phase 3: manifests stored, every owner synced; the VM entries for the record.
+async fn seal(node: &Arc<Node>, sources: &[Resolved], captured: Vec<Captured>, mut up: Uploader, counters: &[VmCounters]) -> Result<Vec<VmEntry>, SnapshotError> {
+    let mut built_vms = Vec::new();
+    for c in captured {
+        let built = build_manifest(&c.hashes);
+        for (h, page) in built.chunks {
+            up.push(h, Bytes::from(page), None).await?;
+        }
+        built_vms.push((c, built.root));
+    }
+    let members = up.finish().await?;
+    futures::future::try_join_all(members.iter().map(|m| async move {
+        match node.call(m, DataRequest::Sync).await.map_err(|e| owner_error(m, e))? {
+            DataResponse::Synced => Ok(()),
+            _ => Err(SnapshotError::Protocol(m.id.short())),
+        }
+    }))
+    .await?;
+    let mut entries = Vec::new();
+    for (vi, (c, root)) in built_vms.into_iter().enumerate() {
+        let mut stats = c.stats;
+        let k = &counters[vi];
+        // In live pre-copy a page re-sent with new content is stored too; "new" counts every
+        // page stored, so it can exceed the pages the final memory holds.
+        stats.pages_new = k.new.load(Ordering::Relaxed);
+        stats.pages_dedup = stats.pages_nonzero.saturating_sub(stats.pages_new);
+        stats.bytes_sent = k.bytes_sent.load(Ordering::Relaxed);
+        let (id, source, _) = &sources[vi];
+        entries.push(VmEntry {
+            id: id.clone(),
+            source: match source {
+                Source::File(p) => format!("file:{}", p.display()),
+                Source::Qemu(p) => format!("qemu:{}", p.display()),
+            },
+            host: node.id,
+            host_name: node.config.name.clone(),
+            blocks: c.blocks,
+            manifest: root,
+            stats,
+            qemu: c.qemu,
+        });
+    }
+    Ok(entries)
+}

@@ -1,0 +1,246 @@
+//! Putting pages on their owners: the [`Uploader`] groups pages by owner and feeds one worker
+//! per owner (`Have`, then `Put` of the missing pages, [`OWNER_BATCHES_IN_FLIGHT`] batches at
+//! once); [`capture_file`] reads a memory image through it; [`VmPages`] is the page sink a
+//! QEMU capture writes into.
+
+use super::error::SnapshotError;
+use super::{HASH_WINDOWS_IN_FLIGHT, OWNER_BATCHES_IN_FLIGHT, OWNER_BATCH_PAGES, OWNER_QUEUE_BATCHES, WINDOW_PAGES};
+use crate::net::NetError;
+use crate::node::Node;
+use crate::source::{PageSink, SinkError};
+use bytes::Bytes;
+use futures::{stream, StreamExt, TryStreamExt};
+use std::collections::HashSet;
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Mutex};
+use vmcsnap_dht::placement::{owners_into, View};
+use vmcsnap_dht::Member;
+use vmcsnap_protocol::manifest::VmStats;
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, PUT_PAGES_MAX};
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+
+/// One page on its way to one owner.
+struct Item {
+    hash: PageHash,
+    data: Bytes,
+    /// Index of the VM the page was first seen in; `None` for manifest chunks and device state.
+    vm: Option<usize>,
+    /// Whether this owner is the page's primary (its answer decides "new to the cluster").
+    primary: bool,
+}
+
+/// Per-VM counters the owner workers keep.
+#[derive(Default)]
+pub struct VmCounters {
+    /// Pages the VM's primary owners did not have.
+    pub new: AtomicU64,
+    /// Page bytes sent to other nodes.
+    pub bytes_sent: AtomicU64,
+}
+
+/// Groups pages by owner and feeds one worker per owner.
+pub struct Uploader {
+    view: View,
+    members: Vec<Member>,
+    replicas: usize,
+    seen: HashSet<PageHash>,
+    pending: Vec<Vec<Item>>,
+    senders: Vec<mpsc::Sender<Vec<Item>>>,
+    workers: tokio::task::JoinSet<Result<(), SnapshotError>>,
+    owners_buf: Vec<usize>,
+}
+
+impl Uploader {
+    /// An uploader placing over `members` (sorted by id), one worker per member.
+    pub fn new(node: &Arc<Node>, members: Vec<Member>, replicas: usize, counters: Arc<Vec<VmCounters>>) -> Self {
+        let view = View::new(members.iter().map(|m| m.id).collect());
+        // View sorts by id; the member list is sorted by id too, so indexes agree.
+        debug_assert!(members.iter().map(|m| m.id).eq(view.members().iter().copied()));
+        let mut senders = Vec::new();
+        let mut workers = tokio::task::JoinSet::new();
+        for m in &members {
+            let (tx, rx) = mpsc::channel::<Vec<Item>>(OWNER_QUEUE_BATCHES);
+            senders.push(tx);
+            workers.spawn(owner_worker(node.clone(), m.clone(), rx, counters.clone()));
+        }
+        let n = members.len();
+        Self { view, members, replicas, seen: HashSet::new(), pending: (0..n).map(|_| Vec::new()).collect(), senders, workers, owners_buf: Vec::new() }
+    }
+
+    /// Queues a non-zero page; returns false if it was already queued in this snapshot.
+    pub async fn push(&mut self, hash: PageHash, data: Bytes, vm: Option<usize>) -> Result<bool, SnapshotError> {
+        if !self.seen.insert(hash) {
+            return Ok(false);
+        }
+        owners_into(&self.view, hash.prefix_u64(), self.replicas, &mut self.owners_buf);
+        for k in 0..self.owners_buf.len() {
+            let o = self.owners_buf[k];
+            self.pending[o].push(Item { hash, data: data.clone(), vm, primary: k == 0 });
+            if self.pending[o].len() >= OWNER_BATCH_PAGES {
+                self.flush(o).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn flush(&mut self, o: usize) -> Result<(), SnapshotError> {
+        let batch = std::mem::take(&mut self.pending[o]);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.senders[o].send(batch).await.is_err() {
+            // The worker stopped: it failed. Surface its error.
+            return Err(self.first_error().await);
+        }
+        Ok(())
+    }
+
+    async fn first_error(&mut self) -> SnapshotError {
+        while let Some(r) = self.workers.join_next().await {
+            match r {
+                Ok(Err(e)) => return e,
+                Err(e) => return SnapshotError::Internal(format!("owner worker failed: {e}")),
+                Ok(Ok(())) => {}
+            }
+        }
+        SnapshotError::Internal("owner worker stopped".into())
+    }
+
+    /// Sends what is pending and waits for every owner to acknowledge everything. Returns
+    /// the owners (to `Sync`).
+    pub async fn finish(mut self) -> Result<Vec<Member>, SnapshotError> {
+        for o in 0..self.members.len() {
+            self.flush(o).await?;
+        }
+        self.senders.clear(); // workers see the end of their queues
+        while let Some(r) = self.workers.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(SnapshotError::Internal(format!("owner worker failed: {e}"))),
+            }
+        }
+        Ok(self.members)
+    }
+}
+
+/// An owner's failure as a snapshot error.
+pub fn owner_error(m: &Member, source: NetError) -> SnapshotError {
+    SnapshotError::Owner { owner: m.id.short(), addr: m.data_addr, source }
+}
+
+async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<Item>>, counters: Arc<Vec<VmCounters>>) -> Result<(), SnapshotError> {
+    let remote = member.id != node.id;
+    let batches = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    batches
+        .map(|batch| {
+            let (node, member, counters) = (node.clone(), member.clone(), counters.clone());
+            async move {
+                let hashes = batch.iter().map(|i| i.hash).collect();
+                let missing = match node.call(&member, DataRequest::Have { hashes }).await.map_err(|e| owner_error(&member, e))? {
+                    DataResponse::Have { missing } => missing,
+                    _ => return Err(SnapshotError::Protocol(member.id.short())),
+                };
+                for chunk in missing.chunks(PUT_PAGES_MAX) {
+                    let mut pages = Vec::with_capacity(chunk.len());
+                    for &i in chunk {
+                        let item = batch.get(i as usize).ok_or_else(|| SnapshotError::Protocol(member.id.short()))?;
+                        pages.push(PagePut { hash: item.hash, data: serde_bytes::ByteBuf::from(item.data.to_vec()) });
+                    }
+                    match node.call(&member, DataRequest::Put { pages }).await.map_err(|e| owner_error(&member, e))? {
+                        DataResponse::Put { .. } => {}
+                        _ => return Err(SnapshotError::Protocol(member.id.short())),
+                    }
+                    for &i in chunk {
+                        let item = &batch[i as usize];
+                        if let Some(vm) = item.vm {
+                            if item.primary {
+                                counters[vm].new.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if remote {
+                                counters[vm].bytes_sent.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(OWNER_BATCHES_IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
+/// The page sink of VM `vm` (its index in the snapshot): pages go to the shared uploader.
+pub struct VmPages<'a> {
+    /// The snapshot's uploader.
+    pub up: &'a Mutex<Uploader>,
+    /// The VM's index.
+    pub vm: usize,
+}
+
+impl PageSink for VmPages<'_> {
+    fn push(&self, pages: Vec<(PageHash, Bytes)>) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async move {
+            let mut up = self.up.lock().await;
+            for (h, data) in pages {
+                up.push(h, data, Some(self.vm)).await.map_err(|e| Box::new(e) as SinkError)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A sink error back as the snapshot error it was.
+pub fn from_sink(e: SinkError) -> SnapshotError {
+    match e.downcast::<SnapshotError>() {
+        Ok(e) => *e,
+        Err(e) => SnapshotError::Internal(e.to_string()),
+    }
+}
+
+/// Reads one image file through the pipeline. Returns its page hashes in order.
+pub async fn capture_file(up: &Mutex<Uploader>, vi: usize, vm: &str, bytes: u64, path: &std::path::Path) -> Result<(Vec<PageHash>, VmStats), SnapshotError> {
+    let file = Arc::new(std::fs::File::open(path).map_err(|e| SnapshotError::Read { vm: vm.to_string(), reason: e.to_string() })?);
+    let pages = bytes / PAGE_SIZE as u64;
+    let windows = pages.div_ceil(WINDOW_PAGES as u64);
+    let mut stats = VmStats { pages_total: pages, ..Default::default() };
+    let mut hashes = Vec::with_capacity(pages as usize);
+    let mut reads = stream::iter(0..windows)
+        .map(|w| {
+            let file = file.clone();
+            let vm = vm.to_string();
+            async move {
+                let first = w * WINDOW_PAGES as u64;
+                let n = (pages - first).min(WINDOW_PAGES as u64) as usize;
+                tokio::task::spawn_blocking(move || -> Result<(Bytes, Vec<PageHash>), SnapshotError> {
+                    let mut buf = vec![0u8; n * PAGE_SIZE];
+                    file.read_exact_at(&mut buf, first * PAGE_SIZE as u64)
+                        .map_err(|e| SnapshotError::Read { vm: vm.clone(), reason: format!("at page {first}: {e}") })?;
+                    let hashes = buf.chunks_exact(PAGE_SIZE).map(hash_page).collect();
+                    Ok((Bytes::from(buf), hashes))
+                })
+                .await
+                .map_err(|e| SnapshotError::Internal(e.to_string()))?
+            }
+        })
+        .buffered(HASH_WINDOWS_IN_FLIGHT);
+    while let Some(r) = reads.next().await {
+        let (buf, window_hashes) = r?;
+        let mut up = up.lock().await;
+        for (i, h) in window_hashes.iter().enumerate() {
+            if h.is_zero() {
+                stats.pages_zero += 1;
+                continue;
+            }
+            stats.pages_nonzero += 1;
+            up.push(*h, buf.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE), Some(vi)).await?;
+        }
+        drop(up);
+        hashes.extend(window_hashes);
+    }
+    Ok((hashes, stats))
+}
