@@ -6,7 +6,7 @@
 //! note once the VM runs again. A node that died in between finds the note when it starts and
 //! resumes the VM, so a crash mid-snapshot never leaves a guest paused for good.
 
-use crate::qemu::qmp::{Qmp, Settled};
+use crate::qemu::qmp::{Qmp, QmpError, Settled};
 use crate::store::{Store, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -143,13 +143,13 @@ impl Registry {
     }
 }
 
-async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, String> {
+async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, QmpError> {
     if !qmp.exists() {
         return Ok(None); // the VM is gone
     }
-    let mut q = Qmp::connect(qmp).await.map_err(|e| e.to_string())?;
+    let mut q = Qmp::connect(qmp).await?;
     let _ = q.execute("migrate_cancel", serde_json::json!({})).await;
-    match q.resume_settled(RESUME_SETTLE_TIMEOUT).await.map_err(|e| e.to_string())? {
+    match q.resume_settled(RESUME_SETTLE_TIMEOUT).await? {
         Settled::Resumed(was) => Ok(Some(was)),
         Settled::Running | Settled::Other(_) => Ok(None),
     }

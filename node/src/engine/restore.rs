@@ -401,7 +401,10 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st))
                 .await
                 .map_err(|e| RestoreError::Internal(e.to_string()))?
-                .map_err(RestoreError::Target)?;
+                .map_err(|e| match e {
+                    crate::qemu::launch::LaunchError::Refused(m) => RestoreError::Target(m),
+                    crate::qemu::launch::LaunchError::Failed(m) => RestoreError::Qemu(m),
+                })?;
             tracing::info!(target: "vmcsnap::restore", vm = %vm, pid = l.pid, log = %l.log.display(), "launched QEMU for the restore");
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }

@@ -53,22 +53,38 @@ pub fn log_tail(path: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
+/// Why a QEMU could not be launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The recorded command line cannot or must not be started here.
+    #[error("{0}")]
+    Refused(String),
+    /// QEMU did not start, or did not start listening.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Starts the VM's QEMU on this host, waiting for its migration stream.
-pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result<Launched, String> {
+pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result<Launched, LaunchError> {
     if state.cmdline.is_empty() {
-        return Err("the snapshot has no QEMU command line".into());
+        return Err(LaunchError::Refused("the snapshot has no QEMU command line".into()));
     }
     // A record can come from any member: run QEMU and nothing else.
     let prog = std::path::Path::new(&state.cmdline[0]).file_name().and_then(|n| n.to_str()).unwrap_or("");
     if !prog.starts_with("qemu-system-") {
-        return Err(format!("the recorded command line runs {:?}, not a qemu-system-* binary; refusing to start it", state.cmdline[0]));
+        return Err(LaunchError::Refused(format!(
+            "the recorded command line runs {:?}, not a qemu-system-* binary; refusing to start it",
+            state.cmdline[0]
+        )));
     }
-    let qmp = qmp_path_of(&state.cmdline).ok_or(
-        "the recorded command line has no -qmp unix:PATH; start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH",
-    )?;
+    let qmp = qmp_path_of(&state.cmdline).ok_or_else(|| {
+        LaunchError::Refused(
+            "the recorded command line has no -qmp unix:PATH; start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH".into(),
+        )
+    })?;
     let qmp = PathBuf::from(qmp);
     if std::os::unix::net::UnixStream::connect(&qmp).is_ok() {
-        return Err(format!("QMP socket {} is in use: a QEMU with it is still running here (stop it first)", qmp.display()));
+        return Err(LaunchError::Refused(format!("QMP socket {} is in use: a QEMU with it is still running here (stop it first)", qmp.display())));
     }
     // Stale sockets of the old QEMU go first, so that a socket file appearing means the new
     // QEMU is listening (probing by connecting would take QEMU's one monitor client, or worse,
@@ -78,12 +94,13 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result
     let _ = std::fs::remove_file(&incoming);
     let log = data_dir.join(format!("launch-{vm}.log"));
     let argv = adjusted_cmdline(&state.cmdline, &incoming);
-    let out = std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let failed = LaunchError::Failed;
+    let out = std::fs::File::create(&log).map_err(|e| failed(format!("cannot create {}: {e}", log.display())))?;
+    let err = out.try_clone().map_err(|e| failed(e.to_string()))?;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(out).stderr(err);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+    let mut child = cmd.spawn().map_err(|e| failed(format!("cannot start {}: {e}", argv[0])))?;
     let pid = child.id();
     let t0 = Instant::now();
     loop {
@@ -93,12 +110,12 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result
             break;
         }
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("QEMU exited ({st}) before listening: {}", log_tail(&log)));
+            return Err(failed(format!("QEMU exited ({st}) before listening: {}", log_tail(&log))));
         }
         if t0.elapsed() > LAUNCH_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("QEMU did not start listening within {LAUNCH_TIMEOUT:?}: {}", log_tail(&log)));
+            return Err(failed(format!("QEMU did not start listening within {LAUNCH_TIMEOUT:?}: {}", log_tail(&log))));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -173,6 +173,176 @@ pub fn parse<R: Read>(
     mut page: impl FnMut(usize, u64, Option<&[u8]>) -> Result<(), StreamError>,
 ) -> Result<Parsed, StreamError> {
     let mut r = Reader { r, pos: 0, rec: Some(Vec::new()) };
+    let (machine, mut t) = read_config(&mut r)?;
+    // The head is everything before the first record's type byte.
+    let mut head = r.rec.take().unwrap_or_default();
+    head.pop();
+
+    let mut ram_section: Option<(u32, u32, u32)> = None;
+    let mut ram_done = false;
+    let mut footers = false;
+    let mut ram = RamRecords { blocks: Vec::new(), last_block: None, page_records: 0, buf: vec![0u8; PAGE_SIZE] };
+    let tail_first: u8;
+    loop {
+        let sid = match t {
+            SEC_START | SEC_FULL => {
+                let sid = r.be32()?;
+                let idstr = r.str8()?;
+                let inst = r.be32()?;
+                let ver = r.be32()?;
+                if t == SEC_START && idstr == "ram" && ram_section.is_none() {
+                    ram_section = Some((sid, inst, ver));
+                    sid
+                } else if t == SEC_FULL && ram_done {
+                    // The device tail starts here; rebuild its first bytes.
+                    let mut first = vec![SEC_FULL];
+                    first.extend_from_slice(&sid.to_be_bytes());
+                    first.push(idstr.len() as u8);
+                    first.extend_from_slice(idstr.as_bytes());
+                    first.extend_from_slice(&inst.to_be_bytes());
+                    first.extend_from_slice(&ver.to_be_bytes());
+                    let tail = read_tail(&mut r, first)?;
+                    return Ok(Parsed { meta: meta(head, machine, ram_section, footers, ram.blocks, &r)?, tail, page_records: ram.page_records });
+                } else if t == SEC_FULL {
+                    return Err(r.unsupported(format!("device state ({idstr}) before RAM is complete")));
+                } else {
+                    return Err(r.unsupported(format!("iterative section {idstr:?} (block or dirty-bitmap migration)")));
+                }
+            }
+            SEC_PART | SEC_END => {
+                let sid = r.be32()?;
+                match ram_section {
+                    Some((rs, _, _)) if rs == sid && !ram_done => sid,
+                    _ => return Err(r.unsupported(format!("section {sid} is not the RAM section"))),
+                }
+            }
+            SEC_COMMAND => {
+                let cmd = r.be16()?;
+                return Err(r.unsupported(format!("migration command {cmd} (postcopy or return path)")));
+            }
+            SEC_EOF => {
+                if !ram_done {
+                    return Err(r.malformed("stream ended before RAM was complete"));
+                }
+                tail_first = SEC_EOF;
+                break;
+            }
+            other => return Err(r.malformed(format!("unknown section type {other:#x}"))),
+        };
+        ram.payload(&mut r, t, &mut page)?;
+        if t == SEC_END {
+            ram_done = true;
+        }
+        t = r.u8()?;
+        if t == SEC_FOOTER {
+            footers = true;
+            let fs = r.be32()?;
+            if fs != sid {
+                return Err(r.malformed(format!("footer of section {fs} closes section {sid}")));
+            }
+            t = r.u8()?;
+        }
+    }
+    let tail = read_tail(&mut r, vec![tail_first])?;
+    Ok(Parsed { meta: meta(head, machine, ram_section, footers, ram.blocks, &r)?, tail, page_records: ram.page_records })
+}
+
+/// The RAM records read so far: the block list, the block of the last page (for
+/// `CONTINUE`), and a page buffer.
+struct RamRecords {
+    blocks: Vec<Block>,
+    last_block: Option<usize>,
+    page_records: u64,
+    buf: Vec<u8>,
+}
+
+impl RamRecords {
+    /// One RAM section's payload (of section type `t`): records until `EOS`, each page handed
+    /// to `page`.
+    fn payload<R: Read>(
+        &mut self,
+        r: &mut Reader<R>,
+        t: u8,
+        page: &mut impl FnMut(usize, u64, Option<&[u8]>) -> Result<(), StreamError>,
+    ) -> Result<(), StreamError> {
+        let Self { blocks, last_block, page_records, buf } = self;
+        loop {
+            let v = r.be64()?;
+            let flags = v & (PAGE_SIZE as u64 - 1);
+            let addr = v & !(PAGE_SIZE as u64 - 1);
+            if flags & F_MEM_SIZE != 0 {
+                if t != SEC_START || !blocks.is_empty() {
+                    return Err(r.malformed("RAM block list outside the RAM start section"));
+                }
+                if addr > RAM_BYTES_MAX {
+                    return Err(r.unsupported(format!("{addr} bytes of RAM")));
+                }
+                let mut left = addr;
+                while left > 0 {
+                    if blocks.len() >= RAM_BLOCKS_MAX {
+                        return Err(r.malformed(format!("more than {RAM_BLOCKS_MAX} RAM blocks")));
+                    }
+                    let name = r.str8()?;
+                    let len = r.be64()?;
+                    if len > left || len % PAGE_SIZE as u64 != 0 {
+                        return Err(r.malformed(format!("RAM block {name} of {len} bytes")));
+                    }
+                    left -= len;
+                    blocks.push(Block { name, bytes: len });
+                }
+                continue;
+            }
+            if flags == F_EOS {
+                break;
+            }
+            if flags & F_MULTIFD_FLUSH != 0 {
+                return Err(r.unsupported("multifd"));
+            }
+            if flags & F_HOOK != 0 {
+                return Err(r.unsupported("RDMA"));
+            }
+            if flags & F_COMPRESS != 0 {
+                return Err(r.unsupported("compress"));
+            }
+            if flags & F_XBZRLE != 0 {
+                return Err(r.unsupported("xbzrle"));
+            }
+            let kind = flags & !F_CONTINUE;
+            if kind != F_ZERO && kind != F_PAGE {
+                return Err(r.unsupported(format!("RAM record flags {flags:#x}")));
+            }
+            let b = if flags & F_CONTINUE != 0 {
+                (*last_block).ok_or_else(|| r.malformed("CONTINUE with no block before it"))?
+            } else {
+                let name = r.str8()?;
+                blocks.iter().position(|b| b.name == name).ok_or_else(|| r.malformed(format!("page of unknown RAM block {name:?}")))?
+            };
+            *last_block = Some(b);
+            if addr >= blocks[b].bytes {
+                return Err(r.malformed(format!("page at {addr:#x} beyond RAM block {}", blocks[b].name)));
+            }
+            let index = addr / PAGE_SIZE as u64;
+            *page_records += 1;
+            if kind == F_ZERO {
+                let fill = r.u8()?;
+                if fill == 0 {
+                    page(b, index, None)?;
+                } else {
+                    buf.fill(fill);
+                    page(b, index, Some(buf.as_slice()))?;
+                }
+            } else {
+                r.read(buf)?;
+                page(b, index, Some(buf.as_slice()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stream's magic, version and configuration section. Returns the machine type and the
+/// type byte of the first record after them.
+fn read_config<R: Read>(r: &mut Reader<R>) -> Result<(String, u8), StreamError> {
     if r.be32()? != QEVM_MAGIC {
         return Err(r.malformed("not a QEMU migration stream (bad magic)"));
     }
@@ -220,151 +390,9 @@ pub fn parse<R: Read>(
             }
         }
     }
-    // The head is everything before the first record's type byte.
-    let mut head = r.rec.take().unwrap_or_default();
-    head.pop();
-
-    let mut ram: Option<(u32, u32, u32)> = None;
-    let mut ram_done = false;
-    let mut footers = false;
-    let mut blocks: Vec<Block> = Vec::new();
-    let mut last_block: Option<usize> = None;
-    let mut page_records = 0u64;
-    let mut buf = vec![0u8; PAGE_SIZE];
-    let tail_first: u8;
-    loop {
-        let sid = match t {
-            SEC_START | SEC_FULL => {
-                let sid = r.be32()?;
-                let idstr = r.str8()?;
-                let inst = r.be32()?;
-                let ver = r.be32()?;
-                if t == SEC_START && idstr == "ram" && ram.is_none() {
-                    ram = Some((sid, inst, ver));
-                    sid
-                } else if t == SEC_FULL && ram_done {
-                    // The device tail starts here; rebuild its first bytes.
-                    let mut first = vec![SEC_FULL];
-                    first.extend_from_slice(&sid.to_be_bytes());
-                    first.push(idstr.len() as u8);
-                    first.extend_from_slice(idstr.as_bytes());
-                    first.extend_from_slice(&inst.to_be_bytes());
-                    first.extend_from_slice(&ver.to_be_bytes());
-                    let tail = read_tail(&mut r, first)?;
-                    return Ok(Parsed { meta: meta(head, machine, ram, footers, blocks, &r)?, tail, page_records });
-                } else if t == SEC_FULL {
-                    return Err(r.unsupported(format!("device state ({idstr}) before RAM is complete")));
-                } else {
-                    return Err(r.unsupported(format!("iterative section {idstr:?} (block or dirty-bitmap migration)")));
-                }
-            }
-            SEC_PART | SEC_END => {
-                let sid = r.be32()?;
-                match ram {
-                    Some((rs, _, _)) if rs == sid && !ram_done => sid,
-                    _ => return Err(r.unsupported(format!("section {sid} is not the RAM section"))),
-                }
-            }
-            SEC_COMMAND => {
-                let cmd = r.be16()?;
-                return Err(r.unsupported(format!("migration command {cmd} (postcopy or return path)")));
-            }
-            SEC_EOF => {
-                if !ram_done {
-                    return Err(r.malformed("stream ended before RAM was complete"));
-                }
-                tail_first = SEC_EOF;
-                break;
-            }
-            other => return Err(r.malformed(format!("unknown section type {other:#x}"))),
-        };
-        // RAM payload: records until EOS.
-        loop {
-            let v = r.be64()?;
-            let flags = v & (PAGE_SIZE as u64 - 1);
-            let addr = v & !(PAGE_SIZE as u64 - 1);
-            if flags & F_MEM_SIZE != 0 {
-                if t != SEC_START || !blocks.is_empty() {
-                    return Err(r.malformed("RAM block list outside the RAM start section"));
-                }
-                if addr > RAM_BYTES_MAX {
-                    return Err(r.unsupported(format!("{addr} bytes of RAM")));
-                }
-                let mut left = addr;
-                while left > 0 {
-                    if blocks.len() >= RAM_BLOCKS_MAX {
-                        return Err(r.malformed(format!("more than {RAM_BLOCKS_MAX} RAM blocks")));
-                    }
-                    let name = r.str8()?;
-                    let len = r.be64()?;
-                    if len > left || len % PAGE_SIZE as u64 != 0 {
-                        return Err(r.malformed(format!("RAM block {name} of {len} bytes")));
-                    }
-                    left -= len;
-                    blocks.push(Block { name, bytes: len });
-                }
-                continue;
-            }
-            if flags == F_EOS {
-                break;
-            }
-            if flags & F_MULTIFD_FLUSH != 0 {
-                return Err(r.unsupported("multifd"));
-            }
-            if flags & F_HOOK != 0 {
-                return Err(r.unsupported("RDMA"));
-            }
-            if flags & F_COMPRESS != 0 {
-                return Err(r.unsupported("compress"));
-            }
-            if flags & F_XBZRLE != 0 {
-                return Err(r.unsupported("xbzrle"));
-            }
-            let kind = flags & !F_CONTINUE;
-            if kind != F_ZERO && kind != F_PAGE {
-                return Err(r.unsupported(format!("RAM record flags {flags:#x}")));
-            }
-            let b = if flags & F_CONTINUE != 0 {
-                last_block.ok_or_else(|| r.malformed("CONTINUE with no block before it"))?
-            } else {
-                let name = r.str8()?;
-                blocks.iter().position(|b| b.name == name).ok_or_else(|| r.malformed(format!("page of unknown RAM block {name:?}")))?
-            };
-            last_block = Some(b);
-            if addr >= blocks[b].bytes {
-                return Err(r.malformed(format!("page at {addr:#x} beyond RAM block {}", blocks[b].name)));
-            }
-            let index = addr / PAGE_SIZE as u64;
-            page_records += 1;
-            if kind == F_ZERO {
-                let fill = r.u8()?;
-                if fill == 0 {
-                    page(b, index, None)?;
-                } else {
-                    buf.fill(fill);
-                    page(b, index, Some(&buf))?;
-                }
-            } else {
-                r.read(&mut buf)?;
-                page(b, index, Some(&buf))?;
-            }
-        }
-        if t == SEC_END {
-            ram_done = true;
-        }
-        t = r.u8()?;
-        if t == SEC_FOOTER {
-            footers = true;
-            let fs = r.be32()?;
-            if fs != sid {
-                return Err(r.malformed(format!("footer of section {fs} closes section {sid}")));
-            }
-            t = r.u8()?;
-        }
-    }
-    let tail = read_tail(&mut r, vec![tail_first])?;
-    Ok(Parsed { meta: meta(head, machine, ram, footers, blocks, &r)?, tail, page_records })
+    Ok((machine, t))
 }
+
 
 fn meta<R>(head: Vec<u8>, machine: String, ram: Option<(u32, u32, u32)>, footers: bool, blocks: Vec<Block>, r: &Reader<R>) -> Result<StreamMeta, StreamError>
 where
