@@ -24,7 +24,12 @@ use vmcsnap_protocol::PAGE_SIZE;
 once (times --replicas), spread over every host that runs a node. Any host can list and restore any \
 snapshot.\n\nEvery host runs `vmcsnap node run`; every other command talks to the node on this host \
 through its control socket (--node, or VMCSNAP_NODE).",
-    after_help = "Examples:\n  vmcsnap node run --data-dir /var/lib/vmcsnap --listen 10.0.0.1:7400 --peer 10.0.0.2:7400\n  \
+    after_help = "Setting up (the cluster key stays on the operator's machine, never on a host):\n  \
+vmcsnap cluster init --key ~/cluster.key                     # once; prints the CLUSTER_ID\n  \
+vmcsnap node id --data-dir /var/lib/vmcsnap                 # on each host; prints its NODE_ID\n  \
+vmcsnap cluster admit NODE_ID --name kvm-01 --key ~/cluster.key   # prints its TOKEN\n  \
+vmcsnap node run --data-dir /var/lib/vmcsnap --listen 10.0.0.1:7400 --cluster-key CLUSTER_ID --join TOKEN\n\n\
+Examples:\n  vmcsnap node run --data-dir /var/lib/vmcsnap --listen 10.0.0.1:7400 --peer 10.0.0.2:7400\n  \
 export VMCSNAP_NODE=/var/lib/vmcsnap\n  \
 vmcsnap vm add web1 --qmp /run/web1.qmp\n  vmcsnap snapshot create nightly --all\n  \
 vmcsnap snapshot restore nightly --launch --on kvm-03\n  vmcsnap cluster status"
@@ -98,9 +103,18 @@ enum NodeCmd {
         /// Copies of every page for snapshots this node takes.
         #[arg(long, default_value_t = 2, value_name = "N")]
         replicas: u8,
-        /// This node's name in the cluster (`vm list`, `restore --on`); default: the hostname.
+        /// This node's name in the cluster (`vm list`, `restore --on`): the one its
+        /// certificate gives; if given, it must be that name.
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// The cluster's id (printed by `vmcsnap cluster init`). Needed on the first start;
+        /// kept in the data directory.
+        #[arg(long, env = "VMCSNAP_CLUSTER_KEY", value_name = "CLUSTER_ID")]
+        cluster_key: Option<String>,
+        /// This node's admission (printed by `vmcsnap cluster admit NODE_ID`). Needed on the
+        /// first start; kept in the data directory.
+        #[arg(long, env = "VMCSNAP_JOIN", value_name = "TOKEN")]
+        join: Option<String>,
         /// A directory of this host's QMP sockets named ID.qmp: each is a registered VM for as
         /// long as the socket exists.
         #[arg(long, value_name = "DIR")]
@@ -108,6 +122,16 @@ enum NodeCmd {
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
+    },
+    /// Print this host's node id (creating the node's identity if it has none yet), for
+    /// `vmcsnap cluster admit`.
+    Id {
+        /// The node's data directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -221,6 +245,48 @@ enum ClusterCmd {
         #[command(flatten)]
         common: NodeArg,
     },
+    /// Create a cluster key (on the operator's machine; never copy it to a host) and print
+    /// the cluster's id, which every node is started with.
+    Init {
+        /// Where to write the key (created owner-only; never overwritten).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admit a node: print the token its `node run --join` takes.
+    #[command(after_help = "Example:\n  vmcsnap cluster admit $(ssh kvm-03 vmcsnap node id --data-dir /var/lib/vmcsnap) --name kvm-03 --key ~/cluster.key")]
+    Admit {
+        /// The node's id (`vmcsnap node id` on its host).
+        node_id: String,
+        /// Its name in the cluster.
+        #[arg(long)]
+        name: String,
+        /// The cluster key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The admission's serial (default: the current time in seconds).
+        #[arg(long)]
+        serial: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member from the cluster, everywhere: it is disconnected, never an owner again,
+    /// and members that are down learn it when they come back.
+    Remove {
+        /// The member: its name or node id.
+        member: String,
+        /// The cluster key file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Really remove it (this cannot be undone: the node needs a new identity to rejoin).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        common: NodeArg,
+    },
 }
 
 fn main() {
@@ -254,6 +320,7 @@ impl Cmd {
     /// Whether the command was asked for JSON output.
     fn json(&self) -> bool {
         match self {
+            Cmd::Node(NodeCmd::Id { json, .. }) => *json,
             Cmd::Node(_) => false,
             Cmd::Snapshot(c) => match c {
                 SnapshotCmd::Create { common, .. } | SnapshotCmd::Restore { common, .. } | SnapshotCmd::List { common } | SnapshotCmd::Show { common, .. } => common.json,
@@ -261,7 +328,8 @@ impl Cmd {
             Cmd::Vm(c) => match c {
                 VmCmd::Add { common, .. } | VmCmd::Remove { common, .. } | VmCmd::List { common } => common.json,
             },
-            Cmd::Cluster(ClusterCmd::Status { common }) => common.json,
+            Cmd::Cluster(ClusterCmd::Status { common } | ClusterCmd::Remove { common, .. }) => common.json,
+            Cmd::Cluster(ClusterCmd::Init { json, .. } | ClusterCmd::Admit { json, .. }) => *json,
         }
     }
 }
@@ -287,7 +355,13 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, vm_dir, log }) => node_run(data_dir, listen, peers, replicas, name, vm_dir, log).await,
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, log }) => {
+            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), vm_dir, log).await
+        }
+        Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
+        Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
+        Cmd::Cluster(ClusterCmd::Admit { node_id, name, key, serial, json }) => cluster_admit(&node_id, &name, &key, serial, json),
+        Cmd::Cluster(ClusterCmd::Remove { member, key, yes, common }) => cluster_remove(&member, &key, yes, &common).await,
         Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, common }) => {
             snapshot_create(name, vms, all, mode, replicas, max_bandwidth, &common).await
         }
@@ -318,25 +392,127 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn node_run(
     data_dir: PathBuf,
     listen: SocketAddr,
     peers: Vec<SocketAddr>,
     replicas: u8,
     name: Option<String>,
+    (cluster_key, join): (Option<String>, Option<String>),
     vm_dir: Option<PathBuf>,
     log: String,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
     tune_malloc();
-    let name = match name {
-        Some(n) => n,
-        None => hostname()?,
-    };
     let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
     let data_dir = std::path::absolute(&data_dir)?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir };
+    let name = name.unwrap_or_default();
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join };
     vmcsnap_node::run(config, None).await
+}
+
+fn node_id(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let kp = vmcsnap_node::identity::load_or_create(data_dir)?;
+    let id = vmcsnap_dht::membership::node_id_of_key(&kp.public()).context("the identity is not an ed25519 key")?;
+    if json {
+        return print_json(&serde_json::json!({ "node_id": id.to_string() }));
+    }
+    println!("{id}");
+    Ok(())
+}
+
+fn cluster_init(key: &Path, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let k = vmcsnap_dht::ClusterKey::generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key)
+        .map_err(|e| cli_error(ErrorKind::Conflict, format!("cannot create {} ({e}); an existing key is never overwritten", key.display())))?;
+    f.write_all(k.to_text().as_bytes())?;
+    f.sync_all()?;
+    if json {
+        return print_json(&serde_json::json!({ "cluster_id": k.id().to_string(), "key": key.display().to_string() }));
+    }
+    println!("{}", k.id());
+    eprintln!(
+        "cluster key written to {} (keep it off the hosts: whoever has it can admit nodes)\n\
+next, on each host: vmcsnap node id --data-dir DIR; then here: vmcsnap cluster admit NODE_ID --name NAME --key {}; then on the host: vmcsnap node run ... --cluster-key {} --join TOKEN",
+        key.display(),
+        key.display(),
+        k.id()
+    );
+    Ok(())
+}
+
+fn read_cluster_key(key: &Path) -> anyhow::Result<vmcsnap_dht::ClusterKey> {
+    let text = std::fs::read_to_string(key).map_err(|e| cli_error(ErrorKind::NotFound, format!("cannot read the cluster key {}: {e}", key.display())))?;
+    vmcsnap_dht::ClusterKey::from_text(&text).map_err(|e| cli_error(ErrorKind::Invalid, format!("{}: {e}", key.display())))
+}
+
+fn parse_node_id(s: &str) -> anyhow::Result<vmcsnap_protocol::NodeId> {
+    let mut b = [0u8; 32];
+    hex_decode(s.trim(), &mut b).map_err(|_| cli_error(ErrorKind::Invalid, format!("{s:?} is not a node id (64 hex digits, from `vmcsnap node id`)")))?;
+    Ok(vmcsnap_protocol::NodeId(b))
+}
+
+fn hex_decode(s: &str, out: &mut [u8; 32]) -> Result<(), ()> {
+    if s.len() != 64 {
+        return Err(());
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or(())?, 16).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+fn cluster_admit(node: &str, name: &str, key: &Path, serial: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let k = read_cluster_key(key)?;
+    let id = parse_node_id(node)?;
+    let serial = serial.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+    let cert = k.certify(id, name, serial).map_err(|e| cli_error(ErrorKind::Invalid, e.to_string()))?;
+    if json {
+        return print_json(&serde_json::json!({ "node_id": id.to_string(), "name": name, "serial": serial, "cluster_id": k.id().to_string(), "token": cert.to_token() }));
+    }
+    println!("{}", cert.to_token());
+    Ok(())
+}
+
+async fn cluster_remove(member: &str, key: &Path, yes: bool, common: &NodeArg) -> anyhow::Result<()> {
+    let k = read_cluster_key(key)?;
+    let id = match parse_node_id(member) {
+        Ok(id) => id,
+        Err(_) => {
+            let ControlResult::Cluster(c) = call(common, ControlRequest::ClusterStatus).await? else { bail!("node answered with the wrong result") };
+            let hits: Vec<_> = c.members.iter().filter(|m| m.name == member || m.id.to_string().starts_with(member)).collect();
+            match hits.as_slice() {
+                [m] => m.id,
+                [] => return Err(cli_error(ErrorKind::NotFound, format!("no member named {member:?}; give its node id"))),
+                _ => return Err(cli_error(ErrorKind::Invalid, format!("{member:?} matches several members; give the whole node id"))),
+            }
+        }
+    };
+    if !yes {
+        return Err(cli_error(ErrorKind::Invalid, format!("removing {member} ({}) cannot be undone; run again with --yes", id.short())));
+    }
+    let token = k.revoke(id).to_token();
+    let ControlResult::Removed { node, already, told } = call(common, ControlRequest::ClusterRemove { token }).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&serde_json::json!({ "node_id": node.to_string(), "already": already, "told": told }));
+    }
+    if already {
+        println!("{} was already removed", node.short());
+    } else {
+        println!("{} removed; {told} live member(s) told now, the others when they next sync", node.short());
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -564,14 +740,6 @@ fn tune_malloc() {
     }
 }
 
-fn hostname() -> anyhow::Result<String> {
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").context("cannot read the hostname; pass --name")?;
-    let h = h.trim().to_string();
-    if h.is_empty() {
-        bail!("the hostname is empty; pass --name");
-    }
-    Ok(h)
-}
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

@@ -10,19 +10,24 @@
 //! `tokio::sync::watch` channel; readers never block it. It stops when the [`Membership`] is
 //! dropped or [`Membership::shutdown`] is called.
 //!
-//! A member is any peer that completed identify with protocol [`PROTOCOL_VERSION`]. Members
-//! are never forgotten by this module (the node persists them); `alive` says whether a
-//! connection to it is up.
+//! A member is a peer that completed identify with protocol [`PROTOCOL_VERSION`] and presented
+//! (in its agent string) a [`Certificate`] that the cluster's [`Trust`] accepts. Any other
+//! peer is disconnected, dropped from Kademlia's routing table and not dialled again (a
+//! bounded set of refused peers remembers them). A revoked member ([`Membership::revoke`]) is
+//! dropped at once and refused from then on. Members are otherwise not forgotten by this
+//! module (the node persists them); `alive` says whether a connection to it is up.
 
+use crate::admission::{Certificate, Trust};
 use futures::StreamExt;
 use libp2p::identity::{ed25519, Keypair, PublicKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use vmcsnap_protocol::NodeId;
 
 /// identify protocol version; peers with another are not members.
@@ -35,6 +40,9 @@ pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Most members one node tracks.
 pub const MEMBERS_MAX: usize = 4096;
+/// Most refused peers remembered (so that they are not dialled again); the oldest is
+/// forgotten first.
+pub const REFUSED_MAX: usize = 1024;
 
 /// One member of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,8 +67,12 @@ pub struct MembershipConfig {
     pub bootstrap: Vec<SocketAddr>,
     /// Members remembered from an earlier run.
     pub known: Vec<Member>,
-    /// This node's name, shown to operators.
+    /// This node's name, shown to operators (the one its certificate names).
     pub name: String,
+    /// What this node trusts: the cluster key and the revocations it knows.
+    pub trust: Arc<Trust>,
+    /// This node's own admission, shown to every peer.
+    pub certificate: Certificate,
 }
 
 /// Why membership could not start.
@@ -138,6 +150,13 @@ pub struct Membership {
     rx: watch::Receiver<Vec<Member>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// What the membership task is told from outside.
+enum Command {
+    /// A member was removed from the cluster.
+    Revoke(NodeId),
 }
 
 impl Membership {
@@ -146,7 +165,7 @@ impl Membership {
         let local = node_id_of_key(&cfg.keypair.public()).ok_or(MembershipError::NotEd25519)?;
         let local_peer = cfg.keypair.public().to_peer_id();
         let data_addr = cfg.listen;
-        let agent = format!("vmcsnap/{} data={} name={}", env!("CARGO_PKG_VERSION"), data_addr, cfg.name);
+        let agent = format!("vmcsnap/{} data={} name={} cert={}", env!("CARGO_PKG_VERSION"), data_addr, cfg.name, cfg.certificate.to_token());
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
             .with_tokio()
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -192,10 +211,13 @@ impl Membership {
             members: HashMap::new(),
             connected: HashSet::new(),
             bootstrap: cfg.bootstrap.clone(),
+            trust: cfg.trust.clone(),
+            refused: VecDeque::new(),
+            refused_set: HashSet::new(),
         };
         state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone() });
         for m in cfg.known {
-            if m.id != local && state.members.len() < MEMBERS_MAX {
+            if m.id != local && state.members.len() < MEMBERS_MAX && !cfg.trust.is_revoked(&m.id) {
                 if let Some(peer) = peer_of_node_id(&m.id) {
                     swarm.behaviour_mut().kad.add_address(&peer, tcp_multiaddr(m.data_addr));
                 }
@@ -204,8 +226,15 @@ impl Membership {
         }
         let (tx, rx) = watch::channel(state.snapshot());
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(swarm, state, tx, stop_rx));
-        Ok(Self { local, rx, stop: Some(stop_tx), task: Some(task) })
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(swarm, state, tx, stop_rx, cmd_rx));
+        Ok(Self { local, rx, stop: Some(stop_tx), task: Some(task), commands: cmd_tx })
+    }
+
+    /// Drops `node` from the members and disconnects it; its certificate is refused from now
+    /// on (the caller has recorded the revocation in the [`Trust`]).
+    pub fn revoke(&self, node: NodeId) {
+        let _ = self.commands.send(Command::Revoke(node));
     }
 
     /// The local node's id.
@@ -248,9 +277,27 @@ struct State {
     members: HashMap<NodeId, Member>,
     connected: HashSet<PeerId>,
     bootstrap: Vec<SocketAddr>,
+    trust: Arc<Trust>,
+    /// Peers refused admission, oldest first (at most [`REFUSED_MAX`]).
+    refused: VecDeque<PeerId>,
+    refused_set: HashSet<PeerId>,
 }
 
 impl State {
+    /// Remembers a refused peer; true if it was not refused before.
+    fn note_refused(&mut self, peer: PeerId) -> bool {
+        if !self.refused_set.insert(peer) {
+            return false;
+        }
+        self.refused.push_back(peer);
+        if self.refused.len() > REFUSED_MAX {
+            if let Some(old) = self.refused.pop_front() {
+                self.refused_set.remove(&old);
+            }
+        }
+        true
+    }
+
     fn snapshot(&self) -> Vec<Member> {
         let mut v: Vec<Member> = self.members.values().cloned().collect();
         v.sort_by_key(|m| m.id);
@@ -273,8 +320,24 @@ fn parse_agent(agent: &str) -> Option<SocketAddr> {
     agent.split_whitespace().find_map(|w| w.strip_prefix("data=")).and_then(|a| a.parse().ok())
 }
 
-fn agent_name(agent: &str) -> String {
-    agent.split_whitespace().find_map(|w| w.strip_prefix("name=")).unwrap_or_default().to_string()
+fn agent_cert(agent: &str) -> Option<&str> {
+    agent.split_whitespace().find_map(|w| w.strip_prefix("cert="))
+}
+
+/// Disconnects a peer that is not (or no longer) admitted, forgets it as a member and as a
+/// Kademlia contact, and remembers not to dial it. Returns whether the member list changed.
+fn refuse(swarm: &mut Swarm<Behaviour>, st: &mut State, peer: PeerId, why: &str) -> bool {
+    if st.note_refused(peer) {
+        tracing::warn!(target: "vmcsnap::membership", %peer, reason = why, "refusing a peer that is not admitted");
+    } else {
+        tracing::debug!(target: "vmcsnap::membership", %peer, reason = why, "refusing a peer that is not admitted");
+    }
+    let _ = swarm.disconnect_peer_id(peer);
+    swarm.behaviour_mut().kad.remove_peer(&peer);
+    match node_id_of_peer(&peer) {
+        Some(id) if id != st.local => st.members.remove(&id).is_some(),
+        _ => false,
+    }
 }
 
 async fn run(
@@ -282,12 +345,19 @@ async fn run(
     mut st: State,
     tx: watch::Sender<Vec<Member>>,
     mut stop: oneshot::Receiver<()>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let changed = tokio::select! {
             _ = &mut stop => break,
+            Some(cmd) = commands.recv() => match cmd {
+                Command::Revoke(id) => match peer_of_node_id(&id) {
+                    Some(peer) if id != st.local => refuse(&mut swarm, &mut st, peer, "removed from the cluster"),
+                    _ => false,
+                },
+            },
             _ = tick.tick() => { maintain(&mut swarm, &st); false }
             ev = swarm.select_next_some() => handle(&mut swarm, &mut st, ev),
         };
@@ -341,7 +411,15 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
             }
             let (Some(id), Some(data_addr)) = (node_id_of_key(&info.public_key), parse_agent(&info.agent_version)) else {
                 tracing::warn!(target: "vmcsnap::membership", %peer_id, agent = %info.agent_version, "peer sent no usable identity or data address");
-                return false;
+                return refuse(swarm, st, peer_id, "no usable identity or data address");
+            };
+            let admitted = match agent_cert(&info.agent_version) {
+                None => Err("no certificate".to_string()),
+                Some(tok) => Certificate::from_token(tok).and_then(|c| st.trust.check(&c, &id).map(|_| c)).map_err(|e| e.to_string()),
+            };
+            let cert = match admitted {
+                Ok(c) => c,
+                Err(why) => return refuse(swarm, st, peer_id, &why),
             };
             for a in &info.listen_addrs {
                 if socket_of(a).is_some() {
@@ -349,7 +427,8 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
                 }
             }
             let alive = st.connected.contains(&peer_id);
-            let new = Member { id, data_addr, alive, name: agent_name(&info.agent_version) };
+            // The name is the one the cluster key signed.
+            let new = Member { id, data_addr, alive, name: cert.name };
             match st.members.get(&id) {
                 Some(m) if *m == new => false,
                 Some(_) => {
@@ -368,7 +447,9 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
             }
         }
         SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
-            if peer != st.local_peer && !st.connected.contains(&peer) {
+            if st.refused_set.contains(&peer) {
+                swarm.behaviour_mut().kad.remove_peer(&peer);
+            } else if peer != st.local_peer && !st.connected.contains(&peer) {
                 let _ = swarm.dial(peer);
             }
             false
@@ -398,47 +479,83 @@ mod tests {
     fn agent_carries_the_data_address() {
         assert_eq!(parse_agent("vmcsnap/0.1.0 data=127.0.0.1:7000"), Some("127.0.0.1:7000".parse().expect("addr")));
         assert_eq!(parse_agent("rust-libp2p/0.1"), None);
-        assert_eq!(agent_name("vmcsnap/0.1.0 data=127.0.0.1:7000 name=kvm-07"), "kvm-07");
-        assert_eq!(agent_name("vmcsnap/0.1.0 data=127.0.0.1:7000"), "");
+        assert_eq!(agent_cert("vmcsnap/0.1.0 data=127.0.0.1:7000 name=kvm-07 cert=abcd"), Some("abcd"));
+        assert_eq!(agent_cert("vmcsnap/0.1.0 data=127.0.0.1:7000"), None);
+    }
+
+    fn free_listen() -> SocketAddr {
+        let p = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        format!("127.0.0.1:{p}").parse().expect("addr")
+    }
+
+    /// Starts a node admitted by `key` (or, with `None`, one with a certificate of another
+    /// cluster), trusting `trust_key`'s cluster.
+    async fn start(key: Option<&crate::ClusterKey>, trust_key: &crate::ClusterKey, name: &str, bootstrap: Vec<SocketAddr>) -> (Membership, Arc<Trust>) {
+        let keypair = Keypair::generate_ed25519();
+        let id = node_id_of_key(&keypair.public()).expect("ed25519");
+        let certificate = match key {
+            Some(k) => k.certify(id, name, 1).expect("certify"),
+            None => crate::ClusterKey::generate().certify(id, name, 1).expect("certify"),
+        };
+        let trust = Arc::new(Trust::new(trust_key.id()).expect("trust"));
+        let m = Membership::start(MembershipConfig { keypair, listen: free_listen(), bootstrap, known: vec![], name: name.into(), trust: trust.clone(), certificate })
+            .await
+            .expect("start");
+        (m, trust)
+    }
+
+    async fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     #[tokio::test]
     async fn three_nodes_find_each_other_through_one() {
-        let mut nodes = Vec::new();
-        let first: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let _ = first;
-        // Fixed free ports: bind-and-release to find them.
-        let ports: Vec<u16> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port())
-            .collect();
-        for (i, p) in ports.iter().enumerate() {
-            let listen: SocketAddr = format!("127.0.0.1:{p}").parse().expect("addr");
-            let bootstrap = if i == 0 { vec![] } else { vec![format!("127.0.0.1:{}", ports[0]).parse().expect("addr")] };
-            nodes.push(
-                Membership::start(MembershipConfig { keypair: Keypair::generate_ed25519(), listen, bootstrap, known: vec![], name: "t".into() })
-                    .await
-                    .expect("start"),
-            );
+        let key = crate::ClusterKey::generate();
+        let (first, _) = start(Some(&key), &key, "a", vec![]).await;
+        let boot = first.members()[0].data_addr;
+        let mut nodes = vec![first];
+        for name in ["b", "c"] {
+            nodes.push(start(Some(&key), &key, name, vec![boot]).await.0);
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if nodes.iter().all(|n| n.members().iter().filter(|m| m.alive).count() == 3) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "members: {:?}", nodes.iter().map(|n| n.members()).collect::<Vec<_>>());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait("every node sees three alive members", || nodes.iter().all(|n| n.members().iter().filter(|m| m.alive).count() == 3)).await;
+        // Names are the ones the cluster key signed.
+        let mut names: Vec<String> = nodes[0].members().into_iter().map(|m| m.name).collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c"]);
         // Stop one: the others see it go.
         let gone = nodes.pop().expect("node");
         let gone_id = gone.local();
         gone.shutdown().await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if nodes.iter().all(|n| n.members().iter().any(|m| m.id == gone_id && !m.alive)) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "still alive");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        wait("the stopped node is seen down", || nodes.iter().all(|n| n.members().iter().any(|m| m.id == gone_id && !m.alive))).await;
+    }
+
+    #[tokio::test]
+    async fn strangers_and_revoked_members_are_never_members() {
+        let key = crate::ClusterKey::generate();
+        let (a, trust_a) = start(Some(&key), &key, "a", vec![]).await;
+        let boot = a.members()[0].data_addr;
+        let (b, _) = start(Some(&key), &key, "b", vec![boot]).await;
+        // A node with another cluster's certificate (it trusts our cluster, so it would take us).
+        let (stranger, _) = start(None, &key, "x", vec![boot]).await;
+        wait("a and b see each other", || a.members().iter().filter(|m| m.alive).count() == 2 && b.members().iter().filter(|m| m.alive).count() == 2).await;
+        // Give the stranger time to dial and identify, again and again.
+        tokio::time::sleep(MAINTENANCE_INTERVAL * 2).await;
+        for n in [&a, &b] {
+            assert!(!n.members().iter().any(|m| m.id == stranger.local()), "the stranger became a member");
         }
+        assert_eq!(stranger.members().iter().filter(|m| m.alive).count(), 1, "nobody took the stranger in");
+        // Revoked: dropped at once, and not taken back when it dials in again.
+        assert_eq!(trust_a.revoke(&key.revoke(b.local())), Ok(true));
+        a.revoke(b.local());
+        wait("a drops b", || !a.members().iter().any(|m| m.id == b.local())).await;
+        tokio::time::sleep(MAINTENANCE_INTERVAL * 2).await;
+        assert!(!a.members().iter().any(|m| m.id == b.local()), "the revoked member came back");
+        stranger.shutdown().await;
+        b.shutdown().await;
+        a.shutdown().await;
     }
 }

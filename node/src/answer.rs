@@ -102,6 +102,11 @@ pub fn answer(store: &Store, id: NodeId, req: DataRequest, asker: Asker) -> Resu
             let pages = store.page_count();
             Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64 })
         }
-        DataRequest::Cut(_) | DataRequest::VmList | DataRequest::VmForget { .. } | DataRequest::RestoreVm { .. } => Err(AnswerError::NeedsNode),
+        DataRequest::Cut(_)
+        | DataRequest::VmList
+        | DataRequest::VmForget { .. }
+        | DataRequest::RestoreVm { .. }
+        | DataRequest::Revoke { .. }
+        | DataRequest::Revocations => Err(AnswerError::NeedsNode),
     }
 }

@@ -19,10 +19,15 @@ pub struct NodeConfig {
     pub peers: Vec<SocketAddr>,
     /// Replicas of every page for snapshots this node takes.
     pub replicas: u8,
-    /// This node's name, shown to operators and used by `restore --on` (default: hostname).
+    /// This node's name, shown to operators and used by `restore --on`. Empty: the name its
+    /// certificate gives; otherwise it must be that name.
     pub name: String,
     /// A directory of QMP sockets (`ID.qmp`) of this host's VMs, registered as they appear.
     pub vm_dir: Option<PathBuf>,
+    /// The cluster's id (`--cluster-key`), needed on the first start only.
+    pub cluster_key: Option<String>,
+    /// This node's certificate (`--join TOKEN`), needed on the first start only.
+    pub join: Option<String>,
 }
 
 impl NodeConfig {
@@ -32,7 +37,9 @@ impl NodeConfig {
         if self.listen.port() == 0 {
             anyhow::bail!("--listen needs an explicit port: peers reach this node there");
         }
-        vmcsnap_protocol::manifest::validate_name("--name", &self.name).map_err(|e| anyhow::anyhow!(e))?;
+        if !self.name.is_empty() {
+            vmcsnap_protocol::manifest::validate_name("--name", &self.name).map_err(|e| anyhow::anyhow!(e))?;
+        }
         if let Some(d) = &self.vm_dir {
             if !d.is_absolute() {
                 anyhow::bail!("--vm-dir must be an absolute path, not {}", d.display());

@@ -1,5 +1,7 @@
 //! The control socket (`DIR/control.sock`): how the `vmcsnap` CLI on this host talks to its
-//! node. Unix permissions on the data directory decide who may use it.
+//! node. Only the node's own user (and root) may use it: the socket is owner-only (mode
+//! 0600, in an owner-only data directory), and the node checks each client's user id
+//! (`SO_PEERCRED`) against the socket's owner.
 //!
 //! One request per connection; the node streams [`ControlEvent::Progress`] frames while it
 //! works and ends with one `Done` or `Failed` frame (with an [`ErrorKind`]). Every frame is a
@@ -38,14 +40,36 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale {}", path.display()))?;
     }
-    UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("cannot make {} owner-only", path.display()))?;
+    Ok(l)
+}
+
+/// Whether the client on `stream` may use the control socket at `path`: root, or the user
+/// that owns the socket (the node's own).
+fn client_allowed(stream: &UnixStream, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = stream.peer_cred().map_err(|e| format!("cannot tell who connected: {e}"))?.uid();
+    let owner = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?.uid();
+    if uid == 0 || uid == owner {
+        Ok(())
+    } else {
+        Err(format!("user {uid} may not use this node (only its owner, user {owner}, and root)"))
+    }
 }
 
 /// Accepts CLI connections forever.
 pub async fn accept_loop(node: Arc<Node>, listener: UnixListener) {
+    let path = node.config.control_socket();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                if let Err(why) = client_allowed(&stream, &path) {
+                    tracing::warn!(target: "vmcsnap::control", reason = %why, "refusing a control client");
+                    let _ = write_frame(&mut stream, &ControlEvent::Failed { kind: ErrorKind::Invalid, message: why }).await;
+                    continue;
+                }
                 tokio::spawn(handle(node.clone(), stream));
             }
             Err(e) => {
@@ -232,6 +256,12 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
             None => Err(RestoreError::UnknownSnapshot(name).into()),
         },
         ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
+        ControlRequest::ClusterRemove { token } => {
+            let r = vmcsnap_dht::admission::Revocation::from_token(&token).map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;
+            let (new, told) = node.revoke(&r).await.map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;
+            tracing::info!(target: "vmcsnap::admission", node = %r.node.short(), told, "removal applied");
+            Ok(ControlResult::Removed { node: r.node, already: !new, told })
+        }
     }
 }
 

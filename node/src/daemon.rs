@@ -10,8 +10,9 @@
 //!   and per stream;
 //! - the control-socket accept loop ([`crate::control::accept_loop`]), one task per CLI
 //!   request;
-//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], pulls commit records this node lacks
-//!   from live members (so a node that was down when a snapshot committed learns of it).
+//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], pulls the revocations and commit
+//!   records this node lacks from live members (so a node that was down when a member was
+//!   removed or a snapshot committed learns of it).
 
 use crate::config::NodeConfig;
 use crate::net::DataClient;
@@ -42,9 +43,13 @@ struct SavedMember {
 /// Starts a node and runs it until `shutdown` resolves (or SIGINT/SIGTERM when `None`).
 pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Receiver<()>>) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    restrict_dir(&config.data_dir)?;
     let keypair = crate::identity::load_or_create(&config.data_dir)?;
+    let id = vmcsnap_dht::membership::node_id_of_key(&keypair.public()).context("the node identity is not an ed25519 key")?;
     let store = Arc::new(Store::open(&config.data_dir)?);
+    let (trust, certificate) = crate::admission::admit(&config.data_dir, id, config.cluster_key.as_deref(), config.join.as_deref(), &store)?;
+    let mut config = config;
+    config.name = crate::admission::name(&certificate, &config.name)?;
     let known = load_members(&store).unwrap_or_else(|e| {
         tracing::warn!(target: "vmcsnap::node", error = %e, "ignoring the saved member list");
         vec![]
@@ -57,11 +62,13 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
         bootstrap: config.peers.clone(),
         known,
         name: config.name.clone(),
+        trust: trust.clone(),
+        certificate,
     })
     .await?;
     let control = crate::control::bind(&config.control_socket())?;
     let vms = Registry::new(store.clone(), config.vm_dir.clone());
-    let node = Arc::new(Node::new(store.clone(), config.clone(), vms, membership, DataClient::new(endpoint.clone(), keypair)));
+    let node = Arc::new(Node::new(store.clone(), config.clone(), vms, trust, membership, DataClient::new(endpoint.clone(), keypair)));
     tracing::info!(target: "vmcsnap::node", node = %node.id, listen = %config.listen, dir = %config.data_dir.display(),
         pages = store.page_count(), "node started");
     println!("vmcsnap node {} listening on {} (control: {})", node.id, config.listen, config.control_socket().display());
@@ -122,16 +129,28 @@ async fn watch_members(node: Arc<Node>) {
     }
 }
 
-/// Every [`CATALOG_SYNC_INTERVAL`], pulls the commit records this node lacks.
+/// Every [`CATALOG_SYNC_INTERVAL`], pulls the revocations and commit records this node lacks.
 async fn sync_catalog(node: Arc<Node>) {
     let mut tick = tokio::time::interval(CATALOG_SYNC_INTERVAL);
     loop {
         tick.tick().await;
+        let r = node.sync_revocations().await;
+        if r > 0 {
+            tracing::warn!(target: "vmcsnap::admission", added = r, "learned member removals from peers");
+        }
         let n = node.sync_catalog().await;
         if n > 0 {
             tracing::info!(target: "vmcsnap::catalog", added = n, "learned snapshots from peers");
         }
     }
+}
+
+/// The data directory holds the node's key and every page it stores: owner-only.
+fn restrict_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("cannot make {} owner-only", dir.display()))?;
+    Ok(())
 }
 
 fn save_members(store: &Store, members: &[Member]) {

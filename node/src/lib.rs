@@ -15,7 +15,8 @@
 //! 0. [`config`] (the validated configuration), [`identity`] (the ed25519 key), [`store`]
 //!    (RocksDB pages, catalog, metadata), [`source`] (memory sources and the capture contract:
 //!    pacing, page sink, result).
-//! 1. [`qemu`] (stream parser and rebuilder, QMP, capture, launch: QEMU's terms only), [`net`]
+//! 1. [`admission`] (this node's certificate and the revocations it keeps), [`qemu`] (stream
+//!    parser and rebuilder, QMP, capture, launch: QEMU's terms only), [`net`]
 //!    (the QUIC data plane's client side and framing), [`answer`] (store requests, for peers
 //!    and for this node alike).
 //! 2. [`vms`]: this host's VM registry and the pause journal.
@@ -25,6 +26,7 @@
 //! 5. [`server`] (the data plane's serving side) and [`control`] (the CLI's socket).
 //! 6. [`daemon`]: [`run`] — builds the node and runs its background tasks.
 
+pub mod admission;
 pub mod answer;
 pub mod config;
 pub mod control;

@@ -4,6 +4,7 @@
 //! A `Node` holds no task of its own: [`crate::daemon::run`] builds it and runs the daemon's
 //! background work around it.
 
+use crate::admission::AdmitError;
 use crate::answer::{answer, Asker};
 use crate::config::NodeConfig;
 use crate::net::{DataClient, NetError};
@@ -12,6 +13,7 @@ use crate::vms::Registry;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use vmcsnap_dht::admission::{Revocation, Trust};
 use vmcsnap_dht::{Member, Membership};
 use vmcsnap_protocol::control::VmInfo;
 use vmcsnap_protocol::manifest::CommitRecord;
@@ -65,6 +67,8 @@ pub struct Node {
     pub config: NodeConfig,
     /// This host's VMs.
     pub vms: Registry,
+    /// The cluster key and the revocations this node knows.
+    pub trust: Arc<Trust>,
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -72,8 +76,49 @@ pub struct Node {
 
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
-    pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, membership, client, busy: Default::default() }
+    pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, membership: Membership, client: DataClient) -> Self {
+        Self { id: membership.local(), store, config, vms, trust, membership, client, busy: Default::default() }
+    }
+
+    /// Whether `peer` is an admitted member now (the data plane serves no one else).
+    pub fn is_member(&self, peer: &NodeId) -> bool {
+        !self.trust.is_revoked(peer) && self.member(peer).is_some()
+    }
+
+    /// Applies a revocation: kept in the store, the member dropped on both planes, and (when it
+    /// is new here) passed on to every live peer. Returns whether it was new, and how many
+    /// peers took it.
+    pub async fn revoke(&self, r: &Revocation) -> Result<(bool, usize), AdmitError> {
+        let new = crate::admission::revoke(&self.store, &self.trust, r)?;
+        self.membership.revoke(r.node);
+        self.client.forget(&r.node).await;
+        if !new {
+            return Ok((false, 0));
+        }
+        tracing::warn!(target: "vmcsnap::admission", node = %r.node.short(), "member removed from the cluster");
+        let answers = self.ask_peers(DataRequest::Revoke { token: r.to_token() }, PEER_ANSWER_TIMEOUT).await;
+        Ok((true, answers.iter().filter(|(_, a)| a.is_ok()).count()))
+    }
+
+    /// Pulls the revocations this node lacks from every live peer (a member that was down when
+    /// one was made learns it here). Returns how many were new.
+    pub async fn sync_revocations(&self) -> usize {
+        let mut added = 0;
+        for (peer, a) in self.ask_peers(DataRequest::Revocations, PEER_ANSWER_TIMEOUT).await {
+            let Ok(DataResponse::Revocations { tokens }) = a else { continue };
+            for t in tokens.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX) {
+                match Revocation::from_token(t).map_err(AdmitError::from).and_then(|r| crate::admission::revoke(&self.store, &self.trust, &r).map(|n| (r, n))) {
+                    Ok((r, true)) => {
+                        self.membership.revoke(r.node);
+                        self.client.forget(&r.node).await;
+                        added += 1;
+                    }
+                    Ok((_, false)) => {}
+                    Err(e) => tracing::warn!(target: "vmcsnap::admission", peer = %peer.id.short(), error = %e, "peer sent a revocation that does not verify"),
+                }
+            }
+        }
+        added
     }
 
     /// Every known member (sorted by id), with liveness.

@@ -37,10 +37,10 @@ pub async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint) {
             // A peer that just joined may be a member we have not heard of yet: give the
             // membership layer a moment before refusing.
             let t0 = std::time::Instant::now();
-            let mut known = node.member(&peer).is_some();
-            while !known && t0.elapsed() < NEW_PEER_GRACE {
+            let mut known = node.is_member(&peer);
+            while !known && t0.elapsed() < NEW_PEER_GRACE && !node.trust.is_revoked(&peer) {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                known = node.member(&peer).is_some();
+                known = node.is_member(&peer);
             }
             if !known {
                 tracing::warn!(target: "vmcsnap::net", peer = %peer, addr = %conn.remote_address(), "refusing a connection from a non-member");
@@ -59,6 +59,12 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
             Ok(s) => s,
             Err(_) => return,
         };
+        // A member removed since the connection was made is cut off here.
+        if !node.is_member(&peer) {
+            tracing::warn!(target: "vmcsnap::net", peer = %peer.short(), "closing the connection of a peer that is no longer a member");
+            conn.close(CLOSE_NOT_MEMBER.into(), b"not a member");
+            return;
+        }
         let node = node.clone();
         tokio::spawn(async move {
             let resp = match read_frame::<DataRequest>(&mut recv).await {
@@ -85,6 +91,17 @@ async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
         DataRequest::VmList => DataResponse::Vms { host: node.config.name.clone(), vms: node.local_vms().await },
         DataRequest::VmForget { id } => match node.vms.remove(&id) {
             Ok(_) => DataResponse::Ok,
+            Err(e) => error(RemoteErrorKind::Storage, e.to_string()),
+        },
+        DataRequest::Revoke { token } => match vmcsnap_dht::admission::Revocation::from_token(&token) {
+            Ok(r) => match node.revoke(&r).await {
+                Ok(_) => DataResponse::Ok,
+                Err(e) => error(RemoteErrorKind::BadRequest, e.to_string()),
+            },
+            Err(e) => error(RemoteErrorKind::BadRequest, e.to_string()),
+        },
+        DataRequest::Revocations => match crate::admission::revocations(&node.store) {
+            Ok(list) => DataResponse::Revocations { tokens: list.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX).map(|r| r.to_token()).collect() },
             Err(e) => error(RemoteErrorKind::Storage, e.to_string()),
         },
         DataRequest::RestoreVm { name, vm } => {

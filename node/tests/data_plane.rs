@@ -5,7 +5,9 @@
 use libp2p::identity::Keypair;
 use std::net::SocketAddr;
 use std::time::Duration;
-use vmcsnap_dht::{Member, Membership, MembershipConfig};
+use std::sync::Arc;
+use vmcsnap_dht::membership::node_id_of_key;
+use vmcsnap_dht::{ClusterKey, Member, Membership, MembershipConfig, Trust};
 use vmcsnap_node::net::{self, DataClient, NetError};
 use vmcsnap_node::NodeConfig;
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, RemoteErrorKind, HAVE_HASHES_MAX};
@@ -36,13 +38,30 @@ async fn owners_reject_bad_pages_and_strangers() {
     let dir = tempfile::tempdir().expect("tmp");
     let node_addr = free_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let config = NodeConfig { data_dir: dir.path().join("node"), listen: node_addr, peers: vec![], replicas: 1, name: "solo".into(), vm_dir: None };
+    // The operator's cluster key admits the node and the probing member.
+    let cluster = ClusterKey::generate();
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).expect("dir");
+    let node_key = vmcsnap_node::identity::load_or_create(&node_dir).expect("identity");
+    let node_id = node_id_of_key(&node_key.public()).expect("id");
+    let config = NodeConfig {
+        data_dir: node_dir,
+        listen: node_addr,
+        peers: vec![],
+        replicas: 1,
+        name: String::new(),
+        vm_dir: None,
+        cluster_key: Some(cluster.id().to_string()),
+        join: Some(cluster.certify(node_id, "solo", 1).expect("certify").to_token()),
+    };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 
     // A member: joins through libp2p, then talks QUIC.
     let kp = Keypair::generate_ed25519();
     let my_addr = free_addr();
-    let me = Membership::start(MembershipConfig { keypair: kp.clone(), listen: my_addr, bootstrap: vec![node_addr], known: vec![], name: "probe".into() })
+    let trust = Arc::new(Trust::new(cluster.id()).expect("trust"));
+    let certificate = cluster.certify(node_id_of_key(&kp.public()).expect("id"), "probe", 1).expect("certify");
+    let me = Membership::start(MembershipConfig { keypair: kp.clone(), listen: my_addr, bootstrap: vec![node_addr], known: vec![], name: "probe".into(), trust: trust.clone(), certificate })
         .await
         .expect("membership");
     let target: Member = wait_for(|| me.members().into_iter().find(|m| m.id != me.local() && m.alive)).await;
@@ -86,6 +105,31 @@ async fn owners_reject_bad_pages_and_strangers() {
         Err(e @ NetError::VersionMismatch { .. }) => assert!(e.to_string().contains("another vmcsnap version"), "{e}"),
         other => panic!("expected a version mismatch, got {other:?}"),
     }
+
+    // A node admitted by another cluster's key joins the membership plane but is never a
+    // member, and the data plane refuses it.
+    let outsider_kp = Keypair::generate_ed25519();
+    let outsider_addr = free_addr();
+    let outsider_cert = ClusterKey::generate().certify(node_id_of_key(&outsider_kp.public()).expect("id"), "outsider", 1).expect("certify");
+    let outsider = Membership::start(MembershipConfig {
+        keypair: outsider_kp.clone(),
+        listen: outsider_addr,
+        bootstrap: vec![node_addr],
+        known: vec![],
+        name: "outsider".into(),
+        trust: trust.clone(),
+        certificate: outsider_cert,
+    })
+    .await
+    .expect("membership");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!me.members().iter().any(|m| m.id == outsider.local() && m.alive), "the probe took the outsider in");
+    let outsider_client = DataClient::new(net::endpoint(&outsider_kp, free_addr()).expect("endpoint"), outsider_kp);
+    for req in [DataRequest::Stats, DataRequest::Get { hashes: vec![good] }, DataRequest::CatalogList, DataRequest::VmList] {
+        let r = outsider_client.request(target.id, target.data_addr, &req).await;
+        assert!(r.is_err(), "the outsider was served {req:?}: {r:?}");
+    }
+    outsider.shutdown().await;
 
     // A stranger with a valid TLS identity but no membership is cut off.
     let stranger_kp = Keypair::generate_ed25519();

@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("identity", 0),
     ("store", 0),
     ("source", 0),
+    ("admission", 1),
     ("qemu", 1),
     ("net", 1),
     ("answer", 1),

@@ -158,6 +158,12 @@ pub enum ControlRequest {
     },
     /// Every VM registered on any live member.
     VmList,
+    /// Remove a member from the cluster: a revocation token signed by the cluster key
+    /// (`vmcsnap cluster remove` makes it with the operator's key file).
+    ClusterRemove {
+        /// The revocation token.
+        token: String,
+    },
 }
 
 /// A VM a node knows of on its host.
@@ -292,6 +298,15 @@ pub enum ControlResult {
     VmChanged,
     /// From `VmList`.
     Vms(Vec<VmInfo>),
+    /// From `ClusterRemove`.
+    Removed {
+        /// The removed node.
+        node: NodeId,
+        /// Whether this node knew of the removal already.
+        already: bool,
+        /// Live members told now (the others learn it when they next sync).
+        told: usize,
+    },
 }
 
 /// One frame from node to CLI.

@@ -45,6 +45,8 @@ pub const PUT_PAGES_MAX: usize = 256;
 pub const GET_PAGES_MAX: usize = 256;
 /// Most catalog entries in one `CatalogList` answer.
 pub const CATALOG_ENTRIES_MAX: usize = 16_384;
+/// Most revocations in one `Revocations` answer.
+pub const REVOCATIONS_MAX: usize = 4096;
 
 const _: () = assert!(PUT_PAGES_MAX * crate::PAGE_SIZE < crate::codec::MESSAGE_BYTES_MAX / 2);
 const _: () = assert!(GET_PAGES_MAX * crate::PAGE_SIZE < crate::codec::MESSAGE_BYTES_MAX / 2);
@@ -104,6 +106,14 @@ pub enum DataRequest {
         /// VM id.
         id: String,
     },
+    /// A member was removed from the cluster: here is the cluster key's revocation (a token,
+    /// see `vmcsnap_dht::admission`). Checked, kept and applied by the receiver.
+    Revoke {
+        /// The revocation token.
+        token: String,
+    },
+    /// Which revocations do you know?
+    Revocations,
     /// Restore this VM of a snapshot on your host: start its recorded QEMU command line and
     /// load the snapshot into it.
     RestoreVm {
@@ -273,6 +283,11 @@ pub enum DataResponse {
     },
     /// A VM restored on the answering node's host.
     Restored(RestoreSummary),
+    /// The revocations the answering node knows, as tokens.
+    Revocations {
+        /// Up to [`REVOCATIONS_MAX`] tokens.
+        tokens: Vec<String>,
+    },
     /// Done.
     Ok,
     /// The request failed.

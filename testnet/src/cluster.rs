@@ -79,15 +79,46 @@ impl Cluster {
         Ok(c)
     }
 
-    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+    /// The arguments that admit node `i` on its first start (none once its data directory
+    /// holds its certificate): the cluster key (`DIR/cluster.key`, made on first use) admits
+    /// it with the real CLI — `cluster init`, `node id`, `cluster admit` — as an operator would.
+    fn admission_args(&self, i: usize) -> anyhow::Result<Vec<String>> {
         let node = &self.nodes[i];
-        std::fs::create_dir_all(&node.dir)?;
+        if node.dir.join("certificate").exists() {
+            return Ok(vec![]);
+        }
+        let key = self.dir.join("cluster.key");
+        if !key.exists() {
+            self.tool(&["cluster", "init", "--key", &key.display().to_string()])?;
+        }
+        let id = self.tool(&["node", "id", "--data-dir", &node.dir.display().to_string()])?;
+        let name = format!("n{}", i + 1);
+        let admit: serde_json::Value =
+            serde_json::from_str(&self.tool(&["cluster", "admit", id.trim(), "--name", &name, "--key", &key.display().to_string(), "--json"])?)?;
+        let field = |k: &str| admit[k].as_str().map(str::to_string).with_context(|| format!("`cluster admit` printed no {k}"));
+        Ok(vec!["--cluster-key".into(), field("cluster_id")?, "--join".into(), field("token")?])
+    }
+
+    /// Runs the CLI without a node; returns its stdout.
+    fn tool(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin).args(args).stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", self.bin.display()))?;
+        if !out.status.success() {
+            bail!("vmcsnap {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.nodes[i].dir)?;
+        let admission = self.admission_args(i)?;
+        let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.dir.join("node.log"))?;
         let mut cmd = Command::new(&self.bin);
         cmd.args(["node", "run", "--data-dir"])
             .arg(&node.dir)
             .args(["--listen", &node.addr.to_string(), "--replicas", &self.replicas.to_string()])
             .args(["--name", &format!("n{}", i + 1)])
+            .args(&admission)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

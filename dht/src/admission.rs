@@ -1,0 +1,344 @@
+//! Who may be a member: signed membership.
+//!
+//! # Goals
+//! - The operator decides who is a member. The trust root is a **cluster key** (ed25519) that
+//!   the operator keeps off the hosts; nodes hold only its public half. Reading a host's disk
+//!   therefore does not let anyone admit a new member.
+//! - A node is admitted by a [`Certificate`]: the cluster key's signature over the node's id,
+//!   its name and a serial. Every node checks a peer's certificate before counting it as a
+//!   member ([`Trust::check`]), on the membership plane; the data plane serves members only.
+//! - A member is removed by a [`Revocation`], also signed by the cluster key; nodes keep every
+//!   revocation they learn and pass it on, so a member that was down learns it later.
+//!
+//! # Non-goals
+//! - Roles within the cluster: every admitted member may do what any member may.
+//! - Expiry: a certificate is valid until revoked.
+//!
+//! Both documents travel as text tokens: `hex(magic | be16 version | bincode body)`, with
+//! magic `VMCT` (certificate) and `VMRV` (revocation), version 1.
+
+use libp2p::identity::ed25519;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::sync::RwLock;
+use vmcsnap_protocol::codec;
+use vmcsnap_protocol::manifest::validate_name;
+use vmcsnap_protocol::NodeId;
+
+const CERT_MAGIC: [u8; 4] = *b"VMCT";
+const REVOCATION_MAGIC: [u8; 4] = *b"VMRV";
+const TOKEN_VERSION: u16 = 1;
+/// Longest token accepted, in hex characters (a certificate is about 300).
+pub const TOKEN_CHARS_MAX: usize = 4096;
+/// Most revocations one node keeps (far beyond any cluster's churn; a bound all the same).
+pub const REVOCATIONS_MAX: usize = 65_536;
+
+/// The public half of a cluster key: what identifies a cluster.
+pub type ClusterId = NodeId;
+
+/// Why a certificate, revocation or key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdmissionError {
+    /// The document does not decode.
+    #[error("not a valid {what}: {reason}")]
+    Malformed {
+        /// Certificate, revocation or key.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Signed by another cluster's key.
+    #[error("signed for cluster {found}, not this cluster ({expected})")]
+    OtherCluster {
+        /// This node's cluster.
+        expected: String,
+        /// The document's.
+        found: String,
+    },
+    /// The certificate names another node than the one presenting it.
+    #[error("the certificate is for node {cert}, not {node}")]
+    OtherNode {
+        /// The node named in the certificate.
+        cert: String,
+        /// The node presenting it.
+        node: String,
+    },
+    /// The signature does not verify.
+    #[error("the {0}'s signature does not verify")]
+    BadSignature(&'static str),
+    /// The node was removed from the cluster.
+    #[error("node {0} was removed from the cluster")]
+    Revoked(String),
+}
+
+fn malformed(what: &'static str, reason: impl ToString) -> AdmissionError {
+    AdmissionError::Malformed { what, reason: reason.to_string() }
+}
+
+/// A node's admission: the cluster key's signature over its id, name and serial.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    /// The cluster (its key's public half).
+    pub cluster: ClusterId,
+    /// The admitted node.
+    pub node: NodeId,
+    /// Its name in the cluster.
+    pub name: String,
+    /// The operator's serial for this admission.
+    pub serial: u64,
+    /// Ed25519 signature by the cluster key over [`Certificate::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// A member's removal, signed by the cluster key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The cluster.
+    pub cluster: ClusterId,
+    /// The removed node.
+    pub node: NodeId,
+    /// Ed25519 signature by the cluster key over [`Revocation::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl Certificate {
+    /// What the cluster key signs (domain-separated from revocations).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut m = b"vmcsnap certificate 1\0".to_vec();
+        m.extend_from_slice(&self.cluster.0);
+        m.extend_from_slice(&self.node.0);
+        m.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
+        m.extend_from_slice(self.name.as_bytes());
+        m.extend_from_slice(&self.serial.to_be_bytes());
+        m
+    }
+
+    /// The certificate as a text token.
+    pub fn to_token(&self) -> String {
+        token(CERT_MAGIC, self)
+    }
+
+    /// Parses a token made by [`Certificate::to_token`] (its signature is checked by
+    /// [`Trust::check`], not here).
+    pub fn from_token(s: &str) -> Result<Self, AdmissionError> {
+        let c: Self = from_token(CERT_MAGIC, "certificate", s)?;
+        validate_name("node name", &c.name).map_err(|e| malformed("certificate", e))?;
+        Ok(c)
+    }
+}
+
+impl Revocation {
+    /// What the cluster key signs.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut m = b"vmcsnap revocation 1\0".to_vec();
+        m.extend_from_slice(&self.cluster.0);
+        m.extend_from_slice(&self.node.0);
+        m
+    }
+
+    /// The revocation as a text token.
+    pub fn to_token(&self) -> String {
+        token(REVOCATION_MAGIC, self)
+    }
+
+    /// Parses a token made by [`Revocation::to_token`].
+    pub fn from_token(s: &str) -> Result<Self, AdmissionError> {
+        from_token(REVOCATION_MAGIC, "revocation", s)
+    }
+}
+
+fn token<T: Serialize>(magic: [u8; 4], v: &T) -> String {
+    // Encoding a small struct of bytes and strings cannot fail.
+    hex::encode(codec::encode_record(magic, TOKEN_VERSION, v).unwrap_or_default())
+}
+
+fn from_token<T: serde::de::DeserializeOwned>(magic: [u8; 4], what: &'static str, s: &str) -> Result<T, AdmissionError> {
+    let s = s.trim();
+    if s.len() > TOKEN_CHARS_MAX {
+        return Err(malformed(what, format!("{} characters (at most {TOKEN_CHARS_MAX})", s.len())));
+    }
+    let bytes = hex::decode(s).map_err(|e| malformed(what, e))?;
+    codec::decode_record(magic, what, TOKEN_VERSION, &bytes).map_err(|e| malformed(what, e))
+}
+
+/// The cluster key: held by the operator, never by a node.
+pub struct ClusterKey(ed25519::Keypair);
+
+impl ClusterKey {
+    /// A new, random cluster key.
+    pub fn generate() -> Self {
+        Self(ed25519::Keypair::generate())
+    }
+
+    /// The cluster's id (the key's public half).
+    pub fn id(&self) -> ClusterId {
+        NodeId(self.0.public().to_bytes())
+    }
+
+    /// Admits `node` as `name`.
+    pub fn certify(&self, node: NodeId, name: &str, serial: u64) -> Result<Certificate, AdmissionError> {
+        validate_name("node name", name).map_err(|e| malformed("certificate", e))?;
+        let mut c = Certificate { cluster: self.id(), node, name: name.to_string(), serial, signature: vec![] };
+        c.signature = self.0.sign(&c.signed_bytes());
+        Ok(c)
+    }
+
+    /// Removes `node`.
+    pub fn revoke(&self, node: NodeId) -> Revocation {
+        let mut r = Revocation { cluster: self.id(), node, signature: vec![] };
+        r.signature = self.0.sign(&r.signed_bytes());
+        r
+    }
+
+    /// The key as text (for its file, kept by the operator).
+    pub fn to_text(&self) -> String {
+        format!("vmcsnap-cluster-key {}\n", hex::encode(self.0.to_bytes()))
+    }
+
+    /// Parses [`ClusterKey::to_text`].
+    pub fn from_text(s: &str) -> Result<Self, AdmissionError> {
+        let hexkey = s.trim().strip_prefix("vmcsnap-cluster-key ").ok_or_else(|| malformed("cluster key", "missing the vmcsnap-cluster-key header"))?;
+        let mut bytes = hex::decode(hexkey.trim()).map_err(|e| malformed("cluster key", e))?;
+        let kp = ed25519::Keypair::try_from_bytes(&mut bytes).map_err(|e| malformed("cluster key", e))?;
+        Ok(Self(kp))
+    }
+}
+
+/// Parses a cluster id (64 hex characters).
+pub fn parse_cluster_id(s: &str) -> Result<ClusterId, AdmissionError> {
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut b).map_err(|e| malformed("cluster id", e))?;
+    ed25519::PublicKey::try_from_bytes(&b).map_err(|e| malformed("cluster id", e))?;
+    Ok(NodeId(b))
+}
+
+/// What a node trusts: its cluster's public key, and the revocations it knows.
+pub struct Trust {
+    cluster: ClusterId,
+    key: ed25519::PublicKey,
+    revoked: RwLock<HashSet<NodeId>>,
+}
+
+impl Trust {
+    /// Trust in cluster `cluster`.
+    pub fn new(cluster: ClusterId) -> Result<Self, AdmissionError> {
+        let key = ed25519::PublicKey::try_from_bytes(&cluster.0).map_err(|e| malformed("cluster id", e))?;
+        Ok(Self { cluster, key, revoked: RwLock::new(HashSet::new()) })
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> ClusterId {
+        self.cluster
+    }
+
+    fn same_cluster(&self, found: &ClusterId) -> Result<(), AdmissionError> {
+        if *found != self.cluster {
+            return Err(AdmissionError::OtherCluster { expected: self.cluster.short(), found: found.short() });
+        }
+        Ok(())
+    }
+
+    /// Whether `cert`, presented by `node`, admits it now.
+    pub fn check(&self, cert: &Certificate, node: &NodeId) -> Result<(), AdmissionError> {
+        self.same_cluster(&cert.cluster)?;
+        if cert.node != *node {
+            return Err(AdmissionError::OtherNode { cert: cert.node.short(), node: node.short() });
+        }
+        if !self.key.verify(&cert.signed_bytes(), &cert.signature) {
+            return Err(AdmissionError::BadSignature("certificate"));
+        }
+        if self.is_revoked(node) {
+            return Err(AdmissionError::Revoked(node.short()));
+        }
+        Ok(())
+    }
+
+    /// Checks a revocation's cluster and signature.
+    pub fn check_revocation(&self, r: &Revocation) -> Result<(), AdmissionError> {
+        self.same_cluster(&r.cluster)?;
+        if !self.key.verify(&r.signed_bytes(), &r.signature) {
+            return Err(AdmissionError::BadSignature("revocation"));
+        }
+        Ok(())
+    }
+
+    /// Applies a checked revocation; true if it is new here.
+    pub fn revoke(&self, r: &Revocation) -> Result<bool, AdmissionError> {
+        self.check_revocation(r)?;
+        let mut set = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        if set.len() >= REVOCATIONS_MAX && !set.contains(&r.node) {
+            return Err(malformed("revocation", format!("more than {REVOCATIONS_MAX} revocations")));
+        }
+        Ok(set.insert(r.node))
+    }
+
+    /// Whether `node` was removed.
+    pub fn is_revoked(&self, node: &NodeId) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(i: u8) -> NodeId {
+        NodeId(ed25519::Keypair::from(ed25519::SecretKey::try_from_bytes([i; 32]).expect("secret")).public().to_bytes())
+    }
+
+    #[test]
+    fn certificates_admit_their_node_of_their_cluster_only() {
+        let key = ClusterKey::generate();
+        let trust = Trust::new(key.id()).expect("trust");
+        let cert = key.certify(node(1), "kvm-01", 1).expect("certify");
+        let back = Certificate::from_token(&cert.to_token()).expect("token");
+        assert_eq!(back, cert);
+        assert_eq!(trust.check(&back, &node(1)), Ok(()));
+        // Presented by another node.
+        assert!(matches!(trust.check(&cert, &node(2)), Err(AdmissionError::OtherNode { .. })));
+        // Of another cluster.
+        let other = ClusterKey::generate().certify(node(1), "kvm-01", 1).expect("certify");
+        assert!(matches!(trust.check(&other, &node(1)), Err(AdmissionError::OtherCluster { .. })));
+        // Forged: a changed name, or a signature over something else.
+        let mut forged = cert.clone();
+        forged.name = "kvm-99".into();
+        assert_eq!(trust.check(&forged, &node(1)), Err(AdmissionError::BadSignature("certificate")));
+        let mut forged = cert.clone();
+        forged.cluster = other.cluster;
+        forged.signature = other.signature.clone();
+        assert!(trust.check(&forged, &node(1)).is_err());
+    }
+
+    #[test]
+    fn revocations_are_signed_and_stick() {
+        let key = ClusterKey::generate();
+        let trust = Trust::new(key.id()).expect("trust");
+        let cert = key.certify(node(3), "kvm-03", 7).expect("certify");
+        let r = Revocation::from_token(&key.revoke(node(3)).to_token()).expect("token");
+        assert_eq!(trust.revoke(&r), Ok(true));
+        assert_eq!(trust.revoke(&r), Ok(false));
+        assert!(matches!(trust.check(&cert, &node(3)), Err(AdmissionError::Revoked(_))));
+        // A revocation signed by someone else changes nothing.
+        let stranger = ClusterKey::generate();
+        let mut fake = stranger.revoke(node(1));
+        fake.cluster = key.id();
+        assert_eq!(trust.revoke(&fake), Err(AdmissionError::BadSignature("revocation")));
+        assert!(!trust.is_revoked(&node(1)));
+    }
+
+    #[test]
+    fn tokens_and_keys_refuse_garbage() {
+        assert!(Certificate::from_token("zz").is_err());
+        assert!(Certificate::from_token(&"00".repeat(TOKEN_CHARS_MAX)).is_err());
+        let key = ClusterKey::generate();
+        // A revocation is not a certificate.
+        assert!(Certificate::from_token(&key.revoke(node(1)).to_token()).is_err());
+        let back = ClusterKey::from_text(&key.to_text()).expect("key");
+        assert_eq!(back.id(), key.id());
+        assert!(ClusterKey::from_text("nope").is_err());
+        assert_eq!(parse_cluster_id(&key.id().to_string()), Ok(key.id()));
+        assert!(parse_cluster_id("12").is_err());
+    }
+}
