@@ -785,7 +785,14 @@ async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlRe
     let mut stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
         cli_error(ErrorKind::Unavailable, format!("no vmcsnap node at {} (is `vmcsnap node run` running there?): {e}", path.display()))
     })?;
-    write_frame(&mut stream, &req).await?;
+    if let Err(e) = write_frame(&mut stream, &req).await {
+        // The node may have refused us before reading (another user, another version): its
+        // answer says why better than the broken pipe.
+        if let Ok(ControlEvent::Failed { kind, message }) = read_frame::<ControlEvent, _>(&mut stream).await {
+            return Err(cli_error(kind, message));
+        }
+        return Err(cli_error(ErrorKind::Unavailable, format!("cannot send the request to the node at {}: {e}", path.display())));
+    }
     let bar = (!common.json && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(0);
         b.set_style(
