@@ -119,6 +119,15 @@ enum NodeCmd {
         /// long as the socket exists.
         #[arg(long, value_name = "DIR")]
         vm_dir: Option<PathBuf>,
+        /// Where this host's qemu-system-* binaries are: a restore launches only those, never a
+        /// binary a snapshot names.
+        #[arg(long, value_name = "DIR", default_value = "/usr/bin")]
+        qemu_dir: PathBuf,
+        /// A directory where a restored VM's sockets and files (QMP, serial, logs) may be,
+        /// besides the data directory and --vm-dir (repeatable). A snapshot whose command line
+        /// uses any other path is refused.
+        #[arg(long = "launch-dir", value_name = "DIR")]
+        launch_dirs: Vec<PathBuf>,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -355,8 +364,8 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, log }) => {
-            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), vm_dir, log).await
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, log }) => {
+            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
         Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
@@ -400,7 +409,7 @@ async fn node_run(
     replicas: u8,
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
-    vm_dir: Option<PathBuf>,
+    (vm_dir, qemu_dir, launch_dirs): (Option<PathBuf>, PathBuf, Vec<PathBuf>),
     log: String,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
@@ -408,7 +417,9 @@ async fn node_run(
     let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
     let data_dir = std::path::absolute(&data_dir)?;
     let name = name.unwrap_or_default();
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join };
+    let qemu_dir = std::path::absolute(&qemu_dir)?;
+    let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs };
     vmcsnap_node::run(config, None).await
 }
 

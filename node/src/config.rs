@@ -28,6 +28,11 @@ pub struct NodeConfig {
     pub cluster_key: Option<String>,
     /// This node's certificate (`--join TOKEN`), needed on the first start only.
     pub join: Option<String>,
+    /// Where this host's `qemu-system-*` binaries are (restores launch only those).
+    pub qemu_dir: PathBuf,
+    /// Directories besides the data directory and `vm_dir` where a launched QEMU's sockets
+    /// and files may be.
+    pub launch_dirs: Vec<PathBuf>,
 }
 
 impl NodeConfig {
@@ -40,9 +45,9 @@ impl NodeConfig {
         if !self.name.is_empty() {
             vmcsnap_protocol::manifest::validate_name("--name", &self.name).map_err(|e| anyhow::anyhow!(e))?;
         }
-        if let Some(d) = &self.vm_dir {
+        for (flag, d) in self.vm_dir.iter().map(|d| ("--vm-dir", d)).chain(self.launch_dirs.iter().map(|d| ("--launch-dir", d))).chain([("--qemu-dir", &self.qemu_dir)]) {
             if !d.is_absolute() {
-                anyhow::bail!("--vm-dir must be an absolute path, not {}", d.display());
+                anyhow::bail!("{flag} must be an absolute path, not {}", d.display());
             }
         }
         if self.listen.ip().is_unspecified() {

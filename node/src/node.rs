@@ -80,6 +80,16 @@ impl Node {
         Self { id: membership.local(), store, config, vms, trust, membership, client, busy: Default::default() }
     }
 
+    /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
+    /// directory, `--vm-dir` or a `--launch-dir`.
+    pub fn launch_policy(&self) -> crate::qemu::launch::LaunchPolicy {
+        let c = &self.config;
+        let mut dirs = vec![c.data_dir.clone()];
+        dirs.extend(c.vm_dir.clone());
+        dirs.extend(c.launch_dirs.iter().cloned());
+        crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs }
+    }
+
     /// Whether `peer` is an admitted member now (the data plane serves no one else).
     pub fn is_member(&self, peer: &NodeId) -> bool {
         !self.trust.is_revoked(peer) && self.member(peer).is_some()

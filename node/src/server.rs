@@ -14,6 +14,8 @@ use tracing::Instrument;
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, RemoteErrorKind};
 use vmcsnap_protocol::NodeId;
 
+/// How long a peer has to send a request's frame once it opened a stream.
+pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a connection from an unknown peer waits for the membership layer to learn of it
 /// before it is refused (a peer that just joined may not be known yet).
 pub const NEW_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -67,7 +69,16 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
         }
         let node = node.clone();
         tokio::spawn(async move {
-            let resp = match read_frame::<DataRequest>(&mut recv).await {
+            // A request must arrive whole within the request time: a peer cannot hold a
+            // stream (and its task) open by sending nothing.
+            let req = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame::<DataRequest>(&mut recv)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(target: "vmcsnap::net", peer = %peer.short(), "request not received in time; stream dropped");
+                    return;
+                }
+            };
+            let resp = match req {
                 Ok(DataRequest::Cut(begin)) => {
                     tracing::info!(target: "vmcsnap::snapshot", snapshot = %begin.name, from = %peer.short(), vms = begin.vms.len(), "taking part in a cluster snapshot");
                     crate::engine::cut::transport::serve(node, begin, send, recv).await;

@@ -53,6 +53,8 @@ async fn owners_reject_bad_pages_and_strangers() {
         vm_dir: None,
         cluster_key: Some(cluster.id().to_string()),
         join: Some(cluster.certify(node_id, "solo", 1).expect("certify").to_token()),
+        qemu_dir: "/usr/bin".into(),
+        launch_dirs: vec![],
     };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 

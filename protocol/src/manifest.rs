@@ -26,6 +26,11 @@ pub const SNAPSHOT_VMS_MAX: usize = 1024;
 pub const VM_BLOCKS_MAX: usize = 256;
 /// Longest snapshot name or VM id, in bytes.
 pub const NAME_BYTES_MAX: usize = 128;
+/// Largest VM memory a snapshot records (1 TiB): a restore holds 32 bytes of hash per page
+/// (8 GiB at this size), so a record claiming more is refused before anything is allocated.
+pub const VM_BYTES_MAX: u64 = 1 << 40;
+/// [`VM_BYTES_MAX`] in pages.
+pub const VM_PAGES_MAX: u64 = VM_BYTES_MAX / PAGE_SIZE as u64;
 
 const RECORD_MAGIC: [u8; 4] = *b"VMCR";
 const RECORD_VERSION: u16 = 2;
@@ -225,7 +230,11 @@ impl CommitRecord {
             if vm.blocks.is_empty() || vm.blocks.len() > VM_BLOCKS_MAX {
                 return bad(format!("VM {} has {} blocks", vm.id, vm.blocks.len()));
             }
-            let bytes: u64 = vm.blocks.iter().map(|b| b.bytes).sum();
+            // Checked: block sizes come from a peer or a disk and may be built to overflow.
+            let bytes = vm.blocks.iter().try_fold(0u64, |a, b| a.checked_add(b.bytes)).filter(|b| *b <= VM_BYTES_MAX);
+            let Some(bytes) = bytes else {
+                return bad(format!("VM {} has more than {VM_BYTES_MAX} bytes of RAM", vm.id));
+            };
             if vm.blocks.iter().any(|b| b.bytes % PAGE_SIZE as u64 != 0)
                 || bytes / PAGE_SIZE as u64 != vm.manifest.pages
             {
@@ -261,6 +270,9 @@ pub fn level_sizes(pages: u64) -> Vec<u64> {
 impl ManifestRoot {
     /// Checks depth and width against the page count.
     pub fn validate(&self) -> Result<(), String> {
+        if self.pages > VM_PAGES_MAX {
+            return Err(format!("manifest of {} pages (at most {VM_PAGES_MAX})", self.pages));
+        }
         let sizes = level_sizes(self.pages);
         if self.depth > MANIFEST_DEPTH_MAX || self.depth as usize + 1 != sizes.len() {
             return Err(format!("manifest depth {} for {} pages", self.depth, self.pages));
@@ -385,6 +397,41 @@ mod tests {
         assert!(m.chunks.is_empty());
         assert_eq!(m.root.top, vec![ZERO_HASH; 10]);
         assert_eq!(unfold(&m), hashes);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_not_allocated() {
+        let m = build_manifest(&[PageHash([1; 32])]);
+        let vm = VmEntry {
+            id: "a".into(),
+            source: String::new(),
+            host: NodeId([1; 32]),
+            host_name: String::new(),
+            blocks: vec![Block { name: "ram".into(), bytes: PAGE_SIZE as u64 }],
+            manifest: m.root.clone(),
+            stats: VmStats::default(),
+            qemu: None,
+        };
+        let rec = CommitRecord {
+            name: "s".into(),
+            created_unix_ms: 0,
+            replicas: 1,
+            placement: vec![NodeId([1; 32])],
+            initiator: NodeId([1; 32]),
+            vms: vec![vm],
+            elapsed_ms: 0,
+            pause_skew_us: None,
+        };
+        assert!(rec.validate().is_ok());
+        // 2^49 pages.
+        let mut huge = rec.clone();
+        huge.vms[0].manifest = ManifestRoot { pages: 1 << 49, depth: 5, top: vec![ZERO_HASH; 4] };
+        huge.vms[0].blocks = vec![Block { name: "ram".into(), bytes: (1u64 << 49) * PAGE_SIZE as u64 }];
+        assert!(huge.validate().is_err());
+        // Block sizes that overflow when summed to look small.
+        let mut wrap = rec.clone();
+        wrap.vms[0].blocks = vec![Block { name: "a".into(), bytes: u64::MAX - 4095 }, Block { name: "b".into(), bytes: 8192 }];
+        assert!(wrap.validate().is_err());
     }
 
     #[test]

@@ -119,6 +119,8 @@ impl Cluster {
             .args(["--listen", &node.addr.to_string(), "--replicas", &self.replicas.to_string()])
             .args(["--name", &format!("n{}", i + 1)])
             .args(&admission)
+            // A test cluster's guests live next to it: restores may launch them there.
+            .args(["--launch-dir", &self.dir.parent().unwrap_or(&self.dir).display().to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -381,7 +381,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     };
     let dest = match target {
         Some(Target::File(path)) => {
-            if path.exists() && !opts.force {
+            if path.symlink_metadata().is_ok() && !opts.force {
                 return Err(RestoreError::Target(format!("{} exists; pass --force to replace it", path.display())));
             }
             match path.parent() {
@@ -397,8 +397,8 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         None => {
             let state = qemu_state()?;
             let dir = node.config.data_dir.clone();
-            let (vm2, st) = (vm.clone(), state.clone());
-            let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st))
+            let (vm2, st, policy) = (vm.clone(), state.clone(), node.launch_policy());
+            let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st, &policy))
                 .await
                 .map_err(|e| RestoreError::Internal(e.to_string()))?
                 .map_err(|e| match e {
@@ -485,7 +485,10 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
 async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, progress: &mut Progress) -> Result<u64, RestoreError> {
     let tmp = partial_path(path);
     let write_err = |e: std::io::Error| RestoreError::Write { path: path.to_path_buf(), reason: e.to_string() };
-    let file = std::fs::OpenOptions::new().create(true).write(true).read(true).truncate(true).open(&tmp).map_err(write_err)?;
+    // A stale partial file of ours goes first (unlink does not follow a link planted there);
+    // the new one is created, never opened through an existing path or link.
+    let _ = std::fs::remove_file(&tmp);
+    let file = std::fs::OpenOptions::new().create_new(true).write(true).read(true).open(&tmp).map_err(write_err)?;
     file.set_len(hashes.len() as u64 * PAGE_SIZE as u64).map_err(write_err)?;
     let file = Arc::new(file);
     let distinct = match fill(fetcher, hashes, file.clone(), progress).await {

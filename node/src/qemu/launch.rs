@@ -5,9 +5,17 @@
 //! data directory) is added. QEMU runs in its own process group with its output in
 //! `DIR/launch-VM.log`, so it outlives the node. Every other path (kernel, disks, QMP and
 //! serial sockets) is used as recorded, so it must exist on this host.
+//!
+//! What may be launched is this host's decision ([`LaunchPolicy`]), never a record's: the
+//! binary is the host's own `qemu-system-*` of the recorded name, from the policy's directory
+//! (default `/usr/bin`); every socket or file QEMU would create, write or unlink (QMP, chardev
+//! sockets and log files, serial and monitor files, pid and debug log files) must lie inside
+//! the policy's directories; options that run host code (`-plugin`, tap `script=` and
+//! `downscript=`) are refused. A record that breaks the policy is refused before anything is
+//! unlinked or spawned.
 
 use super::qmp_path_of;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmcsnap_protocol::manifest::QemuState;
@@ -53,6 +61,94 @@ pub fn log_tail(path: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
+/// What this host lets a restore launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchPolicy {
+    /// Where this host's `qemu-system-*` binaries are.
+    pub qemu_dir: PathBuf,
+    /// Directories QEMU's sockets and files may be in (the node's data directory, its
+    /// `--vm-dir`, and any `--launch-dir`).
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Options that make QEMU run host code: refused whatever their value.
+const HOST_CODE_OPTIONS: &[&str] = &["-plugin"];
+/// Options whose value names sockets or files QEMU creates, writes or unlinks.
+const PATH_OPTIONS: &[&str] = &["-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-pidfile", "-D"];
+
+impl LaunchPolicy {
+    /// Checks `cmdline` against the policy; returns the program to run (the host's own).
+    pub fn check(&self, cmdline: &[String]) -> Result<PathBuf, LaunchError> {
+        let refused = |m: String| Err(LaunchError::Refused(m));
+        let Some(first) = cmdline.first() else { return refused("the snapshot has no QEMU command line".into()) };
+        let name = Path::new(first).file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let arch = name.strip_prefix("qemu-system-").unwrap_or("");
+        if arch.is_empty() || !arch.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return refused(format!("the recorded command line runs {first:?}, not a qemu-system-* binary; refusing to start it"));
+        }
+        let prog = self.qemu_dir.join(name);
+        if !prog.is_file() {
+            return refused(format!("this host has no {} (the launch policy allows QEMU from {} only)", name, self.qemu_dir.display()));
+        }
+        let mut i = 1;
+        while i < cmdline.len() {
+            let opt = cmdline[i].as_str();
+            let value = cmdline.get(i + 1).map(String::as_str).unwrap_or("");
+            if HOST_CODE_OPTIONS.contains(&opt) {
+                return refused(format!("the recorded command line has {opt}, which runs host code; refusing to start it"));
+            }
+            if value.split(',').any(|kv| matches!(kv.split_once('='), Some(("script" | "downscript", v)) if v != "no" && !v.is_empty())) {
+                return refused(format!("the recorded command line runs a host script ({opt} {value}); refusing to start it"));
+            }
+            if PATH_OPTIONS.contains(&opt) {
+                for p in paths_in(opt, value) {
+                    self.check_path(&p, opt)?;
+                }
+            }
+            i += 1;
+        }
+        Ok(prog)
+    }
+
+    fn check_path(&self, p: &str, opt: &str) -> Result<(), LaunchError> {
+        let path = Path::new(p);
+        let inside = path.is_absolute()
+            && !path.components().any(|c| matches!(c, Component::ParentDir))
+            && self.dirs.iter().any(|d| path.starts_with(d));
+        if !inside {
+            return Err(LaunchError::Refused(format!(
+                "the recorded command line's {opt} uses {p}, outside the directories this host's launch policy allows ({}); refusing to start it",
+                self.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The paths in an option's value: `unix:P`, `file:P`, `path=P`, `logfile=P`, or the value
+/// itself for options that take a file name.
+fn paths_in(opt: &str, value: &str) -> Vec<String> {
+    if matches!(opt, "-pidfile" | "-D") {
+        return vec![value.to_string()];
+    }
+    let mut out = Vec::new();
+    for (k, part) in value.split(',').enumerate() {
+        if k == 0 {
+            for prefix in ["unix:", "file:", "pipe:"] {
+                if let Some(p) = part.strip_prefix(prefix) {
+                    out.push(p.to_string());
+                }
+            }
+        }
+        if let Some((key, v)) = part.split_once('=') {
+            if matches!(key, "path" | "logfile") {
+                out.push(v.to_string());
+            }
+        }
+    }
+    out
+}
+
 /// Why a QEMU could not be launched.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -65,18 +161,9 @@ pub enum LaunchError {
 }
 
 /// Starts the VM's QEMU on this host, waiting for its migration stream.
-pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result<Launched, LaunchError> {
-    if state.cmdline.is_empty() {
-        return Err(LaunchError::Refused("the snapshot has no QEMU command line".into()));
-    }
-    // A record can come from any member: run QEMU and nothing else.
-    let prog = std::path::Path::new(&state.cmdline[0]).file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if !prog.starts_with("qemu-system-") {
-        return Err(LaunchError::Refused(format!(
-            "the recorded command line runs {:?}, not a qemu-system-* binary; refusing to start it",
-            state.cmdline[0]
-        )));
-    }
+pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy: &LaunchPolicy) -> Result<Launched, LaunchError> {
+    // A record can come from any member: the host's policy decides, before anything is touched.
+    let prog = policy.check(&state.cmdline)?;
     let qmp = qmp_path_of(&state.cmdline).ok_or_else(|| {
         LaunchError::Refused(
             "the recorded command line has no -qmp unix:PATH; start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH".into(),
@@ -97,10 +184,10 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result
     let failed = LaunchError::Failed;
     let out = std::fs::File::create(&log).map_err(|e| failed(format!("cannot create {}: {e}", log.display())))?;
     let err = out.try_clone().map_err(|e| failed(e.to_string()))?;
-    let mut cmd = Command::new(&argv[0]);
+    let mut cmd = Command::new(&prog);
     cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(out).stderr(err);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().map_err(|e| failed(format!("cannot start {}: {e}", argv[0])))?;
+    let mut child = cmd.spawn().map_err(|e| failed(format!("cannot start {}: {e}", prog.display())))?;
     let pid = child.id();
     let t0 = Instant::now();
     loop {
@@ -129,6 +216,67 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(dir: &Path) -> LaunchPolicy {
+        LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![dir.to_path_buf()] }
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_host_policy_decides_what_runs() {
+        if !Path::new("/usr/bin/qemu-system-x86_64").is_file() {
+            eprintln!("no /usr/bin/qemu-system-x86_64 here: policy test skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path().display().to_string();
+        let p = policy(dir.path());
+        let ok = args(&["/some/where/qemu-system-x86_64", "-m", "128", "-qmp", &format!("unix:{d}/v.qmp,server=on,wait=off"), "-chardev", &format!("socket,id=s,path={d}/v.ser,server=on,logfile={d}/v.log")]);
+        // The host's own binary runs, whatever path the record names.
+        assert_eq!(p.check(&ok).expect("allowed"), PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        let refused: Vec<Vec<String>> = vec![
+            args(&["/tmp/x/evil", "-m", "128"]),
+            args(&["qemu-system-x86_64;rm", "-m", "128"]),
+            args(&["qemu-system-nosuch", "-m", "128"]),
+            args(&["qemu-system-x86_64", "-plugin", "/tmp/evil.so"]),
+            args(&["qemu-system-x86_64", "-netdev", "tap,id=n,script=/tmp/evil.sh"]),
+            args(&["qemu-system-x86_64", "-qmp", "unix:/etc/passwd,server=on"]),
+            args(&["qemu-system-x86_64", "-chardev", "file,id=f,path=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-chardev", &format!("socket,id=s,path={d}/../../etc/x,server=on")]),
+            args(&["qemu-system-x86_64", "-serial", "file:/root/.bashrc"]),
+            args(&["qemu-system-x86_64", "-pidfile", "/etc/motd"]),
+        ];
+        for c in refused {
+            assert!(matches!(p.check(&c), Err(LaunchError::Refused(_))), "{c:?} was allowed");
+        }
+    }
+
+    #[test]
+    fn a_refused_record_touches_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("tmp");
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"keep").expect("write");
+        let state = QemuState {
+            qmp: victim.display().to_string(),
+            head: vec![],
+            machine: String::new(),
+            ram_section: (0, 0, 0),
+            footers: false,
+            device_state: vmcsnap_protocol::manifest::BlobRef { len: 0, chunks: vec![] },
+            qemu_version: String::new(),
+            accel: "tcg".into(),
+            cmdline: args(&["qemu-system-x86_64", "-qmp", &format!("unix:{},server=on,wait=off", victim.display())]),
+            mode: vmcsnap_protocol::manifest::CaptureMode::StopCopy,
+            was_running: true,
+        };
+        assert!(matches!(launch(dir.path(), "v", &state, &policy(dir.path())), Err(LaunchError::Refused(_))));
+        assert_eq!(std::fs::read(&victim).expect("still there"), b"keep");
+        assert!(!dir.path().join("launch-v.log").exists(), "nothing was started");
+    }
 
     #[test]
     fn cmdline_is_adjusted_for_incoming() {

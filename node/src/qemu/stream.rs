@@ -52,8 +52,8 @@ pub const MACHINE_NAME_BYTES_MAX: usize = 256;
 pub const RAM_BLOCKS_MAX: usize = vmcsnap_protocol::manifest::VM_BLOCKS_MAX;
 /// Largest device tail accepted (QEMU 7.2's is about 118 KB, mostly the JSON description).
 pub const TAIL_BYTES_MAX: usize = 16 << 20;
-/// Largest guest RAM accepted (16 TiB).
-pub const RAM_BYTES_MAX: u64 = 16 << 40;
+/// Largest guest RAM accepted (the largest VM a snapshot records).
+pub const RAM_BYTES_MAX: u64 = vmcsnap_protocol::manifest::VM_BYTES_MAX;
 
 
 /// What a stream says about itself, enough to rebuild it.
@@ -370,7 +370,8 @@ fn read_config<R: Read>(r: &mut Reader<R>) -> Result<(String, u8), StreamError> 
             match name.as_str() {
                 "configuration/target-page-bits" => {
                     let bits = r.be32()?;
-                    if 1u64 << bits != PAGE_SIZE as u64 {
+                    // An untrusted width: checked, never a shift overflow.
+                    if 1u64.checked_shl(bits) != Some(PAGE_SIZE as u64) {
                         return Err(r.unsupported(format!("target page size 2^{bits}")));
                     }
                 }
@@ -625,6 +626,37 @@ mod tests {
         assert_eq!(pages2, want);
         assert_eq!(p2.meta, p.meta);
         assert_eq!(p2.tail, p.tail);
+    }
+
+    #[test]
+    fn hostile_widths_and_sizes_are_errors() {
+        let head = |s: &mut Vec<u8>| {
+            s.extend_from_slice(&QEVM_MAGIC.to_be_bytes());
+            s.extend_from_slice(&QEVM_VERSION.to_be_bytes());
+            s.push(SEC_CONFIG);
+            s.extend_from_slice(&1u32.to_be_bytes());
+            s.push(b'm');
+        };
+        // A page-size width far past 64 bits.
+        for bits in [12u32 + 1, 64, 200, u32::MAX] {
+            let mut s = Vec::new();
+            head(&mut s);
+            s.push(SEC_SUBSECTION);
+            let name = b"configuration/target-page-bits";
+            s.push(name.len() as u8);
+            s.extend_from_slice(name);
+            s.extend_from_slice(&1u32.to_be_bytes());
+            s.extend_from_slice(&bits.to_be_bytes());
+            assert!(matches!(collect(&s), Err(StreamError::Unsupported { .. })), "bits {bits}");
+        }
+        // A stream declaring more RAM than any VM a snapshot records.
+        let mut s = Vec::new();
+        head(&mut s);
+        s.push(SEC_START);
+        s.extend_from_slice(&2u32.to_be_bytes());
+        s.extend_from_slice(&[3, b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 4]);
+        s.extend_from_slice(&((16u64 << 40) | F_MEM_SIZE).to_be_bytes());
+        assert!(matches!(collect(&s), Err(StreamError::Unsupported { .. })));
     }
 
     #[test]
