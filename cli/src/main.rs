@@ -467,19 +467,9 @@ fn read_cluster_key(key: &Path) -> anyhow::Result<vmcsnap_dht::ClusterKey> {
 }
 
 fn parse_node_id(s: &str) -> anyhow::Result<vmcsnap_protocol::NodeId> {
-    let mut b = [0u8; 32];
-    hex_decode(s.trim(), &mut b).map_err(|_| cli_error(ErrorKind::Invalid, format!("{s:?} is not a node id (64 hex digits, from `vmcsnap node id`)")))?;
-    Ok(vmcsnap_protocol::NodeId(b))
-}
-
-fn hex_decode(s: &str, out: &mut [u8; 32]) -> Result<(), ()> {
-    if s.len() != 64 {
-        return Err(());
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or(())?, 16).map_err(|_| ())?;
-    }
-    Ok(())
+    // A node id is an ed25519 public key in hex, as a cluster id is.
+    vmcsnap_dht::admission::parse_cluster_id(s)
+        .map_err(|_| cli_error(ErrorKind::Invalid, format!("{s:?} is not a node id (64 hex digits, from `vmcsnap node id`)")))
 }
 
 fn cluster_admit(node: &str, name: &str, key: &Path, serial: Option<u64>, json: bool) -> anyhow::Result<()> {
