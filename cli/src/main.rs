@@ -198,7 +198,7 @@ vmcsnap snapshot restore nightly --vm web1 --launch --on kvm-03\n  \
 vmcsnap snapshot restore nightly --launch --on web1=kvm-03 --on db1=kvm-04\n  \
 vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
     Restore {
-        /// Snapshot name.
+        /// Snapshot name (NAME@RECORD picks one of conflicting records; see `snapshot list`).
         name: String,
         /// A VM to restore (repeatable; default with --launch: every VM of the snapshot).
         #[arg(long = "vm", value_name = "ID")]
@@ -232,7 +232,7 @@ vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
     },
     /// Show a snapshot: its VMs, their pages and what dedup saved.
     Show {
-        /// Snapshot name.
+        /// Snapshot name (NAME@RECORD picks one of conflicting records).
         name: String,
         #[command(flatten)]
         common: NodeArg,
@@ -643,9 +643,28 @@ async fn snapshot_list(common: &NodeArg) -> anyhow::Result<()> {
         println!("no snapshots");
         return Ok(());
     }
-    println!("{:<24} {:>10} {:>10} {:>3}  VMS", "NAME", "RAW", "NEW", "R");
+    println!("{:<24} {:<12} {:>10} {:>10} {:>3}  {:<12} VMS", "NAME", "RECORD", "RAW", "NEW", "R", "BY");
+    let mut conflicts = false;
     for s in list {
-        println!("{:<24} {:>10} {:>10} {:>3}  {}", s.name, human_bytes(s.raw_bytes), human_bytes(s.new_bytes), s.replicas, s.vms.join(","));
+        let mark = match (s.conflict, s.signed) {
+            (true, _) => "  CONFLICT: pick with NAME@RECORD",
+            (false, false) => "  (unsigned: from before admission, this node only)",
+            _ => "",
+        };
+        conflicts |= s.conflict;
+        println!(
+            "{:<24} {:<12} {:>10} {:>10} {:>3}  {:<12} {}{mark}",
+            s.name,
+            s.record,
+            human_bytes(s.raw_bytes),
+            human_bytes(s.new_bytes),
+            s.replicas,
+            s.initiator,
+            s.vms.join(",")
+        );
+    }
+    if conflicts {
+        println!("\nDifferent members committed different snapshots under one name. Restore or show one as NAME@RECORD.");
     }
     Ok(())
 }

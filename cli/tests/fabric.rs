@@ -162,6 +162,23 @@ fn bad_input_is_refused_and_commits_nothing() {
     std::fs::write(&existing, b"keep me").expect("write");
     fails(&c, 2, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", existing.display())], "--force");
     assert_eq!(std::fs::read(&existing).expect("read"), b"keep me");
+    // A link at the target is never written through: refused without --force (a dangling one
+    // too, and its target is not created); with --force the link itself is replaced.
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"not yours").expect("write");
+    let link = tmp.path().join("link.img");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    let dangling = tmp.path().join("dangling.img");
+    let nowhere = tmp.path().join("created-through-link");
+    std::os::unix::fs::symlink(&nowhere, &dangling).expect("symlink");
+    for l in [&link, &dangling] {
+        fails(&c, 2, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", l.display())], "--force");
+    }
+    assert!(!nowhere.exists());
+    c.json(2, &["snapshot", "restore", "ok", "--vm", "a", "--to", &format!("file:{}", link.display()), "--force"]).expect("forced restore");
+    assert!(!std::fs::symlink_metadata(&link).expect("link").file_type().is_symlink(), "the link was replaced by the restored file");
+    assert_eq!(std::fs::read(&link).expect("read"), std::fs::read(&good).expect("read"));
+    assert_eq!(std::fs::read(&victim).expect("read"), b"not yours");
     // No node there.
     let o = std::process::Command::new(bin())
         .args(["snapshot", "list", "--node", "/nonexistent/control.sock"])

@@ -86,6 +86,10 @@ fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
         distinct.extend(build_manifest(&hashes).chunks.into_iter().map(|(h, _)| h));
         let show = c.json(0, &["snapshot", "show", snap]).expect("show");
         let entry = show["vms"].as_array().expect("vms").iter().find(|v| v["id"] == vm).expect("vm").clone();
+        // The program recorded is the binary the kernel ran (/proc/PID/exe), not argv[0]
+        // (the guest was started as a bare `qemu-system-x86_64` from PATH).
+        let prog = entry["qemu"]["cmdline"][0].as_str().expect("program");
+        assert!(prog.starts_with('/') && prog.ends_with("/qemu-system-x86_64") && Path::new(prog).is_file(), "recorded program {prog:?}");
         for ch in entry["qemu"]["device_state"]["chunks"].as_array().expect("chunks") {
             let mut h = [0u8; 32];
             let hex = ch.as_str().expect("hex");

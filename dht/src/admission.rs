@@ -22,14 +22,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::RwLock;
 use vmcsnap_protocol::codec;
-use vmcsnap_protocol::manifest::validate_name;
+use vmcsnap_protocol::manifest::{validate_name, CommitRecord, SignedRecord};
 use vmcsnap_protocol::NodeId;
 
 const CERT_MAGIC: [u8; 4] = *b"VMCT";
 const REVOCATION_MAGIC: [u8; 4] = *b"VMRV";
 const TOKEN_VERSION: u16 = 1;
 /// Longest token accepted, in hex characters (a certificate is about 300).
-pub const TOKEN_CHARS_MAX: usize = 4096;
+pub const TOKEN_CHARS_MAX: usize = vmcsnap_protocol::manifest::CERTIFICATE_CHARS_MAX;
 /// Most revocations one node keeps (far beyond any cluster's churn; a bound all the same).
 pub const REVOCATIONS_MAX: usize = 65_536;
 
@@ -69,6 +69,9 @@ pub enum AdmissionError {
     /// The node was removed from the cluster.
     #[error("node {0} was removed from the cluster")]
     Revoked(String),
+    /// A commit record without a signature (kept from before admission).
+    #[error("commit record {0} is not signed")]
+    Unsigned(String),
 }
 
 fn malformed(what: &'static str, reason: impl ToString) -> AdmissionError {
@@ -206,6 +209,17 @@ impl ClusterKey {
     }
 }
 
+/// Signs `record` as this node (`key`, admitted by `cert`): the record's initiator must be
+/// the node the certificate names.
+pub fn sign_record(key: &libp2p::identity::Keypair, cert: &Certificate, record: CommitRecord) -> Result<SignedRecord, AdmissionError> {
+    if record.initiator != cert.node {
+        return Err(AdmissionError::OtherNode { cert: cert.node.short(), node: record.initiator.short() });
+    }
+    let msg = SignedRecord::signed_bytes(&record).map_err(|e| malformed("commit record", e))?;
+    let signature = key.sign(&msg).map_err(|e| malformed("commit record", e))?;
+    Ok(SignedRecord { record, certificate: cert.to_token(), signature })
+}
+
 /// Parses a cluster id (64 hex characters).
 pub fn parse_cluster_id(s: &str) -> Result<ClusterId, AdmissionError> {
     let mut b = [0u8; 32];
@@ -274,6 +288,32 @@ impl Trust {
         Ok(set.insert(r.node))
     }
 
+    /// Whether `r` was committed by an admitted member of this cluster: its certificate is
+    /// the cluster key's, for the record's initiator, and the initiator's signature verifies.
+    ///
+    /// A later removal of the initiator does not unsign what it committed while admitted (its
+    /// snapshots stay restorable); a removed member cannot reach any member to plant more.
+    pub fn check_record(&self, r: &SignedRecord) -> Result<(), AdmissionError> {
+        let name = &r.record.name;
+        if !r.is_signed() {
+            return Err(AdmissionError::Unsigned(name.clone()));
+        }
+        let cert = Certificate::from_token(&r.certificate)?;
+        self.same_cluster(&cert.cluster)?;
+        if cert.node != r.record.initiator {
+            return Err(AdmissionError::OtherNode { cert: cert.node.short(), node: r.record.initiator.short() });
+        }
+        if !self.key.verify(&cert.signed_bytes(), &cert.signature) {
+            return Err(AdmissionError::BadSignature("certificate"));
+        }
+        let signer = ed25519::PublicKey::try_from_bytes(&r.record.initiator.0).map_err(|e| malformed("commit record", e))?;
+        let msg = SignedRecord::signed_bytes(&r.record).map_err(|e| malformed("commit record", e))?;
+        if !signer.verify(&msg, &r.signature) {
+            return Err(AdmissionError::BadSignature("commit record"));
+        }
+        Ok(())
+    }
+
     /// Whether `node` was removed.
     pub fn is_revoked(&self, node: &NodeId) -> bool {
         self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(node)
@@ -326,6 +366,43 @@ mod tests {
         fake.cluster = key.id();
         assert_eq!(trust.revoke(&fake), Err(AdmissionError::BadSignature("revocation")));
         assert!(!trust.is_revoked(&node(1)));
+    }
+
+    fn record(initiator: NodeId, name: &str) -> CommitRecord {
+        CommitRecord::minimal(initiator, name)
+    }
+
+    #[test]
+    fn commit_records_verify_only_when_signed_by_their_admitted_initiator() {
+        let key = ClusterKey::generate();
+        let trust = Trust::new(key.id()).expect("trust");
+        let me = libp2p::identity::Keypair::ed25519_from_bytes([1; 32]).expect("key");
+        let my_id = node(1);
+        let cert = key.certify(my_id, "kvm-01", 1).expect("certify");
+        let signed = sign_record(&me, &cert, record(my_id, "s1")).expect("sign");
+        assert_eq!(trust.check_record(&signed), Ok(()));
+        let back = SignedRecord::decode(&signed.encode().expect("encode")).expect("decode");
+        assert_eq!(trust.check_record(&back), Ok(()));
+        // Changed after signing.
+        let mut forged = signed.clone();
+        forged.record.replicas = 1;
+        forged.record.name = "s2".into();
+        assert_eq!(trust.check_record(&forged), Err(AdmissionError::BadSignature("commit record")));
+        // Unsigned.
+        let mut bare = signed.clone();
+        bare.signature.clear();
+        assert!(matches!(trust.check_record(&bare), Err(AdmissionError::Unsigned(_))));
+        // Signed by another member in the initiator's name (with the initiator's certificate).
+        let other = libp2p::identity::Keypair::ed25519_from_bytes([2; 32]).expect("key");
+        let mut stolen = signed.clone();
+        stolen.signature = other.sign(&SignedRecord::signed_bytes(&signed.record).expect("bytes")).expect("sign");
+        assert_eq!(trust.check_record(&stolen), Err(AdmissionError::BadSignature("commit record")));
+        // Signed by its initiator, but the initiator was never admitted here.
+        let outsider = ClusterKey::generate().certify(my_id, "kvm-01", 1).expect("certify");
+        let foreign = sign_record(&me, &outsider, record(my_id, "s1")).expect("sign");
+        assert!(matches!(trust.check_record(&foreign), Err(AdmissionError::OtherCluster { .. })));
+        // A member cannot sign a record naming another initiator.
+        assert!(sign_record(&me, &cert, record(node(2), "s1")).is_err());
     }
 
     #[test]

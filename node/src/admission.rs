@@ -6,11 +6,15 @@
 //! need neither. The node refuses to start with a certificate for another node or cluster, or
 //! one whose signature does not verify. Revocations are kept in the store's metadata
 //! (`revoked:NODE_ID`) and loaded into the [`Trust`] at start.
+//!
+//! A node signs each commit record it makes with its node key ([`Signer`]); records it made
+//! before admission existed are signed at its first start with admission ([`sign_kept`]).
 
 use crate::store::{Store, StoreError};
 use std::path::Path;
 use std::sync::Arc;
-use vmcsnap_dht::admission::{parse_cluster_id, AdmissionError, Certificate, ClusterId, Revocation, Trust};
+use vmcsnap_dht::admission::{parse_cluster_id, sign_record, AdmissionError, Certificate, ClusterId, Revocation, Trust};
+use vmcsnap_protocol::manifest::{CommitRecord, SignedRecord};
 use vmcsnap_protocol::NodeId;
 
 /// File holding the cluster's id in the data directory.
@@ -142,4 +146,36 @@ pub fn revocations(store: &Store) -> Result<Vec<Revocation>, AdmitError> {
         }
     }
     Ok(out)
+}
+
+/// Signs this node's commit records: its node key and its certificate.
+pub struct Signer {
+    key: libp2p::identity::Keypair,
+    cert: Certificate,
+}
+
+impl Signer {
+    /// The signer of node `key`, admitted by `cert`.
+    pub fn new(key: libp2p::identity::Keypair, cert: Certificate) -> Self {
+        Self { key, cert }
+    }
+
+    /// Signs a record this node committed.
+    pub fn sign(&self, record: CommitRecord) -> Result<SignedRecord, AdmitError> {
+        Ok(sign_record(&self.key, &self.cert, record)?)
+    }
+}
+
+/// Signs the unsigned records this node committed before admission existed (records other
+/// nodes committed stay unsigned here until their own signed copy arrives by catalog sync).
+/// Returns how many were signed.
+pub fn sign_kept(store: &Store, signer: &Signer) -> Result<usize, AdmitError> {
+    let mut signed = 0;
+    for r in store.catalog_all()? {
+        if !r.is_signed() && r.record.initiator == signer.cert.node {
+            store.catalog_put(&signer.sign(r.record)?)?;
+            signed += 1;
+        }
+    }
+    Ok(signed)
 }

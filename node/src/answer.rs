@@ -8,6 +8,7 @@
 
 use crate::store::{Store, StoreError};
 use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, PUT_PAGES_MAX};
+use vmcsnap_dht::admission::Trust;
 use vmcsnap_protocol::{NodeId, PAGE_SIZE};
 
 /// Who asks.
@@ -50,9 +51,9 @@ impl AnswerError {
     }
 }
 
-/// Answers one request against `store` (node `id`). Runs store work inline: call it from the
-/// blocking pool.
-pub fn answer(store: &Store, id: NodeId, req: DataRequest, asker: Asker) -> Result<DataResponse, AnswerError> {
+/// Answers one request against `store` (node `id`, trusting what `trust` says of commit
+/// records). Runs store work inline: call it from the blocking pool.
+pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker: Asker) -> Result<DataResponse, AnswerError> {
     match req {
         DataRequest::Have { hashes } => {
             if hashes.len() > HAVE_HASHES_MAX {
@@ -86,18 +87,24 @@ pub fn answer(store: &Store, id: NodeId, req: DataRequest, asker: Asker) -> Resu
         }
         DataRequest::Commit { record } => {
             record.validate().map_err(|e| AnswerError::BadRequest(e.to_string()))?;
+            trust.check_record(&record).map_err(|e| AnswerError::BadRequest(format!("commit record refused: {e}")))?;
             store.catalog_put(&record)?;
             Ok(DataResponse::Committed)
         }
+        // Only signed records leave the node: an unsigned one (from before admission) is
+        // trusted here alone.
         DataRequest::CatalogList => {
             let mut entries = Vec::new();
-            for r in store.catalog_all()?.into_iter().take(CATALOG_ENTRIES_MAX) {
-                let record_hash = r.record_hash().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                entries.push(CatalogEntry { name: r.name, record_hash });
+            for r in store.catalog_all()?.into_iter().filter(|r| r.is_signed()).take(CATALOG_ENTRIES_MAX) {
+                let record_hash = r.id().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                entries.push(CatalogEntry { name: r.record.name, record_hash });
             }
             Ok(DataResponse::Catalog { entries })
         }
-        DataRequest::CatalogGet { name } => Ok(DataResponse::Record { record: store.catalog_get(&name)? }),
+        DataRequest::CatalogGet { name } => {
+            let records = store.catalog_get(&name)?.into_iter().filter(|r| r.is_signed()).collect();
+            Ok(DataResponse::Records { records })
+        }
         DataRequest::Stats => {
             let pages = store.page_count();
             Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64 })

@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use vmcsnap_dht::placement::{primary_shares, View};
 use vmcsnap_protocol::codec::{self, CodecError, FRAME_HEADER_BYTES};
+use vmcsnap_protocol::manifest::short_record_id;
 use vmcsnap_protocol::control::{
     decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberStatus,
     SnapshotInfo, CONTROL_VERSION,
@@ -235,26 +236,33 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
         }
         ControlRequest::SnapshotList => {
             node.sync_catalog().await;
-            let mut out: Vec<SnapshotInfo> = node
-                .store
-                .catalog_all()?
-                .into_iter()
-                .map(|r| SnapshotInfo {
-                    vms: r.vms.iter().map(|v| v.id.clone()).collect(),
-                    raw_bytes: r.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum(),
-                    new_bytes: r.vms.iter().map(|v| v.stats.pages_new * PAGE_SIZE as u64).sum(),
-                    replicas: r.replicas,
-                    created_unix_ms: r.created_unix_ms,
-                    name: r.name,
+            let all = node.store.catalog_all()?;
+            let mut per_name: std::collections::HashMap<&str, usize> = Default::default();
+            for r in &all {
+                *per_name.entry(r.record.name.as_str()).or_default() += 1;
+            }
+            let mut out: Vec<SnapshotInfo> = all
+                .iter()
+                .map(|s| {
+                    let r = &s.record;
+                    SnapshotInfo {
+                        vms: r.vms.iter().map(|v| v.id.clone()).collect(),
+                        raw_bytes: r.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum(),
+                        new_bytes: r.vms.iter().map(|v| v.stats.pages_new * PAGE_SIZE as u64).sum(),
+                        replicas: r.replicas,
+                        created_unix_ms: r.created_unix_ms,
+                        name: r.name.clone(),
+                        record: s.id().map(|i| short_record_id(&i)).unwrap_or_default(),
+                        conflict: per_name.get(r.name.as_str()).copied().unwrap_or(0) > 1,
+                        signed: s.is_signed(),
+                        initiator: node.host_name(&r.initiator),
+                    }
                 })
                 .collect();
             out.sort_by(|a, b| (a.created_unix_ms, &a.name).cmp(&(b.created_unix_ms, &b.name)));
             Ok(ControlResult::List(out))
         }
-        ControlRequest::SnapshotShow { name } => match node.find_record(&name).await? {
-            Some(r) => Ok(ControlResult::Show(Box::new(r))),
-            None => Err(RestoreError::UnknownSnapshot(name).into()),
-        },
+        ControlRequest::SnapshotShow { name } => Ok(ControlResult::Show(Box::new(node.find_record(&name).await.map_err(RestoreError::from)?))),
         ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
         ControlRequest::ClusterRemove { token } => {
             let r = vmcsnap_dht::admission::Revocation::from_token(&token).map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;

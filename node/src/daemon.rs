@@ -63,12 +63,18 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
         known,
         name: config.name.clone(),
         trust: trust.clone(),
-        certificate,
+        certificate: certificate.clone(),
     })
     .await?;
     let control = crate::control::bind(&config.control_socket())?;
     let vms = Registry::new(store.clone(), config.vm_dir.clone());
-    let node = Arc::new(Node::new(store.clone(), config.clone(), vms, trust, membership, DataClient::new(endpoint.clone(), keypair)));
+    let signer = crate::admission::Signer::new(keypair.clone(), certificate);
+    match crate::admission::sign_kept(&store, &signer) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(target: "vmcsnap::admission", records = n, "signed the commit records this node made before admission"),
+        Err(e) => tracing::warn!(target: "vmcsnap::admission", error = %e, "cannot sign the records kept from before admission"),
+    }
+    let node = Arc::new(Node::new(store.clone(), config.clone(), vms, trust, signer, membership, DataClient::new(endpoint.clone(), keypair)));
     tracing::info!(target: "vmcsnap::node", node = %node.id, listen = %config.listen, dir = %config.data_dir.display(),
         pages = store.page_count(), "node started");
     println!("vmcsnap node {} listening on {} (control: {})", node.id, config.listen, config.control_socket().display());

@@ -19,7 +19,8 @@
 //!    parser and rebuilder, QMP, capture, launch: QEMU's terms only), [`net`]
 //!    (the QUIC data plane's client side and framing), [`answer`] (store requests, for peers
 //!    and for this node alike).
-//! 2. [`vms`]: this host's VM registry and the pause journal.
+//! 2. [`vms`]: this host's VM registry and the pause journal; [`fuzz`]: the fuzzing entry
+//!    points (one per decoder of outside input).
 //! 3. [`node`]: the [`Node`] API — members, calls, the peer fan-out, the catalog.
 //! 4. [`engine`]: uploads, the cut (coordinator and participant state machines), snapshot,
 //!    restore.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod engine;
+pub mod fuzz;
 pub mod identity;
 pub mod net;
 pub mod node;

@@ -34,6 +34,10 @@ pub const REQUEST_ATTEMPTS: usize = 3;
 pub const CLOSE_NOT_MEMBER: u32 = 1;
 /// Application close code: the node is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 2;
+/// QUIC close code: the peer already holds as many connections as it may.
+pub const CLOSE_TOO_MANY: u32 = 3;
+/// Connections being set up (handshakes) at once, from anyone.
+pub const INCOMING_MAX: usize = 256;
 
 /// Why a data-plane request failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +132,7 @@ pub fn endpoint(keypair: &Keypair, listen: SocketAddr) -> anyhow::Result<quinn::
     let crypto = QuicServerConfig::try_from(Arc::new(tls))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport_config());
+    server.max_incoming(INCOMING_MAX);
     let ep = quinn::Endpoint::server(server, listen)
         .map_err(|e| anyhow::anyhow!("cannot bind the data plane on udp {listen}: {e}"))?;
     Ok(ep)
@@ -141,6 +146,9 @@ pub fn peer_node_id(conn: &quinn::Connection) -> Option<NodeId> {
     node_id_of_peer(&cert.peer_id())
 }
 
+/// Most bytes of a frame body read at once.
+const FRAME_READ_CHUNK: usize = 64 << 10;
+
 /// Reads one frame (length-checked before the body is read) and decodes it.
 pub async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
@@ -148,8 +156,16 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     let mut header = [0u8; FRAME_HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(|e| FrameError::Io(e.to_string()))?;
     let len = codec::frame_len(header)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    // The body grows as its bytes arrive (a header alone does not commit 4 MiB), so a peer's
+    // open streams hold at most what the connection's receive window let it send.
+    let mut body = Vec::with_capacity(len.min(FRAME_READ_CHUNK));
+    while body.len() < len {
+        let want = (len - body.len()).min(FRAME_READ_CHUNK);
+        match recv.read_chunk(want, true).await.map_err(|e| FrameError::Io(e.to_string()))? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(FrameError::Io(format!("stream ended {} bytes into a {len}-byte frame", body.len()))),
+        }
+    }
     Ok(codec::decode_body(&body)?)
 }
 

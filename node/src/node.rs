@@ -4,7 +4,7 @@
 //! A `Node` holds no task of its own: [`crate::daemon::run`] builds it and runs the daemon's
 //! background work around it.
 
-use crate::admission::AdmitError;
+use crate::admission::{AdmitError, Signer};
 use crate::answer::{answer, Asker};
 use crate::config::NodeConfig;
 use crate::net::{DataClient, NetError};
@@ -16,7 +16,7 @@ use std::time::Duration;
 use vmcsnap_dht::admission::{Revocation, Trust};
 use vmcsnap_dht::{Member, Membership};
 use vmcsnap_protocol::control::VmInfo;
-use vmcsnap_protocol::manifest::CommitRecord;
+use vmcsnap_protocol::manifest::{short_record_id, split_pick, CommitRecord, SignedRecord};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse};
 use vmcsnap_protocol::NodeId;
 
@@ -57,6 +57,39 @@ where
     .await
 }
 
+/// Why a record from a peer was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordRefused {
+    /// It breaks a rule, or no admitted member signed it.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed (or holds too many records under the name).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Why [`Node::find_record`] found no single record.
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    /// A malformed `NAME@ID`.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such snapshot (or no record with that id).
+    #[error("no snapshot {0:?} (see `vmcsnap snapshot list`)")]
+    NotFound(String),
+    /// Several records under the name: the operator picks one.
+    #[error("snapshot {name:?} has conflicting records from different members: {records}; pick one as NAME@ID")]
+    Conflict {
+        /// The name.
+        name: String,
+        /// Each record, described.
+        records: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// A running node.
 pub struct Node {
     /// This node's identity.
@@ -69,6 +102,8 @@ pub struct Node {
     pub vms: Registry,
     /// The cluster key and the revocations this node knows.
     pub trust: Arc<Trust>,
+    /// Signs the commit records this node makes.
+    pub signer: Signer,
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -76,8 +111,8 @@ pub struct Node {
 
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
-    pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, membership, client, busy: Default::default() }
+    pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
+        Self { id: membership.local(), store, config, vms, trust, signer, membership, client, busy: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
@@ -185,9 +220,9 @@ impl Node {
     /// same handler peers get, so a store failure here is the same error as there).
     pub async fn call(&self, member: &Member, req: DataRequest) -> Result<DataResponse, NetError> {
         if member.id == self.id {
-            let store = self.store.clone();
+            let (store, trust) = (self.store.clone(), self.trust.clone());
             let id = self.id;
-            let r = tokio::task::spawn_blocking(move || answer(&store, id, req, Asker::Local))
+            let r = tokio::task::spawn_blocking(move || answer(&store, &trust, id, req, Asker::Local))
                 .await
                 .map_err(|e| NetError::Transport { peer: "self".into(), reason: e.to_string() })?;
             return r.map_err(|e| match e {
@@ -252,39 +287,75 @@ impl Node {
             return 0;
         };
         let mut added = 0;
+        let mut asked = std::collections::HashSet::new();
         for e in entries {
-            if matches!(self.store.catalog_get(&e.name), Ok(Some(_))) {
+            let held = self.store.catalog_get(&e.name).unwrap_or_default();
+            if held.iter().any(|r| r.is_signed() && r.id().ok() == Some(e.record_hash)) || !asked.insert(e.name.clone()) {
                 continue;
             }
-            if let Ok(DataResponse::Record { record: Some(rec) }) = self.call(peer, DataRequest::CatalogGet { name: e.name.clone() }).await {
-                if rec.name != e.name || rec.validate().is_err() {
-                    tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), name = %e.name, "peer sent an invalid commit record");
+            let Ok(DataResponse::Records { records }) = self.call(peer, DataRequest::CatalogGet { name: e.name.clone() }).await else {
+                continue;
+            };
+            for rec in records.into_iter().take(vmcsnap_protocol::manifest::NAME_VERSIONS_MAX) {
+                if rec.record.name != e.name {
+                    tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), name = %e.name, "peer sent a record under another name");
                     continue;
                 }
-                match self.store.catalog_put(&rec) {
-                    Ok(true) => added += 1,
-                    Ok(false) => {}
-                    Err(err) => tracing::warn!(target: "vmcsnap::catalog", name = %e.name, error = %err, "cannot store commit record"),
+                match self.keep_record(&rec) {
+                    Ok(crate::store::Kept::New | crate::store::Kept::Signed) => added += 1,
+                    Ok(crate::store::Kept::Already) => {}
+                    Err(err) => tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), name = %e.name, error = %err, "commit record refused"),
                 }
             }
         }
         added
     }
 
-    /// The commit record of `name`, from this node's catalog or, failing that, from peers.
-    pub async fn find_record(&self, name: &str) -> Result<Option<CommitRecord>, crate::store::StoreError> {
-        if let Some(r) = self.store.catalog_get(name)? {
-            return Ok(Some(r));
+    /// Checks a record from a peer (its rules, and that an admitted member signed it) and keeps
+    /// it. A second record under a name is kept too: a conflict the operator resolves.
+    pub fn keep_record(&self, rec: &SignedRecord) -> Result<crate::store::Kept, RecordRefused> {
+        rec.validate().map_err(|e| RecordRefused::Invalid(e.to_string()))?;
+        self.trust.check_record(rec).map_err(|e| RecordRefused::Invalid(e.to_string()))?;
+        let kept = self.store.catalog_put(rec)?;
+        if kept == crate::store::Kept::New && self.store.catalog_get(&rec.record.name)?.len() > 1 {
+            tracing::warn!(target: "vmcsnap::catalog", name = %rec.record.name, "two members committed different snapshots under one name; `vmcsnap snapshot list` shows both");
         }
-        self.sync_catalog().await;
-        self.store.catalog_get(name)
+        Ok(kept)
+    }
+
+    /// The commit record `spec` names: `NAME`, or `NAME@ID` to pick one of several records
+    /// under a name. Looks in this node's catalog, then pulls from peers.
+    pub async fn find_record(&self, spec: &str) -> Result<CommitRecord, FindError> {
+        let (name, pick) = split_pick(spec).map_err(FindError::Invalid)?;
+        let mut found = self.store.catalog_get(name)?;
+        if found.is_empty() || pick.is_some_and(|p| !found.iter().any(|r| r.id().is_ok_and(|id| id.to_string().starts_with(p)))) {
+            self.sync_catalog().await;
+            found = self.store.catalog_get(name)?;
+        }
+        if let Some(p) = pick {
+            found.retain(|r| r.id().is_ok_and(|id| id.to_string().starts_with(&p.to_ascii_lowercase())));
+        }
+        match found.len() {
+            0 => Err(FindError::NotFound(spec.to_string())),
+            1 => Ok(found.remove(0).record),
+            _ => Err(FindError::Conflict {
+                name: name.to_string(),
+                records: found.iter().map(|r| self.describe(r)).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+
+    /// `NAME@ID (committed by HOST at TIME ms)` for an operator choosing among records.
+    fn describe(&self, r: &SignedRecord) -> String {
+        let id = r.id().map(|i| short_record_id(&i)).unwrap_or_default();
+        format!("{}@{id} (committed by {}, created_unix_ms {})", r.record.name, self.host_name(&r.record.initiator), r.record.created_unix_ms)
     }
 
     /// Whether a live peer has a snapshot named `name` (one targeted question each, not a
     /// pull of their whole catalogs).
     pub async fn name_on_peers(&self, name: &str) -> bool {
         let answers = self.ask_peers(DataRequest::CatalogGet { name: name.to_string() }, PEER_ANSWER_TIMEOUT).await;
-        answers.into_iter().any(|(_, a)| matches!(a, Ok(DataResponse::Record { record: Some(_) })))
+        answers.into_iter().any(|(_, a)| matches!(a, Ok(DataResponse::Records { records }) if !records.is_empty()))
     }
 
     /// This host's VMs, with their status.

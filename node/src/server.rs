@@ -7,9 +7,10 @@
 //! pool; a cut, the VM list, forgetting a VM and a restore go to the engines.
 
 use crate::answer::{answer, Asker};
-use crate::net::{read_frame, write_frame, FrameError, CLOSE_NOT_MEMBER};
+use crate::net::{read_frame, write_frame, FrameError, CLOSE_NOT_MEMBER, CLOSE_TOO_MANY};
 use crate::node::Node;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tracing::Instrument;
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, RemoteErrorKind};
 use vmcsnap_protocol::NodeId;
@@ -20,10 +21,76 @@ pub const REQUEST_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// before it is refused (a peer that just joined may not be known yet).
 pub const NEW_PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Connections open at once, from anyone (each holds at most one receive window of data).
+pub const CONNECTIONS_MAX: usize = 512;
+/// Connections one peer may hold at once (a node uses one; a restarted node's old one lingers
+/// until it times out).
+pub const CONNECTIONS_PER_PEER_MAX: usize = 4;
+/// Restores other members asked this host for that may run at once.
+pub const REMOTE_RESTORES_MAX: usize = 8;
+
+/// Counts open connections, in all and per peer.
+#[derive(Default)]
+struct Slots {
+    all: usize,
+    per_peer: HashMap<NodeId, usize>,
+}
+
+/// One connection's place in [`Slots`], given back when dropped.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    peer: Option<NodeId>,
+}
+
+impl Slot {
+    fn take(slots: &Arc<Mutex<Slots>>) -> Option<Slot> {
+        let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
+        if s.all >= CONNECTIONS_MAX {
+            return None;
+        }
+        s.all += 1;
+        Some(Slot { slots: slots.clone(), peer: None })
+    }
+
+    /// Counts the connection as `peer`'s; false if that peer holds too many already.
+    fn assign(&mut self, peer: NodeId) -> bool {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let n = s.per_peer.entry(peer).or_default();
+        if *n >= CONNECTIONS_PER_PEER_MAX {
+            return false;
+        }
+        *n += 1;
+        self.peer = Some(peer);
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.all -= 1;
+        if let Some(p) = self.peer {
+            if let Some(n) = s.per_peer.get_mut(&p) {
+                *n -= 1;
+                if *n == 0 {
+                    s.per_peer.remove(&p);
+                }
+            }
+        }
+    }
+}
+
 /// Accepts connections until the endpoint closes.
 pub async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint) {
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let restores = Arc::new(tokio::sync::Semaphore::new(REMOTE_RESTORES_MAX));
     while let Some(incoming) = endpoint.accept().await {
-        let node = node.clone();
+        let Some(mut slot) = Slot::take(&slots) else {
+            tracing::warn!(target: "vmcsnap::net", addr = %incoming.remote_address(), "refusing a connection: {CONNECTIONS_MAX} open already");
+            incoming.refuse();
+            continue;
+        };
+        let (node, restores) = (node.clone(), restores.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -49,13 +116,19 @@ pub async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint) {
                 conn.close(CLOSE_NOT_MEMBER.into(), b"not a member");
                 return;
             }
+            if !slot.assign(peer) {
+                tracing::warn!(target: "vmcsnap::net", peer = %peer.short(), "refusing a connection: the peer holds {CONNECTIONS_PER_PEER_MAX} already");
+                conn.close(CLOSE_TOO_MANY.into(), b"too many connections");
+                return;
+            }
             let span = tracing::debug_span!("conn", peer = %peer.short());
-            serve_connection(node, conn, peer).instrument(span).await;
+            serve_connection(node, conn, peer, restores).instrument(span).await;
+            drop(slot);
         });
     }
 }
 
-async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId) {
+async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId, restores: Arc<tokio::sync::Semaphore>) {
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -67,7 +140,7 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
             conn.close(CLOSE_NOT_MEMBER.into(), b"not a member");
             return;
         }
-        let node = node.clone();
+        let (node, restores) = (node.clone(), restores.clone());
         tokio::spawn(async move {
             // A request must arrive whole within the request time: a peer cannot hold a
             // stream (and its task) open by sending nothing.
@@ -84,6 +157,10 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
                     crate::engine::cut::transport::serve(node, begin, send, recv).await;
                     return;
                 }
+                Ok(req @ DataRequest::RestoreVm { .. }) => match restores.try_acquire_owned() {
+                    Ok(_permit) => dispatch(node, req).await,
+                    Err(_) => error(RemoteErrorKind::Failed, format!("this host runs {REMOTE_RESTORES_MAX} restores already; try again later")),
+                },
                 Ok(req) => dispatch(node, req).await,
                 Err(FrameError::Codec(e)) => {
                     tracing::warn!(target: "vmcsnap::net", peer = %peer.short(), error = %e, "bad request");
@@ -123,9 +200,9 @@ async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
             }
         }
         req => {
-            let store = node.store.clone();
+            let (store, trust) = (node.store.clone(), node.trust.clone());
             let id = node.id;
-            tokio::task::spawn_blocking(move || answer(&store, id, req, Asker::Peer).unwrap_or_else(|e| e.into_response()))
+            tokio::task::spawn_blocking(move || answer(&store, &trust, id, req, Asker::Peer).unwrap_or_else(|e| e.into_response()))
                 .await
                 .unwrap_or_else(|e| error(RemoteErrorKind::Storage, format!("handler failed: {e}")))
         }

@@ -5,7 +5,9 @@
 //!   plain leveled storage for 4 KiB values, measured in `shared/research/crates-perf.md`);
 //! - `present`: page hash → empty, written in the same batch as the page. Existence checks
 //!   (`Have`) read only this small family and never touch the 4 KiB blobs;
-//! - `catalog`: snapshot name → encoded [`CommitRecord`];
+//! - `catalog`: snapshot name, 0, record id → encoded [`SignedRecord`]. One name has one
+//!   record, except when two members committed different records under it: both are kept
+//!   (at most [`NAME_VERSIONS_MAX`]) and shown as a conflict for the operator to resolve;
 //! - `meta`: node metadata (the member list).
 //!
 //! **Invariant:** a page is stored only under its own hash. [`Store::put_verified`] re-hashes
@@ -21,7 +23,7 @@ use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, DB
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use vmcsnap_protocol::manifest::CommitRecord;
+use vmcsnap_protocol::manifest::{SignedRecord, NAME_VERSIONS_MAX};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
 const CF_PAGES: &str = "pages";
@@ -59,6 +61,24 @@ pub enum StoreError {
     /// A different snapshot already has this name.
     #[error("a different snapshot named {0:?} already exists")]
     NameConflict(String),
+    /// Too many different records under one name.
+    #[error("snapshot name {0:?} already has {NAME_VERSIONS_MAX} conflicting records; resolve them first")]
+    TooManyVersions(String),
+}
+
+/// What [`Store::catalog_put`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// A record not held before (possibly a second one under a name: a conflict).
+    New,
+    /// Held already.
+    Already,
+    /// Held unsigned (from before admission); now signed.
+    Signed,
+}
+
+fn catalog_key(name: &str, id: &PageHash) -> Vec<u8> {
+    [name.as_bytes(), &[0], &id.0].concat()
 }
 
 /// Hashes a `u64` that is already uniform (a page hash prefix) by passing it through.
@@ -148,7 +168,33 @@ impl Store {
         }
         store.pages.store(index.len() as u64, Ordering::Relaxed);
         *store.index.write().unwrap_or_else(|p| p.into_inner()) = index;
+        store.rekey_catalog()?;
         Ok(store)
+    }
+
+    /// Moves catalog entries of the layout before conflicts were kept (keyed by name alone)
+    /// to `name, 0, id`.
+    fn rekey_catalog(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut moved = 0;
+        for kv in self.db.iterator_cf(self.cf(CF_CATALOG), rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            if k.contains(&0) {
+                continue;
+            }
+            let rec = SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let id = rec.id().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            batch.delete_cf(self.cf(CF_CATALOG), &k);
+            batch.put_cf(self.cf(CF_CATALOG), catalog_key(&rec.record.name, &id), &v);
+            moved += 1;
+        }
+        if moved > 0 {
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            self.db.write_opt(batch, &wo)?;
+            tracing::info!(target: "vmcsnap::store", moved, "catalog moved to the layout that keeps conflicting records");
+        }
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -260,38 +306,65 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a commit record (and syncs). Storing the same record again is a no-op; a
-    /// different record under the same name is a conflict.
-    pub fn catalog_put(&self, rec: &CommitRecord) -> Result<bool, StoreError> {
-        let bytes = rec.encode().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    /// Keeps a commit record (and syncs). Keeping the same record again is a no-op (or signs
+    /// an unsigned copy); a different record under a name already held is kept beside it, a
+    /// conflict the operator sees and resolves.
+    pub fn catalog_put(&self, rec: &SignedRecord) -> Result<Kept, StoreError> {
+        self.put_record(rec, false)
+    }
+
+    /// Keeps a commit record under a name this node does not hold yet: the commit point of a
+    /// snapshot taken here. A name already held is [`StoreError::NameConflict`].
+    pub fn catalog_put_first(&self, rec: &SignedRecord) -> Result<Kept, StoreError> {
+        self.put_record(rec, true)
+    }
+
+    fn put_record(&self, rec: &SignedRecord, first: bool) -> Result<Kept, StoreError> {
+        let corrupt = |e: vmcsnap_protocol::codec::CodecError| StoreError::Corrupt(e.to_string());
+        let bytes = rec.encode().map_err(corrupt)?;
+        let id = rec.id().map_err(corrupt)?;
+        let name = &rec.record.name;
         #[allow(clippy::unwrap_used)]
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = self.db.get_pinned_cf(self.cf(CF_CATALOG), rec.name.as_bytes())? {
-            if old.as_ref() == bytes.as_slice() {
-                return Ok(false);
+        let held = self.catalog_get(name)?;
+        let mut kept = Kept::New;
+        if let Some(old) = held.iter().find(|o| o.id().ok() == Some(id)) {
+            if old.is_signed() || !rec.is_signed() {
+                return Ok(Kept::Already);
             }
-            return Err(StoreError::NameConflict(rec.name.clone()));
+            kept = Kept::Signed;
+        } else if first && !held.is_empty() {
+            return Err(StoreError::NameConflict(name.clone()));
+        } else if held.len() >= NAME_VERSIONS_MAX {
+            return Err(StoreError::TooManyVersions(name.clone()));
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_CATALOG), rec.name.as_bytes(), bytes, &wo)?;
-        Ok(true)
+        self.db.put_cf_opt(self.cf(CF_CATALOG), catalog_key(name, &id), bytes, &wo)?;
+        Ok(kept)
     }
 
-    /// The commit record of `name`, if stored here.
-    pub fn catalog_get(&self, name: &str) -> Result<Option<CommitRecord>, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_CATALOG), name.as_bytes())? {
-            Some(b) => CommitRecord::decode(&b).map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
-            None => Ok(None),
+    /// Every record kept under `name` (one, or several in conflict), in record-id order.
+    pub fn catalog_get(&self, name: &str) -> Result<Vec<SignedRecord>, StoreError> {
+        let prefix = [name.as_bytes(), &[0]].concat();
+        let mut out = Vec::new();
+        let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for kv in self.db.iterator_cf(self.cf(CF_CATALOG), mode) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
+        Ok(out)
     }
 
-    /// Every commit record stored here, by name.
-    pub fn catalog_all(&self) -> Result<Vec<CommitRecord>, StoreError> {
+    /// Every record kept here, by name then record id.
+    pub fn catalog_all(&self) -> Result<Vec<SignedRecord>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.iterator_cf(self.cf(CF_CATALOG), rocksdb::IteratorMode::Start) {
             let (_, v) = kv?;
-            out.push(CommitRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.push(SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
     }
@@ -377,5 +450,44 @@ mod tests {
         assert_eq!(s.page_count(), 0, "nothing of the batch was written");
         let short = vec![1u8; 100];
         assert!(matches!(s.put_verified(&[(hash_page(&short), &short)]), Err(StoreError::BadPageSize(100))));
+    }
+
+    fn record(name: &str, created: u64) -> SignedRecord {
+        let mut record = vmcsnap_protocol::manifest::CommitRecord::minimal(vmcsnap_protocol::NodeId([1; 32]), name);
+        record.created_unix_ms = created;
+        SignedRecord { record, certificate: "cert".into(), signature: vec![7; 64] }
+    }
+
+    #[test]
+    fn conflicting_records_are_kept_side_by_side_and_legacy_ones_are_moved_and_signed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (a, b) = (record("s", 1), record("s", 2));
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert_eq!(store.catalog_put_first(&a).expect("put"), Kept::New);
+            assert_eq!(store.catalog_put_first(&a).expect("again"), Kept::Already);
+            assert!(matches!(store.catalog_put_first(&b), Err(StoreError::NameConflict(_))));
+            // From a peer: kept beside the first, visibly.
+            assert_eq!(store.catalog_put(&b).expect("conflict"), Kept::New);
+            assert_eq!(store.catalog_get("s").expect("get").len(), 2);
+            assert!(store.catalog_get("t").expect("get").is_empty());
+            for i in 0..NAME_VERSIONS_MAX as u64 - 2 {
+                store.catalog_put(&record("s", 10 + i)).expect("more");
+            }
+            assert!(matches!(store.catalog_put(&record("s", 99)), Err(StoreError::TooManyVersions(_))));
+            // A record of the layout before conflicts: keyed by its name, unsigned.
+            let legacy = record("old", 5);
+            let raw = legacy.record.encode().expect("encode");
+            store.db.put_cf(store.cf(CF_CATALOG), b"old", raw).expect("raw");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let old = store.catalog_get("old").expect("get");
+        assert_eq!(old.len(), 1);
+        assert!(!old[0].is_signed());
+        assert_eq!(store.catalog_all().expect("all").len(), NAME_VERSIONS_MAX + 1);
+        // Its signed copy replaces it; an unsigned one changes nothing.
+        assert_eq!(store.catalog_put(&record("old", 5)).expect("sign"), Kept::Signed);
+        assert!(store.catalog_get("old").expect("get")[0].is_signed());
+        assert_eq!(store.catalog_put(&old[0]).expect("unsigned"), Kept::Already);
     }
 }

@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("net", 1),
     ("answer", 1),
     ("vms", 2),
+    ("fuzz", 2),
     ("node", 3),
     ("engine", 4),
     ("server", 5),

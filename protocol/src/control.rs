@@ -16,7 +16,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const CONTROL_MAGIC: [u8; 4] = *b"VMCC";
 /// Version of the control protocol. Version 1 was unversioned (bare bincode frames); 2 added
 /// this header and [`ErrorKind`].
-pub const CONTROL_VERSION: u16 = 2;
+pub const CONTROL_VERSION: u16 = 3;
 
 /// Encodes one control message as a frame (length, magic, version, body).
 pub fn encode_control<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
@@ -199,6 +199,16 @@ pub struct SnapshotInfo {
     pub new_bytes: u64,
     /// Replicas.
     pub replicas: u8,
+    /// The record's id (first 12 hex characters): `NAME@ID` picks this record.
+    pub record: String,
+    /// Other records exist under this name (committed by different members): restore
+    /// refuses the bare name until the operator picks one with `NAME@ID`.
+    pub conflict: bool,
+    /// Signed by its initiator; false only for a record kept from before admission, which
+    /// only this node trusts.
+    pub signed: bool,
+    /// Name of the member that committed it (its node id if it is not a member now).
+    pub initiator: String,
 }
 
 /// The outcome of `snapshot create`.

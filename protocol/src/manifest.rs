@@ -24,6 +24,8 @@ pub const MANIFEST_DEPTH_MAX: u8 = 6;
 pub const SNAPSHOT_VMS_MAX: usize = 1024;
 /// Most RAM blocks in one VM.
 pub const VM_BLOCKS_MAX: usize = 256;
+/// Longest RAM block name (QEMU's stream gives it one length byte).
+pub const BLOCK_NAME_BYTES_MAX: usize = 255;
 /// Longest snapshot name or VM id, in bytes.
 pub const NAME_BYTES_MAX: usize = 128;
 /// Largest VM memory a snapshot records (1 TiB): a restore holds 32 bytes of hash per page
@@ -34,6 +36,19 @@ pub const VM_PAGES_MAX: u64 = VM_BYTES_MAX / PAGE_SIZE as u64;
 
 const RECORD_MAGIC: [u8; 4] = *b"VMCR";
 const RECORD_VERSION: u16 = 2;
+const SIGNED_MAGIC: [u8; 4] = *b"VMCS";
+const SIGNED_VERSION: u16 = 1;
+/// What a committing member signs: this domain, then the encoded [`CommitRecord`].
+pub const RECORD_SIGNING_DOMAIN: &[u8] = b"vmcsnap commit record 1\0";
+/// Most versions of one snapshot name a node keeps (two or more are a conflict the operator
+/// resolves; the bound keeps a misbehaving member from filling the catalog under one name).
+pub const NAME_VERSIONS_MAX: usize = 8;
+/// Longest certificate token carried with a record, in characters.
+pub const CERTIFICATE_CHARS_MAX: usize = 4096;
+/// Bytes of an ed25519 signature.
+pub const SIGNATURE_BYTES: usize = 64;
+/// Shortest record-id prefix accepted in `NAME@ID`, in hex characters.
+pub const RECORD_ID_PREFIX_MIN: usize = 4;
 
 /// The top of a VM's manifest tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +182,89 @@ pub struct CommitRecord {
     pub pause_skew_us: Option<u64>,
 }
 
+/// A commit record as it is kept and travels: signed by the member that committed it.
+///
+/// The signature is by `record.initiator`'s node key over [`RECORD_SIGNING_DOMAIN`] and the
+/// encoded record; `certificate` is that member's admission certificate (a token), so any
+/// member can check that the signer was admitted to the cluster without having met it.
+/// `vmcsnap_dht::admission::Trust::check_record` does the checking.
+///
+/// A record with an empty signature is one kept from before admission existed ([`legacy`]):
+/// its node may restore from it, but no peer accepts it.
+///
+/// [`legacy`]: SignedRecord::is_signed
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRecord {
+    /// The record.
+    pub record: CommitRecord,
+    /// The committing member's admission certificate, as a token.
+    pub certificate: String,
+    /// Ed25519 signature by `record.initiator` over [`SignedRecord::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedRecord {
+    /// What the committing member signs.
+    pub fn signed_bytes(record: &CommitRecord) -> Result<Vec<u8>, CodecError> {
+        Ok([RECORD_SIGNING_DOMAIN, &record.encode()?].concat())
+    }
+
+    /// The record's id: BLAKE3 of the encoded record (the same whoever signed or keeps it).
+    pub fn id(&self) -> Result<PageHash, CodecError> {
+        self.record.record_hash()
+    }
+
+    /// Whether it carries a signature (records from before admission do not).
+    pub fn is_signed(&self) -> bool {
+        !self.signature.is_empty()
+    }
+
+    /// Encodes for storage: magic `VMCS`, version, body.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode_record(SIGNED_MAGIC, SIGNED_VERSION, self)
+    }
+
+    /// Decodes and validates a kept record: a signed one, or an unsigned `VMCR` record from
+    /// before admission (returned with no signature).
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        if bytes.starts_with(&RECORD_MAGIC) {
+            let record = CommitRecord::decode(bytes)?;
+            return Ok(Self { record, certificate: String::new(), signature: Vec::new() });
+        }
+        let s: Self = codec::decode_record(SIGNED_MAGIC, "signed commit", SIGNED_VERSION, bytes)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks the record's rules and the envelope's bounds (not the signature).
+    pub fn validate(&self) -> Result<(), RecordError> {
+        if self.certificate.len() > CERTIFICATE_CHARS_MAX || self.signature.len() > SIGNATURE_BYTES {
+            return Err(RecordError::Invalid("oversized certificate or signature".into()));
+        }
+        self.record.validate()
+    }
+}
+
+/// Formats a record id as the operator sees it (`NAME@ID`): the first 12 hex characters.
+pub fn short_record_id(id: &PageHash) -> String {
+    id.to_string()[..12].to_string()
+}
+
+/// Splits `NAME@ID` (a pick among conflicting records) into the name and the id prefix.
+pub fn split_pick(spec: &str) -> Result<(&str, Option<&str>), String> {
+    match spec.split_once('@') {
+        None => Ok((spec, None)),
+        Some((name, id)) => {
+            let hex = id.len() >= RECORD_ID_PREFIX_MIN && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit());
+            if !hex {
+                return Err(format!("{spec:?}: after '@' give at least {RECORD_ID_PREFIX_MIN} hex characters of a record id (see `vmcsnap snapshot list`)"));
+            }
+            Ok((name, Some(id)))
+        }
+    }
+}
+
 /// A commit record or manifest that breaks a rule.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -235,6 +333,9 @@ impl CommitRecord {
             let Some(bytes) = bytes else {
                 return bad(format!("VM {} has more than {VM_BYTES_MAX} bytes of RAM", vm.id));
             };
+            if vm.blocks.iter().any(|b| b.name.is_empty() || b.name.len() > BLOCK_NAME_BYTES_MAX) {
+                return bad(format!("VM {} has a RAM block name of 0 or over {BLOCK_NAME_BYTES_MAX} bytes", vm.id));
+            }
             if vm.blocks.iter().any(|b| b.bytes % PAGE_SIZE as u64 != 0)
                 || bytes / PAGE_SIZE as u64 != vm.manifest.pages
             {
@@ -253,6 +354,30 @@ impl CommitRecord {
     /// The VM with this id.
     pub fn vm(&self, id: &str) -> Option<&VmEntry> {
         self.vms.iter().find(|v| v.id == id)
+    }
+
+    /// The smallest valid record: one VM `vm` of one zero page, placed on `initiator` alone.
+    /// For tests and fuzz seeds that need a record and do not care what it holds.
+    pub fn minimal(initiator: NodeId, name: &str) -> Self {
+        CommitRecord {
+            name: name.into(),
+            created_unix_ms: 1,
+            replicas: 1,
+            placement: vec![initiator],
+            initiator,
+            vms: vec![VmEntry {
+                id: "vm".into(),
+                source: "file:/x".into(),
+                host: initiator,
+                host_name: "kvm-01".into(),
+                blocks: vec![Block { name: "ram".into(), bytes: PAGE_SIZE as u64 }],
+                manifest: ManifestRoot { pages: 1, depth: 0, top: vec![ZERO_HASH] },
+                stats: VmStats::default(),
+                qemu: None,
+            }],
+            elapsed_ms: 1,
+            pause_skew_us: None,
+        }
     }
 }
 

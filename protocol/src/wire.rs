@@ -24,7 +24,7 @@
 //! page against the hash it asked for.
 
 use crate::control::{RestoreSummary, VmInfo};
-use crate::manifest::{CaptureMode, CommitRecord, VmEntry};
+use crate::manifest::{CaptureMode, SignedRecord, VmEntry};
 use crate::{NodeId, PageHash};
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 /// - `vmcsnap/data/1`: the first data plane (commit records v1).
 /// - `vmcsnap/data/2`: commit records v2 (per-VM host name and pause time, the cut's skew),
 ///   the cut conversation (`Cut`), VM registry and remote restore requests.
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/2";
+/// - `vmcsnap/data/3`: admission (`Revoke`, `Revocations`), signed commit records
+///   (`Commit` and `Records` carry [`SignedRecord`]s; a name may hold conflicting records).
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/3";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -81,14 +83,15 @@ pub enum DataRequest {
     },
     /// Make everything acknowledged so far durable (fsync the log).
     Sync,
-    /// Record this committed snapshot in your catalog.
+    /// Record this committed snapshot in your catalog (checked: signed by its initiator, an
+    /// admitted member).
     Commit {
-        /// The commit record.
-        record: CommitRecord,
+        /// The signed commit record.
+        record: SignedRecord,
     },
     /// List the snapshots in your catalog.
     CatalogList,
-    /// Send the commit record of this snapshot.
+    /// Send the signed commit records of this snapshot (one, or several in conflict).
     CatalogGet {
         /// Snapshot name.
         name: String,
@@ -117,7 +120,7 @@ pub enum DataRequest {
     /// Restore this VM of a snapshot on your host: start its recorded QEMU command line and
     /// load the snapshot into it.
     RestoreVm {
-        /// Snapshot name.
+        /// Snapshot name, or `NAME@ID` to pick one of conflicting records.
         name: String,
         /// VM id.
         vm: String,
@@ -212,7 +215,7 @@ pub enum CutReport {
 pub struct CatalogEntry {
     /// Snapshot name.
     pub name: String,
-    /// BLAKE3 of the encoded commit record.
+    /// The record's id: BLAKE3 of the encoded commit record.
     pub record_hash: PageHash,
 }
 
@@ -260,10 +263,11 @@ pub enum DataResponse {
         /// Up to [`CATALOG_ENTRIES_MAX`] entries.
         entries: Vec<CatalogEntry>,
     },
-    /// A commit record, if this node has it.
-    Record {
-        /// The record.
-        record: Option<CommitRecord>,
+    /// The signed commit records of a name this node has (empty if none; several when
+    /// members committed different records under one name).
+    Records {
+        /// At most [`crate::manifest::NAME_VERSIONS_MAX`].
+        records: Vec<SignedRecord>,
     },
     /// Store statistics.
     Stats {

@@ -63,6 +63,14 @@ pub enum SnapshotError {
     /// The cut was aborted (another VM or host failed).
     #[error("the snapshot was aborted")]
     Aborted,
+    /// An owner said it holds a page it then did not serve: nothing is committed on its word.
+    #[error("owner {owner} said it holds page {page} but does not serve it; nothing was committed (check that node's store, or remove it with `vmcsnap cluster remove`)")]
+    FalseClaim {
+        /// The owner's name.
+        owner: String,
+        /// The page.
+        page: String,
+    },
     /// A host taking part failed.
     #[error("host {host}: {reason}")]
     Participant {
@@ -93,7 +101,7 @@ impl SnapshotError {
             SnapshotError::NameTaken(_) => ErrorKind::Conflict,
             SnapshotError::TooFewMembers { .. } => ErrorKind::Unavailable,
             SnapshotError::Owner { source, .. } => net_kind(source),
-            SnapshotError::Protocol(_) => ErrorKind::Peer,
+            SnapshotError::Protocol(_) | SnapshotError::FalseClaim { .. } => ErrorKind::Peer,
             SnapshotError::Participant { kind, .. } => *kind,
             SnapshotError::Capture { .. } => ErrorKind::Qemu,
             SnapshotError::Store(_) => ErrorKind::Storage,
@@ -119,6 +127,9 @@ pub enum RestoreError {
     /// No such snapshot.
     #[error("no snapshot named {0:?} (see `vmcsnap snapshot list`)")]
     UnknownSnapshot(String),
+    /// Several members committed different records under the name.
+    #[error("{0}")]
+    Conflict(String),
     /// No such VM in the snapshot.
     #[error("snapshot {name:?} has no VM {vm:?} (it has: {have})")]
     UnknownVm {
@@ -167,12 +178,25 @@ pub enum RestoreError {
     },
 }
 
+impl From<crate::node::FindError> for RestoreError {
+    fn from(e: crate::node::FindError) -> Self {
+        use crate::node::FindError;
+        match e {
+            FindError::Invalid(m) => RestoreError::Target(m),
+            FindError::NotFound(n) => RestoreError::UnknownSnapshot(n),
+            e @ FindError::Conflict { .. } => RestoreError::Conflict(e.to_string()),
+            FindError::Store(s) => RestoreError::Store(s),
+        }
+    }
+}
+
 impl RestoreError {
     /// What kind of failure this is, for the CLI.
     pub fn kind(&self) -> ErrorKind {
         match self {
             RestoreError::UnknownSnapshot(_) | RestoreError::UnknownVm { .. } => ErrorKind::NotFound,
             RestoreError::Target(_) => ErrorKind::Invalid,
+            RestoreError::Conflict(_) => ErrorKind::Conflict,
             RestoreError::Qemu(_) => ErrorKind::Qemu,
             RestoreError::Unavailable { .. } => ErrorKind::Unavailable,
             RestoreError::Write { .. } | RestoreError::Store(_) => ErrorKind::Storage,

@@ -61,7 +61,7 @@ pub async fn restore_many(
         }
         return Ok(vec![restore(node, name, vm.clone(), opts, progress).await?]);
     }
-    let record = node.find_record(&name).await?.ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let record = node.find_record(&name).await?;
     let plan = plan_hosts(&node, &record, vms, &on)?;
     let results = futures::future::join_all(plan.iter().map(|(vm, host)| launch_on(&node, &name, vm, host, progress.clone()))).await;
     let mut out = Vec::new();
@@ -368,7 +368,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         (None, true) => None,
         (Some(t), false) => Some(Target::parse(t).map_err(RestoreError::Target)?),
     };
-    let record = node.find_record(&name).await?.ok_or_else(|| RestoreError::UnknownSnapshot(name.clone()))?;
+    let record = node.find_record(&name).await?;
     let entry = record.vm(&vm).ok_or_else(|| RestoreError::UnknownVm {
         name: name.clone(),
         vm: vm.clone(),

@@ -150,7 +150,7 @@ async fn check(node: &Arc<Node>, req: &CreateRequest) -> Result<u8, SnapshotErro
     let replicas = req.replicas.unwrap_or(node.config.replicas);
     check_replicas(replicas).map_err(SnapshotError::Invalid)?;
     // Here, then one targeted question per live peer (not a pull of their whole catalogs).
-    if node.store.catalog_get(&req.name)?.is_some() || node.name_on_peers(&req.name).await {
+    if !node.store.catalog_get(&req.name)?.is_empty() || node.name_on_peers(&req.name).await {
         return Err(SnapshotError::NameTaken(req.name.clone()));
     }
     Ok(replicas)
@@ -207,13 +207,15 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Writes the record here first (the commit point), then on every other live member.
+/// Signs the record and writes it here first (the commit point), then on every other live
+/// member.
 async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotError> {
-    node.store.catalog_put(record).map_err(|e| match e {
+    let signed = node.signer.sign(record.clone()).map_err(|e| SnapshotError::Internal(format!("cannot sign the commit record: {e}")))?;
+    node.store.catalog_put_first(&signed).map_err(|e| match e {
         crate::store::StoreError::NameConflict(n) => SnapshotError::NameTaken(n),
         e => SnapshotError::Store(e),
     })?;
-    let answers = node.ask_peers(DataRequest::Commit { record: record.clone() }, crate::net::REQUEST_TIMEOUT).await;
+    let answers = node.ask_peers(DataRequest::Commit { record: signed }, crate::net::REQUEST_TIMEOUT).await;
     let needed = (record.replicas as usize).min(answers.len() + 1);
     let mut stored = 1;
     let mut reasons = Vec::new();

@@ -135,7 +135,7 @@ pub fn owner_error(m: &Member, source: NetError) -> SnapshotError {
 async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<Item>>, counters: Arc<Vec<VmCounters>>) -> Result<(), SnapshotError> {
     let remote = member.id != node.id;
     let batches = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    batches
+    let claims = batches
         .map(|batch| {
             let (node, member, counters) = (node.clone(), member.clone(), counters.clone());
             async move {
@@ -144,6 +144,13 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
                     DataResponse::Have { missing } => missing,
                     _ => return Err(SnapshotError::Protocol(member.id.short())),
                 };
+                let mut claimed: Vec<PageHash> = Vec::with_capacity(batch.len() - missing.len().min(batch.len()));
+                let mut next_missing = missing.iter().peekable();
+                for (i, item) in batch.iter().enumerate() {
+                    if next_missing.next_if(|&&m| m as usize == i).is_none() {
+                        claimed.push(item.hash);
+                    }
+                }
                 for chunk in missing.chunks(PUT_PAGES_MAX) {
                     let mut pages = Vec::with_capacity(chunk.len());
                     for &i in chunk {
@@ -166,12 +173,66 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
                         }
                     }
                 }
-                Ok(())
+                Ok(claimed)
             }
         })
         .buffer_unordered(OWNER_BATCHES_IN_FLIGHT)
-        .try_collect::<()>()
-        .await
+        .try_fold(ClaimSample::new(), |mut sample, claimed| async move {
+            sample.extend(claimed);
+            Ok(sample)
+        })
+        .await?;
+    if remote {
+        claims.check(&node, &member).await?;
+    }
+    Ok(())
+}
+
+/// Pages an owner said it holds (its `Have` answer) that are fetched back from it before the
+/// snapshot may commit: a uniform sample, chosen with a key the owner does not know, so an
+/// owner that claims pages it does not store is caught with high probability (one that
+/// withholds a fraction f of its claims passes with probability (1 - f)^[`CLAIM_SAMPLES`]).
+pub const CLAIM_SAMPLES: usize = 16;
+
+/// A keyed bottom-k sample of claimed page hashes.
+struct ClaimSample {
+    key: std::collections::hash_map::RandomState,
+    /// (score, hash), the largest score on top.
+    kept: std::collections::BinaryHeap<(u64, PageHash)>,
+}
+
+impl ClaimSample {
+    fn new() -> Self {
+        Self { key: Default::default(), kept: Default::default() }
+    }
+
+    fn extend(&mut self, claimed: Vec<PageHash>) {
+        use std::hash::BuildHasher;
+        for h in claimed {
+            self.kept.push((self.key.hash_one(h), h));
+            if self.kept.len() > CLAIM_SAMPLES {
+                self.kept.pop();
+            }
+        }
+    }
+
+    /// Fetches the sample from `member`; every page must come back under its hash.
+    async fn check(self, node: &Node, member: &Member) -> Result<(), SnapshotError> {
+        let hashes: Vec<PageHash> = self.kept.into_iter().map(|(_, h)| h).collect();
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let pages = match node.call(member, DataRequest::Get { hashes: hashes.clone() }).await.map_err(|e| owner_error(member, e))? {
+            DataResponse::Pages { pages } if pages.len() == hashes.len() => pages,
+            _ => return Err(SnapshotError::Protocol(member.id.short())),
+        };
+        for (h, p) in hashes.iter().zip(pages) {
+            if p.is_none_or(|p| hash_page(&p) != *h) {
+                return Err(SnapshotError::FalseClaim { owner: node.host_name(&member.id), page: h.short() });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The page sink of VM `vm` (its index in the snapshot): pages go to the shared uploader.

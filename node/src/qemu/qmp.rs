@@ -36,6 +36,24 @@ pub enum QmpError {
     },
 }
 
+/// What one message from QEMU means for `command` waiting on it: `None` for an event (keep
+/// reading), else its result or error.
+pub fn reply(command: &str, mut v: Value) -> Option<Result<Value, QmpError>> {
+    if v.get("event").is_some() {
+        return None;
+    }
+    if let Some(r) = v.get_mut("return") {
+        return Some(Ok(r.take()));
+    }
+    if let Some(e) = v.get("error") {
+        return Some(Err(QmpError::Refused {
+            command: command.to_string(),
+            desc: e.get("desc").and_then(|d| d.as_str()).unwrap_or("unknown error").to_string(),
+        }));
+    }
+    Some(Err(QmpError::Protocol(format!("unexpected QMP message: {v}"))))
+}
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
     rd: BufReader<OwnedReadHalf>,
@@ -91,19 +109,9 @@ impl Qmp {
         self.wr.write_all(line.as_bytes()).await.map_err(|e| QmpError::Protocol(e.to_string()))?;
         loop {
             let v = self.read_value().await?;
-            if v.get("event").is_some() {
-                continue;
+            if let Some(r) = reply(command, v) {
+                return r;
             }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(QmpError::Refused {
-                    command: command.to_string(),
-                    desc: e.get("desc").and_then(|d| d.as_str()).unwrap_or("unknown error").to_string(),
-                });
-            }
-            return Err(QmpError::Protocol(format!("unexpected QMP message: {v}")));
         }
     }
 
@@ -142,12 +150,23 @@ impl Qmp {
     }
 
     /// The QEMU process's command line (from `/proc/PID/cmdline`, the PID from the socket's
-    /// peer credentials).
+    /// peer credentials), with the program replaced by the binary the process really runs
+    /// (`/proc/PID/exe`): a process can rewrite its own argv, not what the kernel executed.
     pub fn cmdline(&self) -> Result<Vec<String>, QmpError> {
         let pid = self.pid.ok_or_else(|| QmpError::Protocol("cannot tell which process serves the QMP socket".into()))?;
         let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map_err(|e| QmpError::Protocol(format!("cannot read QEMU's command line: {e}")))?;
-        Ok(raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        let mut argv: Vec<String> = raw.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| QmpError::Protocol(format!("cannot tell which binary QEMU runs (/proc/{pid}/exe): {e}")))?;
+        // A binary replaced by a package upgrade while QEMU runs reads "PATH (deleted)".
+        let exe = exe.to_string_lossy();
+        let exe = exe.strip_suffix(" (deleted)").unwrap_or(&exe).to_string();
+        match argv.first_mut() {
+            Some(a0) => *a0 = exe,
+            None => argv.push(exe),
+        }
+        Ok(argv)
     }
 
     /// Waits (up to `timeout`) for a migration whose stream has ended to be `completed`;

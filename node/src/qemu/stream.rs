@@ -52,6 +52,9 @@ pub const MACHINE_NAME_BYTES_MAX: usize = 256;
 pub const RAM_BLOCKS_MAX: usize = vmcsnap_protocol::manifest::VM_BLOCKS_MAX;
 /// Largest device tail accepted (QEMU 7.2's is about 118 KB, mostly the JSON description).
 pub const TAIL_BYTES_MAX: usize = 16 << 20;
+/// Page records accepted per page of the stream's RAM (pre-copy re-sends dirty pages once
+/// per round; vmcsnap's live rounds are far fewer).
+pub const PAGE_RECORDS_PER_PAGE_MAX: u64 = 64;
 /// Largest guest RAM accepted (the largest VM a snapshot records).
 pub const RAM_BYTES_MAX: u64 = vmcsnap_protocol::manifest::VM_BYTES_MAX;
 
@@ -323,6 +326,13 @@ impl RamRecords {
             }
             let index = addr / PAGE_SIZE as u64;
             *page_records += 1;
+            // Pre-copy re-sends dirty pages, but a stream that sends its RAM over and over
+            // without end is refused: what the capture keeps per record stays bounded by the
+            // VM's size.
+            let declared: u64 = blocks.iter().map(|b| b.bytes / PAGE_SIZE as u64).sum();
+            if *page_records > declared.saturating_mul(PAGE_RECORDS_PER_PAGE_MAX) {
+                return Err(r.malformed(format!("more than {PAGE_RECORDS_PER_PAGE_MAX} page records per page of RAM")));
+            }
             if kind == F_ZERO {
                 let fill = r.u8()?;
                 if fill == 0 {
@@ -443,6 +453,15 @@ fn tail_is_complete(tail: &[u8]) -> bool {
     false
 }
 
+fn invalid(m: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, m)
+}
+
+/// A block name's length byte (QEMU's names are at most 255 bytes).
+fn name_len(name: &str) -> io::Result<u8> {
+    u8::try_from(name.len()).map_err(|_| invalid(format!("RAM block name of {} bytes (at most 255)", name.len())))
+}
+
 /// Writes a stream for a fresh QEMU's `-incoming`: call [`Rebuilder::page`] for every non-zero
 /// page (in any order, each once), then [`Rebuilder::finish`] with the device tail.
 pub struct Rebuilder<W: Write> {
@@ -462,10 +481,12 @@ impl<W: Write> Rebuilder<W> {
         w.write_all(b"ram")?;
         w.write_all(&inst.to_be_bytes())?;
         w.write_all(&ver.to_be_bytes())?;
-        let total: u64 = meta.blocks.iter().map(|b| b.bytes).sum();
+        // The meta comes from a commit record: its sizes and names are checked, not trusted.
+        let total = meta.blocks.iter().try_fold(0u64, |a, b| a.checked_add(b.bytes)).filter(|t| *t <= RAM_BYTES_MAX);
+        let total = total.ok_or_else(|| invalid("RAM blocks of more than the largest VM".into()))?;
         w.write_all(&(total | F_MEM_SIZE).to_be_bytes())?;
         for b in &meta.blocks {
-            w.write_all(&[b.name.len() as u8])?;
+            w.write_all(&[name_len(&b.name)?])?;
             w.write_all(b.name.as_bytes())?;
             w.write_all(&b.bytes.to_be_bytes())?;
         }
@@ -487,13 +508,16 @@ impl<W: Write> Rebuilder<W> {
 
     /// Writes one page of block `block` at page index `index`.
     pub fn page(&mut self, block: usize, index: u64, data: &[u8]) -> io::Result<()> {
-        debug_assert_eq!(data.len(), PAGE_SIZE);
+        let b = self.meta.blocks.get(block).ok_or_else(|| invalid(format!("page of block {block}, which the stream does not have")))?;
+        if data.len() != PAGE_SIZE || index.checked_mul(PAGE_SIZE as u64).is_none_or(|off| off >= b.bytes) {
+            return Err(invalid(format!("page {index} ({} bytes) outside block {} of {} bytes", data.len(), b.name, b.bytes)));
+        }
         let cont = self.last_block == Some(block);
         let v = index * PAGE_SIZE as u64 | F_PAGE | if cont { F_CONTINUE } else { 0 };
         self.w.write_all(&v.to_be_bytes())?;
         if !cont {
             let name = &self.meta.blocks[block].name;
-            self.w.write_all(&[name.len() as u8])?;
+            self.w.write_all(&[name_len(name)?])?;
             self.w.write_all(name.as_bytes())?;
             self.last_block = Some(block);
         }

@@ -11,8 +11,9 @@
 //!
 //! **Participant** (each host with VMs of the cut): its captures report `Prepared` and
 //! `Paused`; the participant reports `Ready` when all are prepared and `Paused` when all are
-//! paused. `Go` moves every capture to [`Step::Pause`] and arms the release deadline,
-//! `Release` to [`Step::Resume`]. `Abort`, a silent or vanished initiator, the deadline, or a
+//! paused. `Ready` arms the go deadline (a prepared pre-copy VM is not held for ever); `Go`
+//! moves every capture to [`Step::Pause`] and arms the release deadline, `Release` to
+//! [`Step::Resume`]. `Abort`, a silent or vanished initiator, either deadline, or a
 //! failed capture moves every capture to [`Step::Cancel`] (they resume their VMs); the first
 //! failure is what the participant reports.
 
@@ -218,8 +219,27 @@ pub enum PartEvent {
     },
     /// A capture task died without a result.
     TaskFailed(String),
-    /// The release deadline (armed at `Go`) passed.
-    ReleaseDeadline,
+    /// The armed deadline passed.
+    Deadline,
+}
+
+/// What a participant waits for under a deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// `Go`, after reporting `Ready` ([`super::GO_WAIT_MAX`]).
+    Go,
+    /// `Release`, after `Go` ([`super::RELEASE_WAIT_MAX`]).
+    Release,
+}
+
+impl Wait {
+    /// How long.
+    pub fn limit(self) -> std::time::Duration {
+        match self {
+            Wait::Go => super::GO_WAIT_MAX,
+            Wait::Release => super::RELEASE_WAIT_MAX,
+        }
+    }
 }
 
 /// What the participant's runtime does next.
@@ -229,9 +249,9 @@ pub enum PartAction {
     Step(Step),
     /// Send this report to the initiating node.
     Report(CutReport),
-    /// Start the release deadline.
-    ArmDeadline,
-    /// Stop the release deadline.
+    /// Start (or restart) the deadline for this wait.
+    ArmDeadline(Wait),
+    /// Stop the deadline.
     DisarmDeadline,
 }
 
@@ -241,7 +261,7 @@ pub struct Participant {
     vms: Vec<String>,
     prepared: usize,
     paused: usize,
-    deadline_armed: bool,
+    armed: Option<Wait>,
     /// The first failure: the VM concerned, if one, and why.
     failure: Option<(Option<String>, SnapshotError)>,
 }
@@ -249,7 +269,7 @@ pub struct Participant {
 impl Participant {
     /// A participant capturing `vms`.
     pub fn new(vms: Vec<String>) -> Self {
-        Self { vms, prepared: 0, paused: 0, deadline_armed: false, failure: None }
+        Self { vms, prepared: 0, paused: 0, armed: None, failure: None }
     }
 
     /// The first failure, if any (taken once every capture ended).
@@ -262,11 +282,7 @@ impl Participant {
         match ev {
             PartEvent::Command(Some(CutCommand::Heartbeat)) => vec![],
             PartEvent::Command(Some(CutCommand::Go)) => {
-                let mut out = vec![];
-                if !self.deadline_armed {
-                    self.deadline_armed = true;
-                    out.push(PartAction::ArmDeadline);
-                }
+                let mut out = self.arm(Wait::Release);
                 out.push(PartAction::Step(Step::Pause));
                 out
             }
@@ -279,17 +295,21 @@ impl Participant {
                 self.cancel(None, SnapshotError::Invalid(format!("aborted by the initiating node: {reason}")))
             }
             PartEvent::Command(None) => self.cancel(None, SnapshotError::Invalid("the initiating node went away".into())),
-            PartEvent::ReleaseDeadline => {
-                if !self.deadline_armed {
-                    return vec![];
-                }
-                let secs = super::RELEASE_WAIT_MAX.as_secs();
-                self.cancel(None, SnapshotError::Invalid(format!("no Release within {secs} s of Go")))
+            PartEvent::Deadline => {
+                let what = match self.armed {
+                    None => return vec![],
+                    Some(Wait::Go) => "no Go within {} s of Ready",
+                    Some(Wait::Release) => "no Release within {} s of Go",
+                };
+                let secs = self.armed.map(|w| w.limit().as_secs()).unwrap_or(0);
+                self.cancel(None, SnapshotError::Invalid(what.replace("{}", &secs.to_string())))
             }
             PartEvent::Reached(Reached::Prepared) => {
                 self.prepared += 1;
                 if self.prepared == self.vms.len() {
-                    vec![PartAction::Report(CutReport::Ready)]
+                    let mut out = if self.armed.is_none() { self.arm(Wait::Go) } else { vec![] };
+                    out.push(PartAction::Report(CutReport::Ready));
+                    out
                 } else {
                     vec![]
                 }
@@ -320,8 +340,17 @@ impl Participant {
         }
     }
 
+    /// Arms the deadline for `wait`, unless it is armed for it already.
+    fn arm(&mut self, wait: Wait) -> Vec<PartAction> {
+        if self.armed == Some(wait) {
+            return vec![];
+        }
+        self.armed = Some(wait);
+        vec![PartAction::ArmDeadline(wait)]
+    }
+
     fn disarm(&mut self) -> Vec<PartAction> {
-        if std::mem::replace(&mut self.deadline_armed, false) {
+        if self.armed.take().is_some() {
             vec![PartAction::DisarmDeadline]
         } else {
             vec![]
@@ -522,16 +551,17 @@ mod tests {
     fn a_participant_reports_when_all_its_vms_are_there() {
         let mut p = Participant::new(vec!["a".into(), "b".into()]);
         assert!(p.on_event(PartEvent::Reached(Reached::Prepared)).is_empty());
-        assert_eq!(reports(&p.on_event(PartEvent::Reached(Reached::Prepared))), vec![CutReport::Ready]);
+        let ready = p.on_event(PartEvent::Reached(Reached::Prepared));
+        assert_eq!(ready, vec![PartAction::ArmDeadline(Wait::Go), PartAction::Report(CutReport::Ready)]);
         let go = p.on_event(PartEvent::Command(Some(CutCommand::Go)));
-        assert_eq!(go, vec![PartAction::ArmDeadline, PartAction::Step(Step::Pause)]);
+        assert_eq!(go, vec![PartAction::ArmDeadline(Wait::Release), PartAction::Step(Step::Pause)]);
         // A repeated Go does not re-arm the deadline.
         assert_eq!(p.on_event(PartEvent::Command(Some(CutCommand::Go))), vec![PartAction::Step(Step::Pause)]);
         p.on_event(PartEvent::Reached(Reached::Paused));
         assert_eq!(reports(&p.on_event(PartEvent::Reached(Reached::Paused))), vec![CutReport::Paused]);
         assert_eq!(p.on_event(PartEvent::Command(Some(CutCommand::Release))), vec![PartAction::DisarmDeadline, PartAction::Step(Step::Resume)]);
         // The deadline firing late (a race with Release) changes nothing.
-        assert!(p.on_event(PartEvent::ReleaseDeadline).is_empty());
+        assert!(p.on_event(PartEvent::Deadline).is_empty());
         assert!(p.take_failure().is_none());
     }
 
@@ -540,7 +570,7 @@ mod tests {
         let cases: Vec<(PartEvent, &str)> = vec![
             (PartEvent::Command(Some(CutCommand::Abort { reason: "host n2 failed".into() })), "aborted by the initiating node: host n2 failed"),
             (PartEvent::Command(None), "the initiating node went away"),
-            (PartEvent::ReleaseDeadline, "no Release within 120 s of Go"),
+            (PartEvent::Deadline, "no Release within 120 s of Go"),
         ];
         for (ev, msg) in cases {
             let mut p = Participant::new(vec!["a".into()]);
@@ -553,6 +583,21 @@ mod tests {
             assert_eq!(vm, None);
             assert_eq!(e.to_string(), msg);
         }
+    }
+
+    #[test]
+    fn a_prepared_participant_waits_for_go_only_so_long() {
+        let mut p = Participant::new(vec!["a".into()]);
+        // No deadline while preparing (pre-copy's first pass takes as long as the VM needs).
+        assert!(p.on_event(PartEvent::Deadline).is_empty());
+        let ready = p.on_event(PartEvent::Reached(Reached::Prepared));
+        assert!(ready.contains(&PartAction::ArmDeadline(Wait::Go)));
+        // A coordinator that heartbeats but never says Go cannot hold the VMs.
+        assert!(p.on_event(PartEvent::Command(Some(CutCommand::Heartbeat))).is_empty());
+        let a = p.on_event(PartEvent::Deadline);
+        assert_eq!(steps(&a), vec![Step::Cancel]);
+        let (_, e) = p.take_failure().expect("failure");
+        assert_eq!(e.to_string(), format!("no Go within {} s of Ready", super::super::GO_WAIT_MAX.as_secs()));
     }
 
     #[test]

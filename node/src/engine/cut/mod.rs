@@ -29,6 +29,10 @@ pub mod transport;
 
 use std::time::Duration;
 
+/// Longest a participant keeps its VMs prepared (pre-copy: live-copying, dirty-tracked)
+/// waiting for the cut's `Go` after reporting `Ready`: long enough for the slowest host's
+/// first pass over a large VM, short enough that no member can hold VMs in that state.
+pub const GO_WAIT_MAX: Duration = Duration::from_secs(15 * 60);
 /// Longest a participant keeps its VMs paused waiting for the cut's `Release` after `Go`.
 pub const RELEASE_WAIT_MAX: Duration = Duration::from_secs(120);
 /// How long an aborted cut waits for its participants to resume their VMs and end.

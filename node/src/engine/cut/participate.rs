@@ -8,7 +8,6 @@
 //!    and the VM entries are reported in `Done`.
 
 use super::machine::{PartAction, PartEvent, Participant};
-use super::RELEASE_WAIT_MAX;
 use crate::engine::error::SnapshotError;
 use crate::engine::upload::{capture_file, from_sink, owner_error, Uploader, VmCounters, VmPages};
 use crate::node::Node;
@@ -120,11 +119,12 @@ async fn capture_all(
     let mut machine = Participant::new(sources.iter().map(|s| s.0.clone()).collect());
     let mut captured: Vec<Option<Captured>> = (0..sources.len()).map(|_| None).collect();
     let mut cmds_open = true;
-    // Paused VMs wait for `Release` at most this long, whatever the coordinator does.
-    let mut release_deadline: Option<tokio::time::Instant> = None;
+    // Prepared VMs wait for `Go`, and paused ones for `Release`, only so long, whatever the
+    // coordinator does (the machine arms and disarms it).
+    let mut deadline: Option<tokio::time::Instant> = None;
     while !tasks.is_empty() {
         let ev = tokio::select! {
-            _ = async { if let Some(d) = release_deadline { tokio::time::sleep_until(d).await } }, if release_deadline.is_some() => PartEvent::ReleaseDeadline,
+            _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => PartEvent::Deadline,
             cmd = cmds.recv(), if cmds_open => {
                 cmds_open = cmd.is_some();
                 PartEvent::Command(cmd)
@@ -147,8 +147,8 @@ async fn capture_all(
                 PartAction::Report(r) => {
                     let _ = reports.send(r).await;
                 }
-                PartAction::ArmDeadline => release_deadline = Some(tokio::time::Instant::now() + RELEASE_WAIT_MAX),
-                PartAction::DisarmDeadline => release_deadline = None,
+                PartAction::ArmDeadline(wait) => deadline = Some(tokio::time::Instant::now() + wait.limit()),
+                PartAction::DisarmDeadline => deadline = None,
             }
         }
     }
