@@ -281,18 +281,27 @@ impl DataClient {
     }
 
     async fn request_once(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest) -> Result<DataResponse, NetError> {
+        let frame = codec::encode_frame(req).map_err(|source| NetError::Codec { peer: peer.short(), source })?;
+        self.exchange(peer, addr, &frame).await
+    }
+
+    /// Sends `frame` as it is (header and body, however wrong) as one request and reads the
+    /// answer frame, once: how tests play a peer that sends garbage.
+    pub async fn request_raw(&self, peer: NodeId, addr: SocketAddr, frame: &[u8]) -> Result<DataResponse, NetError> {
+        match self.exchange(peer, addr, frame).await? {
+            DataResponse::Error { kind, message } => Err(NetError::Remote { peer: peer.short(), kind, message }),
+            r => Ok(r),
+        }
+    }
+
+    async fn exchange(&self, peer: NodeId, addr: SocketAddr, frame: &[u8]) -> Result<DataResponse, NetError> {
         let conn = self.connection(peer, addr).await?;
         let transport = |reason: String| NetError::Transport { peer: peer.short(), reason };
         let fut = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
-            write_frame(&mut send, req).await.map_err(|e| match e {
-                FrameError::Codec(source) => NetError::Codec { peer: peer.short(), source },
-                FrameError::Io(s) => transport(s),
-            })?;
-            read_frame::<DataResponse>(&mut recv).await.map_err(|e| match e {
-                FrameError::Codec(source) => NetError::Codec { peer: peer.short(), source },
-                FrameError::Io(s) => transport(s),
-            })
+            send.write_all(frame).await.map_err(|e| transport(e.to_string()))?;
+            send.finish().map_err(|e| transport(e.to_string()))?;
+            read_frame::<DataResponse>(&mut recv).await.map_err(|e| frame_error(peer, e))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await

@@ -212,3 +212,35 @@ async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
 fn error(kind: RemoteErrorKind, message: String) -> DataResponse {
     DataResponse::Error { kind, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_bounded_in_all_and_per_peer_and_given_back() {
+        let slots = Arc::new(Mutex::new(Slots::default()));
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut held: Vec<Slot> = (0..CONNECTIONS_PER_PEER_MAX)
+            .map(|_| {
+                let mut s = Slot::take(&slots).expect("slot");
+                assert!(s.assign(a));
+                s
+            })
+            .collect();
+        let mut fifth = Slot::take(&slots).expect("slot");
+        assert!(!fifth.assign(a), "one peer got more than {CONNECTIONS_PER_PEER_MAX}");
+        assert!(fifth.assign(b), "another peer was refused");
+        held.pop();
+        let mut again = Slot::take(&slots).expect("slot");
+        assert!(again.assign(a), "a closed connection's place was not given back");
+        drop((held, fifth, again));
+        let s = slots.lock().unwrap();
+        assert_eq!((s.all, s.per_peer.len()), (0, 0));
+        drop(s);
+        let all: Vec<Slot> = (0..CONNECTIONS_MAX).map(|_| Slot::take(&slots).expect("slot")).collect();
+        assert!(Slot::take(&slots).is_none(), "more than {CONNECTIONS_MAX} connections at once");
+        drop(all);
+        assert!(Slot::take(&slots).is_some());
+    }
+}

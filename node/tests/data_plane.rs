@@ -10,8 +10,10 @@ use vmcsnap_dht::membership::node_id_of_key;
 use vmcsnap_dht::{ClusterKey, Member, Membership, MembershipConfig, Trust};
 use vmcsnap_node::net::{self, DataClient, NetError};
 use vmcsnap_node::NodeConfig;
-use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, RemoteErrorKind, HAVE_HASHES_MAX};
-use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+use vmcsnap_dht::admission::sign_record;
+use vmcsnap_protocol::manifest::{CaptureMode, CommitRecord, SignedRecord};
+use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse, PagePut, RemoteErrorKind, HAVE_HASHES_MAX};
+use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
 
 fn free_addr() -> SocketAddr {
     loop {
@@ -21,6 +23,38 @@ fn free_addr() -> SocketAddr {
             return addr;
         }
     }
+}
+
+/// One request of every kind a peer can make, each one that acts or reads included.
+fn every_request(page: PageHash, record: SignedRecord, placement: Vec<NodeId>) -> Vec<DataRequest> {
+    vec![
+        DataRequest::Have { hashes: vec![page] },
+        DataRequest::Put { pages: vec![PagePut { hash: page, data: vec![0u8; PAGE_SIZE].into() }] },
+        DataRequest::Get { hashes: vec![page] },
+        DataRequest::Sync,
+        DataRequest::Commit { record },
+        DataRequest::CatalogList,
+        DataRequest::CatalogGet { name: "x".into() },
+        DataRequest::Stats,
+        DataRequest::Cut(CutBegin { name: "x".into(), vms: vec![("vm".into(), None)], mode: CaptureMode::StopCopy, replicas: 1, placement, max_bandwidth: None }),
+        DataRequest::VmList,
+        DataRequest::VmForget { id: "vm".into() },
+        DataRequest::Revoke { token: "x".into() },
+        DataRequest::Revocations,
+        DataRequest::RestoreVm { name: "x".into(), vm: "vm".into() },
+    ]
+}
+
+/// Sends each request once, all at once, each from a fresh endpoint with key `kp` (a refused
+/// connection waits out the server's grace for new members, so one at a time would take long).
+async fn each_once(kp: &Keypair, target: &Member, reqs: Vec<DataRequest>) -> Vec<(DataRequest, Result<DataResponse, NetError>)> {
+    futures::future::join_all(reqs.into_iter().map(|req| async move {
+        let client = DataClient::new(net::endpoint(kp, free_addr()).expect("endpoint"), kp.clone());
+        let frame = vmcsnap_protocol::codec::encode_frame(&req).expect("encode");
+        let r = client.request_raw(target.id, target.data_addr, &frame).await;
+        (req, r)
+    }))
+    .await
 }
 
 async fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
@@ -63,7 +97,7 @@ async fn owners_reject_bad_pages_and_strangers() {
     let my_addr = free_addr();
     let trust = Arc::new(Trust::new(cluster.id()).expect("trust"));
     let certificate = cluster.certify(node_id_of_key(&kp.public()).expect("id"), "probe", 1).expect("certify");
-    let me = Membership::start(MembershipConfig { keypair: kp.clone(), listen: my_addr, bootstrap: vec![node_addr], known: vec![], name: "probe".into(), trust: trust.clone(), certificate })
+    let me = Membership::start(MembershipConfig { keypair: kp.clone(), listen: my_addr, bootstrap: vec![node_addr], known: vec![], name: "probe".into(), trust: trust.clone(), certificate: certificate.clone() })
         .await
         .expect("membership");
     let target: Member = wait_for(|| me.members().into_iter().find(|m| m.id != me.local() && m.alive)).await;
@@ -99,6 +133,44 @@ async fn owners_reject_bad_pages_and_strangers() {
     let big = DataRequest::Have { hashes: vec![good; HAVE_HASHES_MAX + 1] };
     assert!(matches!(client.request(target.id, target.data_addr, &big).await, Err(NetError::Remote { kind: RemoteErrorKind::BadRequest, .. })));
 
+    // Hostile frames get a clear error, and the node keeps serving: a header that claims
+    // 4 GiB, a 10-byte body that declares 2^40 hashes, a body of garbage.
+    let mut lying_vec = vec![0u8, 253];
+    lying_vec.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let framed = |body: &[u8]| [&(body.len() as u32).to_be_bytes()[..], body].concat();
+    for (what, frame) in [("a 4 GiB header", u32::MAX.to_be_bytes().to_vec()), ("2^40 hashes", framed(&lying_vec)), ("garbage", framed(&[0xff; 64]))] {
+        match client.request_raw(target.id, target.data_addr, &frame).await {
+            Err(NetError::Remote { kind: RemoteErrorKind::BadRequest, message, .. }) => eprintln!("{what}: {message}"),
+            other => panic!("{what}: expected a bad-request answer, got {other:?}"),
+        }
+        assert!(matches!(client.request(target.id, target.data_addr, &DataRequest::Stats).await, Ok(DataResponse::Stats { pages: 1, .. })), "the node stopped serving after {what}");
+    }
+    // A properly signed record that claims a VM of 2^62 bytes is refused, not allocated.
+    let me_id = node_id_of_key(&kp.public()).expect("id");
+    let mut absurd = CommitRecord::minimal(me_id, "absurd");
+    absurd.vms[0].blocks[0].bytes = 1 << 62;
+    absurd.vms[0].manifest.pages = (1 << 62) / PAGE_SIZE as u64;
+    let signed = sign_record(&kp, &certificate, absurd).expect("sign");
+    match client.request(target.id, target.data_addr, &DataRequest::Commit { record: signed }).await {
+        Err(NetError::Remote { kind: RemoteErrorKind::BadRequest, message, .. }) => assert!(message.contains("bytes"), "{message}"),
+        other => panic!("expected the absurd record refused, got {other:?}"),
+    }
+    assert!(matches!(client.request(target.id, target.data_addr, &DataRequest::CatalogList).await, Ok(DataResponse::Catalog { entries }) if entries.is_empty()));
+    let honest = sign_record(&kp, &certificate, CommitRecord::minimal(me_id, "honest")).expect("sign");
+
+    // One peer holds at most CONNECTIONS_PER_PEER_MAX connections: `client` holds one, three
+    // more endpoints with the same key are served, the next is refused.
+    let mut extra = Vec::new();
+    for _ in 1..vmcsnap_node::server::CONNECTIONS_PER_PEER_MAX {
+        let c = DataClient::new(net::endpoint(&kp, free_addr()).expect("endpoint"), kp.clone());
+        assert!(matches!(c.request(target.id, target.data_addr, &DataRequest::Stats).await, Ok(DataResponse::Stats { .. })));
+        extra.push(c);
+    }
+    let one_too_many = DataClient::new(net::endpoint(&kp, free_addr()).expect("endpoint"), kp.clone());
+    let r = one_too_many.request(target.id, target.data_addr, &DataRequest::Stats).await;
+    assert!(r.is_err(), "a fifth connection of one peer was served: {r:?}");
+    drop((extra, one_too_many));
+
     // A member of another data-plane version is refused at the handshake, with a clear
     // "another version" error rather than a misdecode.
     let old = DataClient::with_alpn(net::endpoint(&kp, free_addr()).expect("endpoint"), kp.clone(), b"vmcsnap/data/1");
@@ -126,18 +198,18 @@ async fn owners_reject_bad_pages_and_strangers() {
     .expect("membership");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!me.members().iter().any(|m| m.id == outsider.local() && m.alive), "the probe took the outsider in");
-    let outsider_client = DataClient::new(net::endpoint(&outsider_kp, free_addr()).expect("endpoint"), outsider_kp);
-    for req in [DataRequest::Stats, DataRequest::Get { hashes: vec![good] }, DataRequest::CatalogList, DataRequest::VmList] {
-        let r = outsider_client.request(target.id, target.data_addr, &req).await;
+    for (req, r) in each_once(&outsider_kp, &target, every_request(good, honest.clone(), vec![target.id])).await {
         assert!(r.is_err(), "the outsider was served {req:?}: {r:?}");
     }
     outsider.shutdown().await;
 
     // A stranger with a valid TLS identity but no membership is cut off.
     let stranger_kp = Keypair::generate_ed25519();
-    let stranger = DataClient::new(net::endpoint(&stranger_kp, free_addr()).expect("endpoint"), stranger_kp);
-    let r = stranger.request(target.id, target.data_addr, &DataRequest::Stats).await;
-    assert!(r.is_err(), "a non-member was served: {r:?}");
+    for (req, r) in each_once(&stranger_kp, &target, every_request(good, honest.clone(), vec![target.id])).await {
+        assert!(r.is_err(), "a non-member was served {req:?}: {r:?}");
+    }
+    // Nothing the two sent was kept: the catalog is empty still.
+    assert!(matches!(client.request(target.id, target.data_addr, &DataRequest::CatalogList).await, Ok(DataResponse::Catalog { entries }) if entries.is_empty()));
 
     // Asking for a node id that is not the one answering fails the TLS check.
     let impostor = Keypair::generate_ed25519();

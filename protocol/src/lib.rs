@@ -14,6 +14,7 @@ pub mod codec;
 pub mod control;
 pub mod manifest;
 pub mod page;
+pub mod retention;
 pub mod units;
 pub mod wire;
 
