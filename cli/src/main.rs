@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use vmcsnap_node::control::{read_frame, write_frame, FrameReadError};
 use vmcsnap_protocol::control::{ControlEvent, ControlRequest, ControlResult, ErrorKind, VmSpec};
 use vmcsnap_protocol::manifest::CaptureMode;
+use vmcsnap_protocol::retention::{self, Candidate, Policy};
 use vmcsnap_protocol::units::human_bytes;
 use vmcsnap_protocol::PAGE_SIZE;
 
@@ -128,6 +129,21 @@ enum NodeCmd {
         /// uses any other path is refused.
         #[arg(long = "launch-dir", value_name = "DIR")]
         launch_dirs: Vec<PathBuf>,
+        /// Longest a snapshot this node takes may run before it is given up (e.g. 90s, 30m,
+        /// 6h). Garbage collection frees a page only after it was unreferenced this long (plus
+        /// 10 s), so give every node the same value.
+        #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_duration)]
+        snapshot_deadline: std::time::Duration,
+        /// Time between garbage-collection cycles (a snapshot deletion starts one at once).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        gc_interval: std::time::Duration,
+        /// Time between scrub passes, which read back and check every stored page and repair
+        /// damaged copies from replicas.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+        scrub_interval: std::time::Duration,
+        /// Most MiB a second a scrub pass reads.
+        #[arg(long, value_name = "MIB_PER_S", default_value_t = 32)]
+        scrub_rate: u64,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -237,6 +253,76 @@ vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
         #[command(flatten)]
         common: NodeArg,
     },
+    /// Check that every page of a snapshot is on each of its owners; --deep reads every copy
+    /// back and hashes it there. Exits 1 if anything is missing, damaged or unreachable.
+    #[command(after_help = "Examples:\n  vmcsnap snapshot verify nightly\n  vmcsnap snapshot verify nightly --deep --json")]
+    Verify {
+        /// Snapshot name (NAME@RECORD picks one of conflicting records).
+        name: String,
+        /// Read and hash every copy on its owner (slower: reads the snapshot R times).
+        #[arg(long)]
+        deep: bool,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// Delete snapshots everywhere. Each becomes a signed tombstone that every member keeps
+    /// (members that are down learn it when they come back); garbage collection then frees
+    /// the pages no other snapshot uses, on every owner.
+    #[command(after_help = "Examples:\n  vmcsnap snapshot delete before-upgrade --yes\n  \
+vmcsnap snapshot delete nightly@3f2a91c0 --yes   (one of two conflicting records)")]
+    Delete {
+        /// Snapshots (NAME, or NAME@RECORD for one of conflicting records).
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Really delete them (this cannot be undone).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        common: NodeArg,
+    },
+    /// Delete the snapshots a retention policy does not keep (like `restic forget`).
+    ///
+    /// Snapshots are grouped by the set of VMs they hold (a nightly --all snapshot and an
+    /// ad-hoc one of a single VM are counted apart). In each group, newest first: --keep-last
+    /// keeps the N newest; --keep-hourly/-daily/-weekly/-monthly/-yearly keep the newest
+    /// snapshot of each of the N most recent hours, days, weeks (Monday first), months, years
+    /// (UTC) that have one. A snapshot any rule keeps is kept.
+    #[command(after_help = "Examples:\n  vmcsnap snapshot forget --keep-last 3 --keep-daily 7 --keep-weekly 4 --dry-run\n  \
+vmcsnap snapshot forget --keep-daily 14 --vm web1 --yes")]
+    Forget {
+        /// Keep the N newest.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest of each of the N most recent hours.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: u32,
+        /// ... days.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_daily: u32,
+        /// ... weeks.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_weekly: u32,
+        /// ... months.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_monthly: u32,
+        /// ... years.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_yearly: u32,
+        /// Only snapshots that hold this VM (repeatable).
+        #[arg(long = "vm", value_name = "ID")]
+        vms: Vec<String>,
+        /// Count all snapshots as one group instead of one group per set of VMs.
+        #[arg(long)]
+        one_group: bool,
+        /// Print what would be deleted and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete without asking again (needed unless --dry-run).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        common: NodeArg,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -332,7 +418,13 @@ impl Cmd {
             Cmd::Node(NodeCmd::Id { json, .. }) => *json,
             Cmd::Node(_) => false,
             Cmd::Snapshot(c) => match c {
-                SnapshotCmd::Create { common, .. } | SnapshotCmd::Restore { common, .. } | SnapshotCmd::List { common } | SnapshotCmd::Show { common, .. } => common.json,
+                SnapshotCmd::Create { common, .. }
+                | SnapshotCmd::Restore { common, .. }
+                | SnapshotCmd::List { common }
+                | SnapshotCmd::Show { common, .. }
+                | SnapshotCmd::Delete { common, .. }
+                | SnapshotCmd::Verify { common, .. }
+                | SnapshotCmd::Forget { common, .. } => common.json,
             },
             Cmd::Vm(c) => match c {
                 VmCmd::Add { common, .. } | VmCmd::Remove { common, .. } | VmCmd::List { common } => common.json,
@@ -364,8 +456,9 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, log }) => {
-            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), log).await
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, log }) => {
+            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20));
+            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
         Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
@@ -379,6 +472,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Snapshot(SnapshotCmd::List { common }) => snapshot_list(&common).await,
         Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
+        Cmd::Snapshot(SnapshotCmd::Verify { name, deep, common }) => snapshot_verify(name, deep, &common).await,
+        Cmd::Snapshot(SnapshotCmd::Delete { names, yes, common }) => snapshot_delete(names, yes, &common).await,
+        Cmd::Snapshot(SnapshotCmd::Forget { keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, vms, one_group, dry_run, yes, common }) => {
+            let policy = Policy { last: keep_last, hourly: keep_hourly, daily: keep_daily, weekly: keep_weekly, monthly: keep_monthly, yearly: keep_yearly };
+            snapshot_forget(policy, vms, one_group, dry_run, yes, &common).await
+        }
         Cmd::Vm(VmCmd::Add { id, qmp, common }) => {
             let qmp = std::path::absolute(&qmp)?.display().to_string();
             call(&common, ControlRequest::VmAdd { id: id.clone(), qmp: qmp.clone() }).await?;
@@ -410,6 +509,7 @@ async fn node_run(
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
     (vm_dir, qemu_dir, launch_dirs): (Option<PathBuf>, PathBuf, Vec<PathBuf>),
+    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate): (std::time::Duration, std::time::Duration, std::time::Duration, u64),
     log: String,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
@@ -419,7 +519,7 @@ async fn node_run(
     let name = name.unwrap_or_default();
     let qemu_dir = std::path::absolute(&qemu_dir)?;
     let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs };
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate };
     vmcsnap_node::run(config, None).await
 }
 
@@ -669,6 +769,111 @@ async fn snapshot_list(common: &NodeArg) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn snapshot_verify(name: String, deep: bool, common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::Verified(r) = call(common, ControlRequest::SnapshotVerify { name, deep }).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        print_json(&r)?;
+    } else {
+        println!("snapshot {}@{} ({}):", r.name, r.record, if r.deep { "every copy read and hashed" } else { "every owner asked" });
+        println!("  {:<16} {:<14} {:>9} {:>9} {:>9}  STATE", "VM", "OWNER", "PAGES", "MISSING", "DAMAGED");
+        for v in &r.vms {
+            for o in &v.owners {
+                let state = match (&o.unreachable, o.missing + o.corrupt) {
+                    (Some(why), _) => format!("NOT CHECKED: {why}"),
+                    (None, 0) => "ok".into(),
+                    (None, _) => "DAMAGED".into(),
+                };
+                let damaged = if r.deep { o.corrupt.to_string() } else { "-".into() };
+                println!("  {:<16} {:<14} {:>9} {:>9} {:>9}  {state}", v.vm, o.owner, o.pages, o.missing, damaged);
+            }
+        }
+        if r.ok {
+            println!("every page is on each of its owners{}", if r.deep { " and reads back correct" } else { "" });
+        }
+    }
+    if !r.ok {
+        if common.json {
+            std::process::exit(1);
+        }
+        return Err(cli_error(ErrorKind::Storage, "some copies are missing, damaged or could not be checked (see above); the scrubber repairs damaged copies from replicas"));
+    }
+    Ok(())
+}
+
+async fn snapshot_delete(names: Vec<String>, yes: bool, common: &NodeArg) -> anyhow::Result<()> {
+    if !yes {
+        return Err(cli_error(ErrorKind::Invalid, format!("deleting {} cannot be undone; run again with --yes", names.join(", "))));
+    }
+    let ControlResult::Deleted(done) = call(common, ControlRequest::SnapshotDelete { names }).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&done);
+    }
+    for d in &done {
+        println!("deleted {}@{} (told {} live members; the others learn it when they are back)", d.name, d.record, d.told);
+    }
+    println!("Pages no other snapshot uses are freed by garbage collection on each owner (see `vmcsnap cluster status`).");
+    Ok(())
+}
+
+async fn snapshot_forget(policy: Policy, vms: Vec<String>, one_group: bool, dry_run: bool, yes: bool, common: &NodeArg) -> anyhow::Result<()> {
+    if policy.is_empty() {
+        return Err(cli_error(ErrorKind::Invalid, "no --keep-* rule given: that would delete every snapshot; give at least one (e.g. --keep-last 1)"));
+    }
+    if !dry_run && !yes {
+        return Err(cli_error(ErrorKind::Invalid, "forget deletes snapshots: look first with --dry-run, then run again with --yes"));
+    }
+    let ControlResult::List(list) = call(common, ControlRequest::SnapshotList).await? else {
+        bail!("node answered with the wrong result")
+    };
+    let candidates: Vec<Candidate> = list
+        .iter()
+        .filter(|s| vms.is_empty() || s.vms.iter().any(|v| vms.contains(v)))
+        .map(|s| {
+            let mut set = s.vms.clone();
+            set.sort();
+            Candidate {
+                // Conflicting records are deleted one by one, by record.
+                name: if s.conflict { format!("{}@{}", s.name, s.record) } else { s.name.clone() },
+                created_unix_ms: s.created_unix_ms,
+                group: if one_group { String::new() } else { set.join(",") },
+            }
+        })
+        .collect();
+    let decisions = retention::apply(&policy, &candidates);
+    let doomed: Vec<String> = decisions.iter().filter(|d| !d.keep()).map(|d| d.name.clone()).collect();
+    let deleted = if dry_run || doomed.is_empty() {
+        Vec::new()
+    } else {
+        let ControlResult::Deleted(done) = call(common, ControlRequest::SnapshotDelete { names: doomed.clone() }).await? else {
+            bail!("node answered with the wrong result")
+        };
+        done
+    };
+    if common.json {
+        return print_json(&serde_json::json!({ "dry_run": dry_run, "decisions": decisions, "deleted": deleted }));
+    }
+    let mut group = None;
+    for d in &decisions {
+        if group != Some(&d.group) {
+            println!("group {}:", if d.group.is_empty() { "(all)" } else { d.group.as_str() });
+            group = Some(&d.group);
+        }
+        let why = if d.keep() { format!("keep ({})", d.kept_by.join(", ")) } else if dry_run { "would delete".into() } else { "deleted".into() };
+        println!("  {:<32} {:<24} {why}", d.name, vmcsnap_protocol::units::utc_time(d.created_unix_ms));
+    }
+    let kept = decisions.len() - doomed.len();
+    match (dry_run, doomed.len()) {
+        (_, 0) => println!("{kept} kept; nothing to delete"),
+        (true, n) => println!("{kept} kept, {n} would be deleted (run again with --yes instead of --dry-run)"),
+        (false, n) => println!("{kept} kept, {n} deleted; garbage collection frees their pages on each owner"),
+    }
+    Ok(())
+}
+
 async fn snapshot_show(name: String, common: &NodeArg) -> anyhow::Result<()> {
     let ControlResult::Show(r) = call(common, ControlRequest::SnapshotShow { name }).await? else {
         bail!("node answered with the wrong result")
@@ -730,19 +935,35 @@ async fn cluster_status(common: &NodeArg) -> anyhow::Result<()> {
     if common.json {
         return print_json(&c);
     }
-    println!("{:<14} {:<10} {:<22} {:>6} {:>10} {:>10}  STATE", "NAME", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES");
+    println!("{:<14} {:<10} {:<22} {:>6} {:>10} {:>10} {:>10} {:>11} {:>10}  STATE", "NAME", "MEMBER", "ADDRESS", "SHARE", "PAGES", "BYTES", "ON DISK", "RECLAIMABLE", "RECLAIMED");
+    let gc_bytes = |m: &vmcsnap_protocol::control::MemberStatus, f: fn(&vmcsnap_protocol::wire::GcStats) -> u64| m.gc.as_ref().map(|g| human_bytes(f(g))).unwrap_or_else(|| "-".into());
     for m in &c.members {
         println!(
-            "{:<14} {:<10} {:<22} {:>5.1}% {:>10} {:>10}  {}{}",
+            "{:<14} {:<10} {:<22} {:>5.1}% {:>10} {:>10} {:>10} {:>11} {:>10}  {}{}",
             if m.name.is_empty() { "?" } else { m.name.as_str() },
             m.id.short(),
             m.address,
             m.share * 100.0,
             m.pages.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             m.bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+            gc_bytes(m, |g| g.disk_bytes),
+            gc_bytes(m, |g| g.reclaimable_bytes),
+            gc_bytes(m, |g| g.reclaimed_bytes),
             if m.alive { "up" } else { "DOWN" },
             if m.local { " (this node)" } else { "" }
         );
+    }
+    let scrub: Vec<String> = c
+        .members
+        .iter()
+        .filter_map(|m| m.scrub.as_ref().filter(|s| s.corrupt_found > 0 || s.state != "idle").map(|s| format!("{}: {} ({} checked, {} damaged, {} repaired)", m.name, s.state, s.pages_checked, s.corrupt_found, s.repaired)))
+        .collect();
+    if !scrub.is_empty() {
+        println!("scrub: {}", scrub.join("; "));
+    }
+    let busy: Vec<String> = c.members.iter().filter_map(|m| m.gc.as_ref().filter(|g| g.state != "idle").map(|g| format!("{}: {}", m.name, g.state))).collect();
+    if !busy.is_empty() {
+        println!("garbage collection: {}", busy.join("; "));
     }
     Ok(())
 }
@@ -760,6 +981,20 @@ fn tune_malloc() {
     }
 }
 
+
+/// Parses `90s`, `30m`, `6h`, `2d` or bare seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 90s, 30m, 6h, 2d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);

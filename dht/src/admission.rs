@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::RwLock;
 use vmcsnap_protocol::codec;
-use vmcsnap_protocol::manifest::{validate_name, CommitRecord, SignedRecord};
+use vmcsnap_protocol::manifest::{validate_name, CommitRecord, SignedRecord, SignedTombstone, Tombstone};
 use vmcsnap_protocol::NodeId;
 
 const CERT_MAGIC: [u8; 4] = *b"VMCT";
@@ -220,6 +220,16 @@ pub fn sign_record(key: &libp2p::identity::Keypair, cert: &Certificate, record: 
     Ok(SignedRecord { record, certificate: cert.to_token(), signature })
 }
 
+/// Signs a tombstone with the deleting member's key; `cert` must be that member's.
+pub fn sign_tombstone(key: &libp2p::identity::Keypair, cert: &Certificate, tombstone: Tombstone) -> Result<SignedTombstone, AdmissionError> {
+    if tombstone.deleted_by != cert.node {
+        return Err(AdmissionError::OtherNode { cert: cert.node.short(), node: tombstone.deleted_by.short() });
+    }
+    let msg = SignedTombstone::signed_bytes(&tombstone).map_err(|e| malformed("tombstone", e))?;
+    let signature = key.sign(&msg).map_err(|e| malformed("tombstone", e))?;
+    Ok(SignedTombstone { tombstone, certificate: cert.to_token(), signature })
+}
+
 /// Parses a cluster id (64 hex characters).
 pub fn parse_cluster_id(s: &str) -> Result<ClusterId, AdmissionError> {
     let mut b = [0u8; 32];
@@ -314,6 +324,29 @@ impl Trust {
         Ok(())
     }
 
+    /// Checks that a tombstone was signed by a member this cluster admitted and did not
+    /// remove (a removed member's deletions are not taken from then on).
+    pub fn check_tombstone(&self, t: &SignedTombstone) -> Result<(), AdmissionError> {
+        let by = t.tombstone.deleted_by;
+        let cert = Certificate::from_token(&t.certificate)?;
+        self.same_cluster(&cert.cluster)?;
+        if cert.node != by {
+            return Err(AdmissionError::OtherNode { cert: cert.node.short(), node: by.short() });
+        }
+        if !self.key.verify(&cert.signed_bytes(), &cert.signature) {
+            return Err(AdmissionError::BadSignature("certificate"));
+        }
+        if self.is_revoked(&by) {
+            return Err(AdmissionError::Revoked(by.short()));
+        }
+        let signer = ed25519::PublicKey::try_from_bytes(&by.0).map_err(|e| malformed("tombstone", e))?;
+        let msg = SignedTombstone::signed_bytes(&t.tombstone).map_err(|e| malformed("tombstone", e))?;
+        if !signer.verify(&msg, &t.signature) {
+            return Err(AdmissionError::BadSignature("tombstone"));
+        }
+        Ok(())
+    }
+
     /// Whether `node` was removed.
     pub fn is_revoked(&self, node: &NodeId) -> bool {
         self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(node)
@@ -403,6 +436,27 @@ mod tests {
         assert!(matches!(trust.check_record(&foreign), Err(AdmissionError::OtherCluster { .. })));
         // A member cannot sign a record naming another initiator.
         assert!(sign_record(&me, &cert, record(node(2), "s1")).is_err());
+    }
+
+    #[test]
+    fn tombstones_verify_only_when_signed_by_an_admitted_unrevoked_member() {
+        let key = ClusterKey::generate();
+        let trust = Trust::new(key.id()).expect("trust");
+        let me = libp2p::identity::Keypair::ed25519_from_bytes([1; 32]).expect("key");
+        let cert = key.certify(node(1), "kvm-01", 1).expect("certify");
+        let t = Tombstone { name: "s1".into(), record: vmcsnap_protocol::PageHash([7; 32]), deleted_by: node(1), deleted_unix_ms: 5 };
+        let signed = sign_tombstone(&me, &cert, t.clone()).expect("sign");
+        assert_eq!(trust.check_tombstone(&signed), Ok(()));
+        let back = SignedTombstone::decode(&signed.encode().expect("encode")).expect("decode");
+        assert_eq!(trust.check_tombstone(&back), Ok(()));
+        let mut forged = signed.clone();
+        forged.tombstone.record = vmcsnap_protocol::PageHash([8; 32]);
+        assert_eq!(trust.check_tombstone(&forged), Err(AdmissionError::BadSignature("tombstone")));
+        let foreign = sign_tombstone(&me, &ClusterKey::generate().certify(node(1), "kvm-01", 1).expect("certify"), t.clone()).expect("sign");
+        assert!(matches!(trust.check_tombstone(&foreign), Err(AdmissionError::OtherCluster { .. })));
+        assert!(sign_tombstone(&me, &cert, Tombstone { deleted_by: node(2), ..t }).is_err());
+        trust.revoke(&key.revoke(node(1))).expect("revoke");
+        assert!(matches!(trust.check_tombstone(&signed), Err(AdmissionError::Revoked(_))));
     }
 
     #[test]

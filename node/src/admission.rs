@@ -14,8 +14,8 @@ use crate::store::{Store, StoreError};
 use std::path::Path;
 use std::sync::Arc;
 use vmcsnap_dht::admission::{parse_cluster_id, sign_record, AdmissionError, Certificate, ClusterId, Revocation, Trust};
-use vmcsnap_protocol::manifest::{CommitRecord, SignedRecord};
-use vmcsnap_protocol::NodeId;
+use vmcsnap_protocol::manifest::{CommitRecord, SignedRecord, SignedTombstone, Tombstone};
+use vmcsnap_protocol::{NodeId, PageHash};
 
 /// File holding the cluster's id in the data directory.
 pub const CLUSTER_FILE: &str = "cluster.id";
@@ -163,6 +163,12 @@ impl Signer {
     /// Signs a record this node committed.
     pub fn sign(&self, record: CommitRecord) -> Result<SignedRecord, AdmitError> {
         Ok(sign_record(&self.key, &self.cert, record)?)
+    }
+
+    /// Signs the deletion of a record by this node.
+    pub fn sign_tombstone(&self, name: &str, record: PageHash, deleted_unix_ms: u64) -> Result<SignedTombstone, AdmitError> {
+        let t = Tombstone { name: name.to_string(), record, deleted_by: self.cert.node, deleted_unix_ms };
+        Ok(vmcsnap_dht::admission::sign_tombstone(&self.key, &self.cert, t)?)
     }
 }
 

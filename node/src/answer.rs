@@ -7,7 +7,7 @@
 //! here: [`AnswerError::NeedsNode`].
 
 use crate::store::{Store, StoreError};
-use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, PUT_PAGES_MAX};
+use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, PUT_PAGES_MAX, TOMBSTONES_MAX};
 use vmcsnap_dht::admission::Trust;
 use vmcsnap_protocol::{NodeId, PAGE_SIZE};
 
@@ -41,6 +41,7 @@ impl AnswerError {
             AnswerError::BadRequest(_) | AnswerError::NeedsNode => RemoteErrorKind::BadRequest,
             AnswerError::Store(StoreError::HashMismatch { .. } | StoreError::BadPageSize(_)) => RemoteErrorKind::HashMismatch,
             AnswerError::Store(StoreError::NameConflict(_)) => RemoteErrorKind::NameConflict,
+            AnswerError::Store(StoreError::Restarted) => RemoteErrorKind::Restarted,
             AnswerError::Store(_) => RemoteErrorKind::Storage,
         }
     }
@@ -61,7 +62,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             }
             let have = store.have(&hashes)?;
             let missing = have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect();
-            Ok(DataResponse::Have { missing })
+            Ok(DataResponse::Have { missing, incarnation: store.incarnation() })
         }
         DataRequest::Put { pages } => {
             if pages.len() > PUT_PAGES_MAX {
@@ -72,7 +73,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
                 Asker::Local => store.put_own(&refs)?,
                 Asker::Peer => store.put_verified(&refs)?,
             };
-            Ok(DataResponse::Put { stored, already })
+            Ok(DataResponse::Put { stored, already, incarnation: store.incarnation() })
         }
         DataRequest::Get { hashes } => {
             if hashes.len() > GET_PAGES_MAX {
@@ -81,8 +82,8 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             let pages = store.get(&hashes)?.into_iter().map(|p| p.map(serde_bytes::ByteBuf::from)).collect();
             Ok(DataResponse::Pages { pages })
         }
-        DataRequest::Sync => {
-            store.sync()?;
+        DataRequest::Sync { incarnation } => {
+            store.sync_incarnation(incarnation)?;
             Ok(DataResponse::Synced)
         }
         DataRequest::Commit { record } => {
@@ -107,9 +108,14 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
         }
         DataRequest::Stats => {
             let pages = store.page_count();
-            Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64 })
+            Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64, gc: store.gc_stats()?, scrub: store.scrub_stats() })
+        }
+        DataRequest::Tombstones => {
+            let tombstones = store.tombstones()?.into_iter().take(TOMBSTONES_MAX).collect();
+            Ok(DataResponse::Tombstones { tombstones })
         }
         DataRequest::Cut(_)
+        | DataRequest::Delete { .. }
         | DataRequest::VmList
         | DataRequest::VmForget { .. }
         | DataRequest::RestoreVm { .. }

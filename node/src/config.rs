@@ -2,6 +2,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default longest time a snapshot may take before it is given up (`--snapshot-deadline`).
+pub const DEFAULT_SNAPSHOT_DEADLINE: Duration = Duration::from_secs(6 * 3600);
+/// Default time between garbage-collection cycles (`--gc-interval`).
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default time between scrub passes (`--scrub-interval`).
+pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Default most bytes a second a scrub pass reads (`--scrub-rate`, in MiB/s).
+pub const DEFAULT_SCRUB_RATE: u64 = 32 << 20;
+/// How often a node pulls the revocations, tombstones and commit records it lacks.
+pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Default replicas of every page.
 pub const DEFAULT_REPLICAS: u8 = 2;
@@ -33,6 +45,15 @@ pub struct NodeConfig {
     /// Directories besides the data directory and `vm_dir` where a launched QEMU's sockets
     /// and files may be.
     pub launch_dirs: Vec<PathBuf>,
+    /// Longest a snapshot this node takes may run: it is not committed later. Garbage
+    /// collection relies on it (see [`NodeConfig::gc_grace`]); set it alike on every node.
+    pub snapshot_deadline: Duration,
+    /// Time between garbage-collection cycles (a deletion starts one at once).
+    pub gc_interval: Duration,
+    /// Time between scrub passes (each reads back and checks every stored page).
+    pub scrub_interval: Duration,
+    /// Most bytes a second a scrub pass reads.
+    pub scrub_rate: u64,
 }
 
 impl NodeConfig {
@@ -50,10 +71,30 @@ impl NodeConfig {
                 anyhow::bail!("{flag} must be an absolute path, not {}", d.display());
             }
         }
+        if self.snapshot_deadline < Duration::from_secs(1) {
+            anyhow::bail!("--snapshot-deadline must be at least 1 s");
+        }
+        if self.gc_interval < Duration::from_secs(1) {
+            anyhow::bail!("--gc-interval must be at least 1 s");
+        }
+        if self.scrub_interval < Duration::from_secs(1) {
+            anyhow::bail!("--scrub-interval must be at least 1 s");
+        }
+        if self.scrub_rate < 1 << 20 {
+            anyhow::bail!("--scrub-rate must be at least 1 MiB/s");
+        }
         if self.listen.ip().is_unspecified() {
             anyhow::bail!("--listen needs the address peers should use, not {}", self.listen.ip());
         }
         Ok(())
+    }
+
+    /// How long garbage collection waits between marking a page unreferenced and deleting
+    /// it: the snapshot deadline plus two catalog syncs, so that any snapshot that relied on
+    /// the page before the collector started watching has committed, with its record here, or
+    /// given up.
+    pub fn gc_grace(&self) -> Duration {
+        self.snapshot_deadline + 2 * CATALOG_SYNC_INTERVAL
     }
 
     /// The control socket's path.

@@ -25,7 +25,7 @@ use vmcsnap_protocol::control::{
     decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberStatus,
     SnapshotInfo, CONTROL_VERSION,
 };
-use vmcsnap_protocol::wire::{DataRequest, DataResponse};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, GcStats, ScrubStats};
 use vmcsnap_protocol::PAGE_SIZE;
 
 /// Progress frames buffered for a slow CLI before updates are dropped.
@@ -263,6 +263,25 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
             Ok(ControlResult::List(out))
         }
         ControlRequest::SnapshotShow { name } => Ok(ControlResult::Show(Box::new(node.find_record(&name).await.map_err(RestoreError::from)?))),
+        ControlRequest::SnapshotDelete { names } => {
+            // Resolve every name first: a typo in the third deletes nothing.
+            for n in &names {
+                node.find_record(n).await.map_err(RestoreError::from)?;
+            }
+            let mut out = Vec::new();
+            for n in &names {
+                let d = node.delete(n).await.map_err(|e| match e {
+                    crate::node::DeleteError::Find(f) => ControlError::from(RestoreError::from(f)),
+                    e => ControlError::new(ErrorKind::Internal, e.to_string()),
+                })?;
+                out.push(d);
+            }
+            Ok(ControlResult::Deleted(out))
+        }
+        ControlRequest::SnapshotVerify { name, deep } => {
+            let record = node.find_record(&name).await.map_err(RestoreError::from)?;
+            Ok(ControlResult::Verified(crate::engine::verify::verify(&node, &record, deep, progress).await.map_err(|e| ControlError::new(e.kind(), e.to_string()))?))
+        }
         ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
         ControlRequest::ClusterRemove { token } => {
             let r = vmcsnap_dht::admission::Revocation::from_token(&token).map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;
@@ -283,11 +302,11 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         .iter()
         .zip(answers)
         .filter_map(|(m, a)| match a {
-            Ok(DataResponse::Stats { pages, bytes, .. }) => Some((m.id, (pages, bytes))),
+            Ok(DataResponse::Stats { pages, bytes, gc, scrub, .. }) => Some((m.id, (pages, bytes, gc, scrub))),
             _ => None,
         })
         .collect();
-    let stats: Vec<Option<(u64, u64)>> = members.iter().map(|m| figures.get(&m.id).copied()).collect();
+    let stats: Vec<Option<(u64, u64, GcStats, ScrubStats)>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
     let members = members
         .iter()
         .zip(stats)
@@ -296,8 +315,10 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
             name: m.name.clone(),
             address: m.data_addr.to_string(),
             share: view.index_of(&m.id).map(|i| shares[i]).unwrap_or(0.0),
-            pages: s.map(|s| s.0),
-            bytes: s.map(|s| s.1),
+            pages: s.as_ref().map(|s| s.0),
+            bytes: s.as_ref().map(|s| s.1),
+            gc: s.as_ref().map(|s| s.2.clone()),
+            scrub: s.map(|s| s.3),
             alive: m.alive,
             local: m.id == node.id,
         })

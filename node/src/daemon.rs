@@ -10,9 +10,13 @@
 //!   and per stream;
 //! - the control-socket accept loop ([`crate::control::accept_loop`]), one task per CLI
 //!   request;
-//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], pulls the revocations and commit
-//!   records this node lacks from live members (so a node that was down when a member was
-//!   removed or a snapshot committed learns of it).
+//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], pulls the revocations, tombstones and
+//!   commit records this node lacks from live members (so a node that was down when a member
+//!   was removed or a snapshot committed or deleted learns of it);
+//! - garbage collection ([`crate::engine::gc::run`]): a cycle every `--gc-interval`, or at
+//!   once when a snapshot is deleted;
+//! - the scrubber ([`crate::engine::scrub::run`]): a pass every `--scrub-interval` that reads
+//!   back every stored page at `--scrub-rate` and repairs damaged copies from replicas.
 
 use crate::config::NodeConfig;
 use crate::net::DataClient;
@@ -22,13 +26,11 @@ use crate::vms::Registry;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use vmcsnap_dht::{Member, Membership, MembershipConfig};
 use vmcsnap_protocol::codec;
 use vmcsnap_protocol::NodeId;
 
-/// How often a node pulls missing commit records from its peers.
-pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+pub use crate::config::CATALOG_SYNC_INTERVAL;
 
 const MEMBERS_MAGIC: [u8; 4] = *b"VMMB";
 const MEMBERS_VERSION: u16 = 2;
@@ -85,6 +87,8 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     tasks.spawn(crate::server::accept_loop(node.clone(), endpoint.clone()));
     tasks.spawn(crate::control::accept_loop(node.clone(), control));
     tasks.spawn(sync_catalog(node.clone()));
+    tasks.spawn(crate::engine::gc::run(node.clone()));
+    tasks.spawn(crate::engine::scrub::run(node.clone()));
 
     match shutdown {
         Some(rx) => {
@@ -135,7 +139,8 @@ async fn watch_members(node: Arc<Node>) {
     }
 }
 
-/// Every [`CATALOG_SYNC_INTERVAL`], pulls the revocations and commit records this node lacks.
+/// Every [`CATALOG_SYNC_INTERVAL`], pulls the revocations, tombstones and commit records this
+/// node lacks.
 async fn sync_catalog(node: Arc<Node>) {
     let mut tick = tokio::time::interval(CATALOG_SYNC_INTERVAL);
     loop {
@@ -143,6 +148,10 @@ async fn sync_catalog(node: Arc<Node>) {
         let r = node.sync_revocations().await;
         if r > 0 {
             tracing::warn!(target: "vmcsnap::admission", added = r, "learned member removals from peers");
+        }
+        let t = node.sync_tombstones().await;
+        if t > 0 {
+            tracing::info!(target: "vmcsnap::catalog", added = t, "learned snapshot deletions from peers");
         }
         let n = node.sync_catalog().await;
         if n > 0 {

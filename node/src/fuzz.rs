@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use vmcsnap_dht::admission::{Certificate, Revocation, Trust};
 use vmcsnap_protocol::codec::{self, decode_body, encode_body};
 use vmcsnap_protocol::control::{decode_control, encode_control, ControlEvent, ControlRequest};
-use vmcsnap_protocol::manifest::{expand_level, level_sizes, ManifestRoot, SignedRecord, FANOUT};
+use vmcsnap_protocol::manifest::{expand_level, level_sizes, ManifestRoot, SignedRecord, SignedTombstone, FANOUT};
 use vmcsnap_protocol::wire::{CutCommand, CutReport, DataRequest, DataResponse};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
@@ -64,7 +64,7 @@ pub fn control(data: &[u8]) {
 }
 
 /// Persisted and transmitted records: signed commit records (and the legacy unsigned ones),
-/// certificates and revocations as tokens.
+/// tombstones, certificates and revocations as tokens.
 pub fn record(data: &[u8]) {
     if let Ok(r) = SignedRecord::decode(data) {
         r.validate().expect("a decoded record is valid");
@@ -75,6 +75,13 @@ pub fn record(data: &[u8]) {
         // Checking a signature never panics, whatever the record holds.
         if let Ok(trust) = Trust::new(r.record.initiator) {
             let _ = trust.check_record(&r);
+        }
+    }
+    if let Ok(t) = SignedTombstone::decode(data) {
+        let again = SignedTombstone::decode(&t.encode().expect("encode")).expect("decode");
+        assert_eq!(again, t);
+        if let Ok(trust) = Trust::new(t.tombstone.deleted_by) {
+            let _ = trust.check_tombstone(&t);
         }
     }
     let text = String::from_utf8_lossy(data);

@@ -16,7 +16,8 @@ use std::time::Duration;
 use vmcsnap_dht::admission::{Revocation, Trust};
 use vmcsnap_dht::{Member, Membership};
 use vmcsnap_protocol::control::VmInfo;
-use vmcsnap_protocol::manifest::{short_record_id, split_pick, CommitRecord, SignedRecord};
+use vmcsnap_protocol::control::Deleted;
+use vmcsnap_protocol::manifest::{short_record_id, split_pick, CommitRecord, SignedRecord, SignedTombstone};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse};
 use vmcsnap_protocol::NodeId;
 
@@ -90,6 +91,17 @@ pub enum FindError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// Why [`Node::delete`] deleted nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// No single record to delete.
+    #[error(transparent)]
+    Find(#[from] FindError),
+    /// Signing or keeping the tombstone failed.
+    #[error("cannot delete: {0}")]
+    Internal(String),
+}
+
 /// A running node.
 pub struct Node {
     /// This node's identity.
@@ -104,6 +116,8 @@ pub struct Node {
     pub trust: Arc<Trust>,
     /// Signs the commit records this node makes.
     pub signer: Signer,
+    /// Wakes the garbage collector (a snapshot was deleted).
+    pub gc_wake: tokio::sync::Notify,
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -112,7 +126,7 @@ pub struct Node {
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, membership, client, busy: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), membership, client, busy: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
@@ -279,12 +293,23 @@ impl Node {
     pub async fn sync_catalog(&self) -> usize {
         let peers = self.alive_peers();
         let added = fan_out(&peers, CATALOG_PEER_TIMEOUT, |p| async move { Ok(self.sync_catalog_from(&p).await) }).await;
-        added.into_iter().map(|a| a.unwrap_or(0)).sum()
+        added.into_iter().map(|a| a.ok().flatten().unwrap_or(0)).sum()
     }
 
-    async fn sync_catalog_from(&self, peer: &Member) -> usize {
+    /// Pulls commit records from every live peer, like [`Node::sync_catalog`]. Returns how
+    /// many members now agree with this node's catalog (this node and each peer whose list
+    /// was read in full) and how many members are known.
+    pub async fn sync_catalog_counted(&self) -> (usize, usize) {
+        let members = self.members().len().max(1);
+        let peers = self.alive_peers();
+        let answers = fan_out(&peers, CATALOG_PEER_TIMEOUT, |p| async move { Ok(self.sync_catalog_from(&p).await) }).await;
+        (1 + answers.into_iter().filter(|a| matches!(a, Ok(Some(_)))).count(), members)
+    }
+
+    /// `None` if the peer's list could not be read.
+    async fn sync_catalog_from(&self, peer: &Member) -> Option<usize> {
         let Ok(DataResponse::Catalog { entries }) = self.call(peer, DataRequest::CatalogList).await else {
-            return 0;
+            return None;
         };
         let mut added = 0;
         let mut asked = std::collections::HashSet::new();
@@ -303,12 +328,12 @@ impl Node {
                 }
                 match self.keep_record(&rec) {
                     Ok(crate::store::Kept::New | crate::store::Kept::Signed) => added += 1,
-                    Ok(crate::store::Kept::Already) => {}
+                    Ok(crate::store::Kept::Already | crate::store::Kept::Deleted) => {}
                     Err(err) => tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), name = %e.name, error = %err, "commit record refused"),
                 }
             }
         }
-        added
+        Some(added)
     }
 
     /// Checks a record from a peer (its rules, and that an admitted member signed it) and keeps
@@ -343,6 +368,50 @@ impl Node {
                 records: found.iter().map(|r| self.describe(r)).collect::<Vec<_>>().join(", "),
             }),
         }
+    }
+
+    /// Checks a tombstone (from a peer or this node) and keeps it: the record it names leaves
+    /// the catalog for good. Returns whether it was new here.
+    pub fn take_tombstone(&self, t: &SignedTombstone) -> Result<bool, RecordRefused> {
+        t.validate().map_err(|e| RecordRefused::Invalid(e.to_string()))?;
+        self.trust.check_tombstone(t).map_err(|e| RecordRefused::Invalid(format!("tombstone refused: {e}")))?;
+        let new = self.store.tombstone_put(t)?;
+        if new {
+            tracing::info!(target: "vmcsnap::catalog", name = %t.tombstone.name, record = %short_record_id(&t.tombstone.record),
+                by = %self.host_name(&t.tombstone.deleted_by), "snapshot deleted");
+            self.gc_wake.notify_one();
+        }
+        Ok(new)
+    }
+
+    /// Deletes the snapshot record `spec` names (`NAME` or `NAME@ID`) everywhere: a tombstone
+    /// signed by this node, kept here and given to every live peer (the others pull it at
+    /// their next catalog sync). Returns the deleted record's id and how many peers took it.
+    pub async fn delete(&self, spec: &str) -> Result<Deleted, DeleteError> {
+        let record = self.find_record(spec).await?;
+        let id = record.record_hash().map_err(|e| DeleteError::Internal(e.to_string()))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let t = self.signer.sign_tombstone(&record.name, id, now).map_err(|e| DeleteError::Internal(e.to_string()))?;
+        self.take_tombstone(&t).map_err(|e| DeleteError::Internal(e.to_string()))?;
+        let answers = self.ask_peers(DataRequest::Delete { tombstone: t }, PEER_ANSWER_TIMEOUT).await;
+        let told = answers.iter().filter(|(_, a)| matches!(a, Ok(DataResponse::Ok))).count();
+        Ok(Deleted { name: record.name, record: short_record_id(&id), told })
+    }
+
+    /// Pulls the tombstones this node lacks from every live peer. Returns how many were new.
+    pub async fn sync_tombstones(&self) -> usize {
+        let mut added = 0;
+        for (peer, a) in self.ask_peers(DataRequest::Tombstones, PEER_ANSWER_TIMEOUT).await {
+            let Ok(DataResponse::Tombstones { tombstones }) = a else { continue };
+            for t in tombstones.iter().take(vmcsnap_protocol::wire::TOMBSTONES_MAX) {
+                match self.take_tombstone(t) {
+                    Ok(true) => added += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), error = %e, "tombstone refused"),
+                }
+            }
+        }
+        added
     }
 
     /// `NAME@ID (committed by HOST at TIME ms)` for an operator choosing among records.

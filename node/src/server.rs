@@ -188,6 +188,15 @@ async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
             },
             Err(e) => error(RemoteErrorKind::BadRequest, e.to_string()),
         },
+        DataRequest::Delete { tombstone } => {
+            let n = node.clone();
+            match tokio::task::spawn_blocking(move || n.take_tombstone(&tombstone)).await {
+                Ok(Ok(_)) => DataResponse::Ok,
+                Ok(Err(crate::node::RecordRefused::Invalid(e))) => error(RemoteErrorKind::BadRequest, e),
+                Ok(Err(e)) => error(RemoteErrorKind::Storage, e.to_string()),
+                Err(e) => error(RemoteErrorKind::Failed, e.to_string()),
+            }
+        }
         DataRequest::Revocations => match crate::admission::revocations(&node.store) {
             Ok(list) => DataResponse::Revocations { tokens: list.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX).map(|r| r.to_token()).collect() },
             Err(e) => error(RemoteErrorKind::Storage, e.to_string()),

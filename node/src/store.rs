@@ -8,7 +8,8 @@
 //! - `catalog`: snapshot name, 0, record id → encoded [`SignedRecord`]. One name has one
 //!   record, except when two members committed different records under it: both are kept
 //!   (at most [`NAME_VERSIONS_MAX`]) and shown as a conflict for the operator to resolve;
-//! - `meta`: node metadata (the member list).
+//! - `meta`: node metadata (the member list, revocations, tombstones of deleted records
+//!   under `tomb/NAME/0/ID`, the bytes garbage collection has freed).
 //!
 //! **Invariant:** a page is stored only under its own hash. [`Store::put_verified`] re-hashes
 //! every page; [`Store::put_own`] is only for pages this node hashed itself.
@@ -18,12 +19,21 @@
 //! pages not yet synced, and a snapshot commits only after every owner answered a sync, so no
 //! committed snapshot can name a lost page; a page that `have` reported present but that was
 //! not yet durable is flushed by that same sync. Commit records use the log with fsync.
+//! A restart in between loses acknowledged pages, so each opening of the store draws a new
+//! [`Store::incarnation`], and a sync asked under another incarnation is refused.
+//!
+//! **Garbage collection** (`engine::gc`) removes pages with [`Store::delete_unwatched`] while a
+//! watch is open ([`Store::watch_begin`]): every page `have` finds present or `put` stores
+//! from then on is remembered, and is not deleted. A read lock held across each `have`
+//! and a write lock held across each deletion batch make the two exclusive, so a page
+//! reported present is never deleted under the snapshot that relies on it.
 
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use vmcsnap_protocol::manifest::{SignedRecord, NAME_VERSIONS_MAX};
+use vmcsnap_protocol::manifest::{SignedRecord, SignedTombstone, NAME_VERSIONS_MAX};
+use vmcsnap_protocol::wire::{GcStats, ScrubStats};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
 const CF_PAGES: &str = "pages";
@@ -31,6 +41,12 @@ const CF_PRESENT: &str = "present";
 const CF_CATALOG: &str = "catalog";
 const CF_META: &str = "meta";
 const META_MEMBERS: &[u8] = b"members";
+const META_RECLAIMED: &[u8] = b"gc/reclaimed";
+const TOMB_PREFIX: &[u8] = b"tomb/";
+
+fn tomb_key(name: &str, id: &PageHash) -> Vec<u8> {
+    [TOMB_PREFIX, name.as_bytes(), &[0], &id.0].concat()
+}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +77,24 @@ pub enum StoreError {
     /// A different snapshot already has this name.
     #[error("a different snapshot named {0:?} already exists")]
     NameConflict(String),
+    /// The store was reopened since the answers a sync was asked for: pages acknowledged then
+    /// may be lost.
+    #[error("this node restarted since it acknowledged the pages; they may be lost")]
+    Restarted,
     /// Too many different records under one name.
     #[error("snapshot name {0:?} already has {NAME_VERSIONS_MAX} conflicting records; resolve them first")]
     TooManyVersions(String),
+}
+
+/// One page as [`Store::read`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The page, checked against its hash.
+    Page(Vec<u8>),
+    /// Not stored here.
+    Missing,
+    /// Stored, but the bytes do not hash to the key: a damaged copy.
+    Corrupt,
 }
 
 /// What [`Store::catalog_put`] did.
@@ -75,6 +106,8 @@ pub enum Kept {
     Already,
     /// Held unsigned (from before admission); now signed.
     Signed,
+    /// Deleted: a tombstone is kept for it, so it is not taken back.
+    Deleted,
 }
 
 fn catalog_key(name: &str, id: &PageHash) -> Vec<u8> {
@@ -111,6 +144,16 @@ pub struct Store {
     index: std::sync::RwLock<PrefixSet>,
     /// Serialises page writes so that the exact page count stays exact under concurrent puts.
     write_lock: Mutex<()>,
+    /// Drawn at each opening: answers carry it, and a sync under another one is refused.
+    incarnation: u64,
+    /// Pages found present or stored since garbage collection's watch began (`None`: no watch).
+    watched: Mutex<Option<std::collections::HashSet<PageHash>>>,
+    /// Held shared across each `have`, exclusively across each deletion batch.
+    gc_lock: std::sync::RwLock<()>,
+    /// What garbage collection last published: its state and the bytes it found unreferenced.
+    gc_published: Mutex<(String, u64)>,
+    /// What the scrubber last published.
+    scrub_published: Mutex<ScrubStats>,
 }
 
 fn prefix(key: &[u8]) -> u64 {
@@ -118,6 +161,8 @@ fn prefix(key: &[u8]) -> u64 {
     b.copy_from_slice(&key[..8]);
     u64::from_be_bytes(b)
 }
+
+const BLOB_GC_AGE_CUTOFF: f64 = 0.25;
 
 fn cf_options(blob: bool) -> Options {
     let mut o = Options::default();
@@ -128,7 +173,10 @@ fn cf_options(blob: bool) -> Options {
         o.set_enable_blob_files(true);
         o.set_min_blob_size(1024);
         o.set_blob_file_size(256 << 20);
-        o.set_enable_blob_gc(false);
+        // Compactions move live blobs out of the oldest quarter of blob files, so files that
+        // hold only deleted pages go; garbage collection compacts with a cutoff of 1.0.
+        o.set_enable_blob_gc(true);
+        o.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF);
         o.set_write_buffer_size(64 << 20);
     }
     o
@@ -157,7 +205,17 @@ impl Store {
                 StoreError::Rocks(e)
             }
         })?;
-        let store = Self { db, pages: AtomicU64::new(0), index: Default::default(), write_lock: Mutex::new(()) };
+        let store = Self {
+            db,
+            pages: AtomicU64::new(0),
+            index: Default::default(),
+            write_lock: Mutex::new(()),
+            incarnation: rand::random(),
+            watched: Mutex::new(None),
+            gc_lock: Default::default(),
+            gc_published: Mutex::new(("idle".into(), 0)),
+            scrub_published: Mutex::new(ScrubStats { state: "idle".into(), ..Default::default() }),
+        };
         let mut index = PrefixSet::default();
         for kv in store.db.iterator_cf(store.cf(CF_PRESENT), rocksdb::IteratorMode::Start) {
             let (k, _) = kv?;
@@ -210,6 +268,21 @@ impl Store {
 
     /// For each hash, whether this store holds the page.
     pub fn have(&self, hashes: &[PageHash]) -> Result<Vec<bool>, StoreError> {
+        let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let out = self.have_unwatched(hashes)?;
+        self.watch(hashes.iter().zip(&out).filter(|(_, &h)| h).map(|(h, _)| *h));
+        Ok(out)
+    }
+
+    /// Remembers pages for an open garbage-collection watch.
+    fn watch(&self, hashes: impl Iterator<Item = PageHash>) {
+        let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = w.as_mut() {
+            set.extend(hashes);
+        }
+    }
+
+    fn have_unwatched(&self, hashes: &[PageHash]) -> Result<Vec<bool>, StoreError> {
         let cf = self.cf(CF_PRESENT);
         let mut out = vec![false; hashes.len()];
         let maybe: Vec<usize> = {
@@ -245,7 +318,8 @@ impl Store {
         let hashes: Vec<PageHash> = pages.iter().map(|(h, _)| *h).collect();
         #[allow(clippy::unwrap_used)] // a poisoned lock means a panic already happened
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let have = self.have(&hashes)?;
+        let have = self.have_unwatched(&hashes)?;
+        self.watch(hashes.iter().copied());
         let mut batch = WriteBatch::default();
         let mut stored = 0u32;
         let mut seen = std::collections::HashSet::new();
@@ -271,9 +345,27 @@ impl Store {
         Ok((stored, pages.len() as u32 - stored))
     }
 
-    /// Reads pages; `None` where the store lacks one. Each page read is checked against its
-    /// hash, so a corrupted disk is reported, not served.
+    /// Reads pages; `None` where the store lacks one or holds a corrupt copy. Each page read
+    /// is checked against its hash, so a corrupted disk is reported (logged, counted, and
+    /// left for the scrubber to repair), never served.
     pub fn get(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        Ok(self
+            .read(hashes)?
+            .into_iter()
+            .zip(hashes)
+            .map(|(r, h)| match r {
+                Read::Page(p) => Some(p),
+                Read::Missing => None,
+                Read::Corrupt => {
+                    tracing::error!(target: "vmcsnap::store", page = %h, "a stored page does not match its hash; not served (the scrubber repairs it from a replica)");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Reads pages and tells a missing page from a corrupt one.
+    pub fn read(&self, hashes: &[PageHash]) -> Result<Vec<Read>, StoreError> {
         // RocksDB's own block and blob checksums are redundant here: every page is checked
         // against its BLAKE3 hash below, which catches everything a CRC would (10% of a
         // restore's CPU in a profile).
@@ -282,18 +374,48 @@ impl Store {
         let got = self.db.batched_multi_get_cf_opt(self.cf(CF_PAGES), hashes.iter().map(|h| h.0), false, &ro);
         let mut out = Vec::with_capacity(hashes.len());
         for (h, r) in hashes.iter().zip(got) {
-            match r? {
-                Some(p) => {
-                    let actual = hash_page(&p);
-                    if actual != *h {
-                        return Err(StoreError::HashMismatch { expected: *h, actual });
-                    }
-                    out.push(Some(p.to_vec()));
-                }
-                None => out.push(None),
-            }
+            out.push(match r? {
+                Some(p) if p.len() == PAGE_SIZE && hash_page(&p) == *h => Read::Page(p.to_vec()),
+                Some(_) => Read::Corrupt,
+                None => Read::Missing,
+            });
         }
         Ok(out)
+    }
+
+    /// Replaces a stored page's (corrupt) copy with `data`, which must hash to `hash`; synced.
+    pub fn repair(&self, hash: PageHash, data: &[u8]) -> Result<(), StoreError> {
+        if data.len() != PAGE_SIZE {
+            return Err(StoreError::BadPageSize(data.len()));
+        }
+        let actual = hash_page(data);
+        if actual != hash {
+            return Err(StoreError::HashMismatch { expected: hash, actual });
+        }
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(self.cf(CF_PAGES), hash.0, data, &wo)?;
+        Ok(())
+    }
+
+    /// Drops a corrupt copy that no replica could repair, so that `have` stops claiming it
+    /// (the next snapshot that needs the page stores it again). Returns whether it was held.
+    pub fn drop_corrupt(&self, hash: PageHash) -> Result<bool, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _gc = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        if !self.have_unwatched(&[hash])?[0] {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_PAGES), hash.0);
+        batch.delete_cf(self.cf(CF_PRESENT), hash.0);
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        self.index.write().unwrap_or_else(|p| p.into_inner()).remove(&hash.prefix_u64());
+        self.pages.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Makes every page written before this call durable: flushes the page memtables to
@@ -326,6 +448,9 @@ impl Store {
         let name = &rec.record.name;
         #[allow(clippy::unwrap_used)]
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.db.get_cf(self.cf(CF_META), tomb_key(name, &id))?.is_some() {
+            return Ok(Kept::Deleted);
+        }
         let held = self.catalog_get(name)?;
         let mut kept = Kept::New;
         if let Some(old) = held.iter().find(|o| o.id().ok() == Some(id)) {
@@ -367,6 +492,171 @@ impl Store {
             out.push(SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// This opening's incarnation (random; a restart draws another).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Makes every page acknowledged under `incarnation` durable; refused (`Restarted`) if the
+    /// store was reopened since, because pages acknowledged before may be lost.
+    pub fn sync_incarnation(&self, incarnation: u64) -> Result<(), StoreError> {
+        if incarnation != self.incarnation {
+            return Err(StoreError::Restarted);
+        }
+        self.sync()
+    }
+
+    /// Deletes a commit record for good: keeps `tombstone` (synced) and drops the record if
+    /// held. Returns whether the tombstone is new here.
+    pub fn tombstone_put(&self, tombstone: &SignedTombstone) -> Result<bool, StoreError> {
+        let t = &tombstone.tombstone;
+        let bytes = tombstone.encode().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let key = tomb_key(&t.name, &t.record);
+        if self.db.get_cf(self.cf(CF_META), &key)?.is_some() {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), key, bytes);
+        batch.delete_cf(self.cf(CF_CATALOG), catalog_key(&t.name, &t.record));
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(true)
+    }
+
+    /// Every tombstone kept here, newest first.
+    pub fn tombstones(&self) -> Result<Vec<SignedTombstone>, StoreError> {
+        let mut out = Vec::new();
+        for (_, v) in self.meta_prefix(TOMB_PREFIX)? {
+            out.push(SignedTombstone::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        out.sort_by(|a, b| b.tombstone.deleted_unix_ms.cmp(&a.tombstone.deleted_unix_ms));
+        Ok(out)
+    }
+
+    /// Opens garbage collection's watch: from now on every page `have` finds present or `put`
+    /// stores is remembered until [`Store::watch_end`], and [`Store::delete_unwatched`] spares it.
+    pub fn watch_begin(&self) {
+        *self.watched.lock().unwrap_or_else(|p| p.into_inner()) = Some(Default::default());
+    }
+
+    /// Closes the watch.
+    pub fn watch_end(&self) {
+        *self.watched.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Deletes those of `hashes` that no `have` or `put` touched since the watch began (and
+    /// none at all without a watch). Returns how many pages were deleted.
+    pub fn delete_unwatched(&self, hashes: &[PageHash]) -> Result<u64, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _gc = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let doomed: Vec<PageHash> = {
+            let w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(watched) = w.as_ref() else { return Ok(0) };
+            hashes.iter().filter(|h| !watched.contains(h)).copied().collect()
+        };
+        let present = self.have_unwatched(&doomed)?;
+        let doomed: Vec<PageHash> = doomed.into_iter().zip(present).filter(|(_, p)| *p).map(|(h, _)| h).collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = WriteBatch::default();
+        for h in &doomed {
+            batch.delete_cf(self.cf(CF_PAGES), h.0);
+            batch.delete_cf(self.cf(CF_PRESENT), h.0);
+        }
+        let n = doomed.len() as u64;
+        let reclaimed = self.reclaimed_bytes()? + n * PAGE_SIZE as u64;
+        batch.put_cf(self.cf(CF_META), META_RECLAIMED, reclaimed.to_le_bytes());
+        self.db.write(batch)?;
+        // A prefix shared with a page that stays only makes `have` look in RocksDB (2^-64).
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for h in &doomed {
+            index.remove(&h.prefix_u64());
+        }
+        self.pages.fetch_sub(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Every stored page's hash, in hash order.
+    pub fn stored_hashes(&self) -> Result<Vec<PageHash>, StoreError> {
+        let mut out = Vec::with_capacity(self.page_count() as usize);
+        for kv in self.db.iterator_cf(self.cf(CF_PRESENT), rocksdb::IteratorMode::Start) {
+            let (k, _) = kv?;
+            let mut h = [0u8; 32];
+            if k.len() != 32 {
+                return Err(StoreError::Corrupt(format!("page key of {} bytes", k.len())));
+            }
+            h.copy_from_slice(&k);
+            out.push(PageHash(h));
+        }
+        Ok(out)
+    }
+
+    /// Whether the store may hold `hash` (an in-memory check; false means it does not).
+    pub fn may_hold(&self, hash: &PageHash) -> bool {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).contains(&hash.prefix_u64())
+    }
+
+    /// Rewrites the page files so that deleted pages' space goes back to the file system
+    /// (every blob file is eligible for blob garbage collection during this compaction).
+    pub fn compact_pages(&self) -> Result<(), StoreError> {
+        let cf = self.cf(CF_PAGES);
+        self.db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "1.0")])?;
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &o);
+        self.db.compact_range_cf_opt(self.cf(CF_PRESENT), None::<&[u8]>, None::<&[u8]>, &o);
+        self.db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", &BLOB_GC_AGE_CUTOFF.to_string())])?;
+        Ok(())
+    }
+
+    /// Publishes garbage collection's state and the bytes it found unreferenced (for `Stats`).
+    pub fn gc_publish(&self, state: &str, reclaimable_bytes: Option<u64>) {
+        let mut g = self.gc_published.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = state.to_string();
+        if let Some(b) = reclaimable_bytes {
+            g.1 = b;
+        }
+    }
+
+    /// Publishes the scrubber's figures (for `Stats`).
+    pub fn scrub_publish(&self, f: impl FnOnce(&mut ScrubStats)) {
+        f(&mut self.scrub_published.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The scrubber's figures.
+    pub fn scrub_stats(&self) -> ScrubStats {
+        self.scrub_published.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Garbage collection's figures.
+    pub fn gc_stats(&self) -> Result<GcStats, StoreError> {
+        let (state, reclaimable_bytes) = self.gc_published.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(GcStats { state, reclaimable_bytes, reclaimed_bytes: self.reclaimed_bytes()?, disk_bytes: self.disk_bytes() })
+    }
+
+    /// Bytes freed by garbage collection since the store was created.
+    pub fn reclaimed_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_get(META_RECLAIMED)?.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0))
+    }
+
+    /// Bytes of the store's files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(self.db.path())
     }
 
     /// Saves an opaque metadata value.
@@ -452,10 +742,86 @@ mod tests {
         assert!(matches!(s.put_verified(&[(hash_page(&short), &short)]), Err(StoreError::BadPageSize(100))));
     }
 
+    #[test]
+    fn a_restart_changes_the_incarnation_and_a_sync_under_the_old_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        let first = s.incarnation();
+        let a = page(1);
+        s.put_verified(&[(hash_page(&a), &a)]).expect("put");
+        s.sync_incarnation(first).expect("same incarnation");
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_ne!(s.incarnation(), first);
+        assert!(matches!(s.sync_incarnation(first), Err(StoreError::Restarted)));
+    }
+
+    #[test]
+    fn deletion_spares_watched_pages_and_space_comes_back() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        // 8 MiB of distinct pages, synced: blob files on disk.
+        let pages: Vec<Vec<u8>> = (0..2048u32)
+            .map(|i| {
+                let mut p = vec![0u8; PAGE_SIZE];
+                p[..4].copy_from_slice(&i.to_le_bytes());
+                p[PAGE_SIZE - 4..].copy_from_slice(&(i ^ 0xdead_beef).to_le_bytes());
+                p
+            })
+            .collect();
+        let hashes: Vec<PageHash> = pages.iter().map(|p| hash_page(p)).collect();
+        let refs: Vec<(PageHash, &[u8])> = hashes.iter().zip(&pages).map(|(h, p)| (*h, p.as_slice())).collect();
+        s.put_verified(&refs).expect("put");
+        s.sync().expect("sync");
+        let full = s.disk_bytes();
+        assert!(full > 8 << 20, "{full} bytes on disk");
+        // No watch: nothing is deleted.
+        assert_eq!(s.delete_unwatched(&hashes).expect("delete"), 0);
+        s.watch_begin();
+        // A snapshot asks for page 0 and stores page 1 again: both are spared.
+        assert_eq!(s.have(&hashes[..1]).expect("have"), vec![true]);
+        s.put_verified(&refs[1..2]).expect("put");
+        assert_eq!(s.delete_unwatched(&hashes).expect("delete"), 2046);
+        s.watch_end();
+        assert_eq!(s.page_count(), 2);
+        assert_eq!(s.have(&hashes[..3]).expect("have"), vec![true, true, false]);
+        assert_eq!(s.reclaimed_bytes().expect("reclaimed"), 2046 * PAGE_SIZE as u64);
+        s.compact_pages().expect("compact");
+        let after = s.disk_bytes();
+        assert!(after < full / 4, "{after} bytes on disk after deleting 2046 of 2048 pages (was {full})");
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.page_count(), 2, "deletions survive a restart");
+        assert_eq!(s.get(&hashes[..2]).expect("get"), vec![Some(pages[0].clone()), Some(pages[1].clone())]);
+    }
+
     fn record(name: &str, created: u64) -> SignedRecord {
         let mut record = vmcsnap_protocol::manifest::CommitRecord::minimal(vmcsnap_protocol::NodeId([1; 32]), name);
         record.created_unix_ms = created;
         SignedRecord { record, certificate: "cert".into(), signature: vec![7; 64] }
+    }
+
+    fn tombstone(r: &SignedRecord) -> SignedTombstone {
+        let t = vmcsnap_protocol::manifest::Tombstone { name: r.record.name.clone(), record: r.id().expect("id"), deleted_by: vmcsnap_protocol::NodeId([1; 32]), deleted_unix_ms: 9 };
+        SignedTombstone { tombstone: t, certificate: "cert".into(), signature: vec![7; 64] }
+    }
+
+    #[test]
+    fn a_tombstone_removes_its_record_for_good() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        let (a, b) = (record("s", 1), record("s", 2));
+        s.catalog_put(&a).expect("put");
+        s.catalog_put(&b).expect("put");
+        assert!(s.tombstone_put(&tombstone(&a)).expect("tomb"));
+        assert!(!s.tombstone_put(&tombstone(&a)).expect("again"));
+        assert_eq!(s.catalog_get("s").expect("get"), vec![b.clone()], "only the other record stays");
+        assert_eq!(s.catalog_put(&a).expect("back"), Kept::Deleted, "a peer cannot bring it back");
+        assert_eq!(s.catalog_get("s").expect("get").len(), 1);
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.tombstones().expect("list"), vec![tombstone(&a)]);
+        assert_eq!(s.catalog_put(&a).expect("back"), Kept::Deleted);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use vmcsnap_dht::membership::node_id_of_key;
 use vmcsnap_dht::{ClusterKey, Member, Membership, MembershipConfig, Trust};
 use vmcsnap_node::net::{self, DataClient, NetError};
 use vmcsnap_node::NodeConfig;
-use vmcsnap_dht::admission::sign_record;
-use vmcsnap_protocol::manifest::{CaptureMode, CommitRecord, SignedRecord};
+use vmcsnap_dht::admission::{sign_record, sign_tombstone};
+use vmcsnap_protocol::manifest::{CaptureMode, CommitRecord, SignedRecord, SignedTombstone, Tombstone};
 use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse, PagePut, RemoteErrorKind, HAVE_HASHES_MAX};
 use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
 
@@ -26,12 +26,14 @@ fn free_addr() -> SocketAddr {
 }
 
 /// One request of every kind a peer can make, each one that acts or reads included.
-fn every_request(page: PageHash, record: SignedRecord, placement: Vec<NodeId>) -> Vec<DataRequest> {
+fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombstone, placement: Vec<NodeId>) -> Vec<DataRequest> {
     vec![
         DataRequest::Have { hashes: vec![page] },
         DataRequest::Put { pages: vec![PagePut { hash: page, data: vec![0u8; PAGE_SIZE].into() }] },
         DataRequest::Get { hashes: vec![page] },
-        DataRequest::Sync,
+        DataRequest::Sync { incarnation: 0 },
+        DataRequest::Delete { tombstone: tombstone.clone() },
+        DataRequest::Tombstones,
         DataRequest::Commit { record },
         DataRequest::CatalogList,
         DataRequest::CatalogGet { name: "x".into() },
@@ -89,6 +91,10 @@ async fn owners_reject_bad_pages_and_strangers() {
         join: Some(cluster.certify(node_id, "solo", 1).expect("certify").to_token()),
         qemu_dir: "/usr/bin".into(),
         launch_dirs: vec![],
+        snapshot_deadline: vmcsnap_node::config::DEFAULT_SNAPSHOT_DEADLINE,
+        gc_interval: vmcsnap_node::config::DEFAULT_GC_INTERVAL,
+        scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
+        scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
     };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 
@@ -117,11 +123,16 @@ async fn owners_reject_bad_pages_and_strangers() {
     let put = DataRequest::Put { pages: vec![PagePut { hash: good, data: vec![7u8; 100].into() }] };
     assert!(matches!(client.request(target.id, target.data_addr, &put).await, Err(NetError::Remote { kind: RemoteErrorKind::HashMismatch, .. })));
     let have = client.request(target.id, target.data_addr, &DataRequest::Have { hashes: vec![good, wrong] }).await.expect("have");
-    assert_eq!(have, DataResponse::Have { missing: vec![0, 1] });
+    let DataResponse::Have { missing, incarnation } = have else { panic!("{have:?}") };
+    assert_eq!(missing, vec![0, 1]);
 
     // The honest page is stored and served back, and counted once.
     let put = DataRequest::Put { pages: vec![PagePut { hash: good, data: page.clone().into() }] };
-    assert_eq!(client.request(target.id, target.data_addr, &put).await.expect("put"), DataResponse::Put { stored: 1, already: 0 });
+    assert_eq!(client.request(target.id, target.data_addr, &put).await.expect("put"), DataResponse::Put { stored: 1, already: 0, incarnation });
+    // A sync under another incarnation (the owner restarted since it answered) is refused.
+    let r = client.request(target.id, target.data_addr, &DataRequest::Sync { incarnation: incarnation ^ 1 }).await;
+    assert!(matches!(r, Err(NetError::Remote { kind: RemoteErrorKind::Restarted, .. })), "{r:?}");
+    assert_eq!(client.request(target.id, target.data_addr, &DataRequest::Sync { incarnation }).await.expect("sync"), DataResponse::Synced);
     let got = client.request(target.id, target.data_addr, &DataRequest::Get { hashes: vec![good, wrong] }).await.expect("get");
     assert_eq!(got, DataResponse::Pages { pages: vec![Some(page.clone().into()), None] });
     match client.request(target.id, target.data_addr, &DataRequest::Stats).await.expect("stats") {
@@ -157,6 +168,7 @@ async fn owners_reject_bad_pages_and_strangers() {
     }
     assert!(matches!(client.request(target.id, target.data_addr, &DataRequest::CatalogList).await, Ok(DataResponse::Catalog { entries }) if entries.is_empty()));
     let honest = sign_record(&kp, &certificate, CommitRecord::minimal(me_id, "honest")).expect("sign");
+    let tombstone = sign_tombstone(&kp, &certificate, Tombstone { name: "honest".into(), record: honest.id().expect("id"), deleted_by: me_id, deleted_unix_ms: 1 }).expect("sign");
 
     // One peer holds at most CONNECTIONS_PER_PEER_MAX connections: `client` holds one, three
     // more endpoints with the same key are served, the next is refused.
@@ -198,14 +210,14 @@ async fn owners_reject_bad_pages_and_strangers() {
     .expect("membership");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!me.members().iter().any(|m| m.id == outsider.local() && m.alive), "the probe took the outsider in");
-    for (req, r) in each_once(&outsider_kp, &target, every_request(good, honest.clone(), vec![target.id])).await {
+    for (req, r) in each_once(&outsider_kp, &target, every_request(good, honest.clone(), tombstone.clone(), vec![target.id])).await {
         assert!(r.is_err(), "the outsider was served {req:?}: {r:?}");
     }
     outsider.shutdown().await;
 
     // A stranger with a valid TLS identity but no membership is cut off.
     let stranger_kp = Keypair::generate_ed25519();
-    for (req, r) in each_once(&stranger_kp, &target, every_request(good, honest.clone(), vec![target.id])).await {
+    for (req, r) in each_once(&stranger_kp, &target, every_request(good, honest.clone(), tombstone.clone(), vec![target.id])).await {
         assert!(r.is_err(), "a non-member was served {req:?}: {r:?}");
     }
     // Nothing the two sent was kept: the catalog is empty still.

@@ -43,7 +43,7 @@ mod seeds {
     use vmcsnap_node::qemu::stream;
     use vmcsnap_protocol::codec::encode_body;
     use vmcsnap_protocol::control::{encode_control, ControlEvent, ControlRequest, ErrorKind};
-    use vmcsnap_protocol::manifest::{build_manifest, BlobRef, CaptureMode, CommitRecord, QemuState, VmEntry, VmStats};
+    use vmcsnap_protocol::manifest::{build_manifest, BlobRef, CaptureMode, CommitRecord, QemuState, Tombstone, VmEntry, VmStats};
     use vmcsnap_protocol::wire::{CatalogEntry, CutBegin, CutCommand, CutReport, DataRequest, DataResponse, PagePut};
     use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
@@ -177,6 +177,8 @@ mod seeds {
         put(&dir, "record", "legacy-unsigned", &record.encode().expect("encode"));
         put(&dir, "record", "certificate", cert.to_token().as_bytes());
         put(&dir, "record", "revocation", cluster.revoke(me).to_token().as_bytes());
+        let tomb = vmcsnap_dht::admission::sign_tombstone(&key, &cert, Tombstone { name: "nightly".into(), record: signed.id().expect("id"), deleted_by: me, deleted_unix_ms: 1 }).expect("sign");
+        put(&dir, "record", "tombstone", &tomb.encode().expect("encode"));
 
         // Manifest: pages, depth, then the top and the chunk pages as the target reads them.
         let mut m = built.root.pages.to_le_bytes().to_vec();
@@ -208,12 +210,15 @@ mod seeds {
             DataRequest::Cut(CutBegin { name: "nightly".into(), vms: vec![("web1".into(), None)], mode: CaptureMode::PreCopy, replicas: 2, placement: vec![me], max_bandwidth: None }),
             DataRequest::Revoke { token: cluster.revoke(me).to_token() },
             DataRequest::RestoreVm { name: "nightly@0123abcd".into(), vm: "web1".into() },
+            DataRequest::Sync { incarnation: 7 },
+            DataRequest::Delete { tombstone: tomb.clone() },
         ];
         for (i, r) in requests.iter().enumerate() {
             put(&dir, "wire", &format!("request-{i}"), &encode_body(r).expect("encode"));
         }
         let responses = vec![
-            DataResponse::Have { missing: vec![0, 3] },
+            DataResponse::Have { missing: vec![0, 3], incarnation: 7 },
+            DataResponse::Tombstones { tombstones: vec![tomb.clone()] },
             DataResponse::Pages { pages: vec![Some(page.clone().into()), None] },
             DataResponse::Catalog { entries: vec![CatalogEntry { name: "nightly".into(), record_hash: signed.id().expect("id") }] },
             DataResponse::Records { records: vec![signed.clone()] },

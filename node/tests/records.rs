@@ -64,6 +64,10 @@ fn config(h: &Host, cluster: &ClusterKey, peers: Vec<SocketAddr>) -> NodeConfig 
         join: Some(h.cert.to_token()),
         qemu_dir: "/usr/bin".into(),
         launch_dirs: vec![],
+        snapshot_deadline: vmcsnap_node::config::DEFAULT_SNAPSHOT_DEADLINE,
+        gc_interval: vmcsnap_node::config::DEFAULT_GC_INTERVAL,
+        scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
+        scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
     }
 }
 

@@ -15,8 +15,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Magic at the start of every control frame body.
 pub const CONTROL_MAGIC: [u8; 4] = *b"VMCC";
 /// Version of the control protocol. Version 1 was unversioned (bare bincode frames); 2 added
-/// this header and [`ErrorKind`].
-pub const CONTROL_VERSION: u16 = 3;
+/// this header and [`ErrorKind`]; 3 record ids and conflicts; 4 deletion, verify, GC and
+/// scrub figures.
+pub const CONTROL_VERSION: u16 = 4;
 
 /// Encodes one control message as a frame (length, magic, version, body).
 pub fn encode_control<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
@@ -141,6 +142,20 @@ pub enum ControlRequest {
     SnapshotShow {
         /// Snapshot name.
         name: String,
+    },
+    /// Check that every page of a snapshot is on each of its owners (deep: read back and
+    /// hashed there).
+    SnapshotVerify {
+        /// Snapshot name (or `NAME@ID`).
+        name: String,
+        /// Read and hash every copy.
+        deep: bool,
+    },
+    /// Delete snapshots, everywhere (`NAME` or `NAME@ID` each): a signed tombstone per record,
+    /// kept here and given to every live member. Their pages are freed by garbage collection.
+    SnapshotDelete {
+        /// The snapshots.
+        names: Vec<String>,
     },
     /// Members and what they store.
     ClusterStatus,
@@ -278,6 +293,62 @@ pub struct MemberStatus {
     pub alive: bool,
     /// This is the node that answered the request.
     pub local: bool,
+    /// Its garbage collector; `None` when the member did not answer.
+    pub gc: Option<crate::wire::GcStats>,
+    /// Its scrubber; `None` when the member did not answer.
+    pub scrub: Option<crate::wire::ScrubStats>,
+}
+
+/// What `snapshot verify` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// The snapshot.
+    pub name: String,
+    /// Its record id (first 12 hex characters).
+    pub record: String,
+    /// Whether every copy was read and hashed (not just asked for).
+    pub deep: bool,
+    /// One entry per VM.
+    pub vms: Vec<VmVerify>,
+    /// Every copy of every page is where it should be (and, deep, correct).
+    pub ok: bool,
+}
+
+/// One VM's pages, per owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmVerify {
+    /// The VM.
+    pub vm: String,
+    /// Distinct non-zero pages the VM's snapshot needs (memory, manifest, device state).
+    pub pages: u64,
+    /// Each owner of some of them.
+    pub owners: Vec<OwnerVerify>,
+}
+
+/// What one owner holds of one VM's pages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerVerify {
+    /// The owner's name (its node id if it is not a member now).
+    pub owner: String,
+    /// Pages it should hold.
+    pub pages: u64,
+    /// Of those, pages it does not hold.
+    pub missing: u64,
+    /// Of those, pages whose copy is damaged (deep only).
+    pub corrupt: u64,
+    /// Why it could not be asked (down, unreachable); its pages are then not counted.
+    pub unreachable: Option<String>,
+}
+
+/// One deleted snapshot record (`snapshot delete`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// Its name.
+    pub name: String,
+    /// Its record id (first 12 hex characters).
+    pub record: String,
+    /// Live peers that took the tombstone (the others learn it at their next catalog sync).
+    pub told: usize,
 }
 
 /// The answer to `cluster status`.
@@ -302,6 +373,10 @@ pub enum ControlResult {
     List(Vec<SnapshotInfo>),
     /// From `SnapshotShow`.
     Show(Box<CommitRecord>),
+    /// From `SnapshotDelete`.
+    Deleted(Vec<Deleted>),
+    /// From `SnapshotVerify`.
+    Verified(VerifyReport),
     /// From `ClusterStatus`.
     Cluster(ClusterStatus),
     /// From `VmAdd` and `VmRemove`.

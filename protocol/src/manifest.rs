@@ -246,6 +246,66 @@ impl SignedRecord {
     }
 }
 
+/// What a deleting member signs: this domain, then the encoded [`Tombstone`].
+pub const TOMBSTONE_SIGNING_DOMAIN: &[u8] = b"vmcsnap tombstone 1\0";
+const TOMBSTONE_MAGIC: [u8; 4] = *b"VMCT";
+const TOMBSTONE_VERSION: u16 = 1;
+
+/// The deletion of one commit record: it leaves every catalog and never comes back (a node
+/// that was down when it was deleted learns the tombstone at its next catalog sync, and a
+/// peer that still offers the record is not listened to).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The snapshot's name.
+    pub name: String,
+    /// The deleted record's id ([`SignedRecord::id`]).
+    pub record: PageHash,
+    /// The member that deleted it.
+    pub deleted_by: NodeId,
+    /// Milliseconds since the Unix epoch at deletion.
+    pub deleted_unix_ms: u64,
+}
+
+/// A [`Tombstone`] signed by the member that deleted the record, with its admission
+/// certificate (checked like a commit record's by `vmcsnap_dht::admission::Trust`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTombstone {
+    /// The tombstone.
+    pub tombstone: Tombstone,
+    /// The deleting member's admission certificate, as a token.
+    pub certificate: String,
+    /// Ed25519 signature by `tombstone.deleted_by` over [`SignedTombstone::signed_bytes`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedTombstone {
+    /// What the deleting member signs.
+    pub fn signed_bytes(t: &Tombstone) -> Result<Vec<u8>, CodecError> {
+        Ok([TOMBSTONE_SIGNING_DOMAIN, &codec::encode_body(t)?].concat())
+    }
+
+    /// Encodes for storage: magic `VMCT`, version, body.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode_record(TOMBSTONE_MAGIC, TOMBSTONE_VERSION, self)
+    }
+
+    /// Decodes a kept tombstone and checks its bounds.
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let t: Self = codec::decode_record(TOMBSTONE_MAGIC, "tombstone", TOMBSTONE_VERSION, bytes)?;
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// Checks the name and the envelope's bounds (not the signature).
+    pub fn validate(&self) -> Result<(), RecordError> {
+        if self.certificate.len() > CERTIFICATE_CHARS_MAX || self.signature.len() > SIGNATURE_BYTES {
+            return Err(RecordError::Invalid("oversized certificate or signature".into()));
+        }
+        validate_name("snapshot name", &self.tombstone.name).map_err(RecordError::Invalid)
+    }
+}
+
 /// Formats a record id as the operator sees it (`NAME@ID`): the first 12 hex characters.
 pub fn short_record_id(id: &PageHash) -> String {
     id.to_string()[..12].to_string()

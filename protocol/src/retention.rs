@@ -68,8 +68,8 @@ impl Decision {
 const HOUR_MS: u64 = 3_600_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
 
-/// (year, month 1..=12) of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil(days: u64) -> (i64, u32) {
+/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (proleptic Gregorian).
+pub fn civil(days: u64) -> (i64, u32, u32) {
     // Howard Hinnant's civil_from_days.
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -77,15 +77,16 @@ fn civil(days: u64) -> (i64, u32) {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month)
+    (year, month, day)
 }
 
 /// The bucket of `ms` for each time rule, in the order hourly, daily, weekly, monthly, yearly.
 fn buckets(ms: u64) -> [i64; 5] {
     let days = ms / DAY_MS;
-    let (year, month) = civil(days);
+    let (year, month, _) = civil(days);
     [
         (ms / HOUR_MS) as i64,
         days as i64,
@@ -144,11 +145,10 @@ mod tests {
 
     #[test]
     fn civil_dates_are_right() {
-        assert_eq!(civil(0), (1970, 1));
-        assert_eq!(civil(31), (1970, 2));
-        // 2000-02-29 and 2026-12-02.
-        assert_eq!(civil(11_016), (2000, 2));
-        assert_eq!(civil(20_789), (2026, 12));
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(civil(31), (1970, 2, 1));
+        assert_eq!(civil(11_016), (2000, 2, 29));
+        assert_eq!(civil(20_789), (2026, 12, 2));
     }
 
     #[test]

@@ -16,9 +16,23 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// `2026-12-02 05:42:07 UTC` for milliseconds since the Unix epoch.
+pub fn utc_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (y, m, d) = crate::retention::civil(secs / 86_400);
+    let t = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", t / 3600, t / 60 % 60, t % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_times_read_as_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(1_796_183_327_000), "2026-12-02 03:48:47 UTC");
+    }
 
     #[test]
     fn sizes() {

@@ -9,22 +9,28 @@
 //!     participant S as snapshotting node
 //!     participant O as owner
 //!     S->>O: Have { hashes (<= HAVE_HASHES_MAX) }
-//!     O-->>S: Have { missing indexes }
+//!     O-->>S: Have { missing indexes, incarnation }
 //!     S->>O: Put { pages (<= PUT_PAGES_MAX) }
 //!     Note over O: re-hash every page, reject a mismatch, write to RocksDB
-//!     O-->>S: Put { stored, already }
-//!     S->>O: Sync
-//!     Note over O: fsync the write-ahead log
+//!     O-->>S: Put { stored, already, incarnation }
+//!     S->>O: Sync { incarnation }
+//!     Note over O: refuse if restarted since; flush pages to fsynced files
 //!     O-->>S: Synced
 //!     S->>O: Commit { record } (to every live member)
 //!     O-->>S: Committed
 //! ```
 //!
+//! The incarnation is a random number a node draws at each start. Pages an owner acknowledged
+//! are in memory until `Sync`; an owner that restarted in between lost them, so `Sync` carries
+//! the incarnation the owner's answers showed and a restarted owner refuses it
+//! ([`RemoteErrorKind::Restarted`]): the snapshot fails instead of committing pages that are
+//! gone.
+//!
 //! Restore is `Get { hashes (<= GET_PAGES_MAX) }` → `Pages`, with the restorer verifying every
 //! page against the hash it asked for.
 
 use crate::control::{RestoreSummary, VmInfo};
-use crate::manifest::{CaptureMode, SignedRecord, VmEntry};
+use crate::manifest::{CaptureMode, SignedRecord, SignedTombstone, VmEntry};
 use crate::{NodeId, PageHash};
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +43,9 @@ use serde::{Deserialize, Serialize};
 ///   the cut conversation (`Cut`), VM registry and remote restore requests.
 /// - `vmcsnap/data/3`: admission (`Revoke`, `Revocations`), signed commit records
 ///   (`Commit` and `Records` carry [`SignedRecord`]s; a name may hold conflicting records).
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/3";
+/// - `vmcsnap/data/4`: incarnations (`Have`, `Put`, `Sync`), deletion (`Delete`,
+///   `Tombstones`), garbage-collection and scrub figures in `Stats`.
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/4";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -49,10 +57,42 @@ pub const GET_PAGES_MAX: usize = 256;
 pub const CATALOG_ENTRIES_MAX: usize = 16_384;
 /// Most revocations in one `Revocations` answer.
 pub const REVOCATIONS_MAX: usize = 4096;
+/// Most tombstones in one `Tombstones` answer (the newest).
+pub const TOMBSTONES_MAX: usize = 4096;
 
 const _: () = assert!(PUT_PAGES_MAX * crate::PAGE_SIZE < crate::codec::MESSAGE_BYTES_MAX / 2);
 const _: () = assert!(GET_PAGES_MAX * crate::PAGE_SIZE < crate::codec::MESSAGE_BYTES_MAX / 2);
 const _: () = assert!(HAVE_HASHES_MAX * 33 < crate::codec::MESSAGE_BYTES_MAX);
+
+/// What a node's garbage collector found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcStats {
+    /// What it does now (`idle`, `marking`, `waiting out the grace period`, `sweeping`,
+    /// or the last error).
+    pub state: String,
+    /// Bytes of pages no live snapshot referenced at the last mark (freed at the sweep,
+    /// unless a snapshot uses them meanwhile).
+    pub reclaimable_bytes: u64,
+    /// Bytes of pages freed since the store was created.
+    pub reclaimed_bytes: u64,
+    /// Bytes of the store's files on disk (page blobs, tables, log).
+    pub disk_bytes: u64,
+}
+
+/// What a node's scrubber (which reads back and checks every stored page) found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStats {
+    /// `idle`, `scrubbing`, or the last error.
+    pub state: String,
+    /// Pages read and checked since the node started.
+    pub pages_checked: u64,
+    /// Damaged copies found since the node started.
+    pub corrupt_found: u64,
+    /// Of those, repaired from a replica.
+    pub repaired: u64,
+    /// When the last full pass ended (ms since the epoch; 0: none yet).
+    pub last_pass_unix_ms: u64,
+}
 
 /// One page sent to an owner, with the hash the sender claims for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,14 +121,26 @@ pub enum DataRequest {
         /// Up to [`GET_PAGES_MAX`] page hashes.
         hashes: Vec<PageHash>,
     },
-    /// Make everything acknowledged so far durable (fsync the log).
-    Sync,
+    /// Make everything acknowledged so far durable, if this node has not restarted since the
+    /// answers that acknowledged it.
+    Sync {
+        /// The incarnation those answers carried.
+        incarnation: u64,
+    },
     /// Record this committed snapshot in your catalog (checked: signed by its initiator, an
     /// admitted member).
     Commit {
         /// The signed commit record.
         record: SignedRecord,
     },
+    /// Delete this snapshot record: drop it from your catalog and keep the tombstone, so it
+    /// never comes back (checked: signed by an admitted member).
+    Delete {
+        /// The signed tombstone.
+        tombstone: SignedTombstone,
+    },
+    /// Send your tombstones (the newest [`TOMBSTONES_MAX`]).
+    Tombstones,
     /// List the snapshots in your catalog.
     CatalogList,
     /// Send the signed commit records of this snapshot (one, or several in conflict).
@@ -232,6 +284,8 @@ pub enum RemoteErrorKind {
     Storage,
     /// The asked work failed (a restore, an unknown VM).
     Failed,
+    /// The node restarted since the answers a `Sync` names: what it acknowledged may be lost.
+    Restarted,
 }
 
 /// An answer on the data plane.
@@ -241,13 +295,17 @@ pub enum DataResponse {
     Have {
         /// Missing indexes, ascending.
         missing: Vec<u32>,
+        /// The answering node's incarnation.
+        incarnation: u64,
     },
-    /// The pages are durable in the owner's write-ahead log (not yet fsynced: see `Sync`).
+    /// The pages are stored, in memory until the next `Sync`.
     Put {
         /// Pages newly written.
         stored: u32,
         /// Pages the owner already had.
         already: u32,
+        /// The answering node's incarnation.
+        incarnation: u64,
     },
     /// The pages asked for, in order; `None` where this node does not hold one.
     Pages {
@@ -277,6 +335,15 @@ pub enum DataResponse {
         pages: u64,
         /// Bytes of page data stored.
         bytes: u64,
+        /// Garbage collection on that node.
+        gc: GcStats,
+        /// The scrubber on that node.
+        scrub: ScrubStats,
+    },
+    /// The tombstones a node keeps (newest first).
+    Tombstones {
+        /// At most [`TOMBSTONES_MAX`].
+        tombstones: Vec<SignedTombstone>,
     },
     /// The VMs on the answering node's host.
     Vms {

@@ -71,6 +71,24 @@ pub enum SnapshotError {
         /// The page.
         page: String,
     },
+    /// The snapshot ran longer than the snapshot deadline (garbage collection may have freed
+    /// pages it relied on); nothing is committed.
+    #[error("the snapshot took longer than the snapshot deadline ({secs} s, --snapshot-deadline); nothing was committed")]
+    DeadlinePassed {
+        /// The deadline.
+        secs: u64,
+    },
+    /// The commit record reached fewer members than the snapshot has replicas; it was deleted
+    /// again.
+    #[error("the commit record reached only {held} of the {needed} members it must be on ({reasons}); the snapshot was withdrawn, nothing is committed; retry")]
+    CommitNotDurable {
+        /// Members that took it (this one included).
+        held: usize,
+        /// Members it must be on.
+        needed: usize,
+        /// Why the others did not.
+        reasons: String,
+    },
     /// A host taking part failed.
     #[error("host {host}: {reason}")]
     Participant {
@@ -106,7 +124,8 @@ impl SnapshotError {
             SnapshotError::Capture { .. } => ErrorKind::Qemu,
             SnapshotError::Store(_) => ErrorKind::Storage,
             SnapshotError::Internal(_) => ErrorKind::Internal,
-            SnapshotError::Aborted => ErrorKind::Aborted,
+            SnapshotError::Aborted | SnapshotError::DeadlinePassed { .. } => ErrorKind::Aborted,
+            SnapshotError::CommitNotDurable { .. } => ErrorKind::Unavailable,
         }
     }
 }

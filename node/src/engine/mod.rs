@@ -17,9 +17,12 @@
 
 pub mod cut;
 pub mod error;
+pub mod gc;
 pub mod restore;
+pub mod scrub;
 pub mod snapshot;
 pub mod upload;
+pub mod verify;
 
 use vmcsnap_protocol::control::ControlEvent;
 

@@ -451,23 +451,8 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
     let t0 = Instant::now();
     // 2. Manifest.
     let fetcher = Fetcher::new(node, record);
-    let sizes = level_sizes(entry.manifest.pages);
-    let mut level = entry.manifest.top.clone();
     progress.phase("manifest", entry.manifest.depth as u64);
-    for d in (0..entry.manifest.depth as usize).rev() {
-        let mut need: Vec<PageHash> = level.iter().filter(|h| !h.is_zero()).copied().collect();
-        need.sort();
-        need.dedup();
-        let chunks = fetcher.fetch(need).await?;
-        level = expand_level(&level, sizes[d], |h| {
-            chunks.get(h).cloned().ok_or_else(|| RestoreError::Internal(format!("manifest chunk {h} missing after fetch")))
-        })?;
-        progress.set((entry.manifest.depth as usize - d) as u64);
-    }
-    let hashes = level;
-    if hashes.len() as u64 != entry.manifest.pages {
-        return Err(RestoreError::Internal("manifest size does not match the record".into()));
-    }
+    let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "manifest read");
 
     // 3. Fetch and write.
@@ -480,6 +465,63 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
     };
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
     Ok((distinct, (fetcher.pages_local.load(Ordering::Relaxed), fetcher.bytes_fetched.load(Ordering::Relaxed)), status))
+}
+
+/// A VM's page hashes, in memory order: its manifest tree expanded level by level, the chunks
+/// fetched (verified) from the record's owners. `on_chunks(levels_done, chunk_hashes)` sees
+/// the distinct non-zero chunk hashes of each level as they are fetched.
+async fn expand_manifest(fetcher: &Fetcher<'_>, entry: &VmEntry, mut on_chunks: impl FnMut(usize, &[PageHash])) -> Result<Vec<PageHash>, RestoreError> {
+    let sizes = level_sizes(entry.manifest.pages);
+    let mut level = entry.manifest.top.clone();
+    for d in (0..entry.manifest.depth as usize).rev() {
+        let mut need: Vec<PageHash> = level.iter().filter(|h| !h.is_zero()).copied().collect();
+        need.sort();
+        need.dedup();
+        let chunks = fetcher.fetch(need.clone()).await?;
+        level = expand_level(&level, sizes[d], |h| {
+            chunks.get(h).cloned().ok_or_else(|| RestoreError::Internal(format!("manifest chunk {h} missing after fetch")))
+        })?;
+        on_chunks(entry.manifest.depth as usize - d, &need);
+    }
+    if level.len() as u64 != entry.manifest.pages {
+        return Err(RestoreError::Internal("manifest size does not match the record".into()));
+    }
+    Ok(level)
+}
+
+/// Calls `keep` with every non-zero page hash `record` references: each VM's manifest chunks
+/// (every level), its memory pages and its device-state chunks. The manifest chunks are read
+/// as a restore reads them (this node first, then the owners), so a record whose chunks no
+/// owner serves is an error, never a partial answer.
+pub async fn referenced_pages(node: &Arc<Node>, record: &CommitRecord, mut keep: impl FnMut(PageHash)) -> Result<(), RestoreError> {
+    let fetcher = Fetcher::new(node, record);
+    for entry in &record.vms {
+        vm_pages(&fetcher, entry, &mut keep).await?;
+    }
+    Ok(())
+}
+
+/// Each VM's distinct non-zero pages (memory, manifest chunks, device state), sorted.
+pub async fn pages_by_vm(node: &Arc<Node>, record: &CommitRecord) -> Result<Vec<Vec<PageHash>>, RestoreError> {
+    let fetcher = Fetcher::new(node, record);
+    let mut out = Vec::new();
+    for entry in &record.vms {
+        let mut pages = Vec::new();
+        vm_pages(&fetcher, entry, |h| pages.push(h)).await?;
+        pages.sort();
+        pages.dedup();
+        out.push(pages);
+    }
+    Ok(out)
+}
+
+async fn vm_pages(fetcher: &Fetcher<'_>, entry: &VmEntry, mut keep: impl FnMut(PageHash)) -> Result<(), RestoreError> {
+    let leaves = expand_manifest(fetcher, entry, |_, chunks| chunks.iter().for_each(|h| keep(*h))).await?;
+    leaves.into_iter().filter(|h| !h.is_zero()).for_each(&mut keep);
+    if let Some(q) = &entry.qemu {
+        q.device_state.chunks.iter().filter(|h| !h.is_zero()).for_each(|h| keep(*h));
+    }
+    Ok(())
 }
 
 async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, progress: &mut Progress) -> Result<u64, RestoreError> {

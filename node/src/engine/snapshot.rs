@@ -20,10 +20,10 @@ use super::cut::coordinate::Cut;
 use super::error::SnapshotError;
 use super::Progress;
 use crate::config::check_replicas;
-use crate::node::Node;
+use crate::node::{fan_out, Node};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::{CreateSummary, VmInfo, VmSpec};
 use vmcsnap_protocol::manifest::{validate_name, CaptureMode, CommitRecord, VmEntry, VmStats, SNAPSHOT_VMS_MAX};
@@ -125,6 +125,11 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
         pause_skew_us,
     };
     record.validate().map_err(|e| SnapshotError::Internal(format!("the record built for {} is invalid: {e}", record.name)))?;
+    // Garbage collection frees a page only after it was unreferenced for longer than the
+    // deadline: a snapshot that ran longer might name pages freed meanwhile.
+    if t0.elapsed() > node.config.snapshot_deadline {
+        return Err(SnapshotError::DeadlinePassed { secs: node.config.snapshot_deadline.as_secs() });
+    }
     commit(node, &record).await?;
     drop(cut);
     Ok(summary(&record, t0))
@@ -208,32 +213,63 @@ fn now_ms() -> u64 {
 }
 
 /// Signs the record and writes it here first (the commit point), then on every other live
-/// member.
+/// member. The snapshot is reported done only once its record is durable on `replicas`
+/// members (this one included; fewer if fewer are alive): if it cannot get there, it is
+/// deleted again (a tombstone where it went) and the snapshot fails.
 async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotError> {
     let signed = node.signer.sign(record.clone()).map_err(|e| SnapshotError::Internal(format!("cannot sign the commit record: {e}")))?;
     node.store.catalog_put_first(&signed).map_err(|e| match e {
         crate::store::StoreError::NameConflict(n) => SnapshotError::NameTaken(n),
         e => SnapshotError::Store(e),
     })?;
-    let answers = node.ask_peers(DataRequest::Commit { record: signed }, crate::net::REQUEST_TIMEOUT).await;
-    let needed = (record.replicas as usize).min(answers.len() + 1);
-    let mut stored = 1;
+    let mut holders = std::collections::HashSet::from([node.id]);
     let mut reasons = Vec::new();
-    for (p, a) in answers {
-        match a {
-            Ok(DataResponse::Committed) => stored += 1,
-            Ok(_) => reasons.push(format!("{}: wrong answer", p.id.short())),
-            Err(e) => reasons.push(format!("{}: {e}", p.id.short())),
+    for attempt in 0..COMMIT_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let peers: Vec<Member> = node.alive_peers().into_iter().filter(|p| !holders.contains(&p.id)).collect();
+        let answers = fan_out(&peers, crate::net::REQUEST_TIMEOUT, |p| {
+            let req = DataRequest::Commit { record: signed.clone() };
+            async move { node.call(&p, req).await }
+        })
+        .await;
+        reasons.clear();
+        for (p, a) in peers.iter().zip(answers) {
+            match a {
+                Ok(DataResponse::Committed) => {
+                    holders.insert(p.id);
+                }
+                Ok(_) => reasons.push(format!("{}: wrong answer", node.host_name(&p.id))),
+                Err(e) => reasons.push(format!("{}: {e}", node.host_name(&p.id))),
+            }
+        }
+        if holders.len() >= record.replicas as usize || reasons.is_empty() {
+            break;
         }
     }
-    if stored < needed {
-        // The record is on this node and the pages behind it are durable on their owners, so
-        // the snapshot is whole; the catalog sync spreads the record once peers answer again.
-        tracing::warn!(target: "vmcsnap::snapshot", snapshot = %record.name, stored, needed,
-            reasons = %reasons.join("; "), "commit record reached fewer members than asked; catalog sync will spread it");
+    if holders.len() < record.replicas as usize && !reasons.is_empty() {
+        // Not durable enough to report: undo it everywhere it went.
+        let id = signed.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
+        let undo = async {
+            let t = node.signer.sign_tombstone(&record.name, id, now_ms()).map_err(|e| e.to_string())?;
+            node.take_tombstone(&t).map_err(|e| e.to_string())?;
+            node.ask_peers(DataRequest::Delete { tombstone: t }, crate::net::REQUEST_TIMEOUT).await;
+            Ok::<(), String>(())
+        };
+        if let Err(e) = undo.await {
+            tracing::error!(target: "vmcsnap::snapshot", snapshot = %record.name, error = %e, "cannot undo a commit that is not durable enough");
+        }
+        return Err(SnapshotError::CommitNotDurable { held: holders.len(), needed: record.replicas as usize, reasons: reasons.join("; ") });
+    }
+    if holders.len() < node.alive_members().len() {
+        tracing::info!(target: "vmcsnap::snapshot", snapshot = %record.name, held = holders.len(), "commit record on enough members; catalog sync spreads it to the rest");
     }
     Ok(())
 }
+
+/// Rounds of sending the commit record to the members that do not hold it yet.
+const COMMIT_ATTEMPTS: usize = 3;
 
 fn summary(record: &CommitRecord, t0: Instant) -> CreateSummary {
     let raw_bytes = record.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum();

@@ -49,7 +49,7 @@ pub struct Uploader {
     seen: HashSet<PageHash>,
     pending: Vec<Vec<Item>>,
     senders: Vec<mpsc::Sender<Vec<Item>>>,
-    workers: tokio::task::JoinSet<Result<(), SnapshotError>>,
+    workers: tokio::task::JoinSet<Result<Option<(Member, u64)>, SnapshotError>>,
     owners_buf: Vec<usize>,
 }
 
@@ -103,28 +103,61 @@ impl Uploader {
             match r {
                 Ok(Err(e)) => return e,
                 Err(e) => return SnapshotError::Internal(format!("owner worker failed: {e}")),
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
             }
         }
         SnapshotError::Internal("owner worker stopped".into())
     }
 
     /// Sends what is pending and waits for every owner to acknowledge everything. Returns
-    /// the owners (to `Sync`).
-    pub async fn finish(mut self) -> Result<Vec<Member>, SnapshotError> {
+    /// the owners that were sent anything, each with the incarnation all its answers carried
+    /// (what its `Sync` must name).
+    pub async fn finish(mut self) -> Result<Vec<(Member, u64)>, SnapshotError> {
         for o in 0..self.members.len() {
             self.flush(o).await?;
         }
         self.senders.clear(); // workers see the end of their queues
+        let mut owners = Vec::new();
         while let Some(r) = self.workers.join_next().await {
             match r {
-                Ok(Ok(())) => {}
+                Ok(Ok(Some(o))) => owners.push(o),
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(SnapshotError::Internal(format!("owner worker failed: {e}"))),
             }
         }
-        Ok(self.members)
+        Ok(owners)
     }
+}
+
+/// Makes every page `owners` acknowledged durable: a `Sync` to each, naming the incarnation
+/// its answers carried. An owner that restarted since refuses, and the snapshot fails.
+pub async fn sync_owners(node: &Arc<Node>, owners: &[(Member, u64)]) -> Result<(), SnapshotError> {
+    futures::future::try_join_all(owners.iter().map(|(m, incarnation)| async move {
+        match node.call(m, DataRequest::Sync { incarnation: *incarnation }).await.map_err(|e| owner_error(m, e))? {
+            DataResponse::Synced => Ok(()),
+            _ => Err(SnapshotError::Protocol(m.id.short())),
+        }
+    }))
+    .await?;
+    Ok(())
+}
+
+/// The incarnation every answer of one owner must carry: the first one's.
+struct Incarnation(std::sync::OnceLock<u64>);
+
+impl Incarnation {
+    fn check(&self, member: &Member, seen: u64) -> Result<(), SnapshotError> {
+        if *self.0.get_or_init(|| seen) == seen {
+            Ok(())
+        } else {
+            Err(restarted(member))
+        }
+    }
+}
+
+fn restarted(m: &Member) -> SnapshotError {
+    owner_error(m, NetError::Remote { peer: m.id.short(), kind: vmcsnap_protocol::wire::RemoteErrorKind::Restarted, message: "the owner restarted during the snapshot; pages it acknowledged may be lost".into() })
 }
 
 /// An owner's failure as a snapshot error.
@@ -132,16 +165,20 @@ pub fn owner_error(m: &Member, source: NetError) -> SnapshotError {
     SnapshotError::Owner { owner: m.id.short(), addr: m.data_addr, source }
 }
 
-async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<Item>>, counters: Arc<Vec<VmCounters>>) -> Result<(), SnapshotError> {
+async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<Item>>, counters: Arc<Vec<VmCounters>>) -> Result<Option<(Member, u64)>, SnapshotError> {
     let remote = member.id != node.id;
+    let incarnation = Arc::new(Incarnation(std::sync::OnceLock::new()));
     let batches = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
     let claims = batches
         .map(|batch| {
-            let (node, member, counters) = (node.clone(), member.clone(), counters.clone());
+            let (node, member, counters, inc) = (node.clone(), member.clone(), counters.clone(), incarnation.clone());
             async move {
                 let hashes = batch.iter().map(|i| i.hash).collect();
                 let missing = match node.call(&member, DataRequest::Have { hashes }).await.map_err(|e| owner_error(&member, e))? {
-                    DataResponse::Have { missing } => missing,
+                    DataResponse::Have { missing, incarnation } => {
+                        inc.check(&member, incarnation)?;
+                        missing
+                    }
                     _ => return Err(SnapshotError::Protocol(member.id.short())),
                 };
                 let mut claimed: Vec<PageHash> = Vec::with_capacity(batch.len() - missing.len().min(batch.len()));
@@ -158,7 +195,7 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
                         pages.push(PagePut { hash: item.hash, data: serde_bytes::ByteBuf::from(item.data.to_vec()) });
                     }
                     match node.call(&member, DataRequest::Put { pages }).await.map_err(|e| owner_error(&member, e))? {
-                        DataResponse::Put { .. } => {}
+                        DataResponse::Put { incarnation, .. } => inc.check(&member, incarnation)?,
                         _ => return Err(SnapshotError::Protocol(member.id.short())),
                     }
                     for &i in chunk {
@@ -185,7 +222,7 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
     if remote {
         claims.check(&node, &member).await?;
     }
-    Ok(())
+    Ok(incarnation.0.get().map(|&i| (member, i)))
 }
 
 /// Pages an owner said it holds (its `Have` answer) that are fetched back from it before the

@@ -9,7 +9,7 @@
 
 use super::machine::{PartAction, PartEvent, Participant};
 use crate::engine::error::SnapshotError;
-use crate::engine::upload::{capture_file, from_sink, owner_error, Uploader, VmCounters, VmPages};
+use crate::engine::upload::{capture_file, from_sink, Uploader, VmCounters, VmPages};
 use crate::node::Node;
 use crate::qemu::capture::{capture, CaptureError, CaptureRequest};
 use crate::source::{Captured, Pacer, Source, Step};
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Mutex};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::manifest::{build_manifest, validate_name, Block, VmEntry, SNAPSHOT_VMS_MAX};
-use vmcsnap_protocol::wire::{CutBegin, CutCommand, CutReport, DataRequest, DataResponse};
+use vmcsnap_protocol::wire::{CutBegin, CutCommand, CutReport};
 
 /// A participant's failure: the VM concerned, if one, and why.
 type PartError = (Option<String>, SnapshotError);
@@ -208,14 +208,8 @@ async fn seal(node: &Arc<Node>, sources: &[Resolved], captured: Vec<Captured>, m
         }
         built_vms.push((c, built.root));
     }
-    let members = up.finish().await?;
-    futures::future::try_join_all(members.iter().map(|m| async move {
-        match node.call(m, DataRequest::Sync).await.map_err(|e| owner_error(m, e))? {
-            DataResponse::Synced => Ok(()),
-            _ => Err(SnapshotError::Protocol(m.id.short())),
-        }
-    }))
-    .await?;
+    let owners = up.finish().await?;
+    crate::engine::upload::sync_owners(node, &owners).await?;
     let mut entries = Vec::new();
     for (vi, (c, root)) in built_vms.into_iter().enumerate() {
         let mut stats = c.stats;

@@ -1,0 +1,268 @@
+//! The store over time, with real node processes: deletion, garbage collection next to a
+//! snapshot being taken, tombstones reaching a member that was down, retention, and (the
+//! fault-injection tier) owners killed and restarted around `Sync`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmcsnap_protocol::manifest::build_manifest;
+use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
+use vmcsnap_testnet::cluster::Cluster;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
+}
+
+/// `pages` pages of xorshift noise from `seed` (no zero page, no two alike).
+fn noise(seed: u64, pages: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(pages * PAGE_SIZE);
+    for _ in 0..pages * PAGE_SIZE / 8 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn write(path: &Path, parts: &[&[u8]]) -> PathBuf {
+    std::fs::write(path, parts.concat()).expect("write image");
+    path.to_path_buf()
+}
+
+/// Distinct non-zero pages a set of images puts in the store: their pages and their manifest
+/// chunks.
+fn stored_by(images: &[&Path]) -> HashSet<PageHash> {
+    let mut set = HashSet::new();
+    for p in images {
+        let hashes: Vec<PageHash> = std::fs::read(p).expect("read").chunks(PAGE_SIZE).map(hash_page).collect();
+        set.extend(hashes.iter().filter(|h| !h.is_zero()).copied());
+        set.extend(build_manifest(&hashes).chunks.into_iter().map(|(h, _)| h));
+    }
+    set
+}
+
+fn names(c: &Cluster, i: usize) -> Vec<String> {
+    let list = c.json(i, &["snapshot", "list"]).expect("list");
+    list.as_array().expect("list").iter().map(|s| s["name"].as_str().expect("name").to_string()).collect()
+}
+
+/// Sum of a garbage-collection figure over the members that answer, and whether all are idle.
+fn gc_figures(c: &Cluster, i: usize) -> (u64, bool) {
+    let v = c.json(i, &["cluster", "status"]).expect("status");
+    let members = v["members"].as_array().expect("members");
+    let reclaimed = members.iter().filter_map(|m| m["gc"]["reclaimed_bytes"].as_u64()).sum();
+    let idle = members.iter().filter(|m| m["alive"] == true).all(|m| m["gc"]["state"] == "idle");
+    (reclaimed, idle)
+}
+
+fn restores_identical(c: &Cluster, i: usize, snapshot: &str, image: &Path, out: &Path) {
+    c.json(i, &["snapshot", "restore", snapshot, "--vm", "vm0", "--to", &format!("file:{}", out.display()), "--force"]).unwrap_or_else(|e| panic!("restore {snapshot}: {e}"));
+    assert!(std::fs::read(out).expect("read") == std::fs::read(image).expect("read"), "{snapshot} restored byte-identical");
+}
+
+#[test]
+fn deleted_snapshots_pages_are_collected_but_never_under_a_snapshot_being_taken() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A short deadline makes the grace period 3 + 10 s.
+    let args = vec!["--snapshot-deadline".to_string(), "3s".to_string()];
+    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, vec![args; 3]).expect("cluster");
+    let img = tmp.path();
+    // X and Y share a base; X2 keeps half of X's own pages and changes the other half.
+    let (base, ux, uy, fresh) = (noise(1, 1024), noise(2, 1024), noise(3, 1024), noise(4, 512));
+    let half = 512 * PAGE_SIZE;
+    let x = write(&img.join("x.img"), &[&base, &ux]);
+    let y = write(&img.join("y.img"), &[&base, &uy]);
+    let x2 = write(&img.join("x2.img"), &[&base, &ux[..half], &fresh]);
+    let create = |i: usize, name: &str, image: &Path| c.json(i, &["snapshot", "create", name, "--vm", &format!("vm0=file:{}", image.display())]);
+    create(0, "s1", &x).expect("s1");
+    create(0, "s2", &y).expect("s2");
+    let before = c.stored_pages(0).expect("status");
+    assert_eq!(before, 2 * stored_by(&[&x, &y]).len() as u64);
+
+    // Delete s1 on n2 while n1 takes s3 of X2, which shares half of s1's own pages.
+    std::thread::scope(|s| {
+        let taking = s.spawn(|| create(0, "s3", &x2));
+        std::thread::sleep(Duration::from_millis(50));
+        let d = c.json(1, &["snapshot", "delete", "s1", "--yes"]).expect("delete");
+        assert_eq!(d[0]["name"], "s1");
+        taking.join().expect("thread").expect("s3 while s1 is deleted");
+    });
+    for i in 0..3 {
+        assert_eq!(names(&c, i), ["s2", "s3"], "node {i} lists");
+    }
+
+    // Every owner collects: what s2 and s3 use stays, exactly, and nothing else.
+    let live = stored_by(&[&y, &x2]);
+    let gone = stored_by(&[&x]).difference(&live).count() as u64;
+    let t0 = Instant::now();
+    loop {
+        let (reclaimed, idle) = gc_figures(&c, 0);
+        if reclaimed == 2 * gone * PAGE_SIZE as u64 && idle {
+            break;
+        }
+        assert!(reclaimed <= 2 * gone * PAGE_SIZE as u64, "collected more than s1 alone used: {reclaimed} bytes");
+        assert!(t0.elapsed() < Duration::from_secs(90), "garbage collection did not finish: {reclaimed} of {} bytes", 2 * gone * PAGE_SIZE as u64);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(c.stored_pages(0).expect("status"), 2 * live.len() as u64);
+    restores_identical(&c, 2, "s2", &y, &img.join("out.img"));
+    restores_identical(&c, 2, "s3", &x2, &img.join("out.img"));
+
+    // A member that is down when a snapshot is deleted learns it when it is back, and does
+    // not bring the record back to the others.
+    c.stop(2).expect("stop");
+    c.json(0, &["snapshot", "delete", "s2", "--yes"]).expect("delete s2");
+    c.restart(2).expect("restart");
+    c.wait_converged(Duration::from_secs(30)).expect("converged");
+    let t0 = Instant::now();
+    while names(&c, 2) != ["s3"] {
+        assert!(t0.elapsed() < Duration::from_secs(20), "n3 still lists {:?}", names(&c, 2));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(6)); // a catalog sync round
+    for i in 0..3 {
+        assert_eq!(names(&c, i), ["s3"], "node {i} lists");
+    }
+
+    // Retention: of three snapshots of one VM, --keep-last 2 deletes the oldest; a dry run
+    // deletes nothing; no rule at all is refused.
+    let tiny = write(&img.join("tiny.img"), &[&noise(9, 4)]);
+    for n in ["t1", "t2", "t3"] {
+        c.json(0, &["snapshot", "create", n, "--vm", &format!("vmt=file:{}", tiny.display())]).expect("tiny");
+    }
+    let dry = c.json(1, &["snapshot", "forget", "--keep-last", "2", "--vm", "vmt", "--dry-run"]).expect("dry run");
+    let doomed: Vec<&str> = dry["decisions"].as_array().expect("decisions").iter().filter(|d| d["kept_by"].as_array().is_some_and(|k| k.is_empty())).map(|d| d["name"].as_str().expect("name")).collect();
+    assert_eq!(doomed, ["t1"]);
+    assert_eq!(names(&c, 1), ["s3", "t1", "t2", "t3"], "a dry run deletes nothing");
+    let o = c.cli(1, &["snapshot", "forget", "--vm", "vmt", "--yes"]).expect("run");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no --keep-* rule"));
+    let o = c.cli(1, &["snapshot", "forget", "--keep-last", "2", "--vm", "vmt"]).expect("run");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--yes"));
+    let done = c.json(1, &["snapshot", "forget", "--keep-last", "2", "--vm", "vmt", "--yes"]).expect("forget");
+    assert_eq!(done["deleted"][0]["name"], "t1");
+    assert_eq!(names(&c, 0), ["s3", "t2", "t3"]);
+    let o = c.cli(0, &["snapshot", "delete", "nope", "--yes"]).expect("run");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no snapshot named \"nope\""), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Fault injection: an owner is killed (SIGKILL) at a random moment of a snapshot and started
+/// again at once on the same directory and port, 20 times. A snapshot that reports success
+/// must restore byte-identical with another owner down (so the restarted one must serve its
+/// copies); one that fails must not be listed.
+#[test]
+fn an_owner_restarted_around_sync_never_lets_a_snapshot_commit_lost_pages() {
+    const ROUNDS: u64 = 20;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("cluster");
+    let mut c = Cluster::start(&bin(), &dir, 3, 2, None).expect("cluster");
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // A first snapshot without faults times the kill window.
+    let warm = write(&tmp.path().join("warm.img"), &[&noise(seed, 4096)]);
+    let t0 = Instant::now();
+    c.json(0, &["snapshot", "create", "warm", "--vm", &format!("vm0=file:{}", warm.display())]).expect("warm");
+    let window = t0.elapsed().as_millis() as u64 + 200;
+    let (mut committed, mut failed) = (0, 0);
+    for round in 0..ROUNDS {
+        let image = write(&tmp.path().join("vm.img"), &[&noise(seed ^ (round + 1) << 20, 4096)]);
+        let name = format!("r{round}");
+        let create = Command::new(bin())
+            .args(["snapshot", "create", &name, "--vm", &format!("vm0=file:{}", image.display()), "--json", "--node"])
+            .arg(dir.join("n1"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("create");
+        std::thread::sleep(Duration::from_millis(next() % window));
+        c.kill(1);
+        c.restart(1).expect("restart");
+        let out = create.wait_with_output().expect("wait");
+        c.wait_converged(Duration::from_secs(30)).expect("converged");
+        let listed = names(&c, 0).contains(&name);
+        if out.status.success() {
+            committed += 1;
+            assert!(listed, "round {round}: reported done but not listed");
+            // The third node down: every page must come from n1 or the restarted n2.
+            c.stop(2).expect("stop");
+            restores_identical(&c, 0, &name, &image, &tmp.path().join("out.img"));
+            c.restart(2).expect("restart");
+            c.wait_converged(Duration::from_secs(30)).expect("converged");
+        } else {
+            failed += 1;
+            assert!(!listed, "round {round}: failed ({}) but listed", String::from_utf8_lossy(&out.stderr).trim());
+            assert!(!names(&c, 1).contains(&name) && !names(&c, 2).contains(&name), "round {round}: failed but listed elsewhere");
+        }
+    }
+    eprintln!("{committed} snapshots committed, {failed} failed cleanly, over {ROUNDS} restarts (kill window {window} ms)");
+}
+
+/// A flipped byte in one stored copy: `verify --deep` reports that owner's damaged page, a
+/// restore meanwhile takes the other replica, the scrubber repairs the copy from it, and
+/// `verify --deep` is clean afterwards.
+#[test]
+fn a_damaged_copy_is_reported_served_from_the_replica_and_repaired_by_the_scrubber() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("cluster");
+    let args = vec!["--scrub-interval".to_string(), "10s".to_string()];
+    let mut c = Cluster::start_with_args(&bin(), &dir, 3, 2, None, vec![args; 3]).expect("cluster");
+    let image = write(&tmp.path().join("vm.img"), &[&noise(77, 512)]);
+    c.json(0, &["snapshot", "create", "s", "--vm", &format!("vm0=file:{}", image.display())]).expect("snapshot");
+    let clean = c.json(0, &["snapshot", "verify", "s", "--deep"]).expect("verify");
+    assert_eq!(clean["ok"], true, "{clean}");
+
+    // Flip one byte of one page in n2's blob files, with n2 stopped.
+    c.stop(1).expect("stop");
+    let data = std::fs::read(&image).expect("read");
+    let mut flipped = false;
+    for e in std::fs::read_dir(dir.join("n2/db")).expect("db") {
+        let path = e.expect("entry").path();
+        if path.extension().is_none_or(|x| x != "blob") {
+            continue;
+        }
+        let mut blob = std::fs::read(&path).expect("blob");
+        let hit = data.chunks(PAGE_SIZE).find_map(|page| blob.windows(64).position(|w| w == &page[..64]));
+        if let Some(at) = hit {
+            blob[at + 100] ^= 0xff;
+            std::fs::write(&path, &blob).expect("write blob");
+            flipped = true;
+            break;
+        }
+    }
+    assert!(flipped, "no page of the image found in n2's blob files");
+    c.restart(1).expect("restart");
+    c.wait_converged(Duration::from_secs(30)).expect("converged");
+
+    let shallow = c.json(0, &["snapshot", "verify", "s"]).expect("verify");
+    assert_eq!(shallow["ok"], true, "a damaged copy is still present: {shallow}");
+    let o = c.cli(0, &["snapshot", "verify", "s", "--deep", "--json"]).expect("run");
+    assert!(!o.status.success(), "verify --deep must fail on a damaged copy");
+    let deep: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let damaged: Vec<(String, u64)> = deep["vms"][0]["owners"].as_array().expect("owners").iter().filter(|o| o["corrupt"].as_u64() != Some(0)).map(|o| (o["owner"].as_str().expect("owner").to_string(), o["corrupt"].as_u64().expect("n"))).collect();
+    assert_eq!(damaged, [("n2".to_string(), 1)], "{deep}");
+    restores_identical(&c, 1, "s", &image, &tmp.path().join("out.img"));
+
+    let t0 = Instant::now();
+    loop {
+        let v = c.json(0, &["cluster", "status"]).expect("status");
+        let n2 = v["members"].as_array().expect("members").iter().find(|m| m["name"] == "n2").cloned().expect("n2");
+        if n2["scrub"]["repaired"].as_u64() == Some(1) {
+            assert_eq!(n2["scrub"]["corrupt_found"], 1);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(40), "the scrubber did not repair the page: {}", n2["scrub"]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = c.json(0, &["snapshot", "verify", "s", "--deep"]).expect("verify after repair");
+    assert_eq!(after["ok"], true, "{after}");
+}
