@@ -144,6 +144,11 @@ enum NodeCmd {
         /// Most MiB a second a scrub pass reads.
         #[arg(long, value_name = "MIB_PER_S", default_value_t = 32)]
         scrub_rate: u64,
+        /// Space to keep free on the data directory's file system (e.g. 1G, 500M): new pages
+        /// that would eat into it are refused with a clear error, and snapshots place their
+        /// pages on other members while this node is that full.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        min_free: u64,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -456,8 +461,8 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, log }) => {
-            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20));
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, log }) => {
+            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free);
             node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
@@ -509,7 +514,7 @@ async fn node_run(
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
     (vm_dir, qemu_dir, launch_dirs): (Option<PathBuf>, PathBuf, Vec<PathBuf>),
-    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate): (std::time::Duration, std::time::Duration, std::time::Duration, u64),
+    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free): (std::time::Duration, std::time::Duration, std::time::Duration, u64, u64),
     log: String,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
@@ -519,7 +524,7 @@ async fn node_run(
     let name = name.unwrap_or_default();
     let qemu_dir = std::path::absolute(&qemu_dir)?;
     let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate };
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free };
     vmcsnap_node::run(config, None).await
 }
 
@@ -949,7 +954,11 @@ async fn cluster_status(common: &NodeArg) -> anyhow::Result<()> {
             gc_bytes(m, |g| g.disk_bytes),
             gc_bytes(m, |g| g.reclaimable_bytes),
             gc_bytes(m, |g| g.reclaimed_bytes),
-            if m.alive { "up" } else { "DOWN" },
+            match (m.alive, m.full) {
+                (false, _) => "DOWN",
+                (true, Some(true)) => "up, DISK FULL (refuses pages)",
+                (true, _) => "up",
+            },
             if m.local { " (this node)" } else { "" }
         );
     }
@@ -981,6 +990,21 @@ fn tune_malloc() {
     }
 }
 
+
+/// Parses `1G`, `500M`, `64K`, `2T` (powers of 1024) or bare bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (like 1G, 500M)"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
 
 /// Parses `90s`, `30m`, `6h`, `2d` or bare seconds.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

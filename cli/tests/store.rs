@@ -266,3 +266,33 @@ fn a_damaged_copy_is_reported_served_from_the_replica_and_repaired_by_the_scrubb
     let after = c.json(0, &["snapshot", "verify", "s", "--deep"]).expect("verify after repair");
     assert_eq!(after["ok"], true, "{after}");
 }
+
+/// A member whose disk is nearly full (less free than its `--min-free`) refuses pages, and
+/// snapshots place around it; with too few members left they fail before sending anything.
+#[test]
+fn snapshots_place_around_a_member_whose_disk_is_nearly_full() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let full = vec!["--min-free".to_string(), "1000T".to_string()];
+    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, vec![vec![], full, vec![]]).expect("cluster");
+    let status = c.json(0, &["cluster", "status"]).expect("status");
+    let n2 = status["members"].as_array().expect("members").iter().find(|m| m["name"] == "n2").cloned().expect("n2");
+    assert_eq!(n2["full"], true, "{n2}");
+    let image = write(&tmp.path().join("vm.img"), &[&noise(5, 256)]);
+    c.json(0, &["snapshot", "create", "s", "--vm", &format!("vm0=file:{}", image.display())]).expect("snapshot around the full member");
+    let show = c.json(0, &["snapshot", "show", "s"]).expect("show");
+    assert_eq!(show["placement"].as_array().expect("placement").len(), 2, "{show}");
+    assert!(!show["placement"].as_array().expect("placement").contains(&n2["id"]), "the full member got pages");
+    let status = c.json(0, &["cluster", "status"]).expect("status");
+    let pages: Vec<(String, u64)> = status["members"].as_array().expect("members").iter().map(|m| (m["name"].as_str().expect("name").to_string(), m["pages"].as_u64().expect("pages"))).collect();
+    assert!(pages.contains(&("n2".to_string(), 0)), "{pages:?}");
+    assert_eq!(pages.iter().map(|p| p.1).sum::<u64>(), 2 * stored_by(&[&image]).len() as u64);
+    c.stop(2).expect("stop");
+    restores_identical(&c, 1, "s", &image, &tmp.path().join("out.img"));
+    c.restart(2).expect("restart");
+    c.wait_converged(Duration::from_secs(30)).expect("converged");
+    let o = c.cli(0, &["snapshot", "create", "s3", "--replicas", "3", "--vm", &format!("vm0=file:{}", image.display())]).expect("run");
+    assert!(!o.status.success(), "three replicas with one member full");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("only 2 members have room") && err.contains("n2"), "{err}");
+    assert!(!names(&c, 0).contains(&"s3".to_string()));
+}

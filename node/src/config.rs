@@ -12,6 +12,8 @@ pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Default most bytes a second a scrub pass reads (`--scrub-rate`, in MiB/s).
 pub const DEFAULT_SCRUB_RATE: u64 = 32 << 20;
+/// Default bytes kept free on the store's file system (`--min-free`).
+pub const DEFAULT_MIN_FREE: u64 = 1 << 30;
 /// How often a node pulls the revocations, tombstones and commit records it lacks.
 pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -54,6 +56,9 @@ pub struct NodeConfig {
     pub scrub_interval: Duration,
     /// Most bytes a second a scrub pass reads.
     pub scrub_rate: u64,
+    /// Bytes the store's file system must keep free: new pages that would eat into them are
+    /// refused, and snapshots place around a node that is that full.
+    pub min_free: u64,
 }
 
 impl NodeConfig {

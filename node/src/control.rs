@@ -302,11 +302,11 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         .iter()
         .zip(answers)
         .filter_map(|(m, a)| match a {
-            Ok(DataResponse::Stats { pages, bytes, gc, scrub, .. }) => Some((m.id, (pages, bytes, gc, scrub))),
+            Ok(DataResponse::Stats { pages, bytes, gc, scrub, free_bytes, full, .. }) => Some((m.id, (pages, bytes, gc, scrub, (free_bytes, full)))),
             _ => None,
         })
         .collect();
-    let stats: Vec<Option<(u64, u64, GcStats, ScrubStats)>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
+    let stats: Vec<Option<(u64, u64, GcStats, ScrubStats, (u64, bool))>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
     let members = members
         .iter()
         .zip(stats)
@@ -317,6 +317,8 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
             share: view.index_of(&m.id).map(|i| shares[i]).unwrap_or(0.0),
             pages: s.as_ref().map(|s| s.0),
             bytes: s.as_ref().map(|s| s.1),
+            free_bytes: s.as_ref().map(|s| s.4 .0),
+            full: s.as_ref().map(|s| s.4 .1),
             gc: s.as_ref().map(|s| s.2.clone()),
             scrub: s.map(|s| s.3),
             alive: m.alive,

@@ -70,6 +70,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     .await?;
     let control = crate::control::bind(&config.control_socket())?;
     let vms = Registry::new(store.clone(), config.vm_dir.clone());
+    store.set_reserve(config.min_free);
     let signer = crate::admission::Signer::new(keypair.clone(), certificate);
     match crate::admission::sign_kept(&store, &signer) {
         Ok(0) => {}

@@ -81,6 +81,14 @@ pub enum StoreError {
     /// may be lost.
     #[error("this node restarted since it acknowledged the pages; they may be lost")]
     Restarted,
+    /// New pages would leave less than the reserve free on the store's file system.
+    #[error("disk nearly full: {} free, {} kept in reserve (--min-free); delete snapshots to free space", vmcsnap_protocol::units::human_bytes(*free), vmcsnap_protocol::units::human_bytes(*reserve))]
+    NearlyFull {
+        /// Bytes free.
+        free: u64,
+        /// Bytes kept free.
+        reserve: u64,
+    },
     /// Too many different records under one name.
     #[error("snapshot name {0:?} already has {NAME_VERSIONS_MAX} conflicting records; resolve them first")]
     TooManyVersions(String),
@@ -154,6 +162,8 @@ pub struct Store {
     gc_published: Mutex<(String, u64)>,
     /// What the scrubber last published.
     scrub_published: Mutex<ScrubStats>,
+    /// Free bytes the file system must keep: new pages that would eat into them are refused.
+    reserve: AtomicU64,
 }
 
 fn prefix(key: &[u8]) -> u64 {
@@ -215,6 +225,7 @@ impl Store {
             gc_lock: Default::default(),
             gc_published: Mutex::new(("idle".into(), 0)),
             scrub_published: Mutex::new(ScrubStats { state: "idle".into(), ..Default::default() }),
+            reserve: AtomicU64::new(0),
         };
         let mut index = PrefixSet::default();
         for kv in store.db.iterator_cf(store.cf(CF_PRESENT), rocksdb::IteratorMode::Start) {
@@ -333,6 +344,12 @@ impl Store {
             stored += 1;
         }
         if stored > 0 {
+            // Page data, its index entry and the table and blob overhead: about 4.2 KiB a page.
+            let need = u64::from(stored) * (PAGE_SIZE as u64 + 128);
+            let (free, reserve) = (self.free_bytes(), self.reserve.load(Ordering::Relaxed));
+            if free < need.saturating_add(reserve) {
+                return Err(StoreError::NearlyFull { free, reserve });
+            }
             // No write-ahead log for pages: they become durable at the next `sync`, which
             // flushes the memtables (half the bytes written per page; see the module doc).
             let mut wo = rocksdb::WriteOptions::default();
@@ -492,6 +509,32 @@ impl Store {
             out.push(SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// Keeps `bytes` free on the store's file system: pages that would eat into them are
+    /// refused ([`StoreError::NearlyFull`]) before RocksDB could fail for lack of space.
+    pub fn set_reserve(&self, bytes: u64) {
+        self.reserve.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes free for this store on its file system.
+    #[allow(unsafe_code)]
+    pub fn free_bytes(&self) -> u64 {
+        let Ok(path) = std::ffi::CString::new(self.db.path().as_os_str().as_encoded_bytes()) else { return 0 };
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
+        unsafe {
+            if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
+                return 0;
+            }
+            let st = st.assume_init();
+            st.f_bavail.saturating_mul(st.f_frsize)
+        }
+    }
+
+    /// Whether new pages are refused for lack of space now.
+    pub fn is_full(&self) -> bool {
+        self.free_bytes() < self.reserve.load(Ordering::Relaxed)
     }
 
     /// This opening's incarnation (random; a restart draws another).
@@ -740,6 +783,22 @@ mod tests {
         assert_eq!(s.page_count(), 0, "nothing of the batch was written");
         let short = vec![1u8; 100];
         assert!(matches!(s.put_verified(&[(hash_page(&short), &short)]), Err(StoreError::BadPageSize(100))));
+    }
+
+    #[test]
+    fn pages_that_would_eat_into_the_reserve_are_refused_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        assert!(s.free_bytes() > 0);
+        s.set_reserve(s.free_bytes() + (1 << 40));
+        assert!(s.is_full());
+        let (a, b) = (page(1), page(2));
+        let err = s.put_verified(&[(hash_page(&a), &a), (hash_page(&b), &b)]).expect_err("full");
+        assert!(matches!(err, StoreError::NearlyFull { .. }), "{err}");
+        assert!(err.to_string().contains("disk nearly full"), "{err}");
+        assert_eq!(s.page_count(), 0);
+        s.set_reserve(0);
+        assert_eq!(s.put_verified(&[(hash_page(&a), &a)]).expect("room again"), (1, 0));
     }
 
     #[test]

@@ -95,6 +95,7 @@ async fn owners_reject_bad_pages_and_strangers() {
         gc_interval: vmcsnap_node::config::DEFAULT_GC_INTERVAL,
         scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
         scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
+        min_free: 0,
     };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 

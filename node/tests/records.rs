@@ -68,6 +68,7 @@ fn config(h: &Host, cluster: &ClusterKey, peers: Vec<SocketAddr>) -> NodeConfig 
         gc_interval: vmcsnap_node::config::DEFAULT_GC_INTERVAL,
         scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
         scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
+        min_free: 0,
     }
 }
 

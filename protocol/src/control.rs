@@ -293,6 +293,10 @@ pub struct MemberStatus {
     pub alive: bool,
     /// This is the node that answered the request.
     pub local: bool,
+    /// Bytes free on its store's file system; `None` when the member did not answer.
+    pub free_bytes: Option<u64>,
+    /// It refuses new pages (less free than its `--min-free`); `None` when it did not answer.
+    pub full: Option<bool>,
     /// Its garbage collector; `None` when the member did not answer.
     pub gc: Option<crate::wire::GcStats>,
     /// Its scrubber; `None` when the member did not answer.

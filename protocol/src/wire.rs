@@ -335,6 +335,10 @@ pub enum DataResponse {
         pages: u64,
         /// Bytes of page data stored.
         bytes: u64,
+        /// Bytes free on the store's file system.
+        free_bytes: u64,
+        /// Whether the node refuses new pages now (less free than its `--min-free`).
+        full: bool,
         /// Garbage collection on that node.
         gc: GcStats,
         /// The scrubber on that node.

@@ -89,6 +89,16 @@ pub enum SnapshotError {
         /// Why the others did not.
         reasons: String,
     },
+    /// Too few members have room for the pages.
+    #[error("only {room} members have room for pages, {replicas} needed: disks nearly full on {full} (delete snapshots, or lower --min-free there)")]
+    NoRoom {
+        /// Members with room.
+        room: usize,
+        /// Replicas asked.
+        replicas: u8,
+        /// The full members' names.
+        full: String,
+    },
     /// A host taking part failed.
     #[error("host {host}: {reason}")]
     Participant {
@@ -117,7 +127,7 @@ impl SnapshotError {
         match self {
             SnapshotError::Invalid(_) | SnapshotError::Read { .. } => ErrorKind::Invalid,
             SnapshotError::NameTaken(_) => ErrorKind::Conflict,
-            SnapshotError::TooFewMembers { .. } => ErrorKind::Unavailable,
+            SnapshotError::TooFewMembers { .. } | SnapshotError::NoRoom { .. } => ErrorKind::Unavailable,
             SnapshotError::Owner { source, .. } => net_kind(source),
             SnapshotError::Protocol(_) | SnapshotError::FalseClaim { .. } => ErrorKind::Peer,
             SnapshotError::Participant { kind, .. } => *kind,

@@ -78,6 +78,7 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     if members.len() < replicas as usize {
         return Err(SnapshotError::TooFewMembers { alive: members.len(), replicas });
     }
+    let members = with_room(node, members, replicas).await?;
     let placed = place_vms(node, &req).await?;
 
     // 2 and 3. The cut: one participant per host; each seals its own VMs.
@@ -133,6 +134,28 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     commit(node, &record).await?;
     drop(cut);
     Ok(summary(&record, t0))
+}
+
+/// The members that have room for pages: one that says its disk is nearly full (less free
+/// than its `--min-free`) is left out of this snapshot's placement. One that does not answer
+/// is kept (if it is down, the snapshot fails on it and is retried without it).
+async fn with_room(node: &Arc<Node>, members: Vec<Member>, replicas: u8) -> Result<Vec<Member>, SnapshotError> {
+    let answers = fan_out(&members, crate::node::PEER_ANSWER_TIMEOUT, |m| async move { node.call(&m, DataRequest::Stats).await }).await;
+    let mut room = Vec::new();
+    let mut full = Vec::new();
+    for (m, a) in members.into_iter().zip(answers) {
+        match a {
+            Ok(DataResponse::Stats { full: true, free_bytes, .. }) => {
+                tracing::warn!(target: "vmcsnap::snapshot", member = %node.host_name(&m.id), free_bytes, "member's disk is nearly full; placing around it");
+                full.push(node.host_name(&m.id));
+            }
+            _ => room.push(m),
+        }
+    }
+    if room.len() < replicas as usize {
+        return Err(SnapshotError::NoRoom { room: room.len(), replicas, full: full.join(", ") });
+    }
+    Ok(room)
 }
 
 /// Step 1's checks of the request, the name and the replicas; returns the replicas to use.
