@@ -149,6 +149,13 @@ enum NodeCmd {
         /// pages on other members while this node is that full.
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
         min_free: u64,
+        /// Time between repair cycles, which copy the pages of removed or long-gone members to
+        /// new owners (a `cluster remove` starts one at once).
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        repair_interval: std::time::Duration,
+        /// How long a member may be down before its pages are copied to other owners.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        repair_after: std::time::Duration,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -461,8 +468,8 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, log }) => {
-            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free);
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, log }) => {
+            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after));
             node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
@@ -505,6 +512,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `node run`'s store options: deadline, GC interval, scrub interval and rate, min free,
+/// repair interval and delay.
+type StoreArgs = (std::time::Duration, std::time::Duration, std::time::Duration, u64, u64, (std::time::Duration, std::time::Duration));
+
 #[allow(clippy::too_many_arguments)]
 async fn node_run(
     data_dir: PathBuf,
@@ -514,7 +525,7 @@ async fn node_run(
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
     (vm_dir, qemu_dir, launch_dirs): (Option<PathBuf>, PathBuf, Vec<PathBuf>),
-    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free): (std::time::Duration, std::time::Duration, std::time::Duration, u64, u64),
+    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after)): StoreArgs,
     log: String,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
@@ -524,7 +535,7 @@ async fn node_run(
     let name = name.unwrap_or_default();
     let qemu_dir = std::path::absolute(&qemu_dir)?;
     let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free };
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after };
     vmcsnap_node::run(config, None).await
 }
 
@@ -969,6 +980,14 @@ async fn cluster_status(common: &NodeArg) -> anyhow::Result<()> {
         .collect();
     if !scrub.is_empty() {
         println!("scrub: {}", scrub.join("; "));
+    }
+    let repair: Vec<String> = c
+        .members
+        .iter()
+        .filter_map(|m| m.repair.as_ref().filter(|r| r.copies_made > 0 || r.state != "idle").map(|r| format!("{}: {} ({} copies made, {})", m.name, r.state, r.copies_made, human_bytes(r.bytes_sent))))
+        .collect();
+    if !repair.is_empty() {
+        println!("repair: {}", repair.join("; "));
     }
     let busy: Vec<String> = c.members.iter().filter_map(|m| m.gc.as_ref().filter(|g| g.state != "idle").map(|g| format!("{}: {}", m.name, g.state))).collect();
     if !busy.is_empty() {

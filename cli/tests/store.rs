@@ -296,3 +296,69 @@ fn snapshots_place_around_a_member_whose_disk_is_nearly_full() {
     assert!(err.contains("only 2 members have room") && err.contains("n2"), "{err}");
     assert!(!names(&c, 0).contains(&"s3".to_string()));
 }
+
+/// Removing a member with R = 2: repair copies exactly the pages it held to new owners, so
+/// that with another member stopped afterwards every snapshot still restores.
+#[test]
+fn after_a_member_is_removed_repair_brings_every_page_back_to_two_copies() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("cluster");
+    let mut c = Cluster::start(&bin(), &dir, 4, 2, None).expect("cluster");
+    let a = write(&tmp.path().join("a.img"), &[&noise(11, 1024)]);
+    let b = write(&tmp.path().join("b.img"), &[&noise(12, 512), &noise(11, 512)]);
+    c.json(0, &["snapshot", "create", "sa", "--vm", &format!("vm0=file:{}", a.display())]).expect("sa");
+    c.json(1, &["snapshot", "create", "sb", "--vm", &format!("vm0=file:{}", b.display())]).expect("sb");
+    let distinct = stored_by(&[&a, &b]).len() as u64;
+    let pages_of = |c: &Cluster, name: &str| -> u64 {
+        let v = c.json(0, &["cluster", "status"]).expect("status");
+        v["members"].as_array().expect("members").iter().find(|m| m["name"] == name).and_then(|m| m["pages"].as_u64()).unwrap_or(0)
+    };
+    let lost = pages_of(&c, "n4");
+    assert!(lost > 0);
+    assert_eq!(c.stored_pages(0).expect("status"), 2 * distinct);
+
+    let key = dir.join("cluster.key");
+    c.json(0, &["cluster", "remove", "n4", "--key", &key.display().to_string(), "--yes"]).expect("remove n4");
+    let t0 = Instant::now();
+    let (copies, bytes) = loop {
+        let v = c.json(0, &["cluster", "status"]).expect("status");
+        let members = v["members"].as_array().expect("members");
+        let stored: u64 = members.iter().filter(|m| m["name"] != "n4").filter_map(|m| m["pages"].as_u64()).sum();
+        let copies: u64 = members.iter().filter_map(|m| m["repair"]["copies_made"].as_u64()).sum();
+        let bytes: u64 = members.iter().filter_map(|m| m["repair"]["bytes_sent"].as_u64()).sum();
+        // Each node publishes what it copied when its cycle ends.
+        let idle = members.iter().all(|m| m["repair"]["state"] == "idle");
+        if stored == 2 * distinct && idle && copies >= lost {
+            break (copies, bytes);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "repair did not finish: {stored} of {} copies", 2 * distinct);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!("repair: {copies} copies ({bytes} bytes) for {lost} lost copies in {:?}", t0.elapsed());
+    assert_eq!(copies, lost, "only the lost copies move");
+    assert_eq!(bytes, lost * PAGE_SIZE as u64);
+
+    c.stop(0).expect("stop n1");
+    restores_identical(&c, 1, "sa", &a, &tmp.path().join("out.img"));
+    restores_identical(&c, 2, "sb", &b, &tmp.path().join("out.img"));
+}
+
+/// A member down longer than `--repair-after` is repaired around like a removed one.
+#[test]
+fn a_member_down_longer_than_repair_after_is_repaired_around() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let args = ["--repair-after", "2s", "--repair-interval", "1s"].map(String::from).to_vec();
+    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, vec![args; 3]).expect("cluster");
+    let a = write(&tmp.path().join("a.img"), &[&noise(21, 512)]);
+    c.json(0, &["snapshot", "create", "sa", "--vm", &format!("vm0=file:{}", a.display())]).expect("sa");
+    let distinct = stored_by(&[&a]).len() as u64;
+    c.stop(2).expect("stop n3");
+    let t0 = Instant::now();
+    // n1 and n2 end up holding every page between them, twice over: one copy each.
+    while c.stored_pages(0).expect("status") != 2 * distinct {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no repair around the down member");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c.stop(1).expect("stop n2");
+    restores_identical(&c, 0, "sa", &a, &tmp.path().join("out.img"));
+}

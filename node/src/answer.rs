@@ -108,7 +108,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
         }
         DataRequest::Stats => {
             let pages = store.page_count();
-            Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64, free_bytes: store.free_bytes(), full: store.is_full(), gc: store.gc_stats()?, scrub: store.scrub_stats() })
+            Ok(DataResponse::Stats { node: id, pages, bytes: pages * PAGE_SIZE as u64, free_bytes: store.free_bytes(), full: store.is_full(), gc: store.gc_stats()?, scrub: store.scrub_stats(), repair: store.repair_stats() })
         }
         DataRequest::Tombstones => {
             let tombstones = store.tombstones()?.into_iter().take(TOMBSTONES_MAX).collect();

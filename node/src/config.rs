@@ -14,6 +14,10 @@ pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_SCRUB_RATE: u64 = 32 << 20;
 /// Default bytes kept free on the store's file system (`--min-free`).
 pub const DEFAULT_MIN_FREE: u64 = 1 << 30;
+/// Default time between repair cycles (`--repair-interval`).
+pub const DEFAULT_REPAIR_INTERVAL: Duration = Duration::from_secs(600);
+/// Default time a member may be down before its pages are repaired (`--repair-after`).
+pub const DEFAULT_REPAIR_AFTER: Duration = Duration::from_secs(3600);
 /// How often a node pulls the revocations, tombstones and commit records it lacks.
 pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -59,6 +63,10 @@ pub struct NodeConfig {
     /// Bytes the store's file system must keep free: new pages that would eat into them are
     /// refused, and snapshots place around a node that is that full.
     pub min_free: u64,
+    /// Time between repair cycles (a removal starts one at once).
+    pub repair_interval: Duration,
+    /// How long a member may be down before its pages are copied to other owners.
+    pub repair_after: Duration,
 }
 
 impl NodeConfig {

@@ -25,7 +25,7 @@ use vmcsnap_protocol::control::{
     decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberStatus,
     SnapshotInfo, CONTROL_VERSION,
 };
-use vmcsnap_protocol::wire::{DataRequest, DataResponse, GcStats, ScrubStats};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, GcStats, RepairStats, ScrubStats};
 use vmcsnap_protocol::PAGE_SIZE;
 
 /// Progress frames buffered for a slow CLI before updates are dropped.
@@ -302,11 +302,11 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         .iter()
         .zip(answers)
         .filter_map(|(m, a)| match a {
-            Ok(DataResponse::Stats { pages, bytes, gc, scrub, free_bytes, full, .. }) => Some((m.id, (pages, bytes, gc, scrub, (free_bytes, full)))),
+            Ok(DataResponse::Stats { pages, bytes, gc, scrub, free_bytes, full, repair, .. }) => Some((m.id, (pages, bytes, gc, scrub, (free_bytes, full, repair)))),
             _ => None,
         })
         .collect();
-    let stats: Vec<Option<(u64, u64, GcStats, ScrubStats, (u64, bool))>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
+    let stats: Vec<Option<(u64, u64, GcStats, ScrubStats, (u64, bool, RepairStats))>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
     let members = members
         .iter()
         .zip(stats)
@@ -318,6 +318,7 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
             pages: s.as_ref().map(|s| s.0),
             bytes: s.as_ref().map(|s| s.1),
             free_bytes: s.as_ref().map(|s| s.4 .0),
+            repair: s.as_ref().map(|s| s.4 .2.clone()),
             full: s.as_ref().map(|s| s.4 .1),
             gc: s.as_ref().map(|s| s.2.clone()),
             scrub: s.map(|s| s.3),

@@ -16,7 +16,9 @@
 //! - garbage collection ([`crate::engine::gc::run`]): a cycle every `--gc-interval`, or at
 //!   once when a snapshot is deleted;
 //! - the scrubber ([`crate::engine::scrub::run`]): a pass every `--scrub-interval` that reads
-//!   back every stored page at `--scrub-rate` and repairs damaged copies from replicas.
+//!   back every stored page at `--scrub-rate` and repairs damaged copies from replicas;
+//! - repair ([`crate::engine::repair::run`]): a cycle every `--repair-interval`, or at once
+//!   on a removal, that copies the pages of removed or long-gone members to new owners.
 
 use crate::config::NodeConfig;
 use crate::net::DataClient;
@@ -90,6 +92,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     tasks.spawn(sync_catalog(node.clone()));
     tasks.spawn(crate::engine::gc::run(node.clone()));
     tasks.spawn(crate::engine::scrub::run(node.clone()));
+    tasks.spawn(crate::engine::repair::run(node.clone()));
 
     match shutdown {
         Some(rx) => {
@@ -127,6 +130,7 @@ async fn watch_members(node: Arc<Node>) {
             } else if m.alive {
                 was_alive.insert(m.id);
             }
+            node.note_liveness(m);
         }
         let now: Vec<(NodeId, SocketAddr)> = members.iter().map(|m| (m.id, m.data_addr)).collect();
         if now != last {

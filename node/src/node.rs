@@ -118,6 +118,10 @@ pub struct Node {
     pub signer: Signer,
     /// Wakes the garbage collector (a snapshot was deleted).
     pub gc_wake: tokio::sync::Notify,
+    /// Wakes repair (a member was removed).
+    pub repair_wake: tokio::sync::Notify,
+    /// When each member that is down now was first seen down.
+    down_since: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -126,7 +130,7 @@ pub struct Node {
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), membership, client, busy: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
@@ -137,6 +141,23 @@ impl Node {
         dirs.extend(c.vm_dir.clone());
         dirs.extend(c.launch_dirs.iter().cloned());
         crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs }
+    }
+
+    /// Notes a member's liveness (for [`Node::is_gone`]).
+    pub fn note_liveness(&self, m: &Member) {
+        let mut d = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        if m.alive {
+            d.remove(&m.id);
+        } else {
+            d.entry(m.id).or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    /// Whether a member's pages are to be copied elsewhere: it was removed, or it has been
+    /// down longer than `--repair-after`.
+    pub fn is_gone(&self, id: &NodeId) -> bool {
+        self.trust.is_revoked(id)
+            || self.down_since.lock().unwrap_or_else(|p| p.into_inner()).get(id).is_some_and(|t| t.elapsed() > self.config.repair_after)
     }
 
     /// Whether `peer` is an admitted member now (the data plane serves no one else).
@@ -155,6 +176,7 @@ impl Node {
             return Ok((false, 0));
         }
         tracing::warn!(target: "vmcsnap::admission", node = %r.node.short(), "member removed from the cluster");
+        self.repair_wake.notify_one();
         let answers = self.ask_peers(DataRequest::Revoke { token: r.to_token() }, PEER_ANSWER_TIMEOUT).await;
         Ok((true, answers.iter().filter(|(_, a)| a.is_ok()).count()))
     }
@@ -170,6 +192,7 @@ impl Node {
                     Ok((r, true)) => {
                         self.membership.revoke(r.node);
                         self.client.forget(&r.node).await;
+                        self.repair_wake.notify_one();
                         added += 1;
                     }
                     Ok((_, false)) => {}

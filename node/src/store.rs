@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use vmcsnap_protocol::manifest::{SignedRecord, SignedTombstone, NAME_VERSIONS_MAX};
-use vmcsnap_protocol::wire::{GcStats, ScrubStats};
+use vmcsnap_protocol::wire::{GcStats, RepairStats, ScrubStats};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
 const CF_PAGES: &str = "pages";
@@ -162,6 +162,8 @@ pub struct Store {
     gc_published: Mutex<(String, u64)>,
     /// What the scrubber last published.
     scrub_published: Mutex<ScrubStats>,
+    /// What repair last published.
+    repair_published: Mutex<RepairStats>,
     /// Free bytes the file system must keep: new pages that would eat into them are refused.
     reserve: AtomicU64,
 }
@@ -226,6 +228,7 @@ impl Store {
             gc_published: Mutex::new(("idle".into(), 0)),
             scrub_published: Mutex::new(ScrubStats { state: "idle".into(), ..Default::default() }),
             reserve: AtomicU64::new(0),
+            repair_published: Mutex::new(RepairStats { state: "idle".into(), ..Default::default() }),
         };
         let mut index = PrefixSet::default();
         for kv in store.db.iterator_cf(store.cf(CF_PRESENT), rocksdb::IteratorMode::Start) {
@@ -669,6 +672,16 @@ impl Store {
     /// Publishes the scrubber's figures (for `Stats`).
     pub fn scrub_publish(&self, f: impl FnOnce(&mut ScrubStats)) {
         f(&mut self.scrub_published.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Publishes repair's figures (for `Stats`).
+    pub fn repair_publish(&self, f: impl FnOnce(&mut RepairStats)) {
+        f(&mut self.repair_published.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Repair's figures.
+    pub fn repair_stats(&self) -> RepairStats {
+        self.repair_published.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The scrubber's figures.

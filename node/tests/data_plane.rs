@@ -96,6 +96,8 @@ async fn owners_reject_bad_pages_and_strangers() {
         scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
         scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
         min_free: 0,
+        repair_interval: vmcsnap_node::config::DEFAULT_REPAIR_INTERVAL,
+        repair_after: vmcsnap_node::config::DEFAULT_REPAIR_AFTER,
     };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 

@@ -69,6 +69,8 @@ fn config(h: &Host, cluster: &ClusterKey, peers: Vec<SocketAddr>) -> NodeConfig 
         scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
         scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
         min_free: 0,
+        repair_interval: vmcsnap_node::config::DEFAULT_REPAIR_INTERVAL,
+        repair_after: vmcsnap_node::config::DEFAULT_REPAIR_AFTER,
     }
 }
 

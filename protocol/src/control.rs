@@ -301,6 +301,8 @@ pub struct MemberStatus {
     pub gc: Option<crate::wire::GcStats>,
     /// Its scrubber; `None` when the member did not answer.
     pub scrub: Option<crate::wire::ScrubStats>,
+    /// Its repair; `None` when the member did not answer.
+    pub repair: Option<crate::wire::RepairStats>,
 }
 
 /// What `snapshot verify` found.

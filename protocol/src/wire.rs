@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 /// - `vmcsnap/data/3`: admission (`Revoke`, `Revocations`), signed commit records
 ///   (`Commit` and `Records` carry [`SignedRecord`]s; a name may hold conflicting records).
 /// - `vmcsnap/data/4`: incarnations (`Have`, `Put`, `Sync`), deletion (`Delete`,
-///   `Tombstones`), garbage-collection and scrub figures in `Stats`.
+///   `Tombstones`), garbage-collection, scrub and repair figures in `Stats`.
 pub const DATA_ALPN: &[u8] = b"vmcsnap/data/4";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
@@ -92,6 +92,17 @@ pub struct ScrubStats {
     pub repaired: u64,
     /// When the last full pass ended (ms since the epoch; 0: none yet).
     pub last_pass_unix_ms: u64,
+}
+
+/// What a node's repair (copies of pages lost with a removed or long-gone member) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairStats {
+    /// `idle`, what it repairs now, or the last error.
+    pub state: String,
+    /// Copies made on new owners since the node started.
+    pub copies_made: u64,
+    /// Bytes sent doing it.
+    pub bytes_sent: u64,
 }
 
 /// One page sent to an owner, with the hash the sender claims for it.
@@ -343,6 +354,8 @@ pub enum DataResponse {
         gc: GcStats,
         /// The scrubber on that node.
         scrub: ScrubStats,
+        /// Repair on that node.
+        repair: RepairStats,
     },
     /// The tombstones a node keeps (newest first).
     Tombstones {

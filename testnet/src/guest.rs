@@ -194,8 +194,10 @@ impl Guest {
             }
             let all = std::fs::read(&self.log).unwrap_or_default();
             let new = String::from_utf8_lossy(all.get(before..).unwrap_or(&[]));
+            // Only whole lines: the guest may be half-way through printing the answer.
+            let whole = &new[..new.rfind('\n').map_or(0, |i| i + 1)];
             // The answer starts at `expect`; an echo of the typed line may follow on the line.
-            if let Some(l) = new.lines().find_map(|l| l.find(expect).map(|i| &l[i..])) {
+            if let Some(l) = whole.lines().find_map(|l| l.find(expect).map(|i| &l[i..])) {
                 let l = l.split(line).next().unwrap_or(l);
                 return Ok(l.trim().to_string());
             }

@@ -10,6 +10,7 @@
 //! - [`stats`]: the one `median` every published figure goes through.
 
 pub mod bench;
+pub mod benchstore;
 pub mod cluster;
 pub mod gen;
 pub mod guest;

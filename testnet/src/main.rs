@@ -149,6 +149,22 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         replicas: usize,
     },
+    /// The store over time: bytes on disk after garbage collection against what the remaining
+    /// snapshots reference, repair time and bytes after a removal, scrub rate and its cost.
+    BenchStore {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/bench-store")]
+        dir: PathBuf,
+        /// Runs (medians reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Memory of each of the two VMs, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Print every run as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fabric throughput on generated memory, 3 nodes: snapshot and restore GB/s, node RSS.
     BenchFabric {
         /// Working directory (wiped first).
@@ -245,6 +261,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo { dir, gen } => demo(&dir, &gen),
         Cmd::BenchVm { dir, mem, runs, json } => bench_vm(&dir, mem, runs, json),
+        Cmd::BenchStore { dir, runs, mib, json } => {
+            fresh_dir(&dir)?;
+            vmcsnap_testnet::benchstore::run(&dir, &vmcsnap_bin(), runs, mib, json)
+        }
         Cmd::BenchFabric { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
         Cmd::Bench { dir, hosts, guests_per_host, mem, data, interval, modes, svg, json, sim_keys } => {
             for m in &modes {

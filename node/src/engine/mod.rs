@@ -18,6 +18,7 @@
 pub mod cut;
 pub mod error;
 pub mod gc;
+pub mod repair;
 pub mod restore;
 pub mod scrub;
 pub mod snapshot;

@@ -194,7 +194,7 @@ impl<'a> Fetcher<'a> {
                     self.pages_local.fetch_add(1, Ordering::Relaxed);
                     out.insert(h, p);
                 }
-                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), reasons: Vec::new() }),
+                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: Vec::new() }),
             }
         }
         while !todo.is_empty() {
@@ -234,6 +234,12 @@ impl<'a> Fetcher<'a> {
         let mut by_owner: HashMap<usize, Vec<Wanted>> = HashMap::new();
         for mut w in todo {
             loop {
+                if w.owners.is_empty() && !w.extended {
+                    // Past its first owners, in the same ranking: where repair puts the copies
+                    // of owners that were removed or long gone.
+                    w.owners = owners(&self.view, &w.hash, self.view.members().len()).split_off(self.replicas.min(self.view.members().len()));
+                    w.extended = true;
+                }
                 let Some(&o) = w.owners.first() else {
                     return Err(RestoreError::Unavailable { hash: w.hash, reasons: w.reasons.join("; ") });
                 };
@@ -325,6 +331,8 @@ impl<'a> Fetcher<'a> {
 struct Wanted {
     hash: PageHash,
     owners: Vec<usize>,
+    /// Whether `owners` holds the members past the first `replicas` already.
+    extended: bool,
     reasons: Vec<String>,
 }
 
