@@ -36,8 +36,14 @@ pub const PROTOCOL_VERSION: &str = "/vmcsnap/1.0.0";
 pub const KAD_PROTOCOL: &str = "/vmcsnap/kad/1.0.0";
 /// How often the membership task re-dials missing members and refreshes Kademlia.
 pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
-/// Ping interval; a peer that misses a ping within the timeout is dropped as dead.
+/// Ping interval.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may take.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pings in a row a peer may miss before it is disconnected and counted down, so that one slow
+/// answer on a loaded host is not a death. Measured here with a stopped (SIGSTOP) peer, each
+/// miss is reported about 11 s after the last answer, so a hung peer is down after about 22 s.
+pub const PING_FAILURES_MAX: u32 = 2;
 /// Most members one node tracks.
 pub const MEMBERS_MAX: usize = 4096;
 /// Most refused peers remembered (so that they are not dialled again); the oldest is
@@ -182,7 +188,7 @@ impl Membership {
                         .with_interval(Duration::from_secs(30)),
                 );
                 let ping = ping::Behaviour::new(
-                    ping::Config::new().with_interval(PING_INTERVAL).with_timeout(Duration::from_secs(3)),
+                    ping::Config::new().with_interval(PING_INTERVAL).with_timeout(PING_TIMEOUT),
                 );
                 Behaviour { kad, identify, ping }
             })
@@ -210,6 +216,7 @@ impl Membership {
             local_peer,
             members: HashMap::new(),
             connected: HashSet::new(),
+            ping_failures: HashMap::new(),
             bootstrap: cfg.bootstrap.clone(),
             trust: cfg.trust.clone(),
             refused: VecDeque::new(),
@@ -276,6 +283,8 @@ struct State {
     local_peer: PeerId,
     members: HashMap<NodeId, Member>,
     connected: HashSet<PeerId>,
+    /// Pings in a row each connected peer missed.
+    ping_failures: HashMap<PeerId, u32>,
     bootstrap: Vec<SocketAddr>,
     trust: Arc<Trust>,
     /// Peers refused admission, oldest first (at most [`REFUSED_MAX`]).
@@ -402,6 +411,7 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
         }
         SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
             st.connected.remove(&peer_id);
+            st.ping_failures.remove(&peer_id);
             st.set_alive(&peer_id, false)
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
@@ -455,7 +465,19 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
             false
         }
         SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. })) => {
-            tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, "ping failed");
+            let n = st.ping_failures.entry(peer).or_default();
+            *n += 1;
+            tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, failures = *n, "ping failed");
+            if *n >= PING_FAILURES_MAX {
+                // libp2p keeps a connection whose pings fail; a hung peer must count as down.
+                tracing::warn!(target: "vmcsnap::membership", %peer, "peer missed {PING_FAILURES_MAX} pings in a row; disconnecting it as down");
+                st.ping_failures.remove(&peer);
+                let _ = swarm.disconnect_peer_id(peer);
+            }
+            false
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(_), .. })) => {
+            st.ping_failures.remove(&peer);
             false
         }
         _ => false,

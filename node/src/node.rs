@@ -254,8 +254,32 @@ impl Node {
     }
 
     /// Sends `req` to `member`, or answers it here when the member is this node (with the
-    /// same handler peers get, so a store failure here is the same error as there).
+    /// same handler peers get, so a store failure here is the same error as there). A call to
+    /// a member that is down, or goes down while it waits (a hung host: missed pings), fails
+    /// at once instead of waiting out its timeouts and retries.
     pub async fn call(&self, member: &Member, req: DataRequest) -> Result<DataResponse, NetError> {
+        if member.id == self.id {
+            return self.call_inner(member, req).await;
+        }
+        let mut members = self.subscribe_members();
+        let id = member.id;
+        let down = async move {
+            loop {
+                if members.borrow_and_update().iter().any(|m| m.id == id && !m.alive) {
+                    return;
+                }
+                if members.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            r = self.call_inner(member, req) => r,
+            () = down => Err(NetError::Unreachable { peer: member.id.short(), addr: member.data_addr, reason: "it is down (missed its pings)".into() }),
+        }
+    }
+
+    async fn call_inner(&self, member: &Member, req: DataRequest) -> Result<DataResponse, NetError> {
         if member.id == self.id {
             let (store, trust) = (self.store.clone(), self.trust.clone());
             let id = self.id;
