@@ -64,6 +64,7 @@ fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
     let vms = tmp.path().join("vms");
+    let _reaper = guest::Reaper(["g1", "g2", "g3"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
 
     // n1 runs g1 (idle) and g2 (16 MiB of random data); n2 runs g3 (writing all the time).
     let _g1 = Guest::start(&vms, "g1", 128, "", &accel).expect("g1");

@@ -54,6 +54,7 @@ fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
     let vmdir = tmp.path().join("vms");
 
     // Host 1 runs g1 (idle) and g2 (32 MiB of random data); host 2 runs g3 (idle, writing).
+    let _reaper = guest::Reaper(["g1", "g2", "g3"].map(|v| vmdir.join(format!("{v}.qmp"))).to_vec());
     let g1 = Guest::start(&vmdir, "g1", 128, "", &accel).expect("g1");
     let g2 = Guest::start(&vmdir, "g2", 128, "fill=32", &accel).expect("g2");
     let g3 = Guest::start(&vmdir, "g3", 128, "writer=1", &accel).expect("g3");

@@ -14,15 +14,20 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
 }
 
+/// The next number of a xorshift64 sequence.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 /// `pages` pages of xorshift noise from `seed` (no zero page, no two alike).
 fn noise(seed: u64, pages: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(pages * PAGE_SIZE);
     for _ in 0..pages * PAGE_SIZE / 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        out.extend_from_slice(&xorshift(&mut x).to_le_bytes());
     }
     out
 }
@@ -161,12 +166,7 @@ fn an_owner_restarted_around_sync_never_lets_a_snapshot_commit_lost_pages() {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
     eprintln!("seed {seed}");
     let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = move || xorshift(&mut rng);
     // A first snapshot without faults times the kill window.
     let warm = write(&tmp.path().join("warm.img"), &[&noise(seed, 4096)]);
     let t0 = Instant::now();
@@ -391,10 +391,7 @@ fn an_initiator_killed_around_its_commit_leaves_the_snapshot_everywhere_or_nowhe
             .stderr(Stdio::null())
             .spawn()
             .expect("create");
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(rng % window));
+        std::thread::sleep(Duration::from_millis(xorshift(&mut rng) % window));
         c.kill(0);
         let _ = create.wait();
         c.restart(0).expect("restart");

@@ -241,6 +241,18 @@ pub fn kill_by_qmp(qmp: &Path) {
     }
 }
 
+/// Quits, when dropped, every QEMU whose QMP socket it names: guests that a restore launched
+/// belong to no [`Guest`] handle, and a test that fails half-way must not leave them running.
+pub struct Reaper(pub Vec<PathBuf>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for qmp in &self.0 {
+            kill_by_qmp(qmp);
+        }
+    }
+}
+
 /// A blocking QMP client, for benchmarks and tests that drive QEMU directly.
 pub struct QmpSync {
     r: std::io::BufReader<std::os::unix::net::UnixStream>,
