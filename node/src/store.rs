@@ -627,17 +627,28 @@ impl Store {
         Ok(n)
     }
 
-    /// Every stored page's hash, in hash order.
-    pub fn stored_hashes(&self) -> Result<Vec<PageHash>, StoreError> {
-        let mut out = Vec::with_capacity(self.page_count() as usize);
-        for kv in self.db.iterator_cf(self.cf(CF_PRESENT), rocksdb::IteratorMode::Start) {
+    /// Up to `limit` stored pages' hashes in hash order, starting after `after` (from the
+    /// first without it): a walk over the store that never holds more than one batch.
+    pub fn stored_hashes(&self, after: Option<PageHash>, limit: usize) -> Result<Vec<PageHash>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(self.page_count() as usize));
+        let mode = match &after {
+            Some(h) => rocksdb::IteratorMode::From(&h.0, rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
+        for kv in self.db.iterator_cf(self.cf(CF_PRESENT), mode) {
             let (k, _) = kv?;
             let mut h = [0u8; 32];
             if k.len() != 32 {
                 return Err(StoreError::Corrupt(format!("page key of {} bytes", k.len())));
             }
             h.copy_from_slice(&k);
+            if Some(PageHash(h)) == after {
+                continue;
+            }
             out.push(PageHash(h));
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }

@@ -6,7 +6,9 @@
 //! 1. **Watch.** [`Store::watch_begin`]: from now on every page a `Have` finds present or a
 //!    `Put` stores is remembered, and no deletion touches it.
 //! 2. **Mark.** Every commit record in the catalog is expanded (manifest chunks, memory pages,
-//!    device state); what this store holds and no record references is a candidate.
+//!    device state) into a Bloom filter of live pages ([`Bloom`]: about 10 bits per stored
+//!    page, never a list of hashes); what this store holds and no record references is a
+//!    candidate.
 //! 3. **Grace.** Wait [`NodeConfig::gc_grace`]: the snapshot deadline plus two catalog syncs.
 //!    A snapshot that found a page present *before* the watch began started before it, so it
 //!    commits within the deadline, and its record is here by the end of the grace period —
@@ -14,8 +16,8 @@
 //! 4. **Mark again.** The catalog and the tombstones are pulled from every live peer (a
 //!    majority of the members must answer, or nothing is deleted), and records that arrived
 //!    since the first mark are expanded too.
-//! 5. **Sweep.** Candidates still unreferenced and not watched are deleted in throttled
-//!    batches ([`Store::delete_unwatched`] is exclusive with `have`, so no page reported
+//! 5. **Sweep.** A walk over the store deletes, in throttled batches, what neither mark saw
+//!    and no snapshot touched since the watch began ([`Store::delete_unwatched`] is exclusive with `have`, so no page reported
 //!    present is deleted under a snapshot), then the page files are compacted so the space
 //!    goes back.
 //!
@@ -119,15 +121,12 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
     let started = tokio::time::Instant::now();
     store.gc_publish("marking", None);
     let mut marked = HashSet::new();
-    let mut live = HashSet::new();
+    let mut live = Bloom::new(store.page_count());
     let records = mark(node, &mut marked, &mut live).await?;
-    let s = store.clone();
-    let stored = tokio::task::spawn_blocking(move || s.stored_hashes()).await.map_err(|e| GcError::Internal(e.to_string()))??;
-    let mut candidates: Vec<PageHash> = stored.into_iter().filter(|h| !live.contains(h)).collect();
-    let found = candidates.len() as u64;
+    let found = count_unreferenced(&store, &live).await?;
     store.gc_publish("waiting out the grace period", Some(found * PAGE_SIZE as u64));
     tracing::debug!(target: "vmcsnap::gc", records, candidates = found, grace_s = node.config.gc_grace().as_secs(), "marked");
-    if candidates.is_empty() {
+    if found == 0 {
         return Ok(Cycle { records, candidates: 0, deleted: 0 });
     }
     tokio::time::sleep_until(started + node.config.gc_grace()).await;
@@ -139,13 +138,22 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
         return Err(GcError::TooFewMembers { answered, members });
     }
     let records = records + mark(node, &mut marked, &mut live).await?;
-    candidates.retain(|h| !live.contains(h));
 
+    // Sweep: walk the store; what neither mark saw and no snapshot touched since goes.
     store.gc_publish("sweeping", None);
     let mut deleted = 0;
-    for batch in candidates.chunks(DELETE_BATCH_PAGES) {
-        let (s, batch) = (store.clone(), batch.to_vec());
-        deleted += tokio::task::spawn_blocking(move || s.delete_unwatched(&batch)).await.map_err(|e| GcError::Internal(e.to_string()))??;
+    let mut after = None;
+    loop {
+        let s = store.clone();
+        let batch = tokio::task::spawn_blocking(move || s.stored_hashes(after, DELETE_BATCH_PAGES)).await.map_err(|e| GcError::Internal(e.to_string()))??;
+        let Some(&last) = batch.last() else { break };
+        after = Some(last);
+        let doomed: Vec<PageHash> = batch.into_iter().filter(|h| !live.contains(h)).collect();
+        if doomed.is_empty() {
+            continue;
+        }
+        let s = store.clone();
+        deleted += tokio::task::spawn_blocking(move || s.delete_unwatched(&doomed)).await.map_err(|e| GcError::Internal(e.to_string()))??;
         tokio::time::sleep(DELETE_BATCH_PAUSE).await;
     }
     if deleted > 0 {
@@ -157,9 +165,67 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
     Ok(Cycle { records, candidates: found, deleted })
 }
 
+/// Stored pages that `live` does not hold.
+async fn count_unreferenced(store: &Arc<Store>, live: &Bloom) -> Result<u64, GcError> {
+    let mut n = 0;
+    let mut after = None;
+    loop {
+        let s = store.clone();
+        let batch = tokio::task::spawn_blocking(move || s.stored_hashes(after, DELETE_BATCH_PAGES)).await.map_err(|e| GcError::Internal(e.to_string()))??;
+        let Some(&last) = batch.last() else { return Ok(n) };
+        after = Some(last);
+        n += batch.iter().filter(|h| !live.contains(h)).count() as u64;
+    }
+}
+
+/// The live pages of a cycle: a Bloom filter, so that a cycle holds about 10 bits per stored
+/// page (at least 2 MiB) rather than every hash. A false positive only keeps a dead page
+/// until a later cycle (each cycle draws a new seed, so not the same page again); a live page
+/// is never missed.
+pub struct Bloom {
+    bits: Vec<u64>,
+    seed: u64,
+}
+
+/// Bits of the filter per stored page, and hash functions (about 1% false positives).
+const BLOOM_BITS_PER_PAGE: u64 = 10;
+const BLOOM_HASHES: u64 = 7;
+/// Smallest filter, in bits (2 MiB): small stores get no false positives to speak of.
+const BLOOM_BITS_MIN: u64 = 1 << 24;
+
+impl Bloom {
+    /// A filter for about `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        let bits = pages.saturating_mul(BLOOM_BITS_PER_PAGE).max(BLOOM_BITS_MIN);
+        Self { bits: vec![0; bits.div_ceil(64) as usize], seed: rand::random() }
+    }
+
+    fn positions(&self, h: &PageHash) -> impl Iterator<Item = usize> + '_ {
+        // Page hashes are uniform already: two words of the hash, mixed with the seed, make
+        // the k positions (double hashing).
+        let word = |i: usize| u64::from_le_bytes(h.0[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let (a, b) = (word(0) ^ self.seed, (word(1) ^ self.seed.rotate_left(32)) | 1);
+        let m = self.bits.len() as u64 * 64;
+        (0..BLOOM_HASHES).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) % m) as usize)
+    }
+
+    /// Adds a page.
+    pub fn insert(&mut self, h: &PageHash) {
+        let pos: Vec<usize> = self.positions(h).collect();
+        for p in pos {
+            self.bits[p / 64] |= 1 << (p % 64);
+        }
+    }
+
+    /// Whether the page may have been added (never false for one that was).
+    pub fn contains(&self, h: &PageHash) -> bool {
+        self.positions(h).all(|p| self.bits[p / 64] & (1 << (p % 64)) != 0)
+    }
+}
+
 /// Adds the pages of every record not marked yet (by record id) to `live`, keeping only those
 /// this store may hold. Returns how many records were marked.
-async fn mark(node: &Arc<Node>, marked: &mut HashSet<PageHash>, live: &mut HashSet<PageHash>) -> Result<usize, GcError> {
+async fn mark(node: &Arc<Node>, marked: &mut HashSet<PageHash>, live: &mut Bloom) -> Result<usize, GcError> {
     let s = node.store.clone();
     let records = tokio::task::spawn_blocking(move || s.catalog_all()).await.map_err(|e| GcError::Internal(e.to_string()))??;
     let mut n = 0;
@@ -171,7 +237,7 @@ async fn mark(node: &Arc<Node>, marked: &mut HashSet<PageHash>, live: &mut HashS
         let store = &node.store;
         super::restore::referenced_pages(node, &r.record, |h| {
             if store.may_hold(&h) {
-                live.insert(h);
+                live.insert(&h);
             }
         })
         .await
@@ -179,4 +245,30 @@ async fn mark(node: &Arc<Node>, marked: &mut HashSet<PageHash>, live: &mut HashS
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u64) -> PageHash {
+        vmcsnap_protocol::hash_page(&[i.to_le_bytes().as_slice(), &[0u8; PAGE_SIZE - 8]].concat())
+    }
+
+    #[test]
+    fn the_bloom_filter_never_misses_a_live_page_and_rarely_keeps_a_dead_one() {
+        // A large store: 10 bits a page, about 1% false positives.
+        let n = 2_000_000u64;
+        let mut live = Bloom::new(n);
+        for i in 0..n / 10 {
+            live.insert(&h(i));
+        }
+        assert!((0..n / 10).all(|i| live.contains(&h(i))), "a live page was missed");
+        // Only a tenth of the capacity is used here, so false positives are far below 1%.
+        let fp = (n..n + 100_000).filter(|&i| live.contains(&h(i))).count();
+        assert!(fp < 100, "{fp} false positives in 100000");
+        // Another cycle draws another seed: not the same false positives.
+        let other = Bloom::new(n);
+        assert_ne!(live.seed, other.seed);
+    }
 }

@@ -62,11 +62,15 @@ pub async fn run(node: Arc<Node>) {
 pub async fn pass(node: &Arc<Node>) -> Result<Pass, StoreError> {
     let store = node.store.clone();
     store.scrub_publish(|s| s.state = "scrubbing".into());
-    let s = store.clone();
-    let hashes = tokio::task::spawn_blocking(move || s.stored_hashes()).await.map_err(|e| StoreError::Corrupt(e.to_string()))??;
     let rate = node.config.scrub_rate.max(PAGE_SIZE as u64);
     let mut p = Pass::default();
-    for batch in hashes.chunks(SCRUB_BATCH_PAGES) {
+    let mut after = None;
+    loop {
+        let s = store.clone();
+        let batch = tokio::task::spawn_blocking(move || s.stored_hashes(after, SCRUB_BATCH_PAGES)).await.map_err(|e| StoreError::Corrupt(e.to_string()))??;
+        let Some(&last) = batch.last() else { break };
+        after = Some(last);
+        let batch = batch.as_slice();
         let t0 = tokio::time::Instant::now();
         let (s, b) = (store.clone(), batch.to_vec());
         let reads = tokio::task::spawn_blocking(move || s.read(&b)).await.map_err(|e| StoreError::Corrupt(e.to_string()))??;
