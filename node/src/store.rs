@@ -520,15 +520,16 @@ impl Store {
         self.reserve.store(bytes, Ordering::Relaxed);
     }
 
-    /// Bytes free for this store on its file system.
+    /// Bytes free for this store on its file system (`u64::MAX` if the file system cannot
+    /// tell: an unknown is never a reason to refuse pages; RocksDB's own errors remain).
     #[allow(unsafe_code)]
     pub fn free_bytes(&self) -> u64 {
-        let Ok(path) = std::ffi::CString::new(self.db.path().as_os_str().as_encoded_bytes()) else { return 0 };
+        let Ok(path) = std::ffi::CString::new(self.db.path().as_os_str().as_encoded_bytes()) else { return u64::MAX };
         let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
         // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
         unsafe {
             if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
-                return 0;
+                return u64::MAX;
             }
             let st = st.assume_init();
             st.f_bavail.saturating_mul(st.f_frsize)
