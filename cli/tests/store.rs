@@ -22,6 +22,13 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
+/// A random seed for a fault test, printed so that a failing run can be told apart.
+fn seed() -> u64 {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
+    eprintln!("seed {seed}");
+    seed
+}
+
 /// `pages` pages of xorshift noise from `seed` (no zero page, no two alike).
 fn noise(seed: u64, pages: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -163,8 +170,7 @@ fn an_owner_restarted_around_sync_never_lets_a_snapshot_commit_lost_pages() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("cluster");
     let mut c = Cluster::start(&bin(), &dir, 3, 2, None).expect("cluster");
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
-    eprintln!("seed {seed}");
+    let seed = seed();
     let mut rng = seed | 1;
     let mut next = move || xorshift(&mut rng);
     // A first snapshot without faults times the kill window.
@@ -372,8 +378,7 @@ fn an_initiator_killed_around_its_commit_leaves_the_snapshot_everywhere_or_nowhe
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("cluster");
     let mut c = Cluster::start(&bin(), &dir, 3, 2, None).expect("cluster");
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
-    eprintln!("seed {seed}");
+    let seed = seed();
     let mut rng = seed | 1;
     let warm = write(&tmp.path().join("warm.img"), &[&noise(seed, 2048)]);
     let t0 = Instant::now();

@@ -70,6 +70,30 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// A configuration with every option at its default (as `node run` has them, except
+    /// `--min-free`, 0 here): fill in admission and peers with struct update syntax.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            peers: vec![],
+            replicas: DEFAULT_REPLICAS,
+            name: String::new(),
+            vm_dir: None,
+            cluster_key: None,
+            join: None,
+            qemu_dir: "/usr/bin".into(),
+            launch_dirs: vec![],
+            snapshot_deadline: DEFAULT_SNAPSHOT_DEADLINE,
+            gc_interval: DEFAULT_GC_INTERVAL,
+            scrub_interval: DEFAULT_SCRUB_INTERVAL,
+            scrub_rate: DEFAULT_SCRUB_RATE,
+            min_free: 0,
+            repair_interval: DEFAULT_REPAIR_INTERVAL,
+            repair_after: DEFAULT_REPAIR_AFTER,
+        }
+    }
+
     /// Checks the values an operator can get wrong.
     pub fn validate(&self) -> anyhow::Result<()> {
         check_replicas(self.replicas).map_err(|e| anyhow::anyhow!(e))?;

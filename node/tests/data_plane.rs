@@ -81,23 +81,10 @@ async fn owners_reject_bad_pages_and_strangers() {
     let node_key = vmcsnap_node::identity::load_or_create(&node_dir).expect("identity");
     let node_id = node_id_of_key(&node_key.public()).expect("id");
     let config = NodeConfig {
-        data_dir: node_dir,
-        listen: node_addr,
-        peers: vec![],
         replicas: 1,
-        name: String::new(),
-        vm_dir: None,
         cluster_key: Some(cluster.id().to_string()),
         join: Some(cluster.certify(node_id, "solo", 1).expect("certify").to_token()),
-        qemu_dir: "/usr/bin".into(),
-        launch_dirs: vec![],
-        snapshot_deadline: vmcsnap_node::config::DEFAULT_SNAPSHOT_DEADLINE,
-        gc_interval: vmcsnap_node::config::DEFAULT_GC_INTERVAL,
-        scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
-        scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
-        min_free: 0,
-        repair_interval: vmcsnap_node::config::DEFAULT_REPAIR_INTERVAL,
-        repair_after: vmcsnap_node::config::DEFAULT_REPAIR_AFTER,
+        ..NodeConfig::new(node_dir, node_addr)
     };
     let node = tokio::spawn(vmcsnap_node::run(config, Some(stopped)));
 

@@ -54,23 +54,11 @@ fn host(root: &Path, name: &str, cluster: &ClusterKey) -> Host {
 
 fn config(h: &Host, cluster: &ClusterKey, peers: Vec<SocketAddr>) -> NodeConfig {
     NodeConfig {
-        data_dir: h.dir.clone(),
-        listen: h.addr,
         peers,
         replicas: 1,
-        name: String::new(),
-        vm_dir: None,
         cluster_key: Some(cluster.id().to_string()),
         join: Some(h.cert.to_token()),
-        qemu_dir: "/usr/bin".into(),
-        launch_dirs: vec![],
-        snapshot_deadline: vmcsnap_node::config::DEFAULT_SNAPSHOT_DEADLINE,
-        gc_interval: vmcsnap_node::config::DEFAULT_GC_INTERVAL,
-        scrub_interval: vmcsnap_node::config::DEFAULT_SCRUB_INTERVAL,
-        scrub_rate: vmcsnap_node::config::DEFAULT_SCRUB_RATE,
-        min_free: 0,
-        repair_interval: vmcsnap_node::config::DEFAULT_REPAIR_INTERVAL,
-        repair_after: vmcsnap_node::config::DEFAULT_REPAIR_AFTER,
+        ..NodeConfig::new(h.dir.clone(), h.addr)
     }
 }
 
