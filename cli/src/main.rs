@@ -150,12 +150,16 @@ enum NodeCmd {
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
         min_free: u64,
         /// Time between repair cycles, which copy the pages of removed or long-gone members to
-        /// new owners (a `cluster remove` starts one at once).
+        /// new owners and move their share of the pages to members that joined (a
+        /// `cluster remove` or a change of membership starts one at once).
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
         repair_interval: std::time::Duration,
         /// How long a member may be down before its pages are copied to other owners.
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         repair_after: std::time::Duration,
+        /// Most MiB a second this node fetches from other members to repair and rebalance.
+        #[arg(long, value_name = "MIB_PER_S", default_value_t = 64)]
+        repair_rate: u64,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -468,8 +472,8 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, log }) => {
-            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after));
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, log }) => {
+            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after, repair_rate.saturating_mul(1 << 20)));
             node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
@@ -513,8 +517,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `node run`'s store options: deadline, GC interval, scrub interval and rate, min free,
-/// repair interval and delay.
-type StoreArgs = (std::time::Duration, std::time::Duration, std::time::Duration, u64, u64, (std::time::Duration, std::time::Duration));
+/// repair interval, delay and rate.
+type StoreArgs = (std::time::Duration, std::time::Duration, std::time::Duration, u64, u64, (std::time::Duration, std::time::Duration, u64));
 
 #[allow(clippy::too_many_arguments)]
 async fn node_run(
@@ -525,7 +529,7 @@ async fn node_run(
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
     (vm_dir, qemu_dir, launch_dirs): (Option<PathBuf>, PathBuf, Vec<PathBuf>),
-    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after)): StoreArgs,
+    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after, repair_rate)): StoreArgs,
     log: String,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
@@ -535,7 +539,7 @@ async fn node_run(
     let name = name.unwrap_or_default();
     let qemu_dir = std::path::absolute(&qemu_dir)?;
     let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after };
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate };
     vmcsnap_node::run(config, None).await
 }
 

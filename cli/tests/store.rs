@@ -349,11 +349,98 @@ fn after_a_member_is_removed_repair_brings_every_page_back_to_two_copies() {
     restores_identical(&c, 2, "sb", &b, &tmp.path().join("out.img"));
 }
 
-/// A member down longer than `--repair-after` is repaired around like a removed one.
+/// A member joins a 3-node cluster with R = 2: it fetches its share of the committed pages
+/// (ideally R/(N+1) = half of them), each exactly once; the old owners drop their copies once
+/// it holds them, so every page ends on exactly two members; and with an original member
+/// stopped every snapshot restores byte-identical.
+#[test]
+fn a_member_that_joins_takes_its_share_and_the_old_copies_go() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let args = ["--snapshot-deadline", "2s", "--gc-interval", "2s"].map(String::from).to_vec();
+    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, vec![args.clone(); 3]).expect("cluster");
+    let a = write(&tmp.path().join("a.img"), &[&noise(31, 1024)]);
+    let b = write(&tmp.path().join("b.img"), &[&noise(32, 512), &noise(31, 512)]);
+    c.json(0, &["snapshot", "create", "sa", "--vm", &format!("vm0=file:{}", a.display())]).expect("sa");
+    c.json(1, &["snapshot", "create", "sb", "--vm", &format!("vm0=file:{}", b.display())]).expect("sb");
+    let distinct = stored_by(&[&a, &b]).len() as u64;
+    assert_eq!(c.stored_pages(0).expect("status"), 2 * distinct);
+
+    let d = c.add(args).expect("n4 joins");
+    let t0 = Instant::now();
+    let (held, copies) = loop {
+        let v = c.json(0, &["cluster", "status"]).expect("status");
+        let members = v["members"].as_array().expect("members");
+        let n4 = members.iter().find(|m| m["name"] == "n4").expect("n4 listed");
+        let (held, copies) = (n4["pages"].as_u64().unwrap_or(0), n4["repair"]["copies_made"].as_u64().unwrap_or(0));
+        let stored: u64 = members.iter().filter_map(|m| m["pages"].as_u64()).sum();
+        if held > 0 && stored == 2 * distinct && members.iter().all(|m| m["repair"]["state"] == "idle") {
+            break (held, copies);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "no rebalance: n4 holds {held}, {stored} copies of {} wanted", 2 * distinct);
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let share = held as f64 / distinct as f64;
+    eprintln!("rebalance: n4 fetched {copies} pages, {share:.3} of {distinct} (ideal 0.5), done in {:?}", t0.elapsed());
+    assert_eq!(copies, held, "each page fetched once");
+    assert!((0.4..0.6).contains(&share), "n4's share {share}");
+
+    c.stop(0).expect("stop n1");
+    restores_identical(&c, d, "sa", &a, &tmp.path().join("out.img"));
+    restores_identical(&c, 1, "sb", &b, &tmp.path().join("out.img"));
+}
+
+/// Two creates of one name from two hosts at once, 5 times: each time exactly one succeeds,
+/// the other fails with a clear error, and every member lists the winner's record alone, which
+/// restores to the winner's image.
+#[test]
+fn two_creates_of_one_name_at_once_leave_exactly_one_snapshot_everywhere() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    let imgs = [write(&tmp.path().join("a.img"), &[&noise(41, 256)]), write(&tmp.path().join("b.img"), &[&noise(42, 256)])];
+    for round in 0..5 {
+        let name = format!("race{round}");
+        let (x, y) = ((round % 3) as usize, ((round + 1) % 3) as usize);
+        let outs: Vec<std::process::Output> = std::thread::scope(|scope| {
+            let run = |i: usize, img: &Path| {
+                let (c, name) = (&c, &name);
+                let vm = format!("vm0=file:{}", img.display());
+                scope.spawn(move || c.cli(i, &["snapshot", "create", name, "--vm", &vm]).expect("run"))
+            };
+            let hs = [run(x, &imgs[0]), run(y, &imgs[1])];
+            hs.into_iter().map(|h| h.join().expect("join")).collect()
+        });
+        let won: Vec<usize> = (0..2).filter(|&k| outs[k].status.success()).collect();
+        assert_eq!(won.len(), 1, "round {round}: exactly one create succeeds: {:?}", outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect::<Vec<_>>());
+        let loser = String::from_utf8_lossy(&outs[1 - won[0]].stderr).into_owned();
+        eprintln!("round {round}: {}", loser.trim());
+        assert!(loser.contains("at the same time") || loser.contains("already exists"), "round {round}: the loser is told why: {loser}");
+        // Every member lists one record under the name, the same one.
+        let t0 = Instant::now();
+        loop {
+            let ids: Vec<Vec<String>> = (0..3)
+                .map(|i| {
+                    let list = c.json(i, &["snapshot", "list"]).expect("list");
+                    list.as_array().expect("list").iter().filter(|s| s["name"] == name.as_str()).map(|s| s["record"].as_str().unwrap_or("").to_string()).collect()
+                })
+                .collect();
+            if ids.iter().all(|l| l.len() == 1 && *l == ids[0]) {
+                break;
+            }
+            assert!(ids.iter().all(|l| l.len() <= 1), "round {round}: two records under one name: {ids:?}");
+            assert!(t0.elapsed() < Duration::from_secs(20), "round {round}: members disagree: {ids:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        restores_identical(&c, 2, &name, &imgs[won[0]], &tmp.path().join("out.img"));
+    }
+}
+
+/// A member down longer than `--repair-after` is repaired around like a removed one; when it
+/// comes back, it holds its pages again without fetching them, and the copies made around it
+/// are dropped.
 #[test]
 fn a_member_down_longer_than_repair_after_is_repaired_around() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let args = ["--repair-after", "2s", "--repair-interval", "1s"].map(String::from).to_vec();
+    let args = ["--repair-after", "2s", "--repair-interval", "1s", "--snapshot-deadline", "2s", "--gc-interval", "2s"].map(String::from).to_vec();
     let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, vec![args; 3]).expect("cluster");
     let a = write(&tmp.path().join("a.img"), &[&noise(21, 512)]);
     c.json(0, &["snapshot", "create", "sa", "--vm", &format!("vm0=file:{}", a.display())]).expect("sa");
@@ -367,6 +454,24 @@ fn a_member_down_longer_than_repair_after_is_repaired_around() {
     }
     c.stop(1).expect("stop n2");
     restores_identical(&c, 0, "sa", &a, &tmp.path().join("out.img"));
+
+    c.restart(1).expect("restart n2");
+    c.restart(2).expect("restart n3");
+    let t0 = Instant::now();
+    loop {
+        let v = c.json(0, &["cluster", "status"]).expect("status");
+        let members = v["members"].as_array().expect("members");
+        let n3 = members.iter().find(|m| m["name"] == "n3").expect("n3 listed");
+        let stored: u64 = members.iter().filter_map(|m| m["pages"].as_u64()).sum();
+        if n3["alive"] == true && stored == 2 * distinct {
+            assert_eq!(n3["repair"]["copies_made"].as_u64(), Some(0), "n3 kept its pages");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the copies made around n3 stayed: {stored} of {}", 2 * distinct);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.stop(0).expect("stop n1");
+    restores_identical(&c, 2, "sa", &a, &tmp.path().join("out.img"));
 }
 
 /// Fault injection: the initiating node is killed (SIGKILL) at a random moment of a snapshot,

@@ -1,5 +1,5 @@
 //! Answers the data-plane requests that need only this node's store: `Have`, `Put`, `Get`,
-//! `Sync`, `Commit`, the catalog, `Stats`. Both the data-plane server (for peers) and
+//! `Sync`, `Commit`, the catalog, `Stats`, name claims. Both the data-plane server (for peers) and
 //! [`crate::node::Node::call`] (for this node itself) go through [`answer`], so a node treats
 //! itself exactly like any owner — except that its own pages, hashed here, are not re-hashed.
 //!
@@ -7,7 +7,8 @@
 //! here: [`AnswerError::NeedsNode`].
 
 use crate::store::{Store, StoreError};
-use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, PUT_PAGES_MAX, TOMBSTONES_MAX};
+use vmcsnap_protocol::manifest::validate_name;
+use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, NAME_CLAIM_TTL_MS, PUT_PAGES_MAX, TOMBSTONES_MAX};
 use vmcsnap_dht::admission::Trust;
 use vmcsnap_protocol::{NodeId, PAGE_SIZE};
 
@@ -113,6 +114,12 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
         DataRequest::Tombstones => {
             let tombstones = store.tombstones()?.into_iter().take(TOMBSTONES_MAX).collect();
             Ok(DataResponse::Tombstones { tombstones })
+        }
+        DataRequest::ClaimName { name, record, release } => {
+            validate_name("snapshot name", &name).map_err(AnswerError::BadRequest)?;
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let holder = store.claim_name(&name, record, now_ms, NAME_CLAIM_TTL_MS, release)?;
+            Ok(DataResponse::NameClaim { holder })
         }
         DataRequest::Cut(_)
         | DataRequest::Delete { .. }

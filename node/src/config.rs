@@ -18,6 +18,8 @@ pub const DEFAULT_MIN_FREE: u64 = 1 << 30;
 pub const DEFAULT_REPAIR_INTERVAL: Duration = Duration::from_secs(600);
 /// Default time a member may be down before its pages are repaired (`--repair-after`).
 pub const DEFAULT_REPAIR_AFTER: Duration = Duration::from_secs(3600);
+/// Default most bytes a second repair and rebalance fetch (`--repair-rate`, in MiB/s).
+pub const DEFAULT_REPAIR_RATE: u64 = 64 << 20;
 /// How often a node pulls the revocations, tombstones and commit records it lacks.
 pub const CATALOG_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -67,6 +69,8 @@ pub struct NodeConfig {
     pub repair_interval: Duration,
     /// How long a member may be down before its pages are copied to other owners.
     pub repair_after: Duration,
+    /// Most bytes a second this node fetches to repair and rebalance.
+    pub repair_rate: u64,
 }
 
 impl NodeConfig {
@@ -91,6 +95,7 @@ impl NodeConfig {
             min_free: 0,
             repair_interval: DEFAULT_REPAIR_INTERVAL,
             repair_after: DEFAULT_REPAIR_AFTER,
+            repair_rate: DEFAULT_REPAIR_RATE,
         }
     }
 
@@ -119,6 +124,9 @@ impl NodeConfig {
         }
         if self.scrub_rate < 1 << 20 {
             anyhow::bail!("--scrub-rate must be at least 1 MiB/s");
+        }
+        if self.repair_rate < 1 << 20 {
+            anyhow::bail!("--repair-rate must be at least 1 MiB/s");
         }
         if self.listen.ip().is_unspecified() {
             anyhow::bail!("--listen needs the address peers should use, not {}", self.listen.ip());

@@ -17,8 +17,10 @@
 //!   once when a snapshot is deleted;
 //! - the scrubber ([`crate::engine::scrub::run`]): a pass every `--scrub-interval` that reads
 //!   back every stored page at `--scrub-rate` and repairs damaged copies from replicas;
-//! - repair ([`crate::engine::repair::run`]): a cycle every `--repair-interval`, or at once
-//!   on a removal, that copies the pages of removed or long-gone members to new owners.
+//! - repair and rebalance ([`crate::engine::repair::run`]): a cycle every `--repair-interval`,
+//!   and at once on a removal, a change of the owner view or newly learned snapshots, that
+//!   fetches the pages this node now owns and lacks (those of removed or long-gone members,
+//!   its share after it joined or came back).
 
 use crate::config::NodeConfig;
 use crate::net::DataClient;
@@ -161,6 +163,8 @@ async fn sync_catalog(node: Arc<Node>) {
         let n = node.sync_catalog().await;
         if n > 0 {
             tracing::info!(target: "vmcsnap::catalog", added = n, "learned snapshots from peers");
+            // Some may have been placed while this node was away: its share moves here.
+            node.repair_wake.notify_one();
         }
     }
 }

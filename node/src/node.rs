@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use vmcsnap_dht::admission::{Revocation, Trust};
+use vmcsnap_dht::placement::View;
 use vmcsnap_dht::{Member, Membership};
 use vmcsnap_protocol::control::VmInfo;
 use vmcsnap_protocol::control::Deleted;
@@ -158,6 +159,14 @@ impl Node {
     pub fn is_gone(&self, id: &NodeId) -> bool {
         self.trust.is_revoked(id)
             || self.down_since.lock().unwrap_or_else(|p| p.into_inner()).get(id).is_some_and(|t| t.elapsed() > self.config.repair_after)
+    }
+
+    /// The view that owns pages now: every member that is not gone. A member that is down but
+    /// not gone keeps its share (its pages wait for it); a member that joined takes its share
+    /// (repair moves it there, garbage collection drops the old copies once it holds them).
+    /// Every committed page belongs on its first `replicas` owners in this view.
+    pub fn owner_view(&self) -> View {
+        View::new(self.members().into_iter().map(|m| m.id).filter(|id| !self.is_gone(id)).collect())
     }
 
     /// Whether `peer` is an admitted member now (the data plane serves no one else).

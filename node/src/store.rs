@@ -168,6 +168,11 @@ pub struct Store {
     reserve: AtomicU64,
 }
 
+/// Where a name's claim is kept (meta family).
+fn claim_key(name: &str) -> Vec<u8> {
+    [b"claim/".as_slice(), name.as_bytes()].concat()
+}
+
 fn prefix(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[..8]);
@@ -485,8 +490,43 @@ impl Store {
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_CATALOG), catalog_key(name, &id), bytes, &wo)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CATALOG), catalog_key(name, &id), bytes);
+        // The record itself holds the name from now on.
+        batch.delete_cf(self.cf(CF_META), claim_key(name));
+        self.db.write_opt(batch, &wo)?;
         Ok(kept)
+    }
+
+    /// Grants snapshot name `name` to commit record `id` until `now_ms + ttl_ms`, durably, and
+    /// returns `None`; or refuses, returning the holder: a record kept here under the name with
+    /// another id, or another record's unexpired claim. Granting `id` again renews it. With
+    /// `release`, drops `id`'s claim (if it holds one) and returns `None`.
+    pub fn claim_name(&self, name: &str, id: PageHash, now_ms: u64, ttl_ms: u64, release: bool) -> Result<Option<PageHash>, StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let key = claim_key(name);
+        let current = self.db.get_cf(self.cf(CF_META), &key)?.and_then(|v| {
+            let id: [u8; 32] = v.get(..32)?.try_into().ok()?;
+            let until = u64::from_le_bytes(v.get(32..40)?.try_into().ok()?);
+            Some((PageHash(id), until))
+        });
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        if release {
+            if current.is_some_and(|(h, _)| h == id) {
+                self.db.delete_cf_opt(self.cf(CF_META), &key, &wo)?;
+            }
+            return Ok(None);
+        }
+        if let Some(other) = self.catalog_get(name)?.iter().filter_map(|r| r.id().ok()).find(|r| *r != id) {
+            return Ok(Some(other));
+        }
+        if let Some((holder, _)) = current.filter(|&(h, until)| h != id && until > now_ms) {
+            return Ok(Some(holder));
+        }
+        let value = [&id.0[..], &now_ms.saturating_add(ttl_ms).to_le_bytes()].concat();
+        self.db.put_cf_opt(self.cf(CF_META), &key, value, &wo)?;
+        Ok(None)
     }
 
     /// Every record kept under `name` (one, or several in conflict), in record-id order.
@@ -888,6 +928,28 @@ mod tests {
     fn tombstone(r: &SignedRecord) -> SignedTombstone {
         let t = vmcsnap_protocol::manifest::Tombstone { name: r.record.name.clone(), record: r.id().expect("id"), deleted_by: vmcsnap_protocol::NodeId([1; 32]), deleted_unix_ms: 9 };
         SignedTombstone { tombstone: t, certificate: "cert".into(), signature: vec![7; 64] }
+    }
+
+    #[test]
+    fn a_name_is_granted_to_one_record_until_its_claim_lapses_or_is_released() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        let (a, b) = (PageHash([1; 32]), PageHash([2; 32]));
+        assert_eq!(s.claim_name("n", a, 1000, 100, false).expect("claim"), None);
+        assert_eq!(s.claim_name("n", a, 1050, 100, false).expect("renew"), None, "the same record again");
+        assert_eq!(s.claim_name("n", b, 1100, 100, false).expect("claim"), Some(a), "held until 1150");
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.claim_name("n", b, 1149, 100, false).expect("claim"), Some(a), "a grant survives a restart");
+        assert_eq!(s.claim_name("n", b, 1151, 100, false).expect("claim"), None, "lapsed");
+        assert_eq!(s.claim_name("n", b, 1152, 100, true).expect("release"), None);
+        assert_eq!(s.claim_name("n", a, 1153, 100, false).expect("claim"), None, "released");
+        // A record kept under the name holds it for good, and clears the claim.
+        let r = record("n", 1);
+        let id = r.id().expect("id");
+        s.catalog_put(&r).expect("put");
+        assert_eq!(s.claim_name("n", a, 1154, 100, false).expect("claim"), Some(id));
+        assert_eq!(s.claim_name("n", id, 1155, 100, false).expect("claim"), None, "its own record");
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombston
         DataRequest::Revoke { token: "x".into() },
         DataRequest::Revocations,
         DataRequest::RestoreVm { name: "x".into(), vm: "vm".into() },
+        DataRequest::ClaimName { name: "x".into(), record: page, release: false },
     ]
 }
 

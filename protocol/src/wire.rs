@@ -45,7 +45,9 @@ use serde::{Deserialize, Serialize};
 ///   (`Commit` and `Records` carry [`SignedRecord`]s; a name may hold conflicting records).
 /// - `vmcsnap/data/4`: incarnations (`Have`, `Put`, `Sync`), deletion (`Delete`,
 ///   `Tombstones`), garbage-collection, scrub and repair figures in `Stats`.
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/4";
+/// - `vmcsnap/data/5`: name claims (`ClaimName`): of two concurrent creates of one name,
+///   exactly one commits.
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/5";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -188,7 +190,27 @@ pub enum DataRequest {
         /// VM id.
         vm: String,
     },
+    /// Grant snapshot name `name` to commit record `record` (you are one of the name's
+    /// arbiters: its first [`NAME_ARBITERS`] owners). Granted unless you keep a record under
+    /// that name with another id, or another record's claim on it is younger than
+    /// [`NAME_CLAIM_TTL_MS`]; the grant is kept durably. With `release`, drop `record`'s claim.
+    ClaimName {
+        /// Snapshot name.
+        name: String,
+        /// The claiming commit record's id.
+        record: PageHash,
+        /// Drop the claim instead (its create failed).
+        release: bool,
+    },
 }
+
+/// Members that decide which record gets a snapshot name: the name's first owners (rendezvous
+/// over the owner view, on the BLAKE3 hash of the name). A create commits only with grants
+/// from a majority of them.
+pub const NAME_ARBITERS: usize = 3;
+/// How long a granted name claim holds off other records (the claimer commits within it, or
+/// its claim lapses).
+pub const NAME_CLAIM_TTL_MS: u64 = 5 * 60 * 1000;
 
 /// Opens a participant's part of a cluster snapshot.
 ///
@@ -375,6 +397,12 @@ pub enum DataResponse {
     Revocations {
         /// Up to [`REVOCATIONS_MAX`] tokens.
         tokens: Vec<String>,
+    },
+    /// The answer to `ClaimName`: `None` if granted (or released), else the record that holds
+    /// the name here.
+    NameClaim {
+        /// The holder, if not the asker.
+        holder: Option<PageHash>,
     },
     /// Done.
     Ok,

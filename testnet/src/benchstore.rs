@@ -5,6 +5,9 @@
 //!   once garbage collection is done, against the bytes the remaining snapshots reference.
 //! - **Repair**: R = 2 on 4 nodes, one removed; the time until every page has 2 copies again,
 //!   and the bytes moved against the bytes of the copies lost.
+//! - **Rebalance on join**: then a fifth node joins the 3 left; the fraction of the distinct
+//!   pages it fetches (ideal: R/(N+1) = 2/4), the time until it holds them, and the time
+//!   until the old copies are gone (every page on exactly 2 members again).
 //! - **Scrub**: the read rate of a pass at the default throttle, and a snapshot's time while
 //!   every node scrubs against the same snapshot with scrubbing off.
 
@@ -33,6 +36,14 @@ pub struct Figures {
     pub repair_bytes: u64,
     /// Bytes of the copies the removed node held.
     pub repair_lost_bytes: u64,
+    /// Distinct pages of the snapshot.
+    pub rebalance_distinct: u64,
+    /// Pages the joining node fetched.
+    pub rebalance_moved: u64,
+    /// Seconds from the join until it held them.
+    pub rebalance_seconds: f64,
+    /// Seconds from the join until every page was on exactly 2 members again.
+    pub rebalance_settled_seconds: f64,
     /// Bytes a second one scrub pass read at the default throttle.
     pub scrub_bytes_per_s: f64,
     /// A snapshot's seconds with scrubbing off, and while every node scrubs.
@@ -130,7 +141,9 @@ pub fn run_once(dir: &Path, bin: &Path, mib: usize) -> anyhow::Result<Figures> {
     drop(c);
 
     // Repair.
-    let c = Cluster::start(bin, &dir.join("repair"), 4, 2, None)?;
+    // Short GC timing: the old copies go within seconds of the rebalance.
+    let gc_args = ["--snapshot-deadline", "2s", "--gc-interval", "2s"].map(String::from).to_vec();
+    let mut c = Cluster::start_with_args(bin, &dir.join("repair"), 4, 2, None, vec![gc_args.clone(); 4])?;
     for (v, img) in images.iter().enumerate() {
         std::fs::write(img, noise(5000 + v as u64, pages * PAGE_SIZE))?;
     }
@@ -153,6 +166,31 @@ pub fn run_once(dir: &Path, bin: &Path, mib: usize) -> anyhow::Result<Figures> {
         }
         if t0.elapsed() > Duration::from_secs(300) {
             bail!("repair did not finish in 5 min");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Rebalance: a fifth node joins the three left (the removed one is stopped, as its
+    // operator would).
+    c.stop(3)?;
+    f.rebalance_distinct = total / 2;
+    let t0 = Instant::now();
+    c.add(gc_args)?;
+    loop {
+        let m = members(&c)?;
+        let n5 = m.iter().find(|m| m["name"] == "n5").context("n5 not listed")?;
+        let copies = n5["repair"]["copies_made"].as_u64().unwrap_or(0);
+        if f.rebalance_seconds == 0.0 && copies > 0 && n5["repair"]["state"] == "idle" {
+            f.rebalance_seconds = t0.elapsed().as_secs_f64();
+            f.rebalance_moved = copies;
+        }
+        let stored: u64 = m.iter().filter(|m| m["name"] != "n4").filter_map(|m| m["pages"].as_u64()).sum();
+        if f.rebalance_seconds > 0.0 && stored == total {
+            f.rebalance_settled_seconds = t0.elapsed().as_secs_f64();
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("rebalance did not finish in 5 min");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -218,6 +256,10 @@ pub fn run(dir: &Path, bin: &Path, runs: usize, mib: usize, json: bool) -> anyho
     let moved = |f: &Figures| f.repair_bytes as f64 / f.repair_lost_bytes.max(1) as f64;
     let (lo, hi) = range(|f| f.repair_seconds);
     println!("repair: every page at 2 copies {:.2} s [{lo:.2}, {hi:.2}] after `cluster remove`; moved / lost {:.3}  (target <= 1.1)", med(|f| f.repair_seconds), med(moved));
+    let share = |f: &Figures| f.rebalance_moved as f64 / f.rebalance_distinct.max(1) as f64;
+    let (lo, hi) = range(share);
+    println!("rebalance: a 4th member joins (R = 2): it fetches {:.3} [{lo:.3}, {hi:.3}] of the pages (ideal R/(N+1) = 0.500; moved / ideal {:.3}) in {:.2} s; old copies gone {:.1} s after the join (GC grace 12 s)",
+        med(share), med(share) / 0.5, med(|f| f.rebalance_seconds), med(|f| f.rebalance_settled_seconds));
     println!("scrub: {:.1} MiB/s at the default throttle (32 MiB/s); a snapshot takes {:.2} s quiet, {:.2} s while every node scrubs",
         mib_f(med(|f| f.scrub_bytes_per_s)), med(|f| f.snapshot_seconds_quiet), med(|f| f.snapshot_seconds_scrubbing));
     Ok(())

@@ -79,6 +79,19 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Admits and starts one more node (`extra` are its extra `node run` arguments), and waits
+    /// until every node sees it. Returns its index.
+    pub fn add(&mut self, extra: Vec<String>) -> anyhow::Result<usize> {
+        let i = self.nodes.len();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        self.nodes.push(NodeProc { dir: self.dir.join(format!("n{}", i + 1)), addr, child: None });
+        self.extra_args.resize(i, vec![]);
+        self.extra_args.push(extra);
+        self.spawn(i)?;
+        self.wait_converged(Duration::from_secs(30))?;
+        Ok(i)
+    }
+
     /// The arguments that admit node `i` on its first start (none once its data directory
     /// holds its certificate): the cluster key (`DIR/cluster.key`, made on first use) admits
     /// it with the real CLI — `cluster init`, `node id`, `cluster admit` — as an operator would.

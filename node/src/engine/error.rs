@@ -17,6 +17,24 @@ pub enum SnapshotError {
     /// The name is taken.
     #[error("a snapshot named {0:?} already exists")]
     NameTaken(String),
+    /// Another snapshot of the same name, created at the same time elsewhere, got the name.
+    #[error("another snapshot named {name:?} (record {holder}) was created at the same time and got the name; nothing is committed; pick another name")]
+    NameClaimed {
+        /// The name.
+        name: String,
+        /// The record that holds it (short id).
+        holder: String,
+    },
+    /// Too few of the name's arbiters granted it (down, or split between two creates).
+    #[error("only {granted} of the {needed} members that must grant the name did ({reasons}); nothing is committed; retry")]
+    NameUndecided {
+        /// Grants got.
+        granted: usize,
+        /// Grants needed (a majority of the name's arbiters).
+        needed: usize,
+        /// Why the others did not.
+        reasons: String,
+    },
     /// Too few members are up to place `replicas` copies.
     #[error("only {alive} member(s) reachable; replicas = {replicas} needs at least {replicas}")]
     TooFewMembers {
@@ -126,7 +144,8 @@ impl SnapshotError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SnapshotError::Invalid(_) | SnapshotError::Read { .. } => ErrorKind::Invalid,
-            SnapshotError::NameTaken(_) => ErrorKind::Conflict,
+            SnapshotError::NameTaken(_) | SnapshotError::NameClaimed { .. } => ErrorKind::Conflict,
+            SnapshotError::NameUndecided { .. } => ErrorKind::Unavailable,
             SnapshotError::TooFewMembers { .. } | SnapshotError::NoRoom { .. } => ErrorKind::Unavailable,
             SnapshotError::Owner { source, .. } => net_kind(source),
             SnapshotError::Protocol(_) | SnapshotError::FalseClaim { .. } => ErrorKind::Peer,

@@ -8,7 +8,9 @@
 //! 2. **Mark.** Every commit record in the catalog is expanded (manifest chunks, memory pages,
 //!    device state) into a Bloom filter of live pages ([`Bloom`]: about 10 bits per stored
 //!    page, never a list of hashes); what this store holds and no record references is a
-//!    candidate.
+//!    candidate. So is a referenced page this node no longer owns (it is not among the page's
+//!    first `replicas` owners in the owner view: a member joined or came back, and repair
+//!    moved the page there): a *surplus* copy.
 //! 3. **Grace.** Wait [`NodeConfig::gc_grace`]: the snapshot deadline plus two catalog syncs.
 //!    A snapshot that found a page present *before* the watch began started before it, so it
 //!    commits within the deadline, and its record is here by the end of the grace period —
@@ -19,7 +21,10 @@
 //! 5. **Sweep.** A walk over the store deletes, in throttled batches, what neither mark saw
 //!    and no snapshot touched since the watch began ([`Store::delete_unwatched`] is exclusive with `have`, so no page reported
 //!    present is deleted under a snapshot), then the page files are compacted so the space
-//!    goes back.
+//!    goes back. A surplus copy goes only if, at the sweep, every one of the page's owners
+//!    in the view says it holds it durably (`Have`, then `Sync` under the incarnation it
+//!    answered with): the owners keep it for as long as a live record references it, and a
+//!    snapshot that found this copy present committed before the sweep (the grace period).
 //!
 //! A record whose manifest cannot be read (every owner of a chunk down) stops the cycle:
 //! nothing is deleted on a guess. A restart forgets the watch and starts a new cycle.
@@ -31,10 +36,13 @@
 use super::error::RestoreError;
 use crate::node::Node;
 use crate::store::{Store, StoreError};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use vmcsnap_protocol::{PageHash, PAGE_SIZE};
+use vmcsnap_dht::placement::{owners, View};
+use vmcsnap_dht::Member;
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, HAVE_HASHES_MAX};
+use vmcsnap_protocol::{NodeId, PageHash, PAGE_SIZE};
 
 /// Pages deleted per batch.
 pub const DELETE_BATCH_PAGES: usize = 4096;
@@ -120,10 +128,9 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
     let _watch = Watch(&store);
     let started = tokio::time::Instant::now();
     store.gc_publish("marking", None);
-    let mut marked = HashSet::new();
-    let mut live = Bloom::new(store.page_count());
-    let records = mark(node, &mut marked, &mut live).await?;
-    let found = count_unreferenced(&store, &live).await?;
+    let mut marks = Marks::new(node, store.page_count());
+    let records = mark(node, &mut marks).await?;
+    let found = count_unreferenced(&store, &marks.live).await?;
     store.gc_publish("waiting out the grace period", Some(found * PAGE_SIZE as u64));
     tracing::debug!(target: "vmcsnap::gc", records, candidates = found, grace_s = node.config.gc_grace().as_secs(), "marked");
     if found == 0 {
@@ -137,7 +144,7 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
     if answered * 2 <= members {
         return Err(GcError::TooFewMembers { answered, members });
     }
-    let records = records + mark(node, &mut marked, &mut live).await?;
+    let records = records + mark(node, &mut marks).await?;
 
     // Sweep: walk the store; what neither mark saw and no snapshot touched since goes.
     store.gc_publish("sweeping", None);
@@ -148,7 +155,9 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
         let batch = tokio::task::spawn_blocking(move || s.stored_hashes(after, DELETE_BATCH_PAGES)).await.map_err(|e| GcError::Internal(e.to_string()))??;
         let Some(&last) = batch.last() else { break };
         after = Some(last);
-        let doomed: Vec<PageHash> = batch.into_iter().filter(|h| !live.contains(h)).collect();
+        // Referenced pages this node no longer owns go only once their owners hold them.
+        let (surplus, mut doomed): (Vec<PageHash>, Vec<PageHash>) = batch.into_iter().filter(|h| !marks.live.contains(h)).partition(|h| marks.referenced.contains(h));
+        doomed.extend(held_by_owners(node, marks.replicas_max, surplus).await);
         if doomed.is_empty() {
             continue;
         }
@@ -223,21 +232,50 @@ impl Bloom {
     }
 }
 
-/// Adds the pages of every record not marked yet (by record id) to `live`, keeping only those
-/// this store may hold. Returns how many records were marked.
-async fn mark(node: &Arc<Node>, marked: &mut HashSet<PageHash>, live: &mut Bloom) -> Result<usize, GcError> {
+/// What a cycle's marks found.
+struct Marks {
+    /// Records marked (by id).
+    ids: HashSet<PageHash>,
+    /// Pages some record references and this node owns in the owner view: kept.
+    live: Bloom,
+    /// Pages some record references (owned here or not).
+    referenced: Bloom,
+    /// The owner view at the first mark, and this node's index in it.
+    view: View,
+    me: Option<usize>,
+    /// The most replicas any marked record asked for.
+    replicas_max: usize,
+}
+
+impl Marks {
+    fn new(node: &Node, pages: u64) -> Self {
+        let view = node.owner_view();
+        let me = view.index_of(&node.id);
+        Self { ids: HashSet::new(), live: Bloom::new(pages), referenced: Bloom::new(pages), view, me, replicas_max: 1 }
+    }
+}
+
+/// Adds the pages of every record not marked yet (by record id) to the marks, keeping only
+/// those this store may hold. Returns how many records were marked.
+async fn mark(node: &Arc<Node>, marks: &mut Marks) -> Result<usize, GcError> {
     let s = node.store.clone();
     let records = tokio::task::spawn_blocking(move || s.catalog_all()).await.map_err(|e| GcError::Internal(e.to_string()))??;
     let mut n = 0;
     for r in records {
         let id = r.id().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        if !marked.insert(id) {
+        if !marks.ids.insert(id) {
             continue;
         }
         let store = &node.store;
+        let replicas = r.record.replicas as usize;
+        marks.replicas_max = marks.replicas_max.max(replicas);
+        let Marks { live, referenced, view, me, .. } = marks;
         super::restore::referenced_pages(node, &r.record, |h| {
             if store.may_hold(&h) {
-                live.insert(&h);
+                referenced.insert(&h);
+                if me.is_none_or(|me| owners(view, &h, replicas).contains(&me)) {
+                    live.insert(&h);
+                }
             }
         })
         .await
@@ -245,6 +283,65 @@ async fn mark(node: &Arc<Node>, marked: &mut HashSet<PageHash>, live: &mut Bloom
         n += 1;
     }
     Ok(n)
+}
+
+/// Those of `surplus` (referenced pages this node held past their first owners) that may go:
+/// this node is not among a page's first `replicas` owners in today's view, and every one of
+/// those owners says it holds the page durably (`Have`, then `Sync` under the incarnation it
+/// answered with). An owner that is down or restarted confirms nothing: the copy stays.
+async fn held_by_owners(node: &Arc<Node>, replicas: usize, surplus: Vec<PageHash>) -> Vec<PageHash> {
+    if surplus.is_empty() {
+        return surplus;
+    }
+    let view = node.owner_view();
+    let Some(me) = view.index_of(&node.id) else { return Vec::new() };
+    let members: HashMap<NodeId, Member> = node.members().into_iter().map(|m| (m.id, m)).collect();
+    let mut by_owner: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut needed = vec![0usize; surplus.len()];
+    for (i, h) in surplus.iter().enumerate() {
+        let o = owners(&view, h, replicas);
+        if o.contains(&me) {
+            continue; // owned here again: kept
+        }
+        needed[i] = o.len();
+        for o in o {
+            by_owner.entry(o).or_default().push(i);
+        }
+    }
+    let mut confirmed = vec![0usize; surplus.len()];
+    for (o, items) in by_owner {
+        let Some(m) = members.get(&view.members()[o]).filter(|m| m.alive) else { continue };
+        let hashes: Vec<PageHash> = items.iter().map(|&i| surplus[i]).collect();
+        match durably_held(node, m, &hashes).await {
+            Ok(held) => items.iter().zip(held).filter(|(_, h)| *h).for_each(|(&i, _)| confirmed[i] += 1),
+            Err(e) => tracing::debug!(target: "vmcsnap::gc", owner = %m.id.short(), error = %e, "owner did not confirm its copies; old copies kept"),
+        }
+    }
+    surplus.into_iter().enumerate().filter(|&(i, _)| needed[i] > 0 && confirmed[i] == needed[i]).map(|(_, h)| h).collect()
+}
+
+/// Which of `hashes` `member` holds durably.
+async fn durably_held(node: &Arc<Node>, member: &Member, hashes: &[PageHash]) -> Result<Vec<bool>, String> {
+    let mut incarnation = None;
+    let mut held = vec![true; hashes.len()];
+    for (n, batch) in hashes.chunks(HAVE_HASHES_MAX).enumerate() {
+        match node.call(member, DataRequest::Have { hashes: batch.to_vec() }).await.map_err(|e| e.to_string())? {
+            DataResponse::Have { missing, incarnation: i } if *incarnation.get_or_insert(i) == i => {
+                for m in missing {
+                    if let Some(x) = held.get_mut(n * HAVE_HASHES_MAX + m as usize) {
+                        *x = false;
+                    }
+                }
+            }
+            DataResponse::Have { .. } => return Err("restarted while asked".into()),
+            _ => return Err("answered with the wrong message".into()),
+        }
+    }
+    let Some(incarnation) = incarnation else { return Ok(held) };
+    match node.call(member, DataRequest::Sync { incarnation }).await.map_err(|e| e.to_string())? {
+        DataResponse::Synced => Ok(held),
+        _ => Err("did not sync".into()),
+    }
 }
 
 #[cfg(test)]

@@ -1,54 +1,87 @@
-//! Repair: when a member is removed (`cluster remove`) or has been down longer than
-//! `--repair-after`, the pages it held for committed snapshots are copied from the surviving
-//! copies to new owners, until every page has `replicas` copies again.
+//! Repair and rebalance: every committed page on its first `replicas` owners in the owner view.
 //!
-//! Every node repairs from what it holds, on its own, every `--repair-interval` (and at once
-//! when it learns of a removal). For each snapshot whose placement names a gone member, and
-//! each page of it this node holds, the page's owners are re-ranked over the placement
-//! without the gone members (the same rendezvous ranking, so the survivors keep their pages
-//! and the new owner is the next-ranked member); each of the first `replicas` that lacks the
-//! page gets it (`Have`, `Put`, then `Sync` under the incarnation it answered with). A restore
-//! looks for a page past its first `replicas` owners, in the same ranking, so it finds the new
-//! copies. Pages it cannot repair (every copy gone) are counted and logged.
+//! The owner view ([`Node::owner_view`]) is every member that is not gone (removed, or down
+//! longer than `--repair-after`). A snapshot placed its pages over the members of its moment;
+//! when the view changes (a member removed or long gone, one joined, one that was down during
+//! the snapshot back) some pages have new owners. Each node *pulls* what it now owns and lacks:
+//! for every snapshot placed over another view, it lists the snapshot's pages, keeps those whose
+//! first `replicas` owners in the view include itself, fetches the ones it lacks from wherever
+//! they are (this node's ranking over placement and members, as a restore looks; every page
+//! verified against its hash), stores them and syncs. Each lost or moved copy is fetched once,
+//! by the one node that needs it.
+//!
+//! The old copies, on members that are no longer among a page's first owners, are dropped by
+//! garbage collection, and only once every owner has confirmed that it holds the page durably
+//! (see [`super::gc`]).
+//!
+//! A snapshot done for a view is remembered (meta key `rebalanced/` + record id, the view's
+//! digest as value), so a cycle with nothing to do reads no manifest, and a restart resumes
+//! with the snapshots not done yet. Fetches are paced at `--repair-rate`. A node whose disk is
+//! nearly full pulls nothing (its share stays where it is, counted as surplus nowhere).
 
 use super::error::SnapshotError;
-use super::upload::owner_error;
 use crate::node::Node;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 use vmcsnap_dht::placement::{owners, View};
-use vmcsnap_dht::Member;
-use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, HAVE_HASHES_MAX, PUT_PAGES_MAX};
-use vmcsnap_protocol::{NodeId, PageHash};
+use vmcsnap_protocol::{PageHash, PAGE_SIZE};
+
+/// Pages fetched as one unit (16 MiB).
+pub const PULL_BATCH_PAGES: usize = 4096;
+/// Meta-key prefix of the per-snapshot "done for this view" marks.
+const DONE_PREFIX: &[u8] = b"rebalanced/";
 
 /// What one cycle did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Cycle {
-    /// Snapshots that had a gone member in their placement.
+    /// Snapshots placed over another view whose pages were looked at.
     pub records: usize,
-    /// Copies made on new owners.
+    /// Copies fetched and stored here.
     pub copies: u64,
-    /// Bytes sent doing it.
+    /// Bytes fetched doing it.
     pub bytes: u64,
+    /// Snapshots left for a later cycle (a page no member could serve, a manifest unreadable).
+    pub left: usize,
 }
 
-/// Repairs for as long as the node runs.
+/// A digest of a view's members (which are sorted).
+pub fn view_digest(view: &View) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for id in view.members() {
+        h.update(&id.0);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Repairs and rebalances for as long as the node runs: a cycle every `--repair-interval`,
+/// when woken (a removal, newly learned snapshots), and when the owner view changes.
 pub async fn run(node: Arc<Node>) {
+    let mut members = node.subscribe_members();
+    let mut last = None;
     loop {
         tokio::select! {
             _ = node.repair_wake.notified() => {}
             _ = tokio::time::sleep(node.config.repair_interval) => {}
+            Ok(()) = members.changed() => {
+                // Liveness alone changes no owner; a join, a removal or a member gone does.
+                if last == Some(view_digest(&node.owner_view())) {
+                    continue;
+                }
+            }
         }
+        last = Some(view_digest(&node.owner_view()));
         match cycle(&node).await {
-            Ok(c) if c.copies > 0 => {
-                tracing::info!(target: "vmcsnap::repair", records = c.records, copies = c.copies, mib = c.bytes >> 20, "repair done: lost copies made again");
+            Ok(c) => {
+                if c.copies > 0 || c.left > 0 {
+                    tracing::info!(target: "vmcsnap::repair", records = c.records, copies = c.copies, mib = c.bytes >> 20, left = c.left, "repair and rebalance done");
+                }
                 node.store.repair_publish(|r| {
-                    r.state = "idle".into();
+                    r.state = if c.left > 0 { format!("{} snapshot(s) left for the next cycle", c.left) } else { "idle".into() };
                     r.copies_made += c.copies;
                     r.bytes_sent += c.bytes;
                 });
             }
-            Ok(_) => node.store.repair_publish(|r| r.state = "idle".into()),
             Err(e) => {
                 tracing::warn!(target: "vmcsnap::repair", error = %e, "repair stopped; it runs again at the next interval");
                 node.store.repair_publish(|r| r.state = format!("stopped: {e}"));
@@ -61,83 +94,71 @@ pub async fn run(node: Arc<Node>) {
 pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, SnapshotError> {
     let s = node.store.clone();
     let records = tokio::task::spawn_blocking(move || s.catalog_all()).await.map_err(|e| SnapshotError::Internal(e.to_string()))??;
-    let members: HashMap<NodeId, Member> = node.members().into_iter().map(|m| (m.id, m)).collect();
-    let gone = |id: &NodeId| node.is_gone(id);
+    let view = node.owner_view();
+    let digest = view_digest(&view);
     let mut c = Cycle::default();
+    let Some(me) = view.index_of(&node.id) else { return Ok(c) };
+    if node.store.is_full() {
+        return Ok(c);
+    }
+    let mut known = HashSet::new();
     for r in records {
         let rec = &r.record;
-        if !rec.placement.iter().any(gone) {
+        let id = r.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
+        known.insert(id);
+        let key = [DONE_PREFIX, &id.0].concat();
+        if View::new(rec.placement.clone()).members() == view.members() || node.store.meta_get(&key)?.as_deref() == Some(&digest[..]) {
             continue;
         }
         c.records += 1;
         node.store.repair_publish(|s| s.state = format!("repairing snapshot {}", rec.name));
-        let view = View::new(rec.placement.clone());
-        let pages: HashSet<PageHash> = match super::restore::pages_by_vm(node, rec).await {
-            Ok(p) => p.into_iter().flatten().collect(),
+        match pull(node, rec, &view, me, &mut c).await {
+            Ok(()) => node.store.meta_put(&key, &digest)?,
             Err(e) => {
-                tracing::warn!(target: "vmcsnap::repair", snapshot = %rec.name, error = %e, "cannot list the snapshot's pages; skipped");
-                continue;
-            }
-        };
-        let pages: Vec<PageHash> = pages.into_iter().collect();
-        let s = node.store.clone();
-        let p = pages.clone();
-        let held = tokio::task::spawn_blocking(move || s.have(&p)).await.map_err(|e| SnapshotError::Internal(e.to_string()))??;
-        // Each page this node holds, to each of its first `replicas` surviving owners.
-        let mut to: HashMap<NodeId, Vec<PageHash>> = HashMap::new();
-        for (h, _) in pages.iter().zip(held).filter(|(_, held)| *held) {
-            let ranked = owners(&view, h, view.members().len());
-            for id in ranked.into_iter().map(|o| view.members()[o]).filter(|id| !gone(id)).take(rec.replicas as usize) {
-                if id != node.id {
-                    to.entry(id).or_default().push(*h);
-                }
+                tracing::warn!(target: "vmcsnap::repair", snapshot = %rec.name, error = %e, "cannot bring this snapshot's pages here yet; tried again next cycle");
+                c.left += 1;
             }
         }
-        for (id, hashes) in to {
-            let Some(m) = members.get(&id).filter(|m| m.alive) else { continue };
-            let (copies, bytes) = send_missing(node, m, &hashes).await?;
-            c.copies += copies;
-            c.bytes += bytes;
+    }
+    // Marks of snapshots deleted since.
+    for (key, _) in node.store.meta_prefix(DONE_PREFIX)? {
+        let gone = key.get(DONE_PREFIX.len()..).and_then(|b| <[u8; 32]>::try_from(b).ok()).is_none_or(|b| !known.contains(&PageHash(b)));
+        if gone {
+            node.store.meta_delete(&key)?;
         }
     }
     Ok(c)
 }
 
-/// Gives `member` those of `hashes` it lacks, durably. Returns (copies, bytes).
-async fn send_missing(node: &Arc<Node>, member: &Member, hashes: &[PageHash]) -> Result<(u64, u64), SnapshotError> {
-    let mut incarnation = None;
-    let (mut copies, mut bytes) = (0, 0);
-    for batch in hashes.chunks(HAVE_HASHES_MAX) {
-        let missing = match node.call(member, DataRequest::Have { hashes: batch.to_vec() }).await.map_err(|e| owner_error(member, e))? {
-            DataResponse::Have { missing, incarnation: i } => {
-                incarnation.get_or_insert(i);
-                missing
-            }
-            _ => return Err(SnapshotError::Protocol(member.id.short())),
-        };
-        let want: Vec<PageHash> = missing.iter().filter_map(|&i| batch.get(i as usize).copied()).collect();
-        for chunk in want.chunks(PUT_PAGES_MAX) {
-            let s = node.store.clone();
-            let c = chunk.to_vec();
-            let data = tokio::task::spawn_blocking(move || s.get(&c)).await.map_err(|e| SnapshotError::Internal(e.to_string()))??;
-            let pages: Vec<PagePut> = chunk.iter().zip(data).filter_map(|(h, d)| d.map(|d| PagePut { hash: *h, data: d.into() })).collect();
-            let n = pages.len() as u64;
-            match node.call(member, DataRequest::Put { pages }).await.map_err(|e| owner_error(member, e))? {
-                DataResponse::Put { incarnation: i, .. } if Some(i) == incarnation => {}
-                DataResponse::Put { .. } => return Err(SnapshotError::Protocol(format!("{} restarted during repair", member.id.short()))),
-                _ => return Err(SnapshotError::Protocol(member.id.short())),
-            }
-            copies += n;
-            bytes += n * vmcsnap_protocol::PAGE_SIZE as u64;
+/// Fetches the pages of `rec` that this node (index `me` in `view`) owns and lacks.
+async fn pull(node: &Arc<Node>, rec: &vmcsnap_protocol::manifest::CommitRecord, view: &View, me: usize, c: &mut Cycle) -> Result<(), SnapshotError> {
+    let err = |e: super::error::RestoreError| SnapshotError::Internal(e.to_string());
+    let pages: HashSet<PageHash> = super::restore::pages_by_vm(node, rec).await.map_err(err)?.into_iter().flatten().collect();
+    let mine: Vec<PageHash> = pages.into_iter().filter(|h| owners(view, h, rec.replicas as usize).contains(&me)).collect();
+    let rate = node.config.repair_rate.max(PAGE_SIZE as u64);
+    for batch in mine.chunks(PULL_BATCH_PAGES) {
+        let s = node.store.clone();
+        let b = batch.to_vec();
+        let held = tokio::task::spawn_blocking(move || s.have(&b)).await.map_err(|e| SnapshotError::Internal(e.to_string()))??;
+        let lacking: Vec<PageHash> = batch.iter().zip(held).filter(|(_, h)| !h).map(|(h, _)| *h).collect();
+        if lacking.is_empty() {
+            continue;
         }
+        let t0 = tokio::time::Instant::now();
+        let got = super::restore::fetch_pages(node, rec, lacking).await.map_err(err)?;
+        let n = got.len() as u64;
+        let s = node.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let pages: Vec<(PageHash, &[u8])> = got.iter().map(|(h, p)| (*h, p.as_slice())).collect();
+            s.put_own(&pages)?;
+            s.sync()
+        })
+        .await
+        .map_err(|e| SnapshotError::Internal(e.to_string()))??;
+        c.copies += n;
+        c.bytes += n * PAGE_SIZE as u64;
+        // At most `rate` bytes a second.
+        tokio::time::sleep_until(t0 + Duration::from_secs_f64((n * PAGE_SIZE as u64) as f64 / rate as f64)).await;
     }
-    if copies > 0 {
-        if let Some(incarnation) = incarnation {
-            match node.call(member, DataRequest::Sync { incarnation }).await.map_err(|e| owner_error(member, e))? {
-                DataResponse::Synced => {}
-                _ => return Err(SnapshotError::Protocol(member.id.short())),
-            }
-        }
-    }
-    Ok((copies, bytes))
+    Ok(())
 }

@@ -168,9 +168,13 @@ struct Fetcher<'a> {
 }
 
 impl<'a> Fetcher<'a> {
+    /// A fetcher for `record`'s pages. Pages are looked for in the rendezvous ranking over the
+    /// record's placement and today's members together: the first `replicas` of it that are
+    /// not gone are the page's owners now (where repair and rebalance put it), the placement
+    /// members where the snapshot put it.
     fn new(node: &'a Arc<Node>, record: &CommitRecord) -> Self {
-        let view = View::new(record.placement.clone());
         let known: HashMap<NodeId, Member> = node.members().into_iter().map(|m| (m.id, m)).collect();
+        let view = View::new(record.placement.iter().chain(known.keys()).copied().collect());
         let members = view.members().iter().map(|id| known.get(id).cloned()).collect();
         Self {
             node,
@@ -194,7 +198,7 @@ impl<'a> Fetcher<'a> {
                     self.pages_local.fetch_add(1, Ordering::Relaxed);
                     out.insert(h, p);
                 }
-                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: Vec::new() }),
+                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }),
             }
         }
         while !todo.is_empty() {
@@ -243,6 +247,11 @@ impl<'a> Fetcher<'a> {
                 let Some(&o) = w.owners.first() else {
                     return Err(RestoreError::Unavailable { hash: w.hash, reasons: w.reasons.join("; ") });
                 };
+                if self.view.members()[o] == self.node.id {
+                    // Looked up locally already.
+                    w.owners.remove(0);
+                    continue;
+                }
                 match &members[o] {
                     Some(m) if m.alive => break,
                     Some(m) => w.reasons.push(format!("{} is down", m.id.short())),
@@ -507,6 +516,12 @@ pub async fn referenced_pages(node: &Arc<Node>, record: &CommitRecord, mut keep:
         vm_pages(&fetcher, entry, &mut keep).await?;
     }
     Ok(())
+}
+
+/// Fetches `hashes` (distinct, non-zero) of `record` from wherever they are: this node first,
+/// then the owners in ranking order, each page verified against its hash.
+pub async fn fetch_pages(node: &Arc<Node>, record: &CommitRecord, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+    Fetcher::new(node, record).fetch(hashes).await
 }
 
 /// Each VM's distinct non-zero pages (memory, manifest chunks, device state), sorted.

@@ -9,9 +9,10 @@
 //!    until step 4.
 //! 3. **Seal** (on each host): build each VM's manifest tree and store its chunks like pages;
 //!    `Sync` every owner so that every page is durable on `replicas` owners.
-//! 4. **Commit**: store the commit record here (the commit point: every page it names is
-//!    already durable on its owners), then send it to every live member; members that miss
-//!    it pull it later through the catalog sync.
+//! 4. **Commit**: claim the name with a majority of its arbiters (of two creates of one name
+//!    at once, exactly one gets it), store the commit record here (the commit point: every
+//!    page it names is already durable on its owners), then send it to every live member
+//!    until `replicas` hold it; members that miss it pull it later through the catalog sync.
 //!
 //! A failure in 1–3 leaves no record anywhere, so `snapshot list` never shows it. Pages a
 //! failed snapshot wrote stay in the store unreferenced (a later snapshot reuses them).
@@ -27,8 +28,9 @@ use std::time::{Duration, Instant};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::{CreateSummary, VmInfo, VmSpec};
 use vmcsnap_protocol::manifest::{validate_name, CaptureMode, CommitRecord, VmEntry, VmStats, SNAPSHOT_VMS_MAX};
-use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse};
-use vmcsnap_protocol::{NodeId, PAGE_SIZE};
+use vmcsnap_dht::placement::owners;
+use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse, NAME_ARBITERS};
+use vmcsnap_protocol::{NodeId, PageHash, PAGE_SIZE};
 
 /// What `snapshot create` asks for.
 #[derive(Clone, Debug)]
@@ -241,10 +243,15 @@ fn now_ms() -> u64 {
 /// deleted again (a tombstone where it went) and the snapshot fails.
 async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotError> {
     let signed = node.signer.sign(record.clone()).map_err(|e| SnapshotError::Internal(format!("cannot sign the commit record: {e}")))?;
-    node.store.catalog_put_first(&signed).map_err(|e| match e {
-        crate::store::StoreError::NameConflict(n) => SnapshotError::NameTaken(n),
-        e => SnapshotError::Store(e),
-    })?;
+    let id = signed.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
+    claim_name(node, &record.name, id).await?;
+    if let Err(e) = node.store.catalog_put_first(&signed) {
+        release_name(node, &record.name, id).await;
+        return Err(match e {
+            crate::store::StoreError::NameConflict(n) => SnapshotError::NameTaken(n),
+            e => SnapshotError::Store(e),
+        });
+    }
     let mut holders = std::collections::HashSet::from([node.id]);
     let mut reasons = Vec::new();
     for attempt in 0..COMMIT_ATTEMPTS {
@@ -273,7 +280,6 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
     }
     if holders.len() < record.replicas as usize && !reasons.is_empty() {
         // Not durable enough to report: undo it everywhere it went.
-        let id = signed.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
         let undo = async {
             let t = node.signer.sign_tombstone(&record.name, id, now_ms()).map_err(|e| e.to_string())?;
             node.take_tombstone(&t).map_err(|e| e.to_string())?;
@@ -283,12 +289,71 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
         if let Err(e) = undo.await {
             tracing::error!(target: "vmcsnap::snapshot", snapshot = %record.name, error = %e, "cannot undo a commit that is not durable enough");
         }
+        release_name(node, &record.name, id).await;
         return Err(SnapshotError::CommitNotDurable { held: holders.len(), needed: record.replicas as usize, reasons: reasons.join("; ") });
     }
     if holders.len() < node.alive_members().len() {
         tracing::info!(target: "vmcsnap::snapshot", snapshot = %record.name, held = holders.len(), "commit record on enough members; catalog sync spreads it to the rest");
     }
     Ok(())
+}
+
+/// Claims `name` for record `id` with the name's arbiters (its first [`NAME_ARBITERS`] owners
+/// in the owner view): a majority must grant it. An arbiter grants one record per name, so of
+/// two creates of one name at once only one gets a majority; the other fails here with
+/// nothing committed (and gives back the grants it got, so that a retry need not wait for
+/// them to lapse). Arbiters that are down count against the majority.
+async fn claim_name(node: &Arc<Node>, name: &str, id: PageHash) -> Result<(), SnapshotError> {
+    let arbiters = name_arbiters(node, name);
+    let needed = arbiters.len() / 2 + 1;
+    let mut reachable = Vec::new();
+    let mut reasons = Vec::new();
+    for a in &arbiters {
+        match node.member(a).filter(|m| m.alive) {
+            Some(m) => reachable.push(m),
+            None => reasons.push(format!("{} is down", node.host_name(a))),
+        }
+    }
+    let answers = fan_out(&reachable, crate::node::PEER_ANSWER_TIMEOUT, |m| async move {
+        node.call(&m, DataRequest::ClaimName { name: name.to_string(), record: id, release: false }).await
+    })
+    .await;
+    let mut granted = Vec::new();
+    let mut holder = None;
+    for (m, a) in reachable.into_iter().zip(answers) {
+        match a {
+            Ok(DataResponse::NameClaim { holder: None }) => granted.push(m),
+            Ok(DataResponse::NameClaim { holder: Some(h) }) => holder = Some(h),
+            Ok(_) => reasons.push(format!("{}: wrong answer", node.host_name(&m.id))),
+            Err(e) => reasons.push(format!("{}: {e}", node.host_name(&m.id))),
+        }
+    }
+    if granted.len() >= needed {
+        return Ok(());
+    }
+    if !granted.is_empty() {
+        release_name(node, name, id).await;
+    }
+    match holder {
+        Some(h) => Err(SnapshotError::NameClaimed { name: name.to_string(), holder: vmcsnap_protocol::manifest::short_record_id(&h) }),
+        None => Err(SnapshotError::NameUndecided { granted: granted.len(), needed, reasons: reasons.join("; ") }),
+    }
+}
+
+/// The members that decide who gets `name`.
+fn name_arbiters(node: &Node, name: &str) -> Vec<NodeId> {
+    let view = node.owner_view();
+    let key = PageHash(*blake3::hash(name.as_bytes()).as_bytes());
+    owners(&view, &key, NAME_ARBITERS).into_iter().map(|o| view.members()[o]).collect()
+}
+
+/// Gives back record `id`'s claim on `name` (its commit failed), where the arbiters answer.
+async fn release_name(node: &Arc<Node>, name: &str, id: PageHash) {
+    let arbiters: Vec<Member> = name_arbiters(node, name).iter().filter_map(|a| node.member(a)).filter(|m| m.alive).collect();
+    fan_out(&arbiters, crate::node::PEER_ANSWER_TIMEOUT, |m| async move {
+        node.call(&m, DataRequest::ClaimName { name: name.to_string(), record: id, release: true }).await
+    })
+    .await;
 }
 
 /// Rounds of sending the commit record to the members that do not hold it yet.
