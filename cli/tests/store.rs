@@ -434,6 +434,67 @@ fn two_creates_of_one_name_at_once_leave_exactly_one_snapshot_everywhere() {
     }
 }
 
+/// A tmpfs mounted for a test, unmounted however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB on `dir`; `None` where this machine does not allow it.
+    fn mount(dir: &Path, mib: u64) -> Option<Self> {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An owner's disk fills up for real (its data directory on a 48 MiB tmpfs, `--min-free 0`, as
+/// when something else fills the disk): the snapshot that hits "no space left" fails cleanly,
+/// and once the space is back (the failed snapshot's pages collected, a file removed) the
+/// node takes pages again without a restart.
+#[test]
+fn a_node_whose_disk_filled_up_takes_pages_again_once_there_is_room() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("cluster");
+    let Some(_disk) = Tmpfs::mount(&dir.join("n2"), 48) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let fast = ["--snapshot-deadline", "2s", "--gc-interval", "2s"].map(String::from).to_vec();
+    let mut n2 = fast.clone();
+    n2.extend(["--min-free", "0"].map(String::from));
+    let c = Cluster::start_with_args(&bin(), &dir, 3, 2, None, vec![fast.clone(), n2, fast]).expect("cluster");
+    // Something else takes part of the disk.
+    let ballast = dir.join("n2/ballast");
+    std::fs::write(&ballast, vec![1u8; 16 << 20]).expect("ballast");
+    let big = write(&tmp.path().join("big.img"), &[&noise(51, 16384)]);
+    let o = c.cli(0, &["snapshot", "create", "big", "--vm", &format!("vm0=file:{}", big.display())]).expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("big: {}", err.trim());
+    assert!(!o.status.success(), "64 MiB of pages cannot fit");
+    assert!(!names(&c, 0).contains(&"big".to_string()), "nothing committed");
+
+    // Room again: the ballast goes, and garbage collection takes the failed snapshot's pages.
+    std::fs::remove_file(&ballast).expect("rm ballast");
+    let small = write(&tmp.path().join("small.img"), &[&noise(52, 512)]);
+    let t0 = Instant::now();
+    loop {
+        let o = c.cli(1, &["snapshot", "create", "small", "--vm", &format!("vm0=file:{}", small.display())]).expect("run");
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(t0.elapsed() < Duration::from_secs(60), "the node stays stuck: {err}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!("a snapshot commits again {:?} after the space came back", t0.elapsed());
+    restores_identical(&c, 2, "small", &small, &tmp.path().join("out.img"));
+}
+
 /// A member down longer than `--repair-after` is repaired around like a removed one; when it
 /// comes back, it holds its pages again without fetching them, and the copies made around it
 /// are dropped.

@@ -22,6 +22,11 @@
 //! A restart in between loses acknowledged pages, so each opening of the store draws a new
 //! [`Store::incarnation`], and a sync asked under another incarnation is refused.
 //!
+//! **A full disk never leaves the store stuck.** RocksDB keeps a write that failed for lack of
+//! space as a background error and refuses every later write until the database is reopened;
+//! the store notes such an error and reopens the database in place before its next write
+//! ([`Store::recover`]): the same as a restart, with a new incarnation.
+//!
 //! **Garbage collection** (`engine::gc`) removes pages with [`Store::delete_unwatched`] while a
 //! watch is open ([`Store::watch_begin`]): every page `have` finds present or `put` stores
 //! from then on is remembered, and is not deleted. A read lock held across each `have`
@@ -31,7 +36,7 @@
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteBatch, DB};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use vmcsnap_protocol::manifest::{SignedRecord, SignedTombstone, NAME_VERSIONS_MAX};
 use vmcsnap_protocol::wire::{GcStats, RepairStats, ScrubStats};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
@@ -60,6 +65,9 @@ pub enum StoreError {
     /// RocksDB failed (disk full, IO error, corruption).
     #[error("page store: {0}")]
     Rocks(#[from] rocksdb::Error),
+    /// The database is being reopened after it ran out of space (or the reopen failed).
+    #[error("page store: reopening after the disk ran full; try again")]
+    Reopening,
     /// A page did not hash to the hash it came with.
     #[error("page hash mismatch: expected {expected}, got {actual}")]
     HashMismatch {
@@ -144,7 +152,13 @@ type PrefixSet = std::collections::HashSet<u64, std::hash::BuildHasherDefault<Pr
 
 /// The node's RocksDB.
 pub struct Store {
-    db: DB,
+    /// The database (`None` only while a reopen failed: every call then tries again).
+    db: std::sync::RwLock<Option<Arc<DB>>>,
+    /// Its directory (`DATA_DIR/db`).
+    path: PathBuf,
+    /// A write failed for lack of space: RocksDB stays read-only until the database is
+    /// reopened, which the next write does ([`Store::recover`]).
+    no_space: std::sync::atomic::AtomicBool,
     pages: AtomicU64,
     /// The first 8 bytes of every stored page's hash, in memory (about 16 bytes per page).
     /// A miss proves a page is absent without touching RocksDB, which is the common case
@@ -153,7 +167,7 @@ pub struct Store {
     /// Serialises page writes so that the exact page count stays exact under concurrent puts.
     write_lock: Mutex<()>,
     /// Drawn at each opening: answers carry it, and a sync under another one is refused.
-    incarnation: u64,
+    incarnation: AtomicU64,
     /// Pages found present or stored since garbage collection's watch began (`None`: no watch).
     watched: Mutex<Option<std::collections::HashSet<PageHash>>>,
     /// Held shared across each `have`, exclusively across each deletion batch.
@@ -171,6 +185,44 @@ pub struct Store {
 /// Where a name's claim is kept (meta family).
 fn claim_key(name: &str) -> Vec<u8> {
     [b"claim/".as_slice(), name.as_bytes()].concat()
+}
+
+/// How long a reopen waits for calls that hold the old database.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    // The four families are created at open; a missing one is a programming error.
+    #[allow(clippy::expect_used)]
+    db.cf_handle(name).expect("column family created at open")
+}
+
+fn open_db(path: &Path) -> Result<DB, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.increase_parallelism(2);
+    opts.set_max_background_jobs(2);
+    opts.set_max_total_wal_size(256 << 20);
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_PAGES, cf_options(true)),
+        ColumnFamilyDescriptor::new(CF_PRESENT, cf_options(false)),
+        ColumnFamilyDescriptor::new(CF_CATALOG, cf_options(false)),
+        ColumnFamilyDescriptor::new(CF_META, cf_options(false)),
+    ];
+    DB::open_cf_descriptors(&opts, path, cfs)
+}
+
+/// The hash prefixes of every stored page.
+fn load_index(db: &DB) -> Result<PrefixSet, StoreError> {
+    let mut index = PrefixSet::default();
+    for kv in db.iterator_cf(cf(db, CF_PRESENT), rocksdb::IteratorMode::Start) {
+        let (k, _) = kv?;
+        if k.len() != 32 {
+            return Err(StoreError::Corrupt(format!("page key of {} bytes", k.len())));
+        }
+        index.insert(prefix(&k));
+    }
+    Ok(index)
 }
 
 fn prefix(key: &[u8]) -> u64 {
@@ -202,32 +254,23 @@ fn cf_options(blob: bool) -> Options {
 impl Store {
     /// Opens (or creates) the store under `dir/db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.increase_parallelism(2);
-        opts.set_max_background_jobs(2);
-        opts.set_max_total_wal_size(256 << 20);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_PAGES, cf_options(true)),
-            ColumnFamilyDescriptor::new(CF_PRESENT, cf_options(false)),
-            ColumnFamilyDescriptor::new(CF_CATALOG, cf_options(false)),
-            ColumnFamilyDescriptor::new(CF_META, cf_options(false)),
-        ];
         let path = dir.join("db");
-        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| {
+        let db = open_db(&path).map_err(|e| {
             if e.to_string().contains("lock") {
                 StoreError::Locked { dir: dir.to_path_buf() }
             } else {
                 StoreError::Rocks(e)
             }
         })?;
+        let index = load_index(&db)?;
         let store = Self {
-            db,
-            pages: AtomicU64::new(0),
-            index: Default::default(),
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+            path,
+            no_space: Default::default(),
+            pages: AtomicU64::new(index.len() as u64),
+            index: std::sync::RwLock::new(index),
             write_lock: Mutex::new(()),
-            incarnation: rand::random(),
+            incarnation: AtomicU64::new(rand::random()),
             watched: Mutex::new(None),
             gc_lock: Default::default(),
             gc_published: Mutex::new(("idle".into(), 0)),
@@ -235,50 +278,86 @@ impl Store {
             reserve: AtomicU64::new(0),
             repair_published: Mutex::new(RepairStats { state: "idle".into(), ..Default::default() }),
         };
-        let mut index = PrefixSet::default();
-        for kv in store.db.iterator_cf(store.cf(CF_PRESENT), rocksdb::IteratorMode::Start) {
-            let (k, _) = kv?;
-            if k.len() != 32 {
-                return Err(StoreError::Corrupt(format!("page key of {} bytes", k.len())));
-            }
-            index.insert(prefix(&k));
-        }
-        store.pages.store(index.len() as u64, Ordering::Relaxed);
-        *store.index.write().unwrap_or_else(|p| p.into_inner()) = index;
         store.rekey_catalog()?;
         Ok(store)
+    }
+
+    /// The database, for one call.
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::Reopening)
+    }
+
+    /// Notes a failed write: one for lack of space leaves RocksDB read-only until reopened.
+    fn note(&self, e: rocksdb::Error) -> StoreError {
+        if e.to_string().contains("No space left") {
+            self.no_space.store(true, Ordering::Relaxed);
+        }
+        StoreError::Rocks(e)
+    }
+
+    /// After a write failed for lack of space, reopens the database in place before the next
+    /// write, as a restart would (RocksDB keeps such an error and refuses every later write
+    /// until reopened). Pages not yet synced are lost with the memtable, so the store draws a
+    /// new incarnation: every `Sync` asked under the old one is refused, and no snapshot can
+    /// commit a page that went. Waits for no more than [`REOPEN_WAIT`] for calls in flight.
+    fn recover(&self) -> Result<(), StoreError> {
+        if !self.no_space.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _gc = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.no_space.load(Ordering::Relaxed) {
+            return Ok(()); // another call recovered meanwhile
+        }
+        if let Some(old) = slot.take() {
+            let t0 = std::time::Instant::now();
+            while Arc::strong_count(&old) > 1 {
+                if t0.elapsed() > REOPEN_WAIT {
+                    *slot = Some(old);
+                    return Err(StoreError::Reopening);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(old);
+        }
+        let db = open_db(&self.path)?;
+        let index = load_index(&db)?;
+        self.pages.store(index.len() as u64, Ordering::Relaxed);
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
+        self.incarnation.store(rand::random(), Ordering::Relaxed);
+        *slot = Some(Arc::new(db));
+        self.no_space.store(false, Ordering::Relaxed);
+        tracing::warn!(target: "vmcsnap::store", "store reopened after running out of space; pages not yet synced are gone and every snapshot that relied on them fails");
+        Ok(())
     }
 
     /// Moves catalog entries of the layout before conflicts were kept (keyed by name alone)
     /// to `name, 0, id`.
     fn rekey_catalog(&self) -> Result<(), StoreError> {
+        let db = self.db()?;
         let mut batch = WriteBatch::default();
         let mut moved = 0;
-        for kv in self.db.iterator_cf(self.cf(CF_CATALOG), rocksdb::IteratorMode::Start) {
+        for kv in db.iterator_cf(cf(&db, CF_CATALOG), rocksdb::IteratorMode::Start) {
             let (k, v) = kv?;
             if k.contains(&0) {
                 continue;
             }
             let rec = SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let id = rec.id().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            batch.delete_cf(self.cf(CF_CATALOG), &k);
-            batch.put_cf(self.cf(CF_CATALOG), catalog_key(&rec.record.name, &id), &v);
+            batch.delete_cf(cf(&db, CF_CATALOG), &k);
+            batch.put_cf(cf(&db, CF_CATALOG), catalog_key(&rec.record.name, &id), &v);
             moved += 1;
         }
         if moved > 0 {
             let mut wo = rocksdb::WriteOptions::default();
             wo.set_sync(true);
-            self.db.write_opt(batch, &wo)?;
+            db.write_opt(batch, &wo).map_err(|e| self.note(e))?;
             tracing::info!(target: "vmcsnap::store", moved, "catalog moved to the layout that keeps conflicting records");
         }
         Ok(())
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        // The four families are created at open; a missing one is a programming error.
-        #[allow(clippy::expect_used)]
-        self.db.cf_handle(name).expect("column family created at open")
-    }
 
     /// Distinct pages stored.
     pub fn page_count(&self) -> u64 {
@@ -302,14 +381,15 @@ impl Store {
     }
 
     fn have_unwatched(&self, hashes: &[PageHash]) -> Result<Vec<bool>, StoreError> {
-        let cf = self.cf(CF_PRESENT);
+        let db = self.db()?;
+        let cf = cf(&db, CF_PRESENT);
         let mut out = vec![false; hashes.len()];
         let maybe: Vec<usize> = {
             let index = self.index.read().unwrap_or_else(|p| p.into_inner());
             (0..hashes.len()).filter(|&i| index.contains(&hashes[i].prefix_u64())).collect()
         };
         if !maybe.is_empty() {
-            let got = self.db.batched_multi_get_cf(cf, maybe.iter().map(|&i| hashes[i].0), false);
+            let got = db.batched_multi_get_cf(cf, maybe.iter().map(|&i| hashes[i].0), false);
             for (i, r) in maybe.into_iter().zip(got) {
                 out[i] = r?.is_some();
             }
@@ -334,6 +414,8 @@ impl Store {
 
     /// Stores pages this node hashed itself. Returns `(stored, already_present)`.
     pub fn put_own(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32), StoreError> {
+        self.recover()?;
+        let db = self.db()?;
         let hashes: Vec<PageHash> = pages.iter().map(|(h, _)| *h).collect();
         #[allow(clippy::unwrap_used)] // a poisoned lock means a panic already happened
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -347,8 +429,8 @@ impl Store {
             if had || !seen.insert(*h) {
                 continue;
             }
-            batch.put_cf(self.cf(CF_PAGES), h.0, data);
-            batch.put_cf(self.cf(CF_PRESENT), h.0, []);
+            batch.put_cf(cf(&db, CF_PAGES), h.0, data);
+            batch.put_cf(cf(&db, CF_PRESENT), h.0, []);
             stored += 1;
         }
         if stored > 0 {
@@ -362,7 +444,7 @@ impl Store {
             // flushes the memtables (half the bytes written per page; see the module doc).
             let mut wo = rocksdb::WriteOptions::default();
             wo.disable_wal(true);
-            self.db.write_opt(batch, &wo)?;
+            db.write_opt(batch, &wo).map_err(|e| self.note(e))?;
             let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
             index.extend(seen.iter().map(|h| h.prefix_u64()));
             self.pages.fetch_add(stored as u64, Ordering::Relaxed);
@@ -391,12 +473,13 @@ impl Store {
 
     /// Reads pages and tells a missing page from a corrupt one.
     pub fn read(&self, hashes: &[PageHash]) -> Result<Vec<Read>, StoreError> {
+        let db = self.db()?;
         // RocksDB's own block and blob checksums are redundant here: every page is checked
         // against its BLAKE3 hash below, which catches everything a CRC would (10% of a
         // restore's CPU in a profile).
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_verify_checksums(false);
-        let got = self.db.batched_multi_get_cf_opt(self.cf(CF_PAGES), hashes.iter().map(|h| h.0), false, &ro);
+        let got = db.batched_multi_get_cf_opt(cf(&db, CF_PAGES), hashes.iter().map(|h| h.0), false, &ro);
         let mut out = Vec::with_capacity(hashes.len());
         for (h, r) in hashes.iter().zip(got) {
             out.push(match r? {
@@ -410,6 +493,8 @@ impl Store {
 
     /// Replaces a stored page's (corrupt) copy with `data`, which must hash to `hash`; synced.
     pub fn repair(&self, hash: PageHash, data: &[u8]) -> Result<(), StoreError> {
+        self.recover()?;
+        let db = self.db()?;
         if data.len() != PAGE_SIZE {
             return Err(StoreError::BadPageSize(data.len()));
         }
@@ -420,24 +505,26 @@ impl Store {
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_PAGES), hash.0, data, &wo)?;
+        db.put_cf_opt(cf(&db, CF_PAGES), hash.0, data, &wo).map_err(|e| self.note(e))?;
         Ok(())
     }
 
     /// Drops a corrupt copy that no replica could repair, so that `have` stops claiming it
     /// (the next snapshot that needs the page stores it again). Returns whether it was held.
     pub fn drop_corrupt(&self, hash: PageHash) -> Result<bool, StoreError> {
+        self.recover()?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _gc = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         if !self.have_unwatched(&[hash])?[0] {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_PAGES), hash.0);
-        batch.delete_cf(self.cf(CF_PRESENT), hash.0);
+        batch.delete_cf(cf(&db, CF_PAGES), hash.0);
+        batch.delete_cf(cf(&db, CF_PRESENT), hash.0);
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
+        db.write_opt(batch, &wo).map_err(|e| self.note(e))?;
         self.index.write().unwrap_or_else(|p| p.into_inner()).remove(&hash.prefix_u64());
         self.pages.fetch_sub(1, Ordering::Relaxed);
         Ok(true)
@@ -446,10 +533,16 @@ impl Store {
     /// Makes every page written before this call durable: flushes the page memtables to
     /// (fsynced) blob and table files.
     pub fn sync(&self) -> Result<(), StoreError> {
+        self.recover()?;
+        let db = self.db()?;
+        self.flush(&db)
+    }
+
+    fn flush(&self, db: &DB) -> Result<(), StoreError> {
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
-        self.db.flush_cf_opt(self.cf(CF_PAGES), &fo)?;
-        self.db.flush_cf_opt(self.cf(CF_PRESENT), &fo)?;
+        db.flush_cf_opt(cf(db, CF_PAGES), &fo).map_err(|e| self.note(e))?;
+        db.flush_cf_opt(cf(db, CF_PRESENT), &fo).map_err(|e| self.note(e))?;
         Ok(())
     }
 
@@ -467,13 +560,15 @@ impl Store {
     }
 
     fn put_record(&self, rec: &SignedRecord, first: bool) -> Result<Kept, StoreError> {
+        self.recover()?;
+        let db = self.db()?;
         let corrupt = |e: vmcsnap_protocol::codec::CodecError| StoreError::Corrupt(e.to_string());
         let bytes = rec.encode().map_err(corrupt)?;
         let id = rec.id().map_err(corrupt)?;
         let name = &rec.record.name;
         #[allow(clippy::unwrap_used)]
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.db.get_cf(self.cf(CF_META), tomb_key(name, &id))?.is_some() {
+        if db.get_cf(cf(&db, CF_META), tomb_key(name, &id))?.is_some() {
             return Ok(Kept::Deleted);
         }
         let held = self.catalog_get(name)?;
@@ -491,10 +586,10 @@ impl Store {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_CATALOG), catalog_key(name, &id), bytes);
+        batch.put_cf(cf(&db, CF_CATALOG), catalog_key(name, &id), bytes);
         // The record itself holds the name from now on.
-        batch.delete_cf(self.cf(CF_META), claim_key(name));
-        self.db.write_opt(batch, &wo)?;
+        batch.delete_cf(cf(&db, CF_META), claim_key(name));
+        db.write_opt(batch, &wo).map_err(|e| self.note(e))?;
         Ok(kept)
     }
 
@@ -503,9 +598,11 @@ impl Store {
     /// another id, or another record's unexpired claim. Granting `id` again renews it. With
     /// `release`, drops `id`'s claim (if it holds one) and returns `None`.
     pub fn claim_name(&self, name: &str, id: PageHash, now_ms: u64, ttl_ms: u64, release: bool) -> Result<Option<PageHash>, StoreError> {
+        self.recover()?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         let key = claim_key(name);
-        let current = self.db.get_cf(self.cf(CF_META), &key)?.and_then(|v| {
+        let current = db.get_cf(cf(&db, CF_META), &key)?.and_then(|v| {
             let id: [u8; 32] = v.get(..32)?.try_into().ok()?;
             let until = u64::from_le_bytes(v.get(32..40)?.try_into().ok()?);
             Some((PageHash(id), until))
@@ -514,7 +611,7 @@ impl Store {
         wo.set_sync(true);
         if release {
             if current.is_some_and(|(h, _)| h == id) {
-                self.db.delete_cf_opt(self.cf(CF_META), &key, &wo)?;
+                db.delete_cf_opt(cf(&db, CF_META), &key, &wo).map_err(|e| self.note(e))?;
             }
             return Ok(None);
         }
@@ -525,16 +622,17 @@ impl Store {
             return Ok(Some(holder));
         }
         let value = [&id.0[..], &now_ms.saturating_add(ttl_ms).to_le_bytes()].concat();
-        self.db.put_cf_opt(self.cf(CF_META), &key, value, &wo)?;
+        db.put_cf_opt(cf(&db, CF_META), &key, value, &wo).map_err(|e| self.note(e))?;
         Ok(None)
     }
 
     /// Every record kept under `name` (one, or several in conflict), in record-id order.
     pub fn catalog_get(&self, name: &str) -> Result<Vec<SignedRecord>, StoreError> {
+        let db = self.db()?;
         let prefix = [name.as_bytes(), &[0]].concat();
         let mut out = Vec::new();
         let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        for kv in self.db.iterator_cf(self.cf(CF_CATALOG), mode) {
+        for kv in db.iterator_cf(cf(&db, CF_CATALOG), mode) {
             let (k, v) = kv?;
             if !k.starts_with(&prefix) {
                 break;
@@ -546,8 +644,9 @@ impl Store {
 
     /// Every record kept here, by name then record id.
     pub fn catalog_all(&self) -> Result<Vec<SignedRecord>, StoreError> {
+        let db = self.db()?;
         let mut out = Vec::new();
-        for kv in self.db.iterator_cf(self.cf(CF_CATALOG), rocksdb::IteratorMode::Start) {
+        for kv in db.iterator_cf(cf(&db, CF_CATALOG), rocksdb::IteratorMode::Start) {
             let (_, v) = kv?;
             out.push(SignedRecord::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
@@ -564,7 +663,7 @@ impl Store {
     /// tell: an unknown is never a reason to refuse pages; RocksDB's own errors remain).
     #[allow(unsafe_code)]
     pub fn free_bytes(&self) -> u64 {
-        let Ok(path) = std::ffi::CString::new(self.db.path().as_os_str().as_encoded_bytes()) else { return u64::MAX };
+        let Ok(path) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) else { return u64::MAX };
         let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
         // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
         unsafe {
@@ -583,34 +682,39 @@ impl Store {
 
     /// This opening's incarnation (random; a restart draws another).
     pub fn incarnation(&self) -> u64 {
-        self.incarnation
+        self.incarnation.load(Ordering::Relaxed)
     }
 
     /// Makes every page acknowledged under `incarnation` durable; refused (`Restarted`) if the
     /// store was reopened since, because pages acknowledged before may be lost.
     pub fn sync_incarnation(&self, incarnation: u64) -> Result<(), StoreError> {
-        if incarnation != self.incarnation {
+        self.recover()?;
+        // Holding the database: a reopen (which draws the next incarnation) waits for it.
+        let db = self.db()?;
+        if incarnation != self.incarnation() {
             return Err(StoreError::Restarted);
         }
-        self.sync()
+        self.flush(&db)
     }
 
     /// Deletes a commit record for good: keeps `tombstone` (synced) and drops the record if
     /// held. Returns whether the tombstone is new here.
     pub fn tombstone_put(&self, tombstone: &SignedTombstone) -> Result<bool, StoreError> {
+        self.recover()?;
+        let db = self.db()?;
         let t = &tombstone.tombstone;
         let bytes = tombstone.encode().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let key = tomb_key(&t.name, &t.record);
-        if self.db.get_cf(self.cf(CF_META), &key)?.is_some() {
+        if db.get_cf(cf(&db, CF_META), &key)?.is_some() {
             return Ok(false);
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_META), key, bytes);
-        batch.delete_cf(self.cf(CF_CATALOG), catalog_key(&t.name, &t.record));
+        batch.put_cf(cf(&db, CF_META), key, bytes);
+        batch.delete_cf(cf(&db, CF_CATALOG), catalog_key(&t.name, &t.record));
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
+        db.write_opt(batch, &wo).map_err(|e| self.note(e))?;
         Ok(true)
     }
 
@@ -638,8 +742,10 @@ impl Store {
     /// Deletes those of `hashes` that no `have` or `put` touched since the watch began (and
     /// none at all without a watch). Returns how many pages were deleted.
     pub fn delete_unwatched(&self, hashes: &[PageHash]) -> Result<u64, StoreError> {
+        self.recover()?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _gc = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         let doomed: Vec<PageHash> = {
             let w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
             let Some(watched) = w.as_ref() else { return Ok(0) };
@@ -652,13 +758,13 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         for h in &doomed {
-            batch.delete_cf(self.cf(CF_PAGES), h.0);
-            batch.delete_cf(self.cf(CF_PRESENT), h.0);
+            batch.delete_cf(cf(&db, CF_PAGES), h.0);
+            batch.delete_cf(cf(&db, CF_PRESENT), h.0);
         }
         let n = doomed.len() as u64;
         let reclaimed = self.reclaimed_bytes()? + n * PAGE_SIZE as u64;
-        batch.put_cf(self.cf(CF_META), META_RECLAIMED, reclaimed.to_le_bytes());
-        self.db.write(batch)?;
+        batch.put_cf(cf(&db, CF_META), META_RECLAIMED, reclaimed.to_le_bytes());
+        db.write(batch).map_err(|e| self.note(e))?;
         // A prefix shared with a page that stays only makes `have` look in RocksDB (2^-64).
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
         for h in &doomed {
@@ -671,12 +777,13 @@ impl Store {
     /// Up to `limit` stored pages' hashes in hash order, starting after `after` (from the
     /// first without it): a walk over the store that never holds more than one batch.
     pub fn stored_hashes(&self, after: Option<PageHash>, limit: usize) -> Result<Vec<PageHash>, StoreError> {
+        let db = self.db()?;
         let mut out = Vec::with_capacity(limit.min(self.page_count() as usize));
         let mode = match &after {
             Some(h) => rocksdb::IteratorMode::From(&h.0, rocksdb::Direction::Forward),
             None => rocksdb::IteratorMode::Start,
         };
-        for kv in self.db.iterator_cf(self.cf(CF_PRESENT), mode) {
+        for kv in db.iterator_cf(cf(&db, CF_PRESENT), mode) {
             let (k, _) = kv?;
             let mut h = [0u8; 32];
             if k.len() != 32 {
@@ -702,13 +809,14 @@ impl Store {
     /// Rewrites the page files so that deleted pages' space goes back to the file system
     /// (every blob file is eligible for blob garbage collection during this compaction).
     pub fn compact_pages(&self) -> Result<(), StoreError> {
-        let cf = self.cf(CF_PAGES);
-        self.db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", "1.0")])?;
+        let db = self.db()?;
+        let pages = cf(&db, CF_PAGES);
+        db.set_options_cf(pages, &[("blob_garbage_collection_age_cutoff", "1.0")])?;
         let mut o = rocksdb::CompactOptions::default();
         o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        self.db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &o);
-        self.db.compact_range_cf_opt(self.cf(CF_PRESENT), None::<&[u8]>, None::<&[u8]>, &o);
-        self.db.set_options_cf(cf, &[("blob_garbage_collection_age_cutoff", &BLOB_GC_AGE_CUTOFF.to_string())])?;
+        db.compact_range_cf_opt(pages, None::<&[u8]>, None::<&[u8]>, &o);
+        db.compact_range_cf_opt(cf(&db, CF_PRESENT), None::<&[u8]>, None::<&[u8]>, &o);
+        db.set_options_cf(pages, &[("blob_garbage_collection_age_cutoff", &BLOB_GC_AGE_CUTOFF.to_string())])?;
         Ok(())
     }
 
@@ -764,31 +872,37 @@ impl Store {
                 })
                 .sum()
         }
-        walk(self.db.path())
+        walk(&self.path)
     }
 
     /// Saves an opaque metadata value.
     pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.db.put_cf(self.cf(CF_META), key, value)?;
+        self.recover()?;
+        let db = self.db()?;
+        db.put_cf(cf(&db, CF_META), key, value).map_err(|e| self.note(e))?;
         Ok(())
     }
 
     /// Reads an opaque metadata value.
     pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_META), key)?)
+        let db = self.db()?;
+        Ok(db.get_cf(cf(&db, CF_META), key)?)
     }
 
     /// Deletes a metadata value.
     pub fn meta_delete(&self, key: &[u8]) -> Result<(), StoreError> {
-        self.db.delete_cf(self.cf(CF_META), key)?;
+        self.recover()?;
+        let db = self.db()?;
+        db.delete_cf(cf(&db, CF_META), key).map_err(|e| self.note(e))?;
         Ok(())
     }
 
     /// Every metadata entry whose key starts with `prefix`, in key order.
     pub fn meta_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let db = self.db()?;
         let mut out = Vec::new();
         let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
-        for kv in self.db.iterator_cf(self.cf(CF_META), mode) {
+        for kv in db.iterator_cf(cf(&db, CF_META), mode) {
             let (k, v) = kv?;
             if !k.starts_with(prefix) {
                 break;
@@ -990,7 +1104,8 @@ mod tests {
             // A record of the layout before conflicts: keyed by its name, unsigned.
             let legacy = record("old", 5);
             let raw = legacy.record.encode().expect("encode");
-            store.db.put_cf(store.cf(CF_CATALOG), b"old", raw).expect("raw");
+            let db = store.db().expect("db");
+            db.put_cf(cf(&db, CF_CATALOG), b"old", raw).expect("raw");
         }
         let store = Store::open(dir.path()).expect("reopen");
         let old = store.catalog_get("old").expect("get");
