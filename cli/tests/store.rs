@@ -495,6 +495,101 @@ fn a_node_whose_disk_filled_up_takes_pages_again_once_there_is_room() {
     restores_identical(&c, 2, "small", &small, &tmp.path().join("out.img"));
 }
 
+/// Every (name, record) a node lists.
+fn catalog(c: &Cluster, i: usize) -> Vec<(String, String)> {
+    let list = c.json(i, &["snapshot", "list"]).expect("list");
+    let mut out: Vec<(String, String)> = list.as_array().expect("list").iter().map(|s| (s["name"].as_str().unwrap_or("").to_string(), s["record"].as_str().unwrap_or("").to_string())).collect();
+    out.sort();
+    out
+}
+
+/// A partition: four nodes, each in its own network namespace; {n1, n2} are cut off from
+/// {n3, n4} (packets dropped silently) at a random moment of a snapshot taken from n1, and
+/// n3 takes another snapshot while cut off; once each side counts the other down, both sides
+/// create a snapshot of one name (at most one may get it: name claims need a majority of the
+/// name's 3 arbiters). Whatever each create reported, nothing is half-committed: after healing, every member lists the same snapshots, each create that
+/// succeeded is listed and each that failed is not, and every listed one restores
+/// byte-identical.
+#[test]
+fn a_partition_mid_snapshot_commits_nothing_by_halves_and_both_sides_agree_after_healing() {
+    let mut net = match vmcsnap_testnet::netns::Netns::create(4) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("skipped: no network namespaces here ({e})");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let places = (0..4).map(|i| (net.addr(i, 7000), Some(net.ns(i)))).collect();
+    let c = Cluster::start_at(&bin(), &tmp.path().join("cluster"), places, 2, vec![]).expect("cluster");
+    let a = write(&tmp.path().join("a.img"), &[&noise(61, 16384)]);
+    let b = write(&tmp.path().join("b.img"), &[&noise(62, 2048)]);
+    let mut x = seed();
+    let delay = Duration::from_millis(100 + xorshift(&mut x) % 1400);
+    let create = |i: usize, name: &str, img: &Path| c.cli(i, &["snapshot", "create", name, "--vm", &format!("vm0=file:{}", img.display())]).expect("run");
+    let (ok_a, ok_b) = std::thread::scope(|scope| {
+        let ta = scope.spawn(|| create(0, "pa", &a));
+        std::thread::sleep(delay);
+        net.partition(&[0, 1], &[2, 3]).expect("partition");
+        let ob = create(2, "pb", &b);
+        let oa = ta.join().expect("join");
+        eprintln!("cut {delay:?} into pa: pa {} ({}); pb {} ({})", oa.status, String::from_utf8_lossy(&oa.stderr).trim(), ob.status, String::from_utf8_lossy(&ob.stderr).trim());
+        (oa.status.success(), ob.status.success())
+    });
+    // Once each side counts the other down, both create "pc": at most one may get the name.
+    let t0 = Instant::now();
+    let sees_down = |i: usize, others: &[&str]| {
+        let v = c.json(i, &["cluster", "status"]).expect("status");
+        v["members"].as_array().expect("members").iter().filter(|m| others.contains(&m["name"].as_str().unwrap_or(""))).all(|m| m["alive"] == false)
+    };
+    while !(sees_down(0, &["n3", "n4"]) && sees_down(2, &["n1", "n2"])) {
+        assert!(t0.elapsed() < Duration::from_secs(90), "the sides do not see each other down");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ok_c: Vec<bool> = std::thread::scope(|scope| {
+        let tc = [scope.spawn(|| create(0, "pc", &a)), scope.spawn(|| create(2, "pc", &b))];
+        tc.into_iter()
+            .map(|t| {
+                let o = t.join().expect("join");
+                eprintln!("pc: {} ({})", o.status, String::from_utf8_lossy(&o.stderr).trim());
+                o.status.success()
+            })
+            .collect()
+    });
+    assert!(!(ok_c[0] && ok_c[1]), "both sides of a partition got the name pc");
+    net.heal().expect("heal");
+    let t0 = Instant::now();
+    c.wait_converged(Duration::from_secs(60)).expect("members see each other again");
+    let agreed = loop {
+        let lists: Vec<Vec<(String, String)>> = (0..4).map(|i| catalog(&c, i)).collect();
+        if lists.iter().all(|l| *l == lists[0]) {
+            break lists[0].clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "members disagree after healing: {lists:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let names: Vec<&str> = agreed.iter().map(|(n, _)| n.as_str()).collect();
+    eprintln!("after healing ({:?}): {names:?}", t0.elapsed());
+    assert_eq!(names.contains(&"pa"), ok_a, "pa listed iff its create succeeded");
+    assert_eq!(names.contains(&"pb"), ok_b, "pb listed iff its create succeeded");
+    if ok_a {
+        restores_identical(&c, 3, "pa", &a, &tmp.path().join("out.img"));
+    }
+    if ok_b {
+        restores_identical(&c, 0, "pb", &b, &tmp.path().join("out.img"));
+    }
+    assert_eq!(names.contains(&"pc"), ok_c[0] || ok_c[1], "pc listed iff one create succeeded");
+    for (k, img) in [(0, &a), (1, &b)] {
+        if ok_c[k] {
+            restores_identical(&c, 1 + 2 * (1 - k), "pc", img, &tmp.path().join("out.img"));
+        }
+    }
+    // And the healed cluster takes snapshots again.
+    c.json(3, &["snapshot", "create", "after", "--vm", &format!("vm0=file:{}", b.display())]).expect("a snapshot after healing");
+    restores_identical(&c, 1, "after", &b, &tmp.path().join("out.img"));
+    drop(c);
+}
+
 /// A member down longer than `--repair-after` is repaired around like a removed one; when it
 /// comes back, it holds its pages again without fetching them, and the copies made around it
 /// are dropped.

@@ -12,6 +12,8 @@ pub struct NodeProc {
     pub dir: PathBuf,
     /// Its listen address.
     pub addr: SocketAddr,
+    /// The network namespace it runs in (`None`: this one).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -64,15 +66,24 @@ impl Cluster {
 
     /// [`Cluster::start`], with extra `node run` arguments for node `i` in `extra_args[i]`.
     pub fn start_with_args(bin: &Path, dir: &Path, n: usize, replicas: u8, base_port: Option<u16>, extra_args: Vec<Vec<String>>) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut c = Cluster { dir: dir.to_path_buf(), bin: bin.to_path_buf(), replicas, nodes: Vec::new(), detach: false, extra_args };
+        let mut places = Vec::new();
         for i in 0..n {
             let port = match base_port {
                 Some(b) => b + i as u16,
                 None => free_port()?,
             };
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            c.nodes.push(NodeProc { dir: dir.join(format!("n{}", i + 1)), addr, child: None });
+            places.push((format!("127.0.0.1:{port}").parse()?, None));
+        }
+        Self::start_at(bin, dir, places, replicas, extra_args)
+    }
+
+    /// Starts one node at each of `places` (its listen address, and the network namespace
+    /// it runs in, if any), like [`Cluster::start_with_args`].
+    pub fn start_at(bin: &Path, dir: &Path, places: Vec<(SocketAddr, Option<String>)>, replicas: u8, extra_args: Vec<Vec<String>>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut c = Cluster { dir: dir.to_path_buf(), bin: bin.to_path_buf(), replicas, nodes: Vec::new(), detach: false, extra_args };
+        for (i, (addr, netns)) in places.into_iter().enumerate() {
+            c.nodes.push(NodeProc { dir: dir.join(format!("n{}", i + 1)), addr, netns, child: None });
             c.spawn(i)?;
         }
         c.wait_converged(Duration::from_secs(30))?;
@@ -84,7 +95,7 @@ impl Cluster {
     pub fn add(&mut self, extra: Vec<String>) -> anyhow::Result<usize> {
         let i = self.nodes.len();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        self.nodes.push(NodeProc { dir: self.dir.join(format!("n{}", i + 1)), addr, child: None });
+        self.nodes.push(NodeProc { dir: self.dir.join(format!("n{}", i + 1)), addr, netns: None, child: None });
         self.extra_args.resize(i, vec![]);
         self.extra_args.push(extra);
         self.spawn(i)?;
@@ -126,7 +137,14 @@ impl Cluster {
         let admission = self.admission_args(i)?;
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.dir.join("node.log"))?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match &node.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.args(["node", "run", "--data-dir"])
             .arg(&node.dir)
             .args(["--listen", &node.addr.to_string(), "--replicas", &self.replicas.to_string()])

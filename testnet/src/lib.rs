@@ -4,6 +4,7 @@
 //!   directory and port, driven through the real `vmcsnap` CLI.
 //! - [`gen`]: synthetic VM memory images with realistic shares of zero, shared-image,
 //!   intra-VM duplicate and private pages, from a seed.
+//! - [`netns`]: network namespaces joined through a router namespace, for partition tests.
 //! - [`pagestats`]: an independent count of the pages in images (total, zero, distinct),
 //!   for tests to check the fabric's numbers against.
 //! - [`sim`]: the placement simulation (balance and movement at 10 to 1,000 hosts).
@@ -14,6 +15,7 @@ pub mod benchstore;
 pub mod cluster;
 pub mod gen;
 pub mod guest;
+pub mod netns;
 pub mod pagestats;
 pub mod sim;
 pub mod stats;

@@ -26,7 +26,7 @@ pub enum SnapshotError {
         holder: String,
     },
     /// Too few of the name's arbiters granted it (down, or split between two creates).
-    #[error("only {granted} of the {needed} members that must grant the name did ({reasons}); nothing is committed; retry")]
+    #[error("the name got {granted} of the {needed} grants it needs from its arbiters, members that decide who gets it ({reasons}); nothing is committed; retry when they are back")]
     NameUndecided {
         /// Grants got.
         granted: usize,
