@@ -383,6 +383,10 @@ fn a_member_that_joins_takes_its_share_and_the_old_copies_go() {
     eprintln!("rebalance: n4 fetched {copies} pages, {share:.3} of {distinct} (ideal 0.5), done in {:?}", t0.elapsed());
     assert_eq!(copies, held, "each page fetched once");
     assert!((0.4..0.6).contains(&share), "n4's share {share}");
+    for name in ["sa", "sb"] {
+        let v = c.json(2, &["snapshot", "verify", name]).expect("verify");
+        assert_eq!(v["ok"], true, "every page on its owners in the new view: {v}");
+    }
 
     c.stop(0).expect("stop n1");
     restores_identical(&c, d, "sa", &a, &tmp.path().join("out.img"));

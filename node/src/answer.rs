@@ -61,20 +61,20 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             if hashes.len() > HAVE_HASHES_MAX {
                 return Err(AnswerError::BadRequest(format!("Have of {} hashes (max {HAVE_HASHES_MAX})", hashes.len())));
             }
-            let have = store.have(&hashes)?;
+            let (have, incarnation) = store.have_at(&hashes)?;
             let missing = have.iter().enumerate().filter(|(_, h)| !**h).map(|(i, _)| i as u32).collect();
-            Ok(DataResponse::Have { missing, incarnation: store.incarnation() })
+            Ok(DataResponse::Have { missing, incarnation })
         }
         DataRequest::Put { pages } => {
             if pages.len() > PUT_PAGES_MAX {
                 return Err(AnswerError::BadRequest(format!("Put of {} pages (max {PUT_PAGES_MAX})", pages.len())));
             }
             let refs: Vec<_> = pages.iter().map(|p| (p.hash, p.data.as_slice())).collect();
-            let (stored, already) = match asker {
-                Asker::Local => store.put_own(&refs)?,
-                Asker::Peer => store.put_verified(&refs)?,
+            let (stored, already, incarnation) = match asker {
+                Asker::Local => store.put_own_at(&refs)?,
+                Asker::Peer => store.put_verified_at(&refs)?,
             };
-            Ok(DataResponse::Put { stored, already, incarnation: store.incarnation() })
+            Ok(DataResponse::Put { stored, already, incarnation })
         }
         DataRequest::Get { hashes } => {
             if hashes.len() > GET_PAGES_MAX {

@@ -366,10 +366,17 @@ impl Store {
 
     /// For each hash, whether this store holds the page.
     pub fn have(&self, hashes: &[PageHash]) -> Result<Vec<bool>, StoreError> {
+        Ok(self.have_at(hashes)?.0)
+    }
+
+    /// [`Store::have`], with the incarnation the answers belong to (read while the database
+    /// they came from is held: a reopen, which draws the next incarnation, waits for it).
+    pub fn have_at(&self, hashes: &[PageHash]) -> Result<(Vec<bool>, u64), StoreError> {
         let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let _pin = self.db()?;
         let out = self.have_unwatched(hashes)?;
         self.watch(hashes.iter().zip(&out).filter(|(_, &h)| h).map(|(h, _)| *h));
-        Ok(out)
+        Ok((out, self.incarnation()))
     }
 
     /// Remembers pages for an open garbage-collection watch.
@@ -400,6 +407,11 @@ impl Store {
     /// Stores pages that came from a peer, after re-hashing each one. Returns
     /// `(stored, already_present)`. Nothing is written if any page fails its check.
     pub fn put_verified(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32), StoreError> {
+        self.put_verified_at(pages).map(|(s, a, _)| (s, a))
+    }
+
+    /// [`Store::put_verified`], with the incarnation the pages were stored under.
+    pub fn put_verified_at(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32, u64), StoreError> {
         for (h, data) in pages {
             if data.len() != PAGE_SIZE {
                 return Err(StoreError::BadPageSize(data.len()));
@@ -409,16 +421,22 @@ impl Store {
                 return Err(StoreError::HashMismatch { expected: *h, actual });
             }
         }
-        self.put_own(pages)
+        self.put_own_at(pages)
     }
 
     /// Stores pages this node hashed itself. Returns `(stored, already_present)`.
     pub fn put_own(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32), StoreError> {
+        self.put_own_at(pages).map(|(s, a, _)| (s, a))
+    }
+
+    /// [`Store::put_own`], with the incarnation the pages were stored under (read while the
+    /// database they went to is held).
+    pub fn put_own_at(&self, pages: &[(PageHash, &[u8])]) -> Result<(u32, u32, u64), StoreError> {
         self.recover()?;
-        let db = self.db()?;
         let hashes: Vec<PageHash> = pages.iter().map(|(h, _)| *h).collect();
         #[allow(clippy::unwrap_used)] // a poisoned lock means a panic already happened
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         let have = self.have_unwatched(&hashes)?;
         self.watch(hashes.iter().copied());
         let mut batch = WriteBatch::default();
@@ -449,7 +467,7 @@ impl Store {
             index.extend(seen.iter().map(|h| h.prefix_u64()));
             self.pages.fetch_add(stored as u64, Ordering::Relaxed);
         }
-        Ok((stored, pages.len() as u32 - stored))
+        Ok((stored, pages.len() as u32 - stored, self.incarnation()))
     }
 
     /// Reads pages; `None` where the store lacks one or holds a corrupt copy. Each page read
@@ -494,7 +512,6 @@ impl Store {
     /// Replaces a stored page's (corrupt) copy with `data`, which must hash to `hash`; synced.
     pub fn repair(&self, hash: PageHash, data: &[u8]) -> Result<(), StoreError> {
         self.recover()?;
-        let db = self.db()?;
         if data.len() != PAGE_SIZE {
             return Err(StoreError::BadPageSize(data.len()));
         }
@@ -503,6 +520,7 @@ impl Store {
             return Err(StoreError::HashMismatch { expected: hash, actual });
         }
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         db.put_cf_opt(cf(&db, CF_PAGES), hash.0, data, &wo).map_err(|e| self.note(e))?;
@@ -561,13 +579,13 @@ impl Store {
 
     fn put_record(&self, rec: &SignedRecord, first: bool) -> Result<Kept, StoreError> {
         self.recover()?;
-        let db = self.db()?;
         let corrupt = |e: vmcsnap_protocol::codec::CodecError| StoreError::Corrupt(e.to_string());
         let bytes = rec.encode().map_err(corrupt)?;
         let id = rec.id().map_err(corrupt)?;
         let name = &rec.record.name;
         #[allow(clippy::unwrap_used)]
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         if db.get_cf(cf(&db, CF_META), tomb_key(name, &id))?.is_some() {
             return Ok(Kept::Deleted);
         }
@@ -701,10 +719,10 @@ impl Store {
     /// held. Returns whether the tombstone is new here.
     pub fn tombstone_put(&self, tombstone: &SignedTombstone) -> Result<bool, StoreError> {
         self.recover()?;
-        let db = self.db()?;
         let t = &tombstone.tombstone;
         let bytes = tombstone.encode().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.db()?;
         let key = tomb_key(&t.name, &t.record);
         if db.get_cf(cf(&db, CF_META), &key)?.is_some() {
             return Ok(false);

@@ -4,8 +4,8 @@
 //! longer than `--repair-after`). A snapshot placed its pages over the members of its moment;
 //! when the view changes (a member removed or long gone, one joined, one that was down during
 //! the snapshot back) some pages have new owners. Each node *pulls* what it now owns and lacks:
-//! for every snapshot placed over another view, it lists the snapshot's pages, keeps those whose
-//! first `replicas` owners in the view include itself, fetches the ones it lacks from wherever
+//! for every snapshot not done for this view yet, it lists the snapshot's pages, keeps those
+//! whose first `replicas` owners in the view include itself, fetches the ones it lacks from wherever
 //! they are (this node's ranking over placement and members, as a restore looks; every page
 //! verified against its hash), stores them and syncs. Each lost or moved copy is fetched once,
 //! by the one node that needs it.
@@ -15,8 +15,8 @@
 //! (see [`super::gc`]).
 //!
 //! A snapshot done for a view is remembered (meta key `rebalanced/` + record id, the view's
-//! digest as value), so a cycle with nothing to do reads no manifest, and a restart resumes
-//! with the snapshots not done yet. Fetches are paced at `--repair-rate`. A node whose disk is
+//! digest as value; every mark goes when the view changes), so a cycle with nothing to do
+//! reads no manifest, and a restart resumes with the snapshots not done yet. Fetches are paced at `--repair-rate`. A node whose disk is
 //! nearly full pulls nothing (its share stays where it is, counted as surplus nowhere).
 
 use super::error::SnapshotError;
@@ -31,11 +31,13 @@ use vmcsnap_protocol::{PageHash, PAGE_SIZE};
 pub const PULL_BATCH_PAGES: usize = 4096;
 /// Meta-key prefix of the per-snapshot "done for this view" marks.
 const DONE_PREFIX: &[u8] = b"rebalanced/";
+/// Meta key of the view the marks were made under.
+const VIEW_KEY: &[u8] = b"rebalance-view";
 
 /// What one cycle did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Cycle {
-    /// Snapshots placed over another view whose pages were looked at.
+    /// Snapshots whose pages were looked at (not done for this view yet).
     pub records: usize,
     /// Copies fetched and stored here.
     pub copies: u64,
@@ -101,13 +103,21 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, SnapshotError> {
     if node.store.is_full() {
         return Ok(c);
     }
+    // A mark holds only while the view it was made under lasts: after A, B and A again, a page
+    // this node dropped under B must come back, so every mark goes when the view changes.
+    if node.store.meta_get(VIEW_KEY)?.as_deref() != Some(&digest[..]) {
+        for (key, _) in node.store.meta_prefix(DONE_PREFIX)? {
+            node.store.meta_delete(&key)?;
+        }
+        node.store.meta_put(VIEW_KEY, &digest)?;
+    }
     let mut known = HashSet::new();
     for r in records {
         let rec = &r.record;
         let id = r.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
         known.insert(id);
         let key = [DONE_PREFIX, &id.0].concat();
-        if View::new(rec.placement.clone()).members() == view.members() || node.store.meta_get(&key)?.as_deref() == Some(&digest[..]) {
+        if node.store.meta_get(&key)?.as_deref() == Some(&digest[..]) {
             continue;
         }
         c.records += 1;
@@ -150,8 +160,9 @@ async fn pull(node: &Arc<Node>, rec: &vmcsnap_protocol::manifest::CommitRecord, 
         let s = node.store.clone();
         tokio::task::spawn_blocking(move || {
             let pages: Vec<(PageHash, &[u8])> = got.iter().map(|(h, p)| (*h, p.as_slice())).collect();
-            s.put_own(&pages)?;
-            s.sync()
+            // Durable, or refused if the store was reopened in between (the pages may be gone).
+            let (_, _, incarnation) = s.put_own_at(&pages)?;
+            s.sync_incarnation(incarnation)
         })
         .await
         .map_err(|e| SnapshotError::Internal(e.to_string()))??;

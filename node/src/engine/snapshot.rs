@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::{CreateSummary, VmInfo, VmSpec};
 use vmcsnap_protocol::manifest::{validate_name, CaptureMode, CommitRecord, VmEntry, VmStats, SNAPSHOT_VMS_MAX};
-use vmcsnap_dht::placement::owners;
+use vmcsnap_dht::placement::{owners, View};
 use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse, NAME_ARBITERS};
 use vmcsnap_protocol::{NodeId, PageHash, PAGE_SIZE};
 
@@ -244,7 +244,7 @@ fn now_ms() -> u64 {
 async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotError> {
     let signed = node.signer.sign(record.clone()).map_err(|e| SnapshotError::Internal(format!("cannot sign the commit record: {e}")))?;
     let id = signed.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
-    claim_name(node, &record.name, id).await?;
+    let (arbiters, needed) = claim_name(node, &record.name, id).await?;
     if let Err(e) = node.store.catalog_put_first(&signed) {
         release_name(node, &record.name, id).await;
         return Err(match e {
@@ -253,6 +253,7 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
         });
     }
     let mut holders = std::collections::HashSet::from([node.id]);
+    let arbiters_holding = |holders: &HashSet<NodeId>| arbiters.iter().filter(|a| holders.contains(*a)).count();
     let mut reasons = Vec::new();
     for attempt in 0..COMMIT_ATTEMPTS {
         if attempt > 0 {
@@ -274,11 +275,17 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
                 Err(e) => reasons.push(format!("{}: {e}", node.host_name(&p.id))),
             }
         }
-        if holders.len() >= record.replicas as usize || reasons.is_empty() {
+        if (holders.len() >= record.replicas as usize || reasons.is_empty()) && arbiters_holding(&holders) >= needed {
             break;
         }
     }
-    if holders.len() < record.replicas as usize && !reasons.is_empty() {
+    // The name stays claimed only while its grants last; a majority of the arbiters holding
+    // the record keeps it the name's for good.
+    let named = arbiters_holding(&holders) >= needed;
+    if !named {
+        reasons.push(format!("only {} of the {needed} arbiters of the name that must keep it took it", arbiters_holding(&holders)));
+    }
+    if !named || (holders.len() < record.replicas as usize && !reasons.is_empty()) {
         // Not durable enough to report: undo it everywhere it went.
         let undo = async {
             let t = node.signer.sign_tombstone(&record.name, id, now_ms()).map_err(|e| e.to_string())?;
@@ -299,11 +306,13 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
 }
 
 /// Claims `name` for record `id` with the name's arbiters (its first [`NAME_ARBITERS`] owners
-/// in the owner view): a majority must grant it. An arbiter grants one record per name, so of
+/// among every admitted member, down or not): a majority must grant it. Returns the arbiters
+/// and the majority; the commit then succeeds only once that many of them hold the record
+/// (a grant lapses after `NAME_CLAIM_TTL_MS`; a kept record never does). An arbiter grants one record per name, so of
 /// two creates of one name at once only one gets a majority; the other fails here with
 /// nothing committed (and gives back the grants it got, so that a retry need not wait for
 /// them to lapse). Arbiters that are down count against the majority.
-async fn claim_name(node: &Arc<Node>, name: &str, id: PageHash) -> Result<(), SnapshotError> {
+async fn claim_name(node: &Arc<Node>, name: &str, id: PageHash) -> Result<(Vec<NodeId>, usize), SnapshotError> {
     let arbiters = name_arbiters(node, name);
     let needed = arbiters.len() / 2 + 1;
     let mut reachable = Vec::new();
@@ -329,7 +338,7 @@ async fn claim_name(node: &Arc<Node>, name: &str, id: PageHash) -> Result<(), Sn
         }
     }
     if granted.len() >= needed {
-        return Ok(());
+        return Ok((arbiters, needed));
     }
     if !granted.is_empty() {
         release_name(node, name, id).await;
@@ -342,7 +351,9 @@ async fn claim_name(node: &Arc<Node>, name: &str, id: PageHash) -> Result<(), Sn
 
 /// The members that decide who gets `name`.
 fn name_arbiters(node: &Node, name: &str) -> Vec<NodeId> {
-    let view = node.owner_view();
+    // Every admitted member, down or not: a view that changes with liveness (or with a
+    // node's restart) could give two sides of a partition arbiters of their own.
+    let view = View::new(node.members().into_iter().map(|m| m.id).collect());
     let key = PageHash(*blake3::hash(name.as_bytes()).as_bytes());
     owners(&view, &key, NAME_ARBITERS).into_iter().map(|o| view.members()[o]).collect()
 }

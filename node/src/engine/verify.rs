@@ -2,7 +2,7 @@
 //! copy correct?
 //!
 //! The VM's pages are listed as a restore lists them (the manifest, read and verified), then
-//! each owner of each page under the snapshot's placement is asked: `Have` (present), and
+//! each owner of each page in today's owner view ([`Node::owner_view`]) is asked: `Have` (present), and
 //! with `deep` also `Get` (an owner reads and hashes its copy and serves only a correct one,
 //! so a page it has but does not serve is damaged). Every owner is asked for all its pages;
 //! an owner that cannot be reached is reported as such.
@@ -12,7 +12,7 @@ use super::Progress;
 use crate::node::Node;
 use std::collections::HashMap;
 use std::sync::Arc;
-use vmcsnap_dht::placement::{owners, View};
+use vmcsnap_dht::placement::owners;
 use vmcsnap_protocol::control::{OwnerVerify, VerifyReport, VmVerify};
 use vmcsnap_protocol::manifest::{short_record_id, CommitRecord};
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, GET_PAGES_MAX, HAVE_HASHES_MAX};
@@ -21,7 +21,9 @@ use vmcsnap_protocol::{NodeId, PageHash};
 /// Checks every copy of every page of `record`.
 pub async fn verify(node: &Arc<Node>, record: &CommitRecord, deep: bool, mut progress: Progress) -> Result<VerifyReport, RestoreError> {
     let id = record.record_hash().map_err(|e| RestoreError::Internal(e.to_string()))?;
-    let view = View::new(record.placement.clone());
+    // Where the pages belong now: the first `replicas` owners in the owner view (after a
+    // join or a loss, repair moves them there; the snapshot's placement is where they went).
+    let view = node.owner_view();
     let per_vm = super::restore::pages_by_vm(node, record).await?;
     progress.phase(if deep { "reading every copy" } else { "asking every owner" }, per_vm.iter().map(|p| p.len() as u64).sum());
     let mut done = 0;
