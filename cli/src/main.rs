@@ -207,8 +207,11 @@ vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
         /// Every VM registered in the cluster (plus any --vm).
         #[arg(long)]
         all: bool,
-        /// How to capture running VMs: pre-copy copies while the VM runs and pauses it only
-        /// for the last round; stop-copy pauses it for the whole copy.
+        /// How to capture running VMs: live pauses each VM only while every VM of the cut is
+        /// paused and its device state saved, then copies memory as it was at that instant
+        /// while the VM runs (QEMU's background snapshot; a VM whose QEMU or host cannot falls
+        /// back to pre-copy, and says so); pre-copy copies while the VM runs and pauses it for
+        /// the last round; stop-copy pauses it for the whole copy.
         #[arg(long, value_enum, default_value = "pre-copy")]
         mode: Mode,
         /// Copies of every page (default: the node's --replicas).
@@ -343,6 +346,8 @@ vmcsnap snapshot forget --keep-daily 14 --vm web1 --yes")]
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Mode {
+    /// Pause for the device state only; memory as of that instant, copied while running.
+    Live,
     /// Copy while running; pause only for the last round.
     PreCopy,
     /// Pause, copy everything, resume.
@@ -647,6 +652,7 @@ async fn snapshot_create(
     common: &NodeArg,
 ) -> anyhow::Result<()> {
     let mode = match mode {
+        Mode::Live => CaptureMode::Live,
         Mode::PreCopy => CaptureMode::PreCopy,
         Mode::StopCopy => CaptureMode::StopCopy,
     };
@@ -686,7 +692,26 @@ async fn snapshot_create(
     if let Some(us) = s.pause_skew_us {
         println!("one cut: first to last pause {:.1} ms apart", us as f64 / 1000.0);
     }
+    if mode == CaptureMode::Live {
+        // Say which VMs could not be captured live (their QEMU or host refused it).
+        if let Ok(ControlResult::Show(r)) = call(common, ControlRequest::SnapshotShow { name: s.name.clone() }).await {
+            for v in &r.vms {
+                if let Some(q) = v.qemu.as_ref().filter(|q| q.mode != CaptureMode::Live) {
+                    eprintln!("note: VM {} was captured with {}, not live: its QEMU or host cannot take a background snapshot (the node's log on {} says why)", v.id, mode_name(q.mode), v.host_name);
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// A capture mode as `--mode` spells it.
+fn mode_name(m: CaptureMode) -> &'static str {
+    match m {
+        CaptureMode::Live => "live",
+        CaptureMode::PreCopy => "pre-copy",
+        CaptureMode::StopCopy => "stop-copy",
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -932,12 +957,12 @@ async fn snapshot_show(name: String, common: &NodeArg) -> anyhow::Result<()> {
     for v in &r.vms {
         if let Some(q) = &v.qemu {
             println!(
-                "\nVM {}: QEMU {} ({}), machine {}, {:?}, paused {} ms, device state {}",
+                "\nVM {}: QEMU {} ({}), machine {}, {}, paused {} ms, device state {}",
                 v.id,
                 q.qemu_version,
                 q.accel,
                 q.machine,
-                q.mode,
+                mode_name(q.mode),
                 v.stats.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
                 human_bytes(q.device_state.len)
             );

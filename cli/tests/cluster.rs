@@ -193,3 +193,84 @@ fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
         c.json(0, &["snapshot", "list"]).expect("list").as_array().expect("list").iter().map(|s| s["name"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(names, ["k1"]);
 }
+
+/// Live mode (QEMU's background snapshot): a cluster snapshot of guests on two hosts, one of
+/// them writing all the time, driven from a third host. Every VM is paused only for the cut
+/// (one cut: no VM resumed before the last one paused) and its device state, runs on through
+/// the copy, and comes back on another host with its memory intact.
+#[test]
+fn a_live_cut_pauses_each_guest_only_for_the_cut_and_restores_elsewhere() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let _reaper = guest::Reaper(["g1", "g2"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
+    let g1 = Guest::start(&vms, "g1", 128, "fill=16", &accel).expect("g1");
+    let g2 = Guest::start(&vms, "g2", 128, "writer=1", &accel).expect("g2");
+    let fill = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
+    g2.wait_for("WRITER-STARTED", BOOT).expect("g2 writer");
+    for (node, vm) in [(0, "g1"), (1, "g2")] {
+        let qmp = vms.join(format!("{vm}.qmp"));
+        c.json(node, &["vm", "add", vm, "--qmp", &qmp.display().to_string()]).unwrap_or_else(|e| panic!("vm add {vm}: {e:#}"));
+    }
+    let up1 = uptime_of(&check(&vms, "g1"));
+
+    let s = c.json(2, &["snapshot", "create", "lv", "--vm", "g1", "--vm", "g2", "--mode", "live"]).expect("live cluster snapshot");
+    assert_one_cut(&s);
+    let show = c.json(0, &["snapshot", "show", "lv"]).expect("show");
+    for v in show["vms"].as_array().expect("vms") {
+        assert_eq!(v["qemu"]["mode"], "Live", "{}: captured live", v["id"]);
+        let pause = v["stats"]["pause_ms"].as_u64().expect("pause");
+        eprintln!("{}: paused {pause} ms", v["id"]);
+        // The cut's barrier and the device state only (TCG on 2 shared cores: a generous bound;
+        // the figure itself is benchmarked).
+        assert!(pause < 2000, "{}: paused {pause} ms", v["id"]);
+    }
+    for vm in ["g1", "g2"] {
+        assert_eq!(status(&vms.join(format!("{vm}.qmp"))), "running", "{vm} runs on after a live snapshot");
+    }
+    assert!(uptime_of(&check(&vms, "g1")) > up1);
+
+    for vm in ["g1", "g2"] {
+        guest::kill_by_qmp(&vms.join(format!("{vm}.qmp")));
+    }
+    drop((g1, g2));
+    c.json(0, &["snapshot", "restore", "lv", "--launch", "--on", "g1=n2", "--on", "g2=n3"]).expect("rollback");
+    assert_eq!(md5_of(&check(&vms, "g1")), fill, "g1's memory after the rollback");
+    assert!(uptime_of(&check(&vms, "g1")) >= up1);
+    check(&vms, "g2");
+    for vm in ["g1", "g2"] {
+        guest::kill_by_qmp(&vms.join(format!("{vm}.qmp")));
+    }
+}
+
+/// Live mode on a VM whose QEMU refuses background snapshots (its RAM is a shared mapping of
+/// a file on disk, which userfaultfd cannot write-protect):
+/// the snapshot falls back to pre-copy, says so, records it, and the VM restores.
+#[test]
+fn live_mode_falls_back_to_pre_copy_where_qemu_refuses_it_and_says_so() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let _reaper = guest::Reaper(vec![vms.join("gs.qmp")]);
+    let backing = format!("memory-backend-file,id=mem0,size=128M,share=on,mem-path={}", tmp.path().join("gs.mem").display());
+    let shared = ["-object", &backing, "-machine", "memory-backend=mem0"];
+    let g = Guest::start_with(&vms, "gs", 128, "fill=8", &accel, &shared).expect("gs");
+    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("gs fill"));
+    let source = format!("gs=qemu:{}", vms.join("gs.qmp").display());
+    let o = c.cli(0, &["snapshot", "create", "fb", "--vm", &source, "--mode", "live"]).expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("VM gs was captured with pre-copy, not live"), "the fallback is said: {err}");
+    let show = c.json(1, &["snapshot", "show", "fb"]).expect("show");
+    assert_eq!(show["vms"][0]["qemu"]["mode"], "PreCopy", "{show}");
+    assert_eq!(status(&vms.join("gs.qmp")), "running");
+    guest::kill_by_qmp(&vms.join("gs.qmp"));
+    drop(g);
+    c.json(1, &["snapshot", "restore", "fb", "--vm", "gs", "--launch", "--on", "n2"]).expect("restore");
+    assert_eq!(md5_of(&check(&vms, "gs")), fill);
+    guest::kill_by_qmp(&vms.join("gs.qmp"));
+}

@@ -100,6 +100,9 @@ pub enum CaptureMode {
     StopCopy,
     /// Copy while running (QEMU's live rounds), pause only for the last round.
     PreCopy,
+    /// Pause only to save the device state, then copy every page exactly as it was at that
+    /// instant while the VM runs (QEMU's `background-snapshot`: userfaultfd write protection).
+    Live,
 }
 
 /// Bytes stored in the fabric as pages: cut into 4 KiB chunks (the last zero-padded).

@@ -128,8 +128,14 @@ impl Guest {
 
     /// Boots a guest in `dir`; returns once its QMP socket answers.
     pub fn start(dir: &Path, name: &str, mem_mb: u32, kargs: &str, accel: &str) -> anyhow::Result<Self> {
+        Self::start_with(dir, name, mem_mb, kargs, accel, &[])
+    }
+
+    /// [`Guest::start`] with more QEMU arguments.
+    pub fn start_with(dir: &Path, name: &str, mem_mb: u32, kargs: &str, accel: &str, extra: &[&str]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let argv = Self::command(dir, name, mem_mb, kargs, accel)?;
+        let mut argv = Self::command(dir, name, mem_mb, kargs, accel)?;
+        argv.extend(extra.iter().map(|a| a.to_string()));
         let mut g = Self::paths(dir, name);
         let _ = std::fs::remove_file(&g.log);
         let err = std::fs::File::create(dir.join(format!("{name}.qemu.log")))?;

@@ -137,8 +137,9 @@ type Streamed = (stream::Parsed, Vec<Vec<PageHash>>, Option<u64>);
 /// Captures the VM `req` names, paced by `pacer`, handing its pages to `sink`.
 pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl PageSink, journal: &dyn PauseJournal) -> Result<Captured, CaptureError> {
     let mut q = Qmp::connect(req.qmp).await?;
-    let facts = inspect(&mut q, req).await?;
-    let saved = configure(&mut q, req).await?;
+    let mut facts = inspect(&mut q, req).await?;
+    let saved = configure(&mut q, req, &mut facts).await?;
+    let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
     let io = CaptureIo::open(req)?;
     if facts.was_running {
         // Before anything can pause it (QEMU itself may, in pre-copy).
@@ -170,6 +171,10 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
     let pause_ms = timing.paused_at.map(|(t, _)| timing.resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
     if let (Some(b), Some(d)) = (saved.bandwidth, saved.downtime) {
         let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
+    }
+    if facts.mode == CaptureMode::Live {
+        // Any later migration of this VM (by its manager, or ours) must be an ordinary one.
+        let _ = q.execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] })).await;
     }
     if let Some(reason) = resume_err {
         return Err(CaptureError::NotResumed { what: if result.is_ok() { "captured" } else { "aborted" }, reason });
@@ -209,8 +214,10 @@ async fn inspect(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<QemuFacts, Cap
     })
 }
 
-/// Step 2: capabilities that change the stream's format off; bandwidth and downtime set.
-async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<SavedParams, CaptureError> {
+/// Step 2: capabilities that change the stream's format off; bandwidth and downtime set; for
+/// live mode, `background-snapshot` on — or, where QEMU or the host refuses it, pre-copy
+/// instead (`facts.mode` says which mode is used, and is what the snapshot records).
+async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts) -> Result<SavedParams, CaptureError> {
     let caps = q.execute("query-migrate-capabilities", json!({})).await?;
     let off: Vec<serde_json::Value> = caps
         .as_array()
@@ -227,13 +234,42 @@ async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<SavedParams,
     }
     let params = q.execute("query-migrate-parameters", json!({})).await?;
     let saved = SavedParams { bandwidth: params["max-bandwidth"].as_u64(), downtime: params["downtime-limit"].as_u64() };
-    let live_bandwidth = match req.mode {
+    if facts.mode == CaptureMode::Live {
+        facts.mode = match live_refused(q, facts.was_running).await {
+            None => CaptureMode::Live,
+            Some(why) => {
+                let fallback = if facts.was_running { CaptureMode::PreCopy } else { CaptureMode::StopCopy };
+                tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, reason = %why, mode = ?fallback, "no live snapshot of this VM; captured with another mode");
+                fallback
+            }
+        };
+    }
+    let live_bandwidth = match facts.mode {
         CaptureMode::PreCopy => req.max_bandwidth.unwrap_or(super::CAPTURE_BANDWIDTH),
-        CaptureMode::StopCopy => super::CAPTURE_BANDWIDTH,
+        CaptureMode::StopCopy | CaptureMode::Live => super::CAPTURE_BANDWIDTH,
     };
     q.execute("migrate-set-parameters", json!({ "max-bandwidth": live_bandwidth, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
         .await?;
     Ok(saved)
+}
+
+/// Turns QEMU's `background-snapshot` on, or says why it cannot be used for this VM (a
+/// paused VM: QEMU 7.2 would resume it, and stop-copy costs it nothing; a QEMU without the
+/// capability; QEMU refusing it, e.g. for shared memory or a kernel without userfaultfd
+/// write protection).
+async fn live_refused(q: &mut Qmp, was_running: bool) -> Option<String> {
+    if !was_running {
+        return Some("the VM is paused".into());
+    }
+    match q.execute("query-migrate-capabilities", json!({})).await {
+        Ok(caps) if caps.as_array().into_iter().flatten().any(|c| c["capability"] == "background-snapshot") => {}
+        Ok(_) => return Some("this QEMU has no background-snapshot (QEMU 6.0 or later has)".into()),
+        Err(e) => return Some(e.to_string()),
+    }
+    match q.execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "background-snapshot", "state": true }] })).await {
+        Ok(_) => None,
+        Err(e) => Some(format!("QEMU refuses background-snapshot: {e}")),
+    }
 }
 
 impl CaptureIo {
@@ -267,7 +303,7 @@ async fn migrate(
     sink: &impl PageSink,
     timing: &mut Timing,
 ) -> Result<Streamed, CaptureError> {
-    if req.mode == CaptureMode::StopCopy {
+    if matches!(req.mode, CaptureMode::StopCopy | CaptureMode::Live) {
         pacer.prepared();
         pacer.wait(Step::Pause).await?;
         if facts.was_running {
@@ -276,6 +312,11 @@ async fn migrate(
             timing.paused_at = Some(t);
         }
         pacer.paused();
+    }
+    if req.mode == CaptureMode::Live {
+        // One cut: the background snapshot (which saves the device state and lets the VM run
+        // on) starts only once every VM of the cut is paused.
+        pacer.wait(Step::Resume).await?;
     }
     q.execute("migrate", json!({ "uri": format!("unix:{}", io.sock.display()) })).await?;
     let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, io.listener.accept())
@@ -295,7 +336,10 @@ async fn migrate(
     let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel::<()>();
     let resume = async {
         let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
-        let r = finish_stream(q, req.mode, facts.was_running, pacer, &mut parser, watch.clone(), timing).await;
+        let r = match req.mode {
+            CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing).await,
+            mode => finish_stream(q, mode, facts.was_running, pacer, &mut parser, watch.clone(), timing).await,
+        };
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
             let _ = q.execute("migrate_cancel", json!({})).await;
@@ -374,6 +418,40 @@ async fn finish_stream(
     if was_running {
         q.execute("cont", json!({})).await?;
         timing.resumed_at = Some(Instant::now());
+    }
+    Ok((parsed, downtime))
+}
+
+/// Live mode's end: QEMU saves the paused VM's device state and resumes it by itself (noted
+/// when first seen running), then sends every page as it was at the pause; the stream's end
+/// and QEMU's `completed` end the capture. The VM runs throughout.
+async fn finish_live(
+    q: &mut Qmp,
+    parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
+    watch: CancelWatch,
+    timing: &mut Timing,
+) -> Result<(stream::Parsed, Option<u64>), CaptureError> {
+    let t0 = Instant::now();
+    while timing.resumed_at.is_none() && !parser.is_finished() {
+        watch.check()?;
+        match q.status().await?.as_str() {
+            "running" => timing.resumed_at = Some(Instant::now()),
+            _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(CaptureError::Refused("QEMU did not resume the VM after saving its device state".into())),
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    let parsed = tokio::select! {
+        r = &mut *parser => r.map_err(|e| CaptureError::Io(format!("stream parser failed: {e}")))??,
+        _ = watch.cancelled() => return Err(Cancelled.into()),
+    };
+    let downtime = q.wait_migration_completed(COMPLETE_TIMEOUT).await?;
+    if timing.resumed_at.is_none() {
+        // The stream ended before a status answer said so: QEMU resumes the VM at the latest
+        // when it completes.
+        match q.resume_settled(SETTLE_TIMEOUT).await? {
+            Settled::Running | Settled::Resumed(_) => timing.resumed_at = Some(Instant::now()),
+            Settled::Other(s) => return Err(CaptureError::Refused(format!("after a live snapshot the VM is {s}"))),
+        }
     }
     Ok((parsed, downtime))
 }

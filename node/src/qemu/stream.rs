@@ -183,6 +183,7 @@ pub fn parse<R: Read>(
 
     let mut ram_section: Option<(u32, u32, u32)> = None;
     let mut ram_done = false;
+    let mut ram_parts = 0u64;
     let mut footers = false;
     let mut ram = RamRecords { blocks: Vec::new(), last_block: None, page_records: 0, buf: vec![0u8; PAGE_SIZE] };
     let tail_first: u8;
@@ -196,8 +197,10 @@ pub fn parse<R: Read>(
                 if t == SEC_START && idstr == "ram" && ram_section.is_none() {
                     ram_section = Some((sid, inst, ver));
                     sid
-                } else if t == SEC_FULL && ram_done {
-                    // The device tail starts here; rebuild its first bytes.
+                } else if t == SEC_FULL && (ram_done || ram_parts > 0) {
+                    // The device tail starts here; rebuild its first bytes. (QEMU's background
+                    // snapshot ends RAM with its last part, no `SECTION_END`, and then sends the
+                    // device state it saved at the pause.)
                     let mut first = vec![SEC_FULL];
                     first.extend_from_slice(&sid.to_be_bytes());
                     first.push(idstr.len() as u8);
@@ -233,8 +236,10 @@ pub fn parse<R: Read>(
             other => return Err(r.malformed(format!("unknown section type {other:#x}"))),
         };
         ram.payload(&mut r, t, &mut page)?;
-        if t == SEC_END {
-            ram_done = true;
+        match t {
+            SEC_END => ram_done = true,
+            SEC_PART => ram_parts += 1,
+            _ => {}
         }
         t = r.u8()?;
         if t == SEC_FOOTER {
@@ -681,6 +686,25 @@ mod tests {
         s.extend_from_slice(&[3, b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 4]);
         s.extend_from_slice(&((16u64 << 40) | F_MEM_SIZE).to_be_bytes());
         assert!(matches!(collect(&s), Err(StreamError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn a_background_snapshot_stream_ends_ram_without_section_end() {
+        // QEMU's background snapshot: the last RAM part, then the device state saved at the pause.
+        let (s, want) = sample();
+        let mut end = vec![SEC_END, 0, 0, 0, 2];
+        end.extend_from_slice(&F_EOS.to_be_bytes());
+        end.extend_from_slice(&[SEC_FOOTER, 0, 0, 0, 2]);
+        let at = s.windows(end.len()).position(|w| w == end.as_slice()).expect("the RAM section's end");
+        let bg = [&s[..at], &s[at + end.len()..]].concat();
+        let (p, pages) = collect(&bg).expect("parse");
+        assert_eq!(pages, want);
+        assert_eq!(p.tail[0], SEC_FULL);
+        // Device state before any RAM page is still refused.
+        let first_part = s.windows(5).position(|w| w == [SEC_PART, 0, 0, 0, 2]).expect("first part");
+        let tail_at = s.len() - p.tail.len();
+        let early = [&s[..first_part], &s[tail_at..]].concat();
+        assert!(collect(&early).is_err());
     }
 
     #[test]
