@@ -129,7 +129,15 @@ fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms: &[Vm], mo
                     let mut q = QmpSync::connect(&vmdir.join(format!("{}.qmp", vm.name)))?;
                     q.execute("migrate-set-parameters", serde_json::json!({"max-bandwidth": 64u64 << 30, "downtime-limit": 10}))?;
                     let uri = format!("exec:cat > {}", file.display());
-                    let pause_ms = if mode == "stop-copy" {
+                    let pause_ms = if mode == "live" {
+                        // QEMU's own background snapshot to its file: the VM runs on.
+                        let cap = |on: bool| serde_json::json!({ "capabilities": [{ "capability": "background-snapshot", "state": on }] });
+                        q.execute("migrate-set-capabilities", cap(true))?;
+                        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
+                        let v = q.wait_migrated()?;
+                        q.execute("migrate-set-capabilities", cap(false))?;
+                        v["downtime"].as_f64().unwrap_or(f64::NAN)
+                    } else if mode == "stop-copy" {
                         let t = Instant::now();
                         q.execute("stop", serde_json::json!({}))?;
                         q.execute("migrate", serde_json::json!({ "uri": uri }))?;
@@ -230,7 +238,9 @@ fn kill_all(vmdir: &Path, vms: &[Vm]) {
 
 /// A fresh vmcsnap cluster with every VM registered on its host.
 fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm]) -> anyhow::Result<Cluster> {
-    let c = Cluster::start(bin, dir, hosts, 1, None)?;
+    // The guests' sockets and logs live in `vmdir`: a rollback may launch them there.
+    let launch = vec!["--launch-dir".to_string(), vmdir.display().to_string()];
+    let c = Cluster::start_with_args(bin, dir, hosts, 1, None, vec![launch; hosts])?;
     for vm in vms {
         let qmp = vmdir.join(format!("{}.qmp", vm.name));
         c.json(vm.host, &["vm", "add", &vm.name, "--qmp", &qmp.display().to_string()])?;

@@ -268,8 +268,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::BenchFabric { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
         Cmd::Bench { dir, hosts, guests_per_host, mem, data, interval, modes, svg, json, sim_keys } => {
             for m in &modes {
-                if m != "stop-copy" && m != "pre-copy" {
-                    bail!("--modes takes stop-copy and/or pre-copy, not {m:?}");
+                if !["stop-copy", "pre-copy", "live"].contains(&m.as_str()) {
+                    bail!("--modes takes stop-copy, pre-copy and/or live, not {m:?}");
                 }
             }
             let opts = vmcsnap_testnet::bench::BenchOptions { dir, hosts, guests_per_host, mem_mib: mem, data_mib: data, interval_s: interval, modes, svg, sim_keys };
