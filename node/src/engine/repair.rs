@@ -25,6 +25,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use vmcsnap_dht::placement::{owners, View};
+use vmcsnap_protocol::manifest::SignedRecord;
 use vmcsnap_protocol::{PageHash, PAGE_SIZE};
 
 /// Pages fetched as one unit (16 MiB).
@@ -94,8 +95,6 @@ pub async fn run(node: Arc<Node>) {
 
 /// One cycle over every snapshot in the catalog.
 pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, SnapshotError> {
-    let s = node.store.clone();
-    let records = tokio::task::spawn_blocking(move || s.catalog_all()).await.map_err(|e| SnapshotError::Internal(e.to_string()))??;
     let view = node.owner_view();
     let digest = view_digest(&view);
     let mut c = Cycle::default();
@@ -103,41 +102,52 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, SnapshotError> {
     if node.store.is_full() {
         return Ok(c);
     }
-    // A mark holds only while the view it was made under lasts: after A, B and A again, a page
-    // this node dropped under B must come back, so every mark goes when the view changes.
-    if node.store.meta_get(VIEW_KEY)?.as_deref() != Some(&digest[..]) {
-        for (key, _) in node.store.meta_prefix(DONE_PREFIX)? {
-            node.store.meta_delete(&key)?;
-        }
-        node.store.meta_put(VIEW_KEY, &digest)?;
-    }
-    let mut known = HashSet::new();
-    for r in records {
+    let blocking = |e: tokio::task::JoinError| SnapshotError::Internal(e.to_string());
+    let s = node.store.clone();
+    let todo = tokio::task::spawn_blocking(move || not_done(&s, &digest)).await.map_err(blocking)??;
+    for (key, r) in todo {
         let rec = &r.record;
-        let id = r.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
-        known.insert(id);
-        let key = [DONE_PREFIX, &id.0].concat();
-        if node.store.meta_get(&key)?.as_deref() == Some(&digest[..]) {
-            continue;
-        }
         c.records += 1;
         node.store.repair_publish(|s| s.state = format!("repairing snapshot {}", rec.name));
         match pull(node, rec, &view, me, &mut c).await {
-            Ok(()) => node.store.meta_put(&key, &digest)?,
+            Ok(()) => {
+                let s = node.store.clone();
+                tokio::task::spawn_blocking(move || s.meta_put(&key, &digest)).await.map_err(blocking)??;
+            }
             Err(e) => {
                 tracing::warn!(target: "vmcsnap::repair", snapshot = %rec.name, error = %e, "cannot bring this snapshot's pages here yet; tried again next cycle");
                 c.left += 1;
             }
         }
     }
-    // Marks of snapshots deleted since.
-    for (key, _) in node.store.meta_prefix(DONE_PREFIX)? {
-        let gone = key.get(DONE_PREFIX.len()..).and_then(|b| <[u8; 32]>::try_from(b).ok()).is_none_or(|b| !known.contains(&PageHash(b)));
-        if gone {
-            node.store.meta_delete(&key)?;
+    Ok(c)
+}
+
+/// The snapshots not done for the view with `digest` yet, each with its mark's key. A mark
+/// holds only while the view it was made under lasts (after views A, B and A again, a page
+/// this node dropped under B must come back), so every mark goes when the view changes; marks
+/// of snapshots deleted since go too.
+fn not_done(store: &crate::store::Store, digest: &[u8; 32]) -> Result<Vec<(Vec<u8>, SignedRecord)>, SnapshotError> {
+    let records = store.catalog_all()?;
+    let view_changed = store.meta_get(VIEW_KEY)?.as_deref() != Some(&digest[..]);
+    let mut known = HashSet::new();
+    let mut todo = Vec::new();
+    for r in records {
+        let id = r.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
+        known.insert(id);
+        let key = [DONE_PREFIX, &id.0].concat();
+        if view_changed || store.meta_get(&key)?.as_deref() != Some(&digest[..]) {
+            todo.push((key, r));
         }
     }
-    Ok(c)
+    for (key, _) in store.meta_prefix(DONE_PREFIX)? {
+        let id = key.get(DONE_PREFIX.len()..).and_then(|b| <[u8; 32]>::try_from(b).ok()).map(PageHash);
+        if view_changed || id.is_none_or(|id| !known.contains(&id)) {
+            store.meta_delete(&key)?;
+        }
+    }
+    store.meta_put(VIEW_KEY, digest)?;
+    Ok(todo)
 }
 
 /// Fetches the pages of `rec` that this node (index `me` in `view`) owns and lacks.
