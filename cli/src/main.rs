@@ -48,6 +48,12 @@ enum Cmd {
     /// Take, list, inspect and restore snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Internal: QEMU runs it for a live capture, to pass the stream on to the node.
+    #[command(name = "stream-relay", hide = true)]
+    StreamRelay {
+        /// The node's capture socket.
+        socket: PathBuf,
+    },
     /// Register this host's VMs and list the cluster's.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -190,10 +196,13 @@ struct NodeArg {
 enum SnapshotCmd {
     /// Snapshot VMs wherever they run in the cluster, as one cut.
     ///
-    /// This node drives the snapshot; each VM's own host captures it. One cut: with stop-copy
-    /// no VM resumes before every VM is paused; with pre-copy every VM copies live first, then
-    /// all pause together for the last round. If any VM or host fails, every VM is resumed
-    /// and nothing is committed.
+    /// This node drives the snapshot; each VM's own host captures it. One cut: every VM's
+    /// state is its state at a moment when every VM of the snapshot was paused. With live (the
+    /// default) each VM is paused only until all are and its device state is saved, and its
+    /// memory is then copied as of that moment while it runs; with stop-copy no VM resumes
+    /// before every VM is copied; with pre-copy every VM copies live first, then all pause
+    /// together for the last round. If any VM or host fails, every VM is resumed and nothing
+    /// is committed.
     #[command(after_help = "Examples:\n  vmcsnap snapshot create nightly --all\n  \
 vmcsnap snapshot create before-upgrade --vm web1 --vm db1 --mode stop-copy\n  \
 vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
@@ -211,8 +220,9 @@ vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
         /// paused and its device state saved, then copies memory as it was at that instant
         /// while the VM runs (QEMU's background snapshot; a VM whose QEMU or host cannot falls
         /// back to pre-copy, and says so); pre-copy copies while the VM runs and pauses it for
-        /// the last round; stop-copy pauses it for the whole copy.
-        #[arg(long, value_enum, default_value = "pre-copy")]
+        /// the last round; stop-copy pauses it for the whole copy. A paused VM is always
+        /// captured with stop-copy (it stays paused).
+        #[arg(long, value_enum, default_value = "live")]
         mode: Mode,
         /// Copies of every page (default: the node's --replicas).
         #[arg(long, value_name = "N")]
@@ -406,13 +416,18 @@ enum ClusterCmd {
 }
 
 fn main() {
-    // Die quietly on a closed pipe (`vmcsnap snapshot list | head`), as command-line tools do.
-    // SAFETY: signal(2) with SIG_DFL before any thread exists; no handler code runs.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // Commands die quietly on a closed pipe (`vmcsnap snapshot list | head`), as command-line
+    // tools do. A node must not (a client that goes away while it answers, a QEMU that dies
+    // while it is spoken to), nor must the relay (it drains on when the node is gone): for
+    // them a closed pipe stays an error (Rust's default).
+    if !matches!(cli.cmd, Cmd::Node(NodeCmd::Run { .. }) | Cmd::StreamRelay { .. }) {
+        // SAFETY: signal(2) with SIG_DFL before any thread exists; no handler code runs.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let json = cli.cmd.json();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -437,7 +452,7 @@ impl Cmd {
     fn json(&self) -> bool {
         match self {
             Cmd::Node(NodeCmd::Id { json, .. }) => *json,
-            Cmd::Node(_) => false,
+            Cmd::Node(_) | Cmd::StreamRelay { .. } => false,
             Cmd::Snapshot(c) => match c {
                 SnapshotCmd::Create { common, .. }
                 | SnapshotCmd::Restore { common, .. }
@@ -477,6 +492,7 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::StreamRelay { socket } => std::process::exit(vmcsnap_node::qemu::relay::run(&socket)),
         Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, log }) => {
             let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after, repair_rate.saturating_mul(1 << 20)));
             node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await

@@ -103,7 +103,7 @@ fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
 
     // Pre-copy, one cut too; incremental by content: the idle guests barely changed, so
     // almost none of their pages are new.
-    let s2 = c.json(2, &["snapshot", "create", "cut2", "--vm", "g1", "--vm", "g2", "--vm", "g3"]).expect("pre-copy cluster snapshot");
+    let s2 = c.json(2, &["snapshot", "create", "cut2", "--vm", "g1", "--vm", "g2", "--vm", "g3", "--mode", "pre-copy"]).expect("pre-copy cluster snapshot");
     assert_one_cut(&s2);
     for v in s2["vms"].as_array().expect("vms").iter().filter(|v| v[0] != "g3") {
         let (new, nonzero) = (v[1]["pages_new"].as_u64().expect("new"), v[1]["pages_nonzero"].as_u64().expect("nonzero"));
@@ -158,7 +158,7 @@ fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
     // n2 while its guest is being copied.
     let before = c.json(0, &["snapshot", "list"]).expect("list");
     let mut create = std::process::Command::new(bin())
-        .args(["snapshot", "create", "k1", "--vm", "g1", "--vm", "g2", "--max-bandwidth", "2", "--node"])
+        .args(["snapshot", "create", "k1", "--vm", "g1", "--vm", "g2", "--mode", "pre-copy", "--max-bandwidth", "2", "--node"])
         .arg(c.nodes[2].dir.as_os_str())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -273,4 +273,106 @@ fn live_mode_falls_back_to_pre_copy_where_qemu_refuses_it_and_says_so() {
     c.json(1, &["snapshot", "restore", "fb", "--vm", "gs", "--launch", "--on", "n2"]).expect("restore");
     assert_eq!(md5_of(&check(&vms, "gs")), fill);
     guest::kill_by_qmp(&vms.join("gs.qmp"));
+}
+
+/// How long the guest takes to write `mib` MiB of fresh memory (its own clock, seconds). A
+/// write to memory still write-protected by a dead background snapshot would never return.
+fn write_seconds(dir: &Path, vm: &str, mib: u32) -> f64 {
+    // `WR""OTE`: the echo of the typed line must not look like the answer.
+    let line = format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero of=/tmp/w bs=1M count={mib} 2>/dev/null; rm -f /tmp/w; echo WR\"\"OTE $a $(cut -d' ' -f1 /proc/uptime)"
+    );
+    let out = Guest::paths(dir, vm).console(&line, "WROTE", CONSOLE).unwrap_or_else(|e| panic!("{vm}: {e:#}"));
+    let t: Vec<f64> = out.split_whitespace().skip(1).take(2).map(|x| x.parse().expect("uptime")).collect();
+    t[1] - t[0]
+}
+
+/// Whether a process whose command line contains `pattern` runs.
+fn relay_running(pattern: &str) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(pattern))
+    })
+}
+
+/// A live snapshot whose participant dies mid-stream (its node killed while QEMU streams the
+/// memory under write protection): the cut fails, nothing is committed, every VM runs on (the
+/// stream's relay drains what the dead node no longer reads, so QEMU's snapshot does not break
+/// off), and once the node is back QEMU is as it was: no migration, no capability left on, no
+/// write protection — the guest writes fresh memory as fast as before.
+#[test]
+fn a_live_snapshot_aborted_mid_stream_leaves_every_vm_running_unprotected() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let _reaper = guest::Reaper(["g1", "g2"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
+    let g1 = Guest::start(&vms, "g1", 128, "", &accel).expect("g1");
+    let g2 = Guest::start(&vms, "g2", 128, "fill=16", &accel).expect("g2");
+    g1.wait_for("BOOT-OK", BOOT).expect("g1 boot");
+    let fill = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
+    for (node, vm) in [(0, "g1"), (1, "g2")] {
+        let qmp = vms.join(format!("{vm}.qmp"));
+        c.json(node, &["vm", "add", vm, "--qmp", &qmp.display().to_string()]).unwrap_or_else(|e| panic!("vm add {vm}: {e:#}"));
+    }
+    let before_write = write_seconds(&vms, "g2", 32);
+    let before = c.json(0, &["snapshot", "list"]).expect("list");
+
+    // The moment QEMU starts g2's stream (its relay process appears), g2's host freezes and
+    // then dies: QEMU is left mid-stream, the write protection armed.
+    let relay = format!("stream-relay {}", c.nodes[1].dir.display());
+    let create = std::process::Command::new(bin())
+        .args(["snapshot", "create", "lv", "--vm", "g1", "--vm", "g2", "--mode", "live", "--node"])
+        .arg(c.nodes[2].dir.as_os_str())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while !relay_running(&relay) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "g2's stream never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.freeze(1);
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill(1);
+    let out = create.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the cut must fail: {}", String::from_utf8_lossy(&out.stdout));
+    // The first failure named: g2's host, or a host whose pages went to g2's.
+    assert!(err.contains("host n") && (err.contains("g2") || err.contains("unreachable")), "the error names the failure: {err}");
+
+    // QEMU's background snapshot goes on into the relay; both VMs run and answer.
+    let m = QmpSync::connect(&vms.join("g2.qmp")).and_then(|mut q| q.execute("query-migrate", serde_json::json!({}))).expect("g2 qmp");
+    eprintln!("g2's migration after its node died: {} ({} bytes sent)", m["status"], m["ram"]["transferred"]);
+    assert!(matches!(m["status"].as_str(), Some("active" | "completed")), "the stream was under way and did not break off: {m}");
+    assert_eq!(status(&vms.join("g2.qmp")), "running");
+    assert_eq!(status(&vms.join("g1.qmp")), "running");
+    assert_eq!(md5_of(&check(&vms, "g2")), fill);
+    assert_eq!(c.json(0, &["snapshot", "list"]).expect("list"), before);
+    assert_eq!(c.json(2, &["snapshot", "list"]).expect("list"), before);
+
+    // n2 comes back and ends what its crash left: the migration, the capability.
+    c.restart(1).expect("restart");
+    c.wait_converged(Duration::from_secs(30)).expect("converged");
+    let t0 = Instant::now();
+    let (m, caps) = loop {
+        let mut q = QmpSync::connect(&vms.join("g2.qmp")).expect("g2 qmp");
+        let m = q.execute("query-migrate", serde_json::json!({})).expect("query-migrate");
+        let caps = q.execute("query-migrate-capabilities", serde_json::json!({})).expect("caps");
+        let on = caps.as_array().expect("caps").iter().any(|c| c["capability"] == "background-snapshot" && c["state"] == true);
+        if (!on && m["status"] != "active") || t0.elapsed() > Duration::from_secs(30) {
+            break (m, caps);
+        }
+        drop(q);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(matches!(m["status"].as_str(), Some("cancelled" | "completed")), "{m}");
+    assert!(!caps.as_array().expect("caps").iter().any(|c| c["capability"] == "background-snapshot" && c["state"] == true), "{caps}");
+    assert_eq!(status(&vms.join("g2.qmp")), "running");
+    let after_write = write_seconds(&vms, "g2", 32);
+    eprintln!("g2 writes 32 MiB in {before_write:.2} s before, {after_write:.2} s after the aborted snapshot");
+    assert!(after_write < (before_write * 3.0).max(before_write + 2.0), "write protection left on: {before_write} s, then {after_write} s");
+    assert_eq!(md5_of(&check(&vms, "g2")), fill);
+    drop((g1, g2));
 }

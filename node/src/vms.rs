@@ -148,8 +148,14 @@ async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, QmpError> {
         return Ok(None); // the VM is gone
     }
     let mut q = Qmp::connect(qmp).await?;
-    let _ = q.execute("migrate_cancel", serde_json::json!({})).await;
-    match q.resume_settled(RESUME_SETTLE_TIMEOUT).await? {
+    // A live capture's stream may still be draining through its relay.
+    q.cancel_migration(crate::qemu::capture::CANCEL_TIMEOUT).await?;
+    let settled = q.resume_settled(RESUME_SETTLE_TIMEOUT).await?;
+    // A live capture's capability, left on by the crash: the VM manager's next migration must
+    // be an ordinary one. (A QEMU without it refuses the command; nothing to undo then.)
+    let off = serde_json::json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] });
+    let _ = q.execute("migrate-set-capabilities", off).await;
+    match settled {
         Settled::Resumed(was) => Ok(Some(was)),
         Settled::Running | Settled::Other(_) => Ok(None),
     }

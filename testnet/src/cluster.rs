@@ -232,6 +232,17 @@ impl Cluster {
         }
     }
 
+    /// Freezes node `i` (SIGSTOP): it holds its sockets open and reads nothing from them.
+    pub fn freeze(&self, i: usize) {
+        if let Some(c) = &self.nodes[i].child {
+            // SAFETY: kill(2) on a child this handle still owns (not yet waited for).
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGSTOP);
+            }
+        }
+    }
+
     /// Starts node `i` again on its data directory.
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         if self.nodes[i].running() {

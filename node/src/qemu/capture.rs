@@ -40,6 +40,8 @@ pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for QEMU to leave a passing state (`finish-migrate`, `cancelling`) before the VM is
 /// resumed after a failure.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time QEMU has to end a cancelled migration.
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unsent bytes left in pre-copy's first pass at which the live copy is held (see
 /// [`live_rounds`]); what is left then goes in the final round, while the VM is paused.
 pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
@@ -151,10 +153,11 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
 
     // Whatever happened: no migration left running, the VM as it was, the old parameters.
     if result.is_err() {
-        let _ = q.execute("migrate_cancel", json!({})).await;
+        let _ = q.cancel_migration(CANCEL_TIMEOUT).await;
     }
     let mut resume_err = None;
-    if facts.was_running && timing.resumed_at.is_none() {
+    // After a failure too: a live capture's VM that QEMU had resumed was stopped to cancel.
+    if facts.was_running && (timing.resumed_at.is_none() || result.is_err()) {
         resume_err = match q.resume_settled(SETTLE_TIMEOUT).await {
             Ok(Settled::Running | Settled::Resumed(_)) => None,
             Ok(Settled::Other(s)) => Some(format!("the VM is {s}")),
@@ -318,7 +321,13 @@ async fn migrate(
         // on) starts only once every VM of the cut is paused.
         pacer.wait(Step::Resume).await?;
     }
-    q.execute("migrate", json!({ "uri": format!("unix:{}", io.sock.display()) })).await?;
+    let uri = match req.mode {
+        // Through a relay process that drains the stream should this node die: a background
+        // snapshot must end, or its write protection stays (see `relay`).
+        CaptureMode::Live => super::relay::uri(&io.sock).map_err(CaptureError::Io)?,
+        _ => format!("unix:{}", io.sock.display()),
+    };
+    q.execute("migrate", json!({ "uri": uri })).await?;
     let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, io.listener.accept())
         .await
         .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?
@@ -342,7 +351,7 @@ async fn migrate(
         };
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
-            let _ = q.execute("migrate_cancel", json!({})).await;
+            let _ = q.cancel_migration(CANCEL_TIMEOUT).await;
         }
         r
     };

@@ -9,12 +9,14 @@
 //! - [`qmp`]: a small QMP client, with the QEMU queries and waits vmcsnap needs.
 //! - [`capture`]: drive a VM's migration into the node and hand its pages to a sink.
 //! - [`launch`]: start the recorded QEMU command line with `-incoming`.
+//! - [`relay`]: the process a live capture's stream passes through, which outlives the node.
 //! - [`recorded_state`] and [`stream_meta`]: the one conversion between a stream's metadata
 //!   and what a snapshot records of it, each way.
 
 pub mod capture;
 pub mod launch;
 pub mod qmp;
+pub mod relay;
 pub mod stream;
 
 use stream::StreamMeta;

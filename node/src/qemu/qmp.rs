@@ -186,6 +186,34 @@ impl Qmp {
         }
     }
 
+    /// Ends a migration under way, with the VM stopped first (the caller resumes it, with
+    /// [`Qmp::resume_settled`]): a background snapshot keeps the memory it has not sent yet
+    /// write-protected until QEMU's cleanup, and under TCG a vCPU that faults on such a page
+    /// while it holds QEMU's big lock (delivering an interrupt, say) after the migration
+    /// thread stopped serving faults deadlocks QEMU (7.2): a stopped VM touches no memory.
+    /// Waits (up to `timeout`) until QEMU has cleaned up.
+    pub async fn cancel_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
+        let active = |s: &str| matches!(s, "setup" | "active" | "pre-switchover" | "device" | "postcopy-active" | "cancelling" | "wait-unplug");
+        if !active(&self.migrate_status().await?) {
+            return Ok(());
+        }
+        if self.status().await? == "running" {
+            self.execute("stop", json!({})).await?;
+        }
+        self.execute("migrate_cancel", json!({})).await?;
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = self.migrate_status().await?;
+            if !active(&st) {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                return Err(QmpError::Protocol(format!("QEMU did not end the migration within {timeout:?} (still {st})")));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Leaves the VM running if a migration (finished, failed or cancelled) left it paused:
     /// waits out QEMU's passing states (`finish-migrate`, `cancelling`) for up to `timeout`,
     /// then `cont`s a `paused` or `postmigrate` VM.
