@@ -48,11 +48,13 @@ enum Cmd {
     /// Take, list, inspect and restore snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
-    /// Internal: QEMU runs it for a live capture, to pass the stream on to the node.
+    /// Internal: a live capture's relay between QEMU and the node (see node/src/qemu/relay.rs).
     #[command(name = "stream-relay", hide = true)]
     StreamRelay {
+        /// The socket QEMU connects to.
+        listen: PathBuf,
         /// The node's capture socket.
-        socket: PathBuf,
+        to: PathBuf,
     },
     /// Register this host's VMs and list the cluster's.
     #[command(subcommand)]
@@ -492,7 +494,7 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::StreamRelay { socket } => std::process::exit(vmcsnap_node::qemu::relay::run(&socket)),
+        Cmd::StreamRelay { listen, to } => std::process::exit(vmcsnap_node::qemu::relay::run(&listen, &to)),
         Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, log }) => {
             let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after, repair_rate.saturating_mul(1 << 20)));
             node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await

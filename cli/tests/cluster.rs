@@ -287,10 +287,13 @@ fn write_seconds(dir: &Path, vm: &str, mib: u32) -> f64 {
     t[1] - t[0]
 }
 
-/// Whether a process whose command line contains `pattern` runs.
-fn relay_running(pattern: &str) -> bool {
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(pattern))
+/// The socket a live capture's relay under `dir` listens on for QEMU, if one runs.
+fn relay_socket(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().find_map(|e| {
+        let c = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = c.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let i = args.iter().position(|a| a == "stream-relay")?;
+        args.get(i + 1).filter(|l| l.starts_with(&dir.display().to_string())).map(PathBuf::from)
     })
 }
 
@@ -315,12 +318,13 @@ fn a_live_snapshot_aborted_mid_stream_leaves_every_vm_running_unprotected() {
         let qmp = vms.join(format!("{vm}.qmp"));
         c.json(node, &["vm", "add", vm, "--qmp", &qmp.display().to_string()]).unwrap_or_else(|e| panic!("vm add {vm}: {e:#}"));
     }
+    check(&vms, "g2"); // its shell answers
     let before_write = write_seconds(&vms, "g2", 32);
     let before = c.json(0, &["snapshot", "list"]).expect("list");
 
-    // The moment QEMU starts g2's stream (its relay process appears), g2's host freezes and
-    // then dies: QEMU is left mid-stream, the write protection armed.
-    let relay = format!("stream-relay {}", c.nodes[1].dir.display());
+    // The moment QEMU starts g2's stream (its relay takes QEMU's connection and removes the
+    // socket it listened on), g2's host freezes and then dies: QEMU is left mid-stream, the
+    // write protection armed.
     let create = std::process::Command::new(bin())
         .args(["snapshot", "create", "lv", "--vm", "g1", "--vm", "g2", "--mode", "live", "--node"])
         .arg(c.nodes[2].dir.as_os_str())
@@ -329,9 +333,20 @@ fn a_live_snapshot_aborted_mid_stream_leaves_every_vm_running_unprotected() {
         .spawn()
         .expect("spawn");
     let t0 = Instant::now();
-    while !relay_running(&relay) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "g2's stream never started");
+    let listen = loop {
+        if let Some(l) = relay_socket(&c.nodes[1].dir) {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "g2's relay never started");
         std::thread::sleep(Duration::from_millis(2));
+    };
+    while !listen.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "g2's relay never listened");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    while listen.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "g2's stream never started");
+        std::thread::sleep(Duration::from_millis(1));
     }
     c.freeze(1);
     std::thread::sleep(Duration::from_millis(500));

@@ -120,11 +120,13 @@ struct SavedParams {
     downtime: Option<u64>,
 }
 
-/// The capture socket QEMU connects to and the spool file; the socket file is removed on drop.
+/// The capture socket QEMU connects to (a live capture's through its relay) and the spool
+/// file; the socket file is removed on drop.
 struct CaptureIo {
     sock: PathBuf,
     listener: tokio::net::UnixListener,
     spool: std::fs::File,
+    relay: Option<super::relay::Relay>,
 }
 
 impl Drop for CaptureIo {
@@ -142,19 +144,25 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
     let mut facts = inspect(&mut q, req).await?;
     let saved = configure(&mut q, req, &mut facts).await?;
     let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
-    let io = CaptureIo::open(req)?;
+    let mut io = CaptureIo::open(req)?;
+    if req.mode == CaptureMode::Live {
+        // Before the barrier: starting it costs the paused VM nothing then.
+        let at = req.work_dir.join(format!("relay-{}-{}.sock", req.vm, req.tag));
+        io.relay = Some(super::relay::Relay::start(&at, &io.sock).await.map_err(CaptureError::Io)?);
+    }
     if facts.was_running {
         // Before anything can pause it (QEMU itself may, in pre-copy).
         journal.paused(req.vm, req.qmp);
     }
     let mut timing = Timing::default();
     let result = migrate(&mut q, req, &facts, &io, pacer, sink, &mut timing).await;
-    drop(io);
 
     // Whatever happened: no migration left running, the VM as it was, the old parameters.
     if result.is_err() {
         let _ = q.cancel_migration(CANCEL_TIMEOUT).await;
     }
+    // Only now (a relay killed while QEMU still streams into it would break the stream off).
+    drop(io);
     let mut resume_err = None;
     // After a failure too: a live capture's VM that QEMU had resumed was stopped to cancel.
     if facts.was_running && (timing.resumed_at.is_none() || result.is_err()) {
@@ -291,7 +299,7 @@ impl CaptureIo {
             .map_err(|e| CaptureError::Io(format!("cannot create the spool file {}: {e}", spool_path.display())))?;
         // Unlinked at once: it disappears with the last handle, whatever happens.
         let _ = std::fs::remove_file(&spool_path);
-        Ok(Self { sock, listener, spool })
+        Ok(Self { sock, listener, spool, relay: None })
     }
 }
 
@@ -321,13 +329,10 @@ async fn migrate(
         // on) starts only once every VM of the cut is paused.
         pacer.wait(Step::Resume).await?;
     }
-    let uri = match req.mode {
-        // Through a relay process that drains the stream should this node die: a background
-        // snapshot must end, or its write protection stays (see `relay`).
-        CaptureMode::Live => super::relay::uri(&io.sock).map_err(CaptureError::Io)?,
-        _ => format!("unix:{}", io.sock.display()),
-    };
-    q.execute("migrate", json!({ "uri": uri })).await?;
+    // A live stream through the relay, which drains it should this node die: a background
+    // snapshot must end, or its write protection stays (see `relay`).
+    let to = io.relay.as_ref().map_or(&io.sock, |r| &r.listen);
+    q.execute("migrate", json!({ "uri": format!("unix:{}", to.display()) })).await?;
     let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, io.listener.accept())
         .await
         .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?
