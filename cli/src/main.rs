@@ -222,14 +222,15 @@ vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
         /// paused and its device state saved, then copies memory as it was at that instant
         /// while the VM runs (QEMU's background snapshot; a VM whose QEMU or host cannot falls
         /// back to pre-copy, and says so); pre-copy copies while the VM runs and pauses it for
-        /// the last round; stop-copy pauses it for the whole copy. A paused VM is always
-        /// captured with stop-copy (it stays paused).
+        /// the last round; stop-copy pauses it for the whole copy. With live, a VM that is
+        /// paused is captured with stop-copy (it stays paused).
         #[arg(long, value_enum, default_value = "live")]
         mode: Mode,
         /// Copies of every page (default: the node's --replicas).
         #[arg(long, value_name = "N")]
         replicas: Option<u8>,
-        /// Cap each VM's live copy at this many MiB/s (pre-copy), to disturb guests less.
+        /// Cap each VM's live copy at this many MiB/s, to disturb guests less (pre-copy only:
+        /// QEMU does not cap a live snapshot's stream).
         #[arg(long, value_name = "MIB_PER_S")]
         max_bandwidth: Option<u64>,
         #[command(flatten)]
@@ -356,7 +357,7 @@ vmcsnap snapshot forget --keep-daily 14 --vm web1 --yes")]
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
     /// Pause for the device state only; memory as of that instant, copied while running.
     Live,
@@ -555,7 +556,13 @@ async fn node_run(
     (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after, repair_rate)): StoreArgs,
     log: String,
 ) -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?).with_writer(std::io::stderr).init();
+    // Colours only for a terminal: not in journald or a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
     tune_malloc();
     let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
     let data_dir = std::path::absolute(&data_dir)?;
@@ -669,6 +676,9 @@ async fn snapshot_create(
     max_bandwidth: Option<u64>,
     common: &NodeArg,
 ) -> anyhow::Result<()> {
+    if mode == Mode::Live && max_bandwidth.is_some() {
+        return Err(cli_error(ErrorKind::Invalid, "--max-bandwidth caps pre-copy's live copy; QEMU does not cap a live snapshot's stream: add --mode pre-copy"));
+    }
     let mode = match mode {
         Mode::Live => CaptureMode::Live,
         Mode::PreCopy => CaptureMode::PreCopy,
@@ -714,7 +724,9 @@ async fn snapshot_create(
         // Say which VMs could not be captured live (their QEMU or host refused it).
         if let Ok(ControlResult::Show(r)) = call(common, ControlRequest::SnapshotShow { name: s.name.clone() }).await {
             for v in &r.vms {
-                if let Some(q) = v.qemu.as_ref().filter(|q| q.mode != CaptureMode::Live) {
+                if v.qemu.as_ref().is_some_and(|q| q.mode == CaptureMode::StopCopy) {
+                    eprintln!("note: VM {} was paused, so it was captured with stop-copy (it stays paused)", v.id);
+                } else if let Some(q) = v.qemu.as_ref().filter(|q| q.mode != CaptureMode::Live) {
                     eprintln!("note: VM {} was captured with {}, not live: its QEMU or host cannot take a background snapshot (the node's log on {} says why)", v.id, mode_name(q.mode), v.host_name);
                 }
             }

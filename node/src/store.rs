@@ -246,7 +246,11 @@ fn cf_options(blob: bool) -> Options {
         // hold only deleted pages go; garbage collection compacts with a cutoff of 1.0.
         o.set_enable_blob_gc(true);
         o.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF);
-        o.set_write_buffer_size(64 << 20);
+        // Small memtables: pages reach their blob files while a snapshot is still sending
+        // (background flushes), so the snapshot's closing `Sync` mostly writes the last one;
+        // up to four in memory at once, so that writes do not wait for a flush.
+        o.set_write_buffer_size(16 << 20);
+        o.set_max_write_buffer_number(4);
     }
     o
 }

@@ -148,8 +148,11 @@ async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, QmpError> {
         return Ok(None); // the VM is gone
     }
     let mut q = Qmp::connect(qmp).await?;
-    // A live capture's stream may still be draining through its relay.
-    q.cancel_migration(crate::qemu::capture::CANCEL_TIMEOUT).await?;
+    // A live capture's stream may still be draining through its relay. Resumed below even if
+    // QEMU is slow to end it (then the next start tries again).
+    if let Err(e) = q.cancel_migration(crate::qemu::capture::CANCEL_TIMEOUT).await {
+        tracing::warn!(target: "vmcsnap::vms", qmp = %qmp.display(), error = %e, "cannot end a migration a crashed snapshot left");
+    }
     let settled = q.resume_settled(RESUME_SETTLE_TIMEOUT).await?;
     // A live capture's capability, left on by the crash: the VM manager's next migration must
     // be an ordinary one. (A QEMU without it refuses the command; nothing to undo then.)

@@ -251,14 +251,45 @@ fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm
 /// vmcsnap's snapshot of every VM, from the last host. Returns (stored bytes after, durable
 /// s, pauses ms, skew ms).
 fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<(u64, f64, Vec<f64>, Option<f64>)> {
+    let logs: Vec<PathBuf> = c.nodes.iter().map(|n| n.dir.join("node.log")).collect();
+    let before: Vec<u64> = logs.iter().map(|l| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0)).collect();
     let t = Instant::now();
     let s = c.json(hosts - 1, &["snapshot", "create", name, "--all", "--mode", mode, "--replicas", &replicas.to_string()])?;
     let secs = t.elapsed().as_secs_f64();
+    for (i, (l, from)) in logs.iter().zip(before).enumerate() {
+        println!("  {name} R={replicas} stages on {}: {}", Cluster::name(i), stages(l, from));
+    }
     let pauses: Vec<f64> = s["vms"].as_array().context("vms")?.iter().map(|v| v[1]["pause_ms"].as_f64().unwrap_or(f64::NAN)).collect();
     let names = s["vms"].as_array().context("vms")?.iter().map(|v| v[0].as_str().unwrap_or("?").to_string());
     println!("  {name} R={replicas} pauses: {}", names.zip(&pauses).map(|(n, p)| format!("{n} {p:.0} ms")).collect::<Vec<_>>().join(", "));
     let skew = s["pause_skew_us"].as_f64().map(|u| u / 1000.0);
     Ok((stored_bytes(c)?, secs, pauses, skew))
+}
+
+/// The stage marks (`vmcsnap::stage` log lines) a node logged past byte `from` of its log:
+/// "placed 12, cut 3050, ..." — ms since the snapshot began on that node (for a VM's own
+/// marks, `vm:stage`, since its migration began).
+fn stages(log: &Path, from: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or(&[]));
+    let field = |l: &str, k: &str| {
+        let at = l.find(&format!(" {k}="))? + k.len() + 2;
+        let rest = &l[at..];
+        let v = if let Some(q) = rest.strip_prefix('"') { q.split('"').next() } else { rest.split_whitespace().next() };
+        v.map(str::to_string)
+    };
+    text.lines()
+        .filter(|l| l.contains("vmcsnap::stage"))
+        .filter_map(|l| {
+            let stage = field(l, "stage")?;
+            let ms = field(l, "ms")?;
+            Some(match field(l, "vm") {
+                Some(vm) => format!("{vm}:{stage} {ms}"),
+                None => format!("{stage} {ms}"),
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// vmcsnap's rollback of every VM, each on the next host. Returns seconds until all run.

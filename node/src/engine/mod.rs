@@ -27,6 +27,12 @@ pub mod verify;
 
 use vmcsnap_protocol::control::ControlEvent;
 
+/// Logs that `snapshot` (or a VM's capture) reached `stage`, `t0` after it began: the
+/// `vmcsnap::stage` lines the cluster benchmark prints as each node's stage breakdown.
+pub fn stage(snapshot: &str, t0: std::time::Instant, stage: &str) {
+    tracing::info!(target: "vmcsnap::stage", snapshot, stage, ms = t0.elapsed().as_millis() as u64, "stage");
+}
+
 /// Pages read and hashed as one unit (4 MiB).
 pub const WINDOW_PAGES: usize = 1024;
 /// Windows being read and hashed at once (spreads hashing over the cores).

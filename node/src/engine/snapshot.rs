@@ -82,6 +82,8 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     }
     let members = with_room(node, members, replicas).await?;
     let placed = place_vms(node, &req).await?;
+    let stage = |s: &str| crate::engine::stage(&req.name, t0, s);
+    stage("placed");
 
     // 2 and 3. The cut: one participant per host; each seals its own VMs.
     let placement: Vec<NodeId> = members.iter().map(|m| m.id).collect();
@@ -105,6 +107,7 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     }
     let mut cut = Cut::start(node, parts).await;
     let entries = cut.run(&mut progress).await?;
+    stage("cut");
 
     // 4. Commit: VMs in the order asked.
     let mut by_id: HashMap<String, VmEntry> = entries.into_iter().flatten().map(|v| (v.id.clone(), v)).collect();
@@ -134,6 +137,7 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
         return Err(SnapshotError::DeadlinePassed { secs: node.config.snapshot_deadline.as_secs() });
     }
     commit(node, &record).await?;
+    stage("committed");
     drop(cut);
     Ok(summary(&record, t0))
 }

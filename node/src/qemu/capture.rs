@@ -112,6 +112,8 @@ struct Timing {
     /// The pause: monotonic and wall-clock (µs since the epoch) time.
     paused_at: Option<(Instant, u64)>,
     resumed_at: Option<Instant>,
+    /// Whether the VM was stopped to cancel the migration (and so must be resumed).
+    stopped_to_cancel: bool,
 }
 
 /// QEMU's migration parameters before the capture changed them.
@@ -142,14 +144,10 @@ type Streamed = (stream::Parsed, Vec<Vec<PageHash>>, Option<u64>);
 pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl PageSink, journal: &dyn PauseJournal) -> Result<Captured, CaptureError> {
     let mut q = Qmp::connect(req.qmp).await?;
     let mut facts = inspect(&mut q, req).await?;
-    let saved = configure(&mut q, req, &mut facts).await?;
-    let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
+    // Before anything in QEMU changes: a failure here has nothing to undo.
     let mut io = CaptureIo::open(req)?;
-    if req.mode == CaptureMode::Live {
-        // Before the barrier: starting it costs the paused VM nothing then.
-        let at = req.work_dir.join(format!("relay-{}-{}.sock", req.vm, req.tag));
-        io.relay = Some(super::relay::Relay::start(&at, &io.sock).await.map_err(CaptureError::Io)?);
-    }
+    let saved = configure(&mut q, req, &mut facts, &mut io).await?;
+    let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
     if facts.was_running {
         // Before anything can pause it (QEMU itself may, in pre-copy).
         journal.paused(req.vm, req.qmp);
@@ -159,13 +157,13 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
 
     // Whatever happened: no migration left running, the VM as it was, the old parameters.
     if result.is_err() {
-        let _ = q.cancel_migration(CANCEL_TIMEOUT).await;
+        timing.stopped_to_cancel |= q.cancel_migration(CANCEL_TIMEOUT).await.unwrap_or(true);
     }
-    // Only now (a relay killed while QEMU still streams into it would break the stream off).
+    // Only now (its relay is left to drain a stream QEMU may still be sending).
     drop(io);
     let mut resume_err = None;
-    // After a failure too: a live capture's VM that QEMU had resumed was stopped to cancel.
-    if facts.was_running && (timing.resumed_at.is_none() || result.is_err()) {
+    // Also a live capture's VM that QEMU had resumed and that was stopped to cancel.
+    if facts.was_running && (timing.resumed_at.is_none() || timing.stopped_to_cancel) {
         resume_err = match q.resume_settled(SETTLE_TIMEOUT).await {
             Ok(Settled::Running | Settled::Resumed(_)) => None,
             Ok(Settled::Other(s)) => Some(format!("the VM is {s}")),
@@ -228,7 +226,7 @@ async fn inspect(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<QemuFacts, Cap
 /// Step 2: capabilities that change the stream's format off; bandwidth and downtime set; for
 /// live mode, `background-snapshot` on — or, where QEMU or the host refuses it, pre-copy
 /// instead (`facts.mode` says which mode is used, and is what the snapshot records).
-async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts) -> Result<SavedParams, CaptureError> {
+async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts, io: &mut CaptureIo) -> Result<SavedParams, CaptureError> {
     let caps = q.execute("query-migrate-capabilities", json!({})).await?;
     let off: Vec<serde_json::Value> = caps
         .as_array()
@@ -246,7 +244,19 @@ async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts)
     let params = q.execute("query-migrate-parameters", json!({})).await?;
     let saved = SavedParams { bandwidth: params["max-bandwidth"].as_u64(), downtime: params["downtime-limit"].as_u64() };
     if facts.mode == CaptureMode::Live {
-        facts.mode = match live_refused(q, facts.was_running).await {
+        let mut refused = live_refused(q, facts.was_running).await;
+        if refused.is_none() {
+            // Before the barrier: starting it costs the paused VM nothing then.
+            let at = req.work_dir.join(format!("relay-{}-{}.sock", req.vm, req.tag));
+            match super::relay::Relay::start(&at, &io.sock).await {
+                Ok(r) => io.relay = Some(r),
+                Err(e) => {
+                    let _ = q.execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] })).await;
+                    refused = Some(e);
+                }
+            }
+        }
+        facts.mode = match refused {
             None => CaptureMode::Live,
             Some(why) => {
                 let fallback = if facts.was_running { CaptureMode::PreCopy } else { CaptureMode::StopCopy };
@@ -337,6 +347,9 @@ async fn migrate(
         .await
         .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?
         .map_err(|e| CaptureError::Io(e.to_string()))?;
+    if let Some(r) = &io.relay {
+        r.streaming();
+    }
     let conn = conn.into_std().map_err(|e| CaptureError::Io(e.to_string()))?;
     conn.set_nonblocking(false).map_err(|e| CaptureError::Io(e.to_string()))?;
     let spool_w = io.spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
@@ -356,7 +369,7 @@ async fn migrate(
         };
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
-            let _ = q.cancel_migration(CANCEL_TIMEOUT).await;
+            timing.stopped_to_cancel |= q.cancel_migration(CANCEL_TIMEOUT).await.unwrap_or(true);
         }
         r
     };
@@ -366,7 +379,9 @@ async fn migrate(
         }
         drain(sink, rx, &io.spool, &watch).await
     };
-    let (resumed, drained) = tokio::join!(resume, drain);
+    let t0 = Instant::now();
+    let stage = |stage: &str| tracing::info!(target: "vmcsnap::stage", vm = req.vm, stage, ms = t0.elapsed().as_millis() as u64, "stage");
+    let (resumed, drained) = tokio::join!(async { let r = resume.await; stage("streamed"); r }, async { let r = drain.await; stage("handed over"); r });
     let (parsed, downtime) = resumed?;
     let mut maps = drained?;
     // Every block gets a full-length map (pages never sent are zero).

@@ -186,26 +186,56 @@ impl Qmp {
         }
     }
 
-    /// Ends a migration under way, with the VM stopped first (the caller resumes it, with
-    /// [`Qmp::resume_settled`]): a background snapshot keeps the memory it has not sent yet
-    /// write-protected until QEMU's cleanup, and under TCG a vCPU that faults on such a page
-    /// while it holds QEMU's big lock (delivering an interrupt, say) after the migration
-    /// thread stopped serving faults deadlocks QEMU (7.2): a stopped VM touches no memory.
-    /// Waits (up to `timeout`) until QEMU has cleaned up.
-    pub async fn cancel_migration(&mut self, timeout: Duration) -> Result<(), QmpError> {
+    /// Ends a migration under way; returns whether it stopped the VM (the caller then resumes
+    /// it, with [`Qmp::resume_settled`]).
+    ///
+    /// A background snapshot (live capture) is not cancelled: QEMU 7.2 leaves pages of a
+    /// cancelled one write-protected, and the guest hangs at its next write to one of them
+    /// (seen here under TCG). It is left to complete — whoever reads its stream must drain
+    /// it (a live capture's relay does) — and waited for while it makes progress; only one
+    /// that made none for `timeout` is cancelled, as a last resort. Any other migration is
+    /// cancelled with the VM stopped first (a stopped VM touches no memory) and waited for
+    /// (up to `timeout`) until QEMU has cleaned up.
+    pub async fn cancel_migration(&mut self, timeout: Duration) -> Result<bool, QmpError> {
         let active = |s: &str| matches!(s, "setup" | "active" | "pre-switchover" | "device" | "postcopy-active" | "cancelling" | "wait-unplug");
-        if !active(&self.migrate_status().await?) {
-            return Ok(());
+        let info = self.migrate_info().await?;
+        if !active(info["status"].as_str().unwrap_or("none")) {
+            return Ok(false);
         }
-        if self.status().await? == "running" {
-            self.execute("stop", json!({})).await?;
+        let caps = self.execute("query-migrate-capabilities", json!({})).await?;
+        let background = caps.as_array().into_iter().flatten().any(|c| c["capability"] == "background-snapshot" && c["state"] == true);
+        if background {
+            let (mut sent, mut since) = (info["ram"]["transferred"].as_u64(), std::time::Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let info = self.migrate_info().await?;
+                if !active(info["status"].as_str().unwrap_or("none")) {
+                    return Ok(false);
+                }
+                let now = info["ram"]["transferred"].as_u64();
+                if now != sent {
+                    (sent, since) = (now, std::time::Instant::now());
+                } else if since.elapsed() > timeout {
+                    tracing::warn!(target: "vmcsnap::snapshot", "a background snapshot made no progress for {timeout:?}; cancelling it (QEMU may leave the guest's memory write-protected)");
+                    break;
+                }
+            }
         }
-        self.execute("migrate_cancel", json!({})).await?;
+        let mut stopped = false;
         let t0 = std::time::Instant::now();
+        let mut cancelled = false;
         loop {
+            if self.status().await? == "running" {
+                self.execute("stop", json!({})).await?;
+                stopped = true;
+            }
+            if !cancelled {
+                self.execute("migrate_cancel", json!({})).await?;
+                cancelled = true;
+            }
             let st = self.migrate_status().await?;
             if !active(&st) {
-                return Ok(());
+                return Ok(stopped);
             }
             if t0.elapsed() > timeout {
                 return Err(QmpError::Protocol(format!("QEMU did not end the migration within {timeout:?} (still {st})")));

@@ -1,16 +1,19 @@
 //! The stream relay of a live capture: a small process (`vmcsnap stream-relay LISTEN TO`, the
 //! node's own binary) that QEMU's migration connects to and that passes the stream on to the
-//! node's capture socket — and, should the node die or stop reading, reads the rest of the
-//! stream and drops it. QEMU's background snapshot then ends as a completed one, which releases
-//! its write protection; one that breaks off can deadlock QEMU 7.2 under TCG (see
+//! node's capture socket — and, should the node die, stop or stop reading, reads the rest of
+//! the stream and drops it. QEMU's background snapshot then ends as a completed one, which
+//! releases its write protection; one that breaks off can deadlock QEMU 7.2 under TCG (see
 //! [`super::qmp::Qmp::cancel_migration`]).
 //!
 //! The node starts the relay before the cut's barrier, so that QEMU's `migrate` at `Release`
-//! costs the paused VM no process start.
+//! costs the paused VM no process start. Until QEMU connects, the relay lives only as long as
+//! the node (its standard input is the node's lifeline); once QEMU streams, it lives until the
+//! stream ends, whatever happens to the node, and ignores SIGTERM, SIGINT and SIGHUP.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 
@@ -20,53 +23,80 @@ pub const SUBCOMMAND: &str = "stream-relay";
 /// Time the relay has to start and listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A relay process listening for QEMU; killed when dropped (by then QEMU's stream has ended,
-/// or never began).
+/// A relay process listening for QEMU. Dropped before QEMU connected, it is killed; after, it
+/// is left to pass on or drain the stream to its end (tokio reaps it).
 pub struct Relay {
     child: tokio::process::Child,
+    /// The write end of the relay's lifeline; closed when this drops or the node dies.
+    _lifeline: Option<tokio::process::ChildStdin>,
     /// The socket QEMU's `migrate` connects to.
     pub listen: PathBuf,
+    streaming: AtomicBool,
 }
 
 impl Relay {
     /// Starts a relay listening on `listen` that passes what it receives on to `to`; returns
     /// once it listens.
     pub async fn start(listen: &Path, to: &Path) -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmcsnap binary for the stream relay: {e}"))?;
-        let mut child = tokio::process::Command::new(&exe)
+        // The running binary itself, even if a package upgrade replaced its file.
+        let exe = Path::new("/proc/self/exe");
+        let mut child = tokio::process::Command::new(exe)
             .arg(SUBCOMMAND)
             .arg(listen)
             .arg(to)
-            .stdin(std::process::Stdio::null())
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             // Its own process group: a ^C to the node's must not end a stream it drains.
             .process_group(0)
-            .kill_on_drop(true)
+            .kill_on_drop(false)
             .spawn()
-            .map_err(|e| format!("cannot start the stream relay {}: {e}", exe.display()))?;
-        let stdout = child.stdout.take().ok_or("the stream relay has no output")?;
+            .map_err(|e| format!("cannot start the stream relay: {e}"))?;
+        let lifeline = child.stdin.take();
+        let mut relay = Self { child, _lifeline: lifeline, listen: listen.to_path_buf(), streaming: AtomicBool::new(false) };
+        let stdout = relay.child.stdout.take().ok_or("the stream relay has no output")?;
         let mut line = String::new();
         let ready = tokio::time::timeout(READY_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line)).await;
         if !matches!(ready, Ok(Ok(_)) if line.trim() == "ready") {
+            // Dropped: killed, its socket file removed.
             return Err(format!("the stream relay did not start listening on {}", listen.display()));
         }
-        Ok(Self { child, listen: listen.to_path_buf() })
+        Ok(relay)
+    }
+
+    /// QEMU's stream reached the node through the relay: from now on the relay runs until the
+    /// stream ends.
+    pub fn streaming(&self) {
+        self.streaming.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let _ = self.child.start_kill();
+        if !self.streaming.load(Ordering::Relaxed) {
+            let _ = self.child.start_kill();
+        }
         let _ = std::fs::remove_file(&self.listen);
     }
 }
 
+/// Whether QEMU has connected (the lifeline no longer matters then).
+static CONNECTED: AtomicBool = AtomicBool::new(false);
+
 /// Listens on `listen`, says `ready` on standard output, takes one connection and copies it
 /// to the unix socket `to` until its end; from the first failure to connect or write on,
-/// drains the connection instead. Gives up waiting for the connection once the node that
-/// started it is gone. Returns the exit status: 0 when every byte was delivered.
+/// drains the connection instead. Exits if standard input (the node's lifeline) closes
+/// before the connection came. Returns the exit status: 0 when every byte was delivered.
 pub fn run(listen: &Path, to: &Path) -> i32 {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: signal(2) with SIG_IGN, before any other thread of this process exists;
+        // no handler code runs. A stream must be drained to its end (the node kills a relay
+        // QEMU never reached with SIGKILL).
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
     let _ = std::fs::remove_file(listen);
     let l = match UnixListener::bind(listen) {
         Ok(l) => l,
@@ -75,30 +105,24 @@ pub fn run(listen: &Path, to: &Path) -> i32 {
             return 2;
         }
     };
-    let node = std::os::unix::process::parent_id();
+    let gone = listen.to_path_buf();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
+        if !CONNECTED.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&gone);
+            std::process::exit(1);
+        }
+    });
     println!("ready");
     let _ = std::io::stdout().flush();
-    if l.set_nonblocking(true).is_err() {
-        return 2;
-    }
-    let mut conn = loop {
-        match l.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::os::unix::process::parent_id() != node {
-                    let _ = std::fs::remove_file(listen);
-                    return 1;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(_) => return 2,
-        }
+    let mut conn = match l.accept() {
+        Ok((c, _)) => c,
+        Err(_) => return 2,
     };
+    CONNECTED.store(true, Ordering::SeqCst);
     drop(l);
     let _ = std::fs::remove_file(listen);
-    if conn.set_nonblocking(false).is_err() {
-        return 2;
-    }
     let mut out = UnixStream::connect(to).ok();
     let mut buf = vec![0u8; 1 << 20];
     loop {

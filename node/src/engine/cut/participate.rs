@@ -41,12 +41,15 @@ pub async fn participate(node: Arc<Node>, begin: CutBegin, cmds: mpsc::Receiver<
 }
 
 async fn run(node: &Arc<Node>, begin: &CutBegin, cmds: mpsc::Receiver<CutCommand>, reports: &mpsc::Sender<CutReport>) -> Result<Vec<VmEntry>, PartError> {
+    let t0 = std::time::Instant::now();
+    let stage = |s: &str| crate::engine::stage(&begin.name, t0, s);
     let (sources, members) = resolve(node, begin)?;
     let counters: Arc<Vec<VmCounters>> = Arc::new(sources.iter().map(|_| VmCounters::default()).collect());
     let up = Arc::new(Mutex::new(Uploader::new(node, members, begin.replicas as usize, counters.clone())));
     let captured = capture_all(node, begin, &sources, &up, cmds, reports).await?;
+    stage("captured");
     let up = Arc::try_unwrap(up).map_err(|_| (None, SnapshotError::Internal("uploader still shared".into())))?.into_inner();
-    seal(node, &sources, captured, up, &counters).await.map_err(|e| (None, e))
+    seal(node, &sources, captured, up, &counters, &stage).await.map_err(|e| (None, e))
 }
 
 /// Phase 1: the request checked, every VM's source found, the placement members known.
@@ -199,7 +202,14 @@ async fn capture_one(
 }
 
 /// Phase 3: manifests stored, every owner synced; the VM entries for the record.
-async fn seal(node: &Arc<Node>, sources: &[Resolved], captured: Vec<Captured>, mut up: Uploader, counters: &[VmCounters]) -> Result<Vec<VmEntry>, SnapshotError> {
+async fn seal(
+    node: &Arc<Node>,
+    sources: &[Resolved],
+    captured: Vec<Captured>,
+    mut up: Uploader,
+    counters: &[VmCounters],
+    stage: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<VmEntry>, SnapshotError> {
     let mut built_vms = Vec::new();
     for c in captured {
         let built = build_manifest(&c.hashes);
@@ -209,7 +219,9 @@ async fn seal(node: &Arc<Node>, sources: &[Resolved], captured: Vec<Captured>, m
         built_vms.push((c, built.root));
     }
     let owners = up.finish().await?;
+    stage("acknowledged");
     crate::engine::upload::sync_owners(node, &owners).await?;
+    stage("synced");
     let mut entries = Vec::new();
     for (vi, (c, root)) in built_vms.into_iter().enumerate() {
         let mut stats = c.stats;
