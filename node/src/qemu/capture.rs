@@ -177,7 +177,7 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
         // The journal keeps the VM: the node's next start tries again.
         tracing::error!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "could not resume the VM");
     }
-    let pause_ms = timing.paused_at.map(|(t, _)| timing.resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
+    let measured_ms = timing.paused_at.map(|(t, _)| timing.resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
     if let (Some(b), Some(d)) = (saved.bandwidth, saved.downtime) {
         let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
     }
@@ -189,7 +189,12 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
         return Err(CaptureError::NotResumed { what: if result.is_ok() { "captured" } else { "aborted" }, reason });
     }
     let (parsed, maps, downtime) = result?;
-    let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us: timing.paused_at.map(|(_, u)| u), ..Default::default() };
+    // The pause as QEMU reported it (its STOP and RESUME events: what the guest had, without
+    // the monitor's round trips); else as this node saw it, from before `stop` to `running`.
+    let reported = q.reported_pause().filter(|_| timing.paused_at.is_some());
+    let pause_ms = reported.map(|(s, r)| (r - s).div_ceil(1000)).or(measured_ms);
+    let paused_unix_us = reported.map(|(s, _)| s).or(timing.paused_at.map(|(_, u)| u));
+    let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us, ..Default::default() };
     let hashes: Vec<PageHash> = maps.into_iter().flatten().collect();
     stats.pages_total = hashes.len() as u64;
     stats.pages_zero = hashes.iter().filter(|h| h.is_zero()).count() as u64;

@@ -59,6 +59,10 @@ pub struct Qmp {
     rd: BufReader<OwnedReadHalf>,
     wr: OwnedWriteHalf,
     pid: Option<u32>,
+    /// When QEMU last reported the VM stopped and resumed (`STOP`/`RESUME` events, µs since
+    /// the epoch by QEMU's clock): the pause as the guest had it.
+    stopped_us: Option<u64>,
+    resumed_us: Option<u64>,
 }
 
 impl Qmp {
@@ -71,7 +75,7 @@ impl Qmp {
             .map_err(|e| connect_err(e.to_string()))?;
         let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
         let (rd, wr) = s.into_split();
-        let mut q = Self { rd: BufReader::new(rd), wr, pid };
+        let mut q = Self { rd: BufReader::new(rd), wr, pid, stopped_us: None, resumed_us: None };
         let greeting = q.read_value().await?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("not a QMP greeting: {greeting}")));
@@ -109,10 +113,25 @@ impl Qmp {
         self.wr.write_all(line.as_bytes()).await.map_err(|e| QmpError::Protocol(e.to_string()))?;
         loop {
             let v = self.read_value().await?;
+            if let Some(event) = v.get("event").and_then(|e| e.as_str()) {
+                let ts = &v["timestamp"];
+                let us = ts["seconds"].as_u64().zip(ts["microseconds"].as_u64()).map(|(s, u)| s * 1_000_000 + u);
+                match event {
+                    "STOP" => self.stopped_us = us,
+                    "RESUME" => self.resumed_us = us,
+                    _ => {}
+                }
+            }
             if let Some(r) = reply(command, v) {
                 return r;
             }
         }
+    }
+
+    /// The last pause QEMU reported on this connection: (stopped, resumed), µs since the
+    /// epoch, if it reported both and in that order.
+    pub fn reported_pause(&self) -> Option<(u64, u64)> {
+        self.stopped_us.zip(self.resumed_us).filter(|(s, r)| r >= s)
     }
 
     /// The run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
