@@ -346,7 +346,14 @@ pub fn qemu_restore_from_file(argv: &[String], file: &Path, qmp: &Path, log: &Pa
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let mut q = QmpSync::connect(qmp)?;
+    // The socket file exists from QEMU's bind; connections are refused until its listen.
+    let mut q = loop {
+        match QmpSync::connect(qmp) {
+            Ok(q) => break q,
+            Err(e) if t0.elapsed() > Duration::from_secs(30) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
     loop {
         match q.status()?.as_str() {
             "inmigrate" => std::thread::sleep(Duration::from_millis(2)),
