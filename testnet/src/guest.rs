@@ -339,6 +339,19 @@ pub fn qemu_restore_from_file(argv: &[String], file: &Path, qmp: &Path, log: &Pa
         .stderr(std::fs::File::create(log)?);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn()?;
+    match wait_restored(&mut child, qmp, log, t0) {
+        Ok(secs) => Ok((secs, child)),
+        Err(e) => {
+            // Never leave a guest behind on an error.
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// Waits until the QEMU `child` restoring from a file runs; returns seconds since `t0`.
+fn wait_restored(child: &mut Child, qmp: &Path, log: &Path, t0: Instant) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileTypeExt;
     while !std::fs::metadata(qmp).map(|m| m.file_type().is_socket()).unwrap_or(false) {
         if child.try_wait()?.is_some() {
@@ -364,5 +377,5 @@ pub fn qemu_restore_from_file(argv: &[String], file: &Path, qmp: &Path, log: &Pa
             other => bail!("restored QEMU is {other}"),
         }
     }
-    Ok((t0.elapsed().as_secs_f64(), child))
+    Ok(t0.elapsed().as_secs_f64())
 }
