@@ -352,9 +352,6 @@ async fn migrate(
         .await
         .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?
         .map_err(|e| CaptureError::Io(e.to_string()))?;
-    if let Some(r) = &io.relay {
-        r.streaming();
-    }
     let conn = conn.into_std().map_err(|e| CaptureError::Io(e.to_string()))?;
     conn.set_nonblocking(false).map_err(|e| CaptureError::Io(e.to_string()))?;
     let spool_w = io.spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;

@@ -23,15 +23,15 @@ pub const SUBCOMMAND: &str = "stream-relay";
 /// Time the relay has to start and listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A relay process listening for QEMU. Dropped before QEMU connected, it is killed; after, it
-/// is left to pass on or drain the stream to its end (tokio reaps it).
+/// A relay process listening for QEMU. Dropping this closes the relay's lifeline: a relay that
+/// QEMU never reached exits; one that QEMU streams into passes on or drains the stream to its
+/// end (tokio reaps it). The relay decides, so no moment of QEMU's connecting is missed.
 pub struct Relay {
-    child: tokio::process::Child,
+    _child: tokio::process::Child,
     /// The write end of the relay's lifeline; closed when this drops or the node dies.
     _lifeline: Option<tokio::process::ChildStdin>,
     /// The socket QEMU's `migrate` connects to.
     pub listen: PathBuf,
-    streaming: AtomicBool,
 }
 
 impl Relay {
@@ -53,29 +53,21 @@ impl Relay {
             .spawn()
             .map_err(|e| format!("cannot start the stream relay: {e}"))?;
         let lifeline = child.stdin.take();
-        let mut relay = Self { child, _lifeline: lifeline, listen: listen.to_path_buf(), streaming: AtomicBool::new(false) };
-        let stdout = relay.child.stdout.take().ok_or("the stream relay has no output")?;
+        let stdout = child.stdout.take().ok_or("the stream relay has no output")?;
+        let relay = Self { _child: child, _lifeline: lifeline, listen: listen.to_path_buf() };
         let mut line = String::new();
         let ready = tokio::time::timeout(READY_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line)).await;
         if !matches!(ready, Ok(Ok(_)) if line.trim() == "ready") {
-            // Dropped: killed, its socket file removed.
+            // Dropped: its lifeline closes, so it exits; its socket file is removed.
             return Err(format!("the stream relay did not start listening on {}", listen.display()));
         }
         Ok(relay)
-    }
-
-    /// QEMU's stream reached the node through the relay: from now on the relay runs until the
-    /// stream ends.
-    pub fn streaming(&self) {
-        self.streaming.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        if !self.streaming.load(Ordering::Relaxed) {
-            let _ = self.child.start_kill();
-        }
+        // The lifeline closes with this. A relay still listening removes the file too.
         let _ = std::fs::remove_file(&self.listen);
     }
 }
@@ -90,8 +82,8 @@ static CONNECTED: AtomicBool = AtomicBool::new(false);
 pub fn run(listen: &Path, to: &Path) -> i32 {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: signal(2) with SIG_IGN, before any other thread of this process exists;
-        // no handler code runs. A stream must be drained to its end (the node kills a relay
-        // QEMU never reached with SIGKILL).
+        // no handler code runs. A stream must be drained to its end (a relay QEMU never
+        // reached exits when its lifeline closes).
         #[allow(unsafe_code)]
         unsafe {
             libc::signal(sig, libc::SIG_IGN);
