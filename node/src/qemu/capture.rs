@@ -215,7 +215,7 @@ async fn inspect(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<QemuFacts, Cap
         }
     };
     let st = q.migrate_status().await?;
-    if matches!(st.as_str(), "active" | "setup" | "pre-switchover" | "device" | "postcopy-active" | "cancelling") {
+    if super::qmp::migration_active(&st) {
         return Err(CaptureError::Refused(format!("a migration is already {st}")));
     }
     Ok(QemuFacts {

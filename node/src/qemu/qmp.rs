@@ -54,6 +54,11 @@ pub fn reply(command: &str, mut v: Value) -> Option<Result<Value, QmpError>> {
     Some(Err(QmpError::Protocol(format!("unexpected QMP message: {v}"))))
 }
 
+/// Whether a migration in status `status` (`query-migrate`) is still under way.
+pub fn migration_active(status: &str) -> bool {
+    matches!(status, "setup" | "active" | "pre-switchover" | "device" | "postcopy-active" | "cancelling" | "wait-unplug")
+}
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
     rd: BufReader<OwnedReadHalf>,
@@ -216,7 +221,7 @@ impl Qmp {
     /// cancelled with the VM stopped first (a stopped VM touches no memory) and waited for
     /// (up to `timeout`) until QEMU has cleaned up.
     pub async fn cancel_migration(&mut self, timeout: Duration) -> Result<bool, QmpError> {
-        let active = |s: &str| matches!(s, "setup" | "active" | "pre-switchover" | "device" | "postcopy-active" | "cancelling" | "wait-unplug");
+        let active = migration_active;
         let info = self.migrate_info().await?;
         if !active(info["status"].as_str().unwrap_or("none")) {
             return Ok(false);
