@@ -10,12 +10,13 @@
 #              (/tmp/cache, from `seq`), print "CACHE-DONE <md5>"
 #   writer=1   keep rewriting 8 MiB of random data in the background (dirties memory)
 # After boot it prints "BOOT-OK uptime=<s>" and runs a shell on the serial console; the line
-# "vmcsnap-check" prints "CHECK <md5 of /tmp/fill>" (used by tests after a restore).
+# "vmcsnap-check" prints "CHECK <md5 of /tmp/fill>" (used by tests after a restore);
+# "vmcsnap-write N" writes N MiB of fresh memory and prints "WROTE <start> <end>" (guest uptimes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${VMCSNAP_GUEST_DIR:-guest/cache}
 # Bump when the init script changes, so that cached guests are rebuilt.
-version=2
+version=3
 if [ "${1:-}" != "--force" ] && [ -s "$out/vmlinux" ] && [ -s "$out/initrd.gz" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; then
   exit 0
 fi
@@ -84,6 +85,14 @@ cat > /bin/vmcsnap-check <<'EOC'
 echo "CHECK $(md5sum /tmp/fill 2>/dev/null | cut -d' ' -f1) uptime=$(cut -d' ' -f1 /proc/uptime)"
 EOC
 chmod +x /bin/vmcsnap-check
+cat > /bin/vmcsnap-write <<'EOC'
+#!/bin/sh
+a=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/zero of=/tmp/w bs=1M count="$1" 2>/dev/null
+rm -f /tmp/w
+echo "WROTE $a $(cut -d' ' -f1 /proc/uptime)"
+EOC
+chmod +x /bin/vmcsnap-write
 exec sh </dev/console >/dev/console 2>&1
 INIT
 chmod +x "$r/init"

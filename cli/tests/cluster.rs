@@ -60,6 +60,7 @@ fn assert_one_cut(created: &serde_json::Value) {
 #[test]
 fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
@@ -136,6 +137,7 @@ fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
 #[test]
 fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let vms1 = tmp.path().join("vms-n1");
@@ -201,6 +203,7 @@ fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
 #[test]
 fn a_live_cut_pauses_each_guest_only_for_the_cut_and_restores_elsewhere() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
@@ -251,6 +254,7 @@ fn a_live_cut_pauses_each_guest_only_for_the_cut_and_restores_elsewhere() {
 #[test]
 fn live_mode_falls_back_to_pre_copy_where_qemu_refuses_it_and_says_so() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
@@ -278,10 +282,7 @@ fn live_mode_falls_back_to_pre_copy_where_qemu_refuses_it_and_says_so() {
 /// How long the guest takes to write `mib` MiB of fresh memory (its own clock, seconds). A
 /// write to memory still write-protected by a dead background snapshot would never return.
 fn write_seconds(dir: &Path, vm: &str, mib: u32) -> f64 {
-    // `WR""OTE`: the echo of the typed line must not look like the answer.
-    let line = format!(
-        "a=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/zero of=/tmp/w bs=1M count={mib} 2>/dev/null; rm -f /tmp/w; echo WR\"\"OTE $a $(cut -d' ' -f1 /proc/uptime)"
-    );
+    let line = format!("vmcsnap-write {mib}");
     let out = Guest::paths(dir, vm).console(&line, "WROTE", CONSOLE).unwrap_or_else(|e| panic!("{vm}: {e:#}"));
     let t: Vec<f64> = out.split_whitespace().skip(1).take(2).map(|x| x.parse().expect("uptime")).collect();
     t[1] - t[0]
@@ -305,6 +306,7 @@ fn relay_socket(dir: &Path) -> Option<PathBuf> {
 #[test]
 fn a_live_snapshot_aborted_mid_stream_leaves_every_vm_running_unprotected() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");

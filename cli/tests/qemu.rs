@@ -48,6 +48,7 @@ fn restore_and_check(c: &Cluster, node: usize, snap: &str, vm: &str, dir: &Path,
 #[test]
 fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
@@ -183,6 +184,7 @@ fn fake_qemu(dir: &Path, stream: Vec<u8>) -> PathBuf {
 #[test]
 fn a_corrupt_or_truncated_stream_commits_nothing() {
     let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
     let accel = guest::accel().expect("accelerator");
     let tmp = tempfile::tempdir().expect("tmp");
     let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 2, None).expect("cluster");
@@ -299,10 +301,6 @@ fn qemu_alone_cancelled_background_snapshot_leaves_the_guest_writable() {
     }
     q.execute("cont", serde_json::json!({})).expect("cont");
     drop(q);
-    let wrote = Guest::paths(&dir, "bg").console(
-        "dd if=/dev/zero of=/tmp/w bs=1M count=32 2>/dev/null; echo WR\"\"OTE",
-        "WROTE",
-        Duration::from_secs(20),
-    );
+    let wrote = Guest::paths(&dir, "bg").console("vmcsnap-write 32", "WROTE", Duration::from_secs(20));
     assert!(wrote.is_ok(), "after a cancelled background snapshot the guest cannot write (accelerator {accel}): {wrote:?}");
 }

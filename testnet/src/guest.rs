@@ -27,6 +27,35 @@ pub fn guest_files() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((k, i))
 }
 
+/// Guest tests of one test binary that may run at once (`$VMCSNAP_GUEST_TESTS`, default 2).
+/// Each TCG guest wants a core: on a 2-core machine, five tests with two guests and three
+/// nodes each starve one another until timeouts fire.
+pub fn slot() -> Slot {
+    static TAKEN: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+    static FREED: std::sync::Condvar = std::sync::Condvar::new();
+    let max = std::env::var("VMCSNAP_GUEST_TESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize).max(1);
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    while *taken >= max {
+        taken = FREED.wait(taken).unwrap_or_else(|p| p.into_inner());
+    }
+    *taken += 1;
+    Slot { release: || {
+        *TAKEN.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        FREED.notify_one();
+    } }
+}
+
+/// A running guest test's place (see [`slot`]); freed when dropped, also by a panic.
+pub struct Slot {
+    release: fn(),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        (self.release)();
+    }
+}
+
 /// The accelerator guests use: `$VMCSNAP_ACCEL`, else KVM if a guest really boots under it
 /// (a short boot probe, cached in the guest directory), else TCG. `/dev/kvm` opening is not
 /// enough: on nested hosts without hardware virtualisation stock guests crash under it.
@@ -209,7 +238,8 @@ impl Guest {
             }
             if t0.elapsed() > timeout {
                 let tail: String = new.chars().rev().take(600).collect::<String>().chars().rev().collect();
-                bail!("guest {}: no {expect:?} within {timeout:?} after typing {line:?}; the console printed: {tail:?}", self.name);
+                let state = QmpSync::connect(&self.qmp).and_then(|mut q| q.status()).unwrap_or_else(|e| format!("QMP unreachable: {e:#}"));
+                bail!("guest {} ({state}): no {expect:?} within {timeout:?} after typing {line:?}; the console printed: {tail:?}", self.name);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
