@@ -56,6 +56,15 @@ enum Cmd {
         /// The node's capture socket.
         to: PathBuf,
     },
+    /// Internal: holds a lazily restored QEMU's monitor for the node (see
+    /// node/src/qemu/keeper.rs).
+    #[command(name = "qmp-keeper", hide = true)]
+    QmpKeeper {
+        /// QEMU's QMP socket.
+        qmp: PathBuf,
+        /// The socket the node asks on.
+        listen: PathBuf,
+    },
     /// Register this host's VMs and list the cluster's.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -168,6 +177,10 @@ enum NodeCmd {
         /// Most MiB a second this node fetches from other members to repair and rebalance.
         #[arg(long, value_name = "MIB_PER_S", default_value_t = 64)]
         repair_rate: u64,
+        /// Most MiB a second a lazy restore (`snapshot restore --launch`) pushes to its guest
+        /// in the background, 0 for no cap; pages the guest asks for always go at once.
+        #[arg(long, value_name = "MIB_PER_S", default_value_t = 0)]
+        lazy_push_rate: u64,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -270,6 +283,12 @@ vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
         /// Replace a file target if it exists.
         #[arg(long)]
         force: bool,
+        /// With --launch: load all of a guest's memory before it runs. By default a guest runs
+        /// as soon as its device state is loaded and its memory follows (QEMU postcopy: pages
+        /// it touches first are fetched first); a guest that cannot get its pages waits,
+        /// paused in postcopy, and never runs on wrong memory.
+        #[arg(long, requires = "launch")]
+        eager: bool,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -424,7 +443,7 @@ fn main() {
     // tools do. A node must not (a client that goes away while it answers, a QEMU that dies
     // while it is spoken to), nor must the relay (it drains on when the node is gone): for
     // them a closed pipe stays an error (Rust's default).
-    if !matches!(cli.cmd, Cmd::Node(NodeCmd::Run { .. }) | Cmd::StreamRelay { .. }) {
+    if !matches!(cli.cmd, Cmd::Node(NodeCmd::Run { .. }) | Cmd::StreamRelay { .. } | Cmd::QmpKeeper { .. }) {
         // SAFETY: signal(2) with SIG_DFL before any thread exists; no handler code runs.
         #[allow(unsafe_code)]
         unsafe {
@@ -455,7 +474,7 @@ impl Cmd {
     fn json(&self) -> bool {
         match self {
             Cmd::Node(NodeCmd::Id { json, .. }) => *json,
-            Cmd::Node(_) | Cmd::StreamRelay { .. } => false,
+            Cmd::Node(_) | Cmd::StreamRelay { .. } | Cmd::QmpKeeper { .. } => false,
             Cmd::Snapshot(c) => match c {
                 SnapshotCmd::Create { common, .. }
                 | SnapshotCmd::Restore { common, .. }
@@ -496,9 +515,10 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::StreamRelay { listen, to } => std::process::exit(vmcsnap_node::qemu::relay::run(&listen, &to)),
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, log }) => {
+        Cmd::QmpKeeper { qmp, listen } => std::process::exit(vmcsnap_node::qemu::keeper::run(&qmp, &listen)),
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate, log }) => {
             let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after, repair_rate.saturating_mul(1 << 20)));
-            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs), store, log).await
+            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs, lazy_push_rate.saturating_mul(1 << 20)), store, log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
         Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
@@ -507,8 +527,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, common }) => {
             snapshot_create(name, vms, all, mode, replicas, max_bandwidth, &common).await
         }
-        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, common }) => {
-            snapshot_restore(name, vms, on, to, launch, qmp, force, &common).await
+        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, eager, common }) => {
+            snapshot_restore(name, vms, on, to, launch, qmp, force, eager, &common).await
         }
         Cmd::Snapshot(SnapshotCmd::List { common }) => snapshot_list(&common).await,
         Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
@@ -552,7 +572,7 @@ async fn node_run(
     replicas: u8,
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
-    (vm_dir, qemu_dir, launch_dirs): (Option<PathBuf>, PathBuf, Vec<PathBuf>),
+    (vm_dir, qemu_dir, launch_dirs, lazy_push_rate): (Option<PathBuf>, PathBuf, Vec<PathBuf>, u64),
     (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after, repair_rate)): StoreArgs,
     log: String,
 ) -> anyhow::Result<()> {
@@ -569,7 +589,7 @@ async fn node_run(
     let name = name.unwrap_or_default();
     let qemu_dir = std::path::absolute(&qemu_dir)?;
     let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate };
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate };
     vmcsnap_node::run(config, None).await
 }
 
@@ -753,6 +773,7 @@ async fn snapshot_restore(
     launch: bool,
     qmp: Option<PathBuf>,
     force: bool,
+    eager: bool,
     common: &NodeArg,
 ) -> anyhow::Result<()> {
     if !launch && vms.len() != 1 {
@@ -760,7 +781,7 @@ async fn snapshot_restore(
     }
     let target = to.as_deref().map(absolutize).transpose()?;
     let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
-    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp }).await?;
+    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager }).await?;
     let ControlResult::Restored(list) = r else { bail!("node answered with the wrong result") };
     if common.json {
         return print_json(&list);
@@ -781,6 +802,19 @@ async fn snapshot_restore(
         );
         if let Some(pid) = s.launched_pid {
             println!("QEMU started with pid {pid}");
+        }
+        match (s.lazy, s.running_ms) {
+            (true, Some(r)) => println!(
+                "guest ran after {:.2} s, its memory following (postcopy: {} pages asked for first); all memory resident after {:.2} s",
+                r as f64 / 1000.0,
+                s.pages_requested.unwrap_or(0),
+                s.elapsed_ms as f64 / 1000.0
+            ),
+            (false, Some(r)) => println!("guest ran after {:.2} s, once all memory was loaded (eager)", r as f64 / 1000.0),
+            _ => {}
+        }
+        if let Some(n) = s.note {
+            println!("note: {n}");
         }
         if let Some(st) = s.vm_status {
             println!("guest is {st}");

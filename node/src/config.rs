@@ -71,6 +71,9 @@ pub struct NodeConfig {
     pub repair_after: Duration,
     /// Most bytes a second this node fetches to repair and rebalance.
     pub repair_rate: u64,
+    /// Most bytes a second a lazy restore pushes in the background (0: no cap). Pages the
+    /// guest asks for are never held back.
+    pub lazy_push_rate: u64,
 }
 
 impl NodeConfig {
@@ -96,6 +99,7 @@ impl NodeConfig {
             repair_interval: DEFAULT_REPAIR_INTERVAL,
             repair_after: DEFAULT_REPAIR_AFTER,
             repair_rate: DEFAULT_REPAIR_RATE,
+            lazy_push_rate: 0,
         }
     }
 

@@ -4,6 +4,8 @@
 //! Tasks a running node owns:
 //! - the membership swarm (`vmcsnap_dht::Membership`, its own task);
 //! - [`resume_journaled`]: once at start, resumes VMs a crashed capture left paused;
+//! - [`crate::engine::lazy::recover_journaled`]: once at start, resumes the lazy restores a
+//!   crash left paused in postcopy;
 //! - [`watch_members`]: persists the member list whenever it changes, and drops the
 //!   data-plane connection of a member that went down (so its next run gets a fresh one);
 //! - the data-plane accept loop ([`crate::server::accept_loop`]), one task per connection
@@ -88,6 +90,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(resume_journaled(node.clone()));
+    tasks.spawn(crate::engine::lazy::recover_journaled(node.clone()));
     tasks.spawn(watch_members(node.clone()));
     tasks.spawn(crate::server::accept_loop(node.clone(), endpoint.clone()));
     tasks.spawn(crate::control::accept_loop(node.clone(), control));

@@ -209,7 +209,7 @@ mod seeds {
             DataRequest::CatalogGet { name: "nightly".into() },
             DataRequest::Cut(CutBegin { name: "nightly".into(), vms: vec![("web1".into(), None)], mode: CaptureMode::PreCopy, replicas: 2, placement: vec![me], max_bandwidth: None }),
             DataRequest::Revoke { token: cluster.revoke(me).to_token() },
-            DataRequest::RestoreVm { name: "nightly@0123abcd".into(), vm: "web1".into() },
+            DataRequest::RestoreVm { name: "nightly@0123abcd".into(), vm: "web1".into(), eager: false },
             DataRequest::Sync { incarnation: 7 },
             DataRequest::Delete { tombstone: tomb.clone() },
         ];
@@ -239,6 +239,7 @@ mod seeds {
             force: false,
             launch: true,
             qmp: None,
+            eager: false,
         };
         put(&dir, "control", "restore", &encode_control(&req).expect("encode"));
         put(&dir, "control", "list", &encode_control(&ControlRequest::SnapshotList).expect("encode"));

@@ -26,7 +26,7 @@ const LAYERS: &[(&str, u8)] = &[
 ];
 
 /// The engine's submodules, by layer; `mod` stands for the items of `engine/mod.rs`.
-const ENGINE_LAYERS: &[(&str, u8)] = &[("mod", 0), ("error", 1), ("upload", 2), ("restore", 2), ("cut", 3), ("gc", 3), ("scrub", 3), ("repair", 3), ("verify", 3), ("snapshot", 4)];
+const ENGINE_LAYERS: &[(&str, u8)] = &[("mod", 0), ("error", 1), ("upload", 2), ("fetch", 2), ("lazy", 3), ("cut", 3), ("gc", 3), ("scrub", 3), ("repair", 3), ("verify", 3), ("restore", 4), ("snapshot", 4)];
 
 fn rank(table: &[(&str, u8)], name: &str) -> Option<u8> {
     table.iter().find(|(n, _)| *n == name).map(|(_, r)| *r)

@@ -135,6 +135,9 @@ pub enum ControlRequest {
         /// QMP socket of the target QEMU (for `qemu:` targets): used to check the
         /// accelerator and resume the guest.
         qmp: Option<String>,
+        /// With `launch`: load all memory before the guest runs, instead of running it at
+        /// once with its memory following (postcopy).
+        eager: bool,
     },
     /// List snapshots.
     SnapshotList,
@@ -272,6 +275,15 @@ pub struct RestoreSummary {
     pub launched_pid: Option<u32>,
     /// Run state of the target QEMU after the restore, when known.
     pub vm_status: Option<String>,
+    /// Whether the guest ran before its memory had arrived (postcopy).
+    pub lazy: bool,
+    /// From the restore's start until the guest ran, ms (`elapsed_ms` is until all memory
+    /// was there).
+    pub running_ms: Option<u64>,
+    /// Lazy restore: pages the guest asked for before they had been pushed.
+    pub pages_requested: Option<u64>,
+    /// Why the restore was not lazy, where it could have been.
+    pub note: Option<String>,
 }
 
 /// One member as `cluster status` shows it.

@@ -47,7 +47,9 @@ use serde::{Deserialize, Serialize};
 ///   `Tombstones`), garbage-collection, scrub and repair figures in `Stats`.
 /// - `vmcsnap/data/5`: name claims (`ClaimName`): of two concurrent creates of one name,
 ///   exactly one commits.
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/5";
+/// - `vmcsnap/data/6`: lazy restores (`RestoreVm` says whether eager; `Restored` says how the
+///   guest came up).
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/6";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -189,6 +191,8 @@ pub enum DataRequest {
         name: String,
         /// VM id.
         vm: String,
+        /// Load all memory before the guest runs (no postcopy).
+        eager: bool,
     },
     /// Grant snapshot name `name` to commit record `record` (you are one of the name's
     /// arbiters: its first [`NAME_ARBITERS`] owners). Granted unless you keep a record under

@@ -270,7 +270,7 @@ async fn mark(node: &Arc<Node>, marks: &mut Marks) -> Result<usize, GcError> {
         let replicas = r.record.replicas as usize;
         marks.replicas_max = marks.replicas_max.max(replicas);
         let Marks { live, referenced, view, me, .. } = marks;
-        super::restore::referenced_pages(node, &r.record, |h| {
+        super::fetch::referenced_pages(node, &r.record, |h| {
             if store.may_hold(&h) {
                 referenced.insert(&h);
                 if me.is_none_or(|me| owners(view, &h, replicas).contains(&me)) {

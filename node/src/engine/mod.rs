@@ -4,7 +4,9 @@
 //! - [`upload`]: pages to their owners ([`upload::Uploader`]), and image files through it;
 //! - [`cut`]: a cluster snapshot as one cut (coordinator and participant state machines);
 //! - [`snapshot`]: `snapshot create` — check, cut, commit;
-//! - [`restore`]: restoring VMs, on this host or others.
+//! - [`fetch`]: reading a snapshot back (pages from wherever they are, manifests, blobs);
+//! - [`restore`]: restoring VMs, on this host or others;
+//! - [`lazy`]: a launched VM runs at once and its memory follows (QEMU postcopy).
 //!
 //! Both are pipelines with a named bound at every stage, so a node's memory use depends on
 //! these constants and not on the size of a VM:
@@ -17,7 +19,9 @@
 
 pub mod cut;
 pub mod error;
+pub mod fetch;
 pub mod gc;
+pub mod lazy;
 pub mod repair;
 pub mod restore;
 pub mod scrub;

@@ -153,7 +153,7 @@ fn not_done(store: &crate::store::Store, digest: &[u8; 32]) -> Result<Vec<(Vec<u
 /// Fetches the pages of `rec` that this node (index `me` in `view`) owns and lacks.
 async fn pull(node: &Arc<Node>, rec: &vmcsnap_protocol::manifest::CommitRecord, view: &View, me: usize, c: &mut Cycle) -> Result<(), SnapshotError> {
     let err = |e: super::error::RestoreError| SnapshotError::Internal(e.to_string());
-    let pages: HashSet<PageHash> = super::restore::pages_by_vm(node, rec).await.map_err(err)?.into_iter().flatten().collect();
+    let pages: HashSet<PageHash> = super::fetch::pages_by_vm(node, rec).await.map_err(err)?.into_iter().flatten().collect();
     let mine: Vec<PageHash> = pages.into_iter().filter(|h| owners(view, h, rec.replicas as usize).contains(&me)).collect();
     let rate = node.config.repair_rate.max(PAGE_SIZE as u64);
     for batch in mine.chunks(PULL_BATCH_PAGES) {
@@ -165,7 +165,7 @@ async fn pull(node: &Arc<Node>, rec: &vmcsnap_protocol::manifest::CommitRecord, 
             continue;
         }
         let t0 = tokio::time::Instant::now();
-        let got = super::restore::fetch_pages(node, rec, lacking).await.map_err(err)?;
+        let got = super::fetch::fetch_pages(node, rec, lacking).await.map_err(err)?;
         let n = got.len() as u64;
         let s = node.store.clone();
         tokio::task::spawn_blocking(move || {

@@ -11,15 +11,21 @@
 //! 4. **Finish**: fsync the partial file and rename it onto the target; until then the
 //!    target path is untouched.
 //!
-//! Into QEMU (`--to qemu:unix:PATH`, or `--launch`), step 3 writes a migration stream
+//! Into QEMU (`--to qemu:unix:PATH`, or `--launch --eager`), step 3 writes a migration stream
 //! instead: the recorded head and RAM block list, each non-zero page once, then the device
 //! state; with the target's QMP socket the accelerator is checked first, and the guest is
 //! resumed afterwards if it was running when captured.
+//!
+//! With `--launch` (not `--eager`) the restore is lazy where QEMU can do it ([`super::lazy`]):
+//! the guest runs once its device state is loaded and its memory follows. Where it cannot (a
+//! VM paused when captured, RAM that is a shared file mapping, QEMU refusing postcopy, or a
+//! lazy load failing before the guest ran), the restore is eager and says why.
 
 use super::error::RestoreError;
-use super::{Progress, FETCHES_IN_FLIGHT, LOCAL_LOOKUP_PAGES, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
-use crate::net::NetError;
-use crate::node::{fan_out, Node, PEER_ANSWER_TIMEOUT};
+use super::fetch::{check_target, expand_manifest, fetch_blob, forget_elsewhere, Fetcher};
+use super::lazy::LazyError;
+use super::{Progress, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
+use crate::node::Node;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::stream::Rebuilder;
 use crate::source::Target;
@@ -27,15 +33,14 @@ use futures::{stream, StreamExt};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmcsnap_dht::placement::{owners, View};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::control::RestoreSummary;
-use vmcsnap_protocol::manifest::{expand_level, level_sizes, CommitRecord, QemuState, VmEntry};
-use vmcsnap_protocol::wire::{DataRequest, DataResponse, GET_PAGES_MAX};
-use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
+use vmcsnap_protocol::manifest::{CommitRecord, QemuState, VmEntry};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse};
+use vmcsnap_protocol::{PageHash, PAGE_SIZE};
 
 /// Time a remote host has to restore one VM.
 pub const REMOTE_RESTORE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -63,7 +68,7 @@ pub async fn restore_many(
     }
     let record = node.find_record(&name).await?;
     let plan = plan_hosts(&node, &record, vms, &on)?;
-    let results = futures::future::join_all(plan.iter().map(|(vm, host)| launch_on(&node, &name, vm, host, progress.clone()))).await;
+    let results = futures::future::join_all(plan.iter().map(|(vm, host)| launch_on(&node, &name, vm, host, opts.eager, progress.clone()))).await;
     let mut out = Vec::new();
     let mut failed = Vec::new();
     for ((vm, host), r) in plan.iter().zip(results) {
@@ -129,227 +134,16 @@ fn plan_hosts(node: &Node, record: &CommitRecord, vms: Vec<String>, on: &[String
 }
 
 /// Restores and launches `vm` on `host` (here, or by asking it once).
-async fn launch_on(node: &Arc<Node>, name: &str, vm: &str, host: &Member, progress: Progress) -> Result<RestoreSummary, String> {
+async fn launch_on(node: &Arc<Node>, name: &str, vm: &str, host: &Member, eager: bool, progress: Progress) -> Result<RestoreSummary, String> {
     if host.id == node.id {
-        let opts = RestoreOptions { launch: true, ..Default::default() };
+        let opts = RestoreOptions { launch: true, eager, ..Default::default() };
         return restore(node.clone(), name.to_string(), vm.to_string(), opts, progress).await.map_err(|e| e.to_string());
     }
-    let req = DataRequest::RestoreVm { name: name.to_string(), vm: vm.to_string() };
+    let req = DataRequest::RestoreVm { name: name.to_string(), vm: vm.to_string(), eager };
     match node.call_within(host, req, REMOTE_RESTORE_TIMEOUT).await {
         Ok(DataResponse::Restored(s)) => Ok(s),
         Ok(_) => Err("answered with the wrong message".into()),
         Err(e) => Err(e.to_string()),
-    }
-}
-
-/// The VM runs on `host` now: every other live member forgets it.
-async fn forget_elsewhere(node: &Arc<Node>, vm: &str, host: &Member) {
-    let others: Vec<Member> = node.alive_members().into_iter().filter(|m| m.id != host.id).collect();
-    fan_out(&others, PEER_ANSWER_TIMEOUT, |m| async move {
-        if m.id == node.id {
-            node.vms.remove(vm).map(|_| ()).map_err(NetError::Store)
-        } else {
-            node.call(&m, DataRequest::VmForget { id: vm.to_string() }).await.map(|_| ())
-        }
-    })
-    .await;
-}
-
-/// Fetches pages by hash from a snapshot's owners, verifying each.
-struct Fetcher<'a> {
-    node: &'a Arc<Node>,
-    view: View,
-    /// Current address and liveness of each placement member (`None`: not known any more).
-    /// A member that fails a fetch is marked down for the rest of this restore.
-    members: std::sync::Mutex<Vec<Option<Member>>>,
-    replicas: usize,
-    bytes_fetched: AtomicU64,
-    pages_local: AtomicU64,
-}
-
-impl<'a> Fetcher<'a> {
-    /// A fetcher for `record`'s pages. Pages are looked for in the rendezvous ranking over the
-    /// record's placement and today's members together: the first `replicas` of it that are
-    /// not gone are the page's owners now (where repair and rebalance put it), the placement
-    /// members where the snapshot put it.
-    fn new(node: &'a Arc<Node>, record: &CommitRecord) -> Self {
-        let known: HashMap<NodeId, Member> = node.members().into_iter().map(|m| (m.id, m)).collect();
-        let view = View::new(record.placement.iter().chain(known.keys()).copied().collect());
-        let members = view.members().iter().map(|id| known.get(id).cloned()).collect();
-        Self {
-            node,
-            view,
-            members: std::sync::Mutex::new(members),
-            replicas: record.replicas as usize,
-            bytes_fetched: AtomicU64::new(0),
-            pages_local: AtomicU64::new(0),
-        }
-    }
-
-    /// Fetches distinct non-zero pages. Returns them keyed by hash.
-    async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
-        let mut out = HashMap::with_capacity(hashes.len());
-        let local = self.lookup_local(&hashes).await?;
-        // Each remaining page: its owners in placement order; try them one after another.
-        let mut todo: Vec<Wanted> = Vec::new();
-        for (h, l) in hashes.into_iter().zip(local) {
-            match l {
-                Some(p) => {
-                    self.pages_local.fetch_add(1, Ordering::Relaxed);
-                    out.insert(h, p);
-                }
-                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }),
-            }
-        }
-        while !todo.is_empty() {
-            let members = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let requests = self.route(std::mem::take(&mut todo), &members)?;
-            let dead = self.fetch_round(requests, &members, &mut out, &mut todo).await;
-            let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
-            for o in dead {
-                if let Some(Some(m)) = members.get_mut(o) {
-                    m.alive = false;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// This node's copies of `hashes` (pages it holds are not fetched again), looked up in
-    /// parallel slices. A read of a page this node lacks costs no more than an existence check.
-    async fn lookup_local(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, RestoreError> {
-        let t0 = Instant::now();
-        let lookups = hashes.chunks(LOCAL_LOOKUP_PAGES).map(|chunk| {
-            let store = self.node.store.clone();
-            let hs = chunk.to_vec();
-            tokio::task::spawn_blocking(move || store.get(&hs))
-        });
-        let mut local = Vec::with_capacity(hashes.len());
-        for r in futures::future::join_all(lookups).await {
-            local.extend(r.map_err(|e| RestoreError::Internal(format!("local lookup failed: {e}")))??);
-        }
-        tracing::trace!(target: "vmcsnap::restore", pages = local.len(), ms = t0.elapsed().as_secs_f64() * 1e3, "local lookup");
-        Ok(local)
-    }
-
-    /// Groups wanted pages by the next owner to try (skipping owners that are down), in
-    /// `Get` requests of at most [`GET_PAGES_MAX`]; a page with no owner left is unavailable.
-    fn route(&self, todo: Vec<Wanted>, members: &[Option<Member>]) -> Result<Vec<(usize, Vec<Wanted>)>, RestoreError> {
-        let mut by_owner: HashMap<usize, Vec<Wanted>> = HashMap::new();
-        for mut w in todo {
-            loop {
-                if w.owners.is_empty() && !w.extended {
-                    // Past its first owners, in the same ranking: where repair puts the copies
-                    // of owners that were removed or long gone.
-                    w.owners = owners(&self.view, &w.hash, self.view.members().len()).split_off(self.replicas.min(self.view.members().len()));
-                    w.extended = true;
-                }
-                let Some(&o) = w.owners.first() else {
-                    return Err(RestoreError::Unavailable { hash: w.hash, reasons: w.reasons.join("; ") });
-                };
-                if self.view.members()[o] == self.node.id {
-                    // Looked up locally already.
-                    w.owners.remove(0);
-                    continue;
-                }
-                match &members[o] {
-                    Some(m) if m.alive => break,
-                    Some(m) => w.reasons.push(format!("{} is down", m.id.short())),
-                    None => w.reasons.push(format!("{} is no longer a member", self.view.members()[o].short())),
-                }
-                w.owners.remove(0);
-            }
-            by_owner.entry(w.owners[0]).or_default().push(w);
-        }
-        let mut requests = Vec::new();
-        for (o, mut items) in by_owner {
-            while !items.is_empty() {
-                let rest = items.split_off(items.len().min(GET_PAGES_MAX));
-                requests.push((o, std::mem::replace(&mut items, rest)));
-            }
-        }
-        Ok(requests)
-    }
-
-    /// Sends one round of `Get`s, [`FETCHES_IN_FLIGHT`] at once. Verified pages go to `out`;
-    /// pages an owner lacked or sent wrong go back to `retry` with their next owner. Returns
-    /// the owners that failed (not asked again in this restore).
-    async fn fetch_round(
-        &self,
-        requests: Vec<(usize, Vec<Wanted>)>,
-        members: &[Option<Member>],
-        out: &mut HashMap<PageHash, Vec<u8>>,
-        retry: &mut Vec<Wanted>,
-    ) -> Vec<usize> {
-        let node = self.node;
-        let mut results = stream::iter(requests)
-            .map(|(o, items)| async move {
-                let Some(m) = members[o].clone() else {
-                    return (o, items, Err("not a member".to_string()));
-                };
-                let hashes = items.iter().map(|i| i.hash).collect();
-                let r = match node.call(&m, DataRequest::Get { hashes }).await {
-                    Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => Ok(pages),
-                    Ok(_) => Err("answered with the wrong message".to_string()),
-                    Err(NetError::Unreachable { .. }) => Err("unreachable".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                (o, items, r)
-            })
-            .buffer_unordered(FETCHES_IN_FLIGHT);
-        let mut dead = Vec::new();
-        while let Some((o, items, r)) = results.next().await {
-            let who = self.view.members()[o].short();
-            match r {
-                Ok(pages) => {
-                    for (mut w, p) in items.into_iter().zip(pages) {
-                        match p {
-                            Some(p) if hash_page(&p) == w.hash => {
-                                self.bytes_fetched.fetch_add(p.len() as u64, Ordering::Relaxed);
-                                out.insert(w.hash, p.into_vec());
-                            }
-                            Some(p) => {
-                                let got = hash_page(&p);
-                                tracing::warn!(target: "vmcsnap::restore", peer = %who, page = %w.hash.short(), got = %got.short(), "peer sent a page that does not match its hash");
-                                w.next_owner(format!("{who} sent a page with hash {}", got.short()));
-                                retry.push(w);
-                            }
-                            None => {
-                                w.next_owner(format!("{who} does not have it"));
-                                retry.push(w);
-                            }
-                        }
-                    }
-                }
-                Err(reason) => {
-                    tracing::warn!(target: "vmcsnap::restore", peer = %who, %reason, "fetch failed; trying other replicas");
-                    dead.push(o); // do not ask it again in this restore
-                    for mut w in items {
-                        w.next_owner(format!("{who}: {reason}"));
-                        retry.push(w);
-                    }
-                }
-            }
-        }
-        dead
-    }
-}
-
-/// A page still to fetch: its remaining owners (placement indexes, next first) and what the
-/// owners tried so far said.
-struct Wanted {
-    hash: PageHash,
-    owners: Vec<usize>,
-    /// Whether `owners` holds the members past the first `replicas` already.
-    extended: bool,
-    reasons: Vec<String>,
-}
-
-impl Wanted {
-    /// The current owner failed for `reason`: on to the next.
-    fn next_owner(&mut self, reason: String) {
-        self.reasons.push(reason);
-        self.owners.remove(0);
     }
 }
 
@@ -369,6 +163,9 @@ pub struct RestoreOptions {
     pub launch: bool,
     /// QMP socket of a `qemu:unix:` target.
     pub qmp: Option<String>,
+    /// With `launch`: load all memory before the guest runs (else the guest runs at once and
+    /// its memory follows, where QEMU supports postcopy).
+    pub eager: bool,
 }
 
 enum Dest {
@@ -412,29 +209,61 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             Dest::Qemu { incoming, qmp: opts.qmp.as_ref().map(PathBuf::from), launched: None }
         }
         None => {
-            let state = qemu_state()?;
-            let dir = node.config.data_dir.clone();
-            let (vm2, st, policy) = (vm.clone(), state.clone(), node.launch_policy());
-            let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st, &policy))
-                .await
-                .map_err(|e| RestoreError::Internal(e.to_string()))?
-                .map_err(|e| match e {
-                    crate::qemu::launch::LaunchError::Refused(m) => RestoreError::Target(m),
-                    crate::qemu::launch::LaunchError::Failed(m) => RestoreError::Qemu(m),
-                })?;
-            tracing::info!(target: "vmcsnap::restore", vm = %vm, pid = l.pid, log = %l.log.display(), "launched QEMU for the restore");
+            let l = launch_here(&node, &vm, qemu_state()?).await?;
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }
     };
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "target ready");
-    let r = restore_into(&node, &record, entry, &dest, &mut progress).await;
-    if r.is_err() {
-        if let Dest::Qemu { launched: Some(l), .. } = &dest {
-            // A QEMU we started for a restore that failed would only wait forever.
-            let _ = std::process::Command::new("kill").arg(l.pid.to_string()).status();
+    let kill = |l: &crate::qemu::launch::Launched| {
+        // A QEMU we started for a restore that failed would only wait forever (killed: one
+        // blocked loading a stream never gets to act on SIGTERM).
+        let _ = std::process::Command::new("kill").args(["-KILL", &l.pid.to_string()]).status();
+    };
+    let mut note = None;
+    let mut lazy = None;
+    let mut dest = dest;
+    if let (Dest::Qemu { launched: Some(l), .. }, false) = (&dest, opts.eager) {
+        match restore_lazy(&node, &name, &record, entry, l, t0, &mut progress).await {
+            Ok(done) => lazy = Some(done),
+            Err(LazyError::Refused(why)) => {
+                tracing::info!(target: "vmcsnap::restore", vm = %vm, reason = %why, "no lazy restore: restoring eagerly");
+                note = Some(format!("restored eagerly: {why}"));
+            }
+            Err(LazyError::Failed(e)) => {
+                // Before the guest ran: nothing is lost by starting over, eagerly, in a fresh
+                // QEMU (one that failed a postcopy load does not take another stream).
+                kill(l);
+                let log = crate::qemu::launch::log_tail(&l.log);
+                tracing::warn!(target: "vmcsnap::restore", vm = %vm, error = %e, qemu_log = %log, "lazy restore failed before the guest ran; restoring eagerly");
+                note = Some(format!("restored eagerly: the lazy restore failed before the guest ran ({}{})", e, if log.is_empty() { String::new() } else { format!("; QEMU said: {log}") }));
+                let state = qemu_state()?;
+                wait_gone(l.pid).await;
+                let l = launch_here(&node, &vm, state).await?;
+                dest = Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) };
+            }
+            Err(LazyError::Paused(e)) => {
+                let _ = node.vms.add(&vm, &l.qmp);
+                return Err(e);
+            }
         }
     }
-    let (pages_needed, fetcher_stats, vm_status) = r?;
+    let (pages_needed, fetcher_stats, vm_status, running_ms, requested) = match lazy {
+        Some((distinct, served)) => {
+            let s = served.stats;
+            (distinct, (s.pages_local, s.bytes_fetched), Some("running".to_string()), Some(served.running_ms), Some(s.requested))
+        }
+        None => {
+            let r = restore_into(&node, &record, entry, &dest, &mut progress).await;
+            if r.is_err() {
+                if let Dest::Qemu { launched: Some(l), .. } = &dest {
+                    kill(l);
+                }
+            }
+            let (pages_needed, stats, status) = r?;
+            let running = (status.as_deref() == Some("running")).then(|| t0.elapsed().as_millis() as u64);
+            (pages_needed, stats, status, running, None)
+        }
+    };
     if let Dest::Qemu { launched: Some(l), .. } = &dest {
         // The VM runs on this host now.
         if let Err(e) = node.vms.add(&vm, &l.qmp) {
@@ -459,7 +288,77 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             _ => None,
         },
         vm_status,
+        lazy: requested.is_some(),
+        running_ms,
+        pages_requested: requested,
+        note,
     })
+}
+
+/// Starts the VM's recorded QEMU command line on this host, waiting for its stream.
+async fn launch_here(node: &Arc<Node>, vm: &str, state: &QemuState) -> Result<crate::qemu::launch::Launched, RestoreError> {
+    let dir = node.config.data_dir.clone();
+    let (vm2, st, policy) = (vm.to_string(), state.clone(), node.launch_policy());
+    let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st, &policy))
+        .await
+        .map_err(|e| RestoreError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            crate::qemu::launch::LaunchError::Refused(m) => RestoreError::Target(m),
+            crate::qemu::launch::LaunchError::Failed(m) => RestoreError::Qemu(m),
+        })?;
+    tracing::info!(target: "vmcsnap::restore", vm, pid = l.pid, log = %l.log.display(), "launched QEMU for the restore");
+    Ok(l)
+}
+
+/// Waits (a few seconds at most) until process `pid` is gone, so that its sockets are free.
+async fn wait_gone(pid: u32) {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    for _ in 0..500 {
+        // A zombie keeps its /proc entry until reaped; its state is `Z`.
+        match std::fs::read_to_string(proc.join("stat")) {
+            Ok(s) if s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Why QEMU cannot restore a VM lazily, read from its command line: RAM that is a shared
+/// mapping of a file (userfaultfd cannot fill missing pages of a regular file).
+fn lazy_unsupported(cmdline: &[String]) -> Option<String> {
+    cmdline.windows(2).find_map(|w| {
+        let o = &w[1];
+        (w[0] == "-object" && o.starts_with("memory-backend-file") && o.split(',').any(|kv| kv == "share=on" || kv == "share=true"))
+            .then(|| "its RAM is a shared mapping of a file, which QEMU cannot fill lazily".to_string())
+    })
+}
+
+/// A lazy restore into the QEMU launched as `l`: the manifest and device state first, then
+/// [`super::lazy::restore`]. Returns the distinct non-zero pages and how it went.
+#[allow(clippy::too_many_arguments)]
+async fn restore_lazy(
+    node: &Arc<Node>,
+    name: &str,
+    record: &CommitRecord,
+    entry: &VmEntry,
+    l: &crate::qemu::launch::Launched,
+    t0: Instant,
+    progress: &mut Progress,
+) -> Result<(u64, super::lazy::Served), LazyError> {
+    let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
+    if !state.was_running {
+        return Err(LazyError::Refused("the VM was paused when captured, and a postcopy restore runs it".into()));
+    }
+    if let Some(why) = lazy_unsupported(&state.cmdline) {
+        return Err(LazyError::Refused(why));
+    }
+    let fetcher = Fetcher::new(node, record);
+    progress.phase("manifest", entry.manifest.depth as u64);
+    let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+    let tail = fetch_blob(&fetcher, &state.device_state).await?;
+    let distinct = hashes.iter().filter(|h| !h.is_zero()).collect::<std::collections::HashSet<_>>().len() as u64;
+    let served = super::lazy::restore(node, name, record, &entry.id, hashes, tail, &l.incoming, &l.qmp, t0, progress.clone()).await?;
+    Ok((distinct, served))
 }
 
 type Restored = (u64, (u64, u64), Option<String>);
@@ -482,69 +381,6 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
     };
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
     Ok((distinct, (fetcher.pages_local.load(Ordering::Relaxed), fetcher.bytes_fetched.load(Ordering::Relaxed)), status))
-}
-
-/// A VM's page hashes, in memory order: its manifest tree expanded level by level, the chunks
-/// fetched (verified) from the record's owners. `on_chunks(levels_done, chunk_hashes)` sees
-/// the distinct non-zero chunk hashes of each level as they are fetched.
-async fn expand_manifest(fetcher: &Fetcher<'_>, entry: &VmEntry, mut on_chunks: impl FnMut(usize, &[PageHash])) -> Result<Vec<PageHash>, RestoreError> {
-    let sizes = level_sizes(entry.manifest.pages);
-    let mut level = entry.manifest.top.clone();
-    for d in (0..entry.manifest.depth as usize).rev() {
-        let mut need: Vec<PageHash> = level.iter().filter(|h| !h.is_zero()).copied().collect();
-        need.sort();
-        need.dedup();
-        let chunks = fetcher.fetch(need.clone()).await?;
-        level = expand_level(&level, sizes[d], |h| {
-            chunks.get(h).cloned().ok_or_else(|| RestoreError::Internal(format!("manifest chunk {h} missing after fetch")))
-        })?;
-        on_chunks(entry.manifest.depth as usize - d, &need);
-    }
-    if level.len() as u64 != entry.manifest.pages {
-        return Err(RestoreError::Internal("manifest size does not match the record".into()));
-    }
-    Ok(level)
-}
-
-/// Calls `keep` with every non-zero page hash `record` references: each VM's manifest chunks
-/// (every level), its memory pages and its device-state chunks. The manifest chunks are read
-/// as a restore reads them (this node first, then the owners), so a record whose chunks no
-/// owner serves is an error, never a partial answer.
-pub async fn referenced_pages(node: &Arc<Node>, record: &CommitRecord, mut keep: impl FnMut(PageHash)) -> Result<(), RestoreError> {
-    let fetcher = Fetcher::new(node, record);
-    for entry in &record.vms {
-        vm_pages(&fetcher, entry, &mut keep).await?;
-    }
-    Ok(())
-}
-
-/// Fetches `hashes` (distinct, non-zero) of `record` from wherever they are: this node first,
-/// then the owners in ranking order, each page verified against its hash.
-pub async fn fetch_pages(node: &Arc<Node>, record: &CommitRecord, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
-    Fetcher::new(node, record).fetch(hashes).await
-}
-
-/// Each VM's distinct non-zero pages (memory, manifest chunks, device state), sorted.
-pub async fn pages_by_vm(node: &Arc<Node>, record: &CommitRecord) -> Result<Vec<Vec<PageHash>>, RestoreError> {
-    let fetcher = Fetcher::new(node, record);
-    let mut out = Vec::new();
-    for entry in &record.vms {
-        let mut pages = Vec::new();
-        vm_pages(&fetcher, entry, |h| pages.push(h)).await?;
-        pages.sort();
-        pages.dedup();
-        out.push(pages);
-    }
-    Ok(out)
-}
-
-async fn vm_pages(fetcher: &Fetcher<'_>, entry: &VmEntry, mut keep: impl FnMut(PageHash)) -> Result<(), RestoreError> {
-    let leaves = expand_manifest(fetcher, entry, |_, chunks| chunks.iter().for_each(|h| keep(*h))).await?;
-    leaves.into_iter().filter(|h| !h.is_zero()).for_each(&mut keep);
-    if let Some(q) = &entry.qemu {
-        q.device_state.chunks.iter().filter(|h| !h.is_zero()).for_each(|h| keep(*h));
-    }
-    Ok(())
 }
 
 async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, progress: &mut Progress) -> Result<u64, RestoreError> {
@@ -578,24 +414,6 @@ async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, p
     Ok(distinct)
 }
 
-/// Fetches the bytes of a blob stored as pages.
-async fn fetch_blob(fetcher: &Fetcher<'_>, blob: &vmcsnap_protocol::manifest::BlobRef) -> Result<Vec<u8>, RestoreError> {
-    let mut need: Vec<PageHash> = blob.chunks.iter().filter(|h| !h.is_zero()).copied().collect();
-    need.sort();
-    need.dedup();
-    let got = fetcher.fetch(need).await?;
-    let mut out = Vec::with_capacity(blob.chunks.len() * PAGE_SIZE);
-    for h in &blob.chunks {
-        match got.get(h) {
-            Some(p) => out.extend_from_slice(p),
-            None if h.is_zero() => out.extend_from_slice(&[0u8; PAGE_SIZE]),
-            None => return Err(RestoreError::Internal(format!("device state chunk {h} missing after fetch"))),
-        }
-    }
-    out.truncate(blob.len as usize);
-    Ok(out)
-}
-
 /// Writes a migration stream of the VM into a QEMU waiting on `incoming`; with its QMP
 /// socket, checks the accelerator first and leaves the guest running if it was.
 async fn restore_qemu(
@@ -613,17 +431,7 @@ async fn restore_qemu(
         None => None,
     };
     if let Some(q) = q.as_mut() {
-        let accel = q.accel().await.map_err(|e| target_err(e.to_string()))?;
-        if accel != state.accel {
-            return Err(target_err(format!(
-                "snapshot of VM {} was taken under {}, but the target QEMU runs {accel}; a snapshot restores only on the same accelerator",
-                entry.id, state.accel
-            )));
-        }
-        let status = q.status().await.map_err(|e| target_err(e.to_string()))?;
-        if status != "inmigrate" {
-            return Err(target_err(format!("the target QEMU is {status}, not waiting for an incoming migration")));
-        }
+        check_target(q, &entry.id, state).await?;
     }
     let t0 = Instant::now();
     let tail = fetch_blob(fetcher, &state.device_state).await?;

@@ -24,7 +24,7 @@ pub async fn verify(node: &Arc<Node>, record: &CommitRecord, deep: bool, mut pro
     // Where the pages belong now: the first `replicas` owners in the owner view (after a
     // join or a loss, repair moves them there; the snapshot's placement is where they went).
     let view = node.owner_view();
-    let per_vm = super::restore::pages_by_vm(node, record).await?;
+    let per_vm = super::fetch::pages_by_vm(node, record).await?;
     progress.phase(if deep { "reading every copy" } else { "asking every owner" }, per_vm.iter().map(|p| p.len() as u64).sum());
     let mut done = 0;
     let mut vms = Vec::new();

@@ -9,12 +9,17 @@
 //! - [`qmp`]: a small QMP client, with the QEMU queries and waits vmcsnap needs.
 //! - [`capture`]: drive a VM's migration into the node and hand its pages to a sink.
 //! - [`launch`]: start the recorded QEMU command line with `-incoming`.
+//! - [`postcopy`]: the stream and return path of a lazy restore, the node as QEMU's source.
 //! - [`relay`]: the process a live capture's stream passes through, which outlives the node.
+//! - [`keeper`]: the process that holds a lazily restored QEMU's monitor, which outlives the
+//!   node, so that a paused postcopy can always be recovered.
 //! - [`recorded_state`] and [`stream_meta`]: the one conversion between a stream's metadata
 //!   and what a snapshot records of it, each way.
 
 pub mod capture;
+pub mod keeper;
 pub mod launch;
+pub mod postcopy;
 pub mod qmp;
 pub mod relay;
 pub mod stream;

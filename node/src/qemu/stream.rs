@@ -25,22 +25,22 @@ use vmcsnap_protocol::PAGE_SIZE;
 const QEVM_MAGIC: u32 = 0x5145_564d;
 const QEVM_VERSION: u32 = 3;
 
-const SEC_EOF: u8 = 0x00;
-const SEC_START: u8 = 0x01;
-const SEC_PART: u8 = 0x02;
-const SEC_END: u8 = 0x03;
+pub(super) const SEC_EOF: u8 = 0x00;
+pub(super) const SEC_START: u8 = 0x01;
+pub(super) const SEC_PART: u8 = 0x02;
+pub(super) const SEC_END: u8 = 0x03;
 const SEC_FULL: u8 = 0x04;
 const SEC_SUBSECTION: u8 = 0x05;
 const SEC_VMDESC: u8 = 0x06;
 const SEC_CONFIG: u8 = 0x07;
-const SEC_COMMAND: u8 = 0x08;
-const SEC_FOOTER: u8 = 0x7e;
+pub(super) const SEC_COMMAND: u8 = 0x08;
+pub(super) const SEC_FOOTER: u8 = 0x7e;
 
-const F_ZERO: u64 = 0x02;
-const F_MEM_SIZE: u64 = 0x04;
-const F_PAGE: u64 = 0x08;
-const F_EOS: u64 = 0x10;
-const F_CONTINUE: u64 = 0x20;
+pub(super) const F_ZERO: u64 = 0x02;
+pub(super) const F_MEM_SIZE: u64 = 0x04;
+pub(super) const F_PAGE: u64 = 0x08;
+pub(super) const F_EOS: u64 = 0x10;
+pub(super) const F_CONTINUE: u64 = 0x20;
 const F_XBZRLE: u64 = 0x40;
 const F_HOOK: u64 = 0x80;
 const F_COMPRESS: u64 = 0x100;
@@ -444,18 +444,7 @@ fn read_tail<R: Read>(r: &mut Reader<R>, first: Vec<u8>) -> Result<Vec<u8>, Stre
 /// (Streams without the description, `suppress-vmdesc=on`, are refused: without it a stream
 /// cut right after some zero byte of device state would look complete.)
 fn tail_is_complete(tail: &[u8]) -> bool {
-    let n = tail.len();
-    for json_len in 2..n.saturating_sub(6).min(4 << 20) {
-        let at = n - json_len - 6;
-        if tail[at] == SEC_EOF
-            && tail[at + 1] == SEC_VMDESC
-            && u32::from_be_bytes([tail[at + 2], tail[at + 3], tail[at + 4], tail[at + 5]]) as usize == json_len
-            && tail[at + 6] == b'{'
-        {
-            return true;
-        }
-    }
-    false
+    tail_eof_at(tail).is_some()
 }
 
 fn invalid(m: String) -> io::Error {
@@ -465,6 +454,48 @@ fn invalid(m: String) -> io::Error {
 /// A block name's length byte (QEMU's names are at most 255 bytes).
 fn name_len(name: &str) -> io::Result<u8> {
     u8::try_from(name.len()).map_err(|_| invalid(format!("RAM block name of {} bytes (at most 255)", name.len())))
+}
+
+/// Writes the `ram` section's start: the RAM block list (names and used lengths), then its
+/// footer. The meta comes from a commit record: its sizes and names are checked, not trusted.
+pub(super) fn write_ram_setup<W: Write>(w: &mut W, meta: &StreamMeta) -> io::Result<()> {
+    let (sid, inst, ver) = meta.ram_section;
+    w.write_all(&[SEC_START])?;
+    w.write_all(&sid.to_be_bytes())?;
+    w.write_all(&[3])?;
+    w.write_all(b"ram")?;
+    w.write_all(&inst.to_be_bytes())?;
+    w.write_all(&ver.to_be_bytes())?;
+    let total = meta.blocks.iter().try_fold(0u64, |a, b| a.checked_add(b.bytes)).filter(|t| *t <= RAM_BYTES_MAX);
+    let total = total.ok_or_else(|| invalid("RAM blocks of more than the largest VM".into()))?;
+    w.write_all(&(total | F_MEM_SIZE).to_be_bytes())?;
+    for b in &meta.blocks {
+        w.write_all(&[name_len(&b.name)?])?;
+        w.write_all(b.name.as_bytes())?;
+        w.write_all(&b.bytes.to_be_bytes())?;
+    }
+    w.write_all(&F_EOS.to_be_bytes())?;
+    write_footer(w, meta)
+}
+
+/// A section footer, if the stream has them.
+pub(super) fn write_footer<W: Write>(w: &mut W, meta: &StreamMeta) -> io::Result<()> {
+    if meta.footers {
+        w.write_all(&[SEC_FOOTER])?;
+        w.write_all(&meta.ram_section.0.to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Where a device tail's end-of-stream record is: the device sections are `tail[..at]`.
+pub(super) fn tail_eof_at(tail: &[u8]) -> Option<usize> {
+    let n = tail.len();
+    (2..n.saturating_sub(6).min(4 << 20)).map(|json_len| n - json_len - 6).find(|&at| {
+        tail[at] == SEC_EOF
+            && tail[at + 1] == SEC_VMDESC
+            && u32::from_be_bytes([tail[at + 2], tail[at + 3], tail[at + 4], tail[at + 5]]) as usize == n - at - 6
+            && tail[at + 6] == b'{'
+    })
 }
 
 /// Writes a stream for a fresh QEMU's `-incoming`: call [`Rebuilder::page`] for every non-zero
@@ -478,37 +509,17 @@ pub struct Rebuilder<W: Write> {
 impl<W: Write> Rebuilder<W> {
     /// Writes the head, the RAM start section and opens the RAM part section.
     pub fn start(mut w: W, meta: StreamMeta) -> io::Result<Self> {
-        let (sid, inst, ver) = meta.ram_section;
         w.write_all(&meta.head)?;
-        w.write_all(&[SEC_START])?;
-        w.write_all(&sid.to_be_bytes())?;
-        w.write_all(&[3])?;
-        w.write_all(b"ram")?;
-        w.write_all(&inst.to_be_bytes())?;
-        w.write_all(&ver.to_be_bytes())?;
-        // The meta comes from a commit record: its sizes and names are checked, not trusted.
-        let total = meta.blocks.iter().try_fold(0u64, |a, b| a.checked_add(b.bytes)).filter(|t| *t <= RAM_BYTES_MAX);
-        let total = total.ok_or_else(|| invalid("RAM blocks of more than the largest VM".into()))?;
-        w.write_all(&(total | F_MEM_SIZE).to_be_bytes())?;
-        for b in &meta.blocks {
-            w.write_all(&[name_len(&b.name)?])?;
-            w.write_all(b.name.as_bytes())?;
-            w.write_all(&b.bytes.to_be_bytes())?;
-        }
-        w.write_all(&F_EOS.to_be_bytes())?;
+        write_ram_setup(&mut w, &meta)?;
+        let sid = meta.ram_section.0;
         let mut me = Self { w, meta, last_block: None };
-        me.footer()?;
         me.w.write_all(&[SEC_PART])?;
         me.w.write_all(&sid.to_be_bytes())?;
         Ok(me)
     }
 
     fn footer(&mut self) -> io::Result<()> {
-        if self.meta.footers {
-            self.w.write_all(&[SEC_FOOTER])?;
-            self.w.write_all(&self.meta.ram_section.0.to_be_bytes())?;
-        }
-        Ok(())
+        write_footer(&mut self.w, &self.meta)
     }
 
     /// Writes one page of block `block` at page index `index`.

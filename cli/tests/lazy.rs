@@ -1,0 +1,141 @@
+//! Lazy restores: a guest rolled back with `--launch` runs before its memory has arrived
+//! (QEMU postcopy, the node as its source), takes pages from whichever replica is up, and
+//! waits, paused in postcopy, when its source dies, until the node is back.
+//!
+//! Needs `qemu-system-x86_64` and the guest build (`scripts/test.sh` provides both).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmcsnap_testnet::cluster::Cluster;
+use vmcsnap_testnet::guest::{self, md5_of, Guest, QmpSync};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
+}
+
+const BOOT: Duration = Duration::from_secs(120);
+const CONSOLE: Duration = Duration::from_secs(60);
+
+fn check(dir: &Path, vm: &str) -> String {
+    Guest::paths(dir, vm).console("vmcsnap-check", "CHECK", CONSOLE).unwrap_or_else(|e| panic!("{vm}: {e:#}"))
+}
+
+/// The state of the incoming migration of the QEMU behind `qmp` (waits while another client,
+/// the node's keeper, holds its monitor).
+fn migration(qmp: &Path) -> String {
+    QmpSync::connect(qmp)
+        .and_then(|mut q| q.execute("query-migrate", serde_json::json!({})))
+        .map(|m| m["status"].as_str().unwrap_or("none").to_string())
+        .unwrap_or_else(|e| format!("unreachable: {e:#}"))
+}
+
+/// Waits until `f` holds, or panics with `what` after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) {
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < timeout {
+        match f() {
+            None => return,
+            Some(s) => last = Some(s),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} within {timeout:?}; last seen: {last:?}");
+}
+
+/// A guest with 48 MiB of random data, snapshotted with two copies of every page, killed and
+/// restored lazily on another host while one of the page owners is down: it runs before its
+/// memory is all there, every page comes from this host or the other replica, and its data
+/// checks out from inside.
+#[test]
+fn a_lazy_restore_runs_at_once_and_takes_pages_from_the_other_replica() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let _reaper = guest::Reaper(vec![vms.join("g.qmp")]);
+    let g = Guest::start(&vms, "g", 128, "fill=48", &accel).expect("g");
+    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
+    c.json(0, &["vm", "add", "g", "--qmp", &vms.join("g.qmp").display().to_string()]).expect("vm add");
+    c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
+    guest::kill_by_qmp(&vms.join("g.qmp"));
+    drop(g);
+
+    // n2 goes down: a share of the pages has its other copy on n1 or n3 only.
+    c.kill(1);
+    let r = c.json(0, &["snapshot", "restore", "s", "--vm", "g", "--launch", "--on", "n3"]).expect("lazy restore");
+    let r = &r[0];
+    assert_eq!(r["lazy"], true, "{r}");
+    assert_eq!(r["host"], "n3");
+    assert_eq!(r["vm_status"], "running");
+    let (running, resident) = (r["running_ms"].as_u64().expect("running"), r["elapsed_ms"].as_u64().expect("elapsed"));
+    assert!(running < resident, "the guest ran ({running} ms) before its memory was all there ({resident} ms): {r}");
+    assert!(r["bytes_fetched"].as_u64().expect("fetched") > 0 && r["pages_local"].as_u64().expect("local") > 0, "{r}");
+    assert!(r["pages_needed"].as_u64().expect("pages") >= 48 * 256, "{r}");
+    assert_eq!(migration(&vms.join("g.qmp")), "completed");
+    assert_eq!(md5_of(&check(&vms, "g")), fill, "the guest's data after a lazy restore");
+    guest::kill_by_qmp(&vms.join("g.qmp"));
+}
+
+/// A lazy restore whose source (the restoring host's node) is killed mid-way: QEMU pauses the
+/// guest in postcopy (it never runs on memory that is not the snapshot's); the node, started
+/// again, resumes the stream from QEMU's own bitmap of the pages it has, and the guest's data
+/// checks out.
+#[test]
+fn a_lazy_restore_whose_source_dies_waits_paused_and_recovers() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    // n2 pushes slowly (4 MiB/s), so that it dies with most of the memory still to send.
+    let slow = vec![vec![], vec!["--lazy-push-rate".to_string(), "4".to_string()]];
+    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 2, 1, None, slow).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let qmp = vms.join("g.qmp");
+    let _reaper = guest::Reaper(vec![qmp.clone()]);
+    let g = Guest::start(&vms, "g", 128, "fill=48", &accel).expect("g");
+    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
+    c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
+    c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
+    guest::kill_by_qmp(&qmp);
+    drop(g);
+
+    let restore = std::process::Command::new(bin())
+        .args(["snapshot", "restore", "s", "--vm", "g", "--launch", "--on", "n2", "--node"])
+        .arg(c.nodes[0].dir.as_os_str())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Once the guest runs on n2, n2 dies. (QEMU's monitor is held by n2's keeper until the
+    // restore completes: the node's log and QEMU's say what happens.)
+    let node_log = c.nodes[1].dir.join("node.log");
+    let qemu_log = c.nodes[1].dir.join("launch-g.log");
+    let log_has = |p: &Path, what: &str| std::fs::read_to_string(p).unwrap_or_default().contains(what);
+    wait_until("the guest runs while its memory follows", Duration::from_secs(60), || {
+        (!log_has(&node_log, "guest running; memory follows")).then(|| "not yet".to_string())
+    });
+    c.kill(1);
+    let out = restore.wait_with_output().expect("wait");
+    assert!(!out.status.success(), "the restore's source died: {}", String::from_utf8_lossy(&out.stdout));
+    wait_until("QEMU pauses the postcopy", Duration::from_secs(30), || {
+        (!log_has(&qemu_log, "Migration paused")).then(|| std::fs::read_to_string(&qemu_log).unwrap_or_default())
+    });
+    // Paused: the guest's shell does not answer (its vCPUs wait on missing pages).
+    let answer = Guest::paths(&vms, "g").console("vmcsnap-check", "CHECK", Duration::from_secs(3));
+    assert!(answer.is_err(), "a guest without its memory must not run on: {answer:?}");
+
+    c.restart(1).expect("restart n2");
+    wait_until("the restarted node completes the restore", Duration::from_secs(90), || {
+        let m = migration(&qmp);
+        (m != "completed").then_some(m)
+    });
+    assert_eq!(md5_of(&check(&vms, "g")), fill, "the guest's data after a recovered lazy restore");
+    // The journal entry is gone: a second restart leaves the guest alone.
+    let vmsl = c.json(1, &["vm", "list"]).expect("vm list");
+    let log: String = std::fs::read_to_string(&node_log).unwrap_or_default().lines().filter(|l| l.contains("restore")).collect::<Vec<_>>().join("\n");
+    assert!(vmsl.as_array().expect("vms").iter().any(|v| v["id"] == "g" && v["host"] == "n2"), "{vmsl}\n{log}");
+    guest::kill_by_qmp(&qmp);
+}

@@ -1,0 +1,538 @@
+//! Lazy restore: the guest runs as soon as its device state is loaded, and its memory follows
+//! (QEMU postcopy with this node as the source; the stream in [`crate::qemu::postcopy`]).
+//!
+//! States, each with its own failure:
+//! 1. **Ready**: the launched QEMU accepts `postcopy-ram` (else the restore is eager, and says
+//!    so) and the VM is journaled (`lazy:VM` in the node's metadata) before any byte is sent.
+//! 2. **Running**: head, advice, RAM block list, then the device state in one package; QEMU
+//!    loads it and runs the guest. A failure before this point kills the QEMU, as an eager
+//!    restore does.
+//! 3. **Streaming**: pages QEMU asks for (a vCPU or device touched them) go first, each from
+//!    this node's store, else its owners, verified against its hash; between requests the
+//!    rest is pushed window by window, in memory order. Zero pages are sent only when asked
+//!    for (QEMU's RAM starts empty and reads as zero once the stream ends).
+//! 4. **Resident**: the `ram` section's end and `EOF`; QEMU unregisters userfaultfd and says
+//!    `completed`. The journal entry goes.
+//!
+//! If pages cannot be had, or the node dies, QEMU holds the migration in `postcopy-paused`:
+//! the guest waits on the missing pages and never runs on memory that is not the snapshot's.
+//! The node retries every [`RECOVER_RETRY`] (and at start, from the journal): `migrate-recover`
+//! onto a new socket, QEMU's bitmap of the pages it has, `POSTCOPY_RESUME`, then the rest.
+
+use super::error::RestoreError;
+use super::fetch::{check_target, expand_manifest, forget_elsewhere, Fetcher};
+use super::{Progress, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
+use crate::node::Node;
+use crate::qemu::keeper;
+use crate::qemu::postcopy::{read_message, RpMessage, Source, PART_PAGES_MAX};
+use crate::qemu::qmp::Qmp;
+use crate::qemu::stream::StreamMeta;
+use futures::{stream, StreamExt};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmcsnap_protocol::manifest::CommitRecord;
+use vmcsnap_protocol::{PageHash, PAGE_SIZE};
+
+/// Journal prefix of lazy restores under way on this host.
+const LAZY_PREFIX: &[u8] = b"lazy:";
+/// Time QEMU has to load the device state and run the guest.
+pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time QEMU has to say `completed` after the stream's end.
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between attempts to resume a paused lazy restore.
+pub const RECOVER_RETRY: Duration = Duration::from_secs(10);
+/// Buffers queued for the socket (each at most [`PART_PAGES_MAX`] pages): a page request waits
+/// behind at most this many.
+const SEND_QUEUE: usize = 2;
+
+/// What a lazy restore journals: enough to resume it after a crash.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Journal {
+    /// Snapshot name (or `NAME@RECORD`) as restored.
+    name: String,
+    vm: String,
+    qmp: PathBuf,
+}
+
+/// What a finished lazy restore reports.
+pub struct Served {
+    /// From the restore's start until QEMU ran the guest.
+    pub running_ms: u64,
+    /// How the pages went.
+    pub stats: ServeStats,
+}
+
+/// How one postcopy stream's pages went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServeStats {
+    /// Pages QEMU asked for before they had been pushed.
+    pub requested: u64,
+    /// Distinct pages found in this node's store.
+    pub pages_local: u64,
+    /// Page bytes fetched from peers.
+    pub bytes_fetched: u64,
+}
+
+/// Why a lazy restore did not happen.
+pub enum LazyError {
+    /// QEMU refused postcopy (before anything was sent): restore eagerly instead.
+    Refused(String),
+    /// It failed before the guest ran (the caller kills the QEMU).
+    Failed(RestoreError),
+    /// It failed after the guest ran: QEMU holds it paused in postcopy, and this node keeps
+    /// trying to resume it (the QEMU must live on).
+    Paused(RestoreError),
+}
+
+impl From<RestoreError> for LazyError {
+    fn from(e: RestoreError) -> Self {
+        LazyError::Failed(e)
+    }
+}
+
+/// Restores VM `vm` of `record` lazily into the QEMU waiting on `incoming` (QMP `qmp`).
+/// Returns once all memory is resident; `t0` is the restore's start.
+#[allow(clippy::too_many_arguments)]
+pub async fn restore(
+    node: &Arc<Node>,
+    name: &str,
+    record: &CommitRecord,
+    vm: &str,
+    hashes: Vec<PageHash>,
+    tail: Vec<u8>,
+    incoming: &Path,
+    qmp: &Path,
+    t0: Instant,
+    progress: Progress,
+) -> Result<Served, LazyError> {
+    let entry = record.vm(vm).ok_or_else(|| RestoreError::Internal(format!("no VM {vm}")))?;
+    let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
+    let target_err = |m: String| LazyError::Failed(RestoreError::Target(m));
+    let mut q = Qmp::connect(qmp).await.map_err(|e| target_err(e.to_string()))?;
+    check_target(&mut q, vm, state).await?;
+    // `events`: the keeper ends when QEMU says the migration completed or failed.
+    let on = serde_json::json!({ "capabilities": [
+        { "capability": "postcopy-ram", "state": true },
+        { "capability": "events", "state": true },
+    ] });
+    if let Err(e) = q.execute("migrate-set-capabilities", on).await {
+        return Err(LazyError::Refused(e.to_string()));
+    }
+    drop(q);
+    let ksock = keeper::socket_of(&node.config.data_dir, vm);
+    keeper::start(qmp, &ksock).await.map_err(LazyError::Refused)?;
+    let conn = UnixStream::connect(incoming).map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;
+    // Journaled before QEMU gets a byte: from the package on, the guest may run.
+    let journal = Journal { name: name.to_string(), vm: vm.to_string(), qmp: qmp.to_path_buf() };
+    let key = [LAZY_PREFIX, vm.as_bytes()].concat();
+    let bytes = serde_json::to_vec(&journal).map_err(|e| RestoreError::Internal(e.to_string()))?;
+    node.store.meta_put(&key, &bytes).map_err(RestoreError::from)?;
+    let meta = crate::qemu::stream_meta(state, &entry.blocks);
+    // The source must not vanish while the guest runs: the stream is served by a task of its
+    // own, which a caller that goes away does not cancel.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let serving = tokio::spawn(serve(node.clone(), record.clone(), meta, hashes, conn, Start::New { tail, ready: ready_tx }, progress));
+    // 2. Running.
+    let running = async {
+        let _ = ready_rx.await;
+        let deadline = Instant::now() + RUNNING_TIMEOUT;
+        let status = serde_json::json!({ "execute": "query-status" });
+        loop {
+            match keeper::call(&ksock, status.clone()).await {
+                Ok(s) if s["status"] == "running" => return Ok(()),
+                Ok(_) if Instant::now() > deadline => return Err(format!("QEMU did not run the guest within {RUNNING_TIMEOUT:?}")),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(e) => return Err(format!("QEMU failed to load the snapshot ({e}); it exits on a stream it cannot load — see its log")),
+            }
+        }
+    };
+    let running_ms = match running.await {
+        Ok(()) => t0.elapsed().as_millis() as u64,
+        Err(e) => {
+            serving.abort();
+            let _ = node.store.meta_delete(&key);
+            return Err(LazyError::Failed(RestoreError::Qemu(e)));
+        }
+    };
+    tracing::info!(target: "vmcsnap::restore", vm, ms = running_ms, "guest running; memory follows");
+    // 3. and 4.
+    let served = serving.await.map_err(|e| LazyError::Paused(RestoreError::Internal(e.to_string())))?;
+    let served = match served {
+        Ok(r) => r,
+        Err(e) => {
+            // QEMU holds the guest in postcopy-paused; try again until the pages are there.
+            tokio::spawn(retry(node.clone(), journal));
+            return Err(LazyError::Paused(RestoreError::Qemu(format!(
+                "VM {vm} runs, but its memory could not all be delivered ({e}); QEMU holds it paused in postcopy (its vCPUs wait for the missing pages, nothing runs on wrong memory) and this node tries again every {} s",
+                RECOVER_RETRY.as_secs()
+            ))));
+        }
+    };
+    wait_completed(qmp, &ksock).await.map_err(|e| LazyError::Paused(RestoreError::Qemu(e)))?;
+    let _ = node.store.meta_delete(&key);
+    Ok(Served { running_ms, stats: served })
+}
+
+/// Polls QEMU until its incoming migration is `completed` (through the keeper while it holds
+/// the monitor; it lets go on completion).
+async fn wait_completed(qmp: &Path, ksock: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + COMPLETE_TIMEOUT;
+    loop {
+        let s = match keeper::call(ksock, serde_json::json!({ "execute": "query-migrate" })).await {
+            Ok(m) => m["status"].as_str().unwrap_or("none").to_string(),
+            Err(_) if !ksock.exists() => {
+                let mut q = Qmp::connect(qmp).await.map_err(|e| e.to_string())?;
+                q.migrate_status().await.map_err(|e| e.to_string())?
+            }
+            Err(e) => e,
+        };
+        match s.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => return Err(format!("QEMU's incoming migration ended {s}; see its log")),
+            _ if Instant::now() > deadline => return Err(format!("QEMU's incoming migration is still {s} after the whole stream")),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How a stream starts.
+enum Start {
+    /// A fresh QEMU: head, advice, RAM list, package with `tail`; `ready` once that is sent.
+    New { tail: Vec<u8>, ready: tokio::sync::oneshot::Sender<()> },
+    /// A paused migration, on the channel `migrate-recover` opened.
+    Resume,
+}
+
+/// Serves one postcopy stream on `conn` until QEMU has every page.
+async fn serve(
+    node: Arc<Node>,
+    record: CommitRecord,
+    meta: StreamMeta,
+    hashes: Vec<PageHash>,
+    conn: UnixStream,
+    start: Start,
+    mut progress: Progress,
+) -> Result<ServeStats, RestoreError> {
+    let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
+    let fetcher = Fetcher::new(&node, &record);
+    let starts: Vec<u64> = meta.blocks.iter().scan(0u64, |at, b| {
+        let s = *at;
+        *at += b.bytes / PAGE_SIZE as u64;
+        Some(s)
+    }).collect();
+    let block_of = |g: u64| starts.partition_point(|&s| s <= g) - 1;
+    let names: HashMap<String, usize> = meta.blocks.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
+    // Bytes bound of a bitmap QEMU may send: its largest block's pages, in bits, rounded up.
+    let bitmap_max = meta.blocks.iter().map(|b| (b.bytes / PAGE_SIZE as u64).div_ceil(64) as usize * 8).max().unwrap_or(0) + 8;
+
+    // The return path, read on a thread of its own.
+    let mut reader = conn.try_clone().map_err(|e| io_err("cannot read QEMU's return path", e))?;
+    let (rp_tx, mut rp_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || loop {
+        let m = read_message(&mut reader, bitmap_max);
+        let end = m.is_err();
+        if rp_tx.send(m).is_err() || end {
+            break;
+        }
+    });
+    // The socket, written on a blocking thread; dropping `tx` ends the write side, so that
+    // QEMU sees the stream end (and pauses, unless it had it all).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SEND_QUEUE);
+    let mut wconn = conn;
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        while let Some(b) = rx.blocking_recv() {
+            wconn.write_all(&b)?;
+        }
+        wconn.shutdown(std::net::Shutdown::Write)
+    });
+    let send = |tx: &tokio::sync::mpsc::Sender<Vec<u8>>, b: Vec<u8>| {
+        let tx = tx.clone();
+        async move { tx.send(b).await.map_err(|_| RestoreError::Qemu("the stream to QEMU broke off".into())) }
+    };
+
+    let mut sent = vec![false; hashes.len()];
+    let mut src = match start {
+        Start::New { tail, ready } => {
+            let mut s = Source::start(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
+            s.package(&tail).map_err(|e| io_err("device state", e))?;
+            send(&tx, std::mem::take(s.writer())).await?;
+            let _ = ready.send(());
+            s
+        }
+        Start::Resume => {
+            let mut s = Source::resume(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
+            send(&tx, std::mem::take(s.writer())).await?;
+            let mut bitmaps = 0;
+            while bitmaps < meta.blocks.len() {
+                match rp_rx.recv().await {
+                    Some(Ok(RpMessage::RecvBitmap { block, bitmap })) => {
+                        let b = *names.get(&block).ok_or_else(|| RestoreError::Qemu(format!("QEMU sent the bitmap of an unknown block {block}")))?;
+                        let pages = meta.blocks[b].bytes / PAGE_SIZE as u64;
+                        for i in 0..pages {
+                            if bitmap.get((i / 8) as usize).is_some_and(|byte| byte >> (i % 8) & 1 == 1) {
+                                sent[(starts[b] + i) as usize] = true;
+                            }
+                        }
+                        bitmaps += 1;
+                    }
+                    Some(Ok(_)) => {} // requests from before the pause come again after it
+                    Some(Err(e)) => return Err(io_err("QEMU's return path", e)),
+                    None => return Err(RestoreError::Qemu("QEMU's return path closed".into())),
+                }
+            }
+            s.send_resume().map_err(|e| io_err("stream", e))?;
+            send(&tx, std::mem::take(s.writer())).await?;
+            loop {
+                match rp_rx.recv().await {
+                    Some(Ok(RpMessage::ResumeAck(_))) => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(io_err("QEMU's return path", e)),
+                    None => return Err(RestoreError::Qemu("QEMU's return path closed".into())),
+                }
+            }
+            let have = sent.iter().filter(|s| **s).count();
+            tracing::info!(target: "vmcsnap::restore", pages_resident = have, pages = sent.len(), "lazy restore resumed");
+            s
+        }
+    };
+
+    // Windows that hold a page QEMU lacks, fetched ahead in memory order.
+    let wanted: Vec<usize> = (0..hashes.len().div_ceil(RESTORE_WINDOW_PAGES))
+        .filter(|w| (w * RESTORE_WINDOW_PAGES..((w + 1) * RESTORE_WINDOW_PAGES).min(hashes.len())).any(|i| !sent[i] && !hashes[i].is_zero()))
+        .collect();
+    progress.phase("memory", hashes.len() as u64);
+    let fetcher = &fetcher;
+    let hashes = &hashes;
+    let mut windows = stream::iter(wanted)
+        .map(|w| async move {
+            let base = w * RESTORE_WINDOW_PAGES;
+            let window = &hashes[base..(base + RESTORE_WINDOW_PAGES).min(hashes.len())];
+            let mut need: Vec<PageHash> = window.iter().filter(|h| !h.is_zero()).copied().collect();
+            need.sort();
+            need.dedup();
+            fetcher.fetch(need).await.map(|pages| (base, pages))
+        })
+        .buffered(RESTORE_WINDOWS_IN_FLIGHT);
+    let mut last_block: Option<String> = None;
+    let mut requested = 0u64;
+    let (rate, push_start, mut pushed) = (node.config.lazy_push_rate, Instant::now(), 0u64);
+
+    // Serves what QEMU asked for: `msg`, and any request already queued behind it.
+    macro_rules! serve_request {
+        ($msg:expr) => {{
+            let mut msg = Some($msg);
+            while let Some(m) = msg.take() {
+                match m {
+                    Ok(RpMessage::ReqPages { block, offset, len }) => {
+                        tracing::trace!(target: "vmcsnap::restore", ?block, offset, len, "QEMU asks for pages");
+                        if let Some(b) = block {
+                            last_block = Some(b);
+                        }
+                        let bname = last_block.clone().ok_or_else(|| RestoreError::Qemu("QEMU asked for pages without naming a block".into()))?;
+                        let b = *names.get(&bname).ok_or_else(|| RestoreError::Qemu(format!("QEMU asked for pages of an unknown block {bname}")))?;
+                        let first = offset / PAGE_SIZE as u64;
+                        let n = (len as u64).div_ceil(PAGE_SIZE as u64).max(1);
+                        let pages_in_block = meta.blocks[b].bytes / PAGE_SIZE as u64;
+                        if first + n > pages_in_block {
+                            return Err(RestoreError::Qemu(format!("QEMU asked for pages {first}+{n} of block {bname}, which has {pages_in_block}")));
+                        }
+                        let idx: Vec<u64> = (first..first + n).map(|i| starts[b] + i).filter(|g| !sent[*g as usize]).collect();
+                        let mut need: Vec<PageHash> = idx.iter().map(|g| hashes[*g as usize]).filter(|h| !h.is_zero()).collect();
+                        need.sort();
+                        need.dedup();
+                        let pages = if need.is_empty() { HashMap::new() } else { fetcher.fetch(need).await? };
+                        for g in idx {
+                            let h = &hashes[g as usize];
+                            let data = if h.is_zero() { None } else { Some(pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?.as_slice()) };
+                            src.page(b, g - starts[b], data).map_err(|e| io_err("stream", e))?;
+                            sent[g as usize] = true;
+                            requested += 1;
+                        }
+                        src.end_part().map_err(|e| io_err("stream", e))?;
+                        send(&tx, std::mem::take(src.writer())).await?;
+                    }
+                    Ok(RpMessage::Shut(v)) => return Err(RestoreError::Qemu(format!("QEMU ended the migration before it had every page (code {v}); see its log"))),
+                    Ok(_) => {}
+                    Err(e) => return Err(io_err("QEMU's return path", e)),
+                }
+                msg = rp_rx.try_recv().ok();
+            }
+        }};
+    }
+
+    loop {
+        tokio::select! {
+            biased;
+            m = rp_rx.recv() => {
+                let m = m.ok_or_else(|| RestoreError::Qemu("QEMU's return path closed".into()))?;
+                serve_request!(m);
+            }
+            w = windows.next() => {
+                let Some(w) = w else { break };
+                let (base, pages) = w?;
+                tracing::trace!(target: "vmcsnap::restore", base, pages = pages.len(), "pushing a window");
+                let end = (base + RESTORE_WINDOW_PAGES).min(hashes.len());
+                let mut in_part = 0;
+                for g in base..end {
+                    let h = &hashes[g];
+                    if sent[g] || h.is_zero() {
+                        continue;
+                    }
+                    let data = pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?;
+                    let b = block_of(g as u64);
+                    src.page(b, g as u64 - starts[b], Some(data)).map_err(|e| io_err("stream", e))?;
+                    sent[g] = true;
+                    in_part += 1;
+                    if in_part == PART_PAGES_MAX {
+                        in_part = 0;
+                        src.end_part().map_err(|e| io_err("stream", e))?;
+                        send(&tx, std::mem::take(src.writer())).await?;
+                        pushed += (PART_PAGES_MAX * PAGE_SIZE) as u64;
+                        while let Ok(m) = rp_rx.try_recv() {
+                            serve_request!(m);
+                        }
+                        // The push's cap: wait, serving requests meanwhile.
+                        if rate > 0 {
+                            let due = tokio::time::Instant::from_std(push_start + Duration::from_secs_f64(pushed as f64 / rate as f64));
+                            loop {
+                                tokio::select! {
+                                    m = rp_rx.recv() => {
+                                        let m = m.ok_or_else(|| RestoreError::Qemu("QEMU's return path closed".into()))?;
+                                        serve_request!(m);
+                                    }
+                                    _ = tokio::time::sleep_until(due) => break,
+                                }
+                            }
+                        }
+                    }
+                }
+                src.end_part().map_err(|e| io_err("stream", e))?;
+                send(&tx, std::mem::take(src.writer())).await?;
+                progress.set(end as u64);
+            }
+        }
+    }
+    // 4. Resident: the end of RAM and of the stream.
+    let out = src.finish().map_err(|e| io_err("stream", e))?;
+    send(&tx, out).await?;
+    drop(tx);
+    writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(|e| io_err("writing to QEMU", e))?;
+    progress.set(hashes.len() as u64);
+    // QEMU says `SHUT` when it is done; zero pages it still asks for meanwhile read as zero
+    // once it unregisters.
+    let _ = tokio::time::timeout(COMPLETE_TIMEOUT, async {
+        while let Some(Ok(m)) = rp_rx.recv().await {
+            if matches!(m, RpMessage::Shut(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    use std::sync::atomic::Ordering::Relaxed;
+    Ok(ServeStats { requested, pages_local: fetcher.pages_local.load(Relaxed), bytes_fetched: fetcher.bytes_fetched.load(Relaxed) })
+}
+
+/// Resumes every lazy restore this node journaled and did not finish (it died mid-way).
+pub async fn recover_journaled(node: Arc<Node>) {
+    let Ok(entries) = node.store.meta_prefix(LAZY_PREFIX) else { return };
+    for (_, v) in entries {
+        match serde_json::from_slice::<Journal>(&v) {
+            Ok(j) => {
+                tokio::spawn(retry(node.clone(), j));
+            }
+            Err(e) => tracing::warn!(target: "vmcsnap::restore", error = %e, "unreadable lazy-restore journal entry"),
+        }
+    }
+}
+
+/// Tries to resume a paused lazy restore until it is done or the VM is gone.
+async fn retry(node: Arc<Node>, j: Journal) {
+    let key = [LAZY_PREFIX, j.vm.as_bytes()].concat();
+    // The first try waits for the members to be known again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    loop {
+        match recover(&node, &j).await {
+            Ok(done) => {
+                tracing::info!(target: "vmcsnap::restore", vm = %j.vm, outcome = done, "lazy restore ended");
+                let _ = node.store.meta_delete(&key);
+                if done.starts_with("completed") {
+                    // The VM runs on this host (the restore that launched it may never have
+                    // said so, its caller gone with the node).
+                    if let Err(e) = node.vms.add(&j.vm, &j.qmp) {
+                        tracing::warn!(target: "vmcsnap::restore", vm = %j.vm, error = %e, "cannot register the restored VM");
+                    }
+                    if let Some(me) = node.member(&node.id) {
+                        forget_elsewhere(&node, &j.vm, &me).await;
+                    }
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(target: "vmcsnap::restore", vm = %j.vm, error = %e, retry_s = RECOVER_RETRY.as_secs(), "lazy restore still paused"),
+        }
+        tokio::time::sleep(RECOVER_RETRY).await;
+    }
+}
+
+/// One attempt at resuming `j`. `Ok` says how it ended (the journal entry can go).
+async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> {
+    if !j.qmp.exists() {
+        return Ok("VM gone");
+    }
+    let sock = node.config.data_dir.join(format!("recover-{}.sock", j.vm));
+    let _ = std::fs::remove_file(&sock);
+    let recover = serde_json::json!({ "exec-oob": "migrate-recover", "arguments": { "uri": format!("unix:{}", sock.display()) } });
+    let ksock = keeper::socket_of(&node.config.data_dir, &j.vm);
+    if ksock.exists() {
+        // The keeper's monitor answers out of band even if QEMU's main loop is stuck behind a
+        // vCPU waiting for a page.
+        if let Err(e) = keeper::call(&ksock, recover).await {
+            let status = keeper::call(&ksock, serde_json::json!({ "execute": "query-migrate" })).await;
+            return match status.as_ref().map(|m| m["status"].as_str().unwrap_or("none")) {
+                Ok("completed") => Ok("completed before"),
+                Ok("failed") => Ok("QEMU's migration failed"),
+                _ => Err(format!("migrate-recover: {e} (migration: {status:?})")),
+            };
+        }
+    } else {
+        // No keeper: QEMU's migration is over, or QEMU is gone.
+        let mut q = match Qmp::connect(&j.qmp).await {
+            Ok(q) => q,
+            Err(_) if !j.qmp.exists() => return Ok("VM gone"),
+            Err(e) => return Err(e.to_string()),
+        };
+        let status = q.migrate_status().await.map_err(|e| e.to_string())?;
+        match status.as_str() {
+            "postcopy-paused" => {}
+            "completed" => return Ok("completed before"),
+            "postcopy-active" | "postcopy-recover" => return Err(format!("QEMU's migration is {status}; waiting for it to pause")),
+            other => return Ok(if other == "failed" { "QEMU's migration failed" } else { "no migration" }),
+        }
+        let plain = serde_json::json!({ "uri": format!("unix:{}", sock.display()) });
+        q.execute("migrate-recover", plain).await.map_err(|e| e.to_string())?;
+    }
+    let t0 = Instant::now();
+    let conn = loop {
+        match UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => return Err(format!("QEMU's recovery socket {}: {e}", sock.display())),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let record = node.find_record(&j.name).await.map_err(|e| e.to_string())?;
+    let entry = record.vm(&j.vm).ok_or_else(|| format!("snapshot {} has no VM {}", j.name, j.vm))?;
+    let state = entry.qemu.as_ref().ok_or("no QEMU state")?;
+    let meta = crate::qemu::stream_meta(state, &entry.blocks);
+    let hashes = {
+        let fetcher = Fetcher::new(node, &record);
+        expand_manifest(&fetcher, entry, |_, _| {}).await.map_err(|e| e.to_string())?
+    };
+    serve(node.clone(), record.clone(), meta, hashes, conn, Start::Resume, Progress::new(None)).await.map_err(|e| e.to_string())?;
+    wait_completed(&j.qmp, &keeper::socket_of(&node.config.data_dir, &j.vm)).await?;
+    let _ = std::fs::remove_file(&sock);
+    Ok("completed")
+}
