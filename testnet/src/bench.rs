@@ -52,6 +52,9 @@ pub struct Column {
     /// Time from one pause start to the last, ms (vmcsnap's one cut; `None` for default KVM).
     pub pause_skew_ms: Option<f64>,
     /// Rollback of every VM on other hosts, until all run, s.
+    pub running_s: f64,
+    /// Rollback of every VM on other hosts, until all memory is resident, s (default KVM:
+    /// the same as `running_s`).
     pub restore_s: f64,
     /// Bytes written cluster-wide by the second snapshot.
     pub second_bytes: u64,
@@ -292,8 +295,11 @@ fn stages(log: &Path, from: u64) -> String {
         .join(", ")
 }
 
-/// vmcsnap's rollback of every VM, each on the next host. Returns seconds until all run.
-fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<f64> {
+/// vmcsnap's rollback of every VM, each on the next host (lazy). Returns seconds until all
+/// run and until all memory is resident. "All run" is the latest VM's time to running on its
+/// host plus what the command spent outside the hosts' restores (finding the record, asking
+/// the hosts, answering).
+fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<(f64, f64)> {
     let mut args: Vec<String> = vec!["snapshot".into(), "restore".into(), name.into(), "--launch".into()];
     for vm in vms.iter() {
         args.push("--on".into());
@@ -303,15 +309,28 @@ fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> any
     let t = Instant::now();
     let r = c.json(0, &a)?;
     let secs = t.elapsed().as_secs_f64();
+    let (mut running, mut elapsed) = (0f64, 0f64);
     for s in r.as_array().context("restored")? {
         if s["vm_status"] != "running" {
             bail!("{} restored but {}", s["vm"], s["vm_status"]);
         }
+        running = running.max(s["running_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        elapsed = elapsed.max(s["elapsed_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        println!(
+            "  {} on {}: {} running after {:.2} s, resident after {:.2} s, {} pages asked for{}",
+            s["vm"].as_str().unwrap_or("?"),
+            s["host"].as_str().unwrap_or("?"),
+            if s["lazy"] == true { "lazy" } else { "eager" },
+            s["running_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+            s["elapsed_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+            s["pages_requested"].as_u64().unwrap_or(0),
+            s["note"].as_str().map(|n| format!(" ({n})")).unwrap_or_default()
+        );
     }
     for vm in vms.iter_mut() {
         vm.host = (vm.host + 1) % hosts;
     }
-    Ok(secs)
+    Ok((running + (secs - elapsed).max(0.0), secs))
 }
 
 /// Page hashes of every VM of a snapshot, from raw restores into `tmp` (deleted after).
@@ -428,9 +447,9 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         println!("default KVM rollback: {kvm_restore_s:.2} s");
         let mut restores = Vec::new();
         for (i, c) in clusters.iter().enumerate() {
-            let secs = vmcsnap_restore(c, opts.hosts, "first", &mut vms)?;
-            println!("vmcsnap R={} rollback: {secs:.2} s", i + 1);
-            restores.push(secs);
+            let (running, secs) = vmcsnap_restore(c, opts.hosts, "first", &mut vms)?;
+            println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s", i + 1);
+            restores.push((running, secs));
             if i + 1 < clusters.len() {
                 kill_all(&vmdir, &vms);
                 // The next rollback puts every VM where this one found it.
@@ -449,6 +468,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             pause_max_ms: max(&kvm_pauses),
             pause_median_ms: crate::stats::median(kvm_pauses.clone()),
             pause_skew_ms: None,
+            running_s: kvm_restore_s,
             restore_s: kvm_restore_s,
             second_bytes: kvm2_bytes,
             second_s: kvm2_s,
@@ -470,7 +490,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
                 pause_max_ms: max(&f.2),
                 pause_median_ms: crate::stats::median(f.2.clone()),
                 pause_skew_ms: f.3,
-                restore_s: *rs,
+                running_s: rs.0,
+                restore_s: rs.1,
                 second_bytes: s.0,
                 second_s: s.1,
             });
@@ -521,7 +542,8 @@ fn panels(results: &[ModeResult]) -> Vec<Panel> {
         panel("bytes stored", "MiB", &|c| mib(c.bytes)),
         panel("snapshot until durable", "s", &|c| c.durable_s),
         panel("longest VM pause", "ms", &|c| c.pause_max_ms),
-        panel("rollback on other hosts", "s", &|c| c.restore_s),
+        panel("rollback: every VM running", "s", &|c| c.running_s),
+        panel("rollback: all memory resident", "s", &|c| c.restore_s),
         panel("second snapshot: bytes written", "MiB", &|c| mib(c.second_bytes)),
         panel("second snapshot: time", "s", &|c| c.second_s),
     ]
@@ -553,7 +575,8 @@ pub fn table(m: &ModeResult) -> String {
     row(&mut o, "VM pause, max", &|x| format!("{:.0} ms", x.pause_max_ms));
     row(&mut o, "VM pause, median", &|x| format!("{:.0} ms", x.pause_median_ms));
     row(&mut o, "pause skew (one cut)", &|x| x.pause_skew_ms.map(|s| format!("{s:.1} ms")).unwrap_or_else(|| "-".into()));
-    row(&mut o, "rollback on other hosts", &|x| format!("{:.2} s", x.restore_s));
+    row(&mut o, "rollback: every VM running", &|x| format!("{:.2} s", x.running_s));
+    row(&mut o, "rollback: all memory resident", &|x| format!("{:.2} s", x.restore_s));
     row(&mut o, "second snapshot: bytes written", &|x| format!("{:.1} MiB", mib(x.second_bytes)));
     row(&mut o, "second snapshot: time", &|x| format!("{:.2} s", x.second_s));
     let b = &m.breakdown;
@@ -604,7 +627,15 @@ pub fn goals(m: &ModeResult) -> Vec<String> {
             kvm.pause_max_ms
         ));
         out.push(format!(
-            "{} {} rollback within 1.5x default KVM's: {:.2} vs {:.2} s ({:.2}x)",
+            "{} {} rollback, every VM running within 0.3x default KVM's: {:.2} vs {:.2} s ({:.2}x)",
+            verdict(r.running_s <= 0.3 * kvm.running_s),
+            r.name,
+            r.running_s,
+            kvm.running_s,
+            r.running_s / kvm.running_s
+        ));
+        out.push(format!(
+            "{} {} rollback, all memory resident within 1.5x default KVM's: {:.2} vs {:.2} s ({:.2}x)",
             verdict(r.restore_s <= 1.5 * kvm.restore_s),
             r.name,
             r.restore_s,
