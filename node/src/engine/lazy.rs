@@ -48,6 +48,8 @@ pub const RECOVER_RETRY: Duration = Duration::from_secs(10);
 /// Buffers queued for the socket (each at most [`PART_PAGES_MAX`] pages): a page request waits
 /// behind at most this many.
 const SEND_QUEUE: usize = 2;
+/// Fetched windows waiting to be pushed (besides the one being pushed).
+const WINDOWS_QUEUED: usize = 2;
 
 /// What a lazy restore journals: enough to resume it after a crash.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -321,13 +323,31 @@ async fn serve(
     let mut last_block: Option<String> = None;
     let mut requested = 0u64;
     let (rate, push_start, mut pushed) = (node.config.lazy_push_rate, Instant::now(), 0u64);
+    // Fetches for QEMU's requests run beside the window fetches, and every one of them is
+    // polled by this one loop: awaiting a request's fetch while window fetches sit unpolled
+    // would leave their answers unread, and the connection's flow control would then hold
+    // back the request's answer too, for ever.
+    let mut asked = futures::stream::FuturesUnordered::new();
+    let mut windows_done = false;
+    // When the push may send its next part (the cap), if it is waiting.
+    let mut push_due: Option<tokio::time::Instant> = None;
+    // The window being pushed: its base, pages, and how far it got; and windows fetched
+    // since. The window fetches are polled all along (at most [`WINDOWS_QUEUED`] wait).
+    let mut pushing: Option<(usize, HashMap<PageHash, Vec<u8>>, usize)> = None;
+    let mut queued: std::collections::VecDeque<(usize, HashMap<PageHash, Vec<u8>>)> = Default::default();
 
-    // Serves what QEMU asked for: `msg`, and any request already queued behind it.
-    macro_rules! serve_request {
-        ($msg:expr) => {{
-            let mut msg = Some($msg);
-            while let Some(m) = msg.take() {
-                match m {
+    loop {
+        if pushing.is_none() {
+            pushing = queued.pop_front().map(|(base, pages)| (base, pages, base));
+        }
+        if windows_done && pushing.is_none() && asked.is_empty() {
+            break;
+        }
+        let push_ready = pushing.is_some() && push_due.is_none_or(|d| d <= tokio::time::Instant::now());
+        tokio::select! {
+            biased;
+            m = rp_rx.recv() => {
+                match m.ok_or_else(|| RestoreError::Qemu("QEMU's return path closed".into()))? {
                     Ok(RpMessage::ReqPages { block, offset, len }) => {
                         tracing::trace!(target: "vmcsnap::restore", ?block, offset, len, "QEMU asks for pages");
                         if let Some(b) = block {
@@ -341,79 +361,76 @@ async fn serve(
                         if first + n > pages_in_block {
                             return Err(RestoreError::Qemu(format!("QEMU asked for pages {first}+{n} of block {bname}, which has {pages_in_block}")));
                         }
-                        let idx: Vec<u64> = (first..first + n).map(|i| starts[b] + i).filter(|g| !sent[*g as usize]).collect();
+                        let idx: Vec<u64> = (first..first + n).map(|i| starts[b] + i).collect();
                         let mut need: Vec<PageHash> = idx.iter().map(|g| hashes[*g as usize]).filter(|h| !h.is_zero()).collect();
                         need.sort();
                         need.dedup();
-                        let pages = if need.is_empty() { HashMap::new() } else { fetcher.fetch(need).await? };
-                        for g in idx {
-                            let h = &hashes[g as usize];
-                            let data = if h.is_zero() { None } else { Some(pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?.as_slice()) };
-                            src.page(b, g - starts[b], data).map_err(|e| io_err("stream", e))?;
-                            sent[g as usize] = true;
-                            requested += 1;
-                        }
-                        src.end_part().map_err(|e| io_err("stream", e))?;
-                        send(&tx, std::mem::take(src.writer())).await?;
+                        asked.push(async move {
+                            let pages = if need.is_empty() { Ok(HashMap::new()) } else { fetcher.fetch(need).await };
+                            pages.map(|p| (b, idx, p))
+                        });
                     }
                     Ok(RpMessage::Shut(v)) => return Err(RestoreError::Qemu(format!("QEMU ended the migration before it had every page (code {v}); see its log"))),
                     Ok(_) => {}
                     Err(e) => return Err(io_err("QEMU's return path", e)),
                 }
-                msg = rp_rx.try_recv().ok();
             }
-        }};
-    }
-
-    loop {
-        tokio::select! {
-            biased;
-            m = rp_rx.recv() => {
-                let m = m.ok_or_else(|| RestoreError::Qemu("QEMU's return path closed".into()))?;
-                serve_request!(m);
-            }
-            w = windows.next() => {
-                let Some(w) = w else { break };
-                let (base, pages) = w?;
-                tracing::trace!(target: "vmcsnap::restore", base, pages = pages.len(), "pushing a window");
-                let end = (base + RESTORE_WINDOW_PAGES).min(hashes.len());
-                let mut in_part = 0;
-                for g in base..end {
-                    let h = &hashes[g];
-                    if sent[g] || h.is_zero() {
-                        continue;
+            Some(r) = asked.next(), if !asked.is_empty() => {
+                let (b, idx, pages) = r?;
+                for g in idx {
+                    if sent[g as usize] {
+                        continue; // pushed meanwhile, or asked for twice
                     }
-                    let data = pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?;
-                    let b = block_of(g as u64);
-                    src.page(b, g as u64 - starts[b], Some(data)).map_err(|e| io_err("stream", e))?;
-                    sent[g] = true;
-                    in_part += 1;
-                    if in_part == PART_PAGES_MAX {
-                        in_part = 0;
-                        src.end_part().map_err(|e| io_err("stream", e))?;
-                        send(&tx, std::mem::take(src.writer())).await?;
-                        pushed += (PART_PAGES_MAX * PAGE_SIZE) as u64;
-                        while let Ok(m) = rp_rx.try_recv() {
-                            serve_request!(m);
-                        }
-                        // The push's cap: wait, serving requests meanwhile.
-                        if rate > 0 {
-                            let due = tokio::time::Instant::from_std(push_start + Duration::from_secs_f64(pushed as f64 / rate as f64));
-                            loop {
-                                tokio::select! {
-                                    m = rp_rx.recv() => {
-                                        let m = m.ok_or_else(|| RestoreError::Qemu("QEMU's return path closed".into()))?;
-                                        serve_request!(m);
-                                    }
-                                    _ = tokio::time::sleep_until(due) => break,
-                                }
-                            }
-                        }
-                    }
+                    let h = &hashes[g as usize];
+                    let data = if h.is_zero() { None } else { Some(pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?.as_slice()) };
+                    src.page(b, g - starts[b], data).map_err(|e| io_err("stream", e))?;
+                    sent[g as usize] = true;
+                    requested += 1;
                 }
                 src.end_part().map_err(|e| io_err("stream", e))?;
                 send(&tx, std::mem::take(src.writer())).await?;
-                progress.set(end as u64);
+            }
+            _ = async { if let Some(d) = push_due { tokio::time::sleep_until(d).await } }, if pushing.is_some() && !push_ready => {
+                push_due = None;
+            }
+            _ = std::future::ready(()), if push_ready => {
+                // One part of the window being pushed.
+                let (base, pages, at) = pushing.take().expect("pushing");
+                let end = (base + RESTORE_WINDOW_PAGES).min(hashes.len());
+                let mut g = at;
+                let mut in_part = 0;
+                while g < end && in_part < PART_PAGES_MAX {
+                    let h = &hashes[g];
+                    if !sent[g] && !h.is_zero() {
+                        let data = pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?;
+                        let b = block_of(g as u64);
+                        src.page(b, g as u64 - starts[b], Some(data)).map_err(|e| io_err("stream", e))?;
+                        sent[g] = true;
+                        in_part += 1;
+                    }
+                    g += 1;
+                }
+                src.end_part().map_err(|e| io_err("stream", e))?;
+                send(&tx, std::mem::take(src.writer())).await?;
+                pushed += (in_part * PAGE_SIZE) as u64;
+                if rate > 0 {
+                    push_due = Some(tokio::time::Instant::from_std(push_start + Duration::from_secs_f64(pushed as f64 / rate as f64)));
+                }
+                if g < end {
+                    pushing = Some((base, pages, g));
+                } else {
+                    progress.set(end as u64);
+                }
+            }
+            w = windows.next(), if !windows_done && queued.len() < WINDOWS_QUEUED => {
+                match w {
+                    None => windows_done = true,
+                    Some(w) => {
+                        let (base, pages) = w?;
+                        tracing::trace!(target: "vmcsnap::restore", base, pages = pages.len(), "window fetched");
+                        queued.push_back((base, pages));
+                    }
+                }
             }
         }
     }
