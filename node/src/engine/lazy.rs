@@ -227,81 +227,13 @@ async fn serve(
         *at += b.bytes / PAGE_SIZE as u64;
         Some(s)
     }).collect();
-    let block_of = |g: u64| starts.partition_point(|&s| s <= g) - 1;
     let names: HashMap<String, usize> = meta.blocks.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
     // Bytes bound of a bitmap QEMU may send: its largest block's pages, in bits, rounded up.
     let bitmap_max = meta.blocks.iter().map(|b| (b.bytes / PAGE_SIZE as u64).div_ceil(64) as usize * 8).max().unwrap_or(0) + 8;
 
-    // The return path, read on a thread of its own.
-    let mut reader = conn.try_clone().map_err(|e| io_err("cannot read QEMU's return path", e))?;
-    let (rp_tx, mut rp_rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || loop {
-        let m = read_message(&mut reader, bitmap_max);
-        let end = m.is_err();
-        if rp_tx.send(m).is_err() || end {
-            break;
-        }
-    });
-    // The socket, written on a blocking thread; dropping `tx` ends the write side, so that
-    // QEMU sees the stream end (and pauses, unless it had it all).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SEND_QUEUE);
-    let mut wconn = conn;
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        while let Some(b) = rx.blocking_recv() {
-            wconn.write_all(&b)?;
-        }
-        wconn.shutdown(std::net::Shutdown::Write)
-    });
-    let send = |tx: &tokio::sync::mpsc::Sender<Vec<u8>>, b: Vec<u8>| {
-        let tx = tx.clone();
-        async move { tx.send(b).await.map_err(|_| RestoreError::Qemu("the stream to QEMU broke off".into())) }
-    };
-
+    let (mut rp_rx, tx, writer) = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
-    let mut src = match start {
-        Start::New { tail, ready } => {
-            let mut s = Source::start(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
-            s.package(&tail).map_err(|e| io_err("device state", e))?;
-            send(&tx, std::mem::take(s.writer())).await?;
-            let _ = ready.send(());
-            s
-        }
-        Start::Resume => {
-            let mut s = Source::resume(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
-            send(&tx, std::mem::take(s.writer())).await?;
-            let mut bitmaps = 0;
-            while bitmaps < meta.blocks.len() {
-                match rp_rx.recv().await {
-                    Some(Ok(RpMessage::RecvBitmap { block, bitmap })) => {
-                        let b = *names.get(&block).ok_or_else(|| RestoreError::Qemu(format!("QEMU sent the bitmap of an unknown block {block}")))?;
-                        let pages = meta.blocks[b].bytes / PAGE_SIZE as u64;
-                        for i in 0..pages {
-                            if bitmap.get((i / 8) as usize).is_some_and(|byte| byte >> (i % 8) & 1 == 1) {
-                                sent[(starts[b] + i) as usize] = true;
-                            }
-                        }
-                        bitmaps += 1;
-                    }
-                    Some(Ok(_)) => {} // requests from before the pause come again after it
-                    Some(Err(e)) => return Err(io_err("QEMU's return path", e)),
-                    None => return Err(RestoreError::Qemu("QEMU's return path closed".into())),
-                }
-            }
-            s.send_resume().map_err(|e| io_err("stream", e))?;
-            send(&tx, std::mem::take(s.writer())).await?;
-            loop {
-                match rp_rx.recv().await {
-                    Some(Ok(RpMessage::ResumeAck(_))) => break,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(io_err("QEMU's return path", e)),
-                    None => return Err(RestoreError::Qemu("QEMU's return path closed".into())),
-                }
-            }
-            let have = sent.iter().filter(|s| **s).count();
-            tracing::info!(target: "vmcsnap::restore", pages_resident = have, pages = sent.len(), "lazy restore resumed");
-            s
-        }
-    };
+    let mut src = begin(start, &meta, &names, &starts, &mut sent, &tx, &mut rp_rx).await?;
 
     // Windows that hold a page QEMU lacks, fetched ahead in memory order.
     let wanted: Vec<usize> = (0..hashes.len().div_ceil(RESTORE_WINDOW_PAGES))
@@ -353,15 +285,7 @@ async fn serve(
                         if let Some(b) = block {
                             last_block = Some(b);
                         }
-                        let bname = last_block.clone().ok_or_else(|| RestoreError::Qemu("QEMU asked for pages without naming a block".into()))?;
-                        let b = *names.get(&bname).ok_or_else(|| RestoreError::Qemu(format!("QEMU asked for pages of an unknown block {bname}")))?;
-                        let first = offset / PAGE_SIZE as u64;
-                        let n = (len as u64).div_ceil(PAGE_SIZE as u64).max(1);
-                        let pages_in_block = meta.blocks[b].bytes / PAGE_SIZE as u64;
-                        if first + n > pages_in_block {
-                            return Err(RestoreError::Qemu(format!("QEMU asked for pages {first}+{n} of block {bname}, which has {pages_in_block}")));
-                        }
-                        let idx: Vec<u64> = (first..first + n).map(|i| starts[b] + i).collect();
+                        let (b, idx) = requested_pages(last_block.as_deref(), offset, len, &names, &meta, &starts)?;
                         let mut need: Vec<PageHash> = idx.iter().map(|g| hashes[*g as usize]).filter(|h| !h.is_zero()).collect();
                         need.sort();
                         need.dedup();
@@ -381,9 +305,7 @@ async fn serve(
                     if sent[g as usize] {
                         continue; // pushed meanwhile, or asked for twice
                     }
-                    let h = &hashes[g as usize];
-                    let data = if h.is_zero() { None } else { Some(pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?.as_slice()) };
-                    src.page(b, g - starts[b], data).map_err(|e| io_err("stream", e))?;
+                    write_page(&mut src, b, g - starts[b], &hashes[g as usize], &pages)?;
                     sent[g as usize] = true;
                     requested += 1;
                 }
@@ -397,19 +319,7 @@ async fn serve(
                 // One part of the window being pushed.
                 let (base, pages, at) = pushing.take().expect("pushing");
                 let end = (base + RESTORE_WINDOW_PAGES).min(hashes.len());
-                let mut g = at;
-                let mut in_part = 0;
-                while g < end && in_part < PART_PAGES_MAX {
-                    let h = &hashes[g];
-                    if !sent[g] && !h.is_zero() {
-                        let data = pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?;
-                        let b = block_of(g as u64);
-                        src.page(b, g as u64 - starts[b], Some(data)).map_err(|e| io_err("stream", e))?;
-                        sent[g] = true;
-                        in_part += 1;
-                    }
-                    g += 1;
-                }
+                let (g, in_part) = push_part(&mut src, &starts, hashes, &mut sent, &pages, at..end)?;
                 src.end_part().map_err(|e| io_err("stream", e))?;
                 send(&tx, std::mem::take(src.writer())).await?;
                 pushed += (in_part * PAGE_SIZE) as u64;
@@ -452,6 +362,157 @@ async fn serve(
     .await;
     use std::sync::atomic::Ordering::Relaxed;
     Ok(ServeStats { requested, pages_local: fetcher.pages_local.load(Relaxed), bytes_fetched: fetcher.bytes_fetched.load(Relaxed) })
+}
+
+/// The connection of a lazy restore to the RAM pages: for a fresh QEMU, the head, advice, RAM
+/// list and device-state package; for a paused one, the bitmaps of the pages it has (marked
+/// in `sent`) and the resume handshake.
+async fn begin(
+    start: Start,
+    meta: &StreamMeta,
+    names: &HashMap<String, usize>,
+    starts: &[u64],
+    sent: &mut [bool],
+    tx: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    rp_rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
+) -> Result<Source<Vec<u8>>, RestoreError> {
+    let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
+    Ok(match start {
+        Start::New { tail, ready } => {
+            let mut s = Source::start(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
+            s.package(&tail).map_err(|e| io_err("device state", e))?;
+            send(tx, std::mem::take(s.writer())).await?;
+            let _ = ready.send(());
+            s
+        }
+        Start::Resume => {
+            let mut s = Source::resume(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
+            send(tx, std::mem::take(s.writer())).await?;
+            let mut bitmaps = 0;
+            while bitmaps < meta.blocks.len() {
+                match rp_rx.recv().await {
+                    Some(Ok(RpMessage::RecvBitmap { block, bitmap })) => {
+                        let b = *names.get(&block).ok_or_else(|| RestoreError::Qemu(format!("QEMU sent the bitmap of an unknown block {block}")))?;
+                        let pages = meta.blocks[b].bytes / PAGE_SIZE as u64;
+                        for i in 0..pages {
+                            if bitmap.get((i / 8) as usize).is_some_and(|byte| byte >> (i % 8) & 1 == 1) {
+                                sent[(starts[b] + i) as usize] = true;
+                            }
+                        }
+                        bitmaps += 1;
+                    }
+                    Some(Ok(_)) => {} // requests from before the pause come again after it
+                    Some(Err(e)) => return Err(io_err("QEMU's return path", e)),
+                    None => return Err(RestoreError::Qemu("QEMU's return path closed".into())),
+                }
+            }
+            s.send_resume().map_err(|e| io_err("stream", e))?;
+            send(tx, std::mem::take(s.writer())).await?;
+            loop {
+                match rp_rx.recv().await {
+                    Some(Ok(RpMessage::ResumeAck(_))) => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(io_err("QEMU's return path", e)),
+                    None => return Err(RestoreError::Qemu("QEMU's return path closed".into())),
+                }
+            }
+            let have = sent.iter().filter(|s| **s).count();
+            tracing::info!(target: "vmcsnap::restore", pages_resident = have, pages = sent.len(), "lazy restore resumed");
+            s
+        }
+    })
+}
+
+/// The two directions of a postcopy connection: return-path messages read on a thread of
+/// their own, and bytes written on a blocking thread. Dropping the sender ends the write side,
+/// so that QEMU sees the stream end (and pauses, unless it had it all).
+#[allow(clippy::type_complexity)]
+fn channels(
+    conn: UnixStream,
+    bitmap_max: usize,
+) -> Result<
+    (
+        tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
+        tokio::sync::mpsc::Sender<Vec<u8>>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ),
+    RestoreError,
+> {
+    let mut reader = conn.try_clone().map_err(|e| RestoreError::Qemu(format!("cannot read QEMU's return path: {e}")))?;
+    let (rp_tx, rp_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || loop {
+        let m = read_message(&mut reader, bitmap_max);
+        let end = m.is_err();
+        if rp_tx.send(m).is_err() || end {
+            break;
+        }
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SEND_QUEUE);
+    let mut wconn = conn;
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        while let Some(b) = rx.blocking_recv() {
+            wconn.write_all(&b)?;
+        }
+        wconn.shutdown(std::net::Shutdown::Write)
+    });
+    Ok((rp_rx, tx, writer))
+}
+
+/// Writes the pages of `range` QEMU lacks, at most [`PART_PAGES_MAX`] of them, from the fetched
+/// `pages`. Returns where it stopped and how many it wrote.
+fn push_part(
+    src: &mut Source<Vec<u8>>,
+    starts: &[u64],
+    hashes: &[PageHash],
+    sent: &mut [bool],
+    pages: &HashMap<PageHash, Vec<u8>>,
+    range: std::ops::Range<usize>,
+) -> Result<(usize, usize), RestoreError> {
+    let (mut g, end) = (range.start, range.end);
+    let mut written = 0;
+    while g < end && written < PART_PAGES_MAX {
+        if !sent[g] && !hashes[g].is_zero() {
+            let b = starts.partition_point(|&s| s <= g as u64) - 1;
+            write_page(src, b, g as u64 - starts[b], &hashes[g], pages)?;
+            sent[g] = true;
+            written += 1;
+        }
+        g += 1;
+    }
+    Ok((g, written))
+}
+
+/// The block and global page indexes of a page request (`block`: the request's, or the last
+/// named one).
+fn requested_pages(
+    block: Option<&str>,
+    offset: u64,
+    len: u32,
+    names: &HashMap<String, usize>,
+    meta: &StreamMeta,
+    starts: &[u64],
+) -> Result<(usize, Vec<u64>), RestoreError> {
+    let bname = block.ok_or_else(|| RestoreError::Qemu("QEMU asked for pages without naming a block".into()))?;
+    let b = *names.get(bname).ok_or_else(|| RestoreError::Qemu(format!("QEMU asked for pages of an unknown block {bname}")))?;
+    let first = offset / PAGE_SIZE as u64;
+    let n = (len as u64).div_ceil(PAGE_SIZE as u64).max(1);
+    let pages_in_block = meta.blocks[b].bytes / PAGE_SIZE as u64;
+    if first + n > pages_in_block {
+        return Err(RestoreError::Qemu(format!("QEMU asked for pages {first}+{n} of block {bname}, which has {pages_in_block}")));
+    }
+    Ok((b, (first..first + n).map(|i| starts[b] + i).collect()))
+}
+
+/// Writes page `index` of block `b`, whose hash is `h`, from the fetched `pages` (zero pages
+/// as such).
+fn write_page(src: &mut Source<Vec<u8>>, b: usize, index: u64, h: &PageHash, pages: &HashMap<PageHash, Vec<u8>>) -> Result<(), RestoreError> {
+    let data = if h.is_zero() { None } else { Some(pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?.as_slice()) };
+    src.page(b, index, data).map_err(|e| RestoreError::Qemu(format!("stream: {e}")))
+}
+
+/// Queues bytes for the socket to QEMU.
+async fn send(tx: &tokio::sync::mpsc::Sender<Vec<u8>>, b: Vec<u8>) -> Result<(), RestoreError> {
+    tx.send(b).await.map_err(|_| RestoreError::Qemu("the stream to QEMU broke off".into()))
 }
 
 /// Resumes every lazy restore this node journaled and did not finish (it died mid-way).
