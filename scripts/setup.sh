@@ -2,9 +2,10 @@
 # Installs what building and testing vmcsnap needs on Debian 12 (idempotent; quiet when done).
 #   libclang-dev     bindgen, for the RocksDB bindings
 #   librocksdb-dev   Debian's RocksDB 7.8, linked instead of compiling RocksDB's C++
-#   qemu-system-x86, busybox-static, cpio, lz4   real guests (scripts/build-guest.sh)
+#   qemu-system-x86, busybox-static, cpio, lz4, e2fsprogs   real guests (scripts/build-guest.sh;
+#                    e2fsprogs also checks restored disks in tests)
 set -euo pipefail
-pkgs=(libclang-dev librocksdb-dev pkg-config qemu-system-x86 busybox-static cpio lz4 gzip)
+pkgs=(libclang-dev librocksdb-dev pkg-config qemu-system-x86 busybox-static cpio lz4 gzip e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

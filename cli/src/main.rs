@@ -15,6 +15,7 @@ use vmcsnap_protocol::manifest::CaptureMode;
 use vmcsnap_protocol::retention::{self, Candidate, Policy};
 use vmcsnap_protocol::units::human_bytes;
 use vmcsnap_protocol::PAGE_SIZE;
+use vmcsnap_protocol::wire::DiskChoice;
 
 #[derive(Parser)]
 #[command(
@@ -181,6 +182,11 @@ enum NodeCmd {
         /// in the background, 0 for no cap; pages the guest asks for always go at once.
         #[arg(long, value_name = "MIB_PER_S", default_value_t = 0)]
         lazy_push_rate: u64,
+        /// Where a restore that launches a VM here writes the VM's disks, as sparse raw
+        /// images named SNAPSHOT-VM-DEVICE-TIME.raw (default: DATA_DIR/disks). The VM's
+        /// original disks are never written.
+        #[arg(long, value_name = "DIR")]
+        disk_dir: Option<PathBuf>,
         /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
         #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
         log: String,
@@ -246,6 +252,15 @@ vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
         /// QEMU does not cap a live snapshot's stream).
         #[arg(long, value_name = "MIB_PER_S")]
         max_bandwidth: Option<u64>,
+        /// Memory only: leave every disk out (a restore then runs the VM on whatever disk its
+        /// recorded command line names). By default every writable disk given as
+        /// `-drive file=...` is captured with the memory, as it was in the cut's pause.
+        #[arg(long, conflicts_with = "disks")]
+        no_disks: bool,
+        /// Capture only this disk (QEMU's device name: `virtio0`, or the drive's id),
+        /// repeatable. Read-only drives are never copied: a restore uses them as recorded.
+        #[arg(long = "disk", value_name = "DEVICE")]
+        disks: Vec<String>,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -257,7 +272,8 @@ vmcsnap snapshot create img --vm test=file:/srv/test.mem")]
     #[command(after_help = "Examples:\n  vmcsnap snapshot restore nightly --launch\n  \
 vmcsnap snapshot restore nightly --vm web1 --launch --on kvm-03\n  \
 vmcsnap snapshot restore nightly --launch --on web1=kvm-03 --on db1=kvm-04\n  \
-vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
+vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem\n  \
+vmcsnap snapshot restore nightly --vm web1 --disk virtio0 --to file:/tmp/web1-disk.raw")]
     Restore {
         /// Snapshot name (NAME@RECORD picks one of conflicting records; see `snapshot list`).
         name: String,
@@ -289,6 +305,11 @@ vmcsnap snapshot restore nightly --vm web1 --to file:/tmp/web1.mem")]
         /// paused in postcopy, and never runs on wrong memory.
         #[arg(long, requires = "launch")]
         eager: bool,
+        /// With --to file:PATH: write this disk of the VM (its device name, as `snapshot
+        /// show` lists it) as a raw image, instead of its memory. (--launch restores every
+        /// captured disk into a new image in the host's --disk-dir and starts the VM on them.)
+        #[arg(long, value_name = "DEVICE", requires = "to")]
+        disk: Option<String>,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -516,19 +537,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::StreamRelay { listen, to } => std::process::exit(vmcsnap_node::qemu::relay::run(&listen, &to)),
         Cmd::QmpKeeper { qmp, listen } => std::process::exit(vmcsnap_node::qemu::keeper::run(&qmp, &listen)),
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate, log }) => {
+        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate, disk_dir, log }) => {
             let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after, repair_rate.saturating_mul(1 << 20)));
-            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs, lazy_push_rate.saturating_mul(1 << 20)), store, log).await
+            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs, lazy_push_rate.saturating_mul(1 << 20), disk_dir), store, log).await
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
         Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
         Cmd::Cluster(ClusterCmd::Admit { node_id, name, key, serial, json }) => cluster_admit(&node_id, &name, &key, serial, json),
         Cmd::Cluster(ClusterCmd::Remove { member, key, yes, common }) => cluster_remove(&member, &key, yes, &common).await,
-        Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, common }) => {
-            snapshot_create(name, vms, all, mode, replicas, max_bandwidth, &common).await
+        Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, no_disks, disks, common }) => {
+            let disks = match (no_disks, disks.is_empty()) {
+                (true, _) => DiskChoice::None,
+                (false, true) => DiskChoice::All,
+                (false, false) => DiskChoice::Only(disks),
+            };
+            snapshot_create(name, vms, all, mode, replicas, max_bandwidth, disks, &common).await
         }
-        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, eager, common }) => {
-            snapshot_restore(name, vms, on, to, launch, qmp, force, eager, &common).await
+        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, eager, disk, common }) => {
+            snapshot_restore(name, vms, on, to, launch, qmp, force, (eager, disk), &common).await
         }
         Cmd::Snapshot(SnapshotCmd::List { common }) => snapshot_list(&common).await,
         Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
@@ -572,7 +598,7 @@ async fn node_run(
     replicas: u8,
     name: Option<String>,
     (cluster_key, join): (Option<String>, Option<String>),
-    (vm_dir, qemu_dir, launch_dirs, lazy_push_rate): (Option<PathBuf>, PathBuf, Vec<PathBuf>, u64),
+    (vm_dir, qemu_dir, launch_dirs, lazy_push_rate, disk_dir): (Option<PathBuf>, PathBuf, Vec<PathBuf>, u64, Option<PathBuf>),
     (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after, repair_rate)): StoreArgs,
     log: String,
 ) -> anyhow::Result<()> {
@@ -589,7 +615,8 @@ async fn node_run(
     let name = name.unwrap_or_default();
     let qemu_dir = std::path::absolute(&qemu_dir)?;
     let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate };
+    let disk_dir = disk_dir.map(|d| std::path::absolute(&d)).transpose()?;
+    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate, disk_dir };
     vmcsnap_node::run(config, None).await
 }
 
@@ -694,6 +721,7 @@ async fn snapshot_create(
     mode: Mode,
     replicas: Option<u8>,
     max_bandwidth: Option<u64>,
+    disks: DiskChoice,
     common: &NodeArg,
 ) -> anyhow::Result<()> {
     if mode == Mode::Live && max_bandwidth.is_some() {
@@ -712,7 +740,7 @@ async fn snapshot_create(
         });
     }
     let max_bandwidth = max_bandwidth.map(|m| m.saturating_mul(1 << 20));
-    let r = call(common, ControlRequest::SnapshotCreate { name, vms: specs, all, mode, replicas, max_bandwidth }).await?;
+    let r = call(common, ControlRequest::SnapshotCreate { name, vms: specs, all, mode, replicas, max_bandwidth, disks }).await?;
     let ControlResult::Created(s) = r else { bail!("node answered with the wrong result") };
     if common.json {
         return print_json(&s);
@@ -773,7 +801,7 @@ async fn snapshot_restore(
     launch: bool,
     qmp: Option<PathBuf>,
     force: bool,
-    eager: bool,
+    (eager, disk): (bool, Option<String>),
     common: &NodeArg,
 ) -> anyhow::Result<()> {
     if !launch && vms.len() != 1 {
@@ -781,7 +809,7 @@ async fn snapshot_restore(
     }
     let target = to.as_deref().map(absolutize).transpose()?;
     let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
-    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager }).await?;
+    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk }).await?;
     let ControlResult::Restored(list) = r else { bail!("node answered with the wrong result") };
     if common.json {
         return print_json(&list);
@@ -812,6 +840,9 @@ async fn snapshot_restore(
             ),
             (false, Some(r)) => println!("guest ran after {:.2} s, once all memory was loaded (eager)", r as f64 / 1000.0),
             _ => {}
+        }
+        for d in &s.disks {
+            println!("disk {}", d.replacen('=', " restored to ", 1));
         }
         if let Some(n) = s.note {
             println!("note: {n}");
@@ -1030,7 +1061,14 @@ async fn snapshot_show(name: String, common: &NodeArg) -> anyhow::Result<()> {
                 v.stats.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
                 human_bytes(q.device_state.len)
             );
-            println!("  RAM blocks: {}", v.blocks.iter().map(|b| format!("{} ({})", b.name, human_bytes(b.bytes))).collect::<Vec<_>>().join(", "));
+            println!("  RAM blocks: {}", v.ram_blocks().iter().map(|b| format!("{} ({})", b.name, human_bytes(b.bytes))).collect::<Vec<_>>().join(", "));
+            let disks = v.disks();
+            if disks.is_empty() {
+                println!("  disks: none captured (a restore uses the disks its command line names)");
+            }
+            for (d, _, _) in disks {
+                println!("  disk {}: {} ({}), restored as a new raw image", d.device, human_bytes(d.size), q.cmdline.get(d.arg).map(String::as_str).unwrap_or("?"));
+            }
             println!("  command line: {}", q.cmdline.join(" "));
         }
     }

@@ -74,6 +74,8 @@ pub struct NodeConfig {
     /// Most bytes a second a lazy restore pushes in the background (0: no cap). Pages the
     /// guest asks for are never held back.
     pub lazy_push_rate: u64,
+    /// Where restores write the disks of the VMs they launch here (`None`: `DATA/disks`).
+    pub disk_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -100,7 +102,13 @@ impl NodeConfig {
             repair_after: DEFAULT_REPAIR_AFTER,
             repair_rate: DEFAULT_REPAIR_RATE,
             lazy_push_rate: 0,
+            disk_dir: None,
         }
+    }
+
+    /// Where restores write disks: `--disk-dir`, else `DATA/disks`.
+    pub fn disk_dir(&self) -> PathBuf {
+        self.disk_dir.clone().unwrap_or_else(|| self.data_dir.join("disks"))
     }
 
     /// Checks the values an operator can get wrong.
@@ -112,7 +120,7 @@ impl NodeConfig {
         if !self.name.is_empty() {
             vmcsnap_protocol::manifest::validate_name("--name", &self.name).map_err(|e| anyhow::anyhow!(e))?;
         }
-        for (flag, d) in self.vm_dir.iter().map(|d| ("--vm-dir", d)).chain(self.launch_dirs.iter().map(|d| ("--launch-dir", d))).chain([("--qemu-dir", &self.qemu_dir)]) {
+        for (flag, d) in self.vm_dir.iter().map(|d| ("--vm-dir", d)).chain(self.launch_dirs.iter().map(|d| ("--launch-dir", d))).chain([("--qemu-dir", &self.qemu_dir)]).chain(self.disk_dir.iter().map(|d| ("--disk-dir", d))) {
             if !d.is_absolute() {
                 anyhow::bail!("{flag} must be an absolute path, not {}", d.display());
             }

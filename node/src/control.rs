@@ -186,12 +186,12 @@ async fn handle(node: Arc<Node>, mut stream: UnixStream) {
 
 async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Result<ControlResult, ControlError> {
     match req {
-        ControlRequest::SnapshotCreate { name, vms, all, mode, replicas, max_bandwidth } => {
-            let req = snapshot::CreateRequest { name, vms, all, mode, replicas, max_bandwidth };
+        ControlRequest::SnapshotCreate { name, vms, all, mode, replicas, max_bandwidth, disks } => {
+            let req = snapshot::CreateRequest { name, vms, all, mode, replicas, max_bandwidth, disks };
             Ok(ControlResult::Created(snapshot::create(node, req, progress).await?))
         }
-        ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager } => {
-            let opts = restore::RestoreOptions { target, force, launch, qmp, eager };
+        ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk } => {
+            let opts = restore::RestoreOptions { target, force, launch, qmp, eager, disk };
             Ok(ControlResult::Restored(restore::restore_many(node, name, vms, on, opts, progress).await?))
         }
         ControlRequest::VmAdd { id, qmp } => {

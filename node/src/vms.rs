@@ -15,6 +15,8 @@ use vmcsnap_protocol::manifest::validate_name;
 
 const VM_PREFIX: &[u8] = b"vm:";
 const PAUSED_PREFIX: &[u8] = b"paused:";
+/// Journal prefix of VMs whose QEMU may hold a capture's disk views ([`crate::qemu::disks`]).
+const FLEECE_PREFIX: &[u8] = b"fleece:";
 /// Time QEMU has to leave a passing state before a journaled VM is resumed.
 pub const RESUME_SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a status question to one VM's monitor may take (a capture holding it answers "busy").
@@ -122,8 +124,10 @@ impl Registry {
         let _ = self.store.meta_delete(&key);
     }
 
-    /// Resumes every VM a capture paused and never resumed (the node died mid-snapshot).
+    /// Resumes every VM a capture paused and never resumed, and removes the disk views a
+    /// capture left in a VM's QEMU (the node died mid-snapshot).
     pub async fn resume_journaled(&self) {
+        self.remove_fleeces().await;
         let Ok(entries) = self.store.meta_prefix(PAUSED_PREFIX) else { return };
         for (k, v) in entries {
             let id = String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned();
@@ -139,6 +143,28 @@ impl Registry {
                 }
             }
             self.note_resumed(&id);
+        }
+    }
+}
+
+impl Registry {
+    async fn remove_fleeces(&self) {
+        let Ok(entries) = self.store.meta_prefix(FLEECE_PREFIX) else { return };
+        for (k, v) in entries {
+            let id = String::from_utf8_lossy(&k[FLEECE_PREFIX.len()..]).into_owned();
+            let qmp = PathBuf::from(String::from_utf8_lossy(&v).into_owned());
+            if qmp.exists() {
+                let removed = async { crate::qemu::disks::remove_leftovers(&mut Qmp::connect(&qmp).await?).await };
+                match removed.await {
+                    Ok(n) if n > 0 => tracing::warn!(target: "vmcsnap::vms", vm = %id, removed = n, "removed disk views a snapshot interrupted by a node crash had left in QEMU"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(target: "vmcsnap::vms", vm = %id, error = %e, "cannot remove disk views a crashed snapshot may have left");
+                        continue;
+                    }
+                }
+            }
+            let _ = self.store.meta_delete(&k);
         }
     }
 }
@@ -171,6 +197,17 @@ impl crate::qemu::capture::PauseJournal for Registry {
 
     fn resumed(&self, vm: &str) {
         self.note_resumed(vm);
+    }
+
+    fn fleeced(&self, vm: &str, qmp: &Path) {
+        let key = [FLEECE_PREFIX, vm.as_bytes()].concat();
+        if let Err(e) = self.store.meta_put(&key, qmp.display().to_string().as_bytes()) {
+            tracing::warn!(target: "vmcsnap::vms", vm, error = %e, "cannot journal the disk views");
+        }
+    }
+
+    fn unfleeced(&self, vm: &str) {
+        let _ = self.store.meta_delete(&[FLEECE_PREFIX, vm.as_bytes()].concat());
     }
 }
 

@@ -38,7 +38,7 @@ fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombston
         DataRequest::CatalogList,
         DataRequest::CatalogGet { name: "x".into() },
         DataRequest::Stats,
-        DataRequest::Cut(CutBegin { name: "x".into(), vms: vec![("vm".into(), None)], mode: CaptureMode::StopCopy, replicas: 1, placement, max_bandwidth: None }),
+        DataRequest::Cut(CutBegin { name: "x".into(), vms: vec![("vm".into(), None)], mode: CaptureMode::StopCopy, replicas: 1, placement, max_bandwidth: None, disks: Default::default() }),
         DataRequest::VmList,
         DataRequest::VmForget { id: "vm".into() },
         DataRequest::Revoke { token: "x".into() },

@@ -207,7 +207,7 @@ mod seeds {
             DataRequest::Get { hashes: vec![h] },
             DataRequest::Commit { record: signed.clone() },
             DataRequest::CatalogGet { name: "nightly".into() },
-            DataRequest::Cut(CutBegin { name: "nightly".into(), vms: vec![("web1".into(), None)], mode: CaptureMode::PreCopy, replicas: 2, placement: vec![me], max_bandwidth: None }),
+            DataRequest::Cut(CutBegin { name: "nightly".into(), vms: vec![("web1".into(), None)], mode: CaptureMode::PreCopy, replicas: 2, placement: vec![me], max_bandwidth: None, disks: Default::default() }),
             DataRequest::Revoke { token: cluster.revoke(me).to_token() },
             DataRequest::RestoreVm { name: "nightly@0123abcd".into(), vm: "web1".into(), eager: false },
             DataRequest::Sync { incarnation: 7 },
@@ -240,6 +240,7 @@ mod seeds {
             launch: true,
             qmp: None,
             eager: false,
+            disk: None,
         };
         put(&dir, "control", "restore", &encode_control(&req).expect("encode"));
         put(&dir, "control", "list", &encode_control(&ControlRequest::SnapshotList).expect("encode"));

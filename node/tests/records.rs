@@ -195,6 +195,7 @@ async fn only_records_signed_by_their_admitted_initiator_are_kept_and_conflicts_
         mode: CaptureMode::StopCopy,
         replicas: Some(1),
         max_bandwidth: None,
+        disks: Default::default(),
     };
     match control(&a.dir, create).await {
         Err((ErrorKind::Peer, message)) => assert!(message.contains("said it holds page") && message.contains("nothing was committed"), "{message}"),

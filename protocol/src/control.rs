@@ -114,6 +114,8 @@ pub enum ControlRequest {
         replicas: Option<u8>,
         /// Cap on each VM's live-copy bandwidth in bytes/s (pre-copy); `None` for no cap.
         max_bandwidth: Option<u64>,
+        /// Which disks to capture with each VM's memory.
+        disks: crate::wire::DiskChoice,
     },
     /// Restore VMs of a snapshot.
     SnapshotRestore {
@@ -138,6 +140,9 @@ pub enum ControlRequest {
         /// With `launch`: load all memory before the guest runs, instead of running it at
         /// once with its memory following (postcopy).
         eager: bool,
+        /// With a `file:` target: write this disk of the VM (its device name) instead of its
+        /// memory.
+        disk: Option<String>,
     },
     /// List snapshots.
     SnapshotList,
@@ -284,6 +289,8 @@ pub struct RestoreSummary {
     pub pages_requested: Option<u64>,
     /// Why the restore was not lazy, where it could have been.
     pub note: Option<String>,
+    /// The VM's disks as restored (`--launch`): `DEVICE=PATH` of each new image.
+    pub disks: Vec<String>,
 }
 
 /// One member as `cluster status` shows it.

@@ -61,13 +61,56 @@ pub struct ManifestRoot {
     pub top: Vec<PageHash>,
 }
 
-/// One RAM block of a VM, in manifest order.
+/// One block of a VM's state, in manifest order: its RAM blocks, then its disks.
+///
+/// A disk is a block named [`DISK_BLOCK_PREFIX`]`SIZE:ARG:DEVICE` (see [`DiskBlock`]): its
+/// 4 KiB blocks are pages of the manifest like any other, so dedup, placement, replicas,
+/// garbage collection, verify, scrub and repair cover disks without knowing of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Block {
-    /// Block name (`ram` for an image file; QEMU's RAMBlock id for a live VM).
+    /// Block name (`ram` for an image file; QEMU's RAMBlock id for a live VM; a disk's
+    /// [`DiskBlock::name`]).
     pub name: String,
     /// Length in bytes, a multiple of [`PAGE_SIZE`].
     pub bytes: u64,
+}
+
+/// Name prefix of a disk's block. QEMU's RAM block ids never contain a colon.
+pub const DISK_BLOCK_PREFIX: &str = "disk:";
+
+/// A disk of a VM as its block name records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskBlock {
+    /// The disk's exact size in bytes (its block is this, rounded up to a page).
+    pub size: u64,
+    /// Index of the QEMU command-line argument that names its image (`file=` of a `-drive`).
+    pub arg: usize,
+    /// QEMU's device name for it (`virtio0`, or the drive's `id`).
+    pub device: String,
+}
+
+impl DiskBlock {
+    /// The block name: `disk:SIZE:ARG:DEVICE`.
+    pub fn name(&self) -> String {
+        format!("{DISK_BLOCK_PREFIX}{}:{}:{}", self.size, self.arg, self.device)
+    }
+
+    /// Parses a block name; `None` for a RAM block (or a malformed disk name).
+    pub fn parse(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix(DISK_BLOCK_PREFIX)?;
+        let mut it = rest.splitn(3, ':');
+        let size = it.next()?.parse().ok()?;
+        let arg = it.next()?.parse().ok()?;
+        let device = it.next().filter(|d| !d.is_empty())?.to_string();
+        Some(Self { size, arg, device })
+    }
+}
+
+impl Block {
+    /// Whether this block is a disk.
+    pub fn is_disk(&self) -> bool {
+        self.name.starts_with(DISK_BLOCK_PREFIX)
+    }
 }
 
 /// What one VM's snapshot cost and saved.
@@ -161,6 +204,32 @@ pub struct VmEntry {
     pub stats: VmStats,
     /// For a running QEMU VM: what its restore needs.
     pub qemu: Option<QemuState>,
+}
+
+impl VmEntry {
+    /// Pages of its memory: the manifest's first pages (its disks follow).
+    pub fn ram_pages(&self) -> u64 {
+        self.blocks.iter().filter(|b| !b.is_disk()).map(|b| b.bytes / PAGE_SIZE as u64).sum()
+    }
+
+    /// Its RAM blocks.
+    pub fn ram_blocks(&self) -> Vec<Block> {
+        self.blocks.iter().filter(|b| !b.is_disk()).cloned().collect()
+    }
+
+    /// Its disks, each with the manifest index of its first page and its page count.
+    pub fn disks(&self) -> Vec<(DiskBlock, u64, u64)> {
+        let mut at = 0u64;
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            let pages = b.bytes / PAGE_SIZE as u64;
+            if let Some(d) = DiskBlock::parse(&b.name) {
+                out.push((d, at, pages));
+            }
+            at += pages;
+        }
+        out
+    }
 }
 
 /// A committed snapshot.
@@ -399,6 +468,12 @@ impl CommitRecord {
             if vm.blocks.iter().any(|b| b.name.is_empty() || b.name.len() > BLOCK_NAME_BYTES_MAX) {
                 return bad(format!("VM {} has a RAM block name of 0 or over {BLOCK_NAME_BYTES_MAX} bytes", vm.id));
             }
+            if let Some(first_disk) = vm.blocks.iter().position(Block::is_disk) {
+                let disks = &vm.blocks[first_disk..];
+                if first_disk == 0 || !disks.iter().all(|b| DiskBlock::parse(&b.name).is_some_and(|d| d.size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64 == b.bytes)) {
+                    return bad(format!("VM {} has a malformed disk block, or one before its RAM", vm.id));
+                }
+            }
             if vm.blocks.iter().any(|b| b.bytes % PAGE_SIZE as u64 != 0)
                 || bytes / PAGE_SIZE as u64 != vm.manifest.pages
             {
@@ -620,6 +695,28 @@ mod tests {
         let mut wrap = rec.clone();
         wrap.vms[0].blocks = vec![Block { name: "a".into(), bytes: u64::MAX - 4095 }, Block { name: "b".into(), bytes: 8192 }];
         assert!(wrap.validate().is_err());
+    }
+
+    #[test]
+    fn disk_blocks_follow_ram_and_round_trip() {
+        let d = DiskBlock { size: 10_000, arg: 31, device: "virtio0".into() };
+        assert_eq!(DiskBlock::parse(&d.name()), Some(d.clone()));
+        assert_eq!(DiskBlock::parse("pc.ram"), None);
+        assert_eq!(DiskBlock::parse("disk:1:2:"), None);
+        let mut rec = CommitRecord::minimal(NodeId([1; 32]), "s");
+        let pages = 10_000u64.div_ceil(PAGE_SIZE as u64);
+        rec.vms[0].blocks.push(Block { name: d.name(), bytes: pages * PAGE_SIZE as u64 });
+        rec.vms[0].manifest = build_manifest(&vec![ZERO_HASH; 1 + pages as usize]).root;
+        assert!(rec.validate().is_ok());
+        assert_eq!(rec.vms[0].ram_pages(), 1);
+        assert_eq!(rec.vms[0].disks(), vec![(d.clone(), 1, pages)]);
+        // A disk first, or a size that does not match the block: refused.
+        let mut first = rec.clone();
+        first.vms[0].blocks.reverse();
+        assert!(first.validate().is_err());
+        let mut size = rec.clone();
+        size.vms[0].blocks[1].name = DiskBlock { size: 99_999, ..d }.name();
+        assert!(size.validate().is_err());
     }
 
     #[test]

@@ -49,7 +49,8 @@ use serde::{Deserialize, Serialize};
 ///   exactly one commits.
 /// - `vmcsnap/data/6`: lazy restores (`RestoreVm` says whether eager; `Restored` says how the
 ///   guest came up).
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/6";
+/// - `vmcsnap/data/7`: disks in the cut (`CutBegin` says which disks to capture).
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/7";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -251,6 +252,31 @@ pub struct CutBegin {
     pub placement: Vec<NodeId>,
     /// Live-copy bandwidth cap (bytes/s), if any.
     pub max_bandwidth: Option<u64>,
+    /// Which disks of each VM to capture with its memory.
+    pub disks: DiskChoice,
+}
+
+/// Which disks of a QEMU VM a snapshot captures with its memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskChoice {
+    /// Every writable disk (read-only ones stay references: their paths, as recorded).
+    #[default]
+    All,
+    /// None: memory only (a restore then uses the recorded disk paths as they are).
+    None,
+    /// Only the writable disks with these device names (`virtio0`, or a drive's `id`).
+    Only(Vec<String>),
+}
+
+impl DiskChoice {
+    /// Whether the disk with QEMU device name `device` is captured.
+    pub fn wants(&self, device: &str) -> bool {
+        match self {
+            DiskChoice::All => true,
+            DiskChoice::None => false,
+            DiskChoice::Only(ids) => ids.iter().any(|d| d == device),
+        }
+    }
 }
 
 /// Silence after which a cut's peer counts as gone.

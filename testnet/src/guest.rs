@@ -27,6 +27,22 @@ pub fn guest_files() -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((k, i))
 }
 
+/// A copy of the guest build's ext4 disk image at `dir/NAME.img` (sparse), and the QEMU
+/// arguments that attach it as `virtio0` (boot the guest with `disk=1` to mount it).
+pub fn disk_copy(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let src = guest_dir().join("disk.img");
+    if !src.is_file() {
+        bail!("no guest disk image {} (run scripts/build-guest.sh)", src.display());
+    }
+    std::fs::create_dir_all(dir)?;
+    let img = dir.join(format!("{name}.img"));
+    let st = Command::new("cp").arg("--sparse=always").arg(&src).arg(&img).status()?;
+    if !st.success() {
+        bail!("cannot copy {} to {}", src.display(), img.display());
+    }
+    Ok((img.clone(), vec!["-drive".into(), format!("file={},if=virtio,format=raw", img.display())]))
+}
+
 /// Guest tests of one test binary that may run at once (`$VMCSNAP_GUEST_TESTS`, default 2).
 /// Each TCG guest wants a core: on a 2-core machine, five tests with two guests and three
 /// nodes each starve one another until timeouts fire.

@@ -166,6 +166,8 @@ pub struct RestoreOptions {
     /// With `launch`: load all memory before the guest runs (else the guest runs at once and
     /// its memory follows, where QEMU supports postcopy).
     pub eager: bool,
+    /// With a file target: this disk of the VM (device name) instead of its memory.
+    pub disk: Option<String>,
 }
 
 enum Dest {
@@ -193,6 +195,8 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             RestoreError::Target(format!("VM {vm} was captured from {}, not a running QEMU; restore it with --to file:PATH", entry.source))
         })
     };
+    let mut disks = Vec::new();
+    let mut launch_state = None;
     let dest = match target {
         Some(Target::File(path)) => {
             if path.symlink_metadata().is_ok() && !opts.force {
@@ -204,12 +208,24 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             }
             Dest::File(path)
         }
+        Some(Target::QemuIncoming(_)) if opts.disk.is_some() => return Err(RestoreError::Target("--disk writes a disk to a file: use --to file:PATH".into())),
         Some(Target::QemuIncoming(incoming)) => {
             qemu_state()?;
             Dest::Qemu { incoming, qmp: opts.qmp.as_ref().map(PathBuf::from), launched: None }
         }
+        None if opts.disk.is_some() => return Err(RestoreError::Target("--disk goes with --to file:PATH (--launch restores every disk)".into())),
         None => {
-            let l = launch_here(&node, &vm, qemu_state()?).await?;
+            // Its disks first, into new images the VM is then pointed at.
+            let (state, d) = restore_disks(&node, &record, entry, qemu_state()?, &mut progress).await?;
+            disks = d;
+            launch_state = Some(state);
+            let l = match launch_here(&node, &vm, launch_state.as_ref().unwrap_or(qemu_state()?)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    remove_disks(&disks);
+                    return Err(e);
+                }
+            };
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }
     };
@@ -236,7 +252,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
                 let log = crate::qemu::launch::log_tail(&l.log);
                 tracing::warn!(target: "vmcsnap::restore", vm = %vm, error = %e, qemu_log = %log, "lazy restore failed before the guest ran; restoring eagerly");
                 note = Some(format!("restored eagerly: the lazy restore failed before the guest ran ({}{})", e, if log.is_empty() { String::new() } else { format!("; QEMU said: {log}") }));
-                let state = qemu_state()?;
+                let state = launch_state.as_ref().map_or_else(qemu_state, Ok)?;
                 wait_gone(l.pid).await;
                 let l = launch_here(&node, &vm, state).await?;
                 dest = Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) };
@@ -253,10 +269,11 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             (distinct, (s.pages_local, s.bytes_fetched), Some("running".to_string()), Some(served.running_ms), Some(s.requested))
         }
         None => {
-            let r = restore_into(&node, &record, entry, &dest, &mut progress).await;
+            let r = restore_into(&node, &record, entry, &dest, opts.disk.as_deref(), &mut progress).await;
             if r.is_err() {
                 if let Dest::Qemu { launched: Some(l), .. } = &dest {
                     kill(l);
+                    remove_disks(&disks);
                 }
             }
             let (pages_needed, stats, status) = r?;
@@ -278,7 +295,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             Dest::File(p) => format!("file:{}", p.display()),
             Dest::Qemu { incoming, .. } => format!("qemu:unix:{}", incoming.display()),
         },
-        raw_bytes: entry.manifest.pages * PAGE_SIZE as u64,
+        raw_bytes: entry.ram_pages() * PAGE_SIZE as u64,
         pages_needed,
         pages_local: fetcher_stats.0,
         bytes_fetched: fetcher_stats.1,
@@ -292,7 +309,56 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         running_ms,
         pages_requested: requested,
         note,
+        disks: disks.iter().map(|(d, p)| format!("{d}={}", p.display())).collect(),
     })
+}
+
+/// Writes each disk of `entry` into a new sparse raw image in this host's disk directory
+/// (`DISK_DIR/VM/SNAPSHOT-DEVICE-TIME.raw`). Returns `state` with the VM's drives pointed at
+/// them, and each disk's device and image. The VM's original disks are never touched.
+async fn restore_disks(
+    node: &Arc<Node>,
+    record: &CommitRecord,
+    entry: &VmEntry,
+    state: &QemuState,
+    progress: &mut Progress,
+) -> Result<(QemuState, Vec<(String, PathBuf)>), RestoreError> {
+    let disks = entry.disks();
+    if disks.is_empty() {
+        return Ok((state.clone(), vec![]));
+    }
+    let dir = node.config.disk_dir().join(&entry.id);
+    std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Write { path: dir.clone(), reason: e.to_string() })?;
+    let fetcher = Fetcher::new(node, record);
+    progress.phase("manifest", entry.manifest.depth as u64);
+    let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let mut state = state.clone();
+    let mut done: Vec<(String, PathBuf)> = Vec::new();
+    for (d, first, pages) in disks {
+        let path = dir.join(format!("{}-{}-{stamp}.raw", record.name, d.device));
+        let r = async {
+            if path.symlink_metadata().is_ok() {
+                return Err(RestoreError::Target(format!("{} exists", path.display())));
+            }
+            state.cmdline = crate::qemu::disks::point_drive_at(&state.cmdline, d.arg, &path).map_err(RestoreError::Target)?;
+            restore_file(&fetcher, &hashes[first as usize..(first + pages) as usize], &path, Some(d.size), progress).await
+        };
+        if let Err(e) = r.await {
+            remove_disks(&done);
+            return Err(e);
+        }
+        tracing::info!(target: "vmcsnap::restore", vm = %entry.id, device = %d.device, image = %path.display(), "disk restored");
+        done.push((d.device, path));
+    }
+    Ok((state, done))
+}
+
+/// Removes the images [`restore_disks`] wrote (the restore that wanted them failed).
+fn remove_disks(disks: &[(String, PathBuf)]) {
+    for (_, p) in disks {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Starts the VM's recorded QEMU command line on this host, waiting for its stream.
@@ -355,6 +421,8 @@ async fn restore_lazy(
     let fetcher = Fetcher::new(node, record);
     progress.phase("manifest", entry.manifest.depth as u64);
     let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+    let mut hashes = hashes;
+    hashes.truncate(entry.ram_pages() as usize); // its disks were restored before the launch
     let tail = fetch_blob(&fetcher, &state.device_state).await?;
     let distinct = hashes.iter().filter(|h| !h.is_zero()).collect::<std::collections::HashSet<_>>().len() as u64;
     let served = super::lazy::restore(node, name, record, &entry.id, hashes, tail, &l.incoming, &l.qmp, t0, progress.clone()).await?;
@@ -363,27 +431,43 @@ async fn restore_lazy(
 
 type Restored = (u64, (u64, u64), Option<String>);
 
-async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, dest: &Dest, progress: &mut Progress) -> Result<Restored, RestoreError> {
+async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, dest: &Dest, disk: Option<&str>, progress: &mut Progress) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
+    // Which pages: the memory's, or one disk's (and its exact size).
+    let (range, len) = match disk {
+        None => (0..entry.ram_pages(), None),
+        Some(dev) => {
+            let disks = entry.disks();
+            let (d, first, pages) = disks.iter().find(|(d, _, _)| d.device == dev).ok_or_else(|| {
+                let have: Vec<&str> = disks.iter().map(|(d, _, _)| d.device.as_str()).collect();
+                RestoreError::Target(format!("VM {} has no disk {dev:?} in this snapshot (it has: {})", entry.id, if have.is_empty() { "none".into() } else { have.join(", ") }))
+            })?;
+            (*first..first + pages, Some(d.size))
+        }
+    };
     // 2. Manifest.
     let fetcher = Fetcher::new(node, record);
     progress.phase("manifest", entry.manifest.depth as u64);
-    let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+    let all = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+    // Memory only, unless a disk was asked for: disks are restored into images of their own.
+    let hashes = &all[range.start as usize..range.end as usize];
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "manifest read");
 
     // 3. Fetch and write.
     let (distinct, status) = match dest {
-        Dest::File(path) => (restore_file(&fetcher, &hashes, path, progress).await?, None),
+        Dest::File(path) => (restore_file(&fetcher, hashes, path, len, progress).await?, None),
         Dest::Qemu { incoming, qmp, .. } => {
             let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
-            restore_qemu(&fetcher, entry, state, &hashes, incoming, qmp.as_deref(), progress).await?
+            restore_qemu(&fetcher, entry, state, hashes, incoming, qmp.as_deref(), progress).await?
         }
     };
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
     Ok((distinct, (fetcher.pages_local.load(Ordering::Relaxed), fetcher.bytes_fetched.load(Ordering::Relaxed)), status))
 }
 
-async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, progress: &mut Progress) -> Result<u64, RestoreError> {
+/// Writes the pages `hashes` into a new file at `path` (through a partial file renamed at the
+/// end); `len` cuts the file to a length that is not a whole number of pages.
+async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, len: Option<u64>, progress: &mut Progress) -> Result<u64, RestoreError> {
     let tmp = partial_path(path);
     let write_err = |e: std::io::Error| RestoreError::Write { path: path.to_path_buf(), reason: e.to_string() };
     // A stale partial file of ours goes first (unlink does not follow a link planted there);
@@ -399,6 +483,12 @@ async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, p
             return Err(e);
         }
     };
+    if let Some(len) = len {
+        if let Err(e) = file.set_len(len) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+    }
     // 4. Finish: durable, then visible under its name.
     let f2 = file.clone();
     let synced = tokio::task::spawn_blocking(move || f2.sync_all()).await.map_err(|e| RestoreError::Internal(e.to_string()))?;

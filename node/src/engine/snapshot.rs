@@ -47,6 +47,8 @@ pub struct CreateRequest {
     pub replicas: Option<u8>,
     /// Live-copy bandwidth cap, bytes/s.
     pub max_bandwidth: Option<u64>,
+    /// Which disks to capture with each VM's memory.
+    pub disks: vmcsnap_protocol::wire::DiskChoice,
 }
 
 /// One VM of the snapshot: its id, its source if given (on this host), and its host.
@@ -100,6 +102,7 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
                     replicas,
                     placement: placement.clone(),
                     max_bandwidth: req.max_bandwidth,
+                    disks: req.disks.clone(),
                 };
                 parts.push((member, begin));
             }

@@ -18,6 +18,7 @@
 //! old parameters come back. A [`PauseJournal`] notes the VM before anything can pause it and
 //! forgets it once it runs again, so a node that dies in between resumes it on its next start.
 
+use super::disks::Fleece;
 use super::qmp::{Qmp, QmpError, Settled};
 use super::stream::{self, StreamError};
 use super::QemuFacts;
@@ -26,7 +27,8 @@ use bytes::Bytes;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmcsnap_protocol::manifest::{CaptureMode, VmStats};
+use vmcsnap_protocol::manifest::{Block, CaptureMode, DiskBlock, VmStats};
+use vmcsnap_protocol::wire::DiskChoice;
 use vmcsnap_protocol::{hash_page, is_zero_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
 /// Page records handed from the parser thread to the hashing side in one message. The queue
@@ -92,6 +94,8 @@ pub struct CaptureRequest<'a> {
     pub mode: CaptureMode,
     /// Live-copy bandwidth cap for pre-copy, bytes/s.
     pub max_bandwidth: Option<u64>,
+    /// Which of its disks to capture with its memory (see [`super::disks`]).
+    pub disks: &'a DiskChoice,
     /// Directory for the capture socket and the spool file.
     pub work_dir: &'a Path,
     /// Distinguishes concurrent captures of this process in file names.
@@ -104,6 +108,10 @@ pub trait PauseJournal: Sync {
     fn paused(&self, vm: &str, qmp: &Path);
     /// VM `vm` runs again.
     fn resumed(&self, vm: &str);
+    /// VM `vm` (QMP socket `qmp`) may have disk views of a capture in its QEMU from now on.
+    fn fleeced(&self, vm: &str, qmp: &Path);
+    /// VM `vm`'s disk views are gone.
+    fn unfleeced(&self, vm: &str);
 }
 
 /// When the VM was paused and resumed.
@@ -140,20 +148,64 @@ impl Drop for CaptureIo {
 /// A stream parsed, with each block's page map and QEMU's downtime.
 type Streamed = (stream::Parsed, Vec<Vec<PageHash>>, Option<u64>);
 
-/// Captures the VM `req` names, paced by `pacer`, handing its pages to `sink`.
+/// Captures the VM `req` names, paced by `pacer`, handing its pages to `sink`: its memory,
+/// then the disks `req.disks` chooses, as they were at the pause.
 pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl PageSink, journal: &dyn PauseJournal) -> Result<Captured, CaptureError> {
     let mut q = Qmp::connect(req.qmp).await?;
-    let mut facts = inspect(&mut q, req).await?;
-    // Before anything in QEMU changes: a failure here has nothing to undo.
+    let facts = inspect(&mut q, req).await?;
+    let disks = super::disks::list(&mut q, &facts.cmdline, req.disks).await.map_err(CaptureError::Refused)?;
+    let mut fleece = None;
+    if !disks.is_empty() {
+        journal.fleeced(req.vm, req.qmp);
+        // What a node that died in a snapshot of this VM left behind goes first.
+        match super::disks::remove_leftovers(&mut q).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, removed = n, "removed disk views an interrupted snapshot had left in QEMU"),
+            Err(e) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "cannot look for disk views an interrupted snapshot left"),
+        }
+        fleece = match super::disks::Fleece::prepare(&mut q, disks, req.work_dir, &req.tag.to_string()).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                journal.unfleeced(req.vm);
+                return Err(e.into());
+            }
+        };
+    }
+    let watch = pacer.cancel_watch();
+    let mut r = capture_memory(&mut q, req, facts, pacer, sink, journal, fleece.as_mut()).await;
+    if let (Ok(c), Some(f)) = (&mut r, fleece.as_mut()) {
+        if let Err(e) = read_disks(&mut q, req.vm, f, sink, &watch, c).await {
+            r = Err(e);
+        }
+    }
+    if let Some(f) = fleece {
+        // Whatever happened: the VM runs on its disks as before, with nothing of ours.
+        f.remove(&mut q).await;
+        journal.unfleeced(req.vm);
+    }
+    r
+}
+
+/// The memory part of [`capture`]; `fleece`'s views start while the VM is paused.
+async fn capture_memory(
+    q: &mut Qmp,
+    req: &CaptureRequest<'_>,
+    mut facts: QemuFacts,
+    pacer: &mut Pacer,
+    sink: &impl PageSink,
+    journal: &dyn PauseJournal,
+    fleece: Option<&mut Fleece>,
+) -> Result<Captured, CaptureError> {
+    // Before anything in QEMU's migration changes: a failure here has nothing to undo.
     let mut io = CaptureIo::open(req)?;
-    let saved = configure(&mut q, req, &mut facts, &mut io).await?;
+    let saved = configure(q, req, &mut facts, &mut io).await?;
     let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
     if facts.was_running {
         // Before anything can pause it (QEMU itself may, in pre-copy).
         journal.paused(req.vm, req.qmp);
     }
     let mut timing = Timing::default();
-    let result = migrate(&mut q, req, &facts, &io, pacer, sink, &mut timing).await;
+    let result = migrate(q, req, &facts, &io, pacer, sink, &mut timing, fleece).await;
 
     // Whatever happened: no migration left running, the VM as it was, the old parameters.
     if result.is_err() {
@@ -203,6 +255,51 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
     let extra_pages = device_state.chunks.iter().zip(tail_pages).filter(|(h, _)| !h.is_zero()).map(|(h, p)| (*h, Bytes::from(p))).collect();
     let (state, blocks) = super::recorded_state(parsed.meta, device_state, facts);
     Ok(Captured { hashes, blocks, stats, qemu: Some(state), extra_pages })
+}
+
+/// The disks of `fleece`, frozen in the capture's pause, read over NBD into `sink` and added
+/// to `c` as blocks after its memory.
+async fn read_disks(q: &mut Qmp, vm: &str, fleece: &mut Fleece, sink: &impl PageSink, watch: &CancelWatch, c: &mut Captured) -> Result<(), CaptureError> {
+    fleece.export(q).await?;
+    let devices: Vec<&str> = fleece.disks().iter().map(|d| d.device.as_str()).collect();
+    tracing::info!(target: "vmcsnap::snapshot", vm, disks = ?devices, "reading the disks as they were in the pause");
+    for d in fleece.disks() {
+        let mut nbd = super::nbd::NbdClient::connect(&fleece.sock, &d.device).await.map_err(|e| CaptureError::Io(format!("disk {}: {e}", d.device)))?;
+        if nbd.size != d.size {
+            return Err(CaptureError::Io(format!("disk {}: the view has {} bytes, the disk {}", d.device, nbd.size, d.size)));
+        }
+        let pages = d.size.div_ceil(PAGE_SIZE as u64);
+        let mut hashes = Vec::with_capacity(pages as usize);
+        let mut off = 0u64;
+        while off < d.size {
+            watch.check()?;
+            let len = (d.size - off).min(super::nbd::READ_BYTES_MAX as u64) as usize;
+            // Whole pages: the last one of an odd-sized disk is zero-padded.
+            let mut buf = vec![0u8; len.div_ceil(PAGE_SIZE) * PAGE_SIZE];
+            nbd.read(off, &mut buf[..len]).await.map_err(|e| CaptureError::Io(format!("disk {}: {e}", d.device)))?;
+            let (data, chunk_hashes) = tokio::task::spawn_blocking(move || {
+                let h: Vec<PageHash> = buf.chunks_exact(PAGE_SIZE).map(hash_page).collect();
+                (Bytes::from(buf), h)
+            })
+            .await
+            .map_err(|e| CaptureError::Io(format!("hashing failed: {e}")))?;
+            let batch = chunk_hashes.iter().enumerate().filter(|(_, h)| !h.is_zero()).map(|(i, h)| (*h, data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE))).collect::<Vec<_>>();
+            if !batch.is_empty() {
+                sink.push(batch).await.map_err(CaptureError::Sink)?;
+            }
+            hashes.extend(chunk_hashes);
+            off += len as u64;
+        }
+        nbd.disconnect().await;
+        let block = DiskBlock { size: d.size, arg: d.arg, device: d.device.clone() };
+        c.blocks.push(Block { name: block.name(), bytes: pages * PAGE_SIZE as u64 });
+        let zero = hashes.iter().filter(|h| h.is_zero()).count() as u64;
+        c.stats.pages_total += pages;
+        c.stats.pages_zero += zero;
+        c.stats.pages_nonzero += pages - zero;
+        c.hashes.extend(hashes);
+    }
+    Ok(())
 }
 
 /// Step 1: what the VM is and whether it can be captured now.
@@ -319,7 +416,9 @@ impl CaptureIo {
 }
 
 /// Step 3 and 4: the migration, from `migrate` (or, for stop-copy, the pause before it) to the
-/// VM running again and every page handed to the sink.
+/// VM running again and every page handed to the sink. The disk views of `fleece` start in
+/// the pause.
+#[allow(clippy::too_many_arguments)]
 async fn migrate(
     q: &mut Qmp,
     req: &CaptureRequest<'_>,
@@ -328,6 +427,7 @@ async fn migrate(
     pacer: &mut Pacer,
     sink: &impl PageSink,
     timing: &mut Timing,
+    mut fleece: Option<&mut Fleece>,
 ) -> Result<Streamed, CaptureError> {
     if matches!(req.mode, CaptureMode::StopCopy | CaptureMode::Live) {
         pacer.prepared();
@@ -336,6 +436,9 @@ async fn migrate(
             let t = (Instant::now(), unix_us());
             q.execute("stop", json!({})).await?;
             timing.paused_at = Some(t);
+        }
+        if let Some(f) = fleece.take() {
+            f.freeze(q).await?;
         }
         pacer.paused();
     }
@@ -367,7 +470,7 @@ async fn migrate(
         let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
         let r = match req.mode {
             CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing).await,
-            mode => finish_stream(q, mode, facts.was_running, pacer, &mut parser, watch.clone(), timing).await,
+            mode => finish_stream(q, mode, facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
         };
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
@@ -394,8 +497,10 @@ async fn migrate(
     Ok((parsed, maps, downtime))
 }
 
-/// The pausing side of the migration: pre-copy's live rounds and pause, then the end of the
-/// stream, QEMU's `completed`, and the resume the pacer allows.
+/// The pausing side of the migration: pre-copy's live rounds and pause (where `fleece`'s disk
+/// views start), then the end of the stream, QEMU's `completed`, and the resume the pacer
+/// allows.
+#[allow(clippy::too_many_arguments)]
 async fn finish_stream(
     q: &mut Qmp,
     mode: CaptureMode,
@@ -404,6 +509,7 @@ async fn finish_stream(
     parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
     watch: CancelWatch,
     timing: &mut Timing,
+    fleece: Option<&mut Fleece>,
 ) -> Result<(stream::Parsed, Option<u64>), CaptureError> {
     if mode == CaptureMode::PreCopy {
         let self_paused = match live_rounds(q, pacer).await {
@@ -434,6 +540,9 @@ async fn finish_stream(
                     }
                 }
             });
+        }
+        if let Some(f) = fleece {
+            f.freeze(q).await?;
         }
         // What is left goes at full speed: the VM waits for it.
         let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;

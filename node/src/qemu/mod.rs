@@ -7,7 +7,9 @@
 //!
 //! - [`stream`]: the migration stream parser and rebuilder (pure over `Read`/`Write`).
 //! - [`qmp`]: a small QMP client, with the QEMU queries and waits vmcsnap needs.
-//! - [`capture`]: drive a VM's migration into the node and hand its pages to a sink.
+//! - [`capture`]: drive a VM's migration into the node and hand its pages to a sink; then
+//!   its disks, as they were in the pause ([`disks`]: QEMU's image fleecing; [`nbd`]: the
+//!   client that reads the views).
 //! - [`launch`]: start the recorded QEMU command line with `-incoming`.
 //! - [`postcopy`]: the stream and return path of a lazy restore, the node as QEMU's source.
 //! - [`relay`]: the process a live capture's stream passes through, which outlives the node.
@@ -17,8 +19,10 @@
 //!   and what a snapshot records of it, each way.
 
 pub mod capture;
+pub mod disks;
 pub mod keeper;
 pub mod launch;
+pub mod nbd;
 pub mod postcopy;
 pub mod qmp;
 pub mod relay;
@@ -64,15 +68,15 @@ pub fn recorded_state(meta: StreamMeta, device_state: BlobRef, facts: QemuFacts)
     (state, meta.blocks)
 }
 
-/// The stream metadata a restore rebuilds from a recorded state and its RAM blocks (the
-/// inverse of [`recorded_state`]).
+/// The stream metadata a restore rebuilds from a recorded state and its blocks (the inverse
+/// of [`recorded_state`]; disk blocks are not part of the stream and are left out).
 pub fn stream_meta(state: &QemuState, blocks: &[Block]) -> StreamMeta {
     StreamMeta {
         head: state.head.clone(),
         machine: state.machine.clone(),
         ram_section: state.ram_section,
         footers: state.footers,
-        blocks: blocks.to_vec(),
+        blocks: blocks.iter().filter(|b| !b.is_disk()).cloned().collect(),
     }
 }
 

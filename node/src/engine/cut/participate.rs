@@ -107,10 +107,10 @@ async fn capture_all(
     let mut tasks = tokio::task::JoinSet::new();
     for (vi, (id, source, bytes)) in sources.iter().cloned().enumerate() {
         let pacer = Pacer::new(step_rx.clone(), ev_tx.clone(), vi);
-        let (node, up, mode, bw) = (node.clone(), up.clone(), begin.mode, begin.max_bandwidth);
+        let (node, up, begin) = (node.clone(), up.clone(), begin.clone());
         tasks.spawn(async move {
             let t0 = std::time::Instant::now();
-            let r = capture_one(&node, &up, vi, &id, &source, bytes, mode, bw, pacer).await;
+            let r = capture_one(&node, &up, vi, &id, &source, bytes, &begin, pacer).await;
             (vi, r.map(|mut c| {
                 c.stats.capture_ms = t0.elapsed().as_millis() as u64;
                 c
@@ -170,8 +170,7 @@ async fn capture_one(
     id: &str,
     source: &Source,
     bytes: u64,
-    mode: vmcsnap_protocol::manifest::CaptureMode,
-    max_bandwidth: Option<u64>,
+    begin: &CutBegin,
     mut pacer: Pacer,
 ) -> Result<Captured, SnapshotError> {
     match source {
@@ -185,7 +184,15 @@ async fn capture_one(
             Ok(Captured { hashes, blocks: vec![Block { name: "ram".into(), bytes }], stats, qemu: None, extra_pages: vec![] })
         }
         Source::Qemu(qmp) => {
-            let req = CaptureRequest { vm: id, qmp, mode, max_bandwidth, work_dir: &node.config.data_dir, tag: std::process::id() ^ vi as u32 };
+            let req = CaptureRequest {
+                vm: id,
+                qmp,
+                mode: begin.mode,
+                max_bandwidth: begin.max_bandwidth,
+                disks: &begin.disks,
+                work_dir: &node.config.data_dir,
+                tag: std::process::id() ^ vi as u32,
+            };
             let mut c = capture(&req, &mut pacer, &VmPages { up, vm: vi }, &node.vms).await.map_err(|e| match e {
                 CaptureError::Cancelled(_) => SnapshotError::Aborted,
                 CaptureError::Sink(e) => from_sink(e),
