@@ -11,6 +11,7 @@
 //! - [`stats`]: the one `median` every published figure goes through.
 
 pub mod bench;
+pub mod benchdisk;
 pub mod benchstore;
 pub mod cluster;
 pub mod gen;

@@ -149,6 +149,20 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         replicas: usize,
     },
+    /// Disks in the cut: 4 guests whose disks are copies of one image; bytes stored against
+    /// one image plus what changed and against copying every disk (default KVM), the live
+    /// cut's pause with and without disks, memory/disk dedup.
+    BenchDisks {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/bench-disks")]
+        dir: PathBuf,
+        /// Runs, each on a fresh cluster (medians reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also write every run's figures here as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// The store over time: bytes on disk after garbage collection against what the remaining
     /// snapshots reference, repair time and bytes after a removal, scrub rate and its cost.
     BenchStore {
@@ -261,6 +275,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo { dir, gen } => demo(&dir, &gen),
         Cmd::BenchVm { dir, mem, runs, json } => bench_vm(&dir, mem, runs, json),
+        Cmd::BenchDisks { dir, runs, json } => {
+            fresh_dir(&dir)?;
+            let dir = std::path::absolute(&dir)?;
+            vmcsnap_testnet::benchdisk::run(&dir, &vmcsnap_bin(), runs, json)
+        }
         Cmd::BenchStore { dir, runs, mib, json } => {
             fresh_dir(&dir)?;
             vmcsnap_testnet::benchstore::run(&dir, &vmcsnap_bin(), runs, mib, json)
