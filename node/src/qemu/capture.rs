@@ -437,10 +437,13 @@ async fn migrate(
             q.execute("stop", json!({})).await?;
             timing.paused_at = Some(t);
         }
+        pacer.paused();
+        // Still paused (until `cont`, or QEMU's own resume after the device state, which
+        // `migrate` starts): the disk views start in the same pause as the memory's, while
+        // the cut waits for the other VMs to pause.
         if let Some(f) = fleece.take() {
             f.freeze(q).await?;
         }
-        pacer.paused();
     }
     if req.mode == CaptureMode::Live {
         // One cut: the background snapshot (which saves the device state and lets the VM run
@@ -541,12 +544,12 @@ async fn finish_stream(
                 }
             });
         }
-        if let Some(f) = fleece {
-            f.freeze(q).await?;
-        }
         // What is left goes at full speed: the VM waits for it.
         let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
         pacer.paused();
+        if let Some(f) = fleece {
+            f.freeze(q).await?;
+        }
     }
     // A cancel ends the wait for the stream too: the VM must not stay paused for it.
     let parsed = tokio::select! {
