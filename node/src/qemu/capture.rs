@@ -96,10 +96,29 @@ pub struct CaptureRequest<'a> {
     pub max_bandwidth: Option<u64>,
     /// Which of its disks to capture with its memory (see [`super::disks`]).
     pub disks: &'a DiskChoice,
+    /// The snapshot being taken (names the disks' dirty bitmaps).
+    pub snapshot: &'a str,
+    /// Earlier snapshots' disk hashes, for reading only what changed since.
+    pub bases: &'a dyn DiskBases,
     /// Directory for the capture socket and the spool file.
     pub work_dir: &'a Path,
     /// Distinguishes concurrent captures of this process in file names.
     pub tag: u32,
+}
+
+/// The disk hashes earlier snapshots recorded, for an incremental disk read.
+pub trait DiskBases: Sync {
+    /// The hashes (one per 4 KiB block) of disk `device` (`size` bytes) of VM `vm` as snapshot
+    /// `snapshot` recorded them, with the snapshot's creation time (ms since the epoch), if
+    /// that snapshot is one this capture may build on (committed, its pages where this
+    /// snapshot's placement puts them).
+    fn hashes<'a>(&'a self, snapshot: &'a str, vm: &'a str, device: &'a str, size: u64) -> futures::future::BoxFuture<'a, Option<(u64, Vec<PageHash>)>>;
+}
+
+impl std::fmt::Debug for dyn DiskBases + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskBases")
+    }
 }
 
 /// Where a capture notes a VM it may leave paused, so that a restarted node resumes it.
@@ -163,13 +182,30 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
             Ok(n) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, removed = n, "removed disk views an interrupted snapshot had left in QEMU"),
             Err(e) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "cannot look for disk views an interrupted snapshot left"),
         }
-        fleece = match super::disks::Fleece::prepare(&mut q, disks, req.work_dir, &req.tag.to_string()).await {
-            Ok(f) => Some(f),
+        let mut f = match super::disks::Fleece::prepare(&mut q, disks, req.work_dir, &req.tag.to_string(), req.snapshot).await {
+            Ok(f) => f,
             Err(e) => {
                 journal.unfleeced(req.vm);
                 return Err(e.into());
             }
         };
+        // The newest earlier snapshot each disk has a bitmap of, and that snapshot's hashes.
+        for k in 0..f.disks().len() {
+            let d = f.disks()[k].clone();
+            let mut best: Option<(u64, String, Vec<PageHash>)> = None;
+            for since in d.since.iter().filter(|s| *s != req.snapshot) {
+                match req.bases.hashes(since, req.vm, &d.device, d.size).await {
+                    Some((at, h)) if h.len() as u64 == d.size.div_ceil(PAGE_SIZE as u64) && best.as_ref().is_none_or(|b| at > b.0) => {
+                        best = Some((at, since.clone(), h));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some((_, since, h)) = best {
+                f.set_base(k, since, h);
+            }
+        }
+        fleece = Some(f);
     }
     let watch = pacer.cancel_watch();
     let mut r = capture_memory(&mut q, req, facts, pacer, sink, journal, fleece.as_mut()).await;
@@ -180,7 +216,7 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
     }
     if let Some(f) = fleece {
         // Whatever happened: the VM runs on its disks as before, with nothing of ours.
-        f.remove(&mut q).await;
+        f.remove(&mut q, r.is_ok()).await;
         journal.unfleeced(req.vm);
     }
     r
@@ -263,33 +299,52 @@ async fn read_disks(q: &mut Qmp, vm: &str, fleece: &mut Fleece, sink: &impl Page
     fleece.export(q).await?;
     let devices: Vec<&str> = fleece.disks().iter().map(|d| d.device.as_str()).collect();
     tracing::info!(target: "vmcsnap::snapshot", vm, disks = ?devices, "reading the disks as they were in the pause");
-    for d in fleece.disks() {
-        let mut nbd = super::nbd::NbdClient::connect(&fleece.sock, &d.device).await.map_err(|e| CaptureError::Io(format!("disk {}: {e}", d.device)))?;
+    for (k, d) in fleece.disks().iter().enumerate() {
+        let nbd_err = |e: super::nbd::NbdError| CaptureError::Io(format!("disk {}: {e}", d.device));
+        let mut nbd = super::nbd::NbdClient::connect(&fleece.sock, &d.device).await.map_err(nbd_err)?;
         if nbd.size != d.size {
             return Err(CaptureError::Io(format!("disk {}: the view has {} bytes, the disk {}", d.device, nbd.size, d.size)));
         }
         let pages = d.size.div_ceil(PAGE_SIZE as u64);
-        let mut hashes = Vec::with_capacity(pages as usize);
-        let mut off = 0u64;
-        while off < d.size {
-            watch.check()?;
-            let len = (d.size - off).min(super::nbd::READ_BYTES_MAX as u64) as usize;
-            // Whole pages: the last one of an odd-sized disk is zero-padded.
-            let mut buf = vec![0u8; len.div_ceil(PAGE_SIZE) * PAGE_SIZE];
-            nbd.read(off, &mut buf[..len]).await.map_err(|e| CaptureError::Io(format!("disk {}: {e}", d.device)))?;
-            let (data, chunk_hashes) = tokio::task::spawn_blocking(move || {
-                let h: Vec<PageHash> = buf.chunks_exact(PAGE_SIZE).map(hash_page).collect();
-                (Bytes::from(buf), h)
-            })
-            .await
-            .map_err(|e| CaptureError::Io(format!("hashing failed: {e}")))?;
-            let batch = chunk_hashes.iter().enumerate().filter(|(_, h)| !h.is_zero()).map(|(i, h)| (*h, data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE))).collect::<Vec<_>>();
-            if !batch.is_empty() {
-                sink.push(batch).await.map_err(CaptureError::Sink)?;
+        // What to read: the blocks the base snapshot's bitmap marks (whole pages), or all.
+        let (mut hashes, ranges) = match fleece.base(k) {
+            Some((since, base)) => {
+                let ctx = format!("qemu:dirty-bitmap:{}{since}", super::disks::BITMAP_PREFIX);
+                let mut status = super::nbd::NbdClient::connect_with(&fleece.sock, &d.device, Some(&ctx)).await.map_err(nbd_err)?;
+                let dirty = status.ranges_with_bit0().await.map_err(nbd_err)?;
+                status.disconnect().await;
+                let page = PAGE_SIZE as u64;
+                let ranges: Vec<(u64, u64)> = dirty.iter().map(|&(o, l)| (o / page * page, ((o + l).div_ceil(page) * page).min(d.size) - o / page * page)).collect();
+                (base.clone(), ranges)
             }
-            hashes.extend(chunk_hashes);
-            off += len as u64;
+            None => (vec![ZERO_HASH; pages as usize], vec![(0, d.size)]),
+        };
+        let mut read = 0u64;
+        for (start, len) in ranges {
+            let mut off = start;
+            while off < start + len {
+                watch.check()?;
+                let n = (start + len - off).min(super::nbd::READ_BYTES_MAX as u64) as usize;
+                // Whole pages: the last one of an odd-sized disk is zero-padded.
+                let mut buf = vec![0u8; n.div_ceil(PAGE_SIZE) * PAGE_SIZE];
+                nbd.read(off, &mut buf[..n]).await.map_err(nbd_err)?;
+                let (data, chunk_hashes) = tokio::task::spawn_blocking(move || {
+                    let h: Vec<PageHash> = buf.chunks_exact(PAGE_SIZE).map(hash_page).collect();
+                    (Bytes::from(buf), h)
+                })
+                .await
+                .map_err(|e| CaptureError::Io(format!("hashing failed: {e}")))?;
+                let batch = chunk_hashes.iter().enumerate().filter(|(_, h)| !h.is_zero()).map(|(i, h)| (*h, data.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE))).collect::<Vec<_>>();
+                if !batch.is_empty() {
+                    sink.push(batch).await.map_err(CaptureError::Sink)?;
+                }
+                let first = (off / PAGE_SIZE as u64) as usize;
+                hashes[first..first + chunk_hashes.len()].copy_from_slice(&chunk_hashes);
+                read += n as u64;
+                off += n as u64;
+            }
         }
+        tracing::info!(target: "vmcsnap::snapshot", vm, snapshot = fleece.snapshot(), device = %d.device, bytes = d.size, read, since = fleece.base(k).map(|b| b.0.as_str()), "disk read");
         nbd.disconnect().await;
         let block = DiskBlock { size: d.size, arg: d.arg, device: d.device.clone() };
         c.blocks.push(Block { name: block.name(), bytes: pages * PAGE_SIZE as u64 });

@@ -16,6 +16,17 @@
 //!    (which takes the filters out), the targets. [`remove_leftovers`] does the same for
 //!    whatever a node that died mid-snapshot left in a QEMU (all names start with `vmcsnap-`).
 //!
+//! **Incremental**: the freeze's transaction also adds a dirty bitmap to each disk,
+//! `vmcsnap-since-SNAPSHOT` (persistent in a qcow2 image, in memory only for raw), which from
+//! that instant records every block the guest writes. The next capture, given the block
+//! hashes the snapshot of a bitmap recorded ([`Fleece::set_base`]; the engine checks that
+//! snapshot is committed and placed as this one is), exports that bitmap beside the view and
+//! reads only the blocks it marks: a bitmap that still records while it is read marks more,
+//! never less, so the blocks taken from the base are exactly as they were. Without a usable
+//! bitmap (a new QEMU, a raw image after a restart, a base snapshot deleted) it reads the
+//! whole disk. Each capture keeps its own bitmap and the one it used, and removes older ones;
+//! a failed capture removes its own.
+//!
 //! Which disks: every writable one the cut's [`DiskChoice`] wants. Read-only drives (CD-ROMs,
 //! shared base images) are left out: a restore uses them as recorded. A disk must be given as
 //! `-drive file=...` (so that a restore can point the VM at its copy); others are refused
@@ -27,8 +38,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmcsnap_protocol::wire::DiskChoice;
 
-/// Prefix of every block node, job and export vmcsnap adds to a QEMU.
+/// Prefix of every block node, job, export and dirty bitmap vmcsnap adds to a QEMU.
 pub const NAME_PREFIX: &str = "vmcsnap-";
+/// Prefix of the dirty bitmap a snapshot leaves on each disk: then the snapshot's name.
+pub const BITMAP_PREFIX: &str = "vmcsnap-since-";
 /// Time QEMU has to drop a cancelled job or a deleted export.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,6 +58,11 @@ pub struct Disk {
     pub size: u64,
     /// Index of the command-line argument that names the image (`file=` of its `-drive`).
     pub arg: usize,
+    /// Whether its image can keep a persistent dirty bitmap (qcow2).
+    pub qcow2: bool,
+    /// The snapshots whose bitmaps it has, recording and consistent (oldest first as QEMU
+    /// lists them).
+    pub since: Vec<String>,
 }
 
 /// The writable disks of the VM that `choice` wants; `cmdline` is its QEMU command line.
@@ -74,7 +92,16 @@ pub async fn list(q: &mut Qmp, cmdline: &[String], choice: &DiskChoice) -> Resul
         let arg = drive_arg(cmdline, &file).ok_or_else(|| {
             format!("disk {device} ({file}) is not given as `-drive file=...` on the VM's command line, so a restore could not point the VM at a copy of it; take the snapshot with --no-disks (memory only) or choose disks with --disk")
         })?;
-        out.push(Disk { device, node, file, size, arg });
+        let bitmaps = ins.get("dirty-bitmaps").or_else(|| b.get("dirty-bitmaps"));
+        let since = bitmaps
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|m| m["recording"].as_bool() == Some(true) && m["inconsistent"].as_bool() != Some(true))
+            .filter_map(|m| m["name"].as_str()?.strip_prefix(BITMAP_PREFIX).map(str::to_string))
+            .collect();
+        let qcow2 = ins["drv"].as_str() == Some("qcow2");
+        out.push(Disk { device, node, file, size, arg, qcow2, since });
     }
     if let DiskChoice::Only(ids) = choice {
         if let Some(missing) = ids.iter().find(|i| !out.iter().any(|d| &&d.device == i)) {
@@ -148,6 +175,11 @@ pub fn point_drive_at(cmdline: &[String], arg: usize, image: &Path) -> Result<Ve
 /// The point-in-time views of a VM's disks, from [`Fleece::prepare`] to [`Fleece::remove`].
 pub struct Fleece {
     disks: Vec<Disk>,
+    /// Per disk: the snapshot whose bitmap is read, and that snapshot's hashes of the disk.
+    bases: Vec<Option<(String, Vec<vmcsnap_protocol::PageHash>)>>,
+    /// The snapshot being taken (names its bitmaps).
+    snapshot: String,
+    bitmaps_added: bool,
     tag: String,
     /// The NBD server's socket.
     pub sock: PathBuf,
@@ -159,23 +191,44 @@ pub struct Fleece {
 }
 
 impl Fleece {
-    /// Step 1: a temporary target for each disk (`tag` keeps concurrent captures apart).
-    pub async fn prepare(q: &mut Qmp, disks: Vec<Disk>, work_dir: &Path, tag: &str) -> Result<Self, QmpError> {
-        let mut f = Fleece { disks, tag: tag.to_string(), sock: work_dir.join(format!("nbd-{tag}.sock")), targets: 0, frozen: false, accessed: 0, server: false, exported: 0 };
+    /// Step 1: a temporary target for each disk (`tag` keeps concurrent captures apart) of a
+    /// capture for snapshot `snapshot`.
+    pub async fn prepare(q: &mut Qmp, disks: Vec<Disk>, work_dir: &Path, tag: &str, snapshot: &str) -> Result<Self, QmpError> {
+        let bases = disks.iter().map(|_| None).collect();
+        let mut f = Fleece {
+            disks,
+            bases,
+            snapshot: snapshot.to_string(),
+            bitmaps_added: false,
+            tag: tag.to_string(),
+            sock: work_dir.join(format!("nbd-{tag}.sock")),
+            targets: 0,
+            frozen: false,
+            accessed: 0,
+            server: false,
+            exported: 0,
+        };
+        // A bitmap of an earlier snapshot of this name (one that failed, or was deleted):
+        // this snapshot's starts now.
+        for d in &f.disks {
+            if d.since.iter().any(|s| s == snapshot) {
+                let _ = q.execute("block-dirty-bitmap-remove", json!({ "node": d.node, "name": format!("{BITMAP_PREFIX}{snapshot}") })).await;
+            }
+        }
         for k in 0..f.disks.len() {
             let path = work_dir.join(format!("fleece-{tag}-{k}"));
             let _ = std::fs::remove_file(&path);
             let file = std::fs::OpenOptions::new().create_new(true).write(true).open(&path).and_then(|file| file.set_len(f.disks[k].size));
             if let Err(e) = file {
                 let _ = std::fs::remove_file(&path);
-                f.remove(q).await;
+                f.remove(q, false).await;
                 return Err(QmpError::Protocol(format!("cannot create the temporary disk view {}: {e}", path.display())));
             }
             let added = q.execute("blockdev-add", json!({ "node-name": f.name("tmp", k), "driver": "file", "filename": path.display().to_string() })).await;
             // QEMU holds it open from here: unlinked, it goes with the node, or with QEMU.
             let _ = std::fs::remove_file(&path);
             if let Err(e) = added {
-                f.remove(q).await;
+                f.remove(q, false).await;
                 return Err(e);
             }
             f.targets += 1;
@@ -192,6 +245,22 @@ impl Fleece {
         &self.disks
     }
 
+    /// Disk `k` is read incrementally: only the blocks written since snapshot `since` (one of
+    /// its [`Disk::since`]), whose hashes of the disk `hashes` are (one per 4 KiB block).
+    pub fn set_base(&mut self, k: usize, since: String, hashes: Vec<vmcsnap_protocol::PageHash>) {
+        self.bases[k] = Some((since, hashes));
+    }
+
+    /// The snapshot being taken.
+    pub fn snapshot(&self) -> &str {
+        &self.snapshot
+    }
+
+    /// Disk `k`'s base (see [`Fleece::set_base`]), if any.
+    pub fn base(&self, k: usize) -> Option<&(String, Vec<vmcsnap_protocol::PageHash>)> {
+        self.bases.get(k).and_then(Option::as_ref)
+    }
+
     /// Step 2, with the VM paused: every disk's view starts now, in one transaction.
     pub async fn freeze(&mut self, q: &mut Qmp) -> Result<(), QmpError> {
         let actions: Vec<Value> = (0..self.disks.len())
@@ -201,9 +270,15 @@ impl Fleece {
                     "sync": "none", "filter-node-name": self.name("cbw", k), "auto-dismiss": true,
                 }})
             })
+            .chain(self.disks.iter().map(|d| {
+                json!({ "type": "block-dirty-bitmap-add", "data": {
+                    "node": d.node, "name": format!("{BITMAP_PREFIX}{}", self.snapshot), "persistent": d.qcow2,
+                }})
+            }))
             .collect();
         q.execute("transaction", json!({ "actions": actions })).await?;
         self.frozen = true;
+        self.bitmaps_added = true;
         Ok(())
     }
 
@@ -219,15 +294,20 @@ impl Fleece {
             .map_err(|e| QmpError::Protocol(format!("cannot start QEMU's NBD server for the disk views (is another backup running?): {e}")))?;
         self.server = true;
         for k in 0..self.disks.len() {
-            q.execute("block-export-add", json!({ "type": "nbd", "id": self.name("exp", k), "node-name": self.name("acc", k), "name": self.disks[k].device, "writable": false }))
-                .await?;
+            let mut export = json!({ "type": "nbd", "id": self.name("exp", k), "node-name": self.name("acc", k), "name": self.disks[k].device, "writable": false });
+            if let Some((since, _)) = self.base(k) {
+                export["bitmaps"] = json!([{ "node": self.disks[k].node, "name": format!("{BITMAP_PREFIX}{since}") }]);
+            }
+            q.execute("block-export-add", export).await?;
             self.exported += 1;
         }
         Ok(())
     }
 
     /// Step 5: whatever steps 1 to 3 added, removed (best effort: each failure is logged).
-    pub async fn remove(self, q: &mut Qmp) {
+    /// After a capture that succeeded (`captured`), this snapshot's bitmaps stay, with the
+    /// ones it read, and older ones go; after one that failed, its own bitmaps go.
+    pub async fn remove(self, q: &mut Qmp, captured: bool) {
         for k in 0..self.exported {
             let _ = q.execute("block-export-del", json!({ "id": self.name("exp", k), "mode": "hard" })).await;
         }
@@ -249,6 +329,20 @@ impl Fleece {
         }
         for k in 0..self.targets {
             log_failure(q.execute("blockdev-del", json!({ "node-name": self.name("tmp", k) })).await, "remove a disk view's target");
+        }
+        if !self.bitmaps_added {
+            return;
+        }
+        for (k, d) in self.disks.iter().enumerate() {
+            let base = self.base(k).map(|(s, _)| s.as_str());
+            let gone: Vec<&str> = if captured {
+                d.since.iter().map(String::as_str).filter(|s| Some(*s) != base && *s != self.snapshot).collect()
+            } else {
+                vec![self.snapshot.as_str()]
+            };
+            for s in gone {
+                log_failure(q.execute("block-dirty-bitmap-remove", json!({ "node": d.node, "name": format!("{BITMAP_PREFIX}{s}") })).await, "remove a dirty bitmap");
+            }
         }
     }
 }

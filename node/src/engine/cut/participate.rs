@@ -11,7 +11,8 @@ use super::machine::{PartAction, PartEvent, Participant};
 use crate::engine::error::SnapshotError;
 use crate::engine::upload::{capture_file, from_sink, Uploader, VmCounters, VmPages};
 use crate::node::Node;
-use crate::qemu::capture::{capture, CaptureError, CaptureRequest};
+use crate::engine::fetch::{expand_manifest, Fetcher};
+use crate::qemu::capture::{capture, CaptureError, CaptureRequest, DiskBases};
 use crate::source::{Captured, Pacer, Source, Step};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::manifest::{build_manifest, validate_name, Block, VmEntry, SNAPSHOT_VMS_MAX};
 use vmcsnap_protocol::wire::{CutBegin, CutCommand, CutReport};
+use vmcsnap_protocol::PageHash;
 
 /// A participant's failure: the VM concerned, if one, and why.
 type PartError = (Option<String>, SnapshotError);
@@ -184,12 +186,15 @@ async fn capture_one(
             Ok(Captured { hashes, blocks: vec![Block { name: "ram".into(), bytes }], stats, qemu: None, extra_pages: vec![] })
         }
         Source::Qemu(qmp) => {
+            let bases = Bases { node, begin };
             let req = CaptureRequest {
                 vm: id,
                 qmp,
                 mode: begin.mode,
                 max_bandwidth: begin.max_bandwidth,
                 disks: &begin.disks,
+                snapshot: &begin.name,
+                bases: &bases,
                 work_dir: &node.config.data_dir,
                 tag: std::process::id() ^ vi as u32,
             };
@@ -205,6 +210,34 @@ async fn capture_one(
             }
             Ok(c)
         }
+    }
+}
+
+/// The disk hashes of earlier snapshots, from this node's catalog: only a snapshot placed
+/// over this cut's view with at least its replicas (so that the blocks an incremental read
+/// takes from it are where this snapshot's record says its pages are).
+struct Bases<'a> {
+    node: &'a Arc<Node>,
+    begin: &'a CutBegin,
+}
+
+impl DiskBases for Bases<'_> {
+    fn hashes<'a>(&'a self, snapshot: &'a str, vm: &'a str, device: &'a str, size: u64) -> futures::future::BoxFuture<'a, Option<(u64, Vec<PageHash>)>> {
+        Box::pin(async move {
+            let mut found = self.node.store.catalog_get(snapshot).ok()?;
+            if found.len() != 1 {
+                return None;
+            }
+            let record = found.remove(0).record;
+            if record.placement != self.begin.placement || record.replicas < self.begin.replicas {
+                return None;
+            }
+            let entry = record.vm(vm)?;
+            let (_, first, pages) = entry.disks().into_iter().find(|(d, _, _)| d.device == device && d.size == size)?;
+            let fetcher = Fetcher::new(self.node, &record);
+            let all = expand_manifest(&fetcher, entry, |_, _| {}).await.ok()?;
+            all.get(first as usize..(first + pages) as usize).map(|h| (record.created_unix_ms, h.to_vec()))
+        })
     }
 }
 
