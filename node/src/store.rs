@@ -683,18 +683,8 @@ impl Store {
 
     /// Bytes free for this store on its file system (`u64::MAX` if the file system cannot
     /// tell: an unknown is never a reason to refuse pages; RocksDB's own errors remain).
-    #[allow(unsafe_code)]
     pub fn free_bytes(&self) -> u64 {
-        let Ok(path) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) else { return u64::MAX };
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
-        unsafe {
-            if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
-                return u64::MAX;
-            }
-            let st = st.assume_init();
-            st.f_bavail.saturating_mul(st.f_frsize)
-        }
+        fs_free_bytes(&self.path)
     }
 
     /// Whether new pages are refused for lack of space now.
@@ -1138,5 +1128,21 @@ mod tests {
         assert_eq!(store.catalog_put(&record("old", 5)).expect("sign"), Kept::Signed);
         assert!(store.catalog_get("old").expect("get")[0].is_signed());
         assert_eq!(store.catalog_put(&old[0]).expect("unsigned"), Kept::Already);
+    }
+}
+
+/// Bytes free to unprivileged users on the file system of `path` (`u64::MAX` if it cannot
+/// tell).
+#[allow(unsafe_code)]
+pub fn fs_free_bytes(path: &Path) -> u64 {
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return u64::MAX };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
+    unsafe {
+        if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
+            return u64::MAX;
+        }
+        let st = st.assume_init();
+        st.f_bavail.saturating_mul(st.f_frsize)
     }
 }

@@ -470,7 +470,7 @@ impl CommitRecord {
             }
             if let Some(first_disk) = vm.blocks.iter().position(Block::is_disk) {
                 let disks = &vm.blocks[first_disk..];
-                if first_disk == 0 || !disks.iter().all(|b| DiskBlock::parse(&b.name).is_some_and(|d| d.size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64 == b.bytes)) {
+                if first_disk == 0 || !disks.iter().all(|b| DiskBlock::parse(&b.name).is_some_and(|d| d.size.div_ceil(PAGE_SIZE as u64).checked_mul(PAGE_SIZE as u64) == Some(b.bytes))) {
                     return bad(format!("VM {} has a malformed disk block, or one before its RAM", vm.id));
                 }
             }

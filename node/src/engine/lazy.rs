@@ -607,7 +607,9 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> 
     let meta = crate::qemu::stream_meta(state, &entry.blocks);
     let hashes = {
         let fetcher = Fetcher::new(node, &record);
-        expand_manifest(&fetcher, entry, |_, _| {}).await.map_err(|e| e.to_string())?
+        let mut h = expand_manifest(&fetcher, entry, |_, _| {}).await.map_err(|e| e.to_string())?;
+        h.truncate(entry.ram_pages() as usize); // memory only: its disks were restored first
+        h
     };
     serve(node.clone(), record.clone(), meta, hashes, conn, Start::Resume, Progress::new(None)).await.map_err(|e| e.to_string())?;
     wait_completed(&j.qmp, &keeper::socket_of(&node.config.data_dir, &j.vm)).await?;

@@ -211,6 +211,11 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         Some(Target::QemuIncoming(_)) if opts.disk.is_some() => return Err(RestoreError::Target("--disk writes a disk to a file: use --to file:PATH".into())),
         Some(Target::QemuIncoming(incoming)) => {
             qemu_state()?;
+            if !entry.disks().is_empty() && !opts.force {
+                return Err(RestoreError::Target(format!(
+                    "VM {vm}'s snapshot holds its disks, and --to qemu: restores only its memory, onto whatever disks that QEMU has (a guest whose memory and disks disagree can corrupt its file systems); use --launch, which restores both, or pass --force to restore the memory alone"
+                )));
+            }
             Dest::Qemu { incoming, qmp: opts.qmp.as_ref().map(PathBuf::from), launched: None }
         }
         None if opts.disk.is_some() => return Err(RestoreError::Target("--disk goes with --to file:PATH (--launch restores every disk)".into())),

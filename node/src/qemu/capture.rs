@@ -106,6 +106,32 @@ pub struct CaptureRequest<'a> {
     pub tag: u32,
 }
 
+/// Why a VM's disks can be captured only in live mode.
+const DISKS_LIVE_ONLY: &str = "disks are captured only with a live snapshot of a running VM (QEMU 7.2 ends a stop-copy or pre-copy migration by deactivating the VM's disks, which the disk views forbid): snapshot it with --mode live while it runs, or with --no-disks";
+
+/// VMs (by QMP socket) this process is capturing: one capture per VM at a time.
+static CAPTURING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A VM marked as being captured by this process, until dropped.
+struct CaptureLock(PathBuf);
+
+impl CaptureLock {
+    fn take(qmp: &Path) -> Result<Self, CaptureError> {
+        let mut v = CAPTURING.lock().unwrap_or_else(|p| p.into_inner());
+        if v.iter().any(|p| p == qmp) {
+            return Err(CaptureError::Refused("another snapshot of this VM is being taken on this host; try again when it is done".into()));
+        }
+        v.push(qmp.to_path_buf());
+        Ok(Self(qmp.to_path_buf()))
+    }
+}
+
+impl Drop for CaptureLock {
+    fn drop(&mut self) {
+        CAPTURING.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != self.0);
+    }
+}
+
 /// The disk hashes earlier snapshots recorded, for an incremental disk read.
 pub trait DiskBases: Sync {
     /// The hashes (one per 4 KiB block) of disk `device` (`size` bytes) of VM `vm` as snapshot
@@ -170,11 +196,27 @@ type Streamed = (stream::Parsed, Vec<Vec<PageHash>>, Option<u64>);
 /// Captures the VM `req` names, paced by `pacer`, handing its pages to `sink`: its memory,
 /// then the disks `req.disks` chooses, as they were at the pause.
 pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl PageSink, journal: &dyn PauseJournal) -> Result<Captured, CaptureError> {
+    let _busy = CaptureLock::take(req.qmp)?;
     let mut q = Qmp::connect(req.qmp).await?;
     let facts = inspect(&mut q, req).await?;
-    let disks = super::disks::list(&mut q, &facts.cmdline, req.disks).await.map_err(CaptureError::Refused)?;
+    let disks = super::disks::list(&mut q, req.vm, &facts.cmdline, req.disks).await.map_err(CaptureError::Refused)?;
     let mut fleece = None;
     if !disks.is_empty() {
+        if req.mode != CaptureMode::Live || !facts.was_running {
+            return Err(CaptureError::Refused(DISKS_LIVE_ONLY.into()));
+        }
+        // The views keep, in the data directory, the old data of every block the guest
+        // rewrites while they are read: at worst the disks' whole size.
+        let need: u64 = disks.iter().map(|d| d.size).sum();
+        let free = crate::store::fs_free_bytes(req.work_dir);
+        if free < need {
+            return Err(CaptureError::Refused(format!(
+                "the disk views may need up to {} in {} (the old data of every block the guest rewrites while they are read), and it has {} free: free space there, or take the snapshot with --no-disks",
+                vmcsnap_protocol::units::human_bytes(need),
+                req.work_dir.display(),
+                vmcsnap_protocol::units::human_bytes(free)
+            )));
+        }
         journal.fleeced(req.vm, req.qmp);
         // What a node that died in a snapshot of this VM left behind goes first.
         match super::disks::remove_leftovers(&mut q).await {
@@ -182,7 +224,8 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
             Ok(n) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, removed = n, "removed disk views an interrupted snapshot had left in QEMU"),
             Err(e) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "cannot look for disk views an interrupted snapshot left"),
         }
-        let mut f = match super::disks::Fleece::prepare(&mut q, disks, req.work_dir, &req.tag.to_string(), req.snapshot).await {
+        let tag = format!("{:012x}", rand::random::<u64>() >> 16);
+        let mut f = match super::disks::Fleece::prepare(&mut q, req.vm, disks, req.work_dir, &tag, req.snapshot).await {
             Ok(f) => f,
             Err(e) => {
                 journal.unfleeced(req.vm);
@@ -309,7 +352,7 @@ async fn read_disks(q: &mut Qmp, vm: &str, fleece: &mut Fleece, sink: &impl Page
         // What to read: the blocks the base snapshot's bitmap marks (whole pages), or all.
         let (mut hashes, ranges) = match fleece.base(k) {
             Some((since, base)) => {
-                let ctx = format!("qemu:dirty-bitmap:{}{since}", super::disks::BITMAP_PREFIX);
+                let ctx = format!("qemu:dirty-bitmap:{}", fleece.bitmap(since));
                 let mut status = super::nbd::NbdClient::connect_with(&fleece.sock, &d.device, Some(&ctx)).await.map_err(nbd_err)?;
                 let dirty = status.ranges_with_bit0().await.map_err(nbd_err)?;
                 status.disconnect().await;
@@ -484,6 +527,10 @@ async fn migrate(
     timing: &mut Timing,
     mut fleece: Option<&mut Fleece>,
 ) -> Result<Streamed, CaptureError> {
+    if fleece.is_some() && req.mode != CaptureMode::Live {
+        // QEMU fell back from live mode (see `configure`).
+        return Err(CaptureError::Refused(DISKS_LIVE_ONLY.into()));
+    }
     if matches!(req.mode, CaptureMode::StopCopy | CaptureMode::Live) {
         pacer.prepared();
         pacer.wait(Step::Pause).await?;

@@ -40,8 +40,14 @@ use vmcsnap_protocol::wire::DiskChoice;
 
 /// Prefix of every block node, job, export and dirty bitmap vmcsnap adds to a QEMU.
 pub const NAME_PREFIX: &str = "vmcsnap-";
-/// Prefix of the dirty bitmap a snapshot leaves on each disk: then the snapshot's name.
+/// Prefix of the dirty bitmap a snapshot leaves on each disk: `vmcsnap-since-SNAPSHOT@VM`.
 pub const BITMAP_PREFIX: &str = "vmcsnap-since-";
+
+/// The name of the dirty bitmap snapshot `snapshot` leaves on the disks of VM `vm` (snapshot
+/// names and VM ids have no `@`).
+pub fn bitmap_name(snapshot: &str, vm: &str) -> String {
+    format!("{BITMAP_PREFIX}{snapshot}@{vm}")
+}
 /// Time QEMU has to drop a cancelled job or a deleted export.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -65,8 +71,8 @@ pub struct Disk {
     pub since: Vec<String>,
 }
 
-/// The writable disks of the VM that `choice` wants; `cmdline` is its QEMU command line.
-pub async fn list(q: &mut Qmp, cmdline: &[String], choice: &DiskChoice) -> Result<Vec<Disk>, String> {
+/// The writable disks of VM `vm` that `choice` wants; `cmdline` is its QEMU command line.
+pub async fn list(q: &mut Qmp, vm: &str, cmdline: &[String], choice: &DiskChoice) -> Result<Vec<Disk>, String> {
     if *choice == DiskChoice::None {
         return Ok(vec![]);
     }
@@ -98,7 +104,10 @@ pub async fn list(q: &mut Qmp, cmdline: &[String], choice: &DiskChoice) -> Resul
             .into_iter()
             .flatten()
             .filter(|m| m["recording"].as_bool() == Some(true) && m["inconsistent"].as_bool() != Some(true))
-            .filter_map(|m| m["name"].as_str()?.strip_prefix(BITMAP_PREFIX).map(str::to_string))
+            .filter_map(|m| {
+                let (snapshot, of) = m["name"].as_str()?.strip_prefix(BITMAP_PREFIX)?.split_once('@')?;
+                (of == vm).then(|| snapshot.to_string())
+            })
             .collect();
         let qcow2 = ins["drv"].as_str() == Some("qcow2");
         out.push(Disk { device, node, file, size, arg, qcow2, since });
@@ -146,7 +155,7 @@ fn drive_options(value: &str) -> Vec<(String, String)> {
 
 /// The command line with the `-drive` at index `arg` pointing at the raw image `image`.
 pub fn point_drive_at(cmdline: &[String], arg: usize, image: &Path) -> Result<Vec<String>, String> {
-    if arg == 0 || cmdline.get(arg - 1).map(String::as_str) != Some("-drive") {
+    if arg == 0 || arg >= cmdline.len() || cmdline.get(arg - 1).map(String::as_str) != Some("-drive") {
         return Err(format!("the recorded command line has no -drive at argument {arg}"));
     }
     let mut opts: Vec<(String, String)> =
@@ -177,8 +186,9 @@ pub struct Fleece {
     disks: Vec<Disk>,
     /// Per disk: the snapshot whose bitmap is read, and that snapshot's hashes of the disk.
     bases: Vec<Option<(String, Vec<vmcsnap_protocol::PageHash>)>>,
-    /// The snapshot being taken (names its bitmaps).
+    /// The snapshot being taken and the VM (name its bitmaps).
     snapshot: String,
+    vm: String,
     bitmaps_added: bool,
     tag: String,
     /// The NBD server's socket.
@@ -191,14 +201,15 @@ pub struct Fleece {
 }
 
 impl Fleece {
-    /// Step 1: a temporary target for each disk (`tag` keeps concurrent captures apart) of a
-    /// capture for snapshot `snapshot`.
-    pub async fn prepare(q: &mut Qmp, disks: Vec<Disk>, work_dir: &Path, tag: &str, snapshot: &str) -> Result<Self, QmpError> {
+    /// Step 1: a temporary target for each disk of VM `vm` (`tag`, unique, keeps concurrent
+    /// captures apart) of a capture for snapshot `snapshot`.
+    pub async fn prepare(q: &mut Qmp, vm: &str, disks: Vec<Disk>, work_dir: &Path, tag: &str, snapshot: &str) -> Result<Self, QmpError> {
         let bases = disks.iter().map(|_| None).collect();
         let mut f = Fleece {
             disks,
             bases,
             snapshot: snapshot.to_string(),
+            vm: vm.to_string(),
             bitmaps_added: false,
             tag: tag.to_string(),
             sock: work_dir.join(format!("nbd-{tag}.sock")),
@@ -212,7 +223,7 @@ impl Fleece {
         // this snapshot's starts now.
         for d in &f.disks {
             if d.since.iter().any(|s| s == snapshot) {
-                let _ = q.execute("block-dirty-bitmap-remove", json!({ "node": d.node, "name": format!("{BITMAP_PREFIX}{snapshot}") })).await;
+                let _ = q.execute("block-dirty-bitmap-remove", json!({ "node": d.node, "name": bitmap_name(snapshot, vm) })).await;
             }
         }
         for k in 0..f.disks.len() {
@@ -256,6 +267,11 @@ impl Fleece {
         &self.snapshot
     }
 
+    /// The name of this VM's dirty bitmap of snapshot `since`.
+    pub fn bitmap(&self, since: &str) -> String {
+        bitmap_name(since, &self.vm)
+    }
+
     /// Disk `k`'s base (see [`Fleece::set_base`]), if any.
     pub fn base(&self, k: usize) -> Option<&(String, Vec<vmcsnap_protocol::PageHash>)> {
         self.bases.get(k).and_then(Option::as_ref)
@@ -272,7 +288,7 @@ impl Fleece {
             })
             .chain(self.disks.iter().map(|d| {
                 json!({ "type": "block-dirty-bitmap-add", "data": {
-                    "node": d.node, "name": format!("{BITMAP_PREFIX}{}", self.snapshot), "persistent": d.qcow2,
+                    "node": d.node, "name": self.bitmap(&self.snapshot), "persistent": d.qcow2,
                 }})
             }))
             .collect();
@@ -296,7 +312,7 @@ impl Fleece {
         for k in 0..self.disks.len() {
             let mut export = json!({ "type": "nbd", "id": self.name("exp", k), "node-name": self.name("acc", k), "name": self.disks[k].device, "writable": false });
             if let Some((since, _)) = self.base(k) {
-                export["bitmaps"] = json!([{ "node": self.disks[k].node, "name": format!("{BITMAP_PREFIX}{since}") }]);
+                export["bitmaps"] = json!([{ "node": self.disks[k].node, "name": self.bitmap(since) }]);
             }
             q.execute("block-export-add", export).await?;
             self.exported += 1;
@@ -341,7 +357,7 @@ impl Fleece {
                 vec![self.snapshot.as_str()]
             };
             for s in gone {
-                log_failure(q.execute("block-dirty-bitmap-remove", json!({ "node": d.node, "name": format!("{BITMAP_PREFIX}{s}") })).await, "remove a dirty bitmap");
+                log_failure(q.execute("block-dirty-bitmap-remove", json!({ "node": d.node, "name": self.bitmap(s) })).await, "remove a dirty bitmap");
             }
         }
     }
