@@ -310,6 +310,15 @@ vmcsnap snapshot restore nightly --vm web1 --disk virtio0 --to file:/tmp/web1-di
         /// captured disk into a new image in the host's --disk-dir and starts the VM on them.)
         #[arg(long, value_name = "DEVICE", requires = "to")]
         disk: Option<String>,
+        /// With --launch: write each VM's captured disks over the images its recorded command
+        /// line names (which must lie in the host's --launch-dir, --vm-dir, data or disk
+        /// directory), instead of into new images. Destroys what those images hold now: needs
+        /// --yes.
+        #[arg(long, requires = "launch")]
+        in_place: bool,
+        /// Confirm --in-place.
+        #[arg(long)]
+        yes: bool,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -553,8 +562,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             snapshot_create(name, vms, all, mode, replicas, max_bandwidth, disks, &common).await
         }
-        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, eager, disk, common }) => {
-            snapshot_restore(name, vms, on, to, launch, qmp, force, (eager, disk), &common).await
+        Cmd::Snapshot(SnapshotCmd::Restore { name, vms, on, to, launch, qmp, force, eager, disk, in_place, yes, common }) => {
+            if in_place && !yes {
+                return Err(cli_error(ErrorKind::Invalid, "--in-place overwrites the VMs' disk images with the snapshot's: add --yes to confirm (without --in-place, disks are restored into new images)"));
+            }
+            snapshot_restore(name, vms, on, to, launch, qmp, force, (eager, disk, in_place), &common).await
         }
         Cmd::Snapshot(SnapshotCmd::List { common }) => snapshot_list(&common).await,
         Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
@@ -801,7 +813,7 @@ async fn snapshot_restore(
     launch: bool,
     qmp: Option<PathBuf>,
     force: bool,
-    (eager, disk): (bool, Option<String>),
+    (eager, disk, in_place): (bool, Option<String>, bool),
     common: &NodeArg,
 ) -> anyhow::Result<()> {
     if !launch && vms.len() != 1 {
@@ -809,7 +821,7 @@ async fn snapshot_restore(
     }
     let target = to.as_deref().map(absolutize).transpose()?;
     let qmp = qmp.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
-    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk }).await?;
+    let r = call(common, ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk, in_place }).await?;
     let ControlResult::Restored(list) = r else { bail!("node answered with the wrong result") };
     if common.json {
         return print_json(&list);

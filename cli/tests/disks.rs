@@ -139,6 +139,20 @@ fn a_rollback_brings_the_disk_back_as_it_was_at_the_cut() {
     assert_eq!(md5_hex(&file_in_image(&img, "C").expect("C in the restored image")), c_md5);
     assert!(file_in_image(&img, "B").is_none(), "B is not in the restored image");
     assert_eq!(std::fs::metadata(&orig).expect("orig").len(), orig_len, "the original disk is left alone");
+
+    // In place, on n1: refused without --yes; with it, the VM's own image is the snapshot's.
+    let no = c.cli(0, &["snapshot", "restore", "s", "--launch", "--on", "n1", "--in-place"]).expect("cli");
+    assert!(!no.status.success() && String::from_utf8_lossy(&no.stderr).contains("--yes"), "{}", String::from_utf8_lossy(&no.stderr));
+    let r = c.json(0, &["snapshot", "restore", "s", "--launch", "--on", "n1", "--in-place", "--yes"]).expect("restore in place");
+    assert_eq!(r[0]["disks"][0].as_str(), Some(format!("virtio0={}", orig.display()).as_str()), "{r}");
+    let g = Guest::paths(&vms, "g");
+    assert_eq!(third(&g.console("vmcsnap-disk-check A", "DISKCHECK A", CONSOLE).expect("check A")), a);
+    assert_eq!(third(&g.console("vmcsnap-disk-check B", "DISKCHECK B", CONSOLE).expect("check B")), "missing");
+    g.console("vmcsnap-umount", "UMOUNTED", CONSOLE).expect("umount");
+    guest::kill_by_qmp(&qmp);
+    assert!(file_in_image(&orig, "B").is_none() && file_in_image(&orig, "A").is_some_and(|d| md5_hex(&d) == a), "the image itself rolled back");
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&orig).output().expect("e2fsck");
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }
 
 /// Two guests whose disks are copies of one image, snapshotted together: every distinct

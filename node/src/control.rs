@@ -190,8 +190,8 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
             let req = snapshot::CreateRequest { name, vms, all, mode, replicas, max_bandwidth, disks };
             Ok(ControlResult::Created(snapshot::create(node, req, progress).await?))
         }
-        ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk } => {
-            let opts = restore::RestoreOptions { target, force, launch, qmp, eager, disk };
+        ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk, in_place } => {
+            let opts = restore::RestoreOptions { target, force, launch, qmp, eager, disk, in_place };
             Ok(ControlResult::Restored(restore::restore_many(node, name, vms, on, opts, progress).await?))
         }
         ControlRequest::VmAdd { id, qmp } => {

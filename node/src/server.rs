@@ -201,8 +201,8 @@ async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
             Ok(list) => DataResponse::Revocations { tokens: list.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX).map(|r| r.to_token()).collect() },
             Err(e) => error(RemoteErrorKind::Storage, e.to_string()),
         },
-        DataRequest::RestoreVm { name, vm, eager } => {
-            let opts = crate::engine::restore::RestoreOptions { launch: true, eager, ..Default::default() };
+        DataRequest::RestoreVm { name, vm, eager, in_place } => {
+            let opts = crate::engine::restore::RestoreOptions { launch: true, eager, in_place, ..Default::default() };
             match crate::engine::restore::restore(node.clone(), name, vm, opts, crate::engine::Progress::new(None)).await {
                 Ok(s) => DataResponse::Restored(s),
                 Err(e) => error(RemoteErrorKind::Failed, e.to_string()),

@@ -43,7 +43,7 @@ fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombston
         DataRequest::VmForget { id: "vm".into() },
         DataRequest::Revoke { token: "x".into() },
         DataRequest::Revocations,
-        DataRequest::RestoreVm { name: "x".into(), vm: "vm".into(), eager: false },
+        DataRequest::RestoreVm { name: "x".into(), vm: "vm".into(), eager: false, in_place: false },
         DataRequest::ClaimName { name: "x".into(), record: page, release: false },
     ]
 }

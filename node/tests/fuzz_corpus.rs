@@ -209,7 +209,7 @@ mod seeds {
             DataRequest::CatalogGet { name: "nightly".into() },
             DataRequest::Cut(CutBegin { name: "nightly".into(), vms: vec![("web1".into(), None)], mode: CaptureMode::PreCopy, replicas: 2, placement: vec![me], max_bandwidth: None, disks: Default::default() }),
             DataRequest::Revoke { token: cluster.revoke(me).to_token() },
-            DataRequest::RestoreVm { name: "nightly@0123abcd".into(), vm: "web1".into(), eager: false },
+            DataRequest::RestoreVm { name: "nightly@0123abcd".into(), vm: "web1".into(), eager: false, in_place: false },
             DataRequest::Sync { incarnation: 7 },
             DataRequest::Delete { tombstone: tomb.clone() },
         ];
@@ -241,6 +241,7 @@ mod seeds {
             qmp: None,
             eager: false,
             disk: None,
+            in_place: false,
         };
         put(&dir, "control", "restore", &encode_control(&req).expect("encode"));
         put(&dir, "control", "list", &encode_control(&ControlRequest::SnapshotList).expect("encode"));

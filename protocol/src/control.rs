@@ -143,6 +143,9 @@ pub enum ControlRequest {
         /// With a `file:` target: write this disk of the VM (its device name) instead of its
         /// memory.
         disk: Option<String>,
+        /// With `launch`: write the VMs' disks over the images their recorded command lines
+        /// name (the operator confirmed), instead of into new images.
+        in_place: bool,
     },
     /// List snapshots.
     SnapshotList,

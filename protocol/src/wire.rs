@@ -49,7 +49,8 @@ use serde::{Deserialize, Serialize};
 ///   exactly one commits.
 /// - `vmcsnap/data/6`: lazy restores (`RestoreVm` says whether eager; `Restored` says how the
 ///   guest came up).
-/// - `vmcsnap/data/7`: disks in the cut (`CutBegin` says which disks to capture).
+/// - `vmcsnap/data/7`: disks in the cut (`CutBegin` says which disks to capture; `RestoreVm`
+///   whether to write them in place; `Restored` lists the images).
 pub const DATA_ALPN: &[u8] = b"vmcsnap/data/7";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
@@ -194,6 +195,8 @@ pub enum DataRequest {
         vm: String,
         /// Load all memory before the guest runs (no postcopy).
         eager: bool,
+        /// Write the VM's disks over the images its recorded command line names.
+        in_place: bool,
     },
     /// Grant snapshot name `name` to commit record `record` (you are one of the name's
     /// arbiters: its first [`NAME_ARBITERS`] owners). Granted unless you keep a record under

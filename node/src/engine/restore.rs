@@ -68,7 +68,7 @@ pub async fn restore_many(
     }
     let record = node.find_record(&name).await?;
     let plan = plan_hosts(&node, &record, vms, &on)?;
-    let results = futures::future::join_all(plan.iter().map(|(vm, host)| launch_on(&node, &name, vm, host, opts.eager, progress.clone()))).await;
+    let results = futures::future::join_all(plan.iter().map(|(vm, host)| launch_on(&node, &name, vm, host, (opts.eager, opts.in_place), progress.clone()))).await;
     let mut out = Vec::new();
     let mut failed = Vec::new();
     for ((vm, host), r) in plan.iter().zip(results) {
@@ -134,12 +134,12 @@ fn plan_hosts(node: &Node, record: &CommitRecord, vms: Vec<String>, on: &[String
 }
 
 /// Restores and launches `vm` on `host` (here, or by asking it once).
-async fn launch_on(node: &Arc<Node>, name: &str, vm: &str, host: &Member, eager: bool, progress: Progress) -> Result<RestoreSummary, String> {
+async fn launch_on(node: &Arc<Node>, name: &str, vm: &str, host: &Member, (eager, in_place): (bool, bool), progress: Progress) -> Result<RestoreSummary, String> {
     if host.id == node.id {
-        let opts = RestoreOptions { launch: true, eager, ..Default::default() };
+        let opts = RestoreOptions { launch: true, eager, in_place, ..Default::default() };
         return restore(node.clone(), name.to_string(), vm.to_string(), opts, progress).await.map_err(|e| e.to_string());
     }
-    let req = DataRequest::RestoreVm { name: name.to_string(), vm: vm.to_string(), eager };
+    let req = DataRequest::RestoreVm { name: name.to_string(), vm: vm.to_string(), eager, in_place };
     match node.call_within(host, req, REMOTE_RESTORE_TIMEOUT).await {
         Ok(DataResponse::Restored(s)) => Ok(s),
         Ok(_) => Err("answered with the wrong message".into()),
@@ -168,6 +168,8 @@ pub struct RestoreOptions {
     pub eager: bool,
     /// With a file target: this disk of the VM (device name) instead of its memory.
     pub disk: Option<String>,
+    /// With `launch`: write the VM's disks over the images its command line names.
+    pub in_place: bool,
 }
 
 enum Dest {
@@ -221,13 +223,15 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         None if opts.disk.is_some() => return Err(RestoreError::Target("--disk goes with --to file:PATH (--launch restores every disk)".into())),
         None => {
             // Its disks first, into new images the VM is then pointed at.
-            let (state, d) = restore_disks(&node, &record, entry, qemu_state()?, &mut progress).await?;
+            let (state, d) = restore_disks(&node, &record, entry, qemu_state()?, opts.in_place, &mut progress).await?;
             disks = d;
             launch_state = Some(state);
             let l = match launch_here(&node, &vm, launch_state.as_ref().unwrap_or(qemu_state()?)).await {
                 Ok(l) => l,
                 Err(e) => {
-                    remove_disks(&disks);
+                    if !opts.in_place {
+                        remove_disks(&disks); // new images; in place, the old ones are gone already
+                    }
                     return Err(e);
                 }
             };
@@ -278,7 +282,9 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             if r.is_err() {
                 if let Dest::Qemu { launched: Some(l), .. } = &dest {
                     kill(l);
-                    remove_disks(&disks);
+                    if !opts.in_place {
+                        remove_disks(&disks); // new images; in place, the old ones are gone already
+                    }
                 }
             }
             let (pages_needed, stats, status) = r?;
@@ -320,12 +326,16 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
 
 /// Writes each disk of `entry` into a new sparse raw image in this host's disk directory
 /// (`DISK_DIR/VM/SNAPSHOT-DEVICE-TIME.raw`). Returns `state` with the VM's drives pointed at
-/// them, and each disk's device and image. The VM's original disks are never touched.
+/// them, and each disk's device and image. The VM's original disks are never touched —
+/// unless `in_place`: then each is written beside the image its command line names and, once
+/// all are, renamed over it (an image outside the host's launch and disk directories is
+/// refused).
 async fn restore_disks(
     node: &Arc<Node>,
     record: &CommitRecord,
     entry: &VmEntry,
     state: &QemuState,
+    in_place: bool,
     progress: &mut Progress,
 ) -> Result<(QemuState, Vec<(String, PathBuf)>), RestoreError> {
     let disks = entry.disks();
@@ -333,28 +343,68 @@ async fn restore_disks(
         return Ok((state.clone(), vec![]));
     }
     let dir = node.config.disk_dir().join(&entry.id);
-    std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Write { path: dir.clone(), reason: e.to_string() })?;
+    let mut allowed = node.launch_policy().dirs;
+    allowed.push(node.config.disk_dir());
+    // In place: where each disk goes in the end (checked before anything is written).
+    let mut finals: Vec<Option<PathBuf>> = Vec::new();
+    for (d, _, _) in &disks {
+        if !in_place {
+            finals.push(None);
+            continue;
+        }
+        let file = crate::qemu::disks::drive_file(&state.cmdline, d.arg)
+            .ok_or_else(|| RestoreError::Target(format!("disk {}: the recorded command line names no image for it", d.device)))?;
+        let p = PathBuf::from(&file);
+        let inside = p.is_absolute() && !p.components().any(|c| matches!(c, std::path::Component::ParentDir)) && allowed.iter().any(|a| p.starts_with(a));
+        if !inside || !p.parent().is_some_and(Path::is_dir) {
+            return Err(RestoreError::Target(format!(
+                "--in-place: disk {}'s image {file} is not in a directory this host's policy lets a restore write ({}); add its directory with --launch-dir, or restore into new images (without --in-place)",
+                d.device,
+                allowed.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        finals.push(Some(p));
+    }
+    if !in_place {
+        std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Write { path: dir.clone(), reason: e.to_string() })?;
+    }
     let fetcher = Fetcher::new(node, record);
     progress.phase("manifest", entry.manifest.depth as u64);
     let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let mut state = state.clone();
     let mut done: Vec<(String, PathBuf)> = Vec::new();
-    for (d, first, pages) in disks {
-        let path = dir.join(format!("{}-{}-{stamp}.raw", record.name, d.device));
+    for ((d, first, pages), fin) in disks.into_iter().zip(&finals) {
+        let path = match fin {
+            Some(f) => f.with_file_name(format!(".{}.vmcsnap-restored-{stamp}", f.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())),
+            None => dir.join(format!("{}-{}-{stamp}.raw", record.name, d.device)),
+        };
         let r = async {
             if path.symlink_metadata().is_ok() {
                 return Err(RestoreError::Target(format!("{} exists", path.display())));
             }
-            state.cmdline = crate::qemu::disks::point_drive_at(&state.cmdline, d.arg, &path).map_err(RestoreError::Target)?;
+            state.cmdline = crate::qemu::disks::point_drive_at(&state.cmdline, d.arg, fin.as_ref().unwrap_or(&path)).map_err(RestoreError::Target)?;
             restore_file(&fetcher, &hashes[first as usize..(first + pages) as usize], &path, Some(d.size), progress).await
         };
         if let Err(e) = r.await {
             remove_disks(&done);
             return Err(e);
         }
-        tracing::info!(target: "vmcsnap::restore", vm = %entry.id, device = %d.device, image = %path.display(), "disk restored");
         done.push((d.device, path));
+    }
+    // In place: every disk is written; now they replace the images, one rename each.
+    for k in 0..done.len() {
+        if let Some(f) = &finals[k] {
+            if let Err(e) = std::fs::rename(&done[k].1, f) {
+                // The images renamed so far are the snapshot's; the others stay as they were.
+                remove_disks(&done[k..]);
+                return Err(RestoreError::Write { path: f.clone(), reason: e.to_string() });
+            }
+            done[k].1 = f.clone();
+        }
+    }
+    for (device, path) in &done {
+        tracing::info!(target: "vmcsnap::restore", vm = %entry.id, device = %device, image = %path.display(), in_place, "disk restored");
     }
     Ok((state, done))
 }

@@ -125,6 +125,14 @@ pub fn drive_arg(cmdline: &[String], file: &str) -> Option<usize> {
     (1..cmdline.len()).find(|&i| cmdline[i - 1] == "-drive" && drive_options(&cmdline[i]).iter().any(|(k, v)| k == "file" && v == file))
 }
 
+/// The image (`file=`) of the `-drive` value at index `arg`.
+pub fn drive_file(cmdline: &[String], arg: usize) -> Option<String> {
+    if arg == 0 || cmdline.get(arg - 1).map(String::as_str) != Some("-drive") {
+        return None;
+    }
+    drive_options(cmdline.get(arg)?).into_iter().find(|(k, _)| k == "file").map(|(_, v)| v)
+}
+
 /// A `-drive` value's options, in order (`,,` is a literal comma).
 fn drive_options(value: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
