@@ -83,8 +83,19 @@ impl Cluster {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut c = Cluster { dir: dir.to_path_buf(), bin: bin.to_path_buf(), replicas, nodes: Vec::new(), detach: false, extra_args };
         for (i, (addr, netns)) in places.into_iter().enumerate() {
+            let loopback = netns.is_none() && addr.ip().is_loopback();
             c.nodes.push(NodeProc { dir: dir.join(format!("n{}", i + 1)), addr, netns, child: None });
-            c.spawn(i)?;
+            let mut tries = 0;
+            while let Err(e) = c.spawn(i) {
+                // A port found free can be taken before the node binds it (by another test's
+                // outgoing connection): pick another.
+                let log = std::fs::read_to_string(c.nodes[i].dir.join("node.log")).unwrap_or_default();
+                tries += 1;
+                if !loopback || tries > 3 || !log.contains("already in use") {
+                    return Err(e);
+                }
+                c.nodes[i].addr.set_port(free_port()?);
+            }
         }
         c.wait_converged(Duration::from_secs(30))?;
         Ok(c)
