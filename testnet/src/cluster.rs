@@ -185,7 +185,11 @@ impl Cluster {
             if let Some(c) = self.nodes[i].child.as_mut() {
                 if let Some(st) = c.try_wait()? {
                     self.nodes[i].child = None;
-                    bail!("node {} exited with {st}; see {}", i + 1, self.nodes[i].dir.join("node.log").display());
+                    // The log's tail too: a test's temporary directory is gone when it is read.
+                    let log = self.nodes[i].dir.join("node.log");
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+                    bail!("node {} exited with {st}; see {}: {}", i + 1, log.display(), tail.join(" | "));
                 }
             }
             if t0.elapsed() > Duration::from_secs(20) {
