@@ -199,6 +199,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     };
     let mut disks = Vec::new();
     let mut launch_state = None;
+    let mut prefetched = None;
     let dest = match target {
         Some(Target::File(path)) => {
             if path.symlink_metadata().is_ok() && !opts.force {
@@ -226,7 +227,21 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             let (state, d) = restore_disks(&node, &record, entry, qemu_state()?, opts.in_place, &mut progress).await?;
             disks = d;
             launch_state = Some(state);
-            let l = match launch_here(&node, &vm, launch_state.as_ref().unwrap_or(qemu_state()?)).await {
+            // A lazy restore's manifest and device state are read while QEMU starts.
+            let launch = launch_here(&node, &vm, launch_state.as_ref().unwrap_or(qemu_state()?));
+            let read = async {
+                if opts.eager {
+                    return None;
+                }
+                let fetcher = Fetcher::new(&node, &record);
+                let state = entry.qemu.as_ref()?;
+                let hashes = expand_manifest(&fetcher, entry, |_, _| {}).await.ok()?;
+                let tail = fetch_blob(&fetcher, &state.device_state).await.ok()?;
+                Some((hashes, tail))
+            };
+            let (launched, read) = tokio::join!(launch, read);
+            prefetched = read;
+            let l = match launched {
                 Ok(l) => l,
                 Err(e) => {
                     if !opts.in_place {
@@ -248,7 +263,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     let mut lazy = None;
     let mut dest = dest;
     if let (Dest::Qemu { launched: Some(l), .. }, false) = (&dest, opts.eager) {
-        match restore_lazy(&node, &name, &record, entry, l, t0, &mut progress).await {
+        match restore_lazy(&node, (&name, &record, entry), l, prefetched.take(), t0, &mut progress).await {
             Ok(done) => lazy = Some(done),
             Err(LazyError::Refused(why)) => {
                 tracing::info!(target: "vmcsnap::restore", vm = %vm, reason = %why, "no lazy restore: restoring eagerly");
@@ -454,15 +469,14 @@ fn lazy_unsupported(cmdline: &[String]) -> Option<String> {
     })
 }
 
-/// A lazy restore into the QEMU launched as `l`: the manifest and device state first, then
-/// [`super::lazy::restore`]. Returns the distinct non-zero pages and how it went.
-#[allow(clippy::too_many_arguments)]
+/// A lazy restore into the QEMU launched as `l`: the manifest and device state first (unless
+/// `prefetched` while QEMU started), then [`super::lazy::restore`]. Returns the distinct
+/// non-zero pages and how it went.
 async fn restore_lazy(
     node: &Arc<Node>,
-    name: &str,
-    record: &CommitRecord,
-    entry: &VmEntry,
+    (name, record, entry): (&str, &CommitRecord, &VmEntry),
     l: &crate::qemu::launch::Launched,
+    prefetched: Option<(Vec<PageHash>, Vec<u8>)>,
     t0: Instant,
     progress: &mut Progress,
 ) -> Result<(u64, super::lazy::Served), LazyError> {
@@ -473,12 +487,16 @@ async fn restore_lazy(
     if let Some(why) = lazy_unsupported(&state.cmdline) {
         return Err(LazyError::Refused(why));
     }
-    let fetcher = Fetcher::new(node, record);
-    progress.phase("manifest", entry.manifest.depth as u64);
-    let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
-    let mut hashes = hashes;
+    let (mut hashes, tail) = match prefetched {
+        Some(p) => p,
+        None => {
+            let fetcher = Fetcher::new(node, record);
+            progress.phase("manifest", entry.manifest.depth as u64);
+            let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+            (hashes, fetch_blob(&fetcher, &state.device_state).await?)
+        }
+    };
     hashes.truncate(entry.ram_pages() as usize); // its disks were restored before the launch
-    let tail = fetch_blob(&fetcher, &state.device_state).await?;
     let distinct = hashes.iter().filter(|h| !h.is_zero()).collect::<std::collections::HashSet<_>>().len() as u64;
     let served = super::lazy::restore(node, name, record, &entry.id, hashes, tail, &l.incoming, &l.qmp, t0, progress.clone()).await?;
     Ok((distinct, served))
