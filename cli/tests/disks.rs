@@ -332,3 +332,33 @@ fn later_snapshots_read_only_what_changed_and_restore_whole() {
     let fsck = Command::new("e2fsck").arg("-fn").arg(&out).output().expect("e2fsck");
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }
+
+/// A paused VM's disks are read as they are (no views: QEMU deactivates them at the end of
+/// the stop-copy migration a paused VM gets); it stays paused, and the disk written back is
+/// the image byte for byte.
+#[test]
+fn a_paused_vm_is_captured_with_its_disk_and_stays_paused() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let qmp = vms.join("g.qmp");
+    let _reaper = guest::Reaper(vec![qmp.clone()]);
+    let (orig, drive) = guest::disk_copy(&vms, "g").expect("disk");
+    let drive: Vec<&str> = drive.iter().map(String::as_str).collect();
+    let mut g = Guest::start_with(&vms, "g", 96, "disk=1", &accel, &drive).expect("g");
+    g.wait_for("DISK-OK", BOOT).expect("the guest mounts its disk");
+    g.console("vmcsnap-disk-write A 2", "DISKWROTE A", CONSOLE).expect("write A");
+    QmpSync::connect(&qmp).and_then(|mut q| q.execute("stop", serde_json::json!({}))).expect("stop");
+    c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
+    c.json(1, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot of a paused VM with its disk");
+    let status = QmpSync::connect(&qmp).and_then(|mut q| q.status()).expect("status");
+    assert!(status == "paused" || status == "postmigrate", "it stays paused: {status}");
+    assert!(leftovers(&qmp).is_empty());
+    let out = tmp.path().join("s.disk");
+    c.json(1, &["snapshot", "restore", "s", "--vm", "g", "--disk", "virtio0", "--to", &format!("file:{}", out.display())]).expect("disk to a file");
+    assert!(std::fs::read(&out).expect("restored") == std::fs::read(&orig).expect("image"), "the paused VM's disk, byte for byte");
+    g.kill();
+}

@@ -107,7 +107,7 @@ pub struct CaptureRequest<'a> {
 }
 
 /// Why a VM's disks can be captured only in live mode.
-const DISKS_LIVE_ONLY: &str = "disks are captured only with a live snapshot of a running VM (QEMU 7.2 ends a stop-copy or pre-copy migration by deactivating the VM's disks, which the disk views forbid): snapshot it with --mode live while it runs, or with --no-disks";
+const DISKS_LIVE_ONLY: &str = "a running VM's disks are captured only with a live snapshot (QEMU 7.2 ends a stop-copy or pre-copy migration by deactivating the VM's disks, which the disk views forbid): snapshot it with --mode live, or with --no-disks";
 
 /// VMs (by QMP socket) this process is capturing: one capture per VM at a time.
 static CAPTURING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
@@ -202,7 +202,7 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
     let disks = super::disks::list(&mut q, req.vm, &facts.cmdline, req.disks).await.map_err(CaptureError::Refused)?;
     let mut fleece = None;
     if !disks.is_empty() {
-        if req.mode != CaptureMode::Live || !facts.was_running {
+        if req.mode != CaptureMode::Live && facts.was_running {
             return Err(CaptureError::Refused(DISKS_LIVE_ONLY.into()));
         }
         // The views keep, in the data directory, the old data of every block the guest
@@ -225,7 +225,13 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
             Err(e) => tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "cannot look for disk views an interrupted snapshot left"),
         }
         let tag = format!("{:012x}", rand::random::<u64>() >> 16);
-        let mut f = match super::disks::Fleece::prepare(&mut q, req.vm, disks, req.work_dir, &tag, req.snapshot).await {
+        let prepared = if facts.was_running {
+            super::disks::Fleece::prepare(&mut q, req.vm, disks, req.work_dir, &tag, req.snapshot).await
+        } else {
+            // Paused, and it stays paused: its disks are read as they are.
+            Ok(super::disks::Fleece::direct(disks, req.work_dir, &tag, req.snapshot, req.vm))
+        };
+        let mut f = match prepared {
             Ok(f) => f,
             Err(e) => {
                 journal.unfleeced(req.vm);
@@ -236,7 +242,7 @@ pub async fn capture(req: &CaptureRequest<'_>, pacer: &mut Pacer, sink: &impl Pa
         for k in 0..f.disks().len() {
             let d = f.disks()[k].clone();
             let mut best: Option<(u64, String, Vec<PageHash>)> = None;
-            for since in d.since.iter().filter(|s| *s != req.snapshot) {
+            for since in d.since.iter().filter(|s| *s != req.snapshot && !f.is_direct()) {
                 match req.bases.hashes(since, req.vm, &d.device, d.size).await {
                     Some((at, h)) if h.len() as u64 == d.size.div_ceil(PAGE_SIZE as u64) && best.as_ref().is_none_or(|b| at > b.0) => {
                         best = Some((at, since.clone(), h));
@@ -339,6 +345,7 @@ async fn capture_memory(
 /// The disks of `fleece`, frozen in the capture's pause, read over NBD into `sink` and added
 /// to `c` as blocks after its memory.
 async fn read_disks(q: &mut Qmp, vm: &str, fleece: &mut Fleece, sink: &impl PageSink, watch: &CancelWatch, c: &mut Captured) -> Result<(), CaptureError> {
+    let resumed_before = q.last_resume();
     fleece.export(q).await?;
     let devices: Vec<&str> = fleece.disks().iter().map(|d| d.device.as_str()).collect();
     tracing::info!(target: "vmcsnap::snapshot", vm, disks = ?devices, "reading the disks as they were in the pause");
@@ -396,6 +403,14 @@ async fn read_disks(q: &mut Qmp, vm: &str, fleece: &mut Fleece, sink: &impl Page
         c.stats.pages_zero += zero;
         c.stats.pages_nonzero += pages - zero;
         c.hashes.extend(hashes);
+    }
+    if fleece.is_direct() {
+        // Read as they were only if the VM stayed paused throughout.
+        let status = q.status().await?;
+        // (`postmigrate` is QEMU's paused state after the migration completed.)
+        if !matches!(status.as_str(), "paused" | "postmigrate") || q.last_resume() != resumed_before {
+            return Err(CaptureError::Refused(format!("the VM was resumed while its disks were read (it is {status}); take the snapshot again")));
+        }
     }
     Ok(())
 }
@@ -527,7 +542,7 @@ async fn migrate(
     timing: &mut Timing,
     mut fleece: Option<&mut Fleece>,
 ) -> Result<Streamed, CaptureError> {
-    if fleece.is_some() && req.mode != CaptureMode::Live {
+    if fleece.as_ref().is_some_and(|f| !f.is_direct()) && req.mode != CaptureMode::Live {
         // QEMU fell back from live mode (see `configure`).
         return Err(CaptureError::Refused(DISKS_LIVE_ONLY.into()));
     }

@@ -202,6 +202,8 @@ pub struct Fleece {
     /// The NBD server's socket.
     pub sock: PathBuf,
     targets: usize,
+    /// A paused VM's disks, read as they are (it stays paused): no views, no bitmaps.
+    direct: bool,
     frozen: bool,
     accessed: usize,
     server: bool,
@@ -222,6 +224,7 @@ impl Fleece {
             tag: tag.to_string(),
             sock: work_dir.join(format!("nbd-{tag}.sock")),
             targets: 0,
+            direct: false,
             frozen: false,
             accessed: 0,
             server: false,
@@ -253,6 +256,34 @@ impl Fleece {
             f.targets += 1;
         }
         Ok(f)
+    }
+
+    /// For a VM that is paused and stays paused through the capture: its disks are exported
+    /// and read as they are, without views or bitmaps (QEMU 7.2 deactivates the disks at the
+    /// end of the stop-copy migration; an inactive disk still exports read-only, and `cont`
+    /// reactivates it). The capture checks the VM was not resumed meanwhile.
+    pub fn direct(disks: Vec<Disk>, work_dir: &Path, tag: &str, snapshot: &str, vm: &str) -> Self {
+        let bases = disks.iter().map(|_| None).collect();
+        Fleece {
+            disks,
+            bases,
+            snapshot: snapshot.to_string(),
+            vm: vm.to_string(),
+            bitmaps_added: false,
+            tag: tag.to_string(),
+            sock: work_dir.join(format!("nbd-{tag}.sock")),
+            targets: 0,
+            direct: true,
+            frozen: false,
+            accessed: 0,
+            server: false,
+            exported: 0,
+        }
+    }
+
+    /// Whether the disks are read as they are ([`Fleece::direct`]).
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     fn name(&self, what: &str, k: usize) -> String {
@@ -287,6 +318,9 @@ impl Fleece {
 
     /// Step 2, with the VM paused: every disk's view starts now, in one transaction.
     pub async fn freeze(&mut self, q: &mut Qmp) -> Result<(), QmpError> {
+        if self.direct {
+            return Ok(());
+        }
         let actions: Vec<Value> = (0..self.disks.len())
             .map(|k| {
                 json!({ "type": "blockdev-backup", "data": {
@@ -309,6 +343,9 @@ impl Fleece {
     /// Step 3: the views, exported over NBD (export name: the device name).
     pub async fn export(&mut self, q: &mut Qmp) -> Result<(), QmpError> {
         for k in 0..self.disks.len() {
+            if self.direct {
+                break;
+            }
             q.execute("blockdev-add", json!({ "node-name": self.name("acc", k), "driver": "snapshot-access", "file": self.name("cbw", k) })).await?;
             self.accessed += 1;
         }
@@ -318,7 +355,8 @@ impl Fleece {
             .map_err(|e| QmpError::Protocol(format!("cannot start QEMU's NBD server for the disk views (is another backup running?): {e}")))?;
         self.server = true;
         for k in 0..self.disks.len() {
-            let mut export = json!({ "type": "nbd", "id": self.name("exp", k), "node-name": self.name("acc", k), "name": self.disks[k].device, "writable": false });
+            let node = if self.direct { self.disks[k].node.clone() } else { self.name("acc", k) };
+            let mut export = json!({ "type": "nbd", "id": self.name("exp", k), "node-name": node, "name": self.disks[k].device, "writable": false });
             if let Some((since, _)) = self.base(k) {
                 export["bitmaps"] = json!([{ "node": self.disks[k].node, "name": self.bitmap(since) }]);
             }

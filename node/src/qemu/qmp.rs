@@ -136,6 +136,16 @@ impl Qmp {
     /// The last pause QEMU reported on this connection: (stopped, resumed), µs since the
     /// epoch, if it reported both and in that order.
     pub fn reported_pause(&self) -> Option<(u64, u64)> {
+        self.reported_pause_inner()
+    }
+
+    /// When QEMU last reported the VM resumed (`RESUME`) on this connection, µs since the
+    /// epoch.
+    pub fn last_resume(&self) -> Option<u64> {
+        self.resumed_us
+    }
+
+    fn reported_pause_inner(&self) -> Option<(u64, u64)> {
         self.stopped_us.zip(self.resumed_us).filter(|(s, r)| r >= s)
     }
 
