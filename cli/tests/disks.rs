@@ -66,6 +66,16 @@ fn blocks(files: &[&Path]) -> (HashSet<[u8; 32]>, Vec<usize>) {
     (all, per)
 }
 
+/// Boots guest `name` in `vms` on a copy of the guest build's disk image, mounted; returns it
+/// and its image.
+fn disk_guest(vms: &Path, name: &str, mem_mib: u32, accel: &str) -> (Guest, PathBuf) {
+    let (img, drive) = guest::disk_copy(vms, name).expect("disk");
+    let drive: Vec<&str> = drive.iter().map(String::as_str).collect();
+    let g = Guest::start_with(vms, name, mem_mib, "disk=1", accel, &drive).expect("guest");
+    g.wait_for("DISK-OK", BOOT).expect("the guest mounts its disk");
+    (g, img)
+}
+
 /// The vmcsnap block nodes, jobs and exports in the QEMU behind `qmp`.
 fn leftovers(qmp: &Path) -> Vec<String> {
     let mut q = QmpSync::connect(qmp).expect("qmp");
@@ -95,10 +105,7 @@ fn a_rollback_brings_the_disk_back_as_it_was_at_the_cut() {
     let vms = tmp.path().join("vms");
     let qmp = vms.join("g.qmp");
     let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let (orig, drive) = guest::disk_copy(&vms, "g").expect("disk");
-    let drive: Vec<&str> = drive.iter().map(String::as_str).collect();
-    let g = Guest::start_with(&vms, "g", 128, "disk=1", &accel, &drive).expect("g");
-    g.wait_for("DISK-OK", BOOT).expect("the guest mounts its disk");
+    let (g, orig) = disk_guest(&vms, "g", 128, &accel);
     let a = third(&g.console("vmcsnap-disk-write A 4", "DISKWROTE A", CONSOLE).expect("write A"));
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
     // QEMU 7.2 deactivates a VM's disks at the end of a stop-copy or pre-copy migration, which
@@ -305,10 +312,7 @@ fn later_snapshots_read_only_what_changed_and_restore_whole() {
     let vms = tmp.path().join("vms");
     let qmp = vms.join("g.qmp");
     let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let (orig, drive) = guest::disk_copy(&vms, "g").expect("disk");
-    let drive: Vec<&str> = drive.iter().map(String::as_str).collect();
-    let mut g = Guest::start_with(&vms, "g", 96, "disk=1", &accel, &drive).expect("g");
-    g.wait_for("DISK-OK", BOOT).expect("the guest mounts its disk");
+    let (mut g, orig) = disk_guest(&vms, "g", 96, &accel);
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
     c.json(0, &["snapshot", "create", "s1", "--vm", "g"]).expect("s1");
     let d = third(&g.console("vmcsnap-disk-write D 4", "DISKWROTE D", CONSOLE).expect("write D"));
@@ -346,10 +350,7 @@ fn a_paused_vm_is_captured_with_its_disk_and_stays_paused() {
     let vms = tmp.path().join("vms");
     let qmp = vms.join("g.qmp");
     let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let (orig, drive) = guest::disk_copy(&vms, "g").expect("disk");
-    let drive: Vec<&str> = drive.iter().map(String::as_str).collect();
-    let mut g = Guest::start_with(&vms, "g", 96, "disk=1", &accel, &drive).expect("g");
-    g.wait_for("DISK-OK", BOOT).expect("the guest mounts its disk");
+    let (mut g, orig) = disk_guest(&vms, "g", 96, &accel);
     g.console("vmcsnap-disk-write A 2", "DISKWROTE A", CONSOLE).expect("write A");
     QmpSync::connect(&qmp).and_then(|mut q| q.execute("stop", serde_json::json!({}))).expect("stop");
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");

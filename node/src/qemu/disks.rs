@@ -214,22 +214,7 @@ impl Fleece {
     /// Step 1: a temporary target for each disk of VM `vm` (`tag`, unique, keeps concurrent
     /// captures apart) of a capture for snapshot `snapshot`.
     pub async fn prepare(q: &mut Qmp, vm: &str, disks: Vec<Disk>, work_dir: &Path, tag: &str, snapshot: &str) -> Result<Self, QmpError> {
-        let bases = disks.iter().map(|_| None).collect();
-        let mut f = Fleece {
-            disks,
-            bases,
-            snapshot: snapshot.to_string(),
-            vm: vm.to_string(),
-            bitmaps_added: false,
-            tag: tag.to_string(),
-            sock: work_dir.join(format!("nbd-{tag}.sock")),
-            targets: 0,
-            direct: false,
-            frozen: false,
-            accessed: 0,
-            server: false,
-            exported: 0,
-        };
+        let mut f = Fleece { direct: false, ..Self::direct(disks, work_dir, tag, snapshot, vm) };
         // A bitmap of an earlier snapshot of this name (one that failed, or was deleted):
         // this snapshot's starts now.
         for d in &f.disks {
