@@ -609,16 +609,23 @@ async fn restore_qemu(
     }
     let conn = std::os::unix::net::UnixStream::connect(incoming)
         .map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;
+    // RAM that is a mapping of a file starts with whatever the file holds (an earlier run of
+    // the VM), not zeros: its zero pages are sent too.
+    let send_zeros = lazy_unsupported(&state.cmdline).is_some();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Window>(2);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let mut rb = Rebuilder::start(std::io::BufWriter::with_capacity(1 << 20, conn), meta)?;
+        let zero = [0u8; PAGE_SIZE];
         while let Some((base, window, pages)) = rx.blocking_recv() {
             for (i, h) in window.iter().enumerate() {
-                if h.is_zero() {
-                    continue; // the destination's RAM starts zeroed
-                }
                 let g = base + i as u64;
                 let b = starts.partition_point(|&s| s <= g) - 1;
+                if h.is_zero() {
+                    if send_zeros {
+                        rb.page(b, g - starts[b], &zero)?;
+                    }
+                    continue; // else the destination's RAM starts zeroed
+                }
                 let data = pages.get(h).ok_or_else(|| std::io::Error::other("page missing from the restore plan"))?;
                 rb.page(b, g - starts[b], data)?;
             }
