@@ -201,6 +201,80 @@ fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
     assert_eq!(names, ["k1"]);
 }
 
+/// QEMU's migration settings that a capture changes: (xbzrle on, max-bandwidth,
+/// downtime-limit, migration status).
+fn settings(qmp: &Path) -> (bool, u64, u64, String) {
+    let mut q = QmpSync::connect(qmp).expect("qmp");
+    let caps = q.execute("query-migrate-capabilities", serde_json::json!({})).expect("caps");
+    let xbzrle = caps.as_array().expect("caps").iter().any(|c| c["capability"] == "xbzrle" && c["state"] == true);
+    let p = q.execute("query-migrate-parameters", serde_json::json!({})).expect("params");
+    let m = q.execute("query-migrate", serde_json::json!({})).expect("query-migrate");
+    (xbzrle, p["max-bandwidth"].as_u64().unwrap_or(0), p["downtime-limit"].as_u64().unwrap_or(0), m["status"].as_str().unwrap_or("none").to_string())
+}
+
+/// A node stopped the way systemd stops it (SIGTERM) in the middle of a snapshot: the cut
+/// fails naming the host and why, the node ends well within its drain limit, and its VM runs
+/// with QEMU's migration settings as they were (no throttle left; a capability the VM's
+/// manager had on, on again). A snapshot that succeeds sets them back too.
+#[test]
+fn a_node_stopped_mid_snapshot_leaves_its_vm_running_and_its_qemu_as_it_was() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let qmp = vms.join("g1.qmp");
+    let g1 = Guest::start(&vms, "g1", 128, "fill=32", &accel).expect("g1");
+    let fill = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
+    c.json(1, &["vm", "add", "g1", "--qmp", &qmp.display().to_string()]).expect("vm add");
+    // Settings the VM's manager chose.
+    let mut q = QmpSync::connect(&qmp).expect("qmp");
+    q.execute("migrate-set-capabilities", serde_json::json!({ "capabilities": [{ "capability": "xbzrle", "state": true }] })).expect("xbzrle");
+    q.execute("migrate-set-parameters", serde_json::json!({ "max-bandwidth": 100u64 << 20, "downtime-limit": 500 })).expect("params");
+    drop(q);
+    let before = settings(&qmp);
+    assert_eq!((before.0, before.1, before.2), (true, 100 << 20, 500));
+
+    let ok = c.json(2, &["snapshot", "create", "ok1", "--vm", "g1", "--mode", "pre-copy"]).expect("snapshot");
+    assert_eq!(ok["hosts"], serde_json::json!(["n2"]), "{ok}");
+    let after_ok = settings(&qmp);
+    assert_eq!((after_ok.0, after_ok.1, after_ok.2), (before.0, before.1, before.2), "a finished capture sets QEMU back: {after_ok:?}");
+
+    // Pre-copy at 2 MiB/s: the live copy of 32 MiB is under way when n2 gets SIGTERM.
+    let create = std::process::Command::new(bin())
+        .args(["snapshot", "create", "k1", "--vm", "g1", "--mode", "pre-copy", "--max-bandwidth", "2", "--node"])
+        .arg(c.nodes[2].dir.as_os_str())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // (QEMU's monitor takes one client: n2 holds it while it captures.)
+    let mut create = create;
+    std::thread::sleep(Duration::from_secs(4));
+    if create.try_wait().expect("wait").is_some() {
+        let out = create.wait_with_output().expect("output");
+        panic!("the snapshot ended before n2 was stopped: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    let (took, exit) = c.terminate_within(1, Duration::from_secs(60)).expect("n2 stops on SIGTERM");
+    eprintln!("n2 stopped {took:?} after SIGTERM ({exit})");
+    assert!(exit.success(), "a clean stop: {exit}");
+    let out = create.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the cut must fail: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("n2") && err.contains("shutting down"), "the error says why: {err}");
+
+    assert_eq!(status(&qmp), "running");
+    let after = settings(&qmp);
+    assert_eq!((after.0, after.1, after.2), (before.0, before.1, before.2), "QEMU as it was: {after:?}");
+    assert_ne!(after.3, "active", "no migration left running");
+    assert_eq!(md5_of(&check(&vms, "g1")), fill);
+    let names: Vec<String> =
+        c.json(0, &["snapshot", "list"]).expect("list").as_array().expect("list").iter().map(|s| s["name"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(names, ["ok1"], "nothing of the aborted cut committed");
+    drop(g1);
+}
+
 /// Live mode (QEMU's background snapshot): a cluster snapshot of guests on two hosts, one of
 /// them writing all the time, driven from a third host. Every VM is paused only for the cut
 /// (one cut: no VM resumed before the last one paused) and its device state, runs on through

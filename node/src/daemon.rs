@@ -3,7 +3,8 @@
 //!
 //! Tasks a running node owns:
 //! - the membership swarm (`vmcsnap_dht::Membership`, its own task);
-//! - [`resume_journaled`]: once at start, resumes VMs a crashed capture left paused;
+//! - [`resume_journaled`]: once at start, resumes VMs a crashed capture left paused and sets
+//!   their QEMU's migration settings back;
 //! - [`crate::engine::lazy::recover_journaled`]: once at start, resumes the lazy restores a
 //!   crash left paused in postcopy;
 //! - [`watch_members`]: persists the member list whenever it changes, and drops the
@@ -23,6 +24,11 @@
 //!   and at once on a removal, a change of the owner view or newly learned snapshots, that
 //!   fetches the pages this node now owns and lacks (those of removed or long-gone members,
 //!   its share after it joined or came back).
+//!
+//! Stopping (SIGTERM, SIGINT): the node refuses new cut parts and restores, aborts the cut
+//! parts running here (their captures resume their VMs and set QEMU's migration settings
+//! back) and waits up to [`DRAIN_TIMEOUT`] for them and for running restores to end; then the
+//! tasks end and the store syncs. What a stop by SIGKILL leaves, the next start undoes.
 
 use crate::config::NodeConfig;
 use crate::net::DataClient;
@@ -37,6 +43,10 @@ use vmcsnap_protocol::codec;
 use vmcsnap_protocol::NodeId;
 
 pub use crate::config::CATALOG_SYNC_INTERVAL;
+
+/// How long a stopping node (SIGTERM) waits for the snapshot parts and restores running on it
+/// to wind down before it ends anyway. Below systemd's default stop timeout (90 s).
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 const MEMBERS_MAGIC: [u8; 4] = *b"VMMB";
 const MEMBERS_VERSION: u16 = 2;
@@ -106,6 +116,15 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
         None => wait_for_signal().await,
     }
     tracing::info!(target: "vmcsnap::node", "shutting down");
+    // Cuts running here abort (their VMs resume, their settings come back); restores finish.
+    node.drain.stop();
+    if node.drain.active() > 0 {
+        tracing::info!(target: "vmcsnap::node", running = node.drain.active(), limit_s = DRAIN_TIMEOUT.as_secs(), "waiting for snapshot parts and restores to wind down");
+        let left = node.drain.idle(DRAIN_TIMEOUT).await;
+        if left > 0 {
+            tracing::warn!(target: "vmcsnap::node", running = left, "stopping with work still running: a VM left paused is resumed, and a lazy restore recovered, on the next start");
+        }
+    }
     tasks.abort_all();
     node.close_connections().await;
     endpoint.close(crate::net::CLOSE_SHUTDOWN.into(), b"shutdown");

@@ -126,12 +126,68 @@ pub struct Node {
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Work that winds down before the node stops.
+    pub drain: Drain,
+}
+
+/// The node's work that must wind down, not vanish, when it stops: parts of cuts (their
+/// captures cancel and resume their VMs) and restores (a lazy one's guest runs on memory this
+/// node serves). [`crate::daemon::run`] calls [`Drain::stop`] on SIGTERM and waits for
+/// [`Drain::idle`] before it ends.
+#[derive(Default)]
+pub struct Drain {
+    stopping: tokio::sync::watch::Sender<bool>,
+    active: tokio::sync::watch::Sender<usize>,
+}
+
+/// Held while one piece of work runs ([`Drain::enter`]).
+pub struct DrainGuard<'a>(&'a Drain);
+
+impl Drop for DrainGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Drain {
+    /// Counts a piece of work in until the guard drops; `None` once the node is stopping (the
+    /// work must not start).
+    pub fn enter(&self) -> Option<DrainGuard<'_>> {
+        if *self.stopping.borrow() {
+            return None;
+        }
+        self.active.send_modify(|n| *n += 1);
+        Some(DrainGuard(self))
+    }
+
+    /// The node is stopping: work in progress winds down, new work is refused.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once the node is stopping.
+    pub async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Pieces of work running now.
+    pub fn active(&self) -> usize {
+        *self.active.borrow()
+    }
+
+    /// Waits until no work runs or `limit` passes; returns what still runs.
+    pub async fn idle(&self, limit: Duration) -> usize {
+        let mut rx = self.active.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        self.active()
+    }
 }
 
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), drain: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data

@@ -2,11 +2,13 @@
 //! kept in the store's metadata, and those whose QMP socket (`ID.qmp`) sits in `--vm-dir`,
 //! found by reading the directory whenever the list is asked for (so it is never stale).
 //!
-//! Also the pause journal: before a capture pauses a VM it notes the VM here, and removes the
-//! note once the VM runs again. A node that died in between finds the note when it starts and
-//! resumes the VM, so a crash mid-snapshot never leaves a guest paused for good.
+//! Also the pause journal: before a capture changes a VM's migration settings or pauses it, it
+//! notes here what undoes that ([`Touched`]), and removes the note once the VM runs again with
+//! its settings back. A node that died in between finds the note when it starts and undoes it,
+//! so a crash mid-snapshot never leaves a guest paused, or its QEMU throttled, for good.
 
-use crate::qemu::qmp::{Qmp, QmpError, Settled};
+use crate::qemu::capture::Touched;
+use crate::qemu::qmp::Qmp;
 use crate::store::{Store, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,8 +19,6 @@ const VM_PREFIX: &[u8] = b"vm:";
 const PAUSED_PREFIX: &[u8] = b"paused:";
 /// Journal prefix of VMs whose QEMU may hold a capture's disk views ([`crate::qemu::disks`]).
 const FLEECE_PREFIX: &[u8] = b"fleece:";
-/// Time QEMU has to leave a passing state before a journaled VM is resumed.
-pub const RESUME_SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a status question to one VM's monitor may take (a capture holding it answers "busy").
 pub const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -110,16 +110,18 @@ impl Registry {
         Ok(self.list()?.into_iter().find(|(i, _, _)| i == id).map(|(_, p, _)| p))
     }
 
-    /// Notes that a capture is about to pause VM `id` (QMP socket `qmp`).
-    pub fn note_paused(&self, id: &str, qmp: &Path) {
+    /// Notes what a capture is about to change in VM `id`'s QEMU.
+    pub fn note_touched(&self, id: &str, touched: &Touched) {
         let key = [PAUSED_PREFIX, id.as_bytes()].concat();
-        if let Err(e) = self.store.meta_put(&key, qmp.display().to_string().as_bytes()) {
+        let put = serde_json::to_vec(touched).map_err(|e| e.to_string()).and_then(|v| self.store.meta_put(&key, &v).map_err(|e| e.to_string()));
+        if let Err(e) = put {
             tracing::warn!(target: "vmcsnap::vms", vm = id, error = %e, "cannot journal the pause");
         }
     }
 
-    /// Removes the note of [`Registry::note_paused`]: the VM runs again (or was never paused).
-    pub fn note_resumed(&self, id: &str) {
+    /// Removes the note of [`Registry::note_touched`]: the VM runs again (if it ran) with its
+    /// settings back.
+    pub fn note_restored(&self, id: &str) {
         let key = [PAUSED_PREFIX, id.as_bytes()].concat();
         let _ = self.store.meta_delete(&key);
     }
@@ -131,8 +133,12 @@ impl Registry {
         let Ok(entries) = self.store.meta_prefix(PAUSED_PREFIX) else { return };
         for (k, v) in entries {
             let id = String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned();
-            let qmp = PathBuf::from(String::from_utf8_lossy(&v).into_owned());
-            match resume_if_paused(&qmp).await {
+            let touched = journaled(&v);
+            if !touched.qmp.exists() {
+                self.note_restored(&id); // the VM is gone
+                continue;
+            }
+            match crate::qemu::capture::undo(&touched).await {
                 Ok(Some(was)) => tracing::warn!(target: "vmcsnap::vms", vm = %id, state = %was,
                     "resumed a VM that a snapshot interrupted by a node crash had left paused"),
                 Ok(None) => {}
@@ -142,9 +148,15 @@ impl Registry {
                     continue;
                 }
             }
-            self.note_resumed(&id);
+            self.note_restored(&id);
         }
     }
+}
+
+/// A journal entry: what [`Registry::note_touched`] wrote, or (from before the settings were
+/// journaled) the QMP socket alone, of a VM that ran.
+fn journaled(v: &[u8]) -> Touched {
+    serde_json::from_slice(v).unwrap_or_else(|_| Touched { qmp: PathBuf::from(String::from_utf8_lossy(v).into_owned()), resume: true, ..Default::default() })
 }
 
 impl Registry {
@@ -169,34 +181,13 @@ impl Registry {
     }
 }
 
-async fn resume_if_paused(qmp: &Path) -> Result<Option<String>, QmpError> {
-    if !qmp.exists() {
-        return Ok(None); // the VM is gone
-    }
-    let mut q = Qmp::connect(qmp).await?;
-    // A live capture's stream may still be draining through its relay. Resumed below even if
-    // QEMU is slow to end it (then the next start tries again).
-    if let Err(e) = q.cancel_migration(crate::qemu::capture::CANCEL_TIMEOUT).await {
-        tracing::warn!(target: "vmcsnap::vms", qmp = %qmp.display(), error = %e, "cannot end a migration a crashed snapshot left");
-    }
-    let settled = q.resume_settled(RESUME_SETTLE_TIMEOUT).await?;
-    // A live capture's capability, left on by the crash: the VM manager's next migration must
-    // be an ordinary one. (A QEMU without it refuses the command; nothing to undo then.)
-    let off = serde_json::json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] });
-    let _ = q.execute("migrate-set-capabilities", off).await;
-    match settled {
-        Settled::Resumed(was) => Ok(Some(was)),
-        Settled::Running | Settled::Other(_) => Ok(None),
-    }
-}
-
 impl crate::qemu::capture::PauseJournal for Registry {
-    fn paused(&self, vm: &str, qmp: &Path) {
-        self.note_paused(vm, qmp);
+    fn touched(&self, vm: &str, touched: &Touched) {
+        self.note_touched(vm, touched);
     }
 
-    fn resumed(&self, vm: &str) {
-        self.note_resumed(vm);
+    fn restored(&self, vm: &str) {
+        self.note_restored(vm);
     }
 
     fn fleeced(&self, vm: &str, qmp: &Path) {

@@ -239,6 +239,28 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops node `i` as systemd would (SIGTERM) and waits up to `limit` for it to end; a node
+    /// still running then is killed and that is an error. Returns how long it took and its
+    /// exit status.
+    pub fn terminate_within(&mut self, i: usize, limit: Duration) -> anyhow::Result<(Duration, std::process::ExitStatus)> {
+        let Some(mut c) = self.nodes[i].child.take() else { bail!("node {} is not running", i + 1) };
+        // SAFETY: kill(2) on a child we spawned and have not reaped; no memory is touched.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Some(status) = c.try_wait()? {
+                return Ok((t0.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!("node {} did not stop within {limit:?} of SIGTERM (killed)", i + 1)
+    }
+
     /// Kills node `i` at once (SIGKILL), as a host crash would.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {

@@ -81,6 +81,9 @@ pub enum SnapshotError {
     /// The cut was aborted (another VM or host failed).
     #[error("the snapshot was aborted")]
     Aborted,
+    /// A host of the cut is shutting down (its VMs were resumed).
+    #[error("host {0} is shutting down; the snapshot was aborted, its VMs resumed, nothing committed")]
+    Stopping(String),
     /// An owner said it holds a page it then did not serve: nothing is committed on its word.
     #[error("owner {owner} said it holds page {page} but does not serve it; nothing was committed (check that node's store, or remove it with `vmcsnap cluster remove`)")]
     FalseClaim {
@@ -153,7 +156,7 @@ impl SnapshotError {
             SnapshotError::Capture { .. } => ErrorKind::Qemu,
             SnapshotError::Store(_) => ErrorKind::Storage,
             SnapshotError::Internal(_) => ErrorKind::Internal,
-            SnapshotError::Aborted | SnapshotError::DeadlinePassed { .. } => ErrorKind::Aborted,
+            SnapshotError::Aborted | SnapshotError::Stopping(_) | SnapshotError::DeadlinePassed { .. } => ErrorKind::Aborted,
             SnapshotError::CommitNotDurable { .. } => ErrorKind::Unavailable,
         }
     }

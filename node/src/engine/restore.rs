@@ -180,6 +180,10 @@ enum Dest {
 /// Restores VM `vm` of snapshot `name` as `opts` say.
 pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOptions, mut progress: Progress) -> Result<RestoreSummary, RestoreError> {
     let t0 = Instant::now();
+    // A lazy restore's guest runs on memory this node serves: the node waits for it to stop.
+    let Some(_running) = node.drain.enter() else {
+        return Err(RestoreError::Conflict(format!("host {} is shutting down; restore elsewhere or after it restarts", node.config.name)));
+    };
     let target = match (&opts.target, opts.launch) {
         (Some(_), true) => return Err(RestoreError::Target("give either --to or --launch, not both".into())),
         (None, false) => return Err(RestoreError::Target("say where: --to file:PATH, --to qemu:unix:PATH, or --launch".into())),
@@ -201,16 +205,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     let mut launch_state = None;
     let mut prefetched = None;
     let dest = match target {
-        Some(Target::File(path)) => {
-            if path.symlink_metadata().is_ok() && !opts.force {
-                return Err(RestoreError::Target(format!("{} exists; pass --force to replace it", path.display())));
-            }
-            match path.parent() {
-                Some(d) if d.is_dir() => {}
-                _ => return Err(RestoreError::Target(format!("the directory of {} does not exist", path.display()))),
-            }
-            Dest::File(path)
-        }
+        Some(Target::File(path)) => file_dest(path, opts.force)?,
         Some(Target::QemuIncoming(_)) if opts.disk.is_some() => return Err(RestoreError::Target("--disk writes a disk to a file: use --to file:PATH".into())),
         Some(Target::QemuIncoming(incoming)) => {
             qemu_state()?;
@@ -223,33 +218,11 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         }
         None if opts.disk.is_some() => return Err(RestoreError::Target("--disk goes with --to file:PATH (--launch restores every disk)".into())),
         None => {
-            // Its disks first, into new images the VM is then pointed at.
-            let (state, d) = restore_disks(&node, &record, entry, qemu_state()?, opts.in_place, &mut progress).await?;
-            disks = d;
-            launch_state = Some(state);
-            // A lazy restore's manifest and device state are read while QEMU starts.
-            let launch = launch_here(&node, &vm, launch_state.as_ref().unwrap_or(qemu_state()?));
-            let read = async {
-                if opts.eager {
-                    return None;
-                }
-                let fetcher = Fetcher::new(&node, &record);
-                let state = entry.qemu.as_ref()?;
-                let hashes = expand_manifest(&fetcher, entry, |_, _| {}).await.ok()?;
-                let tail = fetch_blob(&fetcher, &state.device_state).await.ok()?;
-                Some((hashes, tail))
-            };
-            let (launched, read) = tokio::join!(launch, read);
-            prefetched = read;
-            let l = match launched {
-                Ok(l) => l,
-                Err(e) => {
-                    if !opts.in_place {
-                        remove_disks(&disks); // new images; in place, the old ones are gone already
-                    }
-                    return Err(e);
-                }
-            };
+            let launch = prepare_launch(&node, &record, entry, qemu_state()?, &opts, &mut progress).await?;
+            disks = launch.disks;
+            launch_state = Some(launch.state);
+            prefetched = launch.prefetched;
+            let l = launch.launched;
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }
     };
@@ -337,6 +310,62 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         note,
         disks: disks.iter().map(|(d, p)| format!("{d}={}", p.display())).collect(),
     })
+}
+
+/// A file target: refused if it exists (unless `force`) or its directory does not.
+fn file_dest(path: PathBuf, force: bool) -> Result<Dest, RestoreError> {
+    if path.symlink_metadata().is_ok() && !force {
+        return Err(RestoreError::Target(format!("{} exists; pass --force to replace it", path.display())));
+    }
+    match path.parent() {
+        Some(d) if d.is_dir() => Ok(Dest::File(path)),
+        _ => Err(RestoreError::Target(format!("the directory of {} does not exist", path.display()))),
+    }
+}
+
+/// A `--launch` restore up to a QEMU waiting for its memory.
+struct Launch {
+    launched: crate::qemu::launch::Launched,
+    /// The command line it was started with (its drives on the restored disks).
+    state: QemuState,
+    /// Each restored disk's device and image.
+    disks: Vec<(String, PathBuf)>,
+    /// For a lazy restore: the page manifest and the device state, read while QEMU started.
+    prefetched: Option<(Vec<PageHash>, Vec<u8>)>,
+}
+
+/// Restores `entry`'s disks, then starts its QEMU here and, unless the restore is eager,
+/// reads its manifest and device state meanwhile. A failed start removes new disk images.
+async fn prepare_launch(
+    node: &Arc<Node>,
+    record: &CommitRecord,
+    entry: &VmEntry,
+    recorded: &QemuState,
+    opts: &RestoreOptions,
+    progress: &mut Progress,
+) -> Result<Launch, RestoreError> {
+    // Its disks first, into new images the VM is then pointed at.
+    let (state, disks) = restore_disks(node, record, entry, recorded, opts.in_place, progress).await?;
+    let launch = launch_here(node, &entry.id, &state);
+    let read = async {
+        if opts.eager {
+            return None;
+        }
+        let fetcher = Fetcher::new(node, record);
+        let hashes = expand_manifest(&fetcher, entry, |_, _| {}).await.ok()?;
+        let tail = fetch_blob(&fetcher, &recorded.device_state).await.ok()?;
+        Some((hashes, tail))
+    };
+    let (launched, prefetched) = tokio::join!(launch, read);
+    match launched {
+        Ok(launched) => Ok(Launch { launched, state, disks, prefetched }),
+        Err(e) => {
+            if !opts.in_place {
+                remove_disks(&disks); // new images; in place, the old ones are gone already
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Writes each disk of `entry` into a new sparse raw image in this host's disk directory

@@ -149,10 +149,11 @@ impl std::fmt::Debug for dyn DiskBases + '_ {
 
 /// Where a capture notes a VM it may leave paused, so that a restarted node resumes it.
 pub trait PauseJournal: Sync {
-    /// VM `vm` (QMP socket `qmp`) may be paused from now on.
-    fn paused(&self, vm: &str, qmp: &Path);
-    /// VM `vm` runs again.
-    fn resumed(&self, vm: &str);
+    /// VM `vm`'s migration settings are about to change and, if `touched.resume`, the VM may
+    /// be paused from now on: what undoes it.
+    fn touched(&self, vm: &str, touched: &Touched);
+    /// VM `vm` runs again (if it ran) and its settings are back.
+    fn restored(&self, vm: &str);
     /// VM `vm` (QMP socket `qmp`) may have disk views of a capture in its QEMU from now on.
     fn fleeced(&self, vm: &str, qmp: &Path);
     /// VM `vm`'s disk views are gone.
@@ -169,10 +170,81 @@ struct Timing {
     stopped_to_cancel: bool,
 }
 
-/// QEMU's migration parameters before the capture changed them.
-struct SavedParams {
-    bandwidth: Option<u64>,
-    downtime: Option<u64>,
+/// What a capture changes in a VM's QEMU, and so what undoes it: journaled before the change
+/// (a node that dies mid-capture undoes it on its next start, [`undo`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Touched {
+    /// The VM's QMP socket.
+    pub qmp: PathBuf,
+    /// The VM ran: resume it (a VM paused before the capture stays paused).
+    pub resume: bool,
+    /// QEMU's `max-bandwidth` before.
+    pub bandwidth: Option<u64>,
+    /// QEMU's `downtime-limit` before.
+    pub downtime: Option<u64>,
+    /// Migration capabilities that were on and that the capture turns off.
+    pub caps_on: Vec<String>,
+}
+
+impl Touched {
+    /// Reads what [`configure`] is going to change.
+    async fn read(q: &mut Qmp, qmp: &Path, resume: bool) -> Result<Self, QmpError> {
+        let caps = q.execute("query-migrate-capabilities", json!({})).await?;
+        let caps_on = caps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["state"].as_bool() == Some(true))
+            .filter_map(|c| c["capability"].as_str())
+            .filter(|c| super::CAPABILITIES_OFF.contains(c))
+            .map(String::from)
+            .collect();
+        let params = q.execute("query-migrate-parameters", json!({})).await?;
+        Ok(Self { qmp: qmp.to_path_buf(), resume, bandwidth: params["max-bandwidth"].as_u64(), downtime: params["downtime-limit"].as_u64(), caps_on })
+    }
+
+    /// Sets the settings back: the old bandwidth and downtime, `background-snapshot` off (any
+    /// later migration of this VM, by its manager or ours, must be an ordinary one), then the
+    /// capabilities that were on. Best effort: returns what QEMU refused.
+    pub async fn put_back(&self, q: &mut Qmp) -> Vec<String> {
+        let mut refused = vec![];
+        if let (Some(b), Some(d)) = (self.bandwidth, self.downtime) {
+            if let Err(e) = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await {
+                refused.push(format!("max-bandwidth/downtime-limit: {e}"));
+            }
+        }
+        // A QEMU without it refuses; nothing to undo then.
+        let _ = q.execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] })).await;
+        if !self.caps_on.is_empty() {
+            let on: Vec<_> = self.caps_on.iter().map(|c| json!({ "capability": c, "state": true })).collect();
+            if let Err(e) = q.execute("migrate-set-capabilities", json!({ "capabilities": on })).await {
+                refused.push(format!("capabilities {}: {e}", self.caps_on.join(", ")));
+            }
+        }
+        refused
+    }
+}
+
+/// Undoes what a capture that never finished left in a VM's QEMU (the node died): ends its
+/// migration, resumes the VM if it ran, sets its migration settings back. Returns the run
+/// state the VM was resumed from, if it was.
+pub async fn undo(touched: &Touched) -> Result<Option<String>, QmpError> {
+    let mut q = Qmp::connect(&touched.qmp).await?;
+    // A live capture's stream may still be draining through its relay. Resumed below even if
+    // QEMU is slow to end it (then the next start tries again).
+    if let Err(e) = q.cancel_migration(CANCEL_TIMEOUT).await {
+        tracing::warn!(target: "vmcsnap::vms", qmp = %touched.qmp.display(), error = %e, "cannot end a migration a crashed snapshot left");
+    }
+    let mut was = None;
+    if touched.resume {
+        if let Settled::Resumed(w) = q.resume_settled(SETTLE_TIMEOUT).await? {
+            was = Some(w);
+        }
+    }
+    for e in touched.put_back(&mut q).await {
+        tracing::warn!(target: "vmcsnap::vms", qmp = %touched.qmp.display(), error = %e, "cannot set a migration setting back");
+    }
+    Ok(was)
 }
 
 /// The capture socket QEMU connects to (a live capture's through its relay) and the spool
@@ -283,12 +355,15 @@ async fn capture_memory(
 ) -> Result<Captured, CaptureError> {
     // Before anything in QEMU's migration changes: a failure here has nothing to undo.
     let mut io = CaptureIo::open(req)?;
-    let saved = configure(q, req, &mut facts, &mut io).await?;
-    let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
-    if facts.was_running {
-        // Before anything can pause it (QEMU itself may, in pre-copy).
-        journal.paused(req.vm, req.qmp);
+    // Journaled before anything changes (QEMU itself may pause the VM, in pre-copy).
+    let saved = Touched::read(q, req.qmp, facts.was_running).await?;
+    journal.touched(req.vm, &saved);
+    if let Err(e) = configure(q, req, &mut facts, &mut io, &saved).await {
+        saved.put_back(q).await;
+        journal.restored(req.vm);
+        return Err(e);
     }
+    let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
     let mut timing = Timing::default();
     let result = migrate(q, req, &facts, &io, pacer, sink, &mut timing, fleece).await;
 
@@ -307,20 +382,17 @@ async fn capture_memory(
             Err(e) => Some(e.to_string()),
         };
     }
-    if facts.was_running && resume_err.is_none() {
-        journal.resumed(req.vm);
+    let measured_ms = timing.paused_at.map(|(t, _)| timing.resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
+    let refused = saved.put_back(q).await;
+    for e in &refused {
+        tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "cannot set a migration setting back");
+    }
+    if resume_err.is_none() && refused.is_empty() {
+        journal.restored(req.vm);
     }
     if let Some(e) = &resume_err {
         // The journal keeps the VM: the node's next start tries again.
         tracing::error!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "could not resume the VM");
-    }
-    let measured_ms = timing.paused_at.map(|(t, _)| timing.resumed_at.unwrap_or_else(Instant::now).duration_since(t).as_millis() as u64);
-    if let (Some(b), Some(d)) = (saved.bandwidth, saved.downtime) {
-        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": b, "downtime-limit": d })).await;
-    }
-    if facts.mode == CaptureMode::Live {
-        // Any later migration of this VM (by its manager, or ours) must be an ordinary one.
-        let _ = q.execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] })).await;
     }
     if let Some(reason) = resume_err {
         return Err(CaptureError::NotResumed { what: if result.is_ok() { "captured" } else { "aborted" }, reason });
@@ -441,23 +513,12 @@ async fn inspect(q: &mut Qmp, req: &CaptureRequest<'_>) -> Result<QemuFacts, Cap
 /// Step 2: capabilities that change the stream's format off; bandwidth and downtime set; for
 /// live mode, `background-snapshot` on — or, where QEMU or the host refuses it, pre-copy
 /// instead (`facts.mode` says which mode is used, and is what the snapshot records).
-async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts, io: &mut CaptureIo) -> Result<SavedParams, CaptureError> {
-    let caps = q.execute("query-migrate-capabilities", json!({})).await?;
-    let off: Vec<serde_json::Value> = caps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["state"].as_bool() == Some(true))
-        .filter_map(|c| c["capability"].as_str())
-        .filter(|c| super::CAPABILITIES_OFF.contains(c))
-        .map(|c| json!({"capability": c, "state": false}))
-        .collect();
-    if !off.is_empty() {
-        tracing::info!(target: "vmcsnap::snapshot", vm = req.vm, caps = ?off, "turning off migration capabilities vmcsnap cannot capture");
+async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts, io: &mut CaptureIo, saved: &Touched) -> Result<(), CaptureError> {
+    if !saved.caps_on.is_empty() {
+        tracing::info!(target: "vmcsnap::snapshot", vm = req.vm, caps = ?saved.caps_on, "turning off migration capabilities vmcsnap cannot capture (until the capture ends)");
+        let off: Vec<_> = saved.caps_on.iter().map(|c| json!({ "capability": c, "state": false })).collect();
         q.execute("migrate-set-capabilities", json!({ "capabilities": off })).await?;
     }
-    let params = q.execute("query-migrate-parameters", json!({})).await?;
-    let saved = SavedParams { bandwidth: params["max-bandwidth"].as_u64(), downtime: params["downtime-limit"].as_u64() };
     if facts.mode == CaptureMode::Live {
         let mut refused = live_refused(q, facts.was_running).await;
         if refused.is_none() {
@@ -486,7 +547,7 @@ async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts,
     };
     q.execute("migrate-set-parameters", json!({ "max-bandwidth": live_bandwidth, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
         .await?;
-    Ok(saved)
+    Ok(())
 }
 
 /// Turns QEMU's `background-snapshot` on, or says why it cannot be used for this VM (a

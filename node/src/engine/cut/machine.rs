@@ -221,6 +221,8 @@ pub enum PartEvent {
     TaskFailed(String),
     /// The armed deadline passed.
     Deadline,
+    /// This host is shutting down (named).
+    Stopping(String),
 }
 
 /// What a participant waits for under a deadline.
@@ -295,6 +297,7 @@ impl Participant {
                 self.cancel(None, SnapshotError::Invalid(format!("aborted by the initiating node: {reason}")))
             }
             PartEvent::Command(None) => self.cancel(None, SnapshotError::Invalid("the initiating node went away".into())),
+            PartEvent::Stopping(host) => self.cancel(None, SnapshotError::Stopping(host)),
             PartEvent::Deadline => {
                 let what = match self.armed {
                     None => return vec![],

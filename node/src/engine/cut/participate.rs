@@ -32,6 +32,11 @@ type Resolved = (String, Source, u64);
 /// A participant's part of a cut: captures `begin.vms` on this host, following the commands
 /// on `cmds`, and reports on `reports` (ending with exactly one `Done` or `Failed`).
 pub async fn participate(node: Arc<Node>, begin: CutBegin, cmds: mpsc::Receiver<CutCommand>, reports: mpsc::Sender<CutReport>) {
+    let Some(_running) = node.drain.enter() else {
+        let e = SnapshotError::Stopping(node.config.name.clone());
+        let _ = reports.send(CutReport::Failed { vm: None, kind: e.kind(), reason: e.to_string() }).await;
+        return;
+    };
     let report = match run(&node, &begin, cmds, &reports).await {
         Ok(vms) => CutReport::Done { vms },
         Err((vm, e)) => {
@@ -127,8 +132,15 @@ async fn capture_all(
     // Prepared VMs wait for `Go`, and paused ones for `Release`, only so long, whatever the
     // coordinator does (the machine arms and disarms it).
     let mut deadline: Option<tokio::time::Instant> = None;
+    // The node stopping (SIGTERM) aborts the cut, as the initiator would: every VM resumes.
+    let mut stopping = std::pin::pin!(node.drain.stopping());
+    let mut stop_seen = false;
     while !tasks.is_empty() {
         let ev = tokio::select! {
+            _ = &mut stopping, if !stop_seen => {
+                stop_seen = true;
+                PartEvent::Stopping(node.config.name.clone())
+            }
             _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => PartEvent::Deadline,
             cmd = cmds.recv(), if cmds_open => {
                 cmds_open = cmd.is_some();
