@@ -4,8 +4,9 @@
 #   librocksdb-dev   Debian's RocksDB 7.8, linked instead of compiling RocksDB's C++
 #   qemu-system-x86, busybox-static, cpio, lz4, e2fsprogs   real guests (scripts/build-guest.sh;
 #                    e2fsprogs also checks restored disks in tests)
+#   systemd          systemd-analyze, which checks the service unit in tests (nothing is started)
 set -euo pipefail
-pkgs=(libclang-dev librocksdb-dev pkg-config qemu-system-x86 busybox-static cpio lz4 gzip e2fsprogs)
+pkgs=(libclang-dev librocksdb-dev pkg-config qemu-system-x86 busybox-static cpio lz4 gzip e2fsprogs systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,11 +3,12 @@
 //! Noun-verb commands (`vmcsnap snapshot create`, `vmcsnap cluster status`); every reading
 //! command takes `--json`; long work shows a progress bar on a terminal.
 
+mod config;
+
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use vmcsnap_node::control::{read_frame, write_frame, FrameReadError};
 use vmcsnap_protocol::control::{ControlEvent, ControlRequest, ControlResult, ErrorKind, VmSpec};
@@ -109,88 +110,16 @@ enum NodeCmd {
     ///
     /// The node keeps its identity, pages and catalog in --data-dir; starting it again on the
     /// same directory brings back the same member with the same pages.
+    #[command(after_help = "Examples:\n  vmcsnap node run --data-dir /var/lib/vmcsnap --listen 10.0.0.1:7000 --peer 10.0.0.2:7000\n  \
+vmcsnap node run --config /etc/vmcsnap/node.toml\n  \
+vmcsnap node config-example > /etc/vmcsnap/node.toml")]
     Run {
-        /// Directory for the identity, the page store and the control socket.
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
-        /// Address peers reach this node at: TCP for membership, UDP (QUIC) for pages.
-        #[arg(long, value_name = "IP:PORT")]
-        listen: SocketAddr,
-        /// Any existing member to join through (repeatable). Not needed on a restart.
-        #[arg(long = "peer", value_name = "IP:PORT")]
-        peers: Vec<SocketAddr>,
-        /// Copies of every page for snapshots this node takes.
-        #[arg(long, default_value_t = 2, value_name = "N")]
-        replicas: u8,
-        /// This node's name in the cluster (`vm list`, `restore --on`): the one its
-        /// certificate gives; if given, it must be that name.
-        #[arg(long, value_name = "NAME")]
-        name: Option<String>,
-        /// The cluster's id (printed by `vmcsnap cluster init`). Needed on the first start;
-        /// kept in the data directory.
-        #[arg(long, env = "VMCSNAP_CLUSTER_KEY", value_name = "CLUSTER_ID")]
-        cluster_key: Option<String>,
-        /// This node's admission (printed by `vmcsnap cluster admit NODE_ID`). Needed on the
-        /// first start; kept in the data directory.
-        #[arg(long, env = "VMCSNAP_JOIN", value_name = "TOKEN")]
-        join: Option<String>,
-        /// A directory of this host's QMP sockets named ID.qmp: each is a registered VM for as
-        /// long as the socket exists.
-        #[arg(long, value_name = "DIR")]
-        vm_dir: Option<PathBuf>,
-        /// Where this host's qemu-system-* binaries are: a restore launches only those, never a
-        /// binary a snapshot names.
-        #[arg(long, value_name = "DIR", default_value = "/usr/bin")]
-        qemu_dir: PathBuf,
-        /// A directory where a restored VM's sockets and files (QMP, serial, logs) may be,
-        /// besides the data directory and --vm-dir (repeatable). A snapshot whose command line
-        /// uses any other path is refused.
-        #[arg(long = "launch-dir", value_name = "DIR")]
-        launch_dirs: Vec<PathBuf>,
-        /// Longest a snapshot this node takes may run before it is given up (e.g. 90s, 30m,
-        /// 6h). Garbage collection frees a page only after it was unreferenced this long (plus
-        /// 10 s), so give every node the same value.
-        #[arg(long, value_name = "DURATION", default_value = "6h", value_parser = parse_duration)]
-        snapshot_deadline: std::time::Duration,
-        /// Time between garbage-collection cycles (a snapshot deletion starts one at once).
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
-        gc_interval: std::time::Duration,
-        /// Time between scrub passes, which read back and check every stored page and repair
-        /// damaged copies from replicas.
-        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
-        scrub_interval: std::time::Duration,
-        /// Most MiB a second a scrub pass reads.
-        #[arg(long, value_name = "MIB_PER_S", default_value_t = 32)]
-        scrub_rate: u64,
-        /// Space to keep free on the data directory's file system (e.g. 1G, 500M): new pages
-        /// that would eat into it are refused with a clear error, and snapshots place their
-        /// pages on other members while this node is that full.
-        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
-        min_free: u64,
-        /// Time between repair cycles, which copy the pages of removed or long-gone members to
-        /// new owners and move their share of the pages to members that joined (a
-        /// `cluster remove` or a change of membership starts one at once).
-        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
-        repair_interval: std::time::Duration,
-        /// How long a member may be down before its pages are copied to other owners.
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
-        repair_after: std::time::Duration,
-        /// Most MiB a second this node fetches from other members to repair and rebalance.
-        #[arg(long, value_name = "MIB_PER_S", default_value_t = 64)]
-        repair_rate: u64,
-        /// Most MiB a second a lazy restore (`snapshot restore --launch`) pushes to its guest
-        /// in the background, 0 for no cap; pages the guest asks for always go at once.
-        #[arg(long, value_name = "MIB_PER_S", default_value_t = 0)]
-        lazy_push_rate: u64,
-        /// Where a restore that launches a VM here writes the VM's disks, as sparse raw
-        /// images named SNAPSHOT-VM-DEVICE-TIME.raw (default: DATA_DIR/disks). The VM's
-        /// original disks are never written.
-        #[arg(long, value_name = "DIR")]
-        disk_dir: Option<PathBuf>,
-        /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug`.
-        #[arg(long, env = "VMCSNAP_LOG", default_value = "info")]
-        log: String,
+        #[command(flatten)]
+        args: config::RunArgs,
     },
+    /// Print a config file for `node run --config` with every key, its default and what it
+    /// means.
+    ConfigExample,
     /// Print this host's node id (creating the node's identity if it has none yet), for
     /// `vmcsnap cluster admit`.
     Id {
@@ -546,9 +475,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::StreamRelay { listen, to } => std::process::exit(vmcsnap_node::qemu::relay::run(&listen, &to)),
         Cmd::QmpKeeper { qmp, listen } => std::process::exit(vmcsnap_node::qemu::keeper::run(&qmp, &listen)),
-        Cmd::Node(NodeCmd::Run { data_dir, listen, peers, replicas, name, cluster_key, join, vm_dir, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate, disk_dir, log }) => {
-            let store = (snapshot_deadline, gc_interval, scrub_interval, scrub_rate.saturating_mul(1 << 20), min_free, (repair_interval, repair_after, repair_rate.saturating_mul(1 << 20)));
-            node_run(data_dir, listen, peers, replicas, name, (cluster_key, join), (vm_dir, qemu_dir, launch_dirs, lazy_push_rate.saturating_mul(1 << 20), disk_dir), store, log).await
+        Cmd::Node(NodeCmd::Run { args }) => node_run(args).await,
+        Cmd::Node(NodeCmd::ConfigExample) => {
+            print!("{}", config::example());
+            Ok(())
         }
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
         Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
@@ -598,37 +528,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `node run`'s store options: deadline, GC interval, scrub interval and rate, min free,
-/// repair interval, delay and rate.
-type StoreArgs = (std::time::Duration, std::time::Duration, std::time::Duration, u64, u64, (std::time::Duration, std::time::Duration, u64));
-
-#[allow(clippy::too_many_arguments)]
-async fn node_run(
-    data_dir: PathBuf,
-    listen: SocketAddr,
-    peers: Vec<SocketAddr>,
-    replicas: u8,
-    name: Option<String>,
-    (cluster_key, join): (Option<String>, Option<String>),
-    (vm_dir, qemu_dir, launch_dirs, lazy_push_rate, disk_dir): (Option<PathBuf>, PathBuf, Vec<PathBuf>, u64, Option<PathBuf>),
-    (snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, (repair_interval, repair_after, repair_rate)): StoreArgs,
-    log: String,
-) -> anyhow::Result<()> {
+async fn node_run(args: config::RunArgs) -> anyhow::Result<()> {
+    let (config, log) = config::resolve(args)?;
     // Colours only for a terminal: not in journald or a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad log filter (--log, or `log` in the config file)")?)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
     tune_malloc();
-    let vm_dir = vm_dir.map(|d| std::path::absolute(&d)).transpose()?;
-    let data_dir = std::path::absolute(&data_dir)?;
-    let name = name.unwrap_or_default();
-    let qemu_dir = std::path::absolute(&qemu_dir)?;
-    let launch_dirs = launch_dirs.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-    let disk_dir = disk_dir.map(|d| std::path::absolute(&d)).transpose()?;
-    let config = vmcsnap_node::NodeConfig { data_dir, listen, peers, replicas, name, vm_dir, cluster_key, join, qemu_dir, launch_dirs, snapshot_deadline, gc_interval, scrub_interval, scrub_rate, min_free, repair_interval, repair_after, repair_rate, lazy_push_rate, disk_dir };
     vmcsnap_node::run(config, None).await
 }
 
@@ -1150,36 +1059,6 @@ fn tune_malloc() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
-}
-
-
-/// Parses `1G`, `500M`, `64K`, `2T` (powers of 1024) or bare bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (like 1G, 500M)"))?;
-    let shift = match unit.trim_end_matches(['i', 'B']) {
-        "" => 0,
-        "K" | "k" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// Parses `90s`, `30m`, `6h`, `2d` or bare seconds.
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (like 90s, 30m, 6h, 2d)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {

@@ -97,6 +97,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     tracing::info!(target: "vmcsnap::node", node = %node.id, listen = %config.listen, dir = %config.data_dir.display(),
         pages = store.page_count(), "node started");
     println!("vmcsnap node {} listening on {} (control: {})", node.id, config.listen, config.control_socket().display());
+    notify_service_manager("READY=1");
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(resume_journaled(node.clone()));
@@ -116,6 +117,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
         None => wait_for_signal().await,
     }
     tracing::info!(target: "vmcsnap::node", "shutting down");
+    notify_service_manager("STOPPING=1");
     // Cuts running here abort (their VMs resume, their settings come back); restores finish.
     node.drain.stop();
     if node.drain.active() > 0 {
@@ -215,6 +217,22 @@ fn load_members(store: &Store) -> anyhow::Result<Vec<Member>> {
     let Some(b) = store.load_members()? else { return Ok(vec![]) };
     let saved: Vec<SavedMember> = codec::decode_record(MEMBERS_MAGIC, "member list", MEMBERS_VERSION, &b)?;
     Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false, name: s.name }).collect())
+}
+
+/// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET` set) how the node is doing: `READY=1`
+/// once it serves, `STOPPING=1` when it begins to stop. Nothing without a service manager.
+fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| std::os::unix::net::UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!(target: "vmcsnap::node", error = %e, state, "cannot notify the service manager");
+    }
 }
 
 async fn wait_for_signal() {
