@@ -105,6 +105,10 @@ pub(crate) struct RunArgs {
     /// are never written.
     #[arg(long, value_name = "DIR")]
     pub(crate) disk_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics (e.g. 127.0.0.1:9464) [default:
+    /// off]. No credentials: bind it to a management address.
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) metrics: Option<SocketAddr>,
     /// Log filter (tracing syntax), e.g. `info` or `vmcsnap=debug` [default: info].
     #[arg(long, env = "VMCSNAP_LOG", value_name = "FILTER")]
     pub(crate) log: Option<String>,
@@ -135,6 +139,7 @@ pub(crate) struct FileConfig {
     repair_rate: Option<u64>,
     lazy_push_rate: Option<u64>,
     disk_dir: Option<PathBuf>,
+    metrics: Option<String>,
     log: Option<String>,
 }
 
@@ -215,6 +220,11 @@ fn merge(args: RunArgs, file: FileConfig) -> anyhow::Result<(vmcsnap_node::NodeC
         repair_rate: mib(args.repair_rate, file.repair_rate, defaults::DEFAULT_REPAIR_RATE >> 20),
         lazy_push_rate: mib(args.lazy_push_rate, file.lazy_push_rate, 0),
         disk_dir: args.disk_dir.or(file.disk_dir).map(abs).transpose()?,
+        metrics: match (args.metrics, file.metrics) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) => Some(s.parse().map_err(|_| anyhow::anyhow!("config key `metrics`: {s:?} is not an IP:PORT address (like \"127.0.0.1:9464\")"))?),
+            (None, None) => None,
+        },
     };
     config.validate()?;
     let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
@@ -258,6 +268,7 @@ listen = "10.0.0.1:7400"         # this host's own address on the cluster networ
 # repair-after = "{after}"
 # repair-rate = {repair_rate}            # MiB/s
 # lazy-push-rate = 0             # MiB/s, 0: no cap
+# metrics = "127.0.0.1:9464"     # Prometheus endpoint, off unless set
 # log = "info"
 "#,
         replicas = defaults::DEFAULT_REPLICAS,
@@ -338,6 +349,7 @@ mod tests {
             ("peers = [\"nowhere\"]\n", "peers"),
             ("gc-interval = \"often\"\n", "gc-interval"),
             ("min-free = \"1X\"\n", "min-free"),
+            ("metrics = \"9464\"\n", "metrics"),
         ] {
             let err = FileConfig::parse(&format!("{base}{extra}")).and_then(|f| merge(args(), f)).map(|_| ()).expect_err(extra);
             assert!(format!("{err:#}").contains(key), "{extra:?}: {err:#}");

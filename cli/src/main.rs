@@ -4,6 +4,7 @@
 //! command takes `--json`; long work shows a progress bar on a terminal.
 
 mod config;
+mod doctor;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -18,10 +19,23 @@ use vmcsnap_protocol::units::human_bytes;
 use vmcsnap_protocol::PAGE_SIZE;
 use vmcsnap_protocol::wire::DiskChoice;
 
+/// `--version`: the release and the versions of what it speaks and stores (nodes speak to
+/// each other only on the same data-plane version; records are readable by equal versions).
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (data plane {}, control {}, commit records {}, signed records {})",
+        env!("CARGO_PKG_VERSION"),
+        String::from_utf8_lossy(vmcsnap_protocol::wire::DATA_ALPN),
+        vmcsnap_protocol::control::CONTROL_VERSION,
+        vmcsnap_protocol::manifest::RECORD_VERSION,
+        vmcsnap_protocol::manifest::SIGNED_VERSION,
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "vmcsnap",
-    version,
+    version = VERSION.as_str(),
     about = "Deduplicated memory snapshots of whole QEMU/KVM VM clusters, stored across all hosts",
     long_about = "vmcsnap snapshots the memory of many VMs at once and stores every distinct 4 KiB page \
 once (times --replicas), spread over every host that runs a node. Any host can list and restore any \
@@ -73,6 +87,17 @@ enum Cmd {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Check this host: QEMU and its version, KVM or TCG only, userfaultfd (live snapshots,
+    /// lazy restores), clock sync, free disk space and, if a node runs here (--node), its
+    /// membership. Exits 1 if anything vmcsnap needs is missing.
+    #[command(after_help = "Examples:\n  vmcsnap doctor --node /var/lib/vmcsnap\n  vmcsnap doctor --json")]
+    Doctor {
+        /// Where this host's qemu-system-* binaries are (the node's --qemu-dir).
+        #[arg(long, value_name = "DIR", default_value = "/usr/bin")]
+        qemu_dir: PathBuf,
+        #[command(flatten)]
+        common: NodeArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -448,6 +473,7 @@ impl Cmd {
             },
             Cmd::Cluster(ClusterCmd::Status { common } | ClusterCmd::Remove { common, .. }) => common.json,
             Cmd::Cluster(ClusterCmd::Init { json, .. } | ClusterCmd::Admit { json, .. }) => *json,
+            Cmd::Doctor { common, .. } => common.json,
         }
     }
 }
@@ -525,6 +551,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Vm(VmCmd::List { common }) => vm_list(&common).await,
         Cmd::Cluster(ClusterCmd::Status { common }) => cluster_status(&common).await,
+        Cmd::Doctor { qemu_dir, common } => doctor_run(&qemu_dir, &common).await,
     }
 }
 
@@ -992,6 +1019,50 @@ async fn snapshot_show(name: String, common: &NodeArg) -> anyhow::Result<()> {
             }
             println!("  command line: {}", q.cmdline.join(" "));
         }
+    }
+    Ok(())
+}
+
+async fn doctor_run(qemu_dir: &Path, common: &NodeArg) -> anyhow::Result<()> {
+    use doctor::Verdict;
+    let data = doctor::data_dir(common.node.as_deref());
+    let mut checks = vec![doctor::qemu(qemu_dir), doctor::kvm(), doctor::userfaultfd(), doctor::clock(), doctor::disk(&data)];
+    checks.push(match &common.node {
+        None => doctor::Check { name: "node", verdict: Verdict::Warn, detail: "not checked: pass --node DIR (or set VMCSNAP_NODE) to check this host's node".into() },
+        Some(_) => match tokio::time::timeout(std::time::Duration::from_secs(10), call(&NodeArg { node: common.node.clone(), json: true }, ControlRequest::ClusterStatus)).await {
+            Ok(Ok(ControlResult::Cluster(c))) => {
+                let down: Vec<&str> = c.members.iter().filter(|m| !m.alive).map(|m| m.name.as_str()).collect();
+                let me = c.members.iter().find(|m| m.local);
+                let detail = format!(
+                    "node {} answers; {} of {} members reachable{}",
+                    me.map(|m| m.name.as_str()).unwrap_or("?"),
+                    c.members.len() - down.len(),
+                    c.members.len(),
+                    if down.is_empty() { String::new() } else { format!("; down: {} (their port unreachable from here, or their node stopped)", down.join(", ")) }
+                );
+                let verdict = if me.and_then(|m| m.full) == Some(true) || !down.is_empty() { Verdict::Warn } else { Verdict::Ok };
+                doctor::Check { name: "node", verdict, detail }
+            }
+            Ok(Ok(_)) => doctor::Check { name: "node", verdict: Verdict::Fail, detail: "the node answered with the wrong result".into() },
+            Ok(Err(e)) => doctor::Check { name: "node", verdict: Verdict::Fail, detail: format!("{e:#}") },
+            Err(_) => doctor::Check { name: "node", verdict: Verdict::Fail, detail: "the node did not answer within 10 s".into() },
+        },
+    });
+    let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
+    if common.json {
+        print_json(&serde_json::json!({ "ok": !failed, "checks": checks }))?;
+    } else {
+        for c in &checks {
+            let v = match c.verdict {
+                Verdict::Ok => "ok",
+                Verdict::Warn => "WARN",
+                Verdict::Fail => "FAIL",
+            };
+            println!("{v:<5} {:<12} {}", c.name, c.detail);
+        }
+    }
+    if failed {
+        std::process::exit(1);
     }
     Ok(())
 }

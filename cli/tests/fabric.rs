@@ -201,3 +201,84 @@ fn bad_input_is_refused_and_commits_nothing() {
     let names: Vec<&str> = list.as_array().expect("list").iter().map(|s| s["name"].as_str().expect("name")).collect();
     assert_eq!(names, ["ok"], "failed snapshots are invisible");
 }
+
+/// One scrape of `http://addr/metrics`: the status line and the body.
+fn scrape(addr: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("reply");
+    let (head, body) = out.split_once("\r\n\r\n").expect("a reply head");
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+/// A metric's value in a scrape's text (`name{labels} value`).
+fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+        .parse()
+        .expect("a number")
+}
+
+/// Every node with `--metrics`: scraped while a snapshot runs and after it, the counters match
+/// what the snapshot reported and the store figures match `cluster status`.
+#[test]
+fn metrics_are_scraped_during_a_snapshot_and_match_cluster_status() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ports: Vec<u16> = (0..3).map(|_| vmcsnap_testnet::cluster::free_port().expect("port")).collect();
+    let extra = ports.iter().map(|p| vec!["--metrics".to_string(), format!("127.0.0.1:{p}")]).collect();
+    let c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, extra).expect("cluster");
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let cfg = GenConfig { vms: 2, pages: 8192, seed: 7, ..Default::default() };
+    let paths = gen::write_images(&cfg, &tmp.path().join("img")).expect("gen");
+    let (status, body) = scrape(&addr(0));
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(metric(&body, "vmcsnap_members{state=\"up\"}"), 3.0, "{body}");
+
+    // Scrapes while the snapshot runs: each answers.
+    let mut args: Vec<String> = vec!["snapshot".into(), "create".into(), "m1".into(), "--node".into(), c.nodes[0].dir.display().to_string(), "--json".into()];
+    args.extend(vm_args(&paths));
+    let mut create = std::process::Command::new(bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("create");
+    let mut scrapes = 0;
+    while create.try_wait().expect("wait").is_none() || scrapes == 0 {
+        assert_eq!(scrape(&addr(scrapes % 3)).0, "HTTP/1.1 200 OK");
+        scrapes += 1;
+    }
+    let out = create.wait_with_output().expect("create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{scrapes} scrapes during the snapshot");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+
+    let (_, body) = scrape(&addr(0));
+    assert_eq!(metric(&body, "vmcsnap_snapshots_total{outcome=\"committed\"}"), 1.0);
+    assert_eq!(metric(&body, "vmcsnap_snapshot_captured_bytes_total"), s["raw_bytes"].as_f64().expect("raw"));
+    assert_eq!(metric(&body, "vmcsnap_snapshot_new_bytes_total"), s["new_bytes"].as_f64().expect("new"));
+    assert_eq!(metric(&body, "vmcsnap_snapshot_duration_seconds_count"), 1.0);
+    let sent: f64 = body.lines().filter(|l| l.starts_with("vmcsnap_peer_sent_bytes_total{")).map(|l| l.rsplit(' ').next().unwrap_or("0").parse::<f64>().unwrap_or(0.0)).sum();
+    assert!(sent >= s["bytes_sent"].as_f64().expect("sent") / 2.0, "the pages went to peers over QUIC: {sent} bytes");
+    let status = c.json(0, &["cluster", "status"]).expect("status");
+    for (i, m) in status["members"].as_array().expect("members").iter().enumerate() {
+        let name = m["name"].as_str().expect("name");
+        let node = (0..3).find(|j| Cluster::name(*j) == name).unwrap_or_else(|| panic!("member {name}"));
+        let (_, body) = scrape(&addr(node));
+        assert_eq!(metric(&body, "vmcsnap_store_pages"), m["pages"].as_f64().expect("pages"), "member {i} ({name})");
+        assert_eq!(metric(&body, "vmcsnap_store_bytes"), m["bytes"].as_f64().expect("bytes"), "member {i} ({name})");
+    }
+    let (status, _) = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr(2)).expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("reply");
+        (out.lines().next().unwrap_or_default().to_string(), ())
+    };
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}

@@ -1,7 +1,7 @@
 //! The node as a systemd service: the unit in `packaging/` passes `systemd-analyze verify`, and
 //! its command line (`vmcsnap node run --config FILE`, the file from `node config-example`)
 //! starts a node that tells the service manager it is ready and, on SIGTERM, that it stops,
-//! and exits cleanly. (No systemd runs as PID 1 on the test machines: the test plays the
+//! and exits cleanly; `vmcsnap doctor` reads that node. (No systemd runs as PID 1 on the test machines: the test plays the
 //! service manager's part, a `NOTIFY_SOCKET` and a SIGTERM.)
 
 use std::os::unix::net::UnixDatagram;
@@ -83,6 +83,19 @@ fn the_units_command_line_notifies_ready_and_stops_cleanly_on_sigterm() {
     // Ready means serving: the control socket answers.
     let status = tool(&["cluster", "status", "--json", "--node", &data.display().to_string()]);
     assert!(status.contains("kvm-01"), "{status}");
+
+    // `doctor` against it: every check there, the node's membership read.
+    let doc: serde_json::Value = serde_json::from_str(&tool(&["doctor", "--json", "--node", &data.display().to_string()])).expect("doctor json");
+    let checks = doc["checks"].as_array().expect("checks");
+    let verdict = |name: &str| checks.iter().find(|c| c["name"] == name).map(|c| c["verdict"].as_str().unwrap_or("").to_string()).unwrap_or_else(|| panic!("no {name} check: {doc}"));
+    assert_eq!(verdict("qemu"), "ok", "{doc}");
+    let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    assert_eq!(verdict("kvm"), if kvm_usable { "ok" } else { "warn" }, "{doc}");
+    assert_eq!(verdict("node"), "ok", "{doc}");
+    assert!(checks.iter().any(|c| c["name"] == "node" && c["detail"].as_str().unwrap_or("").contains("1 of 1 members reachable")), "{doc}");
+    for name in ["userfaultfd", "clock", "disk"] {
+        assert!(["ok", "warn", "fail"].contains(&verdict(name).as_str()), "{doc}");
+    }
 
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     #[allow(unsafe_code)]

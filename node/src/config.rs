@@ -76,6 +76,8 @@ pub struct NodeConfig {
     pub lazy_push_rate: u64,
     /// Where restores write the disks of the VMs they launch here (`None`: `DATA/disks`).
     pub disk_dir: Option<PathBuf>,
+    /// Where the Prometheus endpoint listens (`None`: off).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -103,6 +105,7 @@ impl NodeConfig {
             repair_rate: DEFAULT_REPAIR_RATE,
             lazy_push_rate: 0,
             disk_dir: None,
+            metrics: None,
         }
     }
 

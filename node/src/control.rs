@@ -188,11 +188,26 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
     match req {
         ControlRequest::SnapshotCreate { name, vms, all, mode, replicas, max_bandwidth, disks } => {
             let req = snapshot::CreateRequest { name, vms, all, mode, replicas, max_bandwidth, disks };
-            Ok(ControlResult::Created(snapshot::create(node, req, progress).await?))
+            let t0 = std::time::Instant::now();
+            let r = snapshot::create(node.clone(), req, progress).await;
+            match &r {
+                Ok(s) => {
+                    let pauses: Vec<Option<u64>> = s.vms.iter().map(|(_, v)| v.pause_ms).collect();
+                    node.metrics.snapshot(t0.elapsed(), Some((&pauses, s.raw_bytes, s.new_bytes)));
+                }
+                Err(_) => node.metrics.snapshot(t0.elapsed(), None),
+            }
+            Ok(ControlResult::Created(r?))
         }
         ControlRequest::SnapshotRestore { name, vms, on, target, force, launch, qmp, eager, disk, in_place } => {
             let opts = restore::RestoreOptions { target, force, launch, qmp, eager, disk, in_place };
-            Ok(ControlResult::Restored(restore::restore_many(node, name, vms, on, opts, progress).await?))
+            let t0 = std::time::Instant::now();
+            let r = restore::restore_many(node.clone(), name, vms, on, opts, progress).await;
+            match &r {
+                Ok(done) => done.iter().for_each(|v| node.metrics.restore(std::time::Duration::from_millis(v.elapsed_ms), true)),
+                Err(_) => node.metrics.restore(t0.elapsed(), false),
+            }
+            Ok(ControlResult::Restored(r?))
         }
         ControlRequest::VmAdd { id, qmp } => {
             let path = std::path::PathBuf::from(&qmp);

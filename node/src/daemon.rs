@@ -85,6 +85,10 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     })
     .await?;
     let control = crate::control::bind(&config.control_socket())?;
+    let metrics = match config.metrics {
+        Some(addr) => Some(crate::exporter::bind(addr).await?),
+        None => None,
+    };
     let vms = Registry::new(store.clone(), config.vm_dir.clone());
     store.set_reserve(config.min_free);
     let signer = crate::admission::Signer::new(keypair.clone(), certificate);
@@ -109,6 +113,9 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     tasks.spawn(crate::engine::gc::run(node.clone()));
     tasks.spawn(crate::engine::scrub::run(node.clone()));
     tasks.spawn(crate::engine::repair::run(node.clone()));
+    if let Some(listener) = metrics {
+        tasks.spawn(crate::exporter::serve(node.clone(), listener));
+    }
 
     match shutdown {
         Some(rx) => {

@@ -208,6 +208,14 @@ pub struct DataClient {
     keypair: Keypair,
     alpn: &'static [u8],
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Bytes sent and received per peer over connections that are gone.
+    retired: std::sync::Mutex<HashMap<NodeId, (u64, u64)>>,
+}
+
+/// Bytes a connection sent and received (QUIC's count of UDP payload).
+fn bytes_of(c: &quinn::Connection) -> (u64, u64) {
+    let s = c.stats();
+    (s.udp_tx.bytes, s.udp_rx.bytes)
 }
 
 const _: () = assert!(MESSAGE_BYTES_MAX >= 2 << 20);
@@ -221,7 +229,7 @@ impl DataClient {
     /// A client speaking data-plane version `alpn` (another version's, to check that peers
     /// of different versions refuse each other cleanly).
     pub fn with_alpn(endpoint: quinn::Endpoint, keypair: Keypair, alpn: &'static [u8]) -> Self {
-        Self { endpoint, keypair, alpn, conns: Mutex::new(HashMap::new()) }
+        Self { endpoint, keypair, alpn, conns: Mutex::new(HashMap::new()), retired: Default::default() }
     }
 
     async fn connection(&self, peer: NodeId, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
@@ -230,7 +238,9 @@ impl DataClient {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
-            conns.remove(&peer);
+            if let Some(c) = conns.remove(&peer) {
+                self.retire(peer, &c);
+            }
         }
         let unreachable = |reason: String| NetError::Unreachable { peer: peer.short(), addr, reason };
         let peer_id = peer_of_node_id(&peer).ok_or_else(|| unreachable("not an ed25519 node id".into()))?;
@@ -347,7 +357,27 @@ impl DataClient {
     pub async fn forget(&self, peer: &NodeId) {
         if let Some(c) = self.conns.lock().await.remove(peer) {
             c.close(CLOSE_SHUTDOWN.into(), b"peer left");
+            self.retire(*peer, &c);
         }
+    }
+
+    fn retire(&self, peer: NodeId, c: &quinn::Connection) {
+        let (tx, rx) = bytes_of(c);
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let t = retired.entry(peer).or_default();
+        *t = (t.0 + tx, t.1 + rx);
+    }
+
+    /// Bytes sent to and received from each peer over the connections this client opened,
+    /// since it was made.
+    pub async fn traffic(&self) -> Vec<(NodeId, u64, u64)> {
+        let mut totals = self.retired.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (peer, c) in self.conns.lock().await.iter() {
+            let (tx, rx) = bytes_of(c);
+            let t = totals.entry(*peer).or_default();
+            *t = (t.0 + tx, t.1 + rx);
+        }
+        totals.into_iter().map(|(p, (tx, rx))| (p, tx, rx)).collect()
     }
 
     /// Closes every connection.

@@ -128,6 +128,8 @@ pub struct Node {
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Work that winds down before the node stops.
     pub drain: Drain,
+    /// What `--metrics` exports.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The node's work that must wind down, not vanish, when it stops: parts of cuts (their
@@ -187,7 +189,7 @@ impl Drain {
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), drain: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), drain: Default::default(), metrics: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
@@ -384,6 +386,21 @@ impl Node {
     /// Drops the cached data-plane connection to `peer` (it went down).
     pub async fn forget_connection(&self, peer: &NodeId) {
         self.client.forget(peer).await;
+    }
+
+    /// Bytes sent to and received from each member over the connections this node opened,
+    /// by member name (its id's short form if its name is unknown), since the node started.
+    pub async fn traffic(&self) -> Vec<(String, u64, u64)> {
+        let names: std::collections::HashMap<NodeId, String> = self.members().into_iter().map(|m| (m.id, m.name)).collect();
+        let mut out: Vec<(String, u64, u64)> = self
+            .client
+            .traffic()
+            .await
+            .into_iter()
+            .map(|(id, tx, rx)| (names.get(&id).filter(|n| !n.is_empty()).cloned().unwrap_or_else(|| id.short()), tx, rx))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Closes every data-plane connection (shutdown).

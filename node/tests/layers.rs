@@ -17,11 +17,13 @@ const LAYERS: &[(&str, u8)] = &[
     ("net", 1),
     ("answer", 1),
     ("vms", 2),
+    ("metrics", 2),
     ("fuzz", 2),
     ("node", 3),
     ("engine", 4),
     ("server", 5),
     ("control", 5),
+    ("exporter", 5),
     ("daemon", 6),
 ];
 

@@ -35,9 +35,11 @@ pub const VM_BYTES_MAX: u64 = 1 << 40;
 pub const VM_PAGES_MAX: u64 = VM_BYTES_MAX / PAGE_SIZE as u64;
 
 const RECORD_MAGIC: [u8; 4] = *b"VMCR";
-const RECORD_VERSION: u16 = 2;
+/// Version of the encoded [`CommitRecord`].
+pub const RECORD_VERSION: u16 = 2;
 const SIGNED_MAGIC: [u8; 4] = *b"VMCS";
-const SIGNED_VERSION: u16 = 1;
+/// Version of the encoded [`SignedRecord`].
+pub const SIGNED_VERSION: u16 = 1;
 /// What a committing member signs: this domain, then the encoded [`CommitRecord`].
 pub const RECORD_SIGNING_DOMAIN: &[u8] = b"vmcsnap commit record 1\0";
 /// Most versions of one snapshot name a node keeps (two or more are a conflict the operator
