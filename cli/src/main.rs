@@ -98,6 +98,18 @@ enum Cmd {
         #[command(flatten)]
         common: NodeArg,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:\n  vmcsnap completions bash > /etc/bash_completion.d/vmcsnap\n  vmcsnap completions zsh > ~/.zfunc/_vmcsnap")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Internal: write the man pages (vmcsnap.1 and one per subcommand) into DIR.
+    #[command(name = "man-pages", hide = true)]
+    ManPages {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -474,6 +486,7 @@ impl Cmd {
             Cmd::Cluster(ClusterCmd::Status { common } | ClusterCmd::Remove { common, .. }) => common.json,
             Cmd::Cluster(ClusterCmd::Init { json, .. } | ClusterCmd::Admit { json, .. }) => *json,
             Cmd::Doctor { common, .. } => common.json,
+            Cmd::Completions { .. } | Cmd::ManPages { .. } => false,
         }
     }
 }
@@ -552,6 +565,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Vm(VmCmd::List { common }) => vm_list(&common).await,
         Cmd::Cluster(ClusterCmd::Status { common }) => cluster_status(&common).await,
         Cmd::Doctor { qemu_dir, common } => doctor_run(&qemu_dir, &common).await,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vmcsnap", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::ManPages { dir } => man_pages(&dir),
     }
 }
 
@@ -1021,6 +1039,24 @@ async fn snapshot_show(name: String, common: &NodeArg) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `vmcsnap.1` and a page per subcommand (`vmcsnap-snapshot-create.1`, ...) into `dir`,
+/// hidden commands left out.
+fn man_pages(dir: &Path) -> anyhow::Result<()> {
+    fn write(cmd: &clap::Command, name: &str, dir: &Path) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.to_string())).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out).with_context(|| format!("cannot write {name}.1 in {}", dir.display()))?;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    write(&cmd, "vmcsnap", dir)
 }
 
 async fn doctor_run(qemu_dir: &Path, common: &NodeArg) -> anyhow::Result<()> {

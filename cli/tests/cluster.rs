@@ -275,6 +275,50 @@ fn a_node_stopped_mid_snapshot_leaves_its_vm_running_and_its_qemu_as_it_was() {
     drop(g1);
 }
 
+/// A VM whose manager holds its monitor for good, as libvirt and Proxmox do (QEMU serves one
+/// client per monitor), started as docs/operations.md says with a second QMP socket for
+/// vmcsnap: the node captures it through that socket while the manager stays connected; the
+/// manager sees the cut's pause as a STOP and then a RESUME (its domain paused, then running
+/// again, never crashed) and keeps its monitor; the VM comes back on another host, driven
+/// through the vmcsnap socket, its memory intact.
+#[test]
+fn a_vm_whose_manager_holds_its_monitor_is_captured_through_a_second_qmp_socket() {
+    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
+    let _slot = guest::slot();
+    let accel = guest::accel().expect("accelerator");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = tmp.path().join("vms");
+    let ours = vms.join("g1-vmcsnap.qmp");
+    let _reaper = guest::Reaper(vec![ours.clone()]);
+    let second = format!("unix:{},server=on,wait=off", ours.display());
+    let g1 = Guest::start_with(&vms, "g1", 128, "fill=16", &accel, &["-qmp", &second]).expect("g1");
+    let fill = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
+    // The manager (libvirt) holds the first monitor from here on.
+    let mut manager = QmpSync::connect(&vms.join("g1.qmp")).expect("the manager's monitor");
+    c.json(0, &["vm", "add", "g1", "--qmp", &ours.display().to_string()]).expect("vm add");
+
+    let s = c.json(2, &["snapshot", "create", "lv1", "--vm", "g1"]).expect("snapshot with the manager connected");
+    assert_eq!(s["hosts"], serde_json::json!(["n1"]), "{s}");
+    assert_eq!(manager.status().expect("the manager's monitor still answers"), "running");
+    let seen: Vec<&str> = manager.events.iter().filter_map(|e| e["event"].as_str()).filter(|e| *e == "STOP" || *e == "RESUME").collect();
+    assert!(seen.first() == Some(&"STOP") && seen.last() == Some(&"RESUME"), "the manager saw the pause end: {:?}", manager.events);
+    assert_eq!(md5_of(&check(&vms, "g1")), fill);
+
+    // Lost, and rolled back on n2: the node launches it and drives it through its own socket.
+    drop(manager);
+    guest::kill_by_qmp(&ours);
+    drop(g1);
+    let r = c.json(0, &["snapshot", "restore", "lv1", "--launch", "--on", "g1=n2"]).expect("restore");
+    assert_eq!(triples(&r, "vm", "host", "vm_status"), [("g1".to_string(), "n2".to_string(), "running".to_string())]);
+    assert_eq!(md5_of(&check(&vms, "g1")), fill, "g1's memory after the rollback");
+    let listed = c.json(1, &["vm", "list"]).expect("vm list");
+    let entry = listed.as_array().expect("list").iter().find(|v| v["id"] == "g1").cloned().expect("g1 listed");
+    assert_eq!((entry["host"].as_str(), entry["status"].as_str()), (Some("n2"), Some("running")), "{listed}");
+    assert!(entry.to_string().contains("g1-vmcsnap.qmp"), "registered with the vmcsnap socket: {entry}");
+    guest::kill_by_qmp(&ours);
+}
+
 /// Live mode (QEMU's background snapshot): a cluster snapshot of guests on two hosts, one of
 /// them writing all the time, driven from a third host. Every VM is paused only for the cut
 /// (one cut: no VM resumed before the last one paused) and its device state, runs on through

@@ -118,3 +118,39 @@ fn the_units_command_line_notifies_ready_and_stops_cleanly_on_sigterm() {
     assert!(exit.success(), "a clean stop: {exit}");
     assert!(!data.join("control.sock").exists(), "the control socket is removed");
 }
+
+#[test]
+fn the_package_holds_the_binary_unit_config_man_pages_and_completions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-deb.sh");
+    let out = Command::new(&script).arg("--bin").arg(bin()).arg("--out").arg(tmp.path()).output().expect("package-deb.sh");
+    assert!(out.status.success(), "package-deb.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let contents = Command::new("dpkg-deb").arg("-c").arg(&deb).output().expect("dpkg-deb -c");
+    let listing = String::from_utf8_lossy(&contents.stdout).to_string();
+    for path in [
+        "./usr/bin/vmcsnap",
+        "./lib/systemd/system/vmcsnap-node.service",
+        "./etc/vmcsnap/node.toml",
+        "./usr/share/man/man1/vmcsnap.1.gz",
+        "./usr/share/man/man1/vmcsnap-snapshot-create.1.gz",
+        "./usr/share/man/man1/vmcsnap-node-run.1.gz",
+        "./usr/share/bash-completion/completions/vmcsnap",
+        "./usr/share/zsh/vendor-completions/_vmcsnap",
+        "./usr/share/doc/vmcsnap/operations.md",
+    ] {
+        assert!(listing.lines().any(|l| l.ends_with(path)), "{path} in the package:\n{listing}");
+    }
+    assert!(!listing.contains("stream-relay.1") && !listing.contains("man-pages.1"), "hidden commands get no man page:\n{listing}");
+    let field = |f: &str| String::from_utf8_lossy(&Command::new("dpkg-deb").args(["-f", &deb, f]).output().expect("dpkg-deb -f").stdout).trim().to_string();
+    assert_eq!(field("Package"), "vmcsnap");
+    assert_eq!(field("Version"), env!("CARGO_PKG_VERSION"));
+    let conffiles = Command::new("dpkg-deb").args(["--ctrl-tarfile", &deb]).output().expect("ctrl");
+    assert!(!conffiles.stdout.is_empty());
+    // The man page is the CLI's own help, and the packaged config the example that parses.
+    let x = tmp.path().join("x");
+    assert!(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x).status().expect("dpkg-deb -x").success());
+    let man = Command::new("gzip").arg("-dc").arg(x.join("usr/share/man/man1/vmcsnap-snapshot-create.1.gz")).output().expect("gzip");
+    assert!(String::from_utf8_lossy(&man.stdout).contains("one cut"), "the page says what the command does");
+    assert_eq!(std::fs::read_to_string(x.join("etc/vmcsnap/node.toml")).expect("config"), tool(&["node", "config-example"]) + "\n");
+}

@@ -333,6 +333,9 @@ pub fn kill_naming(needle: &str) {
 pub struct QmpSync {
     r: std::io::BufReader<std::os::unix::net::UnixStream>,
     w: std::os::unix::net::UnixStream,
+    /// The events QEMU sent on this monitor, in order, as read so far (each command's
+    /// answer reads those that came before it).
+    pub events: Vec<serde_json::Value>,
 }
 
 impl QmpSync {
@@ -340,7 +343,7 @@ impl QmpSync {
     pub fn connect(path: &Path) -> anyhow::Result<Self> {
         let s = std::os::unix::net::UnixStream::connect(path).with_context(|| format!("QMP {}", path.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut q = Self { r: std::io::BufReader::new(s.try_clone()?), w: s };
+        let mut q = Self { r: std::io::BufReader::new(s.try_clone()?), w: s, events: vec![] };
         q.read()?;
         q.execute("qmp_capabilities", serde_json::json!({}))?;
         Ok(q)
@@ -366,6 +369,7 @@ impl QmpSync {
         loop {
             let v = self.read()?;
             if v.get("event").is_some() {
+                self.events.push(v);
                 continue;
             }
             if let Some(e) = v.get("error") {

@@ -14,7 +14,7 @@
 //! `downscript=`) are refused. A record that breaks the policy is refused before anything is
 //! unlinked or spawned.
 
-use super::qmp_path_of;
+use super::qmp_paths_of;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -164,7 +164,10 @@ pub enum LaunchError {
 pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy: &LaunchPolicy) -> Result<Launched, LaunchError> {
     // A record can come from any member: the host's policy decides, before anything is touched.
     let prog = policy.check(&state.cmdline)?;
-    let qmp = qmp_path_of(&state.cmdline).ok_or_else(|| {
+    // The monitor the VM was captured through (of several, the one its manager left to
+    // vmcsnap), else its first.
+    let monitors = qmp_paths_of(&state.cmdline);
+    let qmp = monitors.iter().find(|p| **p == state.qmp).or(monitors.first()).cloned().ok_or_else(|| {
         LaunchError::Refused(
             "the recorded command line has no -qmp unix:PATH; start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH".into(),
         )

@@ -110,10 +110,18 @@ pub fn blob_chunks(bytes: &[u8]) -> (BlobRef, Vec<Vec<u8>>) {
 
 /// The QMP socket named by a QEMU command line's `-qmp unix:PATH[,...]`, if any.
 pub fn qmp_path_of(cmdline: &[String]) -> Option<String> {
-    let i = cmdline.iter().position(|a| a == "-qmp")?;
-    let v = cmdline.get(i + 1)?;
-    let p = v.strip_prefix("unix:")?;
-    Some(p.split(',').next().unwrap_or(p).to_string())
+    qmp_paths_of(cmdline).into_iter().next()
+}
+
+/// Every `-qmp unix:PATH` socket of a command line, in order (a VM under libvirt or Proxmox
+/// has its manager's and, for vmcsnap, a second one).
+pub fn qmp_paths_of(cmdline: &[String]) -> Vec<String> {
+    cmdline
+        .windows(2)
+        .filter(|w| w[0] == "-qmp")
+        .filter_map(|w| w[1].strip_prefix("unix:"))
+        .map(|p| p.split(',').next().unwrap_or(p).to_string())
+        .collect()
 }
 
 #[cfg(test)]
