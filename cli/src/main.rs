@@ -141,6 +141,19 @@ enum VmCmd {
     },
 }
 
+/// `snapshot list --sort`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ListSort {
+    /// Creation time.
+    Time,
+    /// Name.
+    Name,
+    /// Raw bytes of memory and disks captured.
+    Raw,
+    /// Bytes the snapshot added to the cluster when it was taken.
+    New,
+}
+
 #[derive(Subcommand)]
 enum NodeCmd {
     /// Start the node in the foreground (stop it with Ctrl-C or SIGTERM).
@@ -288,8 +301,21 @@ vmcsnap snapshot restore nightly --vm web1 --disk virtio0 --to file:/tmp/web1-di
         #[command(flatten)]
         common: NodeArg,
     },
-    /// List snapshots (from every reachable member's catalog).
+    /// List snapshots (from every reachable member's catalog), oldest first.
+    #[command(after_help = "Examples:\n  vmcsnap snapshot list --vm web1 --since 7d\n  vmcsnap snapshot list --sort new --reverse")]
     List {
+        /// Only snapshots holding this VM (repeatable: any of them).
+        #[arg(long = "vm", value_name = "ID")]
+        vms: Vec<String>,
+        /// Only snapshots taken within this long before now (e.g. 90m, 7d).
+        #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Order by creation time, name, raw size or bytes the snapshot added.
+        #[arg(long, value_enum, default_value = "time")]
+        sort: ListSort,
+        /// Reverse the order (newest or largest first).
+        #[arg(long)]
+        reverse: bool,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -474,7 +500,7 @@ impl Cmd {
             Cmd::Snapshot(c) => match c {
                 SnapshotCmd::Create { common, .. }
                 | SnapshotCmd::Restore { common, .. }
-                | SnapshotCmd::List { common }
+                | SnapshotCmd::List { common, .. }
                 | SnapshotCmd::Show { common, .. }
                 | SnapshotCmd::Delete { common, .. }
                 | SnapshotCmd::Verify { common, .. }
@@ -537,7 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             snapshot_restore(name, vms, on, to, launch, qmp, force, (eager, disk, in_place), &common).await
         }
-        Cmd::Snapshot(SnapshotCmd::List { common }) => snapshot_list(&common).await,
+        Cmd::Snapshot(SnapshotCmd::List { vms, since, sort, reverse, common }) => snapshot_list(&vms, since, sort, reverse, &common).await,
         Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
         Cmd::Snapshot(SnapshotCmd::Verify { name, deep, common }) => snapshot_verify(name, deep, &common).await,
         Cmd::Snapshot(SnapshotCmd::Delete { names, yes, common }) => snapshot_delete(names, yes, &common).await,
@@ -838,10 +864,24 @@ async fn vm_list(common: &NodeArg) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn snapshot_list(common: &NodeArg) -> anyhow::Result<()> {
-    let ControlResult::List(list) = call(common, ControlRequest::SnapshotList).await? else {
+async fn snapshot_list(vms: &[String], since: Option<std::time::Duration>, sort: ListSort, reverse: bool, common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::List(mut list) = call(common, ControlRequest::SnapshotList).await? else {
         bail!("node answered with the wrong result")
     };
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    list.retain(|s| vms.is_empty() || s.vms.iter().any(|v| vms.contains(v)));
+    if let Some(d) = since {
+        list.retain(|s| s.created_unix_ms >= now_ms.saturating_sub(d.as_millis() as u64));
+    }
+    match sort {
+        ListSort::Time => list.sort_by(|a, b| (a.created_unix_ms, &a.name).cmp(&(b.created_unix_ms, &b.name))),
+        ListSort::Name => list.sort_by(|a, b| (&a.name, a.created_unix_ms).cmp(&(&b.name, b.created_unix_ms))),
+        ListSort::Raw => list.sort_by_key(|s| (s.raw_bytes, s.created_unix_ms)),
+        ListSort::New => list.sort_by_key(|s| (s.new_bytes, s.created_unix_ms)),
+    }
+    if reverse {
+        list.reverse();
+    }
     if common.json {
         return print_json(&list);
     }
@@ -849,7 +889,7 @@ async fn snapshot_list(common: &NodeArg) -> anyhow::Result<()> {
         println!("no snapshots");
         return Ok(());
     }
-    println!("{:<24} {:<12} {:>10} {:>10} {:>3}  {:<12} VMS", "NAME", "RECORD", "RAW", "NEW", "R", "BY");
+    println!("{:<24} {:<12} {:<23} {:>10} {:>10} {:>3}  {:<12} VMS", "NAME", "RECORD", "CREATED", "RAW", "NEW", "R", "BY");
     let mut conflicts = false;
     for s in list {
         let mark = match (s.conflict, s.signed) {
@@ -859,9 +899,10 @@ async fn snapshot_list(common: &NodeArg) -> anyhow::Result<()> {
         };
         conflicts |= s.conflict;
         println!(
-            "{:<24} {:<12} {:>10} {:>10} {:>3}  {:<12} {}{mark}",
+            "{:<24} {:<12} {:<23} {:>10} {:>10} {:>3}  {:<12} {}{mark}",
             s.name,
             s.record,
+            vmcsnap_protocol::units::utc_time(s.created_unix_ms),
             human_bytes(s.raw_bytes),
             human_bytes(s.new_bytes),
             s.replicas,

@@ -98,6 +98,16 @@ fn snapshot_on_one_host_restore_on_another_with_the_first_down() {
     let s2 = c.json(0, &a).expect("second snapshot");
     assert_eq!(s2["bytes_sent"], 0);
     assert_eq!(s2["new_bytes"], 0);
+
+    // The list sorts and filters.
+    let names = |args: &[&str]| -> Vec<String> {
+        let l = c.json(0, args).expect("list");
+        l.as_array().expect("list").iter().map(|s| s["name"].as_str().unwrap_or("").to_string()).collect()
+    };
+    assert_eq!(names(&["snapshot", "list"]), ["s1", "s2"]);
+    assert_eq!(names(&["snapshot", "list", "--sort", "name", "--reverse"]), ["s2", "s1"]);
+    assert_eq!(names(&["snapshot", "list", "--vm", "vm1", "--since", "1h"]), ["s1", "s2"]);
+    assert!(names(&["snapshot", "list", "--vm", "nobody"]).is_empty());
     assert_eq!(c.stored_pages(0).expect("status"), (want.distinct_nonzero + chunks) * 2);
 
     // Any node lists both.
