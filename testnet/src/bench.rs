@@ -81,12 +81,12 @@ pub struct Breakdown {
     pub second_unique: u64,
 }
 
-struct Vm {
-    name: String,
-    kargs: String,
-    ready: &'static str,
+pub(crate) struct Vm {
+    pub(crate) name: String,
+    pub(crate) kargs: String,
+    pub(crate) ready: &'static str,
     /// Index of the host it runs on now.
-    host: usize,
+    pub(crate) host: usize,
 }
 
 fn workloads(hosts: usize, per_host: usize, data: u32) -> Vec<Vm> {
@@ -112,7 +112,7 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
-fn stored_bytes(c: &Cluster) -> anyhow::Result<u64> {
+pub(crate) fn stored_bytes(c: &Cluster) -> anyhow::Result<u64> {
     let s = c.json(0, &["cluster", "status"])?;
     Ok(s["members"].as_array().context("members")?.iter().map(|m| m["bytes"].as_u64().unwrap_or(0)).sum())
 }
@@ -120,7 +120,7 @@ fn stored_bytes(c: &Cluster) -> anyhow::Result<u64> {
 /// Default KVM: every VM migrated by QEMU to its own file at once, then fsynced (and, for
 /// "+ copy", copied to a second host's directory and fsynced). Returns (bytes, durable s,
 /// pauses ms, copy s).
-fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms: &[Vm], mode: &str) -> anyhow::Result<(u64, f64, Vec<f64>, f64)> {
+pub(crate) fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms: &[Vm], mode: &str) -> anyhow::Result<(u64, f64, Vec<f64>, f64)> {
     std::fs::create_dir_all(out)?;
     let t0 = Instant::now();
     let results: Vec<anyhow::Result<(u64, f64, f64)>> = std::thread::scope(|s| {
@@ -199,7 +199,7 @@ fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms: &[Vm], mo
 
 /// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
 /// seconds until all run. The guests are killed again afterwards.
-fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str) -> anyhow::Result<f64> {
+pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str) -> anyhow::Result<f64> {
     let t0 = Instant::now();
     let children: Vec<anyhow::Result<std::process::Child>> = std::thread::scope(|s| {
         let hs: Vec<_> = vms
@@ -232,7 +232,7 @@ fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str) ->
     Ok(secs)
 }
 
-fn kill_all(vmdir: &Path, vms: &[Vm]) {
+pub(crate) fn kill_all(vmdir: &Path, vms: &[Vm]) {
     for vm in vms {
         guest::kill_by_qmp(&vmdir.join(format!("{}.qmp", vm.name)));
     }
@@ -240,7 +240,7 @@ fn kill_all(vmdir: &Path, vms: &[Vm]) {
 }
 
 /// A fresh vmcsnap cluster with every VM registered on its host.
-fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm]) -> anyhow::Result<Cluster> {
+pub(crate) fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm]) -> anyhow::Result<Cluster> {
     // The guests' sockets and logs live in `vmdir`: a rollback may launch them there.
     let launch = vec!["--launch-dir".to_string(), vmdir.display().to_string()];
     let c = Cluster::start_with_args(bin, dir, hosts, 1, None, vec![launch; hosts])?;
@@ -253,7 +253,7 @@ fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm
 
 /// vmcsnap's snapshot of every VM, from the last host. Returns (stored bytes after, durable
 /// s, pauses ms, skew ms).
-fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<(u64, f64, Vec<f64>, Option<f64>)> {
+pub(crate) fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<(u64, f64, Vec<f64>, Option<f64>)> {
     let logs: Vec<PathBuf> = c.nodes.iter().map(|n| n.dir.join("node.log")).collect();
     let before: Vec<u64> = logs.iter().map(|l| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0)).collect();
     let t = Instant::now();
@@ -299,7 +299,7 @@ fn stages(log: &Path, from: u64) -> String {
 /// run and until all memory is resident. "All run" is the latest VM's time to running on its
 /// host plus what the command spent outside the hosts' restores (finding the record, asking
 /// the hosts, answering).
-fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<(f64, f64)> {
     let mut args: Vec<String> = vec!["snapshot".into(), "restore".into(), name.into(), "--launch".into()];
     for vm in vms.iter() {
         args.push("--on".into());

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod benchdisk;
 pub mod benchstore;
 pub mod cluster;
+pub mod demovm;
 pub mod gen;
 pub mod guest;
 pub mod netns;
