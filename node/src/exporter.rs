@@ -27,7 +27,15 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) {
     let slots = Arc::new(tokio::sync::Semaphore::new(SCRAPES_MAX));
     loop {
-        let Ok((conn, _)) = listener.accept().await else { continue };
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors, say: not a reason to spin.
+                tracing::warn!(target: "vmcsnap::node", error = %e, "metrics endpoint cannot accept");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let node = node.clone();
         tokio::spawn(async move {
