@@ -1270,6 +1270,9 @@ async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlRe
         );
         b
     });
+    // With --json, progress goes to stderr as one JSON object a line (stdout keeps the one
+    // result): at a phase's start and end and at most every PROGRESS_EVENT_EVERY between.
+    let mut last_event: Option<(String, std::time::Instant)> = None;
     loop {
         let ev: ControlEvent = read_frame(&mut stream).await.map_err(|e| match e {
             FrameReadError::Version(_) => cli_error(ErrorKind::VersionMismatch, format!("the node at {}: {e}", path.display())),
@@ -1277,6 +1280,14 @@ async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlRe
         })?;
         match ev {
             ControlEvent::Progress { phase, done, total } => {
+                let due = match &last_event {
+                    Some((p, at)) => *p != phase || done >= total || at.elapsed() >= PROGRESS_EVENT_EVERY,
+                    None => true,
+                };
+                if common.json && due {
+                    eprintln!("{}", serde_json::json!({ "progress": { "phase": phase, "done": done, "total": total } }));
+                    last_event = Some((phase.clone(), std::time::Instant::now()));
+                }
                 if let Some(b) = &bar {
                     b.set_message(phase);
                     b.set_length(total);
@@ -1300,3 +1311,6 @@ async fn call(common: &NodeArg, req: ControlRequest) -> anyhow::Result<ControlRe
 }
 
 const _: () = assert!(PAGE_SIZE == 4096);
+
+/// Least time between two `--json` progress lines of one phase.
+const PROGRESS_EVENT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);

@@ -265,6 +265,10 @@ fn metrics_are_scraped_during_a_snapshot_and_match_cluster_status() {
     let out = create.wait_with_output().expect("create");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("{scrapes} scrapes during the snapshot");
+    // With --json, progress comes on stderr as one JSON object a line.
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stderr).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect();
+    assert!(!events.is_empty() && events.iter().all(|e| e["progress"]["phase"].is_string() && e["progress"]["total"].is_u64()), "{events:?}");
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
 
     let (_, body) = scrape(&addr(0));
