@@ -359,8 +359,10 @@ async fn capture_memory(
     let saved = Touched::read(q, req.qmp, facts.was_running).await?;
     journal.touched(req.vm, &saved);
     if let Err(e) = configure(q, req, &mut facts, &mut io, &saved).await {
-        saved.put_back(q).await;
-        journal.restored(req.vm);
+        // As at the end of a capture: the entry stays if QEMU refused to take a setting back.
+        if saved.put_back(q).await.is_empty() {
+            journal.restored(req.vm);
+        }
         return Err(e);
     }
     let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
