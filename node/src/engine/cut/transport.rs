@@ -64,9 +64,12 @@ pub async fn serve(node: Arc<Node>, begin: CutBegin, mut send: quinn::SendStream
         let _ = send.finish();
         return;
     }
+    // A stopping node waits for this conversation, not only for the part: its last report must
+    // reach the coordinator (which then ends the stream) before the endpoint closes.
+    let _held = node.drain.enter();
     let (cmd_tx, cmd_rx) = mpsc::channel::<CutCommand>(8);
     let (rep_tx, rep_rx) = mpsc::channel::<CutReport>(8);
-    let work = tokio::spawn(participate(node, begin, cmd_rx, rep_tx));
+    let work = tokio::spawn(participate(node.clone(), begin, cmd_rx, rep_tx));
     bridge(send, recv, rep_rx, cmd_tx).await;
     let _ = work.await;
 }
