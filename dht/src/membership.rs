@@ -34,16 +34,33 @@ use vmcsnap_protocol::NodeId;
 pub const PROTOCOL_VERSION: &str = "/vmcsnap/1.0.0";
 /// Kademlia protocol name (a private DHT, apart from the public IPFS one).
 pub const KAD_PROTOCOL: &str = "/vmcsnap/kad/1.0.0";
-/// How often the membership task re-dials missing members and refreshes Kademlia.
+/// How often the membership task looks for members to re-dial and for a Kademlia refresh due.
 pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
-/// Ping interval.
-pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// First wait before re-dialling a member whose connection went down; it doubles with each
+/// failed dial up to [`REDIAL_BACKOFF_MAX`], so a member that is gone for good costs a dial a
+/// minute, not one every [`MAINTENANCE_INTERVAL`].
+pub const REDIAL_BACKOFF_MIN: Duration = Duration::from_secs(2);
+/// Longest wait between two dials of a member that stays unreachable.
+pub const REDIAL_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long after its start, its first connection, or a member it had not known, a node
+/// refreshes Kademlia every [`MAINTENANCE_INTERVAL`] (to find every member quickly while the
+/// cluster changes).
+pub const SETTLING: Duration = Duration::from_secs(30);
+/// How often a node refreshes Kademlia when its membership has been quiet for [`SETTLING`]
+/// (a member that joined while this node was cut off is found then, if it did not dial this
+/// node itself). Kademlia's own periodic refresh is off: this is the only one.
+pub const KAD_REFRESH_STEADY: Duration = Duration::from_secs(300);
+/// Ping interval (per connected member: a node sends `members / PING_INTERVAL` pings a second).
+pub const PING_INTERVAL: Duration = Duration::from_secs(3);
 /// How long a ping may take.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pings in a row a peer may miss before it is disconnected and counted down, so that one slow
-/// answer on a loaded host is not a death. Measured here with a stopped (SIGSTOP) peer, each
-/// miss is reported about 11 s after the last answer, so a hung peer is down after about 22 s.
-pub const PING_FAILURES_MAX: u32 = 2;
+/// A connected peer that answered no ping for this long is disconnected and counted down: a
+/// hung peer (SIGSTOP, a frozen host) whose connection stays open. One late or lost ping is
+/// not a death (a healthy peer answers again within `2 * PING_INTERVAL + PING_TIMEOUT`); two in
+/// a row are. A peer whose process ends is down at once (its connection closes).
+pub const SILENCE_MAX: Duration = Duration::from_secs(12);
+/// How often connected peers are checked against [`SILENCE_MAX`].
+pub const SILENCE_CHECK: Duration = Duration::from_secs(1);
 /// Most members one node tracks.
 pub const MEMBERS_MAX: usize = 4096;
 /// Most refused peers remembered (so that they are not dialled again); the oldest is
@@ -178,7 +195,8 @@ impl Membership {
             .map_err(|e| MembershipError::Swarm(e.to_string()))?
             .with_behaviour(|key| {
                 let id = key.public().to_peer_id();
-                let kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+                let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+                kcfg.set_periodic_bootstrap_interval(None);
                 let mut kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg);
                 // On loopback and LANs no external address gets confirmed; serve anyway.
                 kad.set_mode(Some(kad::Mode::Server));
@@ -216,11 +234,14 @@ impl Membership {
             local_peer,
             members: HashMap::new(),
             connected: HashSet::new(),
-            ping_failures: HashMap::new(),
+            answered: HashMap::new(),
             bootstrap: cfg.bootstrap.clone(),
             trust: cfg.trust.clone(),
             refused: VecDeque::new(),
             refused_set: HashSet::new(),
+            redial: HashMap::new(),
+            settle_until: tokio::time::Instant::now() + SETTLING,
+            last_refresh: None,
         };
         state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone() });
         for m in cfg.known {
@@ -283,13 +304,19 @@ struct State {
     local_peer: PeerId,
     members: HashMap<NodeId, Member>,
     connected: HashSet<PeerId>,
-    /// Pings in a row each connected peer missed.
-    ping_failures: HashMap<PeerId, u32>,
+    /// When each connected peer last answered a ping (or connected).
+    answered: HashMap<PeerId, tokio::time::Instant>,
     bootstrap: Vec<SocketAddr>,
     trust: Arc<Trust>,
     /// Peers refused admission, oldest first (at most [`REFUSED_MAX`]).
     refused: VecDeque<PeerId>,
     refused_set: HashSet<PeerId>,
+    /// When each unconnected member may be dialled next, and the wait after that dial.
+    redial: HashMap<NodeId, (tokio::time::Instant, Duration)>,
+    /// Until when Kademlia is refreshed at every maintenance tick (see [`SETTLING`]).
+    settle_until: tokio::time::Instant,
+    /// The last Kademlia refresh.
+    last_refresh: Option<tokio::time::Instant>,
 }
 
 impl State {
@@ -344,7 +371,10 @@ fn refuse(swarm: &mut Swarm<Behaviour>, st: &mut State, peer: PeerId, why: &str)
     let _ = swarm.disconnect_peer_id(peer);
     swarm.behaviour_mut().kad.remove_peer(&peer);
     match node_id_of_peer(&peer) {
-        Some(id) if id != st.local => st.members.remove(&id).is_some(),
+        Some(id) if id != st.local => {
+            st.redial.remove(&id);
+            st.members.remove(&id).is_some()
+        }
         _ => false,
     }
 }
@@ -358,6 +388,8 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut silence = tokio::time::interval(SILENCE_CHECK);
+    silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let changed = tokio::select! {
             _ = &mut stop => break,
@@ -367,7 +399,8 @@ async fn run(
                     _ => false,
                 },
             },
-            _ = tick.tick() => { maintain(&mut swarm, &st); false }
+            _ = tick.tick() => { maintain(&mut swarm, &mut st); false }
+            _ = silence.tick() => { drop_silent(&mut swarm, &mut st); false }
             ev = swarm.select_next_some() => handle(&mut swarm, &mut st, ev),
         };
         if changed {
@@ -377,41 +410,78 @@ async fn run(
     tracing::debug!(target: "vmcsnap::membership", "membership stopped");
 }
 
-fn maintain(swarm: &mut Swarm<Behaviour>, st: &State) {
-    // Re-dial members we know but are not connected to (restarts, partitions that healed).
+fn maintain(swarm: &mut Swarm<Behaviour>, st: &mut State) {
+    let now = tokio::time::Instant::now();
+    // Re-dial members we know but are not connected to (restarts, partitions that healed),
+    // each with its own backoff.
     for m in st.members.values() {
         if m.id == st.local {
             continue;
         }
-        if let Some(peer) = peer_of_node_id(&m.id) {
-            if !st.connected.contains(&peer) {
-                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                    .addresses(vec![tcp_multiaddr(m.data_addr)])
-                    .build();
-                let _ = swarm.dial(opts);
-            }
+        let Some(peer) = peer_of_node_id(&m.id) else { continue };
+        if st.connected.contains(&peer) {
+            continue;
         }
+        let (next, wait) = st.redial.entry(m.id).or_insert((now, REDIAL_BACKOFF_MIN));
+        if now < *next {
+            continue;
+        }
+        *next = now + *wait;
+        *wait = (*wait * 2).min(REDIAL_BACKOFF_MAX);
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![tcp_multiaddr(m.data_addr)]).build();
+        let _ = swarm.dial(opts);
     }
     // Bootstrap addresses until at least one peer is connected.
     if st.connected.is_empty() {
         for addr in &st.bootstrap {
             let _ = swarm.dial(tcp_multiaddr(*addr));
         }
+        return;
     }
-    if !st.connected.is_empty() {
+    // Kademlia finds the members this node has not met: often while the cluster changes,
+    // rarely once it is quiet.
+    let due = match st.last_refresh {
+        None => true,
+        Some(_) if now < st.settle_until => true,
+        Some(t) => now >= t + KAD_REFRESH_STEADY,
+    };
+    if due {
+        st.last_refresh = Some(now);
         let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+}
+
+/// Disconnects every connected peer that answered no ping for [`SILENCE_MAX`]: libp2p keeps
+/// a connection whose pings fail, and a hung peer must count as down.
+fn drop_silent(swarm: &mut Swarm<Behaviour>, st: &mut State) {
+    let now = tokio::time::Instant::now();
+    let silent: Vec<PeerId> = st.answered.iter().filter(|(_, t)| now.duration_since(**t) > SILENCE_MAX).map(|(p, _)| *p).collect();
+    for peer in silent {
+        tracing::warn!(target: "vmcsnap::membership", %peer, silent_s = SILENCE_MAX.as_secs(), "peer answered no ping; disconnecting it as down");
+        st.answered.remove(&peer);
+        let _ = swarm.disconnect_peer_id(peer);
     }
 }
 
 fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<BehaviourEvent>) -> bool {
     match ev {
         SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            if st.connected.is_empty() {
+                st.settle_until = tokio::time::Instant::now() + SETTLING;
+            }
             st.connected.insert(peer_id);
+            st.answered.insert(peer_id, tokio::time::Instant::now());
+            if let Some(id) = node_id_of_peer(&peer_id) {
+                st.redial.remove(&id);
+            }
             st.set_alive(&peer_id, true)
         }
         SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
             st.connected.remove(&peer_id);
-            st.ping_failures.remove(&peer_id);
+            st.answered.remove(&peer_id);
+            if let Some(id) = node_id_of_peer(&peer_id) {
+                st.redial.insert(id, (tokio::time::Instant::now() + REDIAL_BACKOFF_MIN, REDIAL_BACKOFF_MIN));
+            }
             st.set_alive(&peer_id, false)
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
@@ -451,6 +521,7 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
                 }
                 None => {
                     tracing::info!(target: "vmcsnap::membership", node = %id.short(), %data_addr, "member joined");
+                    st.settle_until = tokio::time::Instant::now() + SETTLING;
                     st.members.insert(id, new);
                     true
                 }
@@ -465,19 +536,13 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
             false
         }
         SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. })) => {
-            let n = st.ping_failures.entry(peer).or_default();
-            *n += 1;
-            tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, failures = *n, "ping failed");
-            if *n >= PING_FAILURES_MAX {
-                // libp2p keeps a connection whose pings fail; a hung peer must count as down.
-                tracing::warn!(target: "vmcsnap::membership", %peer, "peer missed {PING_FAILURES_MAX} pings in a row; disconnecting it as down");
-                st.ping_failures.remove(&peer);
-                let _ = swarm.disconnect_peer_id(peer);
-            }
+            tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, "ping failed");
             false
         }
         SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(_), .. })) => {
-            st.ping_failures.remove(&peer);
+            if st.connected.contains(&peer) {
+                st.answered.insert(peer, tokio::time::Instant::now());
+            }
             false
         }
         _ => false,

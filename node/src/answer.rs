@@ -127,6 +127,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
         | DataRequest::VmForget { .. }
         | DataRequest::RestoreVm { .. }
         | DataRequest::Revoke { .. }
-        | DataRequest::Revocations => Err(AnswerError::NeedsNode),
+        | DataRequest::Revocations
+        | DataRequest::CatalogDigest => Err(AnswerError::NeedsNode),
     }
 }

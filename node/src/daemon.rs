@@ -13,9 +13,11 @@
 //!   and per stream;
 //! - the control-socket accept loop ([`crate::control::accept_loop`]), one task per CLI
 //!   request;
-//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], pulls the revocations, tombstones and
-//!   commit records this node lacks from live members (so a node that was down when a member
-//!   was removed or a snapshot committed or deleted learns of it);
+//! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], compares catalog digests with
+//!   [`crate::node::CATALOG_SYNC_FANOUT`] random live members and pulls the revocations,
+//!   tombstones and commit records this node lacks from those whose digest differs (so a
+//!   node that was down when a member was removed or a snapshot committed or deleted learns
+//!   of it within a few rounds, at a cost per round that does not grow with the cluster);
 //! - garbage collection ([`crate::engine::gc::run`]): a cycle every `--gc-interval`, or at
 //!   once when a snapshot is deleted;
 //! - the scrubber ([`crate::engine::scrub::run`]): a pass every `--scrub-interval` that reads
@@ -177,23 +179,22 @@ async fn watch_members(node: Arc<Node>) {
     }
 }
 
-/// Every [`CATALOG_SYNC_INTERVAL`], pulls the revocations, tombstones and commit records this
-/// node lacks.
+/// Every [`CATALOG_SYNC_INTERVAL`], one round of catalog sync with a few random live peers
+/// ([`Node::sync_round`]): revocations, tombstones and commit records this node lacks.
 async fn sync_catalog(node: Arc<Node>) {
     let mut tick = tokio::time::interval(CATALOG_SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let r = node.sync_revocations().await;
-        if r > 0 {
-            tracing::warn!(target: "vmcsnap::admission", added = r, "learned member removals from peers");
+        let learned = node.sync_round().await;
+        if learned.revocations > 0 {
+            tracing::warn!(target: "vmcsnap::admission", added = learned.revocations, "learned member removals from peers");
         }
-        let t = node.sync_tombstones().await;
-        if t > 0 {
-            tracing::info!(target: "vmcsnap::catalog", added = t, "learned snapshot deletions from peers");
+        if learned.tombstones > 0 {
+            tracing::info!(target: "vmcsnap::catalog", added = learned.tombstones, "learned snapshot deletions from peers");
         }
-        let n = node.sync_catalog().await;
-        if n > 0 {
-            tracing::info!(target: "vmcsnap::catalog", added = n, "learned snapshots from peers");
+        if learned.records > 0 {
+            tracing::info!(target: "vmcsnap::catalog", added = learned.records, "learned snapshots from peers");
             // Some may have been placed while this node was away: its share moves here.
             node.repair_wake.notify_one();
         }

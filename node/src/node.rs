@@ -8,7 +8,7 @@ use crate::admission::{AdmitError, Signer};
 use crate::answer::{answer, Asker};
 use crate::config::NodeConfig;
 use crate::net::{DataClient, NetError};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::vms::Registry;
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +27,20 @@ use vmcsnap_protocol::NodeId;
 pub const PEER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long pulling missing commit records from one peer may take in a catalog sync.
 pub const CATALOG_PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Peers one round of the background catalog sync asks (at random among the live ones): a
+/// round costs this many digest answers whatever the cluster's size.
+pub const CATALOG_SYNC_FANOUT: usize = 3;
+
+/// What a catalog sync learned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// Member removals that were new here.
+    pub revocations: usize,
+    /// Snapshot deletions that were new here.
+    pub tombstones: usize,
+    /// Commit records that were new here.
+    pub records: usize,
+}
 
 /// Why one peer of a [`fan_out`] gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -248,23 +262,21 @@ impl Node {
         Ok((true, answers.iter().filter(|(_, a)| a.is_ok()).count()))
     }
 
-    /// Pulls the revocations this node lacks from every live peer (a member that was down when
-    /// one was made learns it here). Returns how many were new.
-    pub async fn sync_revocations(&self) -> usize {
+    /// Pulls the revocations this node lacks from `peer` (a member that was down when one was
+    /// made learns it here) and applies them. Returns how many were new.
+    async fn revocations_from(&self, peer: &Member) -> usize {
+        let Ok(DataResponse::Revocations { tokens }) = self.call(peer, DataRequest::Revocations).await else { return 0 };
         let mut added = 0;
-        for (peer, a) in self.ask_peers(DataRequest::Revocations, PEER_ANSWER_TIMEOUT).await {
-            let Ok(DataResponse::Revocations { tokens }) = a else { continue };
-            for t in tokens.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX) {
-                match Revocation::from_token(t).map_err(AdmitError::from).and_then(|r| crate::admission::revoke(&self.store, &self.trust, &r).map(|n| (r, n))) {
-                    Ok((r, true)) => {
-                        self.membership.revoke(r.node);
-                        self.client.forget(&r.node).await;
-                        self.repair_wake.notify_one();
-                        added += 1;
-                    }
-                    Ok((_, false)) => {}
-                    Err(e) => tracing::warn!(target: "vmcsnap::admission", peer = %peer.id.short(), error = %e, "peer sent a revocation that does not verify"),
+        for t in tokens.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX) {
+            match Revocation::from_token(t).map_err(AdmitError::from).and_then(|r| crate::admission::revoke(&self.store, &self.trust, &r).map(|n| (r, n))) {
+                Ok((r, true)) => {
+                    self.membership.revoke(r.node);
+                    self.client.forget(&r.node).await;
+                    self.repair_wake.notify_one();
+                    added += 1;
                 }
+                Ok((_, false)) => {}
+                Err(e) => tracing::warn!(target: "vmcsnap::admission", peer = %peer.id.short(), error = %e, "peer sent a revocation that does not verify"),
             }
         }
         added
@@ -418,21 +430,72 @@ impl Node {
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 
-    /// Pulls commit records this node lacks from every live peer. Returns how many were added.
+    /// Pulls what this node lacks of the catalog from every live peer whose catalog differs
+    /// (see [`Node::sync_with`]). Returns how many commit records were added.
     pub async fn sync_catalog(&self) -> usize {
-        let peers = self.alive_peers();
-        let added = fan_out(&peers, CATALOG_PEER_TIMEOUT, |p| async move { Ok(self.sync_catalog_from(&p).await) }).await;
-        added.into_iter().map(|a| a.ok().flatten().unwrap_or(0)).sum()
+        self.sync_with(&self.alive_peers()).await.0.records
     }
 
-    /// Pulls commit records from every live peer, like [`Node::sync_catalog`]. Returns how
-    /// many members now agree with this node's catalog (this node and each peer whose list
-    /// was read in full) and how many members are known.
+    /// Syncs with every live peer, like [`Node::sync_catalog`]. Returns how many members now
+    /// agree with this node's catalog (this node, each peer whose digest matched and each
+    /// peer whose lists were read in full) and how many members are known.
     pub async fn sync_catalog_counted(&self) -> (usize, usize) {
         let members = self.members().len().max(1);
-        let peers = self.alive_peers();
-        let answers = fan_out(&peers, CATALOG_PEER_TIMEOUT, |p| async move { Ok(self.sync_catalog_from(&p).await) }).await;
-        (1 + answers.into_iter().filter(|a| matches!(a, Ok(Some(_)))).count(), members)
+        let (_, agreed) = self.sync_with(&self.alive_peers()).await;
+        (1 + agreed, members)
+    }
+
+    /// One round of the background catalog sync: [`Node::sync_with`] at most
+    /// [`CATALOG_SYNC_FANOUT`] live peers picked at random, so that a round costs the same in a
+    /// cluster of any size. A record, tombstone or revocation some member lacks reaches it
+    /// in a few rounds, and the peers whose catalogs match cost one small answer each.
+    pub async fn sync_round(&self) -> Learned {
+        use rand::seq::IndexedRandom;
+        let alive = self.alive_peers();
+        let picked: Vec<Member> = alive.choose_multiple(&mut rand::rng(), CATALOG_SYNC_FANOUT).cloned().collect();
+        self.sync_with(&picked).await.0
+    }
+
+    /// Asks each of `peers` for its catalog digest and, from each whose digest differs from
+    /// this node's, pulls its revocations, its tombstones and then the commit records this
+    /// node lacks (in that order: a record of a removed member or a deleted snapshot is then
+    /// refused). Returns what was learned and how many peers agree with this node now (their
+    /// digest matched, or their lists were read in full).
+    pub async fn sync_with(&self, peers: &[Member]) -> (Learned, usize) {
+        let store = self.store.clone();
+        let own = match tokio::task::spawn_blocking(move || catalog_digest(&store)).await {
+            Ok(Ok(d)) => Some(d),
+            Ok(Err(e)) => {
+                tracing::warn!(target: "vmcsnap::catalog", error = %e, "cannot compute this node's catalog digest; pulling the lists");
+                None
+            }
+            Err(_) => None,
+        };
+        let digests = fan_out(peers, PEER_ANSWER_TIMEOUT, |p| async move { self.call(&p, DataRequest::CatalogDigest).await }).await;
+        let mut agreed = 0;
+        let mut differ = Vec::new();
+        for (p, d) in peers.iter().zip(digests) {
+            match d {
+                Ok(DataResponse::CatalogDigest { digest }) if Some(digest) == own => agreed += 1,
+                Ok(_) => differ.push(p.clone()),
+                Err(e) => tracing::debug!(target: "vmcsnap::catalog", peer = %p.id.short(), error = %e, "no catalog digest"),
+            }
+        }
+        let pulls = fan_out(&differ, CATALOG_PEER_TIMEOUT, |p| async move {
+            let revocations = self.revocations_from(&p).await;
+            let tombstones = self.tombstones_from(&p).await;
+            let records = self.sync_catalog_from(&p).await;
+            Ok((revocations, tombstones, records))
+        })
+        .await;
+        let mut learned = Learned::default();
+        for (r, t, c) in pulls.into_iter().flatten() {
+            learned.revocations += r;
+            learned.tombstones += t;
+            learned.records += c.unwrap_or(0);
+            agreed += usize::from(c.is_some());
+        }
+        (learned, agreed)
     }
 
     /// `None` if the peer's list could not be read.
@@ -527,17 +590,16 @@ impl Node {
         Ok(Deleted { name: record.name, record: short_record_id(&id), told })
     }
 
-    /// Pulls the tombstones this node lacks from every live peer. Returns how many were new.
-    pub async fn sync_tombstones(&self) -> usize {
+    /// Pulls the tombstones this node lacks from `peer` and applies them (the records they
+    /// name are dropped). Returns how many were new.
+    async fn tombstones_from(&self, peer: &Member) -> usize {
+        let Ok(DataResponse::Tombstones { tombstones }) = self.call(peer, DataRequest::Tombstones).await else { return 0 };
         let mut added = 0;
-        for (peer, a) in self.ask_peers(DataRequest::Tombstones, PEER_ANSWER_TIMEOUT).await {
-            let Ok(DataResponse::Tombstones { tombstones }) = a else { continue };
-            for t in tombstones.iter().take(vmcsnap_protocol::wire::TOMBSTONES_MAX) {
-                match self.take_tombstone(t) {
-                    Ok(true) => added += 1,
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), error = %e, "tombstone refused"),
-                }
+        for t in tombstones.iter().take(vmcsnap_protocol::wire::TOMBSTONES_MAX) {
+            match self.take_tombstone(t) {
+                Ok(true) => added += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(target: "vmcsnap::catalog", peer = %peer.id.short(), error = %e, "tombstone refused"),
             }
         }
         added
@@ -631,5 +693,82 @@ mod tests {
     async fn fan_out_to_nobody_is_empty() {
         let answers: Vec<Result<(), FanOutError>> = fan_out(&[], Duration::from_secs(1), |_| async { Ok(()) }).await;
         assert!(answers.is_empty());
+    }
+}
+
+/// The digest of what this node shares of its catalog: the signed commit records (name and
+/// record id, as `CatalogList` lists them), the tombstones and the revocations, each set
+/// sorted. Two nodes whose digests match hold the same catalog, so a sync between them sends
+/// nothing more (see `DataResponse::CatalogDigest`).
+pub fn catalog_digest(store: &Store) -> Result<[u8; 32], StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(e.to_string());
+    let mut records = Vec::new();
+    for r in store.catalog_all()?.into_iter().filter(|r| r.is_signed()) {
+        let id = r.id().map_err(|e| corrupt(&e))?;
+        records.push((r.record.name, id));
+    }
+    records.sort();
+    let mut tombstones = Vec::new();
+    for t in store.tombstones()? {
+        tombstones.push(t.encode().map_err(|e| corrupt(&e))?);
+    }
+    tombstones.sort();
+    let mut revocations: Vec<String> = crate::admission::revocations(store).map_err(|e| corrupt(&e))?.iter().map(|r| r.to_token()).collect();
+    revocations.sort();
+    let mut h = blake3::Hasher::new_derive_key("vmcsnap catalog digest v1");
+    let mut field = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    for n in [records.len(), tombstones.len(), revocations.len()] {
+        field(&(n as u64).to_le_bytes());
+    }
+    for (name, id) in &records {
+        field(name.as_bytes());
+        field(&id.0);
+    }
+    for t in &tombstones {
+        field(t);
+    }
+    for r in &revocations {
+        field(r.as_bytes());
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+    use vmcsnap_dht::admission::{sign_record, sign_tombstone};
+    use vmcsnap_protocol::manifest::{CommitRecord, SignedRecord, Tombstone};
+
+    /// Equal catalogs give equal digests whatever order they were filled in; a record, a
+    /// tombstone or an unsigned record changes (or does not change) it as `CatalogList`,
+    /// `Tombstones` and `Revocations` would.
+    #[test]
+    fn the_digest_is_of_the_shared_catalog_only() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (a, b) = (Store::open(&tmp.path().join("a")).expect("a"), Store::open(&tmp.path().join("b")).expect("b"));
+        let cluster = vmcsnap_dht::ClusterKey::generate();
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let id = vmcsnap_dht::membership::node_id_of_key(&key.public()).expect("id");
+        let cert = cluster.certify(id, "n1", 1).expect("certify");
+        let recs: Vec<_> = ["x", "y", "z"].iter().map(|n| sign_record(&key, &cert, CommitRecord::minimal(id, n)).expect("sign")).collect();
+        let empty = catalog_digest(&a).expect("digest");
+        for r in &recs {
+            a.catalog_put(r).expect("put");
+        }
+        for r in recs.iter().rev() {
+            b.catalog_put(r).expect("put");
+        }
+        assert_ne!(catalog_digest(&a).expect("digest"), empty);
+        assert_eq!(catalog_digest(&a).expect("digest"), catalog_digest(&b).expect("digest"));
+        // An unsigned record never leaves its node: it does not count.
+        b.catalog_put(&SignedRecord { record: CommitRecord::minimal(id, "local"), certificate: String::new(), signature: vec![] }).expect("put");
+        assert_eq!(catalog_digest(&a).expect("digest"), catalog_digest(&b).expect("digest"));
+        // A tombstone does.
+        let t = Tombstone { name: "x".into(), record: recs[0].id().expect("id"), deleted_by: id, deleted_unix_ms: 7 };
+        a.tombstone_put(&sign_tombstone(&key, &cert, t).expect("sign")).expect("tombstone");
+        assert_ne!(catalog_digest(&a).expect("digest"), catalog_digest(&b).expect("digest"));
     }
 }

@@ -197,6 +197,14 @@ async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
                 Err(e) => error(RemoteErrorKind::Failed, e.to_string()),
             }
         }
+        DataRequest::CatalogDigest => {
+            let store = node.store.clone();
+            match tokio::task::spawn_blocking(move || crate::node::catalog_digest(&store)).await {
+                Ok(Ok(digest)) => DataResponse::CatalogDigest { digest },
+                Ok(Err(e)) => error(RemoteErrorKind::Storage, e.to_string()),
+                Err(e) => error(RemoteErrorKind::Failed, e.to_string()),
+            }
+        }
         DataRequest::Revocations => match crate::admission::revocations(&node.store) {
             Ok(list) => DataResponse::Revocations { tokens: list.iter().take(vmcsnap_protocol::wire::REVOCATIONS_MAX).map(|r| r.to_token()).collect() },
             Err(e) => error(RemoteErrorKind::Storage, e.to_string()),

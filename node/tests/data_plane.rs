@@ -36,6 +36,7 @@ fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombston
         DataRequest::Tombstones,
         DataRequest::Commit { record },
         DataRequest::CatalogList,
+        DataRequest::CatalogDigest,
         DataRequest::CatalogGet { name: "x".into() },
         DataRequest::Stats,
         DataRequest::Cut(CutBegin { name: "x".into(), vms: vec![("vm".into(), None)], mode: CaptureMode::StopCopy, replicas: 1, placement, max_bandwidth: None, disks: Default::default() }),

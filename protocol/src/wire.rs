@@ -51,7 +51,9 @@ use serde::{Deserialize, Serialize};
 ///   guest came up).
 /// - `vmcsnap/data/7`: disks in the cut (`CutBegin` says which disks to capture; `RestoreVm`
 ///   whether to write them in place; `Restored` lists the images).
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/7";
+/// - `vmcsnap/data/8`: catalog digests (`CatalogDigest`): a sync pulls lists only from a peer
+///   whose digest differs.
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/8";
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -160,6 +162,9 @@ pub enum DataRequest {
     Tombstones,
     /// List the snapshots in your catalog.
     CatalogList,
+    /// Send the digest of what you would answer to `CatalogList`, `Tombstones` and
+    /// `Revocations` (see [`DataResponse::CatalogDigest`]).
+    CatalogDigest,
     /// Send the signed commit records of this snapshot (one, or several in conflict).
     CatalogGet {
         /// Snapshot name.
@@ -426,6 +431,14 @@ pub enum DataResponse {
     },
     /// A VM restored on the answering node's host.
     Restored(RestoreSummary),
+    /// One hash of the answering node's catalog: its signed commit records (name and record
+    /// id), its tombstones and its revocations, each set in a fixed order. Two nodes with the
+    /// same digest hold the same catalog; a sync pulls the lists only from a peer whose digest
+    /// differs from its own.
+    CatalogDigest {
+        /// BLAKE3 of the three sets.
+        digest: [u8; 32],
+    },
     /// The revocations the answering node knows, as tokens.
     Revocations {
         /// Up to [`REVOCATIONS_MAX`] tokens.

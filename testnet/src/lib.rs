@@ -4,6 +4,8 @@
 //!   directory and port, driven through the real `vmcsnap` CLI.
 //! - [`gen`]: synthetic VM memory images with realistic shares of zero, shared-image,
 //!   intra-VM duplicate and private pages, from a seed.
+//! - [`idle`]: what an idle cluster costs per node (CPU, RSS), and how fast joins and
+//!   failures are seen, at a given cluster size.
 //! - [`netns`]: network namespaces joined through a router namespace, for partition tests.
 //! - [`pagestats`]: an independent count of the pages in images (total, zero, distinct),
 //!   for tests to check the fabric's numbers against.
@@ -17,6 +19,7 @@ pub mod cluster;
 pub mod demovm;
 pub mod gen;
 pub mod guest;
+pub mod idle;
 pub mod netns;
 pub mod pagestats;
 pub mod sim;

@@ -146,6 +146,32 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         sim_keys: u64,
     },
+    /// What an idle cluster costs: per cluster size, the time until a joining node is listed
+    /// by all, idle CPU and RSS per node process, and the time until a frozen node is listed
+    /// down by all.
+    BenchIdle {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/bench-idle")]
+        dir: PathBuf,
+        /// Cluster sizes, comma-separated (one fresh cluster each).
+        #[arg(long, value_delimiter = ',', default_value = "6,24,32")]
+        nodes: Vec<usize>,
+        /// Seconds to wait after the join before measuring (membership settles).
+        #[arg(long, default_value_t = 40)]
+        settle: u64,
+        /// Seconds per measurement window.
+        #[arg(long, default_value_t = 20)]
+        window: u64,
+        /// Windows per size (median and range are printed).
+        #[arg(long, default_value_t = 3)]
+        windows: usize,
+        /// Skip freezing a node at the end.
+        #[arg(long)]
+        no_detect: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Placement simulation for 10, 100 and 1,000 hosts: share balance, keys moved when one
     /// host joins or leaves.
     Placement {
@@ -304,6 +330,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&out)?)?;
                 println!("numbers: {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::BenchIdle { dir, nodes, settle, window, windows, no_detect, json } => {
+            if windows == 0 || window == 0 {
+                bail!("--window and --windows must be positive");
+            }
+            fresh_dir(&dir)?;
+            let opts = vmcsnap_testnet::idle::IdleOptions { sizes: nodes, settle: Duration::from_secs(settle), window: Duration::from_secs(window), windows, detect: !no_detect };
+            let results = vmcsnap_testnet::idle::run(&vmcsnap_bin(), &dir, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", vmcsnap_testnet::idle::table(&results, &opts));
             }
             Ok(())
         }

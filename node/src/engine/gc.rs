@@ -15,8 +15,9 @@
 //!    A snapshot that found a page present *before* the watch began started before it, so it
 //!    commits within the deadline, and its record is here by the end of the grace period —
 //!    or it never commits (the initiator refuses to commit past the deadline).
-//! 4. **Mark again.** The catalog and the tombstones are pulled from every live peer (a
-//!    majority of the members must answer, or nothing is deleted), and records that arrived
+//! 4. **Mark again.** Every live peer is asked for its catalog digest, and the revocations,
+//!    tombstones and catalog of each whose digest differs are pulled (a majority of the
+//!    members must agree or answer in full, or nothing is deleted), and records that arrived
 //!    since the first mark are expanded too.
 //! 5. **Sweep.** A walk over the store deletes, in throttled batches, what neither mark saw
 //!    and no snapshot touched since the watch began ([`Store::delete_unwatched`] is exclusive with `have`, so no page reported
@@ -139,7 +140,6 @@ pub async fn cycle(node: &Arc<Node>) -> Result<Cycle, GcError> {
     tokio::time::sleep_until(started + node.config.gc_grace()).await;
 
     store.gc_publish("marking again", None);
-    node.sync_tombstones().await;
     let (answered, members) = node.sync_catalog_counted().await;
     if answered * 2 <= members {
         return Err(GcError::TooFewMembers { answered, members });

@@ -1,0 +1,200 @@
+//! What a cluster costs while it does nothing: real node processes on loopback, no snapshot
+//! and no restore running, measured from `/proc`.
+//!
+//! For each cluster size `N`, [`measure`] starts `N - 1` nodes, then one more and times until
+//! every node lists it alive (the join); waits for membership to settle; reads the CPU time
+//! (user + system) and RSS of every node process over `windows` back-to-back windows; and
+//! finally freezes one node (SIGSTOP: its sockets stay open, nothing answers) and times until
+//! every other node lists it down. The figures go to `docs/benchmarks.md` (issue 15's table).
+
+use crate::cluster::Cluster;
+use crate::stats::median;
+use anyhow::{bail, Context};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long to wait for the frozen node to be seen down by every other node before giving up.
+pub const DOWN_LIMIT: Duration = Duration::from_secs(120);
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct IdleOptions {
+    /// Cluster sizes, one fresh cluster each.
+    pub sizes: Vec<usize>,
+    /// Wait after the join before the first window (membership settling).
+    pub settle: Duration,
+    /// Length of one measurement window.
+    pub window: Duration,
+    /// Windows per size (the median and range are reported).
+    pub windows: usize,
+    /// Freeze a node at the end and time until all others see it down.
+    pub detect: bool,
+}
+
+/// The figures for one cluster size.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IdleResult {
+    /// Nodes.
+    pub nodes: usize,
+    /// Seconds from the last node's start until every node lists it alive.
+    pub join_s: f64,
+    /// Idle CPU per node (percent of one core), the median over windows of the mean over nodes.
+    pub cpu_pct_median: f64,
+    /// Lowest and highest window means.
+    pub cpu_pct_min: f64,
+    /// See `cpu_pct_min`.
+    pub cpu_pct_max: f64,
+    /// The busiest single node over all windows.
+    pub cpu_pct_node_max: f64,
+    /// Mean RSS of the node processes at the end, MiB.
+    pub rss_mib_mean: f64,
+    /// Largest RSS, MiB.
+    pub rss_mib_max: f64,
+    /// Seconds from a node's freeze until every other node lists it down (`None`: not measured).
+    pub down_s: Option<f64>,
+}
+
+/// CPU ticks (user + system) of a process, from `/proc/PID/stat`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Resident set size of a process in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant; no memory is touched.
+    #[allow(unsafe_code)]
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Whether every running node but `except` lists the node named `name` with `alive`.
+fn all_see(c: &Cluster, name: &str, alive: bool, except: Option<usize>) -> anyhow::Result<bool> {
+    for (i, n) in c.nodes.iter().enumerate() {
+        if !n.running() || Some(i) == except {
+            continue;
+        }
+        let v = c.json(i, &["cluster", "status"])?;
+        let seen = v["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).map(|m| m["alive"] == true);
+        if seen != Some(alive) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Measures one cluster of `n` nodes under `dir` (wiped by the caller).
+pub fn measure(bin: &Path, dir: &Path, n: usize, opts: &IdleOptions) -> anyhow::Result<IdleResult> {
+    if n < 2 {
+        bail!("a cluster size must be at least 2");
+    }
+    eprintln!("{n} nodes: starting {} ...", n - 1);
+    let mut c = Cluster::start(bin, dir, n - 1, 2, None)?;
+    let t0 = Instant::now();
+    let last = c.add(vec![])?;
+    let join_s = t0.elapsed().as_secs_f64();
+    eprintln!("{n} nodes: the last one is listed alive by all after {join_s:.1} s; settling {} s", opts.settle.as_secs());
+    std::thread::sleep(opts.settle);
+    let pids: Vec<u32> = c.nodes.iter().filter_map(|p| p.pid()).collect();
+    if pids.len() != n {
+        bail!("{} of {n} nodes are running", pids.len());
+    }
+    let hz = clock_ticks();
+    let mut means = Vec::new();
+    let mut node_max: f64 = 0.0;
+    for w in 0..opts.windows {
+        let before: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+        let start = Instant::now();
+        std::thread::sleep(opts.window);
+        let secs = start.elapsed().as_secs_f64();
+        let mut per = Vec::new();
+        for (p, b) in pids.iter().zip(&before) {
+            let (Some(b), Some(a)) = (b, cpu_ticks(*p)) else { bail!("node process {p} went away during the measurement") };
+            per.push((a - b) as f64 / hz / secs * 100.0);
+        }
+        let mean = per.iter().sum::<f64>() / per.len() as f64;
+        node_max = per.iter().copied().fold(node_max, f64::max);
+        eprintln!("{n} nodes: window {} of {}: {mean:.2}% of a core per node", w + 1, opts.windows);
+        means.push(mean);
+    }
+    let rss: Vec<f64> = pids.iter().filter_map(|p| rss_bytes(*p)).map(|b| b as f64 / (1 << 20) as f64).collect();
+    let down_s = if opts.detect {
+        let name = Cluster::name(last);
+        c.freeze(last);
+        let t = Instant::now();
+        loop {
+            if all_see(&c, &name, false, Some(last))? {
+                break;
+            }
+            if t.elapsed() > DOWN_LIMIT {
+                c.kill(last);
+                bail!("{name}, frozen, was not listed down by every node within {DOWN_LIMIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let s = t.elapsed().as_secs_f64();
+        c.kill(last);
+        eprintln!("{n} nodes: the frozen node is listed down by all after {s:.1} s");
+        Some(s)
+    } else {
+        None
+    };
+    let min = means.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = means.iter().copied().fold(0.0, f64::max);
+    Ok(IdleResult {
+        nodes: n,
+        join_s,
+        cpu_pct_median: median(means),
+        cpu_pct_min: min,
+        cpu_pct_max: max,
+        cpu_pct_node_max: node_max,
+        rss_mib_mean: rss.iter().sum::<f64>() / rss.len().max(1) as f64,
+        rss_mib_max: rss.iter().copied().fold(0.0, f64::max),
+        down_s,
+    })
+}
+
+/// Measures every size of `opts` in turn, each in `dir/nN`.
+pub fn run(bin: &Path, dir: &Path, opts: &IdleOptions) -> anyhow::Result<Vec<IdleResult>> {
+    let mut out = Vec::new();
+    for &n in &opts.sizes {
+        let d = dir.join(format!("n{n}"));
+        out.push(measure(bin, &d, n, opts).with_context(|| format!("the {n}-node cluster"))?);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+    Ok(out)
+}
+
+/// The results as a Markdown table.
+pub fn table(results: &[IdleResult], opts: &IdleOptions) -> String {
+    let mut s = format!(
+        "idle cluster, {} windows of {} s after {} s settling (CPU: % of one core per node; median of window means, range)\n\n",
+        opts.windows,
+        opts.window.as_secs(),
+        opts.settle.as_secs()
+    );
+    s.push_str("| nodes | join seen by all | idle CPU per node | busiest node | RSS mean / max | frozen node down at all |\n");
+    s.push_str("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for r in results {
+        let down = r.down_s.map(|d| format!("{d:.1} s")).unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "| {} | {:.1} s | {:.2}% ({:.2}–{:.2}) | {:.2}% | {:.0} / {:.0} MiB | {} |\n",
+            r.nodes, r.join_s, r.cpu_pct_median, r.cpu_pct_min, r.cpu_pct_max, r.cpu_pct_node_max, r.rss_mib_mean, r.rss_mib_max, down
+        ));
+    }
+    s
+}
