@@ -52,6 +52,9 @@ pub const SETTLING: Duration = Duration::from_secs(30);
 pub const KAD_REFRESH_STEADY: Duration = Duration::from_secs(300);
 /// Ping interval (per connected member: a node sends `members / PING_INTERVAL` pings a second).
 pub const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// How often identify is repeated on a connection (it runs once when the connection opens,
+/// which is when admission is checked; a repeat only refreshes what cannot change meanwhile).
+pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(300);
 /// How long a ping may take.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// A connected peer that answered no ping for this long is disconnected and counted down: a
@@ -203,7 +206,7 @@ impl Membership {
                 let identify = identify::Behaviour::new(
                     identify::Config::new(PROTOCOL_VERSION.into(), key.public())
                         .with_agent_version(agent.clone())
-                        .with_interval(Duration::from_secs(30)),
+                        .with_interval(IDENTIFY_INTERVAL),
                 );
                 let ping = ping::Behaviour::new(
                     ping::Config::new().with_interval(PING_INTERVAL).with_timeout(PING_TIMEOUT),
@@ -345,6 +348,11 @@ impl State {
         match self.members.get_mut(&id) {
             Some(m) if id != self.local && m.alive != alive => {
                 m.alive = alive;
+                if alive {
+                    tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %m.name, "member up");
+                } else {
+                    tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %m.name, "member down");
+                }
                 true
             }
             _ => false,

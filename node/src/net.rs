@@ -119,7 +119,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // Keeps a quiet conversation (a cut waiting on a capture) under the idle timeout; every
+    // open connection sends one, so it is as rare as that allows.
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
     #[allow(clippy::unwrap_used)] // 30 s is within QUIC's varint range
     t.max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
     Arc::new(t)

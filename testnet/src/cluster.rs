@@ -45,6 +45,13 @@ pub struct Cluster {
     pub extra_args: Vec<Vec<String>>,
 }
 
+/// How long [`Cluster::start`] and [`Cluster::add`] wait for `n` nodes to see each other:
+/// checking asks every node for `cluster status`, which asks every member for its figures, so
+/// one round of checks grows with the square of the cluster.
+pub fn converge_limit(n: usize) -> Duration {
+    Duration::from_secs(30 + n as u64)
+}
+
 /// A port free for both TCP (membership) and UDP (data plane) on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
     for _ in 0..100 {
@@ -97,7 +104,7 @@ impl Cluster {
                 c.nodes[i].addr.set_port(free_port()?);
             }
         }
-        c.wait_converged(Duration::from_secs(30))?;
+        c.wait_converged(converge_limit(c.nodes.len()))?;
         Ok(c)
     }
 
@@ -110,7 +117,7 @@ impl Cluster {
         self.extra_args.resize(i, vec![]);
         self.extra_args.push(extra);
         self.spawn(i)?;
-        self.wait_converged(Duration::from_secs(30))?;
+        self.wait_converged(converge_limit(self.nodes.len()))?;
         Ok(i)
     }
 

@@ -1,11 +1,14 @@
 //! What a cluster costs while it does nothing: real node processes on loopback, no snapshot
 //! and no restore running, measured from `/proc`.
 //!
-//! For each cluster size `N`, [`measure`] starts `N - 1` nodes, then one more and times until
-//! every node lists it alive (the join); waits for membership to settle; reads the CPU time
-//! (user + system) and RSS of every node process over `windows` back-to-back windows; and
-//! finally freezes one node (SIGSTOP: its sockets stay open, nothing answers) and times until
-//! every other node lists it down. The figures go to `docs/benchmarks.md` (issue 15's table).
+//! For each cluster size `N`, [`measure`] starts `N - 1` nodes, then one more; waits for
+//! membership to settle; reads the CPU time (user + system) and RSS of every node process over
+//! `windows` back-to-back windows; and finally freezes one node (SIGSTOP: its sockets stay
+//! open, nothing answers). Join and failure times come from the node logs ("member joined",
+//! "member down" lines, timestamped by each node), not from polling `cluster status`, whose
+//! cost grows with the square of the cluster: the join is from the new node's start to the
+//! last node that logged it joined; the failure from the freeze to the last node that logged
+//! it down. The figures go to `docs/benchmarks.md` (issue 15's table).
 
 use crate::cluster::Cluster;
 use crate::stats::median;
@@ -36,7 +39,7 @@ pub struct IdleOptions {
 pub struct IdleResult {
     /// Nodes.
     pub nodes: usize,
-    /// Seconds from the last node's start until every node lists it alive.
+    /// Seconds from the last node's start until every other node had logged it joined.
     pub join_s: f64,
     /// Idle CPU per node (percent of one core), the median over windows of the mean over nodes.
     pub cpu_pct_median: f64,
@@ -50,7 +53,8 @@ pub struct IdleResult {
     pub rss_mib_mean: f64,
     /// Largest RSS, MiB.
     pub rss_mib_max: f64,
-    /// Seconds from a node's freeze until every other node lists it down (`None`: not measured).
+    /// Seconds from a node's freeze until every other node had logged it down (`None`: not
+    /// measured).
     pub down_s: Option<f64>,
 }
 
@@ -82,19 +86,57 @@ fn clock_ticks() -> f64 {
     }
 }
 
-/// Whether every running node but `except` lists the node named `name` with `alive`.
-fn all_see(c: &Cluster, name: &str, alive: bool, except: Option<usize>) -> anyhow::Result<bool> {
+/// Seconds since midnight (UTC) of a node log line's timestamp
+/// (`2026-12-04T13:28:39.802805Z  INFO ...`).
+fn log_time(line: &str) -> Option<f64> {
+    let hms = line.split_whitespace().next()?.split('T').nth(1)?.strip_suffix('Z')?;
+    let mut it = hms.split(':');
+    let (h, m, s): (f64, f64, f64) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.parse().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Seconds since midnight (UTC) now, on the clock the node logs use.
+fn now_of_day() -> f64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_micros()) / 1e6
+}
+
+/// From `from` (seconds of the day) to `to`, across midnight if need be.
+fn since(from: f64, to: f64) -> f64 {
+    if to >= from {
+        to - from
+    } else {
+        to + 86_400.0 - from
+    }
+}
+
+fn node_log(c: &Cluster, i: usize) -> String {
+    std::fs::read_to_string(c.nodes[i].dir.join("node.log")).unwrap_or_default()
+}
+
+/// Node `i`'s short id (the one its peers' logs name it by), from its log.
+fn short_id(c: &Cluster, i: usize) -> anyhow::Result<(String, f64)> {
+    let log = node_log(c, i);
+    let line = log.lines().filter(|l| l.contains("node started node=")).last().context("no `node started` line in the node's log")?;
+    let id = line.split("node started node=").nth(1).and_then(|r| r.get(..8)).context("no node id in the `node started` line")?;
+    Ok((id.to_string(), log_time(line).context("no time on the `node started` line")?))
+}
+
+/// The latest, over every running node but `except`, of the first time after `after` that
+/// its log says `what` (e.g. `member down`) of node `short`; `None` while some node has not.
+fn all_logged(c: &Cluster, except: usize, what: &str, short: &str, after: f64) -> Option<f64> {
+    let needle = format!("node={short}");
+    let mut latest = after;
     for (i, n) in c.nodes.iter().enumerate() {
-        if !n.running() || Some(i) == except {
+        if i == except || !n.running() {
             continue;
         }
-        let v = c.json(i, &["cluster", "status"])?;
-        let seen = v["members"].as_array().and_then(|m| m.iter().find(|m| m["name"] == name)).map(|m| m["alive"] == true);
-        if seen != Some(alive) {
-            return Ok(false);
+        let t = node_log(c, i).lines().filter(|l| l.contains(what) && l.contains(&needle)).filter_map(log_time).find(|t| since(after, *t) < 43_200.0)?;
+        if since(latest, t) < 43_200.0 {
+            latest = t;
         }
     }
-    Ok(true)
+    Some(latest)
 }
 
 /// Measures one cluster of `n` nodes under `dir` (wiped by the caller).
@@ -104,10 +146,11 @@ pub fn measure(bin: &Path, dir: &Path, n: usize, opts: &IdleOptions) -> anyhow::
     }
     eprintln!("{n} nodes: starting {} ...", n - 1);
     let mut c = Cluster::start(bin, dir, n - 1, 2, None)?;
-    let t0 = Instant::now();
     let last = c.add(vec![])?;
-    let join_s = t0.elapsed().as_secs_f64();
-    eprintln!("{n} nodes: the last one is listed alive by all after {join_s:.1} s; settling {} s", opts.settle.as_secs());
+    // From the node logs: its start, and the last "member joined" about it elsewhere.
+    let (short, started) = short_id(&c, last)?;
+    let join_s = since(started, all_logged(&c, last, "member joined", &short, started - 1.0).context("a node did not log the join")?);
+    eprintln!("{n} nodes: the last one was a member everywhere {join_s:.2} s after it started; settling {} s", opts.settle.as_secs());
     std::thread::sleep(opts.settle);
     let pids: Vec<u32> = c.nodes.iter().filter_map(|p| p.pid()).collect();
     if pids.len() != n {
@@ -133,22 +176,23 @@ pub fn measure(bin: &Path, dir: &Path, n: usize, opts: &IdleOptions) -> anyhow::
     }
     let rss: Vec<f64> = pids.iter().filter_map(|p| rss_bytes(*p)).map(|b| b as f64 / (1 << 20) as f64).collect();
     let down_s = if opts.detect {
-        let name = Cluster::name(last);
+        let (short, _) = short_id(&c, last)?;
+        let frozen = now_of_day();
         c.freeze(last);
         let t = Instant::now();
-        loop {
-            if all_see(&c, &name, false, Some(last))? {
-                break;
+        let seen = loop {
+            if let Some(seen) = all_logged(&c, last, "member down", &short, frozen) {
+                break seen;
             }
             if t.elapsed() > DOWN_LIMIT {
                 c.kill(last);
-                bail!("{name}, frozen, was not listed down by every node within {DOWN_LIMIT:?}");
+                bail!("node {}, frozen, was not logged down by every node within {DOWN_LIMIT:?}", last + 1);
             }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let s = t.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_millis(200));
+        };
         c.kill(last);
-        eprintln!("{n} nodes: the frozen node is listed down by all after {s:.1} s");
+        let s = since(frozen, seen);
+        eprintln!("{n} nodes: the frozen node was down everywhere {s:.1} s after it froze");
         Some(s)
     } else {
         None
