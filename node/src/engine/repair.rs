@@ -57,9 +57,31 @@ pub fn view_digest(view: &View) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// How long after its start a node waits, before each cycle, for its owner view to stay still
+/// for [`VIEW_QUIET`]: a node that has just joined meets the members one by one, and a cycle
+/// on a view that lacks some would fetch copies it gives back once it knows them all.
+pub const NEW_NODE_SETTLING: Duration = Duration::from_secs(30);
+/// See [`NEW_NODE_SETTLING`].
+pub const VIEW_QUIET: Duration = Duration::from_secs(3);
+
+/// Waits until the owner view has not changed for [`VIEW_QUIET`] (at most ten times that: a
+/// view that keeps changing does not hold repair back for ever).
+async fn view_settled(node: &Node) {
+    let mut seen = view_digest(&node.owner_view());
+    for _ in 0..10 {
+        tokio::time::sleep(VIEW_QUIET).await;
+        let now = view_digest(&node.owner_view());
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
 /// Repairs and rebalances for as long as the node runs: a cycle every `--repair-interval`,
 /// when woken (a removal, newly learned snapshots), and when the owner view changes.
 pub async fn run(node: Arc<Node>) {
+    let started = tokio::time::Instant::now();
     let mut members = node.subscribe_members();
     let mut last = None;
     loop {
@@ -72,6 +94,9 @@ pub async fn run(node: Arc<Node>) {
                     continue;
                 }
             }
+        }
+        if started.elapsed() < NEW_NODE_SETTLING {
+            view_settled(&node).await;
         }
         last = Some(view_digest(&node.owner_view()));
         match cycle(&node).await {
