@@ -42,9 +42,12 @@ pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
 pub const REDIAL_BACKOFF_MIN: Duration = Duration::from_secs(2);
 /// Longest wait between two dials of a member that stays unreachable.
 pub const REDIAL_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// How long after its start, its first connection, or a member it had not known, a node
-/// refreshes Kademlia every [`MAINTENANCE_INTERVAL`] (to find every member quickly while the
-/// cluster changes).
+/// How long after its start or its first connection a node refreshes Kademlia every
+/// [`MAINTENANCE_INTERVAL`], to find every member quickly. Only the joining node does: the
+/// members learn of it when it dials them. (Settling on every new member as well made every
+/// node refresh every 2 s for as long as nodes kept joining; with 50 and more nodes starting
+/// one after another on two cores that starved the nodes until healthy members were declared
+/// down.)
 pub const SETTLING: Duration = Duration::from_secs(30);
 /// How often a node refreshes Kademlia when its membership has been quiet for [`SETTLING`]
 /// (a member that joined while this node was cut off is found then, if it did not dial this
@@ -529,7 +532,6 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
                 }
                 None => {
                     tracing::info!(target: "vmcsnap::membership", node = %id.short(), %data_addr, "member joined");
-                    st.settle_until = tokio::time::Instant::now() + SETTLING;
                     st.members.insert(id, new);
                     true
                 }
