@@ -49,16 +49,16 @@ fn forty_eight_nodes_converge_detect_failures_list_and_restore() {
     eprintln!("{NODES} nodes started and converged in {:?}", t0.elapsed());
 
     // Idle for a while: nobody healthy is declared down. (While 48 nodes start on two
-    // cores, each polled for its view, a starved member may miss pings for 12 s; that is
-    // counted, not failed: it is re-dialled and the view converged above.)
-    let start_drops: usize = (0..NODES).map(|i| log(&c, i).matches("answered no ping").count()).sum();
+    // cores, each polled for its view, a starved member may fail to refute a suspicion in
+    // time; that is counted, not failed: it rejoins and the view converged above.)
+    let start_drops: usize = (0..NODES).map(|i| log(&c, i).matches("member down").count()).sum();
     eprintln!("members declared down while the cluster started: {start_drops}");
     let before: Vec<usize> = (0..NODES).map(|i| log(&c, i).len()).collect();
     std::thread::sleep(Duration::from_secs(15));
     for i in 0..NODES {
         let l = log(&c, i);
         let idle = l.get(before[i]..).unwrap_or_default();
-        assert!(!idle.contains("answered no ping"), "n{} declared a healthy member down while idle:\n{idle}", i + 1);
+        assert!(!idle.contains("member down"), "n{} declared a healthy member down while idle:\n{idle}", i + 1);
     }
     c.wait_converged(Duration::from_secs(30)).expect("still 48 alive everywhere");
 
@@ -69,7 +69,7 @@ fn forty_eight_nodes_converge_detect_failures_list_and_restore() {
     let down = wait_all(&c, &[stopped, hung], Duration::from_secs(60), "the stopped and the hung node declared down", |i| {
         seen(&c, i, &Cluster::name(stopped)) == Some(false) && seen(&c, i, &Cluster::name(hung)) == Some(false)
     });
-    eprintln!("both declared down everywhere within {down:?} (the hung one after about 12 s of silence)");
+    eprintln!("both declared down everywhere within {down:?} (the hung one after SWIM suspected it for 5 s)");
 
     // A snapshot on n1, listed on every live node, restored on the last live one.
     let image = tmp.path().join("vm.img");

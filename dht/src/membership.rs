@@ -1,29 +1,37 @@
 //! Membership: which nodes are in the cluster, where their data planes listen, and which are
 //! reachable now.
 //!
-//! A libp2p swarm (TCP + noise + yamux) runs Kademlia for discovery, identify to learn each
-//! peer's key and data-plane address, and ping to notice a dead peer within seconds. Every
-//! node keeps a connection to every member it knows of (clusters are tens to hundreds of hosts;
-//! placement needs the whole view anyway).
+//! A libp2p swarm (TCP + noise + yamux) carries three protocols: Kademlia to find members
+//! through any address, identify to check a peer's admission when a connection opens, and
+//! SWIM ([`crate::swim`], request-response messages) to tell which members are up. A node
+//! does not keep a connection to every member: it opens one when it has something to send and
+//! closes it after [`CONNECTION_IDLE`] of silence, and what it sends per second does not grow
+//! with the cluster (one probe per [`crate::swim::PROBE_PERIOD`], a little gossip).
 //!
-//! Actor topology: one task owns the swarm. It publishes the member list through a
-//! `tokio::sync::watch` channel; readers never block it. It stops when the [`Membership`] is
-//! dropped or [`Membership::shutdown`] is called.
+//! Actor topology: one task owns the swarm and the SWIM state machine. It publishes the member
+//! list through a `tokio::sync::watch` channel; readers never block it. It stops when the
+//! [`Membership`] is dropped or [`Membership::shutdown`] is called (and then tells a few
+//! members that it leaves).
 //!
-//! A member is a peer that completed identify with protocol [`PROTOCOL_VERSION`] and presented
-//! (in its agent string) a [`Certificate`] that the cluster's [`Trust`] accepts. Any other
-//! peer is disconnected, dropped from Kademlia's routing table and not dialled again (a
-//! bounded set of refused peers remembers them). A revoked member ([`Membership::revoke`]) is
-//! dropped at once and refused from then on. Members are otherwise not forgotten by this
-//! module (the node persists them); `alive` says whether a connection to it is up.
+//! A member is a node whose certificate the cluster's [`Trust`] accepts: checked in identify
+//! for every connection (a peer without one is disconnected, dropped from Kademlia and not
+//! dialled again; a bounded set remembers refused peers) and in every SWIM message for its
+//! sender and every member it mentions. A SWIM message must come from the peer the
+//! connection authenticated. A revoked member ([`Membership::revoke`]) is dropped at once and
+//! refused from then on. Members are otherwise not forgotten by this module (the node persists
+//! them); `alive` says whether SWIM counts it up (alive or suspected).
 
 use crate::admission::{Certificate, Trust};
-use futures::StreamExt;
+use crate::swim::{self, AdmittedCodec, SwimId};
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{ed25519, Keypair, PublicKey};
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, kad, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
-use std::collections::{HashMap, HashSet, VecDeque};
+use libp2p::{identify, kad, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use rand10::SeedableRng;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,39 +42,29 @@ use vmcsnap_protocol::NodeId;
 pub const PROTOCOL_VERSION: &str = "/vmcsnap/1.0.0";
 /// Kademlia protocol name (a private DHT, apart from the public IPFS one).
 pub const KAD_PROTOCOL: &str = "/vmcsnap/kad/1.0.0";
-/// How often the membership task looks for members to re-dial and for a Kademlia refresh due.
+/// SWIM's request-response protocol name.
+pub const SWIM_PROTOCOL: &str = "/vmcsnap/swim/1.0.0";
+/// How often the membership task checks whether it is alone (then it dials the bootstrap
+/// addresses and the members it knows) and whether a Kademlia refresh is due.
 pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
-/// First wait before re-dialling a member whose connection went down; it doubles with each
-/// failed dial up to [`REDIAL_BACKOFF_MAX`], so a member that is gone for good costs a dial a
-/// minute, not one every [`MAINTENANCE_INTERVAL`].
+/// First wait before dialling again an address that led nowhere while the node is alone; it
+/// doubles with each failed dial up to [`REDIAL_BACKOFF_MAX`].
 pub const REDIAL_BACKOFF_MIN: Duration = Duration::from_secs(2);
 /// Longest wait between two dials of a member that stays unreachable.
 pub const REDIAL_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// How long after its start or its first connection a node refreshes Kademlia every
-/// [`MAINTENANCE_INTERVAL`], to find every member quickly. Only the joining node does: the
-/// members learn of it when it dials them. (Settling on every new member as well made every
-/// node refresh every 2 s for as long as nodes kept joining; with 50 and more nodes starting
-/// one after another on two cores that starved the nodes until healthy members were declared
-/// down.)
-pub const SETTLING: Duration = Duration::from_secs(30);
-/// How often a node refreshes Kademlia when its membership has been quiet for [`SETTLING`]
-/// (a member that joined while this node was cut off is found then, if it did not dial this
-/// node itself). Kademlia's own periodic refresh is off: this is the only one.
+/// How often a node refreshes Kademlia once it has found the cluster (a member that SWIM has
+/// not told it about is found then). Kademlia's own periodic refresh is off: this is the only
+/// one.
 pub const KAD_REFRESH_STEADY: Duration = Duration::from_secs(300);
-/// Ping interval (per connected member: a node sends `members / PING_INTERVAL` pings a second).
-pub const PING_INTERVAL: Duration = Duration::from_secs(3);
 /// How often identify is repeated on a connection (it runs once when the connection opens,
-/// which is when admission is checked; a repeat only refreshes what cannot change meanwhile).
+/// which is when admission is checked).
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(300);
-/// How long a ping may take.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
-/// A connected peer that answered no ping for this long is disconnected and counted down: a
-/// hung peer (SIGSTOP, a frozen host) whose connection stays open. One late or lost ping is
-/// not a death (a healthy peer answers again within `2 * PING_INTERVAL + PING_TIMEOUT`); two in
-/// a row are. A peer whose process ends is down at once (its connection closes).
-pub const SILENCE_MAX: Duration = Duration::from_secs(12);
-/// How often connected peers are checked against [`SILENCE_MAX`].
-pub const SILENCE_CHECK: Duration = Duration::from_secs(1);
+/// A connection that carried nothing for this long is closed (the next message opens one).
+pub const CONNECTION_IDLE: Duration = Duration::from_secs(20);
+/// How long one SWIM message may take to be delivered and acknowledged.
+pub const SWIM_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping node waits for its goodbye messages to leave.
+pub const LEAVE_GRACE: Duration = Duration::from_millis(1500);
 /// Most members one node tracks.
 pub const MEMBERS_MAX: usize = 4096;
 /// Most refused peers remembered (so that they are not dialled again); the oldest is
@@ -127,7 +125,47 @@ pub enum MembershipError {
 struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
-    ping: ping::Behaviour,
+    swim: request_response::Behaviour<SwimWire>,
+}
+
+/// SWIM messages on a libp2p stream: a request is a 4-byte big-endian length and the message;
+/// the answer is one byte (SWIM's own answers travel as requests the other way).
+#[derive(Clone, Default)]
+struct SwimWire;
+
+impl request_response::Codec for SwimWire {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = ();
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>> {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > swim::MESSAGE_BYTES_MAX {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("SWIM message of {len} bytes")));
+        }
+        let mut buf = vec![0u8; len];
+        io.read_exact(&mut buf).await?;
+        Ok(buf)
+    }
+
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<()> {
+        let mut ack = [0u8; 1];
+        io.read_exact(&mut ack).await
+    }
+
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> std::io::Result<()> {
+        let len = u32::try_from(req.len()).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "SWIM message too large"))?;
+        io.write_all(&len.to_be_bytes()).await?;
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, _: ()) -> std::io::Result<()> {
+        io.write_all(&[1]).await?;
+        io.close().await
+    }
 }
 
 /// The node id of an ed25519 libp2p public key.
@@ -211,14 +249,14 @@ impl Membership {
                         .with_agent_version(agent.clone())
                         .with_interval(IDENTIFY_INTERVAL),
                 );
-                let ping = ping::Behaviour::new(
-                    ping::Config::new().with_interval(PING_INTERVAL).with_timeout(PING_TIMEOUT),
+                let swim = request_response::Behaviour::new(
+                    [(StreamProtocol::new(SWIM_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(SWIM_SEND_TIMEOUT),
                 );
-                Behaviour { kad, identify, ping }
+                Behaviour { kad, identify, swim }
             })
             .map_err(|e| MembershipError::Swarm(e.to_string()))?
-            // Members stay connected; liveness comes from ping, not from idleness.
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(365 * 24 * 3600)))
+            .with_swarm_config(|c| c.with_idle_connection_timeout(CONNECTION_IDLE))
             .build();
         swarm.listen_on(tcp_multiaddr(cfg.listen)).map_err(|e| MembershipError::Listen {
             addr: cfg.listen,
@@ -235,19 +273,27 @@ impl Membership {
             }
         }
 
+        // Each start is a newer incarnation than the last (SWIM keeps the newer of two
+        // identities with the same node id).
+        let bump = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0);
+        let me = SwimId { cert: cfg.certificate.clone(), data: data_addr, bump };
+        let foca = Foca::new(me, swim::config(), rand10::rngs::SmallRng::seed_from_u64(rand::random()), AdmittedCodec::new(cfg.trust.clone()));
         let mut state = State {
             local,
             local_peer,
             members: HashMap::new(),
-            connected: HashSet::new(),
-            answered: HashMap::new(),
             bootstrap: cfg.bootstrap.clone(),
             trust: cfg.trust.clone(),
             refused: VecDeque::new(),
             refused_set: HashSet::new(),
             redial: HashMap::new(),
-            settle_until: tokio::time::Instant::now() + SETTLING,
             last_refresh: None,
+            foca,
+            rt: AccumulatingRuntime::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            swim_ids: HashMap::new(),
+            in_flight: 0,
         };
         state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone() });
         for m in cfg.known {
@@ -305,24 +351,32 @@ impl Drop for Membership {
     }
 }
 
+type Swim = Foca<SwimId, AdmittedCodec, rand10::rngs::SmallRng, foca::NoCustomBroadcast>;
+
 struct State {
     local: NodeId,
     local_peer: PeerId,
     members: HashMap<NodeId, Member>,
-    connected: HashSet<PeerId>,
-    /// When each connected peer last answered a ping (or connected).
-    answered: HashMap<PeerId, tokio::time::Instant>,
     bootstrap: Vec<SocketAddr>,
     trust: Arc<Trust>,
     /// Peers refused admission, oldest first (at most [`REFUSED_MAX`]).
     refused: VecDeque<PeerId>,
     refused_set: HashSet<PeerId>,
-    /// When each unconnected member may be dialled next, and the wait after that dial.
+    /// While the node is alone: when each known member (or, under the local id, the bootstrap
+    /// list) may be dialled next, and the wait after that dial.
     redial: HashMap<NodeId, (tokio::time::Instant, Duration)>,
-    /// Until when Kademlia is refreshed at every maintenance tick (see [`SETTLING`]).
-    settle_until: tokio::time::Instant,
     /// The last Kademlia refresh.
     last_refresh: Option<tokio::time::Instant>,
+    /// The SWIM state machine and what it asked for (messages, timers, notifications).
+    foca: Swim,
+    rt: AccumulatingRuntime<SwimId>,
+    /// SWIM's timers by due time (the sequence number keeps equal times apart).
+    timers: BTreeMap<(tokio::time::Instant, u64), Timer<SwimId>>,
+    timer_seq: u64,
+    /// The SWIM identity (certificate, address, incarnation) of each member heard of.
+    swim_ids: HashMap<NodeId, SwimId>,
+    /// SWIM messages sent and not yet acknowledged or failed.
+    in_flight: usize,
 }
 
 impl State {
@@ -346,19 +400,121 @@ impl State {
         v
     }
 
-    fn set_alive(&mut self, peer: &PeerId, alive: bool) -> bool {
-        let Some(id) = node_id_of_peer(peer) else { return false };
-        match self.members.get_mut(&id) {
-            Some(m) if id != self.local && m.alive != alive => {
-                m.alive = alive;
-                if alive {
-                    tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %m.name, "member up");
-                } else {
-                    tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %m.name, "member down");
+    /// Whether SWIM counts `id` up.
+    fn is_up(&self, id: &NodeId) -> bool {
+        self.members.get(id).is_some_and(|m| m.alive)
+    }
+
+    /// Records what SWIM learned; returns whether the member list changed.
+    fn learn(&mut self, n: OwnedNotification<SwimId>) -> bool {
+        match n {
+            OwnedNotification::MemberUp(sid) => self.up(sid),
+            OwnedNotification::MemberDown(sid) => {
+                let id = sid.node();
+                if self.swim_ids.get(&id).is_some_and(|s| s.bump > sid.bump) {
+                    return false; // news of an older run
                 }
+                match self.members.get_mut(&id) {
+                    Some(m) if id != self.local && m.alive => {
+                        m.alive = false;
+                        tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %m.name, "member down");
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            OwnedNotification::Rename(_, sid) => {
+                let id = sid.node();
+                let alive = self.is_up(&id);
+                self.swim_ids.insert(id, sid.clone());
+                match self.members.get_mut(&id) {
+                    Some(m) if m.data_addr != sid.data || m.name != sid.cert.name => {
+                        m.data_addr = sid.data;
+                        m.name = sid.cert.name.clone();
+                        m.alive = alive;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            OwnedNotification::Rejoin(sid) => {
+                tracing::info!(target: "vmcsnap::membership", incarnation = sid.bump, "this node was declared down; rejoined as a newer incarnation");
+                false
+            }
+            OwnedNotification::Idle => {
+                tracing::info!(target: "vmcsnap::membership", "no member is reachable");
+                false
+            }
+            OwnedNotification::Active | OwnedNotification::Defunct => false,
+        }
+    }
+
+    fn up(&mut self, sid: SwimId) -> bool {
+        let id = sid.node();
+        if id == self.local || self.trust.is_revoked(&id) {
+            return false;
+        }
+        if self.swim_ids.get(&id).is_some_and(|s| s.bump > sid.bump) {
+            return false;
+        }
+        self.swim_ids.insert(id, sid.clone());
+        let new = Member { id, data_addr: sid.data, alive: true, name: sid.cert.name.clone() };
+        match self.members.get(&id) {
+            Some(m) if *m == new => false,
+            Some(m) => {
+                if !m.alive {
+                    tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %new.name, "member up");
+                }
+                self.members.insert(id, new);
                 true
             }
-            _ => false,
+            None if self.members.len() >= MEMBERS_MAX => {
+                tracing::warn!(target: "vmcsnap::membership", "member limit {MEMBERS_MAX} reached; ignoring {id}");
+                false
+            }
+            None => {
+                tracing::info!(target: "vmcsnap::membership", node = %id.short(), data_addr = %sid.data, name = %new.name, "member joined");
+                tracing::info!(target: "vmcsnap::membership", node = %id.short(), name = %new.name, "member up");
+                self.members.insert(id, new);
+                true
+            }
+        }
+    }
+}
+
+/// Carries out what SWIM asked for: sends its messages, arms its timers, applies its news.
+/// Returns whether the member list changed.
+fn drain(swarm: &mut Swarm<Behaviour>, st: &mut State) -> bool {
+    let mut changed = false;
+    while let Some((to, msg)) = st.rt.to_send() {
+        let Some(peer) = peer_of_node_id(&to.node()) else { continue };
+        if st.refused_set.contains(&peer) || peer == st.local_peer {
+            continue;
+        }
+        swarm.behaviour_mut().swim.send_request_with_addresses(&peer, msg.to_vec(), vec![tcp_multiaddr(to.data)]);
+        st.in_flight += 1;
+    }
+    let now = tokio::time::Instant::now();
+    while let Some((after, timer)) = st.rt.to_schedule() {
+        st.timer_seq += 1;
+        st.timers.insert((now + after, st.timer_seq), timer);
+    }
+    while let Some(n) = st.rt.to_notify() {
+        changed |= st.learn(n);
+    }
+    changed
+}
+
+/// Runs SWIM's due timers.
+fn fire_timers(st: &mut State) {
+    let now = tokio::time::Instant::now();
+    while let Some(entry) = st.timers.first_entry() {
+        if entry.key().0 > now {
+            break;
+        }
+        let timer = entry.remove();
+        if let Err(e) = st.foca.handle_timer(timer, &mut st.rt) {
+            tracing::debug!(target: "vmcsnap::membership", error = %e, "SWIM timer");
         }
     }
 }
@@ -384,6 +540,10 @@ fn refuse(swarm: &mut Swarm<Behaviour>, st: &mut State, peer: PeerId, why: &str)
     match node_id_of_peer(&peer) {
         Some(id) if id != st.local => {
             st.redial.remove(&id);
+            if let Some(sid) = st.swim_ids.remove(&id) {
+                // Tell SWIM (and through it the others) that it is gone.
+                let _ = st.foca.apply_many(std::iter::once(foca::Member::down(sid)), true, &mut st.rt);
+            }
             st.members.remove(&id).is_some()
         }
         _ => false,
@@ -399,10 +559,15 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut silence = tokio::time::interval(SILENCE_CHECK);
-    silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let changed = tokio::select! {
+        let next_timer = st.timers.first_key_value().map(|(k, _)| k.0);
+        let timer_due = async {
+            match next_timer {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut changed = tokio::select! {
             _ = &mut stop => break,
             Some(cmd) = commands.recv() => match cmd {
                 Command::Revoke(id) => match peer_of_node_id(&id) {
@@ -411,89 +576,84 @@ async fn run(
                 },
             },
             _ = tick.tick() => { maintain(&mut swarm, &mut st); false }
-            _ = silence.tick() => { drop_silent(&mut swarm, &mut st); false }
+            _ = timer_due => { fire_timers(&mut st); false }
             ev = swarm.select_next_some() => handle(&mut swarm, &mut st, ev),
         };
+        changed |= drain(&mut swarm, &mut st);
         if changed {
             tx.send_replace(st.snapshot());
         }
     }
+    leave(&mut swarm, &mut st).await;
     tracing::debug!(target: "vmcsnap::membership", "membership stopped");
+}
+
+/// Tells a few members that this node leaves (they spread it), and waits a moment for the
+/// messages to go out.
+async fn leave(swarm: &mut Swarm<Behaviour>, st: &mut State) {
+    if st.foca.num_members() == 0 {
+        return;
+    }
+    let _ = st.foca.leave_cluster(&mut st.rt);
+    drain(swarm, st);
+    let _ = tokio::time::timeout(LEAVE_GRACE, async {
+        while st.in_flight > 0 {
+            let ev = swarm.select_next_some().await;
+            if let SwarmEvent::Behaviour(BehaviourEvent::Swim(e)) = ev {
+                if matches!(e, request_response::Event::Message { message: request_response::Message::Response { .. }, .. } | request_response::Event::OutboundFailure { .. }) {
+                    st.in_flight = st.in_flight.saturating_sub(1);
+                }
+            }
+        }
+    })
+    .await;
 }
 
 fn maintain(swarm: &mut Swarm<Behaviour>, st: &mut State) {
     let now = tokio::time::Instant::now();
-    // Re-dial members we know but are not connected to (restarts, partitions that healed),
-    // each with its own backoff.
-    for m in st.members.values() {
-        if m.id == st.local {
-            continue;
-        }
-        let Some(peer) = peer_of_node_id(&m.id) else { continue };
-        if st.connected.contains(&peer) {
-            continue;
-        }
-        let (next, wait) = st.redial.entry(m.id).or_insert((now, REDIAL_BACKOFF_MIN));
-        if now < *next {
-            continue;
-        }
-        *next = now + *wait;
-        *wait = (*wait * 2).min(REDIAL_BACKOFF_MAX);
-        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![tcp_multiaddr(m.data_addr)]).build();
-        let _ = swarm.dial(opts);
-    }
-    // Bootstrap addresses until at least one peer is connected.
-    if st.connected.is_empty() {
-        for addr in &st.bootstrap {
-            let _ = swarm.dial(tcp_multiaddr(*addr));
+    if st.foca.num_members() > 0 {
+        // In the cluster: SWIM keeps the view. Kademlia rarely looks for members SWIM has not
+        // told this node of.
+        st.redial.clear();
+        if st.last_refresh.is_none_or(|t| now >= t + KAD_REFRESH_STEADY) {
+            st.last_refresh = Some(now);
+            let _ = swarm.behaviour_mut().kad.bootstrap();
         }
         return;
     }
-    // Kademlia finds the members this node has not met: often while the cluster changes,
-    // rarely once it is quiet.
-    let due = match st.last_refresh {
-        None => true,
-        Some(_) if now < st.settle_until => true,
-        Some(t) => now >= t + KAD_REFRESH_STEADY,
+    // Alone (just started, or cut off): dial the members known from before and the bootstrap
+    // addresses, each with its own backoff. A connection's identify leads to a SWIM announce.
+    let due = |st: &mut State, id: NodeId| {
+        let (next, wait) = st.redial.entry(id).or_insert((now, REDIAL_BACKOFF_MIN));
+        if now < *next {
+            return false;
+        }
+        *next = now + *wait;
+        *wait = (*wait * 2).min(REDIAL_BACKOFF_MAX);
+        true
     };
-    if due {
-        st.last_refresh = Some(now);
-        let _ = swarm.behaviour_mut().kad.bootstrap();
+    let known: Vec<(NodeId, SocketAddr)> = st.members.values().filter(|m| m.id != st.local).map(|m| (m.id, m.data_addr)).collect();
+    for (id, addr) in known {
+        let Some(peer) = peer_of_node_id(&id) else { continue };
+        if st.refused_set.contains(&peer) || !due(st, id) {
+            continue;
+        }
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![tcp_multiaddr(addr)]).build();
+        let _ = swarm.dial(opts);
     }
-}
-
-/// Disconnects every connected peer that answered no ping for [`SILENCE_MAX`]: libp2p keeps
-/// a connection whose pings fail, and a hung peer must count as down.
-fn drop_silent(swarm: &mut Swarm<Behaviour>, st: &mut State) {
-    let now = tokio::time::Instant::now();
-    let silent: Vec<PeerId> = st.answered.iter().filter(|(_, t)| now.duration_since(**t) > SILENCE_MAX).map(|(p, _)| *p).collect();
-    for peer in silent {
-        tracing::warn!(target: "vmcsnap::membership", %peer, silent_s = SILENCE_MAX.as_secs(), "peer answered no ping; disconnecting it as down");
-        st.answered.remove(&peer);
-        let _ = swarm.disconnect_peer_id(peer);
+    let local = st.local;
+    if !st.bootstrap.is_empty() && due(st, local) {
+        for addr in st.bootstrap.clone() {
+            let _ = swarm.dial(tcp_multiaddr(addr));
+        }
     }
 }
 
 fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<BehaviourEvent>) -> bool {
     match ev {
-        SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-            if st.connected.is_empty() {
-                st.settle_until = tokio::time::Instant::now() + SETTLING;
-            }
-            st.connected.insert(peer_id);
-            st.answered.insert(peer_id, tokio::time::Instant::now());
-            if let Some(id) = node_id_of_peer(&peer_id) {
-                st.redial.remove(&id);
-            }
-            st.set_alive(&peer_id, true)
-        }
-        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-            st.connected.remove(&peer_id);
-            st.answered.remove(&peer_id);
-            if let Some(id) = node_id_of_peer(&peer_id) {
-                st.redial.insert(id, (tokio::time::Instant::now() + REDIAL_BACKOFF_MIN, REDIAL_BACKOFF_MIN));
-            }
-            st.set_alive(&peer_id, false)
+        SwarmEvent::Behaviour(BehaviourEvent::Swim(ev)) => {
+            on_swim(swarm, st, ev);
+            false
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
             if info.protocol_version != PROTOCOL_VERSION {
@@ -517,45 +677,52 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
                     swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
                 }
             }
-            let alive = st.connected.contains(&peer_id);
-            // The name is the one the cluster key signed.
-            let new = Member { id, data_addr, alive, name: cert.name };
-            match st.members.get(&id) {
-                Some(m) if *m == new => false,
-                Some(_) => {
-                    st.members.insert(id, new);
-                    true
-                }
-                None if st.members.len() >= MEMBERS_MAX => {
-                    tracing::warn!(target: "vmcsnap::membership", "member limit {MEMBERS_MAX} reached; ignoring {id}");
-                    false
-                }
-                None => {
-                    tracing::info!(target: "vmcsnap::membership", node = %id.short(), %data_addr, "member joined");
-                    st.members.insert(id, new);
-                    true
+            if !st.is_up(&id) {
+                // A member SWIM does not count up: introduce ourselves (it answers with the
+                // members it knows). Announces go to any incarnation of its node id.
+                let _ = st.foca.announce(SwimId { cert, data: data_addr, bump: 0 }, &mut st.rt);
+                if st.last_refresh.is_none() {
+                    st.last_refresh = Some(tokio::time::Instant::now());
+                    let _ = swarm.behaviour_mut().kad.bootstrap();
                 }
             }
+            false
         }
         SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
             if st.refused_set.contains(&peer) {
                 swarm.behaviour_mut().kad.remove_peer(&peer);
-            } else if peer != st.local_peer && !st.connected.contains(&peer) {
-                let _ = swarm.dial(peer);
-            }
-            false
-        }
-        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. })) => {
-            tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, "ping failed");
-            false
-        }
-        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(_), .. })) => {
-            if st.connected.contains(&peer) {
-                st.answered.insert(peer, tokio::time::Instant::now());
             }
             false
         }
         _ => false,
+    }
+}
+
+fn on_swim(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: request_response::Event<Vec<u8>, ()>) {
+    match ev {
+        request_response::Event::Message { peer, message: request_response::Message::Request { request, channel, .. }, .. } => {
+            let _ = swarm.behaviour_mut().swim.send_response(channel, ());
+            if st.refused_set.contains(&peer) {
+                return;
+            }
+            // The message must be the authenticated peer's own (its certificate is checked
+            // while decoding).
+            if swim::sender_of(&request) != node_id_of_peer(&peer) {
+                tracing::debug!(target: "vmcsnap::membership", %peer, "SWIM message naming another sender; dropped");
+                return;
+            }
+            if let Err(e) = st.foca.handle_data(&request, &mut st.rt) {
+                tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, "SWIM message refused");
+            }
+        }
+        request_response::Event::Message { message: request_response::Message::Response { .. }, .. } => {
+            st.in_flight = st.in_flight.saturating_sub(1);
+        }
+        request_response::Event::OutboundFailure { peer, error, .. } => {
+            st.in_flight = st.in_flight.saturating_sub(1);
+            tracing::debug!(target: "vmcsnap::membership", %peer, %error, "SWIM message not delivered");
+        }
+        _ => {}
     }
 }
 

@@ -23,6 +23,7 @@ pub mod idle;
 pub mod netns;
 pub mod pagestats;
 pub mod sim;
+pub mod swimsim;
 pub mod stats;
 pub mod svg;
 

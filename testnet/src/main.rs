@@ -172,6 +172,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// SWIM membership simulated at sizes no machine here runs as processes: messages per
+    /// host per second while idle, and how fast one failed host is known down by all (the
+    /// nodes' own foca state machines and parameters, on a virtual clock).
+    SwimSim {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        hosts: Vec<u32>,
+        /// Virtual seconds idle before counting.
+        #[arg(long, default_value_t = 20)]
+        warmup: u64,
+        /// Virtual seconds counted.
+        #[arg(long, default_value_t = 60)]
+        window: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Placement simulation for 10, 100 and 1,000 hosts: share balance, keys moved when one
     /// host joins or leaves.
     Placement {
@@ -344,6 +364,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
                 print!("{}", vmcsnap_testnet::idle::table(&results, &opts));
+            }
+            Ok(())
+        }
+        Cmd::SwimSim { hosts, warmup, window, seed, json } => {
+            if hosts.iter().any(|&h| h < 3) || window == 0 {
+                bail!("--hosts must be at least 3 each and --window positive");
+            }
+            let mut results = Vec::new();
+            for h in hosts {
+                eprintln!("simulating {h} hosts...");
+                results.push(vmcsnap_testnet::swimsim::simulate(h, Duration::from_secs(warmup), Duration::from_secs(window), Duration::from_secs(120), seed));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", vmcsnap_testnet::swimsim::table(&results));
             }
             Ok(())
         }

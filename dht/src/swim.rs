@@ -1,0 +1,239 @@
+//! SWIM: failure detection by probes and dissemination by piggybacked gossip (the `foca`
+//! crate), over the admitted membership.
+//!
+//! Each node probes one member per [`PROBE_PERIOD`] (round robin over a shuffled list), asks
+//! [`INDIRECT_PROBES`] others to probe it when it does not answer within [`PROBE_RTT`], and
+//! suspects it when nobody got an answer. A suspect that does not refute within
+//! [`SUSPECT_TO_DOWN`] is declared down. Membership changes ride on probes and on a little
+//! gossip ([`GOSSIP_INTERVAL`] to [`GOSSIP_FANOUT`] members), so what a node sends per second
+//! does not grow with the cluster; the number of times one change is repeated grows with its
+//! logarithm (foca's `max_transmissions`). `vmcsnap-testnet swim-sim` measures this at 1,000
+//! and 10,000 hosts.
+//!
+//! A SWIM identity carries the member's certificate ([`SwimId`]), so any node checks any
+//! member's admission by itself. [`AdmittedCodec`] refuses every message whose sender or any
+//! mentioned member has no valid certificate of this cluster; the transport (the membership
+//! module) also checks that the sender is the peer the connection authenticated.
+
+use crate::admission::{AdmissionError, Certificate, Trust};
+use bytes::{Buf, BufMut};
+use foca::{Codec, Header, Identity, Member, PostcardCodec};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+use std::time::Duration;
+use vmcsnap_protocol::NodeId;
+
+/// How often a node probes one member.
+pub const PROBE_PERIOD: Duration = Duration::from_millis(1500);
+/// How long a direct probe may take before others are asked to probe indirectly (a first
+/// message to a member may have to open a connection).
+pub const PROBE_RTT: Duration = Duration::from_millis(700);
+/// How many members are asked to probe a member that did not answer.
+pub const INDIRECT_PROBES: usize = 3;
+/// How long a suspect has to refute before it is declared down.
+pub const SUSPECT_TO_DOWN: Duration = Duration::from_secs(5);
+/// How often a node sends pending updates to [`GOSSIP_FANOUT`] random members (besides the
+/// updates every probe carries).
+pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
+/// How many members one gossip round goes to.
+pub const GOSSIP_FANOUT: usize = 2;
+/// How often a node announces itself to one random member (heals a split view).
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a node announces itself to one member it believes down (finds members again
+/// after a partition).
+pub const ANNOUNCE_DOWN_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a down member's identity is remembered (so that stale news of it is ignored).
+pub const REMOVE_DOWN_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Largest SWIM message (the transport is a stream, not UDP; this bounds what one message may
+/// carry and what a peer may make us read).
+pub const MESSAGE_BYTES_MAX: usize = 16 * 1024;
+/// The cluster size the number of repetitions of an update is sized for.
+pub const SIZED_FOR: u32 = 1024;
+
+/// The SWIM parameters every node uses (and the simulation).
+pub fn config() -> foca::Config {
+    let mut c = foca::Config::new_lan(NonZeroU32::new(SIZED_FOR).unwrap_or(NonZeroU32::MIN));
+    c.probe_period = PROBE_PERIOD;
+    c.probe_rtt = PROBE_RTT;
+    c.num_indirect_probes = NonZeroUsize::new(INDIRECT_PROBES).unwrap_or(NonZeroUsize::MIN);
+    c.suspect_to_down_after = SUSPECT_TO_DOWN;
+    c.remove_down_after = Some(REMOVE_DOWN_AFTER);
+    c.max_packet_size = NonZeroUsize::new(MESSAGE_BYTES_MAX).unwrap_or(NonZeroUsize::MIN);
+    c.notify_down_members = true;
+    c.periodic_gossip = Some(foca::PeriodicParams { frequency: GOSSIP_INTERVAL, num_members: NonZeroUsize::new(GOSSIP_FANOUT).unwrap_or(NonZeroUsize::MIN) });
+    c.periodic_announce = Some(foca::PeriodicParams { frequency: ANNOUNCE_INTERVAL, num_members: NonZeroUsize::MIN });
+    c.periodic_announce_to_down_members = Some(foca::PeriodicParams { frequency: ANNOUNCE_DOWN_INTERVAL, num_members: NonZeroUsize::MIN });
+    c
+}
+
+/// A member as SWIM knows it: its admission, where its data plane listens, and which run of it
+/// this is (`bump` grows on every start and whenever the node was declared down and rejoins,
+/// so the newer identity wins).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwimId {
+    /// Its certificate (names its node id and its name).
+    pub cert: Certificate,
+    /// Its data-plane (and libp2p) address.
+    pub data: SocketAddr,
+    /// Which incarnation of the process.
+    pub bump: u32,
+}
+
+impl SwimId {
+    /// The member's node id.
+    pub fn node(&self) -> NodeId {
+        self.cert.node
+    }
+}
+
+impl Identity for SwimId {
+    type Addr = NodeId;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Self { bump: self.bump.wrapping_add(1), ..self.clone() })
+    }
+
+    fn addr(&self) -> NodeId {
+        self.cert.node
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.bump > adversary.bump
+    }
+}
+
+/// Why a SWIM message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SwimCodecError {
+    /// Not a SWIM message.
+    #[error("undecodable SWIM message: {0}")]
+    Decode(#[from] postcard::Error),
+    /// A sender or member without a valid admission.
+    #[error("not admitted: {0}")]
+    NotAdmitted(#[from] AdmissionError),
+}
+
+/// Most verified certificates remembered (beyond it the memory starts again).
+const VERIFIED_MAX: usize = 8192;
+
+/// foca's postcard encoding, refusing members this cluster did not admit.
+pub struct AdmittedCodec {
+    trust: Arc<Trust>,
+    /// Signature of each node's certificate already checked.
+    verified: HashMap<NodeId, Vec<u8>>,
+}
+
+impl AdmittedCodec {
+    /// A codec checking against `trust`.
+    pub fn new(trust: Arc<Trust>) -> Self {
+        Self { trust, verified: HashMap::new() }
+    }
+
+    /// Checks a certificate (cached by signature). A revoked member may be mentioned (news of
+    /// it is ignored above this layer) but may not speak.
+    fn admit(&mut self, cert: &Certificate, speaker: bool) -> Result<(), AdmissionError> {
+        if speaker && self.trust.is_revoked(&cert.node) {
+            return Err(AdmissionError::Revoked(cert.node.short()));
+        }
+        if self.verified.get(&cert.node) == Some(&cert.signature) {
+            return Ok(());
+        }
+        match self.trust.check(cert, &cert.node) {
+            Ok(()) => {}
+            Err(AdmissionError::Revoked(_)) if !speaker => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if self.verified.len() >= VERIFIED_MAX {
+            self.verified.clear();
+        }
+        self.verified.insert(cert.node, cert.signature.clone());
+        Ok(())
+    }
+}
+
+impl Codec<SwimId> for AdmittedCodec {
+    type Error = SwimCodecError;
+
+    fn encode_header(&mut self, header: &Header<SwimId>, buf: impl BufMut) -> Result<(), Self::Error> {
+        Ok(PostcardCodec.encode_header(header, buf)?)
+    }
+
+    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<SwimId>, Self::Error> {
+        let h: Header<SwimId> = PostcardCodec.decode_header(buf)?;
+        self.admit(&h.src.cert, true)?;
+        Ok(h)
+    }
+
+    fn encode_member(&mut self, member: &Member<SwimId>, buf: impl BufMut) -> Result<(), Self::Error> {
+        Ok(PostcardCodec.encode_member(member, buf)?)
+    }
+
+    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<SwimId>, Self::Error> {
+        let m: Member<SwimId> = PostcardCodec.decode_member(buf)?;
+        self.admit(&m.id().cert, false)?;
+        Ok(m)
+    }
+}
+
+/// The sender a SWIM message names (before anything else is decoded), to compare with the
+/// peer the connection authenticated.
+pub fn sender_of(message: &[u8]) -> Option<NodeId> {
+    let h: Header<SwimId> = PostcardCodec.decode_header(message).ok()?;
+    Some(h.src.node())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClusterKey;
+    use foca::{AccumulatingRuntime, Foca};
+    use rand10::SeedableRng;
+
+    fn id(key: &ClusterKey, n: u8, bump: u32) -> SwimId {
+        let node = NodeId([n; 32]);
+        SwimId { cert: key.certify(node, &format!("n{n}"), 1).expect("certify"), data: format!("127.0.0.1:{}", 7000 + u16::from(n)).parse().expect("addr"), bump }
+    }
+
+    #[test]
+    fn a_newer_run_wins() {
+        let key = ClusterKey::generate();
+        let a = id(&key, 1, 5);
+        let b = a.renew().expect("renews");
+        assert_eq!(a.addr(), b.addr());
+        assert!(b.win_addr_conflict(&a));
+        assert!(!a.win_addr_conflict(&b));
+    }
+
+    #[test]
+    fn messages_from_strangers_and_revoked_members_are_refused() {
+        let key = ClusterKey::generate();
+        let trust = Arc::new(Trust::new(key.id()).expect("trust"));
+        let mut a = Foca::new(id(&key, 1, 0), config(), rand10::rngs::SmallRng::seed_from_u64(1), AdmittedCodec::new(trust.clone()));
+        let mut rt = AccumulatingRuntime::new();
+        // A member announces itself: accepted.
+        let mut b = Foca::new(id(&key, 2, 0), config(), rand10::rngs::SmallRng::seed_from_u64(2), AdmittedCodec::new(trust.clone()));
+        let mut brt = AccumulatingRuntime::new();
+        b.announce(id(&key, 1, 0), &mut brt).expect("announce");
+        let (to, msg) = brt.to_send().expect("a message");
+        assert_eq!(to.node(), NodeId([1; 32]));
+        assert_eq!(sender_of(&msg), Some(NodeId([2; 32])));
+        a.handle_data(&msg, &mut rt).expect("accepted");
+        assert_eq!(a.num_members(), 1);
+        // Another cluster's node: refused.
+        let other = ClusterKey::generate();
+        let mut x = Foca::new(id(&other, 3, 0), config(), rand10::rngs::SmallRng::seed_from_u64(3), AdmittedCodec::new(trust.clone()));
+        let mut xrt = AccumulatingRuntime::new();
+        x.announce(id(&key, 1, 0), &mut xrt).expect("announce");
+        let (_, msg) = xrt.to_send().expect("a message");
+        assert!(a.handle_data(&msg, &mut rt).is_err(), "a stranger's message was accepted");
+        assert_eq!(a.num_members(), 1);
+        // b revoked: its messages are refused from now on.
+        assert_eq!(trust.revoke(&key.revoke(NodeId([2; 32]))), Ok(true));
+        b.announce(id(&key, 1, 0), &mut brt).expect("announce");
+        let (_, msg) = brt.to_send().expect("a message");
+        assert!(a.handle_data(&msg, &mut rt).is_err(), "a revoked member's message was accepted");
+    }
+}
