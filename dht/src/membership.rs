@@ -82,6 +82,9 @@ pub struct Member {
     pub alive: bool,
     /// Its operator-given name (by default its hostname); empty until it has identified.
     pub name: String,
+    /// Which run of its process SWIM knows (0 until heard of in this run). A new value
+    /// means the process restarted: whatever was connected to the old one is stale.
+    pub incarnation: u32,
 }
 
 /// What the membership layer needs to start.
@@ -295,13 +298,13 @@ impl Membership {
             swim_ids: HashMap::new(),
             in_flight: 0,
         };
-        state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone() });
+        state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone(), incarnation: bump });
         for m in cfg.known {
             if m.id != local && state.members.len() < MEMBERS_MAX && !cfg.trust.is_revoked(&m.id) {
                 if let Some(peer) = peer_of_node_id(&m.id) {
                     swarm.behaviour_mut().kad.add_address(&peer, tcp_multiaddr(m.data_addr));
                 }
-                state.members.insert(m.id, Member { alive: false, ..m });
+                state.members.insert(m.id, Member { alive: false, incarnation: 0, ..m });
             }
         }
         let (tx, rx) = watch::channel(state.snapshot());
@@ -428,10 +431,11 @@ impl State {
                 let alive = self.is_up(&id);
                 self.swim_ids.insert(id, sid.clone());
                 match self.members.get_mut(&id) {
-                    Some(m) if m.data_addr != sid.data || m.name != sid.cert.name => {
+                    Some(m) if m.data_addr != sid.data || m.name != sid.cert.name || m.incarnation != sid.bump => {
                         m.data_addr = sid.data;
                         m.name = sid.cert.name.clone();
                         m.alive = alive;
+                        m.incarnation = sid.bump;
                         true
                     }
                     _ => false,
@@ -458,7 +462,7 @@ impl State {
             return false;
         }
         self.swim_ids.insert(id, sid.clone());
-        let new = Member { id, data_addr: sid.data, alive: true, name: sid.cert.name.clone() };
+        let new = Member { id, data_addr: sid.data, alive: true, name: sid.cert.name.clone(), incarnation: sid.bump };
         match self.members.get(&id) {
             Some(m) if *m == new => false,
             Some(m) => {

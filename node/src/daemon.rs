@@ -152,17 +152,20 @@ async fn resume_journaled(node: Arc<Node>) {
 }
 
 /// Persists the member list whenever it changes; drops the connection of a member that went
-/// down.
+/// down or restarted (a new incarnation: a connection to its old process would only time out).
 async fn watch_members(node: Arc<Node>) {
     let mut rx = node.subscribe_members();
     let mut last: Vec<(NodeId, SocketAddr)> = vec![];
     let mut was_alive: std::collections::HashSet<NodeId> = Default::default();
+    let mut runs: std::collections::HashMap<NodeId, u32> = Default::default();
     loop {
         let members = rx.borrow_and_update().clone();
         for m in &members {
-            if !m.alive && was_alive.remove(&m.id) {
+            let restarted = runs.insert(m.id, m.incarnation).is_some_and(|r| r != 0 && r != m.incarnation);
+            if (!m.alive && was_alive.remove(&m.id)) || restarted {
                 node.forget_connection(&m.id).await;
-            } else if m.alive {
+            }
+            if m.alive {
                 was_alive.insert(m.id);
             }
             node.note_liveness(m);
@@ -180,12 +183,19 @@ async fn watch_members(node: Arc<Node>) {
 }
 
 /// Every [`CATALOG_SYNC_INTERVAL`], one round of catalog sync with a few random live peers
-/// ([`Node::sync_round`]): revocations, tombstones and commit records this node lacks.
+/// ([`Node::sync_round`]): revocations, tombstones and commit records this node lacks. Then
+/// the data-plane connections idle for [`crate::net::CONNECTION_IDLE`] are closed (so a node
+/// holds connections to the peers it talked to lately, a number that does not grow with the
+/// cluster).
 async fn sync_catalog(node: Arc<Node>) {
     let mut tick = tokio::time::interval(CATALOG_SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let closed = node.close_idle_connections().await;
+        if closed > 0 {
+            tracing::debug!(target: "vmcsnap::net", closed, "closed idle data-plane connections");
+        }
         let learned = node.sync_round().await;
         if learned.revocations > 0 {
             tracing::warn!(target: "vmcsnap::admission", added = learned.revocations, "learned member removals from peers");
@@ -224,7 +234,7 @@ fn save_members(store: &Store, members: &[Member]) {
 fn load_members(store: &Store) -> anyhow::Result<Vec<Member>> {
     let Some(b) = store.load_members()? else { return Ok(vec![]) };
     let saved: Vec<SavedMember> = codec::decode_record(MEMBERS_MAGIC, "member list", MEMBERS_VERSION, &b)?;
-    Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false, name: s.name }).collect())
+    Ok(saved.into_iter().map(|s| Member { id: s.id, data_addr: s.addr, alive: false, name: s.name, incarnation: 0 }).collect())
 }
 
 /// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET` set) how the node is doing: `READY=1`

@@ -26,6 +26,10 @@ use vmcsnap_protocol::NodeId;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for one request and its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A connection this node opened is closed when no request has been waiting on it and no
+/// stream data has moved for this long ([`DataClient::close_idle`]): a node holds connections
+/// only to the peers it talked to lately, not to every member it ever met.
+pub const CONNECTION_IDLE: Duration = Duration::from_secs(60);
 /// Concurrent request streams one peer may open to us.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 128;
 /// Attempts at a request whose connection broke (reconnecting in between).
@@ -36,6 +40,8 @@ pub const CLOSE_NOT_MEMBER: u32 = 1;
 pub const CLOSE_SHUTDOWN: u32 = 2;
 /// QUIC close code: the peer already holds as many connections as it may.
 pub const CLOSE_TOO_MANY: u32 = 3;
+/// Application close code: the connection carried nothing for [`CONNECTION_IDLE`].
+pub const CLOSE_IDLE: u32 = 4;
 /// Connections being set up (handshakes) at once, from anyone.
 pub const INCOMING_MAX: usize = 256;
 
@@ -209,9 +215,41 @@ pub struct DataClient {
     endpoint: quinn::Endpoint,
     keypair: Keypair,
     alpn: &'static [u8],
-    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    conns: Mutex<HashMap<NodeId, Pooled>>,
     /// Bytes sent and received per peer over connections that are gone.
     retired: std::sync::Mutex<HashMap<NodeId, (u64, u64)>>,
+}
+
+/// A cached connection and what tells whether it is idle.
+struct Pooled {
+    conn: quinn::Connection,
+    /// Requests waiting on it now.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    /// Stream frames it had sent and received at the last idle check, and since when that
+    /// count has not moved.
+    frames: u64,
+    quiet_since: std::time::Instant,
+}
+
+/// A request in progress on a pooled connection (it is not closed as idle meanwhile).
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn stream_frames(c: &quinn::Connection) -> u64 {
+    let s = c.stats();
+    s.frame_tx.stream + s.frame_rx.stream
 }
 
 /// Bytes a connection sent and received (QUIC's count of UDP payload).
@@ -234,14 +272,14 @@ impl DataClient {
         Self { endpoint, keypair, alpn, conns: Mutex::new(HashMap::new()), retired: Default::default() }
     }
 
-    async fn connection(&self, peer: NodeId, addr: SocketAddr) -> Result<quinn::Connection, NetError> {
+    async fn connection(&self, peer: NodeId, addr: SocketAddr) -> Result<(quinn::Connection, Busy), NetError> {
         let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&peer) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        if let Some(p) = conns.get(&peer) {
+            if p.conn.close_reason().is_none() {
+                return Ok((p.conn.clone(), Busy::new(&p.busy)));
             }
-            if let Some(c) = conns.remove(&peer) {
-                self.retire(peer, &c);
+            if let Some(p) = conns.remove(&peer) {
+                self.retire(peer, &p.conn);
             }
         }
         let unreachable = |reason: String| NetError::Unreachable { peer: peer.short(), addr, reason };
@@ -264,8 +302,10 @@ impl DataClient {
                     unreachable(e.to_string())
                 }
             })?;
-        conns.insert(peer, conn.clone());
-        Ok(conn)
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let guard = Busy::new(&busy);
+        conns.insert(peer, Pooled { conn: conn.clone(), busy, frames: 0, quiet_since: std::time::Instant::now() });
+        Ok((conn, guard))
     }
 
     /// Sends one request to `peer` and waits for its answer; retries on a broken connection.
@@ -307,7 +347,7 @@ impl DataClient {
     }
 
     async fn exchange(&self, peer: NodeId, addr: SocketAddr, frame: &[u8]) -> Result<DataResponse, NetError> {
-        let conn = self.connection(peer, addr).await?;
+        let (conn, _busy) = self.connection(peer, addr).await?;
         let transport = |reason: String| NetError::Transport { peer: peer.short(), reason };
         let fut = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
@@ -323,7 +363,7 @@ impl DataClient {
     /// Sends one request and waits up to `timeout` for its answer, without retrying: for work
     /// that must not run twice (starting a VM). An `Error` answer becomes [`NetError::Remote`].
     pub async fn request_within(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest, timeout: Duration) -> Result<DataResponse, NetError> {
-        let conn = self.connection(peer, addr).await?;
+        let (conn, _busy) = self.connection(peer, addr).await?;
         let transport = |reason: String| NetError::Transport { peer: peer.short(), reason };
         let fut = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
@@ -338,7 +378,9 @@ impl DataClient {
 
     /// Opens a stream to `peer` for a conversation (a cut) and sends `req` as its first frame.
     pub async fn open_session(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest) -> Result<(quinn::SendStream, quinn::RecvStream), NetError> {
-        let conn = match self.connection(peer, addr).await {
+        // A session (a cut) reports every second: its stream frames keep the connection from
+        // counting as idle.
+        let (conn, _busy) = match self.connection(peer, addr).await {
             Ok(c) => c,
             Err(_) => {
                 // A cached connection may have died with the peer's last run: make a fresh one.
@@ -357,10 +399,34 @@ impl DataClient {
     /// Drops the cached connection to `peer` (it went away: a restarted peer would not know
     /// the old connection, and requests on it would wait for the idle timeout).
     pub async fn forget(&self, peer: &NodeId) {
-        if let Some(c) = self.conns.lock().await.remove(peer) {
-            c.close(CLOSE_SHUTDOWN.into(), b"peer left");
-            self.retire(*peer, &c);
+        if let Some(p) = self.conns.lock().await.remove(peer) {
+            p.conn.close(CLOSE_SHUTDOWN.into(), b"peer left");
+            self.retire(*peer, &p.conn);
         }
+    }
+
+    /// Closes the connections that carried no stream data and no waiting request for
+    /// `idle` (checked at each call; call it every few seconds). Returns how many it closed.
+    pub async fn close_idle(&self, idle: Duration) -> usize {
+        let now = std::time::Instant::now();
+        let mut conns = self.conns.lock().await;
+        let mut gone = Vec::new();
+        for (peer, p) in conns.iter_mut() {
+            let frames = stream_frames(&p.conn);
+            if frames != p.frames || p.busy.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                p.frames = frames;
+                p.quiet_since = now;
+            } else if now.duration_since(p.quiet_since) >= idle {
+                gone.push(*peer);
+            }
+        }
+        for peer in &gone {
+            if let Some(p) = conns.remove(peer) {
+                p.conn.close(CLOSE_IDLE.into(), b"idle");
+                self.retire(*peer, &p.conn);
+            }
+        }
+        gone.len()
     }
 
     fn retire(&self, peer: NodeId, c: &quinn::Connection) {
@@ -374,8 +440,8 @@ impl DataClient {
     /// since it was made.
     pub async fn traffic(&self) -> Vec<(NodeId, u64, u64)> {
         let mut totals = self.retired.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (peer, c) in self.conns.lock().await.iter() {
-            let (tx, rx) = bytes_of(c);
+        for (peer, p) in self.conns.lock().await.iter() {
+            let (tx, rx) = bytes_of(&p.conn);
             let t = totals.entry(*peer).or_default();
             *t = (t.0 + tx, t.1 + rx);
         }
@@ -384,8 +450,8 @@ impl DataClient {
 
     /// Closes every connection.
     pub async fn close(&self) {
-        for (_, c) in self.conns.lock().await.drain() {
-            c.close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        for (_, p) in self.conns.lock().await.drain() {
+            p.conn.close(CLOSE_SHUTDOWN.into(), b"shutdown");
         }
     }
 }

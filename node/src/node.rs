@@ -415,6 +415,12 @@ impl Node {
         out
     }
 
+    /// Closes the data-plane connections idle for [`crate::net::CONNECTION_IDLE`]; returns how
+    /// many.
+    pub async fn close_idle_connections(&self) -> usize {
+        self.client.close_idle(crate::net::CONNECTION_IDLE).await
+    }
+
     /// Closes every data-plane connection (shutdown).
     pub async fn close_connections(&self) {
         self.client.close().await;
@@ -656,7 +662,7 @@ mod tests {
     use super::*;
 
     fn member(i: u8) -> Member {
-        Member { id: NodeId([i; 32]), data_addr: ([127, 0, 0, 1], 7000 + i as u16).into(), alive: true, name: format!("n{i}") }
+        Member { id: NodeId([i; 32]), data_addr: ([127, 0, 0, 1], 7000 + i as u16).into(), alive: true, name: format!("n{i}"), incarnation: 1 }
     }
 
     #[tokio::test(start_paused = true)]
