@@ -415,6 +415,13 @@ enum ClusterCmd {
         #[command(flatten)]
         common: NodeArg,
     },
+    /// List the members this node knows and whether each is up, from its own view (asks no
+    /// other member, so it answers at once however large the cluster; `status` asks every
+    /// member for its figures).
+    Members {
+        #[command(flatten)]
+        common: NodeArg,
+    },
     /// Create a cluster key (on the operator's machine; never copy it to a host) and print
     /// the cluster's id, which every node is started with.
     Init {
@@ -509,7 +516,7 @@ impl Cmd {
             Cmd::Vm(c) => match c {
                 VmCmd::Add { common, .. } | VmCmd::Remove { common, .. } | VmCmd::List { common } => common.json,
             },
-            Cmd::Cluster(ClusterCmd::Status { common } | ClusterCmd::Remove { common, .. }) => common.json,
+            Cmd::Cluster(ClusterCmd::Status { common } | ClusterCmd::Members { common } | ClusterCmd::Remove { common, .. }) => common.json,
             Cmd::Cluster(ClusterCmd::Init { json, .. } | ClusterCmd::Admit { json, .. }) => *json,
             Cmd::Doctor { common, .. } => common.json,
             Cmd::Completions { .. } | Cmd::ManPages { .. } => false,
@@ -590,6 +597,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Vm(VmCmd::List { common }) => vm_list(&common).await,
         Cmd::Cluster(ClusterCmd::Status { common }) => cluster_status(&common).await,
+        Cmd::Cluster(ClusterCmd::Members { common }) => cluster_members(&common).await,
         Cmd::Doctor { qemu_dir, common } => doctor_run(&qemu_dir, &common).await,
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vmcsnap", &mut std::io::stdout());
@@ -1141,6 +1149,24 @@ async fn doctor_run(qemu_dir: &Path, common: &NodeArg) -> anyhow::Result<()> {
     if failed {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+async fn cluster_members(common: &NodeArg) -> anyhow::Result<()> {
+    let ControlResult::Members(l) = call(common, ControlRequest::ClusterMembers).await? else {
+        bail!("node answered with the wrong result")
+    };
+    if common.json {
+        return print_json(&l);
+    }
+    println!("{:<14} {:<10} {:<22}  STATE", "NAME", "MEMBER", "ADDRESS");
+    for m in &l.members {
+        let name = if m.name.is_empty() { "?" } else { m.name.as_str() };
+        let state = if m.alive { "up" } else { "DOWN" };
+        println!("{name:<14} {:<10} {:<22}  {state}{}", m.id.short(), m.address, if m.local { " (this node)" } else { "" });
+    }
+    let up = l.members.iter().filter(|m| m.alive).count();
+    println!("{up} of {} members up", l.members.len());
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use vmcsnap_dht::placement::{primary_shares, View};
 use vmcsnap_protocol::codec::{self, CodecError, FRAME_HEADER_BYTES};
 use vmcsnap_protocol::manifest::short_record_id;
 use vmcsnap_protocol::control::{
-    decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberStatus,
+    decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberEntry, MemberList, MemberStatus,
     SnapshotInfo, CONTROL_VERSION,
 };
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, GcStats, RepairStats, ScrubStats};
@@ -298,6 +298,14 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
             Ok(ControlResult::Verified(crate::engine::verify::verify(&node, &record, deep, progress).await.map_err(|e| ControlError::new(e.kind(), e.to_string()))?))
         }
         ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
+        ControlRequest::ClusterMembers => Ok(ControlResult::Members(MemberList {
+            node: node.id,
+            members: node
+                .members()
+                .into_iter()
+                .map(|m| MemberEntry { id: m.id, name: m.name, address: m.data_addr.to_string(), alive: m.alive, local: m.id == node.id, incarnation: m.incarnation })
+                .collect(),
+        })),
         ControlRequest::ClusterRemove { token } => {
             let r = vmcsnap_dht::admission::Revocation::from_token(&token).map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;
             let (new, told) = node.revoke(&r).await.map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;

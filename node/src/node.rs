@@ -27,9 +27,44 @@ use vmcsnap_protocol::NodeId;
 pub const PEER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long pulling missing commit records from one peer may take in a catalog sync.
 pub const CATALOG_PEER_TIMEOUT: Duration = Duration::from_secs(3);
-/// Peers one round of the background catalog sync asks (at random among the live ones): a
-/// round costs this many digest answers whatever the cluster's size.
+/// Peers one round of the background catalog sync asks (at random among the node's sync
+/// partners): a round costs this many digest answers whatever the cluster's size.
 pub const CATALOG_SYNC_FANOUT: usize = 3;
+/// Live peers a node keeps as its catalog-sync partners. Rounds ask partners only, so the
+/// data-plane connections to them stay open and are reused; asking any random peer instead
+/// made almost every round a new QUIC handshake in a cluster of 100.
+pub const SYNC_PARTNERS: usize = 6;
+/// How often one sync partner is swapped for another live peer picked at random (so that
+/// partners form a random graph that changes, and news crosses it within a few rounds).
+pub const PARTNER_ROTATION: Duration = Duration::from_secs(60);
+
+/// A node's catalog-sync partners.
+#[derive(Debug, Default)]
+struct Partners {
+    ids: Vec<NodeId>,
+    rotated: Option<std::time::Instant>,
+}
+
+impl Partners {
+    /// Drops partners that are no longer live, tops the set up to [`SYNC_PARTNERS`] from
+    /// `alive`, swaps one for another when `rotate`, and returns up to `fanout` of them at
+    /// random.
+    fn pick(&mut self, alive: &[NodeId], rotate: bool, fanout: usize, rng: &mut impl rand::Rng) -> Vec<NodeId> {
+        use rand::seq::{IndexedRandom, SliceRandom};
+        self.ids.retain(|p| alive.contains(p));
+        if rotate && !self.ids.is_empty() && alive.len() > self.ids.len() {
+            let i = rng.random_range(0..self.ids.len());
+            self.ids.swap_remove(i);
+        }
+        let others: Vec<NodeId> = alive.iter().filter(|p| !self.ids.contains(p)).copied().collect();
+        let want = SYNC_PARTNERS.saturating_sub(self.ids.len());
+        self.ids.extend(others.choose_multiple(rng, want).copied());
+        let mut out = self.ids.clone();
+        out.shuffle(rng);
+        out.truncate(fanout);
+        out
+    }
+}
 
 /// What a catalog sync learned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,6 +175,8 @@ pub struct Node {
     membership: Membership,
     client: DataClient,
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The catalog-sync partners ([`SYNC_PARTNERS`]).
+    partners: std::sync::Mutex<Partners>,
     /// Work that winds down before the node stops.
     pub drain: Drain,
     /// What `--metrics` exports.
@@ -203,7 +240,7 @@ impl Drain {
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), drain: Default::default(), metrics: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), partners: Default::default(), drain: Default::default(), metrics: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
@@ -452,13 +489,24 @@ impl Node {
     }
 
     /// One round of the background catalog sync: [`Node::sync_with`] at most
-    /// [`CATALOG_SYNC_FANOUT`] live peers picked at random, so that a round costs the same in a
-    /// cluster of any size. A record, tombstone or revocation some member lacks reaches it
-    /// in a few rounds, and the peers whose catalogs match cost one small answer each.
+    /// [`CATALOG_SYNC_FANOUT`] of this node's [`SYNC_PARTNERS`] live partners, picked at random,
+    /// so that a round costs the same in a cluster of any size and reuses open connections.
+    /// One partner is swapped for a random live peer every [`PARTNER_ROTATION`]. A record,
+    /// tombstone or revocation some member lacks reaches it in a few rounds, and the peers
+    /// whose catalogs match cost one small answer each.
     pub async fn sync_round(&self) -> Learned {
-        use rand::seq::IndexedRandom;
         let alive = self.alive_peers();
-        let picked: Vec<Member> = alive.choose_multiple(&mut rand::rng(), CATALOG_SYNC_FANOUT).cloned().collect();
+        let ids: Vec<NodeId> = alive.iter().map(|m| m.id).collect();
+        let picked = {
+            let mut p = self.partners.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            let rotate = p.rotated.is_none_or(|t| now.duration_since(t) >= PARTNER_ROTATION);
+            if rotate {
+                p.rotated = Some(now);
+            }
+            p.pick(&ids, rotate, CATALOG_SYNC_FANOUT, &mut rand::rng())
+        };
+        let picked: Vec<Member> = alive.into_iter().filter(|m| picked.contains(&m.id)).collect();
         self.sync_with(&picked).await.0
     }
 
@@ -468,6 +516,9 @@ impl Node {
     /// refused). Returns what was learned and how many peers agree with this node now (their
     /// digest matched, or their lists were read in full).
     pub async fn sync_with(&self, peers: &[Member]) -> (Learned, usize) {
+        if peers.is_empty() {
+            return (Learned::default(), 0);
+        }
         let store = self.store.clone();
         let own = match tokio::task::spawn_blocking(move || catalog_digest(&store)).await {
             Ok(Ok(d)) => Some(d),
@@ -776,5 +827,48 @@ mod digest_tests {
         let t = Tombstone { name: "x".into(), record: recs[0].id().expect("id"), deleted_by: id, deleted_unix_ms: 7 };
         a.tombstone_put(&sign_tombstone(&key, &cert, t).expect("sign")).expect("tombstone");
         assert_ne!(catalog_digest(&a).expect("digest"), catalog_digest(&b).expect("digest"));
+    }
+}
+
+#[cfg(test)]
+mod partner_tests {
+    use super::*;
+
+    fn ids(n: u8) -> Vec<NodeId> {
+        (1..=n).map(|i| NodeId([i; 32])).collect()
+    }
+
+    #[test]
+    fn partners_stay_put_rotate_one_at_a_time_and_follow_liveness() {
+        let mut rng = rand::rng();
+        let alive = ids(40);
+        let mut p = Partners::default();
+        let first = p.pick(&alive, true, CATALOG_SYNC_FANOUT, &mut rng);
+        assert_eq!(first.len(), CATALOG_SYNC_FANOUT);
+        assert_eq!(p.ids.len(), SYNC_PARTNERS);
+        assert!(first.iter().all(|f| p.ids.contains(f)), "a round asks partners only");
+        // Without rotation the partners stay the same.
+        let before = p.ids.clone();
+        for _ in 0..20 {
+            p.pick(&alive, false, CATALOG_SYNC_FANOUT, &mut rng);
+        }
+        assert_eq!(p.ids, before);
+        // A rotation swaps exactly one.
+        p.pick(&alive, true, CATALOG_SYNC_FANOUT, &mut rng);
+        assert_eq!(p.ids.len(), SYNC_PARTNERS);
+        assert_eq!(p.ids.iter().filter(|i| before.contains(i)).count(), SYNC_PARTNERS - 1);
+        // A partner that goes down is replaced by a live peer at the next round.
+        let gone = p.ids[0];
+        let alive2: Vec<NodeId> = alive.iter().copied().filter(|i| *i != gone).collect();
+        p.pick(&alive2, false, CATALOG_SYNC_FANOUT, &mut rng);
+        assert!(!p.ids.contains(&gone));
+        assert_eq!(p.ids.len(), SYNC_PARTNERS);
+        // A small cluster: every peer is a partner, no duplicates.
+        let mut q = Partners::default();
+        let small = ids(3);
+        let got = q.pick(&small, true, CATALOG_SYNC_FANOUT, &mut rng);
+        assert_eq!(q.ids.len(), 3);
+        assert_eq!(got.len(), 3);
+        assert!(q.pick(&[], true, CATALOG_SYNC_FANOUT, &mut rng).is_empty());
     }
 }

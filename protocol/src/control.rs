@@ -190,6 +190,9 @@ pub enum ControlRequest {
         /// The revocation token.
         token: String,
     },
+    /// This node's member list, as its membership knows it (asks no peer: cheap at any
+    /// cluster size, unlike `ClusterStatus`).
+    ClusterMembers,
 }
 
 /// A VM a node knows of on its host.
@@ -420,6 +423,34 @@ pub enum ControlResult {
         /// Live members told now (the others learn it when they next sync).
         told: usize,
     },
+    /// From `ClusterMembers`.
+    Members(MemberList),
+}
+
+/// A node's view of the membership (`vmcsnap cluster members`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberList {
+    /// The answering node.
+    pub node: NodeId,
+    /// Every known member, sorted by id.
+    pub members: Vec<MemberEntry>,
+}
+
+/// One member in a [`MemberList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    /// Node id (hex in JSON).
+    pub id: NodeId,
+    /// Its name.
+    pub name: String,
+    /// Data-plane (and membership) address.
+    pub address: String,
+    /// Up: alive or suspected, as SWIM counts it.
+    pub alive: bool,
+    /// This is the node that answered.
+    pub local: bool,
+    /// The run of its process this node knows (0 if none yet).
+    pub incarnation: u32,
 }
 
 /// One frame from node to CLI.

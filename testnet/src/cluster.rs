@@ -217,7 +217,7 @@ impl Cluster {
                 if !n.running() {
                     continue;
                 }
-                let v = self.json(i, &["cluster", "status"])?;
+                let v = self.json(i, &["cluster", "members"])?;
                 let alive = v["members"].as_array().map(|m| m.iter().filter(|m| m["alive"] == true).count()).unwrap_or(0);
                 if alive != want {
                     ok = false;
