@@ -60,7 +60,11 @@ pub const KAD_REFRESH_STEADY: Duration = Duration::from_secs(300);
 /// which is when admission is checked).
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(300);
 /// A connection that carried nothing for this long is closed (the next message opens one).
-pub const CONNECTION_IDLE: Duration = Duration::from_secs(20);
+/// An idle connection costs no CPU here (no ping, no keep-alive) but a new one costs a
+/// handshake: long enough that in a cluster of a hundred most probes find their connection
+/// open (each pair of members meets every `members * PROBE_PERIOD`), short enough that a
+/// node holds at most about `2 * IDLE / PROBE_PERIOD` (240) of them however large the cluster.
+pub const CONNECTION_IDLE: Duration = Duration::from_secs(180);
 /// How long one SWIM message may take to be delivered and acknowledged.
 pub const SWIM_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping node waits for its goodbye messages to leave.
