@@ -14,7 +14,7 @@
 //! - the control-socket accept loop ([`crate::control::accept_loop`]), one task per CLI
 //!   request;
 //! - [`sync_catalog`]: every [`CATALOG_SYNC_INTERVAL`], compares catalog digests with
-//!   [`crate::node::CATALOG_SYNC_FANOUT`] random live members and pulls the revocations,
+//!   [`crate::node::CATALOG_SYNC_FANOUT`] of its sync partners and pulls the revocations,
 //!   tombstones and commit records this node lacks from those whose digest differs (so a
 //!   node that was down when a member was removed or a snapshot committed or deleted learns
 //!   of it within a few rounds, at a cost per round that does not grow with the cluster);
