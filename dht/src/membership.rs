@@ -82,9 +82,10 @@ pub struct Member {
     pub id: NodeId,
     /// Its QUIC data-plane address (also its libp2p TCP address: same IP and port).
     pub data_addr: SocketAddr,
-    /// A connection to it is up (always true for the local node).
+    /// SWIM counts it up: alive or suspected, not yet declared down (always true for the
+    /// local node).
     pub alive: bool,
-    /// Its operator-given name (by default its hostname); empty until it has identified.
+    /// Its operator-given name (by default its hostname), as its certificate names it.
     pub name: String,
     /// Which run of its process SWIM knows (0 until heard of in this run). A new value
     /// means the process restarted: whatever was connected to the old one is stale.
