@@ -40,7 +40,7 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze (scripts/setup.sh installs systemd)");
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
-    for key in ["Type=notify", "KillMode=process", "NoNewPrivileges=yes", "PrivateTmp=yes", "StateDirectory=vmcsnap", "ProtectHome=yes"] {
+    for key in ["Type=notify", "WatchdogSec=60s", "KillMode=process", "NoNewPrivileges=yes", "PrivateTmp=yes", "StateDirectory=vmcsnap", "ProtectHome=yes"] {
         assert!(unit.lines().any(|l| l == key), "the unit sets {key}");
     }
 }
@@ -73,13 +73,28 @@ fn the_units_command_line_notifies_ready_and_stops_cleanly_on_sigterm() {
         .map(|a| if a == "/etc/vmcsnap/node.toml" { config_path.display().to_string() } else { a })
         .collect();
     assert_eq!(argv[1..], ["node", "run", "--config", &config_path.display().to_string()]);
-    let mut node = Command::new(&argv[0]).args(&argv[1..]).env("NOTIFY_SOCKET", &notify_path).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    // As systemd starts it with WatchdogSec=: a 1 s watchdog, for this test.
+    let mut node = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf);
     if n.is_err() {
         let _ = node.kill();
     }
     assert_eq!(&buf[..n.expect("READY=1 within 30 s")], b"READY=1");
+    // Then the watchdog, every half second.
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        let n = notify.recv(&mut buf).expect("WATCHDOG=1");
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3), "three watchdog pings took {:?}", t0.elapsed());
     // Ready means serving: the control socket answers.
     let status = tool(&["cluster", "status", "--json", "--node", &data.display().to_string()]);
     assert!(status.contains("kvm-01"), "{status}");
@@ -102,8 +117,13 @@ fn the_units_command_line_notifies_ready_and_stops_cleanly_on_sigterm() {
     unsafe {
         libc::kill(node.id() as libc::pid_t, libc::SIGTERM);
     }
-    let n = notify.recv(&mut buf).expect("STOPPING=1");
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    let stopping = loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1");
+        if &buf[..n] != b"WATCHDOG=1" {
+            break buf[..n].to_vec();
+        }
+    };
+    assert_eq!(stopping, b"STOPPING=1");
     let t0 = Instant::now();
     let exit = loop {
         if let Some(s) = node.try_wait().expect("wait") {

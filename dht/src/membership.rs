@@ -340,6 +340,11 @@ impl Membership {
         self.rx.clone()
     }
 
+    /// Whether the membership task still runs (it ends only when told to, or by a bug).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the swarm and waits for it.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {

@@ -118,6 +118,9 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     if let Some(listener) = metrics {
         tasks.spawn(crate::exporter::serve(node.clone(), listener));
     }
+    if let Some(every) = watchdog_interval() {
+        tasks.spawn(watchdog(node.clone(), every));
+    }
 
     match shutdown {
         Some(rx) => {
@@ -250,6 +253,38 @@ fn notify_service_manager(state: &str) {
     let sent = addr.and_then(|a| std::os::unix::net::UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
     if let Err(e) = sent {
         tracing::warn!(target: "vmcsnap::node", error = %e, state, "cannot notify the service manager");
+    }
+}
+
+/// The watchdog interval the service manager asked for (`WatchdogSec=` in the unit:
+/// `$WATCHDOG_USEC`, meant for this process when `$WATCHDOG_PID` is unset or ours).
+fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}
+
+/// Tells the service manager `WATCHDOG=1` every half interval while the node works: its
+/// runtime runs this task, its store answers a read within the half interval, and its
+/// membership task runs. A node that stops doing so is restarted by systemd
+/// (`Restart=on-failure`).
+async fn watchdog(node: Arc<Node>, every: std::time::Duration) {
+    let half = every / 2;
+    let mut tick = tokio::time::interval(half);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = node.store.clone();
+        let store_ok = matches!(tokio::time::timeout(half, tokio::task::spawn_blocking(move || store.page_count())).await, Ok(Ok(_)));
+        if store_ok && node.membership_running() {
+            notify_service_manager("WATCHDOG=1");
+        } else {
+            tracing::error!(target: "vmcsnap::node", store_ok, membership = node.membership_running(), "not telling the watchdog: part of the node is stuck");
+        }
     }
 }
 

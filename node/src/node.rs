@@ -319,6 +319,11 @@ impl Node {
         added
     }
 
+    /// Whether the membership layer still runs.
+    pub fn membership_running(&self) -> bool {
+        self.membership.is_running()
+    }
+
     /// Every known member (sorted by id), with liveness.
     pub fn members(&self) -> Vec<Member> {
         self.membership.members()
