@@ -185,7 +185,7 @@ async fn watch_members(node: Arc<Node>) {
     }
 }
 
-/// Every [`CATALOG_SYNC_INTERVAL`], one round of catalog sync with a few random live peers
+/// Every [`CATALOG_SYNC_INTERVAL`], one round of catalog sync with a few of the sync partners
 /// ([`Node::sync_round`]): revocations, tombstones and commit records this node lacks. Then
 /// the data-plane connections idle for [`crate::net::CONNECTION_IDLE`] are closed (so a node
 /// holds connections to the peers it talked to lately, a number that does not grow with the
