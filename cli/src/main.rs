@@ -5,6 +5,7 @@
 
 mod config;
 mod doctor;
+mod wait;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -152,6 +153,8 @@ enum ListSort {
     Raw,
     /// Bytes the snapshot added to the cluster when it was taken.
     New,
+    /// Bytes only this snapshot references now, which deleting it would free (implies --unique).
+    Unique,
 }
 
 #[derive(Subcommand)]
@@ -302,7 +305,7 @@ vmcsnap snapshot restore nightly --vm web1 --disk virtio0 --to file:/tmp/web1-di
         common: NodeArg,
     },
     /// List snapshots (from every reachable member's catalog), oldest first.
-    #[command(after_help = "Examples:\n  vmcsnap snapshot list --vm web1 --since 7d\n  vmcsnap snapshot list --sort new --reverse")]
+    #[command(after_help = "Examples:\n  vmcsnap snapshot list --vm web1 --since 7d\n  vmcsnap snapshot list --sort new --reverse\n  vmcsnap snapshot list --sort unique --reverse    # what deleting each would free, largest first")]
     List {
         /// Only snapshots holding this VM (repeatable: any of them).
         #[arg(long = "vm", value_name = "ID")]
@@ -310,12 +313,17 @@ vmcsnap snapshot restore nightly --vm web1 --disk virtio0 --to file:/tmp/web1-di
         /// Only snapshots taken within this long before now (e.g. 90m, 7d).
         #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
         since: Option<std::time::Duration>,
-        /// Order by creation time, name, raw size or bytes the snapshot added.
+        /// Order by creation time, name, raw size, bytes the snapshot added, or bytes only it holds.
         #[arg(long, value_enum, default_value = "time")]
         sort: ListSort,
         /// Reverse the order (newest or largest first).
         #[arg(long)]
         reverse: bool,
+        /// Also show what each snapshot holds uniquely: the bytes (one copy; times its
+        /// replicas on disk) of pages no other snapshot references, which deleting it would
+        /// free. Reads every snapshot's manifest from its owners, so it takes longer.
+        #[arg(long)]
+        unique: bool,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -350,6 +358,11 @@ vmcsnap snapshot delete nightly@3f2a91c0 --yes   (one of two conflicting records
         /// Really delete them (this cannot be undone).
         #[arg(long)]
         yes: bool,
+        /// Wait until garbage collection on every live member has freed what they used alone
+        /// (at least the grace period: --snapshot-deadline plus two catalog syncs), showing
+        /// progress. Ctrl-C stops waiting, not the collection.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -461,6 +474,10 @@ enum ClusterCmd {
         /// Really remove it (this cannot be undone: the node needs a new identity to rejoin).
         #[arg(long)]
         yes: bool,
+        /// Wait until repair on every live member has made the copies that left with it,
+        /// showing progress. Ctrl-C stops waiting, not the repair.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         common: NodeArg,
     },
@@ -555,7 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Node(NodeCmd::Id { data_dir, json }) => node_id(&data_dir, json),
         Cmd::Cluster(ClusterCmd::Init { key, json }) => cluster_init(&key, json),
         Cmd::Cluster(ClusterCmd::Admit { node_id, name, key, serial, json }) => cluster_admit(&node_id, &name, &key, serial, json),
-        Cmd::Cluster(ClusterCmd::Remove { member, key, yes, common }) => cluster_remove(&member, &key, yes, &common).await,
+        Cmd::Cluster(ClusterCmd::Remove { member, key, yes, wait, common }) => cluster_remove(&member, &key, yes, wait, &common).await,
         Cmd::Snapshot(SnapshotCmd::Create { name, vms, all, mode, replicas, max_bandwidth, no_disks, disks, common }) => {
             let disks = match (no_disks, disks.is_empty()) {
                 (true, _) => DiskChoice::None,
@@ -570,10 +587,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             snapshot_restore(name, vms, on, to, launch, qmp, force, (eager, disk, in_place), &common).await
         }
-        Cmd::Snapshot(SnapshotCmd::List { vms, since, sort, reverse, common }) => snapshot_list(&vms, since, sort, reverse, &common).await,
+        Cmd::Snapshot(SnapshotCmd::List { vms, since, sort, reverse, unique, common }) => snapshot_list(&vms, since, sort, reverse, unique, &common).await,
         Cmd::Snapshot(SnapshotCmd::Show { name, common }) => snapshot_show(name, &common).await,
         Cmd::Snapshot(SnapshotCmd::Verify { name, deep, common }) => snapshot_verify(name, deep, &common).await,
-        Cmd::Snapshot(SnapshotCmd::Delete { names, yes, common }) => snapshot_delete(names, yes, &common).await,
+        Cmd::Snapshot(SnapshotCmd::Delete { names, yes, wait, common }) => snapshot_delete(names, yes, wait, &common).await,
         Cmd::Snapshot(SnapshotCmd::Forget { keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, vms, one_group, dry_run, yes, common }) => {
             let policy = Policy { last: keep_last, hourly: keep_hourly, daily: keep_daily, weekly: keep_weekly, monthly: keep_monthly, yearly: keep_yearly };
             snapshot_forget(policy, vms, one_group, dry_run, yes, &common).await
@@ -681,7 +698,7 @@ fn cluster_admit(node: &str, name: &str, key: &Path, serial: Option<u64>, json: 
     Ok(())
 }
 
-async fn cluster_remove(member: &str, key: &Path, yes: bool, common: &NodeArg) -> anyhow::Result<()> {
+async fn cluster_remove(member: &str, key: &Path, yes: bool, wait: bool, common: &NodeArg) -> anyhow::Result<()> {
     let k = read_cluster_key(key)?;
     let id = match parse_node_id(member) {
         Ok(id) => id,
@@ -699,19 +716,34 @@ async fn cluster_remove(member: &str, key: &Path, yes: bool, common: &NodeArg) -
         return Err(cli_error(ErrorKind::Invalid, format!("removing {member} ({}) cannot be undone; run again with --yes", id.short())));
     }
     let token = k.revoke(id).to_token();
+    let base = match wait {
+        true => Some(wait::baseline(common, wait::Work::Repair).await?),
+        false => None,
+    };
     let ControlResult::Removed { node, already, told } = call(common, ControlRequest::ClusterRemove { token }).await? else {
         bail!("node answered with the wrong result")
     };
-    if common.json {
-        return print_json(&serde_json::json!({ "node_id": node.to_string(), "already": already, "told": told }));
+    if !common.json {
+        if already {
+            println!("{} was already removed", node.short());
+        } else {
+            println!("{} removed; {told} live member(s) told now, the others when they next sync", node.short());
+        }
     }
-    if already {
-        println!("{} was already removed", node.short());
-    } else {
-        println!("{} removed; {told} live member(s) told now, the others when they next sync", node.short());
+    let waited = match base {
+        Some(base) => Some(wait::wait(common, wait::Work::Repair, Some(node), base).await?),
+        None => None,
+    };
+    if common.json {
+        return print_json(&serde_json::json!({ "node_id": node.to_string(), "already": already, "told": told, "repair": waited }));
+    }
+    if let Some(w) = waited {
+        println!("repair done on {} member(s) in {:.1} s: {} copies made ({} sent)", w.members, w.seconds, w.copies, human_bytes(w.bytes));
     }
     Ok(())
 }
+
+
 
 #[allow(clippy::too_many_arguments)]
 async fn snapshot_create(
@@ -872,8 +904,9 @@ async fn vm_list(common: &NodeArg) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn snapshot_list(vms: &[String], since: Option<std::time::Duration>, sort: ListSort, reverse: bool, common: &NodeArg) -> anyhow::Result<()> {
-    let ControlResult::List(mut list) = call(common, ControlRequest::SnapshotList).await? else {
+async fn snapshot_list(vms: &[String], since: Option<std::time::Duration>, sort: ListSort, reverse: bool, unique: bool, common: &NodeArg) -> anyhow::Result<()> {
+    let unique = unique || matches!(sort, ListSort::Unique);
+    let ControlResult::List(mut list) = call(common, ControlRequest::SnapshotList { unique }).await? else {
         bail!("node answered with the wrong result")
     };
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
@@ -886,6 +919,7 @@ async fn snapshot_list(vms: &[String], since: Option<std::time::Duration>, sort:
         ListSort::Name => list.sort_by(|a, b| (&a.name, a.created_unix_ms).cmp(&(&b.name, b.created_unix_ms))),
         ListSort::Raw => list.sort_by_key(|s| (s.raw_bytes, s.created_unix_ms)),
         ListSort::New => list.sort_by_key(|s| (s.new_bytes, s.created_unix_ms)),
+        ListSort::Unique => list.sort_by_key(|s| (s.unique_bytes, s.created_unix_ms)),
     }
     if reverse {
         list.reverse();
@@ -897,7 +931,9 @@ async fn snapshot_list(vms: &[String], since: Option<std::time::Duration>, sort:
         println!("no snapshots");
         return Ok(());
     }
-    println!("{:<24} {:<12} {:<23} {:>10} {:>10} {:>3}  {:<12} VMS", "NAME", "RECORD", "CREATED", "RAW", "NEW", "R", "BY");
+    let unique_col = |v: Option<u64>| if unique { format!(" {:>10}", v.map(human_bytes).unwrap_or_default()) } else { String::new() };
+    let unique_head = if unique { format!(" {:>10}", "UNIQUE") } else { String::new() };
+    println!("{:<24} {:<12} {:<23} {:>10} {:>10}{unique_head} {:>3}  {:<12} VMS", "NAME", "RECORD", "CREATED", "RAW", "NEW", "R", "BY");
     let mut conflicts = false;
     for s in list {
         let mark = match (s.conflict, s.signed) {
@@ -907,12 +943,13 @@ async fn snapshot_list(vms: &[String], since: Option<std::time::Duration>, sort:
         };
         conflicts |= s.conflict;
         println!(
-            "{:<24} {:<12} {:<23} {:>10} {:>10} {:>3}  {:<12} {}{mark}",
+            "{:<24} {:<12} {:<23} {:>10} {:>10}{} {:>3}  {:<12} {}{mark}",
             s.name,
             s.record,
             vmcsnap_protocol::units::utc_time(s.created_unix_ms),
             human_bytes(s.raw_bytes),
             human_bytes(s.new_bytes),
+            unique_col(s.unique_bytes),
             s.replicas,
             s.initiator,
             s.vms.join(",")
@@ -957,20 +994,34 @@ async fn snapshot_verify(name: String, deep: bool, common: &NodeArg) -> anyhow::
     Ok(())
 }
 
-async fn snapshot_delete(names: Vec<String>, yes: bool, common: &NodeArg) -> anyhow::Result<()> {
+async fn snapshot_delete(names: Vec<String>, yes: bool, wait: bool, common: &NodeArg) -> anyhow::Result<()> {
     if !yes {
         return Err(cli_error(ErrorKind::Invalid, format!("deleting {} cannot be undone; run again with --yes", names.join(", "))));
     }
+    let base = match wait {
+        true => Some(wait::baseline(common, wait::Work::Gc).await?),
+        false => None,
+    };
     let ControlResult::Deleted(done) = call(common, ControlRequest::SnapshotDelete { names }).await? else {
         bail!("node answered with the wrong result")
     };
+    if !common.json {
+        for d in &done {
+            println!("deleted {}@{} (told {} live members; the others learn it when they are back)", d.name, d.record, d.told);
+        }
+    }
+    let Some(base) = base else {
+        if common.json {
+            return print_json(&done);
+        }
+        println!("Pages no other snapshot uses are freed by garbage collection on each owner (see `vmcsnap cluster status`, or wait with --wait).");
+        return Ok(());
+    };
+    let w = wait::wait(common, wait::Work::Gc, None, base).await?;
     if common.json {
-        return print_json(&done);
+        return print_json(&serde_json::json!({ "deleted": done, "gc": w }));
     }
-    for d in &done {
-        println!("deleted {}@{} (told {} live members; the others learn it when they are back)", d.name, d.record, d.told);
-    }
-    println!("Pages no other snapshot uses are freed by garbage collection on each owner (see `vmcsnap cluster status`).");
+    println!("garbage collection done on {} member(s) in {:.1} s: {} freed (all copies)", w.members, w.seconds, human_bytes(w.bytes));
     Ok(())
 }
 
@@ -981,7 +1032,7 @@ async fn snapshot_forget(policy: Policy, vms: Vec<String>, one_group: bool, dry_
     if !dry_run && !yes {
         return Err(cli_error(ErrorKind::Invalid, "forget deletes snapshots: look first with --dry-run, then run again with --yes"));
     }
-    let ControlResult::List(list) = call(common, ControlRequest::SnapshotList).await? else {
+    let ControlResult::List(list) = call(common, ControlRequest::SnapshotList { unique: false }).await? else {
         bail!("node answered with the wrong result")
     };
     let candidates: Vec<Candidate> = list

@@ -139,6 +139,30 @@ fn snapshot_on_one_host_restore_on_another_with_the_first_down() {
     assert_eq!(after["node"], node1, "same identity after restart");
     assert!(pages_of(&after, &node1).and_then(|p| p.as_u64()).unwrap_or(0) > 0, "its pages survived");
     assert_eq!(c.stored_pages(0).expect("status"), (want.distinct_nonzero + chunks) * 2);
+
+    // What each snapshot holds uniquely (what deleting it would free): s1 and s2 hold the
+    // same pages, so neither alone frees anything; s3, vm0 with 40 pages rewritten, frees
+    // exactly its new pages and the manifest chunks only it has.
+    let mut img = std::fs::read(&paths[0]).expect("read");
+    for (i, page) in img.chunks_mut(PAGE_SIZE).take(40).enumerate() {
+        page.fill(0x5a);
+        page[..8].copy_from_slice(&(i as u64 + 0xfeed_0000).to_le_bytes());
+    }
+    let p3 = tmp.path().join("img").join("vm0-rewritten.img");
+    std::fs::write(&p3, &img).expect("write");
+    c.json(1, &["snapshot", "create", "s3", "--vm", &format!("vm0=file:{}", p3.display())]).expect("s3");
+    let nonzero = |p: &Path| -> HashSet<PageHash> { std::fs::read(p).expect("read").chunks(PAGE_SIZE).filter(|d| d.iter().any(|&b| b != 0)).map(hash_page).collect() };
+    let before: HashSet<PageHash> = paths.iter().flat_map(|p| nonzero(p)).collect();
+    let new_pages = nonzero(&p3).difference(&before).count() as u64;
+    assert_eq!(new_pages, 40);
+    let old_chunks: HashSet<PageHash> = paths.iter().flat_map(|p| build_manifest(&page_hashes(p)).chunks.into_iter().map(|(h, _)| h)).collect();
+    let new_chunks = build_manifest(&page_hashes(&p3)).chunks.into_iter().filter(|(h, _)| !old_chunks.contains(h)).count() as u64;
+    let l = c.json(2, &["snapshot", "list", "--sort", "unique", "--reverse"]).expect("list --unique");
+    let got: Vec<(String, u64)> = l.as_array().expect("list").iter().map(|s| (s["name"].as_str().unwrap_or("").to_string(), s["unique_bytes"].as_u64().expect("unique_bytes"))).collect();
+    assert_eq!(got[0], ("s3".to_string(), (new_pages + new_chunks) * PAGE_SIZE as u64), "{l}");
+    assert_eq!(got[1..], [("s2".to_string(), 0), ("s1".to_string(), 0)], "{l}");
+    // Without --unique the list does not read manifests, and says nothing of it.
+    assert!(c.json(2, &["snapshot", "list"]).expect("list")[0]["unique_bytes"].is_null());
 }
 
 #[test]
@@ -164,6 +188,25 @@ fn bad_input_is_refused_and_commits_nothing() {
 
     assert!(c.cli(0, &["snapshot", "create", "ok", "--vm", &gvm]).expect("run").status.success());
     fails_as(&c, 1, &["snapshot", "create", "ok", "--vm", &gvm], "already exists", Some("conflict"));
+    // A member that was down when "late" was committed refuses the name too, before any VM is
+    // paused ("already exists", not a lost claim at commit): from its own catalog if it has
+    // caught up, else from the name's arbiters.
+    c.stop(2).expect("stop");
+    let t0 = std::time::Instant::now();
+    while c.json(0, &["cluster", "members"]).expect("members")["members"].as_array().expect("members").iter().any(|m| m["name"] == "n3" && m["alive"] == true) {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "n3 not seen down");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    // Pages of their own: "late" is placed on n1 and n2 only, and the pages of "ok" must not
+    // come to be on n1 that way (a restore below needs some of them to be on n2 and n3 only).
+    let late = tmp.path().join("late.img");
+    std::fs::write(&late, data.iter().map(|b| b ^ 0x5a).collect::<Vec<u8>>()).expect("write");
+    let lvm = format!("a=file:{}", late.display());
+    let o = c.cli(0, &["snapshot", "create", "late", "--vm", &lvm]).expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.restart(2).expect("restart");
+    c.wait_converged(std::time::Duration::from_secs(30)).expect("converged");
+    fails_as(&c, 2, &["snapshot", "create", "late", "--vm", &lvm], "already exists", Some("conflict"));
     fails_as(&c, 2, &["snapshot", "restore", "nope", "--vm", "a", "--to", "file:/tmp/x"], "no snapshot named", Some("not_found"));
     fails_as(&c, 2, &["snapshot", "show", "nope"], "no snapshot named", Some("not_found"));
     fails(&c, 2, &["snapshot", "restore", "ok", "--vm", "b", "--to", "file:/tmp/x"], "has no VM");
@@ -209,7 +252,7 @@ fn bad_input_is_refused_and_commits_nothing() {
 
     let list = c.json(0, &["snapshot", "list"]).expect("list");
     let names: Vec<&str> = list.as_array().expect("list").iter().map(|s| s["name"].as_str().expect("name")).collect();
-    assert_eq!(names, ["ok"], "failed snapshots are invisible");
+    assert_eq!(names, ["ok", "late"], "failed snapshots are invisible");
 }
 
 /// One scrape of `http://addr/metrics`: the status line and the body.

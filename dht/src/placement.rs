@@ -10,11 +10,17 @@
 //!
 //! Page hashes are BLAKE3 outputs, so their first 8 bytes are already uniform; `mix` only has
 //! to decorrelate members.
+//!
+//! Cost: [`owners`] scores every member (O(N) per key). Whether one member is among a key's
+//! owners ([`is_owner`], what repair and garbage collection ask of every page when the view
+//! changes) stops as soon as `replicas` members beat it: about `replicas × ln N` scores per
+//! key on average, not N.
 
 use vmcsnap_protocol::{NodeId, PageHash};
 
-/// A membership view: the members placement chooses from, each with its precomputed seed.
-/// The order of `members` does not matter to placement.
+/// A membership view: the members placement chooses from, each with its precomputed seed
+/// (already mixed: a key's score for a member is `mix(key ^ seed)`). The order of `members`
+/// does not matter to placement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {
     members: Vec<NodeId>,
@@ -40,7 +46,7 @@ impl View {
     pub fn new(mut members: Vec<NodeId>) -> Self {
         members.sort();
         members.dedup();
-        let seeds = members.iter().map(seed_of).collect();
+        let seeds = members.iter().map(|m| mix(seed_of(m))).collect();
         Self { members, seeds }
     }
 
@@ -84,7 +90,7 @@ pub fn owners_into(view: &View, key: u64, replicas: usize, out: &mut Vec<usize>)
     // Keep the best `r` (score, index) pairs; `r` is tiny (1 to 3), so a sorted array beats a heap.
     let mut best: Vec<(u64, usize)> = Vec::with_capacity(r + 1);
     for (i, seed) in view.seeds.iter().enumerate() {
-        let score = mix(key ^ mix(*seed));
+        let score = mix(key ^ *seed);
         if best.len() < r || score > best[best.len() - 1].0 {
             let pos = best.partition_point(|&(s, _)| s >= score);
             best.insert(pos, (score, i));
@@ -92,6 +98,28 @@ pub fn owners_into(view: &View, key: u64, replicas: usize, out: &mut Vec<usize>)
         }
     }
     out.extend(best.iter().map(|&(_, i)| i));
+}
+
+/// Whether member `me` (an index into `view.members()`) is among the owners of `hash`, as
+/// [`owners`] would say, without scoring every member: it stops once `replicas` members beat
+/// `me` (a higher score, or an equal one at a lower index, as [`owners`] breaks ties).
+pub fn is_owner(view: &View, hash: &PageHash, replicas: usize, me: usize) -> bool {
+    let key = hash.prefix_u64();
+    let Some(mine) = view.seeds.get(me).map(|s| mix(key ^ s)) else { return false };
+    if replicas == 0 {
+        return false;
+    }
+    let mut ahead = 0;
+    for (j, seed) in view.seeds.iter().enumerate() {
+        let score = mix(key ^ seed);
+        if score > mine || (score == mine && j < me) {
+            ahead += 1;
+            if ahead >= replicas {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Each member's share of the hash space as primary owner, estimated over `samples` evenly
@@ -181,6 +209,45 @@ mod tests {
             let expected = (keys * r as u64) as f64 / (n + 1) as f64;
             let moved = moved as f64;
             prop_assert!((moved - expected).abs() / expected < 0.15, "moved {} expected {}", moved, expected);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn is_owner_agrees_with_owners(n in 1u64..40, r in 0usize..4, salt in 0u64..1000) {
+            let v = view(n, salt);
+            for k in 0..200u64 {
+                let h = key(k + salt * 1000);
+                let o = owners(&v, &h, r);
+                for me in 0..v.len() {
+                    prop_assert_eq!(is_owner(&v, &h, r, me), o.contains(&me), "key {} member {}", k, me);
+                }
+            }
+            prop_assert!(!is_owner(&v, &key(0), r, v.len()), "not a member");
+        }
+    }
+
+    /// Ties (equal scores) are broken as `owners` breaks them: by index.
+    #[test]
+    fn is_owner_breaks_ties_by_index() {
+        let v = View { members: vec![NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32])], seeds: vec![7, 7, 7] };
+        let h = key(1);
+        assert_eq!(owners(&v, &h, 2), vec![0, 1]);
+        assert_eq!([0, 1, 2].map(|me| is_owner(&v, &h, 2, me)), [true, true, false]);
+    }
+
+    /// Placement is what it was before seeds were mixed once per view instead of once per
+    /// score: keys do not move on an upgrade.
+    #[test]
+    fn placement_is_unchanged_by_the_precomputed_seeds() {
+        let v = view(7, 3);
+        for k in 0..500 {
+            let h = key(k);
+            let mut scored: Vec<(u64, usize)> = v.members().iter().enumerate().map(|(i, id)| (mix(h.prefix_u64() ^ mix(seed_of(id))), i)).collect();
+            scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            assert_eq!(owners(&v, &h, 3), scored.iter().take(3).map(|s| s.1).collect::<Vec<_>>());
         }
     }
 

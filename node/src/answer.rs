@@ -87,7 +87,8 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             store.sync_incarnation(incarnation)?;
             Ok(DataResponse::Synced)
         }
-        DataRequest::Commit { record } => {
+        // Relaying is the server's ([`crate::node::relay_record`]); a record is only kept here.
+        DataRequest::Commit { record, .. } => {
             record.validate().map_err(|e| AnswerError::BadRequest(e.to_string()))?;
             trust.check_record(&record).map_err(|e| AnswerError::BadRequest(format!("commit record refused: {e}")))?;
             store.catalog_put(&record)?;
@@ -117,7 +118,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
         }
         DataRequest::ClaimName { name, record, release } => {
             validate_name("snapshot name", &name).map_err(AnswerError::BadRequest)?;
-            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let now_ms = vmcsnap_protocol::units::unix_ms();
             let holder = store.claim_name(&name, record, now_ms, NAME_CLAIM_TTL_MS, release)?;
             Ok(DataResponse::NameClaim { holder })
         }

@@ -249,34 +249,7 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
             }
             Ok(ControlResult::Vms(vms))
         }
-        ControlRequest::SnapshotList => {
-            node.sync_catalog().await;
-            let all = node.store.catalog_all()?;
-            let mut per_name: std::collections::HashMap<&str, usize> = Default::default();
-            for r in &all {
-                *per_name.entry(r.record.name.as_str()).or_default() += 1;
-            }
-            let mut out: Vec<SnapshotInfo> = all
-                .iter()
-                .map(|s| {
-                    let r = &s.record;
-                    SnapshotInfo {
-                        vms: r.vms.iter().map(|v| v.id.clone()).collect(),
-                        raw_bytes: r.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum(),
-                        new_bytes: r.vms.iter().map(|v| v.stats.pages_new * PAGE_SIZE as u64).sum(),
-                        replicas: r.replicas,
-                        created_unix_ms: r.created_unix_ms,
-                        name: r.name.clone(),
-                        record: s.id().map(|i| short_record_id(&i)).unwrap_or_default(),
-                        conflict: per_name.get(r.name.as_str()).copied().unwrap_or(0) > 1,
-                        signed: s.is_signed(),
-                        initiator: node.host_name(&r.initiator),
-                    }
-                })
-                .collect();
-            out.sort_by(|a, b| (a.created_unix_ms, &a.name).cmp(&(b.created_unix_ms, &b.name)));
-            Ok(ControlResult::List(out))
-        }
+        ControlRequest::SnapshotList { unique } => snapshot_list(&node, unique, progress).await,
         ControlRequest::SnapshotShow { name } => Ok(ControlResult::Show(Box::new(node.find_record(&name).await.map_err(RestoreError::from)?))),
         ControlRequest::SnapshotDelete { names } => {
             // Resolve every name first: a typo in the third deletes nothing.
@@ -350,4 +323,41 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         })
         .collect();
     ClusterStatus { node: node.id, replicas: node.config.replicas, members }
+}
+
+/// `snapshot list`: every record in the catalog (synced first), oldest first; with `unique`,
+/// what deleting each alone would free.
+async fn snapshot_list(node: &Arc<Node>, unique: bool, progress: Progress) -> Result<ControlResult, ControlError> {
+    node.sync_catalog().await;
+    let all = node.store.catalog_all()?;
+    let mut per_name: std::collections::HashMap<&str, usize> = Default::default();
+    for r in &all {
+        *per_name.entry(r.record.name.as_str()).or_default() += 1;
+    }
+    let unique = match unique {
+        true => Some(crate::engine::gc::unique_bytes(node, &all.iter().map(|s| &s.record).collect::<Vec<_>>(), progress).await?),
+        false => None,
+    };
+    let mut out: Vec<SnapshotInfo> = all
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let r = &s.record;
+            SnapshotInfo {
+                vms: r.vms.iter().map(|v| v.id.clone()).collect(),
+                raw_bytes: r.vms.iter().map(|v| v.manifest.pages * PAGE_SIZE as u64).sum(),
+                new_bytes: r.vms.iter().map(|v| v.stats.pages_new * PAGE_SIZE as u64).sum(),
+                unique_bytes: unique.as_ref().map(|u| u[i]),
+                replicas: r.replicas,
+                created_unix_ms: r.created_unix_ms,
+                name: r.name.clone(),
+                record: s.id().map(|i| short_record_id(&i)).unwrap_or_default(),
+                conflict: per_name.get(r.name.as_str()).copied().unwrap_or(0) > 1,
+                signed: s.is_signed(),
+                initiator: node.host_name(&r.initiator),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (a.created_unix_ms, &a.name).cmp(&(b.created_unix_ms, &b.name)));
+    Ok(ControlResult::List(out))
 }

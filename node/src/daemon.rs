@@ -209,7 +209,7 @@ async fn sync_catalog(node: Arc<Node>) {
         if learned.records > 0 {
             tracing::info!(target: "vmcsnap::catalog", added = learned.records, "learned snapshots from peers");
             // Some may have been placed while this node was away: its share moves here.
-            node.repair_wake.notify_one();
+            node.wake_repair();
         }
     }
 }

@@ -14,13 +14,15 @@
 //! checks it)
 //! 0. [`config`] (the validated configuration), [`identity`] (the ed25519 key), [`store`]
 //!    (RocksDB pages, catalog, metadata), [`source`] (memory sources and the capture contract:
-//!    pacing, page sink, result).
+//!    pacing, page sink, result), [`tls`] (the data plane's TLS: libp2p's profile, AES-GCM
+//!    first).
 //! 1. [`admission`] (this node's certificate and the revocations it keeps), [`qemu`] (stream
 //!    parser and rebuilder, QMP, capture, launch: QEMU's terms only), [`net`]
 //!    (the QUIC data plane's client side and framing), [`answer`] (store requests, for peers
 //!    and for this node alike).
 //! 2. [`vms`]: this host's VM registry and the pause journal; [`fuzz`]: the fuzzing entry
-//!    points (one per decoder of outside input).
+//!    points (one per decoder of outside input); [`share`]: pages fetched from other members,
+//!    shared by the fetches running at once.
 //! 3. [`node`]: the [`Node`] API — members, calls, the peer fan-out, the catalog.
 //! 4. [`engine`]: uploads, the cut (coordinator and participant state machines), snapshot,
 //!    restore.
@@ -41,8 +43,10 @@ pub mod net;
 pub mod node;
 pub mod qemu;
 pub mod server;
+pub mod share;
 pub mod source;
 pub mod store;
+pub mod tls;
 pub mod vms;
 
 pub use config::NodeConfig;

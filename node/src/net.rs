@@ -1,9 +1,9 @@
 //! The QUIC data plane (quinn).
 //!
-//! TLS on every connection is libp2p's TLS profile: each side presents a self-signed
-//! certificate carrying its ed25519 node key, and each side checks the other's. The client
-//! names the node it expects (the connection fails if anyone else answers); the server
-//! accepts only current members and closes any other connection at once.
+//! TLS on every connection is libp2p's TLS profile ([`crate::tls`], AES-GCM first): each side
+//! presents a self-signed certificate carrying its ed25519 node key, and each side checks the
+//! other's. The client names the node it expects (the connection fails if anyone else
+//! answers); the server accepts only current members and closes any other connection at once.
 //!
 //! One request per bidirectional stream; many streams per connection; one connection per
 //! peer, kept open and re-made after a failure. Every frame is length-checked against
@@ -135,7 +135,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 
 /// Builds the endpoint: a server for members and a client for our requests, on one UDP socket.
 pub fn endpoint(keypair: &Keypair, listen: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-    let mut tls = libp2p::tls::make_server_config(keypair)?;
+    let mut tls = crate::tls::server_config(keypair)?;
     tls.alpn_protocols = vec![DATA_ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(Arc::new(tls))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -284,8 +284,7 @@ impl DataClient {
         }
         let unreachable = |reason: String| NetError::Unreachable { peer: peer.short(), addr, reason };
         let peer_id = peer_of_node_id(&peer).ok_or_else(|| unreachable("not an ed25519 node id".into()))?;
-        let mut tls = libp2p::tls::make_client_config(&self.keypair, Some(peer_id))
-            .map_err(|e| unreachable(e.to_string()))?;
+        let mut tls = crate::tls::client_config(&self.keypair, peer_id).map_err(|e| unreachable(e.to_string()))?;
         tls.alpn_protocols = vec![self.alpn.to_vec()];
         let crypto = QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| unreachable(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));

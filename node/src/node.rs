@@ -108,6 +108,54 @@ where
     .await
 }
 
+/// Members a member hands a commit record on to directly, each with its share of the rest to
+/// hand on in turn (a broadcast tree): a record reaches N members in about `log4 N` hops, no
+/// member sends it more than this many times, and the cluster sends it N − 1 times in all.
+pub const RECORD_RELAY_FANOUT: usize = 4;
+
+/// How `group` is handed on: [`RECORD_RELAY_FANOUT`] shares as even as can be, each as (the
+/// member given the record, the members it hands it on to).
+pub fn relay_shares<T: Clone>(group: &[T]) -> Vec<(T, Vec<T>)> {
+    let k = RECORD_RELAY_FANOUT.min(group.len());
+    let mut out = Vec::with_capacity(k);
+    let mut at = 0;
+    for s in 0..k {
+        let len = group.len() / k + usize::from(s < group.len() % k);
+        out.push((group[at].clone(), group[at + 1..at + len].to_vec()));
+        at += len;
+    }
+    out
+}
+
+/// Gives `rec` to the members of `group` in the background, as a broadcast tree: each share
+/// ([`relay_shares`]) goes to its first member with the rest of the share to hand on; one that
+/// does not take it within [`PEER_ANSWER_TIMEOUT`] is passed over for the next. Members not
+/// live here are left out: catalog sync brings them the record.
+pub fn relay_record(node: &Arc<Node>, rec: SignedRecord, group: Vec<NodeId>) {
+    let alive: std::collections::HashMap<NodeId, Member> = node.alive_peers().into_iter().map(|m| (m.id, m)).collect();
+    let live: Vec<Member> = group.iter().filter_map(|id| alive.get(id).cloned()).collect();
+    for (head, rest) in relay_shares(&live) {
+        let (node, rec) = (node.clone(), rec.clone());
+        tokio::spawn(async move {
+            let mut share = std::iter::once(head).chain(rest).collect::<std::collections::VecDeque<_>>();
+            while let Some(m) = share.pop_front() {
+                let req = DataRequest::Commit { record: rec.clone(), relay: share.iter().map(|m| m.id).collect() };
+                match tokio::time::timeout(PEER_ANSWER_TIMEOUT, node.call(&m, req)).await {
+                    Ok(Ok(DataResponse::Committed)) => return,
+                    other => {
+                        let why = match other {
+                            Ok(Ok(_)) => "wrong answer".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => format!("no answer within {PEER_ANSWER_TIMEOUT:?}"),
+                        };
+                        tracing::debug!(target: "vmcsnap::catalog", name = %rec.record.name, peer = %m.id.short(), error = %why, left = share.len(), "commit record not handed on; trying the next member of the share");
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Why a record from a peer was not kept.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordRefused {
@@ -168,6 +216,8 @@ pub struct Node {
     pub signer: Signer,
     /// Wakes the garbage collector (a snapshot was deleted).
     pub gc_wake: tokio::sync::Notify,
+    /// Pages fetched from other members, shared by the fetches running at once.
+    pub fetch_share: crate::share::FetchShare,
     /// Wakes repair (a member was removed).
     pub repair_wake: tokio::sync::Notify,
     /// When each member that is down now was first seen down.
@@ -240,7 +290,7 @@ impl Drain {
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), partners: Default::default(), drain: Default::default(), metrics: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), fetch_share: Default::default(), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), partners: Default::default(), drain: Default::default(), metrics: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
@@ -294,7 +344,7 @@ impl Node {
             return Ok((false, 0));
         }
         tracing::warn!(target: "vmcsnap::admission", node = %r.node.short(), "member removed from the cluster");
-        self.repair_wake.notify_one();
+        self.wake_repair();
         let answers = self.ask_peers(DataRequest::Revoke { token: r.to_token() }, PEER_ANSWER_TIMEOUT).await;
         Ok((true, answers.iter().filter(|(_, a)| a.is_ok()).count()))
     }
@@ -309,7 +359,7 @@ impl Node {
                 Ok((r, true)) => {
                     self.membership.revoke(r.node);
                     self.client.forget(&r.node).await;
-                    self.repair_wake.notify_one();
+                    self.wake_repair();
                     added += 1;
                 }
                 Ok((_, false)) => {}
@@ -473,6 +523,21 @@ impl Node {
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string())
     }
 
+    /// Starts a garbage-collection cycle soon: a deletion arrived (noted for `Stats`, which
+    /// `snapshot delete --wait` follows).
+    pub fn wake_gc(&self) {
+        self.store.gc_changed(vmcsnap_protocol::units::unix_ms());
+        self.gc_wake.notify_one();
+    }
+
+    /// Starts a repair cycle soon: something it acts on changed (noted for `Stats`, which
+    /// `cluster remove --wait` follows).
+    pub fn wake_repair(&self) {
+        let now = vmcsnap_protocol::units::unix_ms();
+        self.store.repair_publish(|r| r.changed_unix_ms = now);
+        self.repair_wake.notify_one();
+    }
+
     /// Releases a name taken by [`Node::reserve_name`].
     pub fn release_name(&self, name: &str) {
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
@@ -596,6 +661,9 @@ impl Node {
         rec.validate().map_err(|e| RecordRefused::Invalid(e.to_string()))?;
         self.trust.check_record(rec).map_err(|e| RecordRefused::Invalid(e.to_string()))?;
         let kept = self.store.catalog_put(rec)?;
+        if kept == crate::store::Kept::New {
+            tracing::info!(target: "vmcsnap::catalog", name = %rec.record.name, by = %self.host_name(&rec.record.initiator), "snapshot recorded");
+        }
         if kept == crate::store::Kept::New && self.store.catalog_get(&rec.record.name)?.len() > 1 {
             tracing::warn!(target: "vmcsnap::catalog", name = %rec.record.name, "two members committed different snapshots under one name; `vmcsnap snapshot list` shows both");
         }
@@ -633,7 +701,7 @@ impl Node {
         if new {
             tracing::info!(target: "vmcsnap::catalog", name = %t.tombstone.name, record = %short_record_id(&t.tombstone.record),
                 by = %self.host_name(&t.tombstone.deleted_by), "snapshot deleted");
-            self.gc_wake.notify_one();
+            self.wake_gc();
         }
         Ok(new)
     }
@@ -644,7 +712,7 @@ impl Node {
     pub async fn delete(&self, spec: &str) -> Result<Deleted, DeleteError> {
         let record = self.find_record(spec).await?;
         let id = record.record_hash().map_err(|e| DeleteError::Internal(e.to_string()))?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = vmcsnap_protocol::units::unix_ms();
         let t = self.signer.sign_tombstone(&record.name, id, now).map_err(|e| DeleteError::Internal(e.to_string()))?;
         self.take_tombstone(&t).map_err(|e| DeleteError::Internal(e.to_string()))?;
         let answers = self.ask_peers(DataRequest::Delete { tombstone: t }, PEER_ANSWER_TIMEOUT).await;
@@ -671,13 +739,6 @@ impl Node {
     fn describe(&self, r: &SignedRecord) -> String {
         let id = r.id().map(|i| short_record_id(&i)).unwrap_or_default();
         format!("{}@{id} (committed by {}, created_unix_ms {})", r.record.name, self.host_name(&r.record.initiator), r.record.created_unix_ms)
-    }
-
-    /// Whether a live peer has a snapshot named `name` (one targeted question each, not a
-    /// pull of their whole catalogs).
-    pub async fn name_on_peers(&self, name: &str) -> bool {
-        let answers = self.ask_peers(DataRequest::CatalogGet { name: name.to_string() }, PEER_ANSWER_TIMEOUT).await;
-        answers.into_iter().any(|(_, a)| matches!(a, Ok(DataResponse::Records { records }) if !records.is_empty()))
     }
 
     /// This host's VMs, with their status.
@@ -875,5 +936,40 @@ mod partner_tests {
         assert_eq!(q.ids.len(), 3);
         assert_eq!(got.len(), 3);
         assert!(q.pick(&[], true, CATALOG_SYNC_FANOUT, &mut rng).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+
+    /// Hands `group` on from member 0 as [`relay_record`] does (nobody fails); returns how
+    /// often each member got it, how many each sent, and the deepest hop.
+    fn broadcast(n: usize) -> (Vec<usize>, Vec<usize>, usize) {
+        let (mut got, mut sent, mut depth) = (vec![0; n], vec![0; n], 0);
+        let mut todo = vec![(0usize, (1..n).collect::<Vec<_>>(), 0usize)];
+        while let Some((from, group, hops)) = todo.pop() {
+            for (head, rest) in relay_shares(&group) {
+                sent[from] += 1;
+                got[head] += 1;
+                depth = depth.max(hops + 1);
+                todo.push((head, rest, hops + 1));
+            }
+        }
+        (got, sent, depth)
+    }
+
+    #[test]
+    fn a_record_reaches_every_member_once_in_logarithmic_hops() {
+        for n in [1, 2, 5, 6, 48, 100, 1000, 10_000] {
+            let (got, sent, depth) = broadcast(n);
+            assert!(got[1..].iter().all(|g| *g == 1) && got[0] == 0, "{n} members: each gets it exactly once");
+            assert_eq!(sent.iter().sum::<usize>(), n - 1, "{n} members: N - 1 messages in all");
+            assert!(sent.iter().all(|s| *s <= RECORD_RELAY_FANOUT), "{n} members: nobody sends more than the fan-out");
+            // log4 N hops, and one more for shares of uneven size.
+            let bound = (n.max(2) as f64).log(RECORD_RELAY_FANOUT as f64).ceil() as usize + 1;
+            assert!(depth <= bound, "{n} members: {depth} hops (bound {bound})");
+        }
+        assert_eq!(relay_shares(&[1, 2, 3, 4, 5, 6, 7]), vec![(1, vec![2]), (3, vec![4]), (5, vec![6]), (7, vec![])]);
     }
 }

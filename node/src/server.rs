@@ -158,10 +158,10 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
                     return;
                 }
                 Ok(req @ DataRequest::RestoreVm { .. }) => match restores.try_acquire_owned() {
-                    Ok(_permit) => dispatch(node, req).await,
+                    Ok(_permit) => dispatch(node, req, peer).await,
                     Err(_) => error(RemoteErrorKind::Failed, format!("this host runs {REMOTE_RESTORES_MAX} restores already; try again later")),
                 },
-                Ok(req) => dispatch(node, req).await,
+                Ok(req) => dispatch(node, req, peer).await,
                 Err(FrameError::Codec(e)) => {
                     tracing::warn!(target: "vmcsnap::net", peer = %peer.short(), error = %e, "bad request");
                     error(RemoteErrorKind::BadRequest, e.to_string())
@@ -173,9 +173,27 @@ async fn serve_connection(node: Arc<Node>, conn: quinn::Connection, peer: NodeId
     }
 }
 
-/// Answers one request from a peer (a cut is served on its stream instead).
-async fn dispatch(node: Arc<Node>, req: DataRequest) -> DataResponse {
+/// Answers one request from `peer` (a cut is served on its stream instead).
+async fn dispatch(node: Arc<Node>, req: DataRequest, peer: NodeId) -> DataResponse {
     match req {
+        // The record is kept, then handed on to the members `relay` names (a broadcast tree).
+        DataRequest::Commit { record, relay } => {
+            if relay.len() > vmcsnap_protocol::wire::RELAY_MAX {
+                return error(RemoteErrorKind::BadRequest, format!("Commit to relay to {} members (max {})", relay.len(), vmcsnap_protocol::wire::RELAY_MAX));
+            }
+            let (n, rec) = (node.clone(), record.clone());
+            match tokio::task::spawn_blocking(move || n.keep_record(&rec)).await {
+                Ok(Ok(kept)) => {
+                    if kept != crate::store::Kept::Deleted && !relay.is_empty() {
+                        crate::node::relay_record(&node, record, relay.into_iter().filter(|id| *id != peer).collect());
+                    }
+                    DataResponse::Committed
+                }
+                Ok(Err(crate::node::RecordRefused::Invalid(e))) => error(RemoteErrorKind::BadRequest, format!("commit record refused: {e}")),
+                Ok(Err(crate::node::RecordRefused::Store(e))) => crate::answer::AnswerError::from(e).into_response(),
+                Err(e) => error(RemoteErrorKind::Failed, e.to_string()),
+            }
+        }
         DataRequest::VmList => DataResponse::Vms { host: node.config.name.clone(), vms: node.local_vms().await },
         DataRequest::VmForget { id } => match node.vms.remove(&id) {
             Ok(_) => DataResponse::Ok,

@@ -172,8 +172,9 @@ pub struct Store {
     watched: Mutex<Option<std::collections::HashSet<PageHash>>>,
     /// Held shared across each `have`, exclusively across each deletion batch.
     gc_lock: std::sync::RwLock<()>,
-    /// What garbage collection last published: its state and the bytes it found unreferenced.
-    gc_published: Mutex<(String, u64)>,
+    /// What garbage collection last published (its state, the bytes it found unreferenced,
+    /// when its last whole cycle began, when a deletion last arrived).
+    gc_published: Mutex<GcStats>,
     /// What the scrubber last published.
     scrub_published: Mutex<ScrubStats>,
     /// What repair last published.
@@ -277,7 +278,7 @@ impl Store {
             incarnation: AtomicU64::new(rand::random()),
             watched: Mutex::new(None),
             gc_lock: Default::default(),
-            gc_published: Mutex::new(("idle".into(), 0)),
+            gc_published: Mutex::new(GcStats { state: "idle".into(), ..Default::default() }),
             scrub_published: Mutex::new(ScrubStats { state: "idle".into(), ..Default::default() }),
             reserve: AtomicU64::new(0),
             repair_published: Mutex::new(RepairStats { state: "idle".into(), ..Default::default() }),
@@ -835,10 +836,20 @@ impl Store {
     /// Publishes garbage collection's state and the bytes it found unreferenced (for `Stats`).
     pub fn gc_publish(&self, state: &str, reclaimable_bytes: Option<u64>) {
         let mut g = self.gc_published.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 = state.to_string();
+        g.state = state.to_string();
         if let Some(b) = reclaimable_bytes {
-            g.1 = b;
+            g.reclaimable_bytes = b;
         }
+    }
+
+    /// Publishes that a GC cycle begun at `began_unix_ms` ran to its end (for `Stats`).
+    pub fn gc_cycle_done(&self, began_unix_ms: u64) {
+        self.gc_published.lock().unwrap_or_else(|p| p.into_inner()).done_began_unix_ms = began_unix_ms;
+    }
+
+    /// Publishes that a deletion arrived at `unix_ms` (for `Stats`).
+    pub fn gc_changed(&self, unix_ms: u64) {
+        self.gc_published.lock().unwrap_or_else(|p| p.into_inner()).changed_unix_ms = unix_ms;
     }
 
     /// Publishes the scrubber's figures (for `Stats`).
@@ -863,8 +874,8 @@ impl Store {
 
     /// Garbage collection's figures.
     pub fn gc_stats(&self) -> Result<GcStats, StoreError> {
-        let (state, reclaimable_bytes) = self.gc_published.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Ok(GcStats { state, reclaimable_bytes, reclaimed_bytes: self.reclaimed_bytes()?, disk_bytes: self.disk_bytes() })
+        let published = self.gc_published.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(GcStats { reclaimed_bytes: self.reclaimed_bytes()?, disk_bytes: self.disk_bytes(), ..published })
     }
 
     /// Bytes freed by garbage collection since the store was created.

@@ -34,7 +34,7 @@ fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombston
         DataRequest::Sync { incarnation: 0 },
         DataRequest::Delete { tombstone: tombstone.clone() },
         DataRequest::Tombstones,
-        DataRequest::Commit { record },
+        DataRequest::Commit { record, relay: vec![] },
         DataRequest::CatalogList,
         DataRequest::CatalogDigest,
         DataRequest::CatalogGet { name: "x".into() },
@@ -154,7 +154,7 @@ async fn owners_reject_bad_pages_and_strangers() {
     absurd.vms[0].blocks[0].bytes = 1 << 62;
     absurd.vms[0].manifest.pages = (1 << 62) / PAGE_SIZE as u64;
     let signed = sign_record(&kp, &certificate, absurd).expect("sign");
-    match client.request(target.id, target.data_addr, &DataRequest::Commit { record: signed }).await {
+    match client.request(target.id, target.data_addr, &DataRequest::Commit { record: signed, relay: vec![] }).await {
         Err(NetError::Remote { kind: RemoteErrorKind::BadRequest, message, .. }) => assert!(message.contains("bytes"), "{message}"),
         other => panic!("expected the absurd record refused, got {other:?}"),
     }

@@ -205,7 +205,7 @@ mod seeds {
             DataRequest::Have { hashes: vec![h, ZERO_HASH] },
             DataRequest::Put { pages: vec![PagePut { hash: h, data: page.clone().into() }] },
             DataRequest::Get { hashes: vec![h] },
-            DataRequest::Commit { record: signed.clone() },
+            DataRequest::Commit { record: signed.clone(), relay: vec![] },
             DataRequest::CatalogGet { name: "nightly".into() },
             DataRequest::Cut(CutBegin { name: "nightly".into(), vms: vec![("web1".into(), None)], mode: CaptureMode::PreCopy, replicas: 2, placement: vec![me], max_bandwidth: None, disks: Default::default() }),
             DataRequest::Revoke { token: cluster.revoke(me).to_token() },
@@ -244,7 +244,7 @@ mod seeds {
             in_place: false,
         };
         put(&dir, "control", "restore", &encode_control(&req).expect("encode"));
-        put(&dir, "control", "list", &encode_control(&ControlRequest::SnapshotList).expect("encode"));
+        put(&dir, "control", "list", &encode_control(&ControlRequest::SnapshotList { unique: false }).expect("encode"));
         let failed = ControlEvent::Failed { kind: ErrorKind::Conflict, message: "two records".into() };
         put(&dir, "control", "failed", &encode_control(&failed).expect("encode"));
     }

@@ -131,7 +131,7 @@ async fn only_records_signed_by_their_admitted_initiator_are_kept_and_conflicts_
     // A learns B's honest record by catalog sync, and nothing else.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let names = loop {
-        if let Ok(ControlResult::List(list)) = control(&a.dir, ControlRequest::SnapshotList).await {
+        if let Ok(ControlResult::List(list)) = control(&a.dir, ControlRequest::SnapshotList { unique: false }).await {
             if !list.is_empty() {
                 break list.into_iter().map(|s| s.name).collect::<Vec<_>>();
             }
@@ -143,7 +143,7 @@ async fn only_records_signed_by_their_admitted_initiator_are_kept_and_conflicts_
 
     // B, a member, sends A commits.
     let client = DataClient::new(net::endpoint(&b.key, free_addr()).expect("endpoint"), b.key.clone());
-    let commit = |r: SignedRecord| DataRequest::Commit { record: r };
+    let commit = |r: SignedRecord| DataRequest::Commit { record: r, relay: vec![] };
     let mut unsigned = sign_record(&b.key, &b.cert, record("unsigned", b.id, 6)).expect("sign");
     unsigned.signature.clear();
     for (what, r) in [("unsigned", unsigned), ("forged", forged), ("impostor", impostor), ("foreign", foreign)] {
@@ -162,7 +162,7 @@ async fn only_records_signed_by_their_admitted_initiator_are_kept_and_conflicts_
         DataResponse::Records { records } => assert_eq!(records.len(), 2),
         other => panic!("{other:?}"),
     }
-    let Ok(ControlResult::List(list)) = control(&a.dir, ControlRequest::SnapshotList).await else { panic!("list") };
+    let Ok(ControlResult::List(list)) = control(&a.dir, ControlRequest::SnapshotList { unique: false }).await else { panic!("list") };
     let twice: Vec<_> = list.iter().filter(|s| s.name == "twice").collect();
     assert_eq!(twice.len(), 2);
     assert!(twice.iter().all(|s| s.conflict && s.signed && s.initiator == "b"), "{twice:?}");
@@ -201,7 +201,7 @@ async fn only_records_signed_by_their_admitted_initiator_are_kept_and_conflicts_
         Err((ErrorKind::Peer, message)) => assert!(message.contains("said it holds page") && message.contains("nothing was committed"), "{message}"),
         other => panic!("expected the false claim to be caught, got {other:?}"),
     }
-    let Ok(ControlResult::List(list)) = control(&a.dir, ControlRequest::SnapshotList).await else { panic!("list") };
+    let Ok(ControlResult::List(list)) = control(&a.dir, ControlRequest::SnapshotList { unique: false }).await else { panic!("list") };
     assert!(list.iter().all(|s| s.name != "on-a-false-claim"), "committed on a false claim");
 
     let _ = stop_a.send(());

@@ -17,7 +17,7 @@ pub const CONTROL_MAGIC: [u8; 4] = *b"VMCC";
 /// Version of the control protocol. Version 1 was unversioned (bare bincode frames); 2 added
 /// this header and [`ErrorKind`]; 3 record ids and conflicts; 4 deletion, verify, GC and
 /// scrub figures.
-pub const CONTROL_VERSION: u16 = 4;
+pub const CONTROL_VERSION: u16 = 5;
 
 /// Encodes one control message as a frame (length, magic, version, body).
 pub fn encode_control<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
@@ -148,7 +148,10 @@ pub enum ControlRequest {
         in_place: bool,
     },
     /// List snapshots.
-    SnapshotList,
+    SnapshotList {
+        /// Also work out what each holds uniquely (reads every manifest).
+        unique: bool,
+    },
     /// Show one snapshot.
     SnapshotShow {
         /// Snapshot name.
@@ -226,6 +229,9 @@ pub struct SnapshotInfo {
     pub raw_bytes: u64,
     /// Page bytes that were new to the cluster (one copy).
     pub new_bytes: u64,
+    /// With `unique`: bytes (one copy) of the pages no other snapshot references, which
+    /// deleting this one would free.
+    pub unique_bytes: Option<u64>,
     /// Replicas.
     pub replicas: u8,
     /// The record's id (first 12 hex characters): `NAME@ID` picks this record.
@@ -278,6 +284,9 @@ pub struct RestoreSummary {
     pub pages_needed: u64,
     /// Of those, pages this node already held.
     pub pages_local: u64,
+    /// Of those, pages another restore on this node fetched at the same time (clones, VMs of
+    /// one image): taken from it, not fetched again.
+    pub pages_shared: u64,
     /// Page bytes fetched from peers.
     pub bytes_fetched: u64,
     /// Wall time, ms.

@@ -1,4 +1,10 @@
-//! Human-readable sizes, as the CLI and the benchmarks print them.
+//! Human-readable sizes and times, as the CLI and the benchmarks print them, and the clock
+//! they are read from.
+
+/// This host's clock, ms since the Unix epoch (0 if it is set before the epoch).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 
 /// `b` bytes in binary units: `512 B`, `1.5 KiB`, `227.0 MiB`.
 pub fn human_bytes(b: u64) -> String {

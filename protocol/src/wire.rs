@@ -16,7 +16,7 @@
 //!     S->>O: Sync { incarnation }
 //!     Note over O: refuse if restarted since; flush pages to fsynced files
 //!     O-->>S: Synced
-//!     S->>O: Commit { record } (to every live member)
+//!     S->>O: Commit { record, relay } (arbiters and R owners; the rest down a broadcast tree)
 //!     O-->>S: Committed
 //! ```
 //!
@@ -53,7 +53,13 @@ use serde::{Deserialize, Serialize};
 ///   whether to write them in place; `Restored` lists the images).
 /// - `vmcsnap/data/8`: catalog digests (`CatalogDigest`): a sync pulls lists only from a peer
 ///   whose digest differs.
-pub const DATA_ALPN: &[u8] = b"vmcsnap/data/8";
+/// - `vmcsnap/data/9`: garbage-collection and repair figures in `Stats` say when each member
+///   learned of a change and when its last whole cycle began (`--wait`).
+/// - `vmcsnap/data/10`: `Commit` names the members to hand the record on to (`relay`).
+pub const DATA_ALPN: &[u8] = b"vmcsnap/data/10";
+
+/// Most members one `Commit` asks to relay the record to.
+pub const RELAY_MAX: usize = 16_384;
 
 /// Most hashes in one `Have` request (512 KiB of hashes).
 pub const HAVE_HASHES_MAX: usize = 16_384;
@@ -85,6 +91,11 @@ pub struct GcStats {
     pub reclaimed_bytes: u64,
     /// Bytes of the store's files on disk (page blobs, tables, log).
     pub disk_bytes: u64,
+    /// When this node last learned of a deletion, ms since the epoch on its clock (0: none).
+    pub changed_unix_ms: u64,
+    /// When the last cycle that ran to its end began, on the same clock (0: none yet). At or
+    /// after `changed_unix_ms`: what the deletions freed here is freed.
+    pub done_began_unix_ms: u64,
 }
 
 /// What a node's scrubber (which reads back and checks every stored page) found and did.
@@ -111,6 +122,12 @@ pub struct RepairStats {
     pub copies_made: u64,
     /// Bytes sent doing it.
     pub bytes_sent: u64,
+    /// When this node last learned of a change repair acts on (a member removed, snapshots
+    /// learned late), ms since the epoch on its clock (0: none).
+    pub changed_unix_ms: u64,
+    /// When the last cycle that left nothing for the next one began, on the same clock (0:
+    /// none yet). At or after `changed_unix_ms`: the copies owed here are made.
+    pub done_began_unix_ms: u64,
 }
 
 /// One page sent to an owner, with the hash the sender claims for it.
@@ -147,10 +164,13 @@ pub enum DataRequest {
         incarnation: u64,
     },
     /// Record this committed snapshot in your catalog (checked: signed by its initiator, an
-    /// admitted member).
+    /// admitted member), then hand it on to the members in `relay`: a broadcast tree, each
+    /// member handing it to a few, each of those with its share of the rest.
     Commit {
         /// The signed commit record.
         record: SignedRecord,
+        /// Members to hand it on to (none: keep it only). At most [`RELAY_MAX`].
+        relay: Vec<NodeId>,
     },
     /// Delete this snapshot record: drop it from your catalog and keep the tombstone, so it
     /// never comes back (checked: signed by an admitted member).

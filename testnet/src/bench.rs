@@ -6,7 +6,7 @@
 
 use crate::cluster::Cluster;
 use crate::guest::{self, Guest, QmpSync};
-use crate::svg::{self, Panel, Series};
+use crate::chart::{self, Panel, Series};
 use anyhow::{bail, Context};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -60,6 +60,10 @@ pub struct Column {
     pub second_bytes: u64,
     /// The second snapshot's time until durable, s.
     pub second_s: f64,
+    /// Each VM's pause in the first snapshot, ms, by VM name.
+    pub pauses: Vec<(String, f64)>,
+    /// vmcsnap: the first snapshot's stage marks on the initiator (ms since it began there).
+    pub stages: Vec<(String, f64)>,
 }
 
 /// The reduction of raw guest memory, by cause (pages).
@@ -251,28 +255,53 @@ pub(crate) fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path
     Ok(c)
 }
 
-/// vmcsnap's snapshot of every VM, from the last host. Returns (stored bytes after, durable
-/// s, pauses ms, skew ms).
-pub(crate) fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<(u64, f64, Vec<f64>, Option<f64>)> {
+/// What one vmcsnap snapshot measured.
+pub(crate) struct Taken {
+    /// Bytes stored cluster-wide after it.
+    pub(crate) stored: u64,
+    /// Until durable, s.
+    pub(crate) secs: f64,
+    /// Each VM's pause, ms, by VM name.
+    pub(crate) pauses: Vec<(String, f64)>,
+    /// First pause to last, ms.
+    pub(crate) skew: Option<f64>,
+    /// The initiator's stage marks: ms since the snapshot began there, in order.
+    pub(crate) stages: Vec<(String, f64)>,
+}
+
+/// vmcsnap's snapshot of every VM, from the last host.
+pub(crate) fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<Taken> {
     let logs: Vec<PathBuf> = c.nodes.iter().map(|n| n.dir.join("node.log")).collect();
     let before: Vec<u64> = logs.iter().map(|l| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0)).collect();
     let t = Instant::now();
     let s = c.json(hosts - 1, &["snapshot", "create", name, "--all", "--mode", mode, "--replicas", &replicas.to_string()])?;
     let secs = t.elapsed().as_secs_f64();
+    let mut initiator = Vec::new();
     for (i, (l, from)) in logs.iter().zip(before).enumerate() {
-        println!("  {name} R={replicas} stages on {}: {}", Cluster::name(i), stages(l, from));
+        let marks = stages(l, from);
+        println!("  {name} R={replicas} stages on {}: {}", Cluster::name(i), marks.iter().map(|(vm, st, ms)| format!("{}{st} {ms:.0}", vm.as_deref().map(|v| format!("{v}:")).unwrap_or_default())).collect::<Vec<_>>().join(", "));
+        if i == hosts - 1 {
+            initiator = marks.into_iter().filter(|(vm, _, _)| vm.is_none()).map(|(_, st, ms)| (st, ms)).collect();
+        }
     }
-    let pauses: Vec<f64> = s["vms"].as_array().context("vms")?.iter().map(|v| v[1]["pause_ms"].as_f64().unwrap_or(f64::NAN)).collect();
-    let names = s["vms"].as_array().context("vms")?.iter().map(|v| v[0].as_str().unwrap_or("?").to_string());
-    println!("  {name} R={replicas} pauses: {}", names.zip(&pauses).map(|(n, p)| format!("{n} {p:.0} ms")).collect::<Vec<_>>().join(", "));
+    let pauses: Vec<(String, f64)> =
+        s["vms"].as_array().context("vms")?.iter().map(|v| (v[0].as_str().unwrap_or("?").to_string(), v[1]["pause_ms"].as_f64().unwrap_or(f64::NAN))).collect();
+    println!("  {name} R={replicas} pauses: {}", pauses.iter().map(|(n, p)| format!("{n} {p:.0} ms")).collect::<Vec<_>>().join(", "));
     let skew = s["pause_skew_us"].as_f64().map(|u| u / 1000.0);
-    Ok((stored_bytes(c)?, secs, pauses, skew))
+    Ok(Taken { stored: stored_bytes(c)?, secs, pauses, skew, stages: initiator })
+}
+
+impl Taken {
+    /// The pauses alone, ms.
+    pub(crate) fn pause_ms(&self) -> Vec<f64> {
+        self.pauses.iter().map(|p| p.1).collect()
+    }
 }
 
 /// The stage marks (`vmcsnap::stage` log lines) a node logged past byte `from` of its log:
-/// "placed 12, cut 3050, ..." — ms since the snapshot began on that node (for a VM's own
-/// marks, `vm:stage`, since its migration began).
-fn stages(log: &Path, from: u64) -> String {
+/// (VM, stage, ms) — ms since the snapshot began on that node (for a VM's own marks, since its
+/// migration began).
+fn stages(log: &Path, from: u64) -> Vec<(Option<String>, String, f64)> {
     let text = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or(&[]));
     let field = |l: &str, k: &str| {
@@ -283,16 +312,8 @@ fn stages(log: &Path, from: u64) -> String {
     };
     text.lines()
         .filter(|l| l.contains("vmcsnap::stage"))
-        .filter_map(|l| {
-            let stage = field(l, "stage")?;
-            let ms = field(l, "ms")?;
-            Some(match field(l, "vm") {
-                Some(vm) => format!("{vm}:{stage} {ms}"),
-                None => format!("{stage} {ms}"),
-            })
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .filter_map(|l| Some((field(l, "vm"), field(l, "stage")?, field(l, "ms")?.parse().ok()?)))
+        .collect()
 }
 
 /// vmcsnap's rollback of every VM, each on the next host (lazy). Returns seconds until all
@@ -397,6 +418,9 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         opts.hosts,
         vms.iter().map(|v| format!("{} on {}", v.name, Cluster::name(v.host))).collect::<Vec<_>>().join(", ")
     );
+    // Every guest ends with the run, also when it fails half-way (restores launch guests that
+    // belong to no `Guest` handle).
+    let _reaper = guest::Reaper(vms.iter().map(|v| vmdir.join(format!("{}.qmp", v.name))).collect());
     let mut guests = Vec::new();
     for vm in &vms {
         guests.push(Guest::start(&vmdir, &vm.name, opts.mem_mib, &vm.kargs, &accel)?);
@@ -420,7 +444,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         for r in [1u8, 2] {
             let c = vmcsnap_cluster(bin, &mdir.join(format!("r{r}")), opts.hosts, &vmdir, &vms)?;
             let f = vmcsnap_snapshot(&c, opts.hosts, "first", mode, r)?;
-            println!("vmcsnap R={r}: {:.0} MiB stored in {:.2} s, pause max {:.0} ms", mib(f.0), f.1, f.2.iter().cloned().fold(0.0, f64::max));
+            println!("vmcsnap R={r}: {:.0} MiB stored in {:.2} s, pause max {:.0} ms", mib(f.stored), f.secs, f.pause_ms().iter().cloned().fold(0.0, f64::max));
             clusters.push(c);
             firsts.push(f);
         }
@@ -433,8 +457,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         let mut seconds = Vec::new();
         for (c, (r, f)) in clusters.iter().zip([1u8, 2].iter().zip(&firsts)) {
             let s = vmcsnap_snapshot(c, opts.hosts, "second", mode, *r)?;
-            println!("vmcsnap R={r} second: {:.1} MiB added in {:.2} s", mib(s.0 - f.0), s.1);
-            seconds.push((s.0 - f.0, s.1));
+            println!("vmcsnap R={r} second: {:.1} MiB added in {:.2} s", mib(s.stored - f.stored), s.secs);
+            seconds.push((s.stored - f.stored, s.secs));
         }
         let h1 = snapshot_hashes(&clusters[0], "first", &vms, &dir.join("ram"))?;
         let h2 = snapshot_hashes(&clusters[0], "second", &vms, &dir.join("ram"))?;
@@ -472,6 +496,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             restore_s: kvm_restore_s,
             second_bytes: kvm2_bytes,
             second_s: kvm2_s,
+            pauses: vms.iter().map(|v| v.name.clone()).zip(kvm_pauses.iter().copied()).collect(),
+            stages: vec![],
         };
         let kvm_copy = Column {
             name: "default KVM + copy".into(),
@@ -483,18 +509,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         };
         let mut columns = vec![kvm, kvm_copy];
         for (i, ((f, s), rs)) in firsts.iter().zip(&seconds).zip(&restores).enumerate() {
-            columns.push(Column {
-                name: format!("vmcsnap R={}", i + 1),
-                bytes: f.0,
-                durable_s: f.1,
-                pause_max_ms: max(&f.2),
-                pause_median_ms: crate::stats::median(f.2.clone()),
-                pause_skew_ms: f.3,
-                running_s: rs.0,
-                restore_s: rs.1,
-                second_bytes: s.0,
-                second_s: s.1,
-            });
+            columns.push(vmcsnap_column(i as u8 + 1, f, *s, *rs));
         }
         let m = ModeResult { mode: mode.to_string(), columns, breakdown: bd };
         print!("{}", table(&m));
@@ -507,10 +522,10 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| crate::sim::simulate(h, 2, opts.sim_keys, 1)).collect();
     print!("{}", crate::sim::table(&sims));
 
-    let chart = svg::chart(
+    let chart = chart::chart(
         &format!("vmcsnap vs default KVM: {} guests x {} MiB on {} hosts ({accel})", vms.len(), opts.mem_mib, opts.hosts),
         &panels(&results),
-    );
+    )?;
     if let Some(p) = opts.svg.parent() {
         std::fs::create_dir_all(p)?;
     }
@@ -530,6 +545,25 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     }))
 }
 
+/// vmcsnap's column at `replicas`: its first snapshot, its second (bytes, s) and its rollback
+/// (every VM running, all memory resident; s).
+fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64), rollback: (f64, f64)) -> Column {
+    Column {
+        name: format!("vmcsnap R={replicas}"),
+        bytes: f.stored,
+        durable_s: f.secs,
+        pause_max_ms: f.pause_ms().into_iter().fold(f64::NAN, f64::max),
+        pause_median_ms: crate::stats::median(f.pause_ms()),
+        pause_skew_ms: f.skew,
+        running_s: rollback.0,
+        restore_s: rollback.1,
+        second_bytes: second.0,
+        second_s: second.1,
+        pauses: f.pauses.clone(),
+        stages: f.stages.clone(),
+    }
+}
+
 fn panels(results: &[ModeResult]) -> Vec<Panel> {
     let groups: Vec<String> = results.first().map(|m| m.columns.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
     let panel = |title: &str, unit: &str, f: &dyn Fn(&Column) -> f64| Panel {
@@ -538,7 +572,7 @@ fn panels(results: &[ModeResult]) -> Vec<Panel> {
         groups: groups.clone(),
         series: results.iter().map(|m| Series { name: m.mode.clone(), values: m.columns.iter().map(f).collect() }).collect(),
     };
-    vec![
+    let mut out = vec![
         panel("bytes stored", "MiB", &|c| mib(c.bytes)),
         panel("snapshot until durable", "s", &|c| c.durable_s),
         panel("longest VM pause", "ms", &|c| c.pause_max_ms),
@@ -546,7 +580,42 @@ fn panels(results: &[ModeResult]) -> Vec<Panel> {
         panel("rollback: all memory resident", "s", &|c| c.restore_s),
         panel("second snapshot: bytes written", "MiB", &|c| mib(c.second_bytes)),
         panel("second snapshot: time", "s", &|c| c.second_s),
-    ]
+    ];
+    // Raw guest memory by what became of it (the same guests in every mode: the first mode's).
+    if let Some(b) = results.first().map(|m| &m.breakdown) {
+        let pages = |n: u64| mib(n * PAGE_SIZE as u64);
+        out.push(Panel {
+            title: "raw guest memory, by cause".into(),
+            unit: "MiB".into(),
+            groups: ["zero", "duplicate within a VM", "duplicate across VMs", "distinct (stored)"].map(String::from).to_vec(),
+            series: vec![Series { name: "first snapshot".into(), values: vec![pages(b.zero), pages(b.dup_within_vm), pages(b.dup_across_vms), pages(b.unique)] }],
+        });
+    }
+    for m in results {
+        // Each VM's pause: default KVM's and each vmcsnap column's ("+ copy" pauses as default KVM).
+        let cols: Vec<&Column> = m.columns.iter().filter(|c| !c.name.ends_with("+ copy")).collect();
+        out.push(named_panel(format!("VM pause per VM ({})", m.mode), &cols, |c| &c.pauses));
+        // When each stage ended on the initiator, for each vmcsnap column.
+        let cols: Vec<&Column> = m.columns.iter().filter(|c| !c.stages.is_empty()).collect();
+        out.push(named_panel(format!("stage ends on the initiator ({})", m.mode), &cols, |c| &c.stages));
+    }
+    out
+}
+
+/// A panel in ms of named figures (`figures` of each column): one group per name, in the order
+/// the columns first name them; a series per column.
+fn named_panel(title: String, cols: &[&Column], figures: impl Fn(&Column) -> &Vec<(String, f64)>) -> Panel {
+    let mut groups: Vec<String> = Vec::new();
+    for (name, _) in cols.iter().flat_map(|c| figures(c)) {
+        if !groups.contains(name) {
+            groups.push(name.clone());
+        }
+    }
+    let series = cols
+        .iter()
+        .map(|c| Series { name: c.name.clone(), values: groups.iter().map(|g| figures(c).iter().find(|f| f.0 == *g).map_or(f64::NAN, |f| f.1)).collect() })
+        .collect();
+    Panel { title, unit: "ms".into(), groups, series }
 }
 
 /// The table of one mode, with the goals checked.

@@ -141,6 +141,14 @@ impl Cluster {
         Ok(vec!["--cluster-key".into(), field("cluster_id")?, "--join".into(), field("token")?])
     }
 
+    /// The last `lines` lines of a file in node `i`'s data directory (`node.log`, a launched
+    /// QEMU's `launch-VM.log`), for a failing test to show.
+    pub fn tail(&self, i: usize, file: &str, lines: usize) -> String {
+        let s = std::fs::read_to_string(self.nodes[i].dir.join(file)).unwrap_or_else(|e| format!("({file}: {e})"));
+        let all: Vec<&str> = s.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Runs the CLI without a node; returns its stdout.
     fn tool(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(&self.bin).args(args).stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", self.bin.display()))?;

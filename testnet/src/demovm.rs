@@ -76,7 +76,8 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
 
     println!("\nvmcsnap: one live cut of every VM, taken from n3 (which runs none of them)");
     let c = vmcsnap_cluster(bin, &dir.join("cluster"), hosts, &vmdir, &vms)?;
-    let (stored, snap_s, pauses, skew) = vmcsnap_snapshot(&c, hosts, "demo", "live", 1)?;
+    let taken = vmcsnap_snapshot(&c, hosts, "demo", "live", 1)?;
+    let (stored, snap_s, pauses, skew) = (taken.stored, taken.secs, taken.pause_ms(), taken.skew);
 
     println!("\nevery guest killed; rolled back with `vmcsnap snapshot restore demo --launch`, each on another host");
     kill_all(&vmdir, &vms);

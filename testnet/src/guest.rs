@@ -234,13 +234,31 @@ impl Guest {
         let before = std::fs::read(&self.log).map(|b| b.len()).unwrap_or(0);
         let mut s = std::os::unix::net::UnixStream::connect(&self.serial)
             .with_context(|| format!("cannot open the serial console of {}", self.name))?;
+        // What the guest prints is read from the log file, but QEMU writes it to this socket
+        // first and logs only what the socket took: a socket nobody reads fills after a few
+        // hundred bytes (QEMU sends a byte at a time, and each costs a socket buffer's worth
+        // of overhead), and then the guest's console stalls mid-line. So it is drained.
+        s.set_read_timeout(Some(Duration::from_millis(1)))?;
+        let mut sink = [0u8; 4096];
         let t0 = Instant::now();
         let mut last_write = None::<Instant>;
         loop {
+            while matches!(std::io::Read::read(&mut s, &mut sink), Ok(n) if n > 0) {}
             // Re-type the line now and then: a guest just resumed may miss the first. Not too
             // often: a busy guest's answer could come out mixed with the echo of a retype.
             if last_write.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                s.write_all(format!("{line}\n").as_bytes())?;
+                if let Err(e) = s.write_all(format!("{line}\n").as_bytes()) {
+                    // QEMU dropped this connection (seen once as a broken pipe): connect
+                    // again and type the line on the new one.
+                    if t0.elapsed() > timeout {
+                        return Err(e).with_context(|| format!("the serial console of {} ({})", self.name, self.diagnose()));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    s = std::os::unix::net::UnixStream::connect(&self.serial)
+                        .with_context(|| format!("cannot open the serial console of {} again after {e}", self.name))?;
+                    s.set_read_timeout(Some(Duration::from_millis(1)))?;
+                    continue;
+                }
                 last_write = Some(Instant::now());
             }
             let all = std::fs::read(&self.log).unwrap_or_default();
@@ -254,10 +272,37 @@ impl Guest {
             }
             if t0.elapsed() > timeout {
                 let tail: String = new.chars().rev().take(600).collect::<String>().chars().rev().collect();
-                let state = QmpSync::connect(&self.qmp).and_then(|mut q| q.status()).unwrap_or_else(|e| format!("QMP unreachable: {e:#}"));
-                bail!("guest {} ({state}): no {expect:?} within {timeout:?} after typing {line:?}; the console printed: {tail:?}", self.name);
+                bail!("guest {} ({}): no {expect:?} within {timeout:?} after typing {line:?}; the console printed: {tail:?}", self.name, self.diagnose());
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What QEMU says of a guest that does not answer: its run state, its migration's, where
+    /// its vCPU is (twice, a second apart: a guest spinning moves, a halted one does not), and
+    /// the end of QEMU's own log.
+    pub fn diagnose(&self) -> String {
+        let qemu = || -> anyhow::Result<String> {
+            let mut q = QmpSync::connect(&self.qmp)?;
+            let status = q.status()?;
+            let migration = q.execute("query-migrate", serde_json::json!({}))?["status"].as_str().unwrap_or("none").to_string();
+            let mut rip = || -> anyhow::Result<String> {
+                let regs = q.execute("human-monitor-command", serde_json::json!({ "command-line": "info registers" }))?;
+                let regs = regs.as_str().unwrap_or("");
+                let field = |k: &str| regs.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or("?").to_string();
+                Ok(format!("RIP={} HLT={}", field("RIP="), field("HLT=")))
+            };
+            let first = rip()?;
+            std::thread::sleep(Duration::from_secs(1));
+            Ok(format!("{status}, migration {migration}, vCPU {first} then {}", rip()?))
+        };
+        let state = qemu().unwrap_or_else(|e| format!("QMP unreachable: {e:#}"));
+        let log = std::fs::read_to_string(self.log.with_extension("qemu.log")).unwrap_or_default();
+        let log: String = log.trim().lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+        if log.is_empty() {
+            state
+        } else {
+            format!("{state}; QEMU's log: {log}")
         }
     }
 

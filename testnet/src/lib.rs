@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod benchdisk;
 pub mod benchstore;
+pub mod chart;
 pub mod cluster;
 pub mod demovm;
 pub mod gen;
@@ -25,7 +26,6 @@ pub mod pagestats;
 pub mod sim;
 pub mod swimsim;
 pub mod stats;
-pub mod svg;
 
 use std::path::PathBuf;
 

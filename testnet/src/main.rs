@@ -193,7 +193,8 @@ enum Cmd {
         json: bool,
     },
     /// Placement simulation for 10, 100 and 1,000 hosts: share balance, keys moved when one
-    /// host joins or leaves.
+    /// host joins or leaves; then what computing a key's owners costs against asking whether
+    /// one host owns it (what repair and GC ask of every page).
     Placement {
         /// Keys per simulation.
         #[arg(long, default_value_t = 1_000_000)]
@@ -386,6 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Placement { keys, replicas } => {
             let sims: Vec<_> = [10usize, 100, 1000].iter().map(|&h| vmcsnap_testnet::sim::simulate(h, replicas, keys, 1)).collect();
             print!("{}", vmcsnap_testnet::sim::table(&sims));
+            print!("{}", vmcsnap_testnet::sim::cost_table(&[10, 100, 1000, 10_000], replicas, keys.min(1_000_000)));
             Ok(())
         }
     }

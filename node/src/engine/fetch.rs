@@ -43,6 +43,9 @@ pub(super) struct Fetcher<'a> {
     replicas: usize,
     pub(super) bytes_fetched: AtomicU64,
     pub(super) pages_local: AtomicU64,
+    /// Pages another fetch on this node fetched for this one too ([`crate::share`]).
+    pub(super) pages_shared: AtomicU64,
+    _sharing: crate::share::Entered<'a>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -61,28 +64,76 @@ impl<'a> Fetcher<'a> {
             replicas: record.replicas as usize,
             bytes_fetched: AtomicU64::new(0),
             pages_local: AtomicU64::new(0),
+            pages_shared: AtomicU64::new(0),
+            _sharing: node.fetch_share.enter(),
         }
     }
 
-    /// Fetches distinct non-zero pages. Returns them keyed by hash.
+    /// What this fetcher found here, took from another fetch, and fetched.
+    pub(super) fn stats(&self) -> FetchStats {
+        FetchStats {
+            pages_local: self.pages_local.load(Ordering::Relaxed),
+            pages_shared: self.pages_shared.load(Ordering::Relaxed),
+            bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Fetches distinct non-zero pages. Returns them keyed by hash. Pages this node lacks
+    /// are shared with the other fetches running here ([`crate::share`]): one that another
+    /// fetches or fetched lately is taken from it, not from the owners again.
     pub(super) async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
         let mut out = HashMap::with_capacity(hashes.len());
         let local = self.lookup_local(&hashes).await?;
-        // Each remaining page: its owners in placement order; try them one after another.
-        let mut todo: Vec<Wanted> = Vec::new();
+        let mut remote = Vec::new();
         for (h, l) in hashes.into_iter().zip(local) {
             match l {
                 Some(p) => {
                     self.pages_local.fetch_add(1, Ordering::Relaxed);
                     out.insert(h, p);
                 }
-                None => todo.push(Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }),
+                None => remote.push(h),
             }
         }
+        if remote.is_empty() {
+            return Ok(out);
+        }
+        let share = &self.node.fetch_share;
+        let claim = share.claim(&remote);
+        for (h, p) in claim.have {
+            self.pages_shared.fetch_add(1, Ordering::Relaxed);
+            out.insert(h, p.to_vec());
+        }
+        // Led pages first (nothing here waits on another fetch), then the followed ones.
+        let (lead, senders): (Vec<PageHash>, Vec<_>) = claim.lead.into_iter().unzip();
+        let fetched = self.from_owners(lead.clone(), &mut out).await;
+        for (h, tx) in lead.iter().zip(senders) {
+            share.led(*h, tx, out.get(h));
+        }
+        fetched?;
+        let followed = futures::future::join_all(claim.follow.into_iter().map(|(h, cell)| async move { (h, crate::share::follow(cell).await) })).await;
+        let mut own = Vec::new();
+        for (h, p) in followed {
+            match p {
+                Some(p) => {
+                    self.pages_shared.fetch_add(1, Ordering::Relaxed);
+                    out.insert(h, p.to_vec());
+                }
+                None => own.push(h),
+            }
+        }
+        self.from_owners(own, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Fetches `hashes` from their owners into `out`: each page's owners in placement order,
+    /// tried one after another.
+    async fn from_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Vec<u8>>) -> Result<(), RestoreError> {
+        let mut todo: Vec<Wanted> =
+            hashes.into_iter().map(|h| Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }).collect();
         while !todo.is_empty() {
             let members = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let requests = self.route(std::mem::take(&mut todo), &members)?;
-            let dead = self.fetch_round(requests, &members, &mut out, &mut todo).await;
+            let dead = self.fetch_round(requests, &members, out, &mut todo).await;
             let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
             for o in dead {
                 if let Some(Some(m)) = members.get_mut(o) {
@@ -90,7 +141,7 @@ impl<'a> Fetcher<'a> {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// This node's copies of `hashes` (pages it holds are not fetched again), looked up in
@@ -211,6 +262,17 @@ impl<'a> Fetcher<'a> {
         }
         dead
     }
+}
+
+/// Where a restore's pages came from.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FetchStats {
+    /// Distinct pages found in this node's store.
+    pub pages_local: u64,
+    /// Distinct pages another fetch on this node fetched for this one too.
+    pub pages_shared: u64,
+    /// Page bytes fetched from peers.
+    pub bytes_fetched: u64,
 }
 
 /// A page still to fetch: its remaining owners (placement indexes, next first) and what the

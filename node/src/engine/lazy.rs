@@ -73,10 +73,8 @@ pub struct Served {
 pub struct ServeStats {
     /// Pages QEMU asked for before they had been pushed.
     pub requested: u64,
-    /// Distinct pages found in this node's store.
-    pub pages_local: u64,
-    /// Page bytes fetched from peers.
-    pub bytes_fetched: u64,
+    /// Where the pages came from.
+    pub fetched: super::fetch::FetchStats,
 }
 
 /// Why a lazy restore did not happen.
@@ -167,6 +165,7 @@ pub async fn restore(
         Ok(r) => r,
         Err(e) => {
             // QEMU holds the guest in postcopy-paused; try again until the pages are there.
+            tracing::warn!(target: "vmcsnap::restore", vm, error = %e, "lazy restore lost its stream mid-way; QEMU holds the guest in postcopy, retrying");
             tokio::spawn(retry(node.clone(), journal));
             return Err(LazyError::Paused(RestoreError::Qemu(format!(
                 "VM {vm} runs, but its memory could not all be delivered ({e}); QEMU holds it paused in postcopy (its vCPUs wait for the missing pages, nothing runs on wrong memory) and this node tries again every {} s",
@@ -222,15 +221,7 @@ async fn serve(
 ) -> Result<ServeStats, RestoreError> {
     let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
     let fetcher = Fetcher::new(&node, &record);
-    let starts: Vec<u64> = meta.blocks.iter().scan(0u64, |at, b| {
-        let s = *at;
-        *at += b.bytes / PAGE_SIZE as u64;
-        Some(s)
-    }).collect();
-    let names: HashMap<String, usize> = meta.blocks.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
-    // Bytes bound of a bitmap QEMU may send: its largest block's pages, in bits, rounded up.
-    let bitmap_max = meta.blocks.iter().map(|b| (b.bytes / PAGE_SIZE as u64).div_ceil(64) as usize * 8).max().unwrap_or(0) + 8;
-
+    let Layout { starts, names, bitmap_max } = Layout::of(&meta);
     let (mut rp_rx, tx, writer) = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
     let mut src = begin(start, &meta, &names, &starts, &mut sent, &tx, &mut rp_rx).await?;
@@ -296,7 +287,10 @@ async fn serve(
                     }
                     Ok(RpMessage::Shut(v)) => return Err(RestoreError::Qemu(format!("QEMU ended the migration before it had every page (code {v}); see its log"))),
                     Ok(_) => {}
-                    Err(e) => return Err(io_err("QEMU's return path", e)),
+                    Err(e) => {
+                        let have = sent.iter().filter(|s| **s).count();
+                        return Err(io_err(&format!("QEMU's return path, with {have} of {} pages sent", hashes.len()), e));
+                    }
                 }
             }
             Some(r) = asked.next(), if !asked.is_empty() => {
@@ -345,13 +339,48 @@ async fn serve(
         }
     }
     // 4. Resident: the end of RAM and of the stream.
-    let out = src.finish().map_err(|e| io_err("stream", e))?;
+    finish(src, tx, writer, &mut rp_rx).await?;
+    progress.set(hashes.len() as u64);
+    Ok(ServeStats { requested, fetched: fetcher.stats() })
+}
+
+/// Where a stream's RAM blocks start (page index), their names, and the largest bitmap QEMU
+/// may send for one (its pages, in bits, rounded up, plus the length).
+struct Layout {
+    starts: Vec<u64>,
+    names: HashMap<String, usize>,
+    bitmap_max: usize,
+}
+
+impl Layout {
+    fn of(meta: &StreamMeta) -> Self {
+        let starts = meta
+            .blocks
+            .iter()
+            .scan(0u64, |at, b| {
+                let s = *at;
+                *at += b.bytes / PAGE_SIZE as u64;
+                Some(s)
+            })
+            .collect();
+        let names = meta.blocks.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
+        let bitmap_max = meta.blocks.iter().map(|b| (b.bytes / PAGE_SIZE as u64).div_ceil(64) as usize * 8).max().unwrap_or(0) + 8;
+        Self { starts, names, bitmap_max }
+    }
+}
+
+/// Ends the stream once every page is resident: its last part, the writer's flush, then
+/// QEMU's `SHUT` (zero pages it still asks for meanwhile read as zero once it unregisters).
+async fn finish(
+    src: Source<Vec<u8>>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+    rp_rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
+) -> Result<(), RestoreError> {
+    let out = src.finish().map_err(|e| RestoreError::Qemu(format!("stream: {e}")))?;
     send(&tx, out).await?;
     drop(tx);
-    writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(|e| io_err("writing to QEMU", e))?;
-    progress.set(hashes.len() as u64);
-    // QEMU says `SHUT` when it is done; zero pages it still asks for meanwhile read as zero
-    // once it unregisters.
+    writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?.map_err(|e| RestoreError::Qemu(format!("writing to QEMU: {e}")))?;
     let _ = tokio::time::timeout(COMPLETE_TIMEOUT, async {
         while let Some(Ok(m)) = rp_rx.recv().await {
             if matches!(m, RpMessage::Shut(_)) {
@@ -360,8 +389,7 @@ async fn serve(
         }
     })
     .await;
-    use std::sync::atomic::Ordering::Relaxed;
-    Ok(ServeStats { requested, pages_local: fetcher.pages_local.load(Relaxed), bytes_fetched: fetcher.bytes_fetched.load(Relaxed) })
+    Ok(())
 }
 
 /// The connection of a lazy restore to the RAM pages: for a fresh QEMU, the head, advice, RAM

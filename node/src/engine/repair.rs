@@ -24,7 +24,7 @@ use crate::node::Node;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use vmcsnap_dht::placement::{owners, View};
+use vmcsnap_dht::placement::{is_owner, View};
 use vmcsnap_protocol::manifest::SignedRecord;
 use vmcsnap_protocol::{PageHash, PAGE_SIZE};
 
@@ -99,6 +99,7 @@ pub async fn run(node: Arc<Node>) {
             view_settled(&node).await;
         }
         last = Some(view_digest(&node.owner_view()));
+        let began = vmcsnap_protocol::units::unix_ms();
         match cycle(&node).await {
             Ok(c) => {
                 if c.copies > 0 || c.left > 0 {
@@ -108,6 +109,9 @@ pub async fn run(node: Arc<Node>) {
                     r.state = if c.left > 0 { format!("{} snapshot(s) left for the next cycle", c.left) } else { "idle".into() };
                     r.copies_made += c.copies;
                     r.bytes_sent += c.bytes;
+                    if c.left == 0 && !node.store.is_full() {
+                        r.done_began_unix_ms = began;
+                    }
                 });
             }
             Err(e) => {
@@ -179,7 +183,7 @@ fn not_done(store: &crate::store::Store, digest: &[u8; 32]) -> Result<Vec<(Vec<u
 async fn pull(node: &Arc<Node>, rec: &vmcsnap_protocol::manifest::CommitRecord, view: &View, me: usize, c: &mut Cycle) -> Result<(), SnapshotError> {
     let err = |e: super::error::RestoreError| SnapshotError::Internal(e.to_string());
     let pages: HashSet<PageHash> = super::fetch::pages_by_vm(node, rec).await.map_err(err)?.into_iter().flatten().collect();
-    let mine: Vec<PageHash> = pages.into_iter().filter(|h| owners(view, h, rec.replicas as usize).contains(&me)).collect();
+    let mine: Vec<PageHash> = pages.into_iter().filter(|h| is_owner(view, h, rec.replicas as usize, me)).collect();
     let rate = node.config.repair_rate.max(PAGE_SIZE as u64);
     for batch in mine.chunks(PULL_BATCH_PAGES) {
         let s = node.store.clone();

@@ -33,7 +33,6 @@ use futures::{stream, StreamExt};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmcsnap_dht::Member;
@@ -263,7 +262,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     let (pages_needed, fetcher_stats, vm_status, running_ms, requested) = match lazy {
         Some((distinct, served)) => {
             let s = served.stats;
-            (distinct, (s.pages_local, s.bytes_fetched), Some("running".to_string()), Some(served.running_ms), Some(s.requested))
+            (distinct, s.fetched, Some("running".to_string()), Some(served.running_ms), Some(s.requested))
         }
         None => {
             let r = restore_into(&node, &record, entry, &dest, opts.disk.as_deref(), &mut progress).await;
@@ -296,8 +295,9 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         },
         raw_bytes: entry.ram_pages() * PAGE_SIZE as u64,
         pages_needed,
-        pages_local: fetcher_stats.0,
-        bytes_fetched: fetcher_stats.1,
+        pages_local: fetcher_stats.pages_local,
+        pages_shared: fetcher_stats.pages_shared,
+        bytes_fetched: fetcher_stats.bytes_fetched,
         elapsed_ms: t0.elapsed().as_millis() as u64,
         launched_pid: match &dest {
             Dest::Qemu { launched: Some(l), .. } => Some(l.pid),
@@ -531,7 +531,8 @@ async fn restore_lazy(
     Ok((distinct, served))
 }
 
-type Restored = (u64, (u64, u64), Option<String>);
+/// A restore's distinct non-zero pages, where they came from, and the target QEMU's run state.
+type Restored = (u64, super::fetch::FetchStats, Option<String>);
 
 async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, dest: &Dest, disk: Option<&str>, progress: &mut Progress) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
@@ -564,7 +565,7 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
         }
     };
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
-    Ok((distinct, (fetcher.pages_local.load(Ordering::Relaxed), fetcher.bytes_fetched.load(Ordering::Relaxed)), status))
+    Ok((distinct, fetcher.stats(), status))
 }
 
 /// Writes the pages `hashes` into a new file at `path` (through a partial file renamed at the

@@ -44,7 +44,7 @@ pub async fn run(node: Arc<Node>) {
                 } else {
                     tracing::info!(target: "vmcsnap::scrub", checked = p.checked, "scrub pass clean");
                 }
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+                let now = vmcsnap_protocol::units::unix_ms();
                 node.store.scrub_publish(|s| {
                     s.state = if level_error { "idle; some damaged pages had no good replica (see the log)".into() } else { "idle".into() };
                     s.last_pass_unix_ms = now;

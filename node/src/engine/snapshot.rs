@@ -125,7 +125,7 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
     };
     let record = CommitRecord {
         name: req.name.clone(),
-        created_unix_ms: now_ms(),
+        created_unix_ms: vmcsnap_protocol::units::unix_ms(),
         replicas,
         placement,
         initiator: node.id,
@@ -186,8 +186,10 @@ async fn check(node: &Arc<Node>, req: &CreateRequest) -> Result<u8, SnapshotErro
     }
     let replicas = req.replicas.unwrap_or(node.config.replicas);
     check_replicas(replicas).map_err(SnapshotError::Invalid)?;
-    // Here, then one targeted question per live peer (not a pull of their whole catalogs).
-    if !node.store.catalog_get(&req.name)?.is_empty() || node.name_on_peers(&req.name).await {
+    // Here, then the name's arbiters (a few, whatever the cluster's size): a committed record
+    // of the name is held by a majority of them (its commit waits for that) and they refuse a
+    // second claim of it anyway; this only says so before any VM is paused.
+    if !node.store.catalog_get(&req.name)?.is_empty() || name_on_arbiters(node, &req.name).await {
         return Err(SnapshotError::NameTaken(req.name.clone()));
     }
     Ok(replicas)
@@ -240,14 +242,14 @@ async fn place_vms(node: &Arc<Node>, req: &CreateRequest) -> Result<Vec<Placed>,
     Ok(placed)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Signs the record and writes it here first (the commit point), then on every other live
-/// member. The snapshot is reported done only once its record is durable on `replicas`
-/// members (this one included; fewer if fewer are alive): if it cannot get there, it is
-/// deleted again (a tombstone where it went) and the snapshot fails.
+/// Signs the record and writes it here first (the commit point), then on the members that
+/// must hold it: the name's arbiters, and by the name's ranking enough others for `replicas`
+/// copies. The snapshot is reported done only once its record is durable on `replicas`
+/// members (this one included; fewer if fewer are alive) and a majority of the arbiters: if it
+/// cannot get there, it is deleted again (a tombstone where it went) and the snapshot fails.
+/// It waits on those few members only: every other live member gets the record in the
+/// background down a broadcast tree ([`crate::node::relay_record`]: each member hands it on to
+/// a few, each with its share of the rest), and catalog sync brings it to any that miss it.
 async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotError> {
     let signed = node.signer.sign(record.clone()).map_err(|e| SnapshotError::Internal(format!("cannot sign the commit record: {e}")))?;
     let id = signed.id().map_err(|e| SnapshotError::Internal(e.to_string()))?;
@@ -261,14 +263,20 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
     }
     let mut holders = std::collections::HashSet::from([node.id]);
     let arbiters_holding = |holders: &HashSet<NodeId>| arbiters.iter().filter(|a| holders.contains(*a)).count();
+    let key = name_key(&record.name);
+    // Members that failed to take it: tried again only if they are arbiters.
+    let mut failed: HashSet<NodeId> = HashSet::new();
     let mut reasons = Vec::new();
     for attempt in 0..COMMIT_ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let peers: Vec<Member> = node.alive_peers().into_iter().filter(|p| !holders.contains(&p.id)).collect();
+        let peers = commit_targets(&node.alive_peers(), &key, &arbiters, &holders, &failed, record.replicas as usize);
+        if peers.is_empty() {
+            break;
+        }
         let answers = fan_out(&peers, crate::net::REQUEST_TIMEOUT, |p| {
-            let req = DataRequest::Commit { record: signed.clone() };
+            let req = DataRequest::Commit { record: signed.clone(), relay: vec![] };
             async move { node.call(&p, req).await }
         })
         .await;
@@ -280,6 +288,9 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
                 }
                 Ok(_) => reasons.push(format!("{}: wrong answer", node.host_name(&p.id))),
                 Err(e) => reasons.push(format!("{}: {e}", node.host_name(&p.id))),
+            }
+            if !holders.contains(&p.id) {
+                failed.insert(p.id);
             }
         }
         if (holders.len() >= record.replicas as usize || reasons.is_empty()) && arbiters_holding(&holders) >= needed {
@@ -295,7 +306,7 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
     if !named || (holders.len() < record.replicas as usize && !reasons.is_empty()) {
         // Not durable enough to report: undo it everywhere it went.
         let undo = async {
-            let t = node.signer.sign_tombstone(&record.name, id, now_ms()).map_err(|e| e.to_string())?;
+            let t = node.signer.sign_tombstone(&record.name, id, vmcsnap_protocol::units::unix_ms()).map_err(|e| e.to_string())?;
             node.take_tombstone(&t).map_err(|e| e.to_string())?;
             node.ask_peers(DataRequest::Delete { tombstone: t }, crate::net::REQUEST_TIMEOUT).await;
             Ok::<(), String>(())
@@ -306,10 +317,31 @@ async fn commit(node: &Arc<Node>, record: &CommitRecord) -> Result<(), SnapshotE
         release_name(node, &record.name, id).await;
         return Err(SnapshotError::CommitNotDurable { held: holders.len(), needed: record.replicas as usize, reasons: reasons.join("; ") });
     }
-    if holders.len() < node.alive_members().len() {
-        tracing::info!(target: "vmcsnap::snapshot", snapshot = %record.name, held = holders.len(), "commit record on enough members; catalog sync spreads it to the rest");
-    }
+    // The rest of the cluster gets it down a broadcast tree, in a random order each time.
+    let mut rest: Vec<NodeId> = node.alive_peers().into_iter().map(|p| p.id).filter(|id| !holders.contains(id)).collect();
+    rand::seq::SliceRandom::shuffle(rest.as_mut_slice(), &mut rand::rng());
+    crate::node::relay_record(node, signed, rest);
     Ok(())
+}
+
+/// The members the commit asks next: the alive arbiters that do not hold the record yet (each
+/// until it does), then, by the name's ranking among the alive members, others that have not
+/// failed, until `replicas` would hold it.
+fn commit_targets(alive_peers: &[Member], key: &PageHash, arbiters: &[NodeId], holders: &HashSet<NodeId>, failed: &HashSet<NodeId>, replicas: usize) -> Vec<Member> {
+    let peers: Vec<&Member> = alive_peers.iter().filter(|p| !holders.contains(&p.id)).collect();
+    let view = View::new(peers.iter().map(|p| p.id).collect());
+    let by_id: HashMap<NodeId, &Member> = peers.iter().map(|p| (p.id, *p)).collect();
+    // `owners` indexes the view's (sorted) members.
+    let ranked: Vec<&Member> = owners(&view, key, view.len()).into_iter().filter_map(|i| by_id.get(&view.members()[i]).copied()).collect();
+    let mut out: Vec<Member> = ranked.iter().filter(|p| arbiters.contains(&p.id)).map(|p| (*p).clone()).collect();
+    let mut others = ranked.iter().filter(|p| !arbiters.contains(&p.id) && !failed.contains(&p.id));
+    while holders.len() + out.len() < replicas {
+        match others.next() {
+            Some(p) => out.push((*p).clone()),
+            None => break,
+        }
+    }
+    out
 }
 
 /// Claims `name` for record `id` with the name's arbiters (its first [`NAME_ARBITERS`] owners
@@ -356,13 +388,24 @@ async fn claim_name(node: &Arc<Node>, name: &str, id: PageHash) -> Result<(Vec<N
     }
 }
 
+/// Whether a live arbiter of `name` (this node aside) holds a record of that name.
+async fn name_on_arbiters(node: &Arc<Node>, name: &str) -> bool {
+    let arbiters: Vec<Member> = name_arbiters(node, name).iter().filter(|a| **a != node.id).filter_map(|a| node.member(a)).filter(|m| m.alive).collect();
+    let answers = fan_out(&arbiters, crate::node::PEER_ANSWER_TIMEOUT, |m| async move { node.call(&m, DataRequest::CatalogGet { name: name.to_string() }).await }).await;
+    answers.into_iter().any(|a| matches!(a, Ok(DataResponse::Records { records }) if !records.is_empty()))
+}
+
 /// The members that decide who gets `name`.
 fn name_arbiters(node: &Node, name: &str) -> Vec<NodeId> {
     // Every admitted member, down or not: a view that changes with liveness (or with a
     // node's restart) could give two sides of a partition arbiters of their own.
     let view = View::new(node.members().into_iter().map(|m| m.id).collect());
-    let key = PageHash(*blake3::hash(name.as_bytes()).as_bytes());
-    owners(&view, &key, NAME_ARBITERS).into_iter().map(|o| view.members()[o]).collect()
+    owners(&view, &name_key(name), NAME_ARBITERS).into_iter().map(|o| view.members()[o]).collect()
+}
+
+/// Where a snapshot name ranks members (its arbiters, where its record goes first).
+fn name_key(name: &str) -> PageHash {
+    PageHash(*blake3::hash(name.as_bytes()).as_bytes())
 }
 
 /// Gives back record `id`'s claim on `name` (its commit failed), where the arbiters answer.
@@ -389,5 +432,37 @@ fn summary(record: &CommitRecord, t0: Instant) -> CreateSummary {
         hosts: record.vms.iter().map(|v| v.host_name.clone()).collect(),
         pause_skew_us: record.pause_skew_us,
         vms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(i: u8) -> Member {
+        Member { id: NodeId([i; 32]), data_addr: ([127, 0, 0, 1], 7000 + i as u16).into(), alive: true, name: format!("n{i}"), incarnation: 1 }
+    }
+
+    #[test]
+    fn the_commit_asks_the_arbiters_and_the_best_ranked_others_until_replicas_hold_it() {
+        let peers: Vec<Member> = (1..=20).map(member).collect();
+        let key = name_key("nightly");
+        let view = View::new(peers.iter().map(|p| p.id).collect());
+        let ranked: Vec<NodeId> = owners(&view, &key, view.len()).into_iter().map(|i| view.members()[i]).collect();
+        let arbiters = vec![ranked[5], ranked[9], ranked[12]];
+        let me = NodeId([0; 32]);
+        let ids = |v: Vec<Member>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+        // Only this node holds it, R = 2: the three arbiters, and no other (they make 4).
+        let holders = HashSet::from([me]);
+        assert_eq!(ids(commit_targets(&peers, &key, &arbiters, &holders, &HashSet::new(), 2)), arbiters);
+        // R = 6: the arbiters, then the best-ranked others.
+        assert_eq!(ids(commit_targets(&peers, &key, &arbiters, &holders, &HashSet::new(), 6)), [arbiters.clone(), vec![ranked[0], ranked[1]]].concat());
+        // The first-ranked failed, an arbiter holds it now: the failed one is skipped, the
+        // arbiter not asked again.
+        let holders = HashSet::from([me, ranked[9]]);
+        let failed = HashSet::from([ranked[0]]);
+        assert_eq!(ids(commit_targets(&peers, &key, &arbiters, &holders, &failed, 6)), vec![ranked[5], ranked[12], ranked[1], ranked[2]]);
+        // Fewer alive members than replicas: every one of them.
+        assert_eq!(commit_targets(&peers[..2], &key, &[], &HashSet::from([me]), &HashSet::new(), 5).len(), 2);
     }
 }

@@ -30,6 +30,29 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest line accepted from a client.
 const LINE_BYTES_MAX: u64 = 64 << 10;
 
+/// What the restore turned on, turned off once QEMU has all the memory: the QEMU is the VM
+/// now, and with `postcopy-ram` left on its next pre-copy migration (its manager's, or a
+/// migration to a file) never completes (QEMU 7.2). Waits briefly for QEMU's answer.
+fn capabilities_off(rd: &mut BufReader<UnixStream>, wr: &mut UnixStream) {
+    let off = json!({ "execute": "migrate-set-capabilities", "id": "keeper-off", "arguments": { "capabilities": [
+        { "capability": "postcopy-ram", "state": false },
+        { "capability": "events", "state": false },
+    ] } });
+    let mut out = serde_json::to_vec(&off).unwrap_or_default();
+    out.push(b'\n');
+    if wr.write_all(&out).is_err() {
+        return;
+    }
+    let _ = rd.get_ref().set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    while matches!(rd.read_line(&mut line), Ok(n) if n > 0) {
+        if line.contains("keeper-off") {
+            return;
+        }
+        line.clear();
+    }
+}
+
 /// The keeper's socket for VM `vm` in the node's data directory `dir`.
 pub fn socket_of(dir: &Path, vm: &str) -> PathBuf {
     dir.join(format!("qmp-keeper-{vm}.sock"))
@@ -132,6 +155,7 @@ pub fn run(qmp: &Path, listen: &Path) -> i32 {
     // QEMU's answers go to the client waiting (by id); its events end the keeper.
     let (tx, rx) = mpsc::channel::<Value>();
     let gone = listen.to_path_buf();
+    let mut last_word = wr.try_clone().ok();
     std::thread::spawn(move || {
         let mut line = String::new();
         loop {
@@ -141,6 +165,11 @@ pub fn run(qmp: &Path, listen: &Path) -> i32 {
             }
             let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
             if v["event"] == "MIGRATION" && matches!(v["data"]["status"].as_str(), Some("completed" | "failed")) {
+                if v["data"]["status"] == "completed" {
+                    if let Some(w) = last_word.as_mut() {
+                        capabilities_off(&mut rd, w);
+                    }
+                }
                 break;
             }
             if v.get("id").is_some() {
