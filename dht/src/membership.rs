@@ -22,7 +22,7 @@
 //! them); `alive` says whether SWIM counts it up (alive or suspected).
 
 use crate::admission::{Certificate, Trust};
-use crate::swim::{self, AdmittedCodec, SwimId};
+use crate::swim::{self, AdmittedCodec, Swim, SwimId};
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{ed25519, Keypair, PublicKey};
@@ -45,8 +45,10 @@ pub const KAD_PROTOCOL: &str = "/vmcsnap/kad/1.0.0";
 /// SWIM's request-response protocol name.
 pub const SWIM_PROTOCOL: &str = "/vmcsnap/swim/1.0.0";
 /// How often the membership task checks whether it is alone (then it dials the bootstrap
-/// addresses and the members it knows) and whether a Kademlia refresh is due.
-pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// addresses and the members it knows), whether SWIM has stopped its rounds (then it
+/// announces itself to a few members, [`swim::reannounce`]) and whether a Kademlia refresh is
+/// due.
+pub const MAINTENANCE_INTERVAL: Duration = swim::REANNOUNCE_INTERVAL;
 /// First wait before dialling again an address that led nowhere while the node is alone; it
 /// doubles with each failed dial up to [`REDIAL_BACKOFF_MAX`].
 pub const REDIAL_BACKOFF_MIN: Duration = Duration::from_secs(2);
@@ -302,6 +304,8 @@ impl Membership {
             timer_seq: 0,
             swim_ids: HashMap::new(),
             in_flight: 0,
+            swim_connected: false,
+            rejoined: false,
         };
         state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone(), incarnation: bump });
         for m in cfg.known {
@@ -364,7 +368,6 @@ impl Drop for Membership {
     }
 }
 
-type Swim = Foca<SwimId, AdmittedCodec, rand10::rngs::SmallRng, foca::NoCustomBroadcast>;
 
 struct State {
     local: NodeId,
@@ -390,6 +393,11 @@ struct State {
     swim_ids: HashMap<NodeId, SwimId>,
     /// SWIM messages sent and not yet acknowledged or failed.
     in_flight: usize,
+    /// Whether SWIM runs its probe and gossip rounds ([`swim::connected_after`]); while it
+    /// does not, the node announces itself to a few members it knows ([`swim::reannounce`]).
+    swim_connected: bool,
+    /// SWIM just gave this node a new identity: announce it at once.
+    rejoined: bool,
 }
 
 impl State {
@@ -420,6 +428,7 @@ impl State {
 
     /// Records what SWIM learned; returns whether the member list changed.
     fn learn(&mut self, n: OwnedNotification<SwimId>) -> bool {
+        self.swim_connected = swim::connected_after(&n, self.swim_connected);
         match n {
             OwnedNotification::MemberUp(sid) => self.up(sid),
             OwnedNotification::MemberDown(sid) => {
@@ -453,6 +462,7 @@ impl State {
             }
             OwnedNotification::Rejoin(sid) => {
                 tracing::info!(target: "vmcsnap::membership", incarnation = sid.bump, "this node was declared down; rejoined as a newer incarnation");
+                self.rejoined = true;
                 false
             }
             OwnedNotification::Idle => {
@@ -500,23 +510,28 @@ impl State {
 /// Returns whether the member list changed.
 fn drain(swarm: &mut Swarm<Behaviour>, st: &mut State) -> bool {
     let mut changed = false;
-    while let Some((to, msg)) = st.rt.to_send() {
-        let Some(peer) = peer_of_node_id(&to.node()) else { continue };
-        if st.refused_set.contains(&peer) || peer == st.local_peer {
-            continue;
+    loop {
+        while let Some((to, msg)) = st.rt.to_send() {
+            let Some(peer) = peer_of_node_id(&to.node()) else { continue };
+            if st.refused_set.contains(&peer) || peer == st.local_peer {
+                continue;
+            }
+            swarm.behaviour_mut().swim.send_request_with_addresses(&peer, msg.to_vec(), vec![tcp_multiaddr(to.data)]);
+            st.in_flight += 1;
         }
-        swarm.behaviour_mut().swim.send_request_with_addresses(&peer, msg.to_vec(), vec![tcp_multiaddr(to.data)]);
-        st.in_flight += 1;
+        let now = tokio::time::Instant::now();
+        while let Some((after, timer)) = st.rt.to_schedule() {
+            st.timer_seq += 1;
+            st.timers.insert((now + after, st.timer_seq), timer);
+        }
+        while let Some(n) = st.rt.to_notify() {
+            changed |= st.learn(n);
+        }
+        if !std::mem::take(&mut st.rejoined) {
+            return changed;
+        }
+        swim::reannounce(&mut st.foca, st.swim_ids.values(), &mut st.rt);
     }
-    let now = tokio::time::Instant::now();
-    while let Some((after, timer)) = st.rt.to_schedule() {
-        st.timer_seq += 1;
-        st.timers.insert((now + after, st.timer_seq), timer);
-    }
-    while let Some(n) = st.rt.to_notify() {
-        changed |= st.learn(n);
-    }
-    changed
 }
 
 /// Runs SWIM's due timers.
@@ -625,6 +640,10 @@ async fn leave(swarm: &mut Swarm<Behaviour>, st: &mut State) {
 
 fn maintain(swarm: &mut Swarm<Behaviour>, st: &mut State) {
     let now = tokio::time::Instant::now();
+    if !st.swim_connected {
+        // SWIM sends nothing by itself now (alone, or just rejoined): tell a few members.
+        swim::reannounce(&mut st.foca, st.swim_ids.values(), &mut st.rt);
+    }
     if st.foca.num_members() > 0 {
         // In the cluster: SWIM keeps the view. Kademlia rarely looks for members SWIM has not
         // told this node of.

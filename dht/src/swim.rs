@@ -17,7 +17,8 @@
 
 use crate::admission::{AdmissionError, Certificate, Trust};
 use bytes::{Buf, BufMut};
-use foca::{Codec, Header, Identity, Member, PostcardCodec};
+use foca::{Codec, Foca, Header, Identity, Member, OwnedNotification, PostcardCodec, Runtime};
+use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +53,45 @@ pub const REMOVE_DOWN_AFTER: Duration = Duration::from_secs(24 * 3600);
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024;
 /// The cluster size the number of repetitions of an update is sized for.
 pub const SIZED_FOR: u32 = 1024;
+
+/// How many members a node that SWIM counts disconnected announces itself to per
+/// [`REANNOUNCE_INTERVAL`] (see [`reannounce`]).
+pub const REANNOUNCE_FANOUT: usize = 3;
+/// How often a node that SWIM counts disconnected announces itself again.
+pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The SWIM state machine as every node runs it.
+pub type Swim = Foca<SwimId, AdmittedCodec, rand10::rngs::SmallRng, foca::NoCustomBroadcast>;
+
+/// Whether SWIM runs its probe and gossip rounds after notification `n`, given whether it did
+/// before. foca stops every round when it has no active member (`Idle`), when it is declared
+/// down and takes a new identity (`Rejoin`), and when it leaves (`Defunct`); only a message
+/// addressed to its current identity starts them again (`Active`).
+pub fn connected_after(n: &OwnedNotification<SwimId>, was: bool) -> bool {
+    match n {
+        OwnedNotification::Active => true,
+        OwnedNotification::Idle | OwnedNotification::Rejoin(_) | OwnedNotification::Defunct => false,
+        _ => was,
+    }
+}
+
+/// Announces this node to up to [`REANNOUNCE_FANOUT`] members of `known`, chosen at random.
+/// The driver calls it at once when the node rejoins and then every [`REANNOUNCE_INTERVAL`]
+/// until SWIM is connected again ([`connected_after`]).
+///
+/// Why it is needed: after a partition heals, each side tells the other that it was declared
+/// down, and both sides take new identities at the same moment. foca then sends nothing more
+/// by itself (its rounds stopped, see [`connected_after`]), and the messages it sent on the
+/// way out name the other side's old identities, which the other side no longer answers to.
+/// An announce is accepted by any identity of its node id; its answer names the new one and
+/// starts the rounds again.
+pub fn reannounce<'a>(swim: &mut Swim, known: impl Iterator<Item = &'a SwimId>, mut rt: impl Runtime<SwimId>) {
+    let me = swim.identity().node();
+    let known: Vec<&SwimId> = known.filter(|s| s.node() != me).collect();
+    for s in known.choose_multiple(&mut rand::rng(), REANNOUNCE_FANOUT) {
+        let _ = swim.announce(SwimId { bump: 0, ..(*s).clone() }, &mut rt);
+    }
+}
 
 /// The SWIM parameters every node uses (and the simulation).
 pub fn config() -> foca::Config {
@@ -235,5 +275,134 @@ mod tests {
         b.announce(id(&key, 1, 0), &mut brt).expect("announce");
         let (_, msg) = brt.to_send().expect("a message");
         assert!(a.handle_data(&msg, &mut rt).is_err(), "a revoked member's message was accepted");
+    }
+
+    enum Ev {
+        Deliver(usize, usize, Vec<u8>),
+        Timer(usize, foca::Timer<SwimId>),
+        Tick(usize),
+    }
+
+    /// Four SWIM nodes in memory on a virtual clock (microseconds), messages taking 1 ms.
+    struct Sim {
+        nodes: Vec<Swim>,
+        /// Per node: whether SWIM runs its rounds ([`connected_after`]) and whom it knows.
+        connected: Vec<bool>,
+        known: Vec<HashMap<NodeId, SwimId>>,
+        queue: std::collections::BTreeMap<(u64, u64), Ev>,
+        seq: u64,
+        rt: AccumulatingRuntime<SwimId>,
+    }
+
+    impl Sim {
+        fn push(&mut self, at: u64, ev: Ev) {
+            self.seq += 1;
+            self.queue.insert((at, self.seq), ev);
+        }
+
+        /// Takes what node `h`'s last call asked for.
+        fn drain(&mut self, h: usize, now: u64) {
+            while let Some((to, data)) = self.rt.to_send() {
+                self.push(now + 1_000, Ev::Deliver(usize::from(to.node().0[0]) - 1, h, data.to_vec()));
+            }
+            while let Some((after, t)) = self.rt.to_schedule() {
+                self.push(now + after.as_micros() as u64, Ev::Timer(h, t));
+            }
+            while let Some(n) = self.rt.to_notify() {
+                self.connected[h] = connected_after(&n, self.connected[h]);
+                if let OwnedNotification::MemberUp(s) = &n {
+                    self.known[h].insert(s.node(), s.clone());
+                }
+            }
+        }
+
+        /// Whether every node counts the other three up under their current identities.
+        fn all_up(&self) -> bool {
+            self.nodes.iter().enumerate().all(|(h, n)| {
+                let up: Vec<&SwimId> = n.iter_members().map(|m| m.id()).collect();
+                up.len() == 3 && (0..4).filter(|&o| o != h).all(|o| up.contains(&self.nodes[o].identity()))
+            })
+        }
+    }
+
+    /// Four nodes, {1, 2} cut off from {3, 4} (messages dropped) until each side holds the
+    /// other down, then healed. `reannounce_on`: whether the nodes do what the driver does
+    /// while SWIM is not connected. Returns the virtual seconds from the heal until every
+    /// node counts the other three up under their current identities, if within `limit_s`.
+    fn heal_after_partition(reannounce_on: bool, limit_s: u64) -> Option<f64> {
+        let key = ClusterKey::generate();
+        let trust = Arc::new(Trust::new(key.id()).expect("trust"));
+        let nodes = (1..=4u8).map(|n| Foca::new(id(&key, n, 10), config(), rand10::rngs::SmallRng::seed_from_u64(u64::from(n)), AdmittedCodec::new(trust.clone()))).collect();
+        let mut sim = Sim { nodes, connected: vec![false; 4], known: vec![HashMap::new(); 4], queue: Default::default(), seq: 0, rt: AccumulatingRuntime::new() };
+        for h in 0..4 {
+            sim.push(2_000_000 + h as u64, Ev::Tick(h));
+        }
+        for h in 1..4 {
+            sim.nodes[h].announce(id(&key, 1, 0), &mut sim.rt).expect("announce");
+            sim.drain(h, 0);
+        }
+        let side = |h: usize| h < 2;
+        let mut partitioned = false;
+        let mut healed_at: Option<u64> = None;
+        // Messages across the cut wait in the connections' TCP buffers (a blackhole drops
+        // packets, TCP sends them again) and arrive together when the cut heals.
+        let mut held: Vec<Ev> = Vec::new();
+        while let Some(((now, _), ev)) = sim.queue.pop_first() {
+            if now > 20_000_000 && !partitioned && healed_at.is_none() {
+                assert!(sim.all_up(), "the four nodes did not find each other");
+                partitioned = true;
+            }
+            if partitioned && sim.nodes.iter().all(|n| n.num_members() == 1) {
+                partitioned = false;
+                healed_at = Some(now);
+                for ev in held.drain(..) {
+                    sim.push(now + 1_000, ev);
+                }
+            }
+            if let Some(t0) = healed_at {
+                if sim.all_up() {
+                    return Some((now - t0) as f64 / 1e6);
+                }
+                if now > t0 + limit_s * 1_000_000 {
+                    return None;
+                }
+            }
+            assert!(now < 600_000_000, "the partition never took hold");
+            let h = match ev {
+                Ev::Deliver(to, from, data) => {
+                    if partitioned && side(to) != side(from) {
+                        held.push(Ev::Deliver(to, from, data));
+                        continue;
+                    }
+                    let _ = sim.nodes[to].handle_data(&data, &mut sim.rt);
+                    to
+                }
+                Ev::Timer(h, t) => {
+                    let _ = sim.nodes[h].handle_timer(t, &mut sim.rt);
+                    h
+                }
+                Ev::Tick(h) => {
+                    sim.push(now + REANNOUNCE_INTERVAL.as_micros() as u64, Ev::Tick(h));
+                    if !reannounce_on || sim.connected[h] {
+                        continue;
+                    }
+                    let known: Vec<SwimId> = sim.known[h].values().cloned().collect();
+                    reannounce(&mut sim.nodes[h], known.iter(), &mut sim.rt);
+                    h
+                }
+            };
+            sim.drain(h, now);
+        }
+        None
+    }
+
+    #[test]
+    fn both_sides_of_a_healed_partition_find_each_other_again() {
+        // What foca does by itself: both sides are declared down to each other, take new
+        // identities, and wait for a message that never comes.
+        assert_eq!(heal_after_partition(false, 120), None, "foca healed by itself: the reannounce may not be needed");
+        // With the driver's reannounce: seconds.
+        let s = heal_after_partition(true, 30).expect("the sides did not find each other within 30 s");
+        assert!(s <= 2.0 * REANNOUNCE_INTERVAL.as_secs_f64() + 1.0, "healed only after {s} s");
     }
 }
