@@ -430,7 +430,8 @@ enum ClusterCmd {
     },
     /// List the members this node knows and whether each is up, from its own view (asks no
     /// other member, so it answers at once however large the cluster; `status` asks every
-    /// member for its figures).
+    /// member for its figures). DISK and VMS are what each member last said about itself by
+    /// gossip (FULL: snapshots place around it; "?": not heard yet).
     Members {
         #[command(flatten)]
         common: NodeArg,
@@ -1210,11 +1211,14 @@ async fn cluster_members(common: &NodeArg) -> anyhow::Result<()> {
     if common.json {
         return print_json(&l);
     }
-    println!("{:<14} {:<10} {:<22}  STATE", "NAME", "MEMBER", "ADDRESS");
+    println!("{:<14} {:<10} {:<22} {:<5} {:>4}  STATE", "NAME", "MEMBER", "ADDRESS", "DISK", "VMS");
     for m in &l.members {
         let name = if m.name.is_empty() { "?" } else { m.name.as_str() };
         let state = if m.alive { "up" } else { "DOWN" };
-        println!("{name:<14} {:<10} {:<22}  {state}{}", m.id.short(), m.address, if m.local { " (this node)" } else { "" });
+        // What the member said about itself by gossip ("?": not heard yet).
+        let disk = m.said.as_ref().map_or("?", |s| if s.full { "FULL" } else { "ok" });
+        let vms = m.said.as_ref().and_then(|s| s.vms.as_ref()).map_or("?".to_string(), |v| v.len().to_string());
+        println!("{name:<14} {:<10} {:<22} {disk:<5} {vms:>4}  {state}{}", m.id.short(), m.address, if m.local { " (this node)" } else { "" });
     }
     let up = l.members.iter().filter(|m| m.alive).count();
     println!("{up} of {} members up", l.members.len());

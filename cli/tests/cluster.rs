@@ -160,6 +160,18 @@ fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
     let list = c.json(2, &["vm", "list"]).expect("vm list");
     let g2_entry = list.as_array().expect("list").iter().find(|v| v["id"] == "g2").cloned().expect("g2 listed");
     assert_eq!((g2_entry["host"].as_str(), g2_entry["origin"].as_str()), (Some("n2"), Some("dir")), "{list}");
+    // n3 learns by gossip which VMs each host runs (a create asks only the hosts that say
+    // they run a VM it names).
+    let t0 = Instant::now();
+    loop {
+        let m = c.json(2, &["cluster", "members"]).expect("members");
+        let said = |name: &str| m["members"].as_array().expect("members").iter().find(|x| x["name"] == name).map(|x| x["said"]["vms"].clone());
+        if said("n1") == Some(serde_json::json!(["g1"])) && said("n2") == Some(serde_json::json!(["g2"])) && said("n3") == Some(serde_json::json!([])) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the VMs were not gossiped: {m}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Pre-copy with the live copy capped at 2 MiB/s: g2's 32 MiB take long enough to kill
     // n2 while its guest is being copied.

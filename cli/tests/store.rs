@@ -291,6 +291,12 @@ fn snapshots_place_around_a_member_whose_disk_is_nearly_full() {
     let status = c.json(0, &["cluster", "status"]).expect("status");
     let n2 = status["members"].as_array().expect("members").iter().find(|m| m["name"] == "n2").cloned().expect("n2");
     assert_eq!(n2["full"], true, "{n2}");
+    // n1 also learns it by gossip (a create then asks no member for its room).
+    let t0 = Instant::now();
+    while c.json(0, &["cluster", "members"]).expect("members")["members"].as_array().expect("members").iter().find(|m| m["name"] == "n2").map(|m| m["said"]["full"].clone()) != Some(serde_json::json!(true)) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "n2's full disk was not gossiped to n1");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let image = write(&tmp.path().join("vm.img"), &[&noise(5, 256)]);
     c.json(0, &["snapshot", "create", "s", "--vm", &format!("vm0=file:{}", image.display())]).expect("snapshot around the full member");
     let show = c.json(0, &["snapshot", "show", "s"]).expect("show");

@@ -7,6 +7,8 @@
 //!   operator's cluster key, checked by every node.
 //! - [`membership`]: the libp2p swarm (Kademlia + identify + SWIM) that discovers members and
 //!   tracks which are reachable, without a connection to every member.
+//! - [`state`]: what each member says about itself (disk full, VMs), signed and spread by
+//!   SWIM's gossip.
 //! - [`swim`]: the SWIM parameters, the member identity SWIM spreads (with its certificate) and
 //!   the codec that refuses members this cluster did not admit.
 //!
@@ -15,6 +17,7 @@
 pub mod admission;
 pub mod membership;
 pub mod placement;
+pub mod state;
 pub mod swim;
 
 pub use admission::{Certificate, ClusterKey, Revocation, Trust};

@@ -22,15 +22,15 @@
 //! them); `alive` says whether SWIM counts it up (alive or suspected).
 
 use crate::admission::{Certificate, Trust};
-use crate::swim::{self, AdmittedCodec, Swim, SwimId};
-use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
+use crate::state::{MemberState, States, STATE_REFRESH};
+use crate::swim::{self, Swim, SwimId};
+use foca::{AccumulatingRuntime, OwnedNotification, Timer};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::{ed25519, Keypair, PublicKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, kad, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
-use rand10::SeedableRng;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -228,12 +228,16 @@ pub struct Membership {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Every node's newest state, as SWIM spreads it.
+    states: States,
 }
 
 /// What the membership task is told from outside.
 enum Command {
     /// A member was removed from the cluster.
     Revoke(NodeId),
+    /// What this node says about itself changed (or may have): spread it if so.
+    Publish { full: bool, vms: Vec<String> },
 }
 
 impl Membership {
@@ -287,7 +291,9 @@ impl Membership {
         // identities with the same node id).
         let bump = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0);
         let me = SwimId { cert: cfg.certificate.clone(), data: data_addr, bump };
-        let foca = Foca::new(me, swim::config(), rand10::rngs::SmallRng::seed_from_u64(rand::random()), AdmittedCodec::new(cfg.trust.clone()));
+        let states: States = Default::default();
+        let foca = swim::new_swim(me, rand::random(), cfg.trust.clone(), states.clone());
+        let state_key = cfg.keypair.clone().try_into_ed25519().map_err(|_| MembershipError::NotEd25519)?;
         let mut state = State {
             local,
             local_peer,
@@ -306,6 +312,9 @@ impl Membership {
             in_flight: 0,
             swim_connected: false,
             rejoined: false,
+            states: states.clone(),
+            state_key,
+            published: None,
         };
         state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone(), incarnation: bump });
         for m in cfg.known {
@@ -320,13 +329,26 @@ impl Membership {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(swarm, state, tx, stop_rx, cmd_rx));
-        Ok(Self { local, rx, stop: Some(stop_tx), task: Some(task), commands: cmd_tx })
+        Ok(Self { local, rx, stop: Some(stop_tx), task: Some(task), commands: cmd_tx, states })
     }
 
     /// Drops `node` from the members and disconnects it; its certificate is refused from now
     /// on (the caller has recorded the revocation in the [`Trust`]).
     pub fn revoke(&self, node: NodeId) {
         let _ = self.commands.send(Command::Revoke(node));
+    }
+
+    /// Spreads what this node says about itself ([`crate::state`]) if it differs from what it
+    /// last said (and again every [`STATE_REFRESH`] anyway). Cheap to call often.
+    pub fn publish_state(&self, full: bool, mut vms: Vec<String>) {
+        vms.sort();
+        let _ = self.commands.send(Command::Publish { full, vms });
+    }
+
+    /// The newest state heard of each node (this one included, once published). A member
+    /// missing here has not been heard of yet: ask it.
+    pub fn states(&self) -> HashMap<NodeId, MemberState> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The local node's id.
@@ -398,6 +420,12 @@ struct State {
     swim_connected: bool,
     /// SWIM just gave this node a new identity: announce it at once.
     rejoined: bool,
+    /// Every node's newest state (shared with SWIM's handler and [`Membership::states`]).
+    states: States,
+    /// Signs this node's state.
+    state_key: ed25519::Keypair,
+    /// What this node last published, with its seq and when.
+    published: Option<(bool, Vec<String>, u64, tokio::time::Instant)>,
 }
 
 impl State {
@@ -599,10 +627,19 @@ async fn run(
         let mut changed = tokio::select! {
             _ = &mut stop => break,
             Some(cmd) = commands.recv() => match cmd {
-                Command::Revoke(id) => match peer_of_node_id(&id) {
-                    Some(peer) if id != st.local => refuse(&mut swarm, &mut st, peer, "removed from the cluster"),
-                    _ => false,
-                },
+                Command::Revoke(id) => {
+                    st.states.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    match peer_of_node_id(&id) {
+                        Some(peer) if id != st.local => refuse(&mut swarm, &mut st, peer, "removed from the cluster"),
+                        _ => false,
+                    }
+                }
+                Command::Publish { full, vms } => {
+                    if st.published.as_ref().is_none_or(|(f, v, _, _)| *f != full || *v != vms) {
+                        publish(&mut st, full, vms);
+                    }
+                    false
+                }
             },
             _ = tick.tick() => { maintain(&mut swarm, &mut st); false }
             _ = timer_due => { fire_timers(&mut st); false }
@@ -638,8 +675,32 @@ async fn leave(swarm: &mut Swarm<Behaviour>, st: &mut State) {
     .await;
 }
 
+/// Signs this node's state with a new seq and hands it to SWIM to spread.
+fn publish(st: &mut State, full: bool, vms: Vec<String>) {
+    // Newer than anything an earlier run of this node published (milliseconds since the
+    // epoch), and growing within this run.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let seq = st.published.as_ref().map_or(now_ms, |p| now_ms.max(p.2 + 1));
+    let state = MemberState { node: st.local, seq, full, vms: Some(vms.clone()) };
+    match crate::state::sign(&st.state_key, state) {
+        Ok(item) => {
+            if let Err(e) = st.foca.add_broadcast(&item) {
+                tracing::warn!(target: "vmcsnap::membership", error = %e, "cannot spread this node's state");
+            }
+        }
+        Err(e) => tracing::warn!(target: "vmcsnap::membership", error = %e, "cannot sign this node's state"),
+    }
+    st.published = Some((full, vms, seq, tokio::time::Instant::now()));
+}
+
 fn maintain(swarm: &mut Swarm<Behaviour>, st: &mut State) {
     let now = tokio::time::Instant::now();
+    if let Some((full, vms, _, at)) = &st.published {
+        if now >= *at + STATE_REFRESH {
+            let (full, vms) = (*full, vms.clone());
+            publish(st, full, vms);
+        }
+    }
     if !st.swim_connected {
         // SWIM sends nothing by itself now (alone, or just rejoined): tell a few members.
         swim::reannounce(&mut st.foca, st.swim_ids.values(), &mut st.rt);
@@ -819,6 +880,14 @@ mod tests {
             nodes.push(start(Some(&key), &key, name, vec![boot]).await.0);
         }
         wait("every node sees three alive members", || nodes.iter().all(|n| n.members().iter().filter(|m| m.alive).count() == 3)).await;
+        // What each says about itself reaches the others by gossip, and so does a change.
+        for (i, n) in nodes.iter().enumerate() {
+            n.publish_state(false, vec![format!("vm{i}")]);
+        }
+        let says = |n: &Membership, of: &Membership, full: bool, vm: &str| n.states().get(&of.local()).is_some_and(|s| s.full == full && s.vms.as_deref() == Some(&[vm.to_string()][..]));
+        wait("every node knows every node's VMs", || nodes.iter().all(|n| nodes.iter().enumerate().all(|(i, of)| says(n, of, false, &format!("vm{i}"))))).await;
+        nodes[2].publish_state(true, vec!["vm2".into()]);
+        wait("every node knows the third is full", || nodes.iter().all(|n| says(n, &nodes[2], true, "vm2"))).await;
         // Names are the ones the cluster key signed.
         let mut names: Vec<String> = nodes[0].members().into_iter().map(|m| m.name).collect();
         names.sort();

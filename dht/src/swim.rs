@@ -61,7 +61,14 @@ pub const REANNOUNCE_FANOUT: usize = 3;
 pub const REANNOUNCE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The SWIM state machine as every node runs it.
-pub type Swim = Foca<SwimId, AdmittedCodec, rand10::rngs::SmallRng, foca::NoCustomBroadcast>;
+pub type Swim = Foca<SwimId, AdmittedCodec, rand10::rngs::SmallRng, crate::state::StateHandler>;
+
+/// A SWIM state machine for `me`, checking admissions against `trust` and keeping the member
+/// states it hears of in `states`.
+pub fn new_swim(me: SwimId, seed: u64, trust: Arc<Trust>, states: crate::state::States) -> Swim {
+    use rand10::SeedableRng;
+    Foca::with_custom_broadcast(me, config(), rand10::rngs::SmallRng::seed_from_u64(seed), AdmittedCodec::new(trust.clone()), crate::state::StateHandler::new(trust, states))
+}
 
 /// Whether SWIM runs its probe and gossip rounds after notification `n`, given whether it did
 /// before. foca stops every round when it has no active member (`Idle`), when it is declared
@@ -232,8 +239,14 @@ mod tests {
     use foca::{AccumulatingRuntime, Foca};
     use rand10::SeedableRng;
 
+    /// Node `n`'s key: its node id is the public key, whose first byte is not `n`; the sim
+    /// finds nodes by [`id`]'s address port instead.
+    fn node_key(n: u8) -> libp2p::identity::ed25519::Keypair {
+        libp2p::identity::ed25519::Keypair::from(libp2p::identity::ed25519::SecretKey::try_from_bytes([n; 32]).expect("key"))
+    }
+
     fn id(key: &ClusterKey, n: u8, bump: u32) -> SwimId {
-        let node = NodeId([n; 32]);
+        let node = NodeId(node_key(n).public().to_bytes());
         SwimId { cert: key.certify(node, &format!("n{n}"), 1).expect("certify"), data: format!("127.0.0.1:{}", 7000 + u16::from(n)).parse().expect("addr"), bump }
     }
 
@@ -258,8 +271,8 @@ mod tests {
         let mut brt = AccumulatingRuntime::new();
         b.announce(id(&key, 1, 0), &mut brt).expect("announce");
         let (to, msg) = brt.to_send().expect("a message");
-        assert_eq!(to.node(), NodeId([1; 32]));
-        assert_eq!(sender_of(&msg), Some(NodeId([2; 32])));
+        assert_eq!(to.node(), id(&key, 1, 0).node());
+        assert_eq!(sender_of(&msg), Some(id(&key, 2, 0).node()));
         a.handle_data(&msg, &mut rt).expect("accepted");
         assert_eq!(a.num_members(), 1);
         // Another cluster's node: refused.
@@ -271,7 +284,7 @@ mod tests {
         assert!(a.handle_data(&msg, &mut rt).is_err(), "a stranger's message was accepted");
         assert_eq!(a.num_members(), 1);
         // b revoked: its messages are refused from now on.
-        assert_eq!(trust.revoke(&key.revoke(NodeId([2; 32]))), Ok(true));
+        assert_eq!(trust.revoke(&key.revoke(id(&key, 2, 0).node())), Ok(true));
         b.announce(id(&key, 1, 0), &mut brt).expect("announce");
         let (_, msg) = brt.to_send().expect("a message");
         assert!(a.handle_data(&msg, &mut rt).is_err(), "a revoked member's message was accepted");
@@ -303,7 +316,7 @@ mod tests {
         /// Takes what node `h`'s last call asked for.
         fn drain(&mut self, h: usize, now: u64) {
             while let Some((to, data)) = self.rt.to_send() {
-                self.push(now + 1_000, Ev::Deliver(usize::from(to.node().0[0]) - 1, h, data.to_vec()));
+                self.push(now + 1_000, Ev::Deliver(usize::from(to.data.port() - 7001), h, data.to_vec()));
             }
             while let Some((after, t)) = self.rt.to_schedule() {
                 self.push(now + after.as_micros() as u64, Ev::Timer(h, t));
@@ -332,10 +345,16 @@ mod tests {
     fn heal_after_partition(reannounce_on: bool, limit_s: u64) -> Option<f64> {
         let key = ClusterKey::generate();
         let trust = Arc::new(Trust::new(key.id()).expect("trust"));
-        let nodes = (1..=4u8).map(|n| Foca::new(id(&key, n, 10), config(), rand10::rngs::SmallRng::seed_from_u64(u64::from(n)), AdmittedCodec::new(trust.clone()))).collect();
+        let keys: Vec<_> = (1..=4u8).map(node_key).collect();
+        let states: Vec<crate::state::States> = (0..4).map(|_| Default::default()).collect();
+        let nodes = (1..=4u8).map(|n| new_swim(id(&key, n, 10), u64::from(n), trust.clone(), states[usize::from(n) - 1].clone())).collect();
         let mut sim = Sim { nodes, connected: vec![false; 4], known: vec![HashMap::new(); 4], queue: Default::default(), seq: 0, rt: AccumulatingRuntime::new() };
         for h in 0..4 {
             sim.push(2_000_000 + h as u64, Ev::Tick(h));
+        }
+        for (h, k) in keys.iter().enumerate() {
+            let state = crate::state::MemberState { node: sim.nodes[h].identity().node(), seq: 1, full: h == 2, vms: Some(vec![format!("vm{h}")]) };
+            sim.nodes[h].add_broadcast(&crate::state::sign(k, state).expect("sign")).expect("broadcast");
         }
         for h in 1..4 {
             sim.nodes[h].announce(id(&key, 1, 0), &mut sim.rt).expect("announce");
@@ -350,6 +369,11 @@ mod tests {
         while let Some(((now, _), ev)) = sim.queue.pop_first() {
             if now > 20_000_000 && !partitioned && healed_at.is_none() {
                 assert!(sim.all_up(), "the four nodes did not find each other");
+                // Each node's state (published before it joined) reached every node.
+                for st in &states {
+                    let st = st.lock().expect("lock");
+                    assert_eq!(st.len(), 4, "states known: {st:?}");
+                }
                 partitioned = true;
             }
             if partitioned && sim.nodes.iter().all(|n| n.num_members() == 1) {

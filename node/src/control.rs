@@ -22,7 +22,7 @@ use vmcsnap_dht::placement::{primary_shares, View};
 use vmcsnap_protocol::codec::{self, CodecError, FRAME_HEADER_BYTES};
 use vmcsnap_protocol::manifest::short_record_id;
 use vmcsnap_protocol::control::{
-    decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberEntry, MemberList, MemberStatus,
+    decode_control, encode_control, is_version_mismatch, ClusterStatus, ControlEvent, ControlRequest, ControlResult, ErrorKind, MemberEntry, MemberList, MemberStatus, SaidState,
     SnapshotInfo, CONTROL_VERSION,
 };
 use vmcsnap_protocol::wire::{DataRequest, DataResponse, GcStats, RepairStats, ScrubStats};
@@ -231,6 +231,7 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
                 crate::vms::VmError::Store(e) => e.into(),
             })?;
             tracing::info!(target: "vmcsnap::vms", vm = %id, qmp = %qmp, status = %status, "VM registered");
+            node.publish_state();
             Ok(ControlResult::VmChanged)
         }
         ControlRequest::VmRemove { id } => {
@@ -240,6 +241,7 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
                     format!("VM {id} is not registered on this host (a socket in --vm-dir is listed for as long as it exists)"),
                 ));
             }
+            node.publish_state();
             Ok(ControlResult::VmChanged)
         }
         ControlRequest::VmList => {
@@ -271,14 +273,20 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
             Ok(ControlResult::Verified(crate::engine::verify::verify(&node, &record, deep, progress).await.map_err(|e| ControlError::new(e.kind(), e.to_string()))?))
         }
         ControlRequest::ClusterStatus => Ok(ControlResult::Cluster(cluster_status(&node).await)),
-        ControlRequest::ClusterMembers => Ok(ControlResult::Members(MemberList {
-            node: node.id,
-            members: node
-                .members()
-                .into_iter()
-                .map(|m| MemberEntry { id: m.id, name: m.name, address: m.data_addr.to_string(), alive: m.alive, local: m.id == node.id, incarnation: m.incarnation })
-                .collect(),
-        })),
+        ControlRequest::ClusterMembers => {
+            let mut states = node.member_states();
+            Ok(ControlResult::Members(MemberList {
+                node: node.id,
+                members: node
+                    .members()
+                    .into_iter()
+                    .map(|m| {
+                        let said = states.remove(&m.id).map(|s| SaidState { full: s.full, vms: s.vms });
+                        MemberEntry { id: m.id, name: m.name, address: m.data_addr.to_string(), alive: m.alive, local: m.id == node.id, incarnation: m.incarnation, said }
+                    })
+                    .collect(),
+            }))
+        }
         ControlRequest::ClusterRemove { token } => {
             let r = vmcsnap_dht::admission::Revocation::from_token(&token).map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;
             let (new, told) = node.revoke(&r).await.map_err(|e| ControlError::new(ErrorKind::Invalid, e.to_string()))?;

@@ -34,7 +34,7 @@
 
 use crate::config::NodeConfig;
 use crate::net::DataClient;
-use crate::node::Node;
+use crate::node::{Node, STATE_CHECK_INTERVAL};
 use crate::store::Store;
 use crate::vms::Registry;
 use anyhow::Context;
@@ -112,6 +112,7 @@ pub async fn run(config: NodeConfig, shutdown: Option<tokio::sync::oneshot::Rece
     tasks.spawn(crate::server::accept_loop(node.clone(), endpoint.clone()));
     tasks.spawn(crate::control::accept_loop(node.clone(), control));
     tasks.spawn(sync_catalog(node.clone()));
+    tasks.spawn(publish_state(node.clone()));
     tasks.spawn(crate::engine::gc::run(node.clone()));
     tasks.spawn(crate::engine::scrub::run(node.clone()));
     tasks.spawn(crate::engine::repair::run(node.clone()));
@@ -253,6 +254,18 @@ fn notify_service_manager(state: &str) {
     let sent = addr.and_then(|a| std::os::unix::net::UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
     if let Err(e) = sent {
         tracing::warn!(target: "vmcsnap::node", error = %e, state, "cannot notify the service manager");
+    }
+}
+
+/// Tells the cluster whether this node's disk is full and which VMs it runs
+/// ([`Node::publish_state`]) every [`STATE_CHECK_INTERVAL`]; only changes are spread.
+async fn publish_state(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(STATE_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || n.publish_state()).await;
     }
 }
 

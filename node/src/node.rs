@@ -25,6 +25,9 @@ use vmcsnap_protocol::NodeId;
 /// How long a quick question to one peer (a catalog entry, its VM list, its store figures)
 /// may take in a fan-out before that peer counts as silent.
 pub const PEER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a node checks whether its disk filled up or its VMs changed, to tell the
+/// cluster ([`Node::publish_state`]).
+pub const STATE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long pulling missing commit records from one peer may take in a catalog sync.
 pub const CATALOG_PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Peers one round of the background catalog sync asks (at random among the node's sync
@@ -758,12 +761,44 @@ impl Node {
             .collect()
     }
 
+    /// Tells the cluster (by SWIM's gossip, [`vmcsnap_dht::state`]) whether this node's disk
+    /// is full and which VMs it runs; spreads only what changed. Called every
+    /// [`STATE_CHECK_INTERVAL`] and after each change of the VM registry.
+    pub fn publish_state(&self) {
+        let vms = self.vms.list().unwrap_or_default().into_iter().map(|(id, _, _)| id).collect();
+        self.membership.publish_state(self.store.is_full(), vms);
+    }
+
+    /// The newest state each node said about itself; a live member missing here has not been
+    /// heard of yet (ask it).
+    pub fn member_states(&self) -> std::collections::HashMap<NodeId, vmcsnap_dht::state::MemberState> {
+        self.membership.states()
+    }
+
+    /// The VMs registered on this node and on the live peers that may hold one of `wanted`,
+    /// with the names of those peers that did not answer. Only peers whose gossiped state
+    /// lists a wanted VM, or whose state is not known yet, are asked: not every member. A VM
+    /// registered elsewhere in the last seconds may be missing; [`Node::cluster_vms`] asks
+    /// everyone.
+    pub async fn find_vms(&self, wanted: &[String]) -> (Vec<VmInfo>, Vec<String>) {
+        let states = self.member_states();
+        let may_hold = |m: &Member| states.get(&m.id).and_then(|s| s.vms.as_ref()).is_none_or(|vms| vms.iter().any(|v| wanted.contains(v)));
+        let ask: Vec<Member> = self.alive_peers().into_iter().filter(|m| may_hold(m)).collect();
+        self.vms_of(ask).await
+    }
+
     /// Every VM registered on a live member (this node included), with its status, and the
-    /// names of the live peers that did not answer.
+    /// names of the live peers that did not answer. Asks every live member.
     pub async fn cluster_vms(&self) -> (Vec<VmInfo>, Vec<String>) {
+        self.vms_of(self.alive_peers()).await
+    }
+
+    /// This node's VMs and those `peers` list, with the names of the peers that did not answer.
+    async fn vms_of(&self, peers: Vec<Member>) -> (Vec<VmInfo>, Vec<String>) {
         let mut out = self.local_vms().await;
         let mut silent = Vec::new();
-        for (p, a) in self.ask_peers(DataRequest::VmList, PEER_ANSWER_TIMEOUT).await {
+        let answers = fan_out(&peers, PEER_ANSWER_TIMEOUT, |p| async move { self.call(&p, DataRequest::VmList).await }).await;
+        for (p, a) in peers.into_iter().zip(answers) {
             match a {
                 Ok(DataResponse::Vms { vms, .. }) => out.extend(vms),
                 _ => silent.push(self.host_name(&p.id)),

@@ -196,7 +196,10 @@ async fn dispatch(node: Arc<Node>, req: DataRequest, peer: NodeId) -> DataRespon
         }
         DataRequest::VmList => DataResponse::Vms { host: node.config.name.clone(), vms: node.local_vms().await },
         DataRequest::VmForget { id } => match node.vms.remove(&id) {
-            Ok(_) => DataResponse::Ok,
+            Ok(_) => {
+                node.publish_state();
+                DataResponse::Ok
+            }
             Err(e) => error(RemoteErrorKind::Storage, e.to_string()),
         },
         DataRequest::Revoke { token } => match vmcsnap_dht::admission::Revocation::from_token(&token) {

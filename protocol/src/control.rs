@@ -16,8 +16,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const CONTROL_MAGIC: [u8; 4] = *b"VMCC";
 /// Version of the control protocol. Version 1 was unversioned (bare bincode frames); 2 added
 /// this header and [`ErrorKind`]; 3 record ids and conflicts; 4 deletion, verify, GC and
-/// scrub figures.
-pub const CONTROL_VERSION: u16 = 5;
+/// scrub figures; 5 `snapshot list --unique`; 6 the gossiped member states in
+/// [`MemberEntry`].
+pub const CONTROL_VERSION: u16 = 6;
 
 /// Encodes one control message as a frame (length, magic, version, body).
 pub fn encode_control<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
@@ -460,6 +461,17 @@ pub struct MemberEntry {
     pub local: bool,
     /// The run of its process this node knows (0 if none yet).
     pub incarnation: u32,
+    /// What the member last said about itself by gossip, if this node has heard it yet.
+    pub said: Option<SaidState>,
+}
+
+/// What a member says about itself by gossip (`dht::state::MemberState`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaidState {
+    /// Its disk has less free space than its `--min-free` (snapshots place around it).
+    pub full: bool,
+    /// The ids of the VMs registered with it; `None` if the list was too long to gossip.
+    pub vms: Option<Vec<String>>,
 }
 
 /// One frame from node to CLI.

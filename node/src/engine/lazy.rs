@@ -572,6 +572,7 @@ async fn retry(node: Arc<Node>, j: Journal) {
                     if let Err(e) = node.vms.add(&j.vm, &j.qmp) {
                         tracing::warn!(target: "vmcsnap::restore", vm = %j.vm, error = %e, "cannot register the restored VM");
                     }
+                    node.publish_state();
                     if let Some(me) = node.member(&node.id) {
                         forget_elsewhere(&node, &j.vm, &me).await;
                     }

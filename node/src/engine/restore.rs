@@ -255,6 +255,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             }
             Err(LazyError::Paused(e)) => {
                 let _ = node.vms.add(&vm, &l.qmp);
+                node.publish_state();
                 return Err(e);
             }
         }
@@ -284,6 +285,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
         if let Err(e) = node.vms.add(&vm, &l.qmp) {
             tracing::warn!(target: "vmcsnap::restore", vm = %vm, error = %e, "cannot register the restored VM");
         }
+        node.publish_state();
     }
     Ok(RestoreSummary {
         name,

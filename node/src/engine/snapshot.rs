@@ -146,21 +146,34 @@ async fn create_reserved(node: &Arc<Node>, req: CreateRequest, mut progress: Pro
 }
 
 /// The members that have room for pages: one that says its disk is nearly full (less free
-/// than its `--min-free`) is left out of this snapshot's placement. One that does not answer
-/// is kept (if it is down, the snapshot fails on it and is retried without it).
+/// than its `--min-free`) is left out of this snapshot's placement. What each member says
+/// comes by gossip ([`Node::member_states`]); only a member not heard of yet is asked (one
+/// that does not answer is kept: if it is down, the snapshot fails on it and is retried
+/// without it). A member that filled up in the last seconds may not be known as full yet: its
+/// store refuses the pages and the snapshot fails whole.
 async fn with_room(node: &Arc<Node>, members: Vec<Member>, replicas: u8) -> Result<Vec<Member>, SnapshotError> {
-    let answers = fan_out(&members, crate::node::PEER_ANSWER_TIMEOUT, |m| async move { node.call(&m, DataRequest::Stats).await }).await;
+    let states = node.member_states();
+    let (heard, unheard): (Vec<Member>, Vec<Member>) = members.into_iter().partition(|m| states.contains_key(&m.id));
+    let answers = fan_out(&unheard, crate::node::PEER_ANSWER_TIMEOUT, |m| async move { node.call(&m, DataRequest::Stats).await }).await;
+    let said_full = heard.into_iter().map(|m| {
+        let full = states.get(&m.id).is_some_and(|s| s.full);
+        (m, full)
+    });
+    let answered_full = unheard.into_iter().zip(answers).map(|(m, a)| {
+        let full = matches!(a, Ok(DataResponse::Stats { full: true, .. }));
+        (m, full)
+    });
     let mut room = Vec::new();
     let mut full = Vec::new();
-    for (m, a) in members.into_iter().zip(answers) {
-        match a {
-            Ok(DataResponse::Stats { full: true, free_bytes, .. }) => {
-                tracing::warn!(target: "vmcsnap::snapshot", member = %node.host_name(&m.id), free_bytes, "member's disk is nearly full; placing around it");
-                full.push(node.host_name(&m.id));
-            }
-            _ => room.push(m),
+    for (m, is_full) in said_full.chain(answered_full) {
+        if is_full {
+            tracing::warn!(target: "vmcsnap::snapshot", member = %node.host_name(&m.id), "member's disk is nearly full; placing around it");
+            full.push(node.host_name(&m.id));
+        } else {
+            room.push(m);
         }
     }
+    room.sort_by_key(|m| m.id); // as the member list comes: by id
     if room.len() < replicas as usize {
         return Err(SnapshotError::NoRoom { room: room.len(), replicas, full: full.join(", ") });
     }
@@ -197,8 +210,15 @@ async fn check(node: &Arc<Node>, req: &CreateRequest) -> Result<u8, SnapshotErro
 
 /// Where each VM runs: the asked ones in order, then (with `--all`) every other registered one.
 async fn place_vms(node: &Arc<Node>, req: &CreateRequest) -> Result<Vec<Placed>, SnapshotError> {
-    let known = if req.all || req.vms.iter().any(|v| v.source.is_none()) {
-        let (known, silent) = node.cluster_vms().await;
+    let named: Vec<String> = req.vms.iter().filter(|v| v.source.is_none()).map(|v| v.id.clone()).collect();
+    let known = if req.all || !named.is_empty() {
+        // Named VMs: the hosts that gossip says may hold them are asked; if one is not found
+        // on exactly one host that way (it moved, or was registered a moment ago), everyone
+        // is. `--all` asks everyone: a VM registered a moment ago must not be left out.
+        let (mut known, mut silent) = if req.all { node.cluster_vms().await } else { node.find_vms(&named).await };
+        if !named.iter().all(|id| known.iter().filter(|v| v.id == *id).count() == 1) {
+            (known, silent) = node.cluster_vms().await;
+        }
         if !silent.is_empty() {
             // Their VMs could be the ones asked for (or, with --all, left out unseen).
             return Err(SnapshotError::Invalid(format!("host(s) {} did not list their VMs; try again", silent.join(", "))));
