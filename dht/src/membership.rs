@@ -44,6 +44,9 @@ pub const PROTOCOL_VERSION: &str = "/vmcsnap/1.0.0";
 pub const KAD_PROTOCOL: &str = "/vmcsnap/kad/1.0.0";
 /// SWIM's request-response protocol name.
 pub const SWIM_PROTOCOL: &str = "/vmcsnap/swim/1.0.0";
+/// libp2p protocol id of a node's state sent straight to a member that came up (it missed the
+/// gossip of states that did not change since; [`crate::state`]).
+pub const STATE_PROTOCOL: &str = "/vmcsnap/state/1.0.0";
 /// How often the membership task checks whether it is alone (then it dials the bootstrap
 /// addresses and the members it knows), whether SWIM has stopped its rounds (then it
 /// announces itself to a few members, [`swim::reannounce`]) and whether a Kademlia refresh is
@@ -136,6 +139,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     swim: request_response::Behaviour<SwimWire>,
+    state: request_response::Behaviour<SwimWire>,
 }
 
 /// SWIM messages on a libp2p stream: a request is a 4-byte big-endian length and the message;
@@ -267,7 +271,11 @@ impl Membership {
                     [(StreamProtocol::new(SWIM_PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(SWIM_SEND_TIMEOUT),
                 );
-                Behaviour { kad, identify, swim }
+                let state = request_response::Behaviour::new(
+                    [(StreamProtocol::new(STATE_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(SWIM_SEND_TIMEOUT),
+                );
+                Behaviour { kad, identify, swim, state }
             })
             .map_err(|e| MembershipError::Swarm(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(CONNECTION_IDLE))
@@ -315,6 +323,7 @@ impl Membership {
             states: states.clone(),
             state_key,
             published: None,
+            tell: Vec::new(),
         };
         state.members.insert(local, Member { id: local, data_addr, alive: true, name: cfg.name.clone(), incarnation: bump });
         for m in cfg.known {
@@ -424,8 +433,20 @@ struct State {
     states: States,
     /// Signs this node's state.
     state_key: ed25519::Keypair,
-    /// What this node last published, with its seq and when.
-    published: Option<(bool, Vec<String>, u64, tokio::time::Instant)>,
+    /// What this node last published: its state, seq, when, and the signed item.
+    published: Option<Published>,
+    /// Members that came up (or restarted) since the last drain: they get this node's state
+    /// straight away.
+    tell: Vec<SwimId>,
+}
+
+/// This node's last published state.
+struct Published {
+    full: bool,
+    vms: Vec<String>,
+    seq: u64,
+    at: tokio::time::Instant,
+    item: Vec<u8>,
 }
 
 impl State {
@@ -457,6 +478,11 @@ impl State {
     /// Records what SWIM learned; returns whether the member list changed.
     fn learn(&mut self, n: OwnedNotification<SwimId>) -> bool {
         self.swim_connected = swim::connected_after(&n, self.swim_connected);
+        if let OwnedNotification::MemberUp(sid) | OwnedNotification::Rename(_, sid) = &n {
+            if sid.node() != self.local && self.tell.len() < MEMBERS_MAX {
+                self.tell.push(sid.clone());
+            }
+        }
         match n {
             OwnedNotification::MemberUp(sid) => self.up(sid),
             OwnedNotification::MemberDown(sid) => {
@@ -555,6 +581,11 @@ fn drain(swarm: &mut Swarm<Behaviour>, st: &mut State) -> bool {
         while let Some(n) = st.rt.to_notify() {
             changed |= st.learn(n);
         }
+        for sid in std::mem::take(&mut st.tell) {
+            if let (Some(p), Some(peer)) = (&st.published, peer_of_node_id(&sid.node())) {
+                swarm.behaviour_mut().state.send_request_with_addresses(&peer, p.item.clone(), vec![tcp_multiaddr(sid.data)]);
+            }
+        }
         if !std::mem::take(&mut st.rejoined) {
             return changed;
         }
@@ -635,7 +666,7 @@ async fn run(
                     }
                 }
                 Command::Publish { full, vms } => {
-                    if st.published.as_ref().is_none_or(|(f, v, _, _)| *f != full || *v != vms) {
+                    if st.published.as_ref().is_none_or(|p| p.full != full || p.vms != vms) {
                         publish(&mut st, full, vms);
                     }
                     false
@@ -680,24 +711,26 @@ fn publish(st: &mut State, full: bool, vms: Vec<String>) {
     // Newer than anything an earlier run of this node published (milliseconds since the
     // epoch), and growing within this run.
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    let seq = st.published.as_ref().map_or(now_ms, |p| now_ms.max(p.2 + 1));
+    let seq = st.published.as_ref().map_or(now_ms, |p| now_ms.max(p.seq + 1));
     let state = MemberState { node: st.local, seq, full, vms: Some(vms.clone()) };
-    match crate::state::sign(&st.state_key, state) {
-        Ok(item) => {
-            if let Err(e) = st.foca.add_broadcast(&item) {
-                tracing::warn!(target: "vmcsnap::membership", error = %e, "cannot spread this node's state");
-            }
+    let item = match crate::state::sign(&st.state_key, state) {
+        Ok(item) => item,
+        Err(e) => {
+            tracing::warn!(target: "vmcsnap::membership", error = %e, "cannot sign this node's state");
+            return;
         }
-        Err(e) => tracing::warn!(target: "vmcsnap::membership", error = %e, "cannot sign this node's state"),
+    };
+    if let Err(e) = st.foca.add_broadcast(&item) {
+        tracing::warn!(target: "vmcsnap::membership", error = %e, "cannot spread this node's state");
     }
-    st.published = Some((full, vms, seq, tokio::time::Instant::now()));
+    st.published = Some(Published { full, vms, seq, at: tokio::time::Instant::now(), item });
 }
 
 fn maintain(swarm: &mut Swarm<Behaviour>, st: &mut State) {
     let now = tokio::time::Instant::now();
-    if let Some((full, vms, _, at)) = &st.published {
-        if now >= *at + STATE_REFRESH {
-            let (full, vms) = (*full, vms.clone());
+    if let Some(p) = &st.published {
+        if now >= p.at + STATE_REFRESH {
+            let (full, vms) = (p.full, p.vms.clone());
             publish(st, full, vms);
         }
     }
@@ -747,6 +780,18 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
     match ev {
         SwarmEvent::Behaviour(BehaviourEvent::Swim(ev)) => {
             on_swim(swarm, st, ev);
+            false
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::State(request_response::Event::Message { peer, message: request_response::Message::Request { request, channel, .. }, .. })) => {
+            let _ = swarm.behaviour_mut().state.send_response(channel, ());
+            // A member's own state, kept and not spread again (the sender tells each member that
+            // comes up itself).
+            let sender = node_id_of_peer(&peer).filter(|id| st.members.contains_key(id) && !st.refused_set.contains(&peer));
+            if let Some(id) = sender {
+                if let Err(e) = crate::state::accept(&st.trust, &st.states, &request, Some(&id)) {
+                    tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, "member state refused");
+                }
+            }
             false
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
@@ -892,6 +937,11 @@ mod tests {
         let mut names: Vec<String> = nodes[0].members().into_iter().map(|m| m.name).collect();
         names.sort();
         assert_eq!(names, ["a", "b", "c"]);
+        // A node that joins later learns the states that no longer spread: each member sends
+        // its own to a member that comes up.
+        let late = start(Some(&key), &key, "d", vec![boot]).await.0;
+        wait("the late node knows every state", || says(&late, &nodes[0], false, "vm0") && says(&late, &nodes[1], false, "vm1") && says(&late, &nodes[2], true, "vm2")).await;
+        late.shutdown().await;
         // Stop one: the others see it go.
         let gone = nodes.pop().expect("node");
         let gone_id = gone.local();

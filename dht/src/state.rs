@@ -109,6 +109,30 @@ pub fn verify(trust: &Trust, item: &[u8]) -> Result<MemberState, StateError> {
     Ok(state)
 }
 
+/// Keeps the state in `item` if it is valid ([`verify`]), of node `only` when given, and newer
+/// than the one held for its node; returns its key then (to spread it), `None` if it was not
+/// new.
+pub fn accept(trust: &Trust, states: &States, item: &[u8], only: Option<&NodeId>) -> Result<Option<StateKey>, StateError> {
+    // Cheap check first: most items a node receives are repeats of what it has.
+    let newer = |states: &HashMap<NodeId, MemberState>, node: &NodeId, seq: u64| states.get(node).is_none_or(|s| s.seq < seq);
+    let signed: Signed = postcard::from_bytes(item)?;
+    let peek: MemberState = postcard::from_bytes(&signed.state)?;
+    if only.is_some_and(|n| *n != peek.node) {
+        return Err(StateError::NotAdmitted(peek.node.short()));
+    }
+    if !newer(&states.lock().unwrap_or_else(|e| e.into_inner()), &peek.node, peek.seq) {
+        return Ok(None);
+    }
+    let state = verify(trust, item)?;
+    let mut states = states.lock().unwrap_or_else(|e| e.into_inner());
+    if !newer(&states, &state.node, state.seq) || (states.len() >= STATES_MAX && !states.contains_key(&state.node)) {
+        return Ok(None);
+    }
+    let key = StateKey { node: state.node, seq: state.seq };
+    states.insert(state.node, state);
+    Ok(Some(key))
+}
+
 /// Which item a broadcast is: a newer `seq` of one node replaces an older one in SWIM's
 /// backlog.
 pub struct StateKey {
@@ -141,21 +165,7 @@ impl BroadcastHandler<SwimId> for StateHandler {
     type Error = StateError;
 
     fn receive_item(&mut self, data: &[u8], _sender: Option<&SwimId>) -> Result<Option<StateKey>, StateError> {
-        // Cheap check first: most items a node receives are repeats of what it has.
-        let newer = |states: &HashMap<NodeId, MemberState>, node: &NodeId, seq: u64| states.get(node).is_none_or(|s| s.seq < seq);
-        let signed: Signed = postcard::from_bytes(data)?;
-        let peek: MemberState = postcard::from_bytes(&signed.state)?;
-        if !newer(&self.states.lock().unwrap_or_else(|e| e.into_inner()), &peek.node, peek.seq) {
-            return Ok(None);
-        }
-        let state = verify(&self.trust, data)?;
-        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        if !newer(&states, &state.node, state.seq) || (states.len() >= STATES_MAX && !states.contains_key(&state.node)) {
-            return Ok(None);
-        }
-        let key = StateKey { node: state.node, seq: state.seq };
-        states.insert(state.node, state);
-        Ok(Some(key))
+        accept(&self.trust, &self.states, data, None)
     }
 }
 
