@@ -399,7 +399,6 @@ impl Drop for Membership {
     }
 }
 
-
 struct State {
     local: NodeId,
     local_peer: PeerId,
