@@ -427,6 +427,7 @@ mod tests {
         assert_eq!(heal_after_partition(false, 120), None, "foca healed by itself: the reannounce may not be needed");
         // With the driver's reannounce: seconds.
         let s = heal_after_partition(true, 30).expect("the sides did not find each other within 30 s");
+        eprintln!("healed {s:.3} virtual seconds after the cut healed");
         assert!(s <= 2.0 * REANNOUNCE_INTERVAL.as_secs_f64() + 1.0, "healed only after {s} s");
     }
 }

@@ -781,10 +781,14 @@ impl Node {
     /// registered elsewhere in the last seconds may be missing; [`Node::cluster_vms`] asks
     /// everyone.
     pub async fn find_vms(&self, wanted: &[String]) -> (Vec<VmInfo>, Vec<String>) {
+        self.vms_of(self.may_hold(self.alive_peers(), wanted)).await
+    }
+
+    /// Those of `members` that may run one of the VMs `wanted`: their gossiped state lists one,
+    /// or is not known yet.
+    pub fn may_hold(&self, members: Vec<Member>, wanted: &[String]) -> Vec<Member> {
         let states = self.member_states();
-        let may_hold = |m: &Member| states.get(&m.id).and_then(|s| s.vms.as_ref()).is_none_or(|vms| vms.iter().any(|v| wanted.contains(v)));
-        let ask: Vec<Member> = self.alive_peers().into_iter().filter(|m| may_hold(m)).collect();
-        self.vms_of(ask).await
+        members.into_iter().filter(|m| states.get(&m.id).and_then(|s| s.vms.as_ref()).is_none_or(|vms| vms.iter().any(|v| wanted.contains(v)))).collect()
     }
 
     /// Every VM registered on a live member (this node included), with its status, and the

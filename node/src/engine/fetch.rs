@@ -22,10 +22,9 @@ use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
 
 /// The VM runs on `host` now: every other live member forgets it.
 pub(super) async fn forget_elsewhere(node: &Arc<Node>, vm: &str, host: &Member) {
-    // Only the members that may hold it: those whose gossiped state lists it, or is not known.
-    let states = node.member_states();
-    let may_hold = |m: &Member| states.get(&m.id).and_then(|s| s.vms.as_ref()).is_none_or(|vms| vms.iter().any(|v| v == vm));
-    let others: Vec<Member> = node.alive_members().into_iter().filter(|m| m.id != host.id && may_hold(m)).collect();
+    // Only the members that may hold it (by their gossiped states).
+    let others: Vec<Member> = node.alive_members().into_iter().filter(|m| m.id != host.id).collect();
+    let others = node.may_hold(others, &[vm.to_string()]);
     fan_out(&others, PEER_ANSWER_TIMEOUT, |m| async move {
         if m.id == node.id {
             let r = node.vms.remove(vm).map(|_| ()).map_err(NetError::Store);
