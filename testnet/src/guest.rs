@@ -254,8 +254,13 @@ impl Guest {
                         return Err(e).with_context(|| format!("the serial console of {} ({})", self.name, self.diagnose()));
                     }
                     std::thread::sleep(Duration::from_millis(200));
-                    s = std::os::unix::net::UnixStream::connect(&self.serial)
-                        .with_context(|| format!("cannot open the serial console of {} again after {e}", self.name))?;
+                    s = std::os::unix::net::UnixStream::connect(&self.serial).with_context(|| {
+                        // Seen once in CI: the socket was gone, so QEMU had exited. What the
+                        // guest printed last says whether it panicked.
+                        let all = std::fs::read(&self.log).unwrap_or_default();
+                        let tail = String::from_utf8_lossy(&all[all.len().saturating_sub(800)..]).into_owned();
+                        format!("cannot open the serial console of {} again after {e} ({}); the console's last output: {tail:?}", self.name, self.diagnose())
+                    })?;
                     s.set_read_timeout(Some(Duration::from_millis(1)))?;
                     continue;
                 }
