@@ -787,7 +787,7 @@ fn handle(swarm: &mut Swarm<Behaviour>, st: &mut State, ev: SwarmEvent<Behaviour
             // comes up itself).
             let sender = node_id_of_peer(&peer).filter(|id| st.members.contains_key(id) && !st.refused_set.contains(&peer));
             if let Some(id) = sender {
-                if let Err(e) = crate::state::accept(&st.trust, &st.states, &request, Some(&id)) {
+                if let Err(e) = crate::state::accept(&st.trust, &st.states, &request, |n| *n == id) {
                     tracing::debug!(target: "vmcsnap::membership", %peer, error = %e, "member state refused");
                 }
             }

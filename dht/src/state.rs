@@ -10,12 +10,14 @@
 //! it). A member whose state a node has not heard yet is *unknown*: callers then ask it
 //! directly, as before this module existed.
 //!
-//! An item is accepted only if its node is admitted (not revoked), its signature verifies
-//! against that node's key, and its `seq` is newer than the last one heard from that node: a
-//! member relays others' states but cannot forge them, and old news never replaces new.
+//! An item is accepted only if its node is admitted (a certificate of this cluster for it has
+//! been checked, and it is not revoked), its signature verifies against that node's key, and
+//! its `seq` is newer than the last one heard from that node: a member relays others' states
+//! but cannot forge them, cannot fill the table with states of keys it made up, and old news
+//! never replaces new.
 
 use crate::admission::Trust;
-use crate::swim::SwimId;
+use crate::swim::{Certified, SwimId};
 use foca::{BroadcastHandler, Invalidates};
 use libp2p::identity::ed25519;
 use serde::{Deserialize, Serialize};
@@ -109,15 +111,15 @@ pub fn verify(trust: &Trust, item: &[u8]) -> Result<MemberState, StateError> {
     Ok(state)
 }
 
-/// Keeps the state in `item` if it is valid ([`verify`]), of node `only` when given, and newer
-/// than the one held for its node; returns its key then (to spread it), `None` if it was not
-/// new.
-pub fn accept(trust: &Trust, states: &States, item: &[u8], only: Option<&NodeId>) -> Result<Option<StateKey>, StateError> {
+/// Keeps the state in `item` if it is valid ([`verify`]), of a node `allowed` says may speak
+/// here, and newer than the one held for its node; returns its key then (to spread it), `None`
+/// if it was not new.
+pub fn accept(trust: &Trust, states: &States, item: &[u8], allowed: impl Fn(&NodeId) -> bool) -> Result<Option<StateKey>, StateError> {
     // Cheap check first: most items a node receives are repeats of what it has.
     let newer = |states: &HashMap<NodeId, MemberState>, node: &NodeId, seq: u64| states.get(node).is_none_or(|s| s.seq < seq);
     let signed: Signed = postcard::from_bytes(item)?;
     let peek: MemberState = postcard::from_bytes(&signed.state)?;
-    if only.is_some_and(|n| *n != peek.node) {
+    if !allowed(&peek.node) {
         return Err(StateError::NotAdmitted(peek.node.short()));
     }
     if !newer(&states.lock().unwrap_or_else(|e| e.into_inner()), &peek.node, peek.seq) {
@@ -151,12 +153,20 @@ impl Invalidates for StateKey {
 pub struct StateHandler {
     trust: Arc<Trust>,
     states: States,
+    /// This node (its own items pass through the handler too).
+    local: NodeId,
+    /// The nodes whose certificate SWIM's codec has checked: an item of any other node is
+    /// refused (SWIM decodes a message's sender and members before its items, so a member's
+    /// certificate is checked before its state arrives; a state refused early comes again
+    /// straight from its node when SWIM reports it up).
+    certified: Certified,
 }
 
 impl StateHandler {
-    /// A handler checking against `trust` and keeping states in `states`.
-    pub fn new(trust: Arc<Trust>, states: States) -> Self {
-        Self { trust, states }
+    /// A handler for node `local` checking against `trust`, keeping states in `states`, and
+    /// taking states only of `local` and of the nodes in `certified`.
+    pub fn new(trust: Arc<Trust>, states: States, local: NodeId, certified: Certified) -> Self {
+        Self { trust, states, local, certified }
     }
 }
 
@@ -165,7 +175,8 @@ impl BroadcastHandler<SwimId> for StateHandler {
     type Error = StateError;
 
     fn receive_item(&mut self, data: &[u8], _sender: Option<&SwimId>) -> Result<Option<StateKey>, StateError> {
-        accept(&self.trust, &self.states, data, None)
+        let certified = &self.certified;
+        accept(&self.trust, &self.states, data, |n| *n == self.local || certified.lock().unwrap_or_else(|e| e.into_inner()).contains_key(n))
     }
 }
 
@@ -185,10 +196,20 @@ mod tests {
         let cluster = ClusterKey::generate();
         let trust = Arc::new(Trust::new(cluster.id()).expect("trust"));
         let states: States = Default::default();
-        let mut h = StateHandler::new(trust.clone(), states.clone());
+        let certified: Certified = Default::default();
+        let (k0, n0) = keypair(9);
+        let mut h = StateHandler::new(trust.clone(), states.clone(), n0, certified.clone());
         let (k1, n1) = keypair(1);
         let (k2, _) = keypair(2);
         let s = |seq, full| MemberState { node: n1, seq, full, vms: Some(vec!["vm0".into()]) };
+        // A node whose certificate SWIM has not checked (a key someone made up): refused,
+        // nothing kept. This node's own state needs none.
+        assert!(matches!(h.receive_item(&sign(&k1, s(1, true)).expect("sign"), None), Err(StateError::NotAdmitted(_))));
+        assert!(states.lock().expect("lock").is_empty());
+        let own = MemberState { node: n0, seq: 1, full: false, vms: Some(vec![]) };
+        assert!(h.receive_item(&sign(&k0, own).expect("sign"), None).expect("own state").is_some());
+        // Once its certificate is checked, n1's states are taken.
+        certified.lock().expect("lock").insert(n1, vec![]);
         assert!(h.receive_item(&sign(&k1, s(2, true)).expect("sign"), None).expect("accepted").is_some());
         assert_eq!(states.lock().expect("lock").get(&n1).map(|s| (s.seq, s.full)), Some((2, true)));
         // A repeat and an older state: not spread again, nothing changes.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmcsnap_protocol::NodeId;
 
@@ -67,7 +67,9 @@ pub type Swim = Foca<SwimId, AdmittedCodec, rand10::rngs::SmallRng, crate::state
 /// states it hears of in `states`.
 pub fn new_swim(me: SwimId, seed: u64, trust: Arc<Trust>, states: crate::state::States) -> Swim {
     use rand10::SeedableRng;
-    Foca::with_custom_broadcast(me, config(), rand10::rngs::SmallRng::seed_from_u64(seed), AdmittedCodec::new(trust.clone()), crate::state::StateHandler::new(trust, states))
+    let certified: Certified = Default::default();
+    let handler = crate::state::StateHandler::new(trust.clone(), states, me.node(), certified.clone());
+    Foca::with_custom_broadcast(me, config(), rand10::rngs::SmallRng::seed_from_u64(seed), AdmittedCodec::with_certified(trust, certified), handler)
 }
 
 /// Whether SWIM runs its probe and gossip rounds after notification `n`, given whether it did
@@ -166,17 +168,26 @@ pub enum SwimCodecError {
 /// Most verified certificates remembered (beyond it the memory starts again).
 const VERIFIED_MAX: usize = 8192;
 
+/// The nodes whose certificate of this cluster a codec has checked, each with the signature
+/// it checked (shared with the state handler: it keeps states only of such nodes).
+pub type Certified = Arc<Mutex<HashMap<NodeId, Vec<u8>>>>;
+
 /// foca's postcard encoding, refusing members this cluster did not admit.
 pub struct AdmittedCodec {
     trust: Arc<Trust>,
     /// Signature of each node's certificate already checked.
-    verified: HashMap<NodeId, Vec<u8>>,
+    verified: Certified,
 }
 
 impl AdmittedCodec {
     /// A codec checking against `trust`.
     pub fn new(trust: Arc<Trust>) -> Self {
-        Self { trust, verified: HashMap::new() }
+        Self::with_certified(trust, Default::default())
+    }
+
+    /// A codec checking against `trust` that records what it checked in `certified`.
+    pub fn with_certified(trust: Arc<Trust>, certified: Certified) -> Self {
+        Self { trust, verified: certified }
     }
 
     /// Checks a certificate (cached by signature). A revoked member may be mentioned (news of
@@ -185,7 +196,7 @@ impl AdmittedCodec {
         if speaker && self.trust.is_revoked(&cert.node) {
             return Err(AdmissionError::Revoked(cert.node.short()));
         }
-        if self.verified.get(&cert.node) == Some(&cert.signature) {
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&cert.node) == Some(&cert.signature) {
             return Ok(());
         }
         match self.trust.check(cert, &cert.node) {
@@ -193,10 +204,11 @@ impl AdmittedCodec {
             Err(AdmissionError::Revoked(_)) if !speaker => return Ok(()),
             Err(e) => return Err(e),
         }
-        if self.verified.len() >= VERIFIED_MAX {
-            self.verified.clear();
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_MAX {
+            verified.clear();
         }
-        self.verified.insert(cert.node, cert.signature.clone());
+        verified.insert(cert.node, cert.signature.clone());
         Ok(())
     }
 }
