@@ -123,8 +123,10 @@ pub async fn restore(
         return Err(LazyError::Refused(e.to_string()));
     }
     drop(q);
+    tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "postcopy set");
     let ksock = keeper::socket_of(&node.config.data_dir, vm);
     keeper::start(qmp, &ksock).await.map_err(LazyError::Refused)?;
+    tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "keeper started");
     let conn = UnixStream::connect(incoming).map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;
     // Journaled before QEMU gets a byte: from the package on, the guest may run.
     let journal = Journal { name: name.to_string(), vm: vm.to_string(), qmp: qmp.to_path_buf() };
@@ -139,6 +141,7 @@ pub async fn restore(
     // 2. Running.
     let running = async {
         let _ = ready_rx.await;
+        tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "device state sent");
         let deadline = Instant::now() + RUNNING_TIMEOUT;
         let status = serde_json::json!({ "execute": "query-status" });
         loop {

@@ -36,10 +36,15 @@ pub enum QmpError {
     },
 }
 
-/// What one message from QEMU means for `command` waiting on it: `None` for an event (keep
-/// reading), else its result or error.
+/// What one message from QEMU means for `command` waiting on it: `None` for an event or an
+/// answer to another client (keep reading), else its result or error.
+///
+/// This client never sends an `id`, so an answer that carries one was meant for an earlier
+/// client: QEMU keeps monitor output it could not deliver (its client hung up while a command
+/// ran, as a lazy restore's monitor keeper does when the migration completes) and writes it to
+/// the next client, before even the greeting.
 pub fn reply(command: &str, mut v: Value) -> Option<Result<Value, QmpError>> {
-    if v.get("event").is_some() {
+    if v.get("event").is_some() || v.get("id").is_some() {
         return None;
     }
     if let Some(r) = v.get_mut("return") {
@@ -58,6 +63,9 @@ pub fn reply(command: &str, mut v: Value) -> Option<Result<Value, QmpError>> {
 pub fn migration_active(status: &str) -> bool {
     matches!(status, "setup" | "active" | "pre-switchover" | "device" | "postcopy-active" | "cancelling" | "wait-unplug")
 }
+
+/// Most messages left over from an earlier client skipped before QEMU's greeting.
+const GREETING_SKIP_MAX: usize = 64;
 
 /// A connected, negotiated QMP session.
 pub struct Qmp {
@@ -81,9 +89,17 @@ impl Qmp {
         let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
         let (rd, wr) = s.into_split();
         let mut q = Self { rd: BufReader::new(rd), wr, pid, stopped_us: None, resumed_us: None };
-        let greeting = q.read_value().await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("not a QMP greeting: {greeting}")));
+        // Events and answers left over from an earlier client may come first ([`reply`]).
+        let mut skipped = 0;
+        loop {
+            let v = q.read_value().await?;
+            if v.get("QMP").is_some() {
+                break;
+            }
+            if (v.get("event").is_none() && v.get("id").is_none()) || skipped >= GREETING_SKIP_MAX {
+                return Err(QmpError::Protocol(format!("not a QMP greeting: {v}")));
+            }
+            skipped += 1;
         }
         q.execute("qmp_capabilities", json!({})).await?;
         Ok(q)
@@ -312,4 +328,55 @@ pub enum Settled {
     Resumed(String),
     /// The VM is in a state that `cont` does not leave (`shutdown`, `inmigrate`, ...).
     Other(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// What QEMU 7.2 sent a node once (a lazy restore's cluster rollback): the answer to the
+    /// monitor keeper's last command, which the keeper hung up on, came to the next client
+    /// before the greeting. Answers carrying an `id` (this client sends none) are skipped,
+    /// before the greeting and after.
+    #[tokio::test]
+    async fn answers_left_over_from_an_earlier_client_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            wr.write_all(b"{\"id\":\"keeper-2\",\"return\":{\"status\":\"completed\"}}\n").await.expect("write");
+            wr.write_all(b"{\"QMP\":{\"version\":{},\"capabilities\":[\"oob\"]}}\n").await.expect("write");
+            let mut line = String::new();
+            rd.read_line(&mut line).await.expect("read");
+            assert!(line.contains("qmp_capabilities"), "{line}");
+            wr.write_all(b"{\"return\":{}}\n").await.expect("write");
+            line.clear();
+            rd.read_line(&mut line).await.expect("read");
+            assert!(line.contains("query-status"), "{line}");
+            wr.write_all(b"{\"id\":\"keeper-3\",\"return\":{\"status\":\"postcopy-active\"}}\n").await.expect("write");
+            wr.write_all(b"{\"return\":{\"status\":\"running\",\"running\":true}}\n").await.expect("write");
+        });
+        let mut q = Qmp::connect(&path).await.expect("connects past the stale answer");
+        let v = q.execute("query-status", json!({})).await.expect("answer");
+        assert_eq!(v["status"], "running");
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn something_else_before_the_greeting_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            s.write_all(b"{\"hello\":1}\n").await.expect("write");
+        });
+        let e = Qmp::connect(&path).await.err().expect("refused");
+        assert!(e.to_string().contains("not a QMP greeting"), "{e}");
+        server.await.expect("server");
+    }
 }
