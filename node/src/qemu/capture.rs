@@ -47,9 +47,59 @@ pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unsent bytes left in pre-copy's first pass at which the live copy is held (see
 /// [`live_rounds`]); what is left then goes in the final round, while the VM is paused.
 pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
-/// QEMU's `max-bandwidth` while a live copy is held, bytes/s: so low that QEMU never finds the
-/// copy converged, so it never pauses the VM on its own before the pacer's [`Step::Pause`].
-pub const HOLD_BANDWIDTH: u64 = 4096;
+
+/// Holds a pre-copy stream: while closed, the parser reads nothing more, so QEMU's migration
+/// thread blocks writing once the socket's buffers are full (the VM runs on). It cannot
+/// finish the pass, so it never finds the copy converged and pauses the VM on its own before
+/// the pacer's [`Step::Pause`]; and once opened, it goes on at once. (A hold by QEMU's own
+/// `max-bandwidth` left its migration thread asleep until its 100 ms rate-limit period ended,
+/// up to 100 ms into the VM's pause: QEMU 7.2 wakes it early only for postcopy's requests.)
+#[derive(Clone, Default)]
+pub struct Gate(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Stops the reads.
+    pub fn close(&self) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets the reads go on.
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0 .1.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let mut closed = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        while *closed {
+            closed = self.0 .1.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Opens a [`Gate`] when dropped: whatever ends a hold, QEMU must be able to send again
+/// (a migration thread blocked in a write while it holds QEMU's big lock — after it paused
+/// the VM on its own — would block every monitor command, the cancel too).
+struct Opens(Gate);
+
+impl Drop for Opens {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// A reader that waits while its [`Gate`] is closed.
+struct Gated<R> {
+    inner: R,
+    gate: Gate,
+}
+
+impl<R: std::io::Read> std::io::Read for Gated<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.gate.wait_open();
+        self.inner.read(buf)
+    }
+}
 
 /// Why a capture failed. The VM is left running if it was (except for
 /// [`CaptureError::NotResumed`]).
@@ -642,7 +692,9 @@ async fn migrate(
     conn.set_nonblocking(false).map_err(|e| CaptureError::Io(e.to_string()))?;
     let spool_w = io.spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
-    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(conn, spool_w, tx));
+    let gate = Gate::default();
+    let gated = Gated { inner: conn, gate: gate.clone() };
+    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx));
     let watch = pacer.cancel_watch();
     // The VM resumes as soon as QEMU has sent everything and the pacer allows it: the stream is
     // parsed and spooled at stream speed while the sink takes the pages at its own pace. In
@@ -653,7 +705,7 @@ async fn migrate(
         let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
         let r = match req.mode {
             CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing).await,
-            mode => finish_stream(q, mode, facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
+            mode => finish_stream(q, (mode, &gate), facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
         };
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
@@ -686,7 +738,7 @@ async fn migrate(
 #[allow(clippy::too_many_arguments)]
 async fn finish_stream(
     q: &mut Qmp,
-    mode: CaptureMode,
+    (mode, gate): (CaptureMode, &Gate),
     was_running: bool,
     pacer: &mut Pacer,
     parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
@@ -695,7 +747,7 @@ async fn finish_stream(
     fleece: Option<&mut Fleece>,
 ) -> Result<(stream::Parsed, Option<u64>), CaptureError> {
     if mode == CaptureMode::PreCopy {
-        let self_paused = match live_rounds(q, pacer).await {
+        let self_paused = match live_rounds(q, pacer, gate).await {
             Ok(p) => p,
             Err(e) => {
                 // When QEMU gave up, the stream's own fault says more than its "failed": the
@@ -784,13 +836,13 @@ fn unix_us() -> u64 {
 }
 
 /// Pre-copy's live rounds: waits until QEMU has (nearly) made one full pass over the VM's
-/// memory, then holds the copy there — by throttling it, since QEMU would otherwise pause an
+/// memory, then holds the copy there — by closing `gate`, since QEMU would otherwise pause an
 /// idle VM on its own the moment the pass ends, long before the other VMs paced with it are
-/// ready — and reports the VM prepared; then waits for [`Step::Pause`]. If QEMU still
-/// finished on its own (the hold came too late), it paused the VM itself: returns when that
-/// was first seen.
+/// ready — and reports the VM prepared; then waits for [`Step::Pause`] and opens the gate
+/// (on every way out). If QEMU still finished on its own (the hold came too late), it paused
+/// the VM itself: returns when that was first seen.
 /// `Ok(Ok(t))`: QEMU paused the VM itself at `t`; `Ok(Err(t))`: the VM runs, ready since `t`.
-async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer) -> Result<Result<(Instant, u64), (Instant, u64)>, CaptureError> {
+async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Result<(Instant, u64), (Instant, u64)>, CaptureError> {
     let mut self_paused = None;
     let watch = pacer.cancel_watch();
     loop {
@@ -807,7 +859,7 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer) -> Result<Result<(Instant, 
                 let passes_done = ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2;
                 let near_end = ram["remaining"].as_u64().is_some_and(|r| r <= HOLD_REMAINING_BYTES) && ram["transferred"].as_u64().unwrap_or(0) > 0;
                 if passes_done || near_end {
-                    q.execute("migrate-set-parameters", json!({ "max-bandwidth": HOLD_BANDWIDTH })).await?;
+                    gate.close();
                     break;
                 }
             }
@@ -815,10 +867,12 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer) -> Result<Result<(Instant, 
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let _opens = Opens(gate.clone());
     let ready_at = (Instant::now(), unix_us());
     pacer.prepared();
     // No QMP round trip while waiting: the pause must be acted on the moment it is allowed (a
-    // busy QEMU can take a long while to answer).
+    // busy QEMU can take a long while to answer; and one that paused the VM on its own may be
+    // blocked on the gate holding its big lock, which only opening the gate releases).
     pacer.wait(Step::Pause).await?;
     Ok(self_paused.ok_or(ready_at))
 }
@@ -831,7 +885,7 @@ type Entry = (u32, u64, Option<u64>);
 /// (the spool is flushed before each batch is sent). Hashing happens on the other side, so
 /// this thread — the one QEMU waits on — only copies.
 fn parse_to_spool(
-    conn: std::os::unix::net::UnixStream,
+    conn: impl std::io::Read,
     spool: std::fs::File,
     tx: tokio::sync::mpsc::UnboundedSender<Vec<Entry>>,
 ) -> Result<stream::Parsed, StreamError> {
