@@ -54,25 +54,61 @@ pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
 /// the pacer's [`Step::Pause`]; and once opened, it goes on at once. (A hold by QEMU's own
 /// `max-bandwidth` left its migration thread asleep until its 100 ms rate-limit period ended,
 /// up to 100 ms into the VM's pause: QEMU 7.2 wakes it early only for postcopy's requests.)
-#[derive(Clone, Default)]
-pub struct Gate(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+///
+/// The parser closes it itself once it has read `hold_at` page records ([`Gate::hold_at`]):
+/// a hold decided from QMP's `remaining` came too late now and then (QEMU ended the first pass
+/// of an idle VM between two queries and paused it on its own, for the whole wait of the cut).
+#[derive(Clone)]
+pub struct Gate(std::sync::Arc<GateState>);
+
+struct GateState {
+    closed: std::sync::Mutex<bool>,
+    turned: std::sync::Condvar,
+    /// Page records after which the parser closes the gate (once); `u64::MAX`: never.
+    hold_at: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(GateState { closed: Default::default(), turned: Default::default(), hold_at: u64::MAX.into() }))
+    }
+}
 
 impl Gate {
     /// Stops the reads.
     pub fn close(&self) {
-        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *self.0.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
     }
 
-    /// Lets the reads go on.
+    /// Lets the reads go on (and the parser never closes the gate again).
     pub fn open(&self) {
-        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.0 .1.notify_all();
+        self.0.hold_at.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+        *self.0.closed.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0.turned.notify_all();
+    }
+
+    /// Whether the reads are stopped.
+    pub fn is_closed(&self) -> bool {
+        *self.0.closed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Has the parser close the gate once it has read `records` page records.
+    pub fn hold_at(&self, records: u64) {
+        let _ = self.0.hold_at.compare_exchange(u64::MAX, records, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Called by the parser with the page records read so far.
+    fn records(&self, n: u64) {
+        let at = self.0.hold_at.load(std::sync::atomic::Ordering::Relaxed);
+        if n >= at && self.0.hold_at.compare_exchange(at, u64::MAX, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst).is_ok() {
+            self.close();
+        }
     }
 
     fn wait_open(&self) {
-        let mut closed = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = self.0.closed.lock().unwrap_or_else(|e| e.into_inner());
         while *closed {
-            closed = self.0 .1.wait(closed).unwrap_or_else(|e| e.into_inner());
+            closed = self.0.turned.wait(closed).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
@@ -694,7 +730,8 @@ async fn migrate(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
     let gate = Gate::default();
     let gated = Gated { inner: conn, gate: gate.clone() };
-    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx));
+    let counted = gate.clone();
+    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx, counted));
     let watch = pacer.cancel_watch();
     // The VM resumes as soon as QEMU has sent everything and the pacer allows it: the stream is
     // parsed and spooled at stream speed while the sink takes the pages at its own pace. In
@@ -847,6 +884,9 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
     let watch = pacer.cancel_watch();
     loop {
         watch.check()?;
+        if gate.is_closed() {
+            break; // held by the parser (see below)
+        }
         let info = q.migrate_info().await?;
         match info.get("status").and_then(|s| s.as_str()) {
             Some(st @ ("failed" | "cancelled")) => return Err(CaptureError::Refused(format!("QEMU reports the migration {st}"))),
@@ -856,6 +896,12 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
             }
             Some("active") => {
                 let ram = &info["ram"];
+                // The first pass sends a record for every page: the parser holds the copy
+                // itself when HOLD_REMAINING_BYTES of it are left (QEMU can run ahead of it by
+                // no more than the socket's buffers).
+                if let Some(total) = ram["total"].as_u64().filter(|t| *t > 0) {
+                    gate.hold_at((total / PAGE_SIZE as u64).saturating_sub(HOLD_REMAINING_BYTES / PAGE_SIZE as u64));
+                }
                 let passes_done = ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2;
                 let near_end = ram["remaining"].as_u64().is_some_and(|r| r <= HOLD_REMAINING_BYTES) && ram["transferred"].as_u64().unwrap_or(0) > 0;
                 if passes_done || near_end {
@@ -888,6 +934,7 @@ fn parse_to_spool(
     conn: impl std::io::Read,
     spool: std::fs::File,
     tx: tokio::sync::mpsc::UnboundedSender<Vec<Entry>>,
+    gate: Gate,
 ) -> Result<stream::Parsed, StreamError> {
     use std::io::Write;
     let reader = std::io::BufReader::with_capacity(1 << 20, conn);
@@ -895,7 +942,10 @@ fn parse_to_spool(
     let mut off = 0u64;
     let mut batch: Vec<Entry> = Vec::with_capacity(CAPTURE_BATCH_PAGES);
     let spool_err = |e: std::io::Error| StreamError::Sink(format!("spool file: {e}"));
+    let mut records = 0u64;
     let parsed = stream::parse(reader, |b, i, d| {
+        records += 1;
+        gate.records(records);
         let entry = match d {
             Some(d) if !is_zero_page(d) => {
                 w.write_all(d).map_err(spool_err)?;
