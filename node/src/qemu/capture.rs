@@ -82,8 +82,9 @@ impl Gate {
 
     /// Lets the reads go on (and the parser never closes the gate again).
     pub fn open(&self) {
+        let mut closed = self.0.closed.lock().unwrap_or_else(|e| e.into_inner());
         self.0.hold_at.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
-        *self.0.closed.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *closed = false;
         self.0.turned.notify_all();
     }
 
@@ -97,11 +98,16 @@ impl Gate {
         let _ = self.0.hold_at.compare_exchange(u64::MAX, records, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Called by the parser with the page records read so far.
+    /// Called by the parser with the page records read so far. (Under the lock, so that an
+    /// [`Gate::open`] is never undone by a close decided just before it.)
     fn records(&self, n: u64) {
-        let at = self.0.hold_at.load(std::sync::atomic::Ordering::Relaxed);
-        if n >= at && self.0.hold_at.compare_exchange(at, u64::MAX, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst).is_ok() {
-            self.close();
+        if n < self.0.hold_at.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut closed = self.0.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if n >= self.0.hold_at.load(std::sync::atomic::Ordering::SeqCst) {
+            self.0.hold_at.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+            *closed = true;
         }
     }
 
@@ -880,6 +886,8 @@ fn unix_us() -> u64 {
 /// the VM itself: returns when that was first seen.
 /// `Ok(Ok(t))`: QEMU paused the VM itself at `t`; `Ok(Err(t))`: the VM runs, ready since `t`.
 async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Result<(Instant, u64), (Instant, u64)>, CaptureError> {
+    // Open again on every way out, errors too (the parser may close it any time from here).
+    let _opens = Opens(gate.clone());
     let mut self_paused = None;
     let watch = pacer.cancel_watch();
     loop {
@@ -913,7 +921,6 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let _opens = Opens(gate.clone());
     let ready_at = (Instant::now(), unix_us());
     pacer.prepared();
     // No QMP round trip while waiting: the pause must be acted on the moment it is allowed (a
@@ -1023,4 +1030,40 @@ async fn drain(
         sink.push(pages).await.map_err(CaptureError::Sink)?;
     }
     Ok(maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// The parser closes the gate once, at the record asked for; reads wait while it is
+    /// closed; once opened it stays open, however many records follow.
+    #[test]
+    fn the_parser_holds_the_stream_once_and_an_opened_gate_stays_open() {
+        let gate = Gate::default();
+        gate.records(1_000_000);
+        assert!(!gate.is_closed(), "no hold asked for: never closed");
+        gate.hold_at(10);
+        gate.records(9);
+        assert!(!gate.is_closed());
+        gate.records(10);
+        assert!(gate.is_closed());
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        std::io::Write::write_all(&mut a, b"x").expect("write");
+        let mut gated = Gated { inner: b.try_clone().expect("clone"), gate: gate.clone() };
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 1];
+            let t = Instant::now();
+            gated.read_exact(&mut buf).expect("read");
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        gate.open();
+        assert!(reader.join().expect("reader") >= Duration::from_millis(90), "the read waited for the gate");
+        gate.records(11);
+        gate.records(2_000_000);
+        assert!(!gate.is_closed(), "opened: the parser does not close it again");
+        drop(b);
+    }
 }
