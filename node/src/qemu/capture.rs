@@ -1049,7 +1049,7 @@ mod tests {
         assert!(!gate.is_closed());
         gate.records(10);
         assert!(gate.is_closed());
-        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
         std::io::Write::write_all(&mut a, b"x").expect("write");
         let mut gated = Gated { inner: b.try_clone().expect("clone"), gate: gate.clone() };
         let reader = std::thread::spawn(move || {

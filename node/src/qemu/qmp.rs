@@ -89,14 +89,14 @@ impl Qmp {
         let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
         let (rd, wr) = s.into_split();
         let mut q = Self { rd: BufReader::new(rd), wr, pid, stopped_us: None, resumed_us: None };
-        // Events and answers left over from an earlier client may come first ([`reply`]).
         let mut skipped = 0;
         loop {
             let v = q.read_value().await?;
             if v.get("QMP").is_some() {
                 break;
             }
-            if (v.get("event").is_none() && v.get("id").is_none()) || skipped >= GREETING_SKIP_MAX {
+            // What `reply` would skip (an event, another client's answer) may come first.
+            if skipped >= GREETING_SKIP_MAX || reply("", v.clone()).is_some() {
                 return Err(QmpError::Protocol(format!("not a QMP greeting: {v}")));
             }
             skipped += 1;
