@@ -483,7 +483,10 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             }
         }
         drop(clusters);
-        let _ = std::fs::remove_dir_all(&mdir);
+        // `VMCSNAP_BENCH_KEEP=1` keeps the nodes' directories (their `node.log`) for a look.
+        if std::env::var_os("VMCSNAP_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&mdir);
+        }
         let max = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
         let kvm = Column {
             name: "default KVM".into(),
