@@ -86,6 +86,17 @@ impl<'a> Fetcher<'a> {
     /// are shared with the other fetches running here ([`crate::share`]): one that another
     /// fetches or fetched lately is taken from it, not from the owners again.
     pub(super) async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+        self.fetch_as(hashes, false).await
+    }
+
+    /// [`Fetcher::fetch`] for pages a guest waits on: a page another fetch is fetching is
+    /// fetched again, not waited for (that fetch may be a window of thousands of pages; a
+    /// lazily restored guest's vCPU, and under TCG QEMU's whole main loop, would wait on it).
+    pub(super) async fn fetch_urgent(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+        self.fetch_as(hashes, true).await
+    }
+
+    async fn fetch_as(&self, hashes: Vec<PageHash>, urgent: bool) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
         let mut out = HashMap::with_capacity(hashes.len());
         let local = self.lookup_local(&hashes).await?;
         let mut remote = Vec::new();
@@ -107,14 +118,20 @@ impl<'a> Fetcher<'a> {
             self.pages_shared.fetch_add(1, Ordering::Relaxed);
             out.insert(h, p.to_vec());
         }
-        // Led pages first (nothing here waits on another fetch), then the followed ones.
+        // Led pages first (nothing here waits on another fetch), then the followed ones; when
+        // urgent, those too, at once.
         let (lead, senders): (Vec<PageHash>, Vec<_>) = claim.lead.into_iter().unzip();
-        let fetched = self.from_owners(lead.clone(), &mut out).await;
+        let mut ask = lead.clone();
+        let mut follow = claim.follow;
+        if urgent {
+            ask.extend(follow.drain(..).map(|(h, _)| h));
+        }
+        let fetched = self.from_owners(ask, &mut out).await;
         for (h, tx) in lead.iter().zip(senders) {
             share.led(*h, tx, out.get(h));
         }
         fetched?;
-        let followed = futures::future::join_all(claim.follow.into_iter().map(|(h, cell)| async move { (h, crate::share::follow(cell).await) })).await;
+        let followed = futures::future::join_all(follow.into_iter().map(|(h, cell)| async move { (h, crate::share::follow(cell).await) })).await;
         let mut own = Vec::new();
         for (h, p) in followed {
             match p {
@@ -385,15 +402,22 @@ pub(super) async fn check_target(q: &mut Qmp, vm: &str, state: &QemuState) -> Re
     let target_err = |m: String| RestoreError::Target(m);
     let accel = q.accel().await.map_err(|e| target_err(e.to_string()))?;
     if accel != state.accel {
-        return Err(target_err(format!(
-            "snapshot of VM {vm} was taken under {}, but the target QEMU runs {accel}; a snapshot restores only on the same accelerator",
-            state.accel
-        )));
+        return Err(target_err(accel_mismatch(vm, &state.accel, &accel)));
     }
     let status = q.status().await.map_err(|e| target_err(e.to_string()))?;
     if status != "inmigrate" {
-        return Err(target_err(format!("the target QEMU is {status}, not waiting for an incoming migration")));
+        return Err(target_err(not_inmigrate(&status)));
     }
     Ok(())
+}
+
+/// [`check_target`]'s error when the accelerators differ.
+pub(super) fn accel_mismatch(vm: &str, recorded: &str, target: &str) -> String {
+    format!("snapshot of VM {vm} was taken under {recorded}, but the target QEMU runs {target}; a snapshot restores only on the same accelerator")
+}
+
+/// [`check_target`]'s error when the target QEMU waits for no stream.
+pub(super) fn not_inmigrate(status: &str) -> String {
+    format!("the target QEMU is {status}, not waiting for an incoming migration")
 }
 

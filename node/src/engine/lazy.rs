@@ -20,7 +20,7 @@
 //! onto a new socket, QEMU's bitmap of the pages it has, `POSTCOPY_RESUME`, then the rest.
 
 use super::error::RestoreError;
-use super::fetch::{check_target, expand_manifest, forget_elsewhere, Fetcher};
+use super::fetch::{accel_mismatch, expand_manifest, fetch_blob, forget_elsewhere, not_inmigrate, Fetcher};
 use super::{Progress, RESTORE_WINDOWS_IN_FLIGHT, RESTORE_WINDOW_PAGES};
 use crate::node::Node;
 use crate::qemu::keeper;
@@ -34,7 +34,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmcsnap_protocol::manifest::CommitRecord;
+use vmcsnap_protocol::manifest::{Block, CommitRecord, QemuState, VmEntry};
 use vmcsnap_protocol::{PageHash, PAGE_SIZE};
 
 /// Journal prefix of lazy restores under way on this host.
@@ -50,6 +50,56 @@ pub const RECOVER_RETRY: Duration = Duration::from_secs(10);
 const SEND_QUEUE: usize = 2;
 /// Fetched windows waiting to be pushed (besides the one being pushed).
 const WINDOWS_QUEUED: usize = 2;
+/// The RAM sent before the guest may run: the first [`EARLY_PAGES`] of this block, an x86
+/// guest's first MiB (real-mode memory: interrupt table, BIOS data, option ROMs, the BIOS
+/// shadow). QEMU reads some of it while it loads the device state, before the guest runs
+/// (under TCG, the VAPIC option ROM's pages); each page asked for there was a round trip on
+/// the way to running.
+const EARLY_BLOCK: &str = "pc.ram";
+/// See [`EARLY_BLOCK`].
+const EARLY_PAGES: u64 = 256;
+
+/// What a lazy restore reads before it starts (while its QEMU starts, when it can): the
+/// manifest, the device state, and the early pages ([`EARLY_BLOCK`]) it has.
+pub struct Prepared {
+    /// The VM's page hashes, RAM blocks first.
+    pub hashes: Vec<PageHash>,
+    /// The recorded device state.
+    pub tail: Vec<u8>,
+    /// The non-zero early pages that could be fetched (the others are asked for, or pushed,
+    /// later).
+    pub early: HashMap<PageHash, Vec<u8>>,
+    /// Where those came from.
+    pub stats: super::fetch::FetchStats,
+}
+
+/// Reads what [`restore`] needs of `entry`; `on_chunks` sees the manifest's progress.
+pub async fn prepare(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, on_chunks: impl FnMut(usize, &[PageHash])) -> Result<Prepared, RestoreError> {
+    let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
+    let fetcher = Fetcher::new(node, record);
+    let hashes = expand_manifest(&fetcher, entry, on_chunks).await?;
+    let tail = fetch_blob(&fetcher, &state.device_state).await?;
+    let mut need: Vec<PageHash> = hashes.get(early_range(&entry.ram_blocks())).unwrap_or_default().iter().filter(|h| !h.is_zero()).copied().collect();
+    need.sort();
+    need.dedup();
+    // Best effort: what cannot be had now is had later, as any other page.
+    let early = if need.is_empty() { HashMap::new() } else { fetcher.fetch(need).await.unwrap_or_default() };
+    Ok(Prepared { hashes, tail, early, stats: fetcher.stats() })
+}
+
+/// The global page indexes of the early pages among RAM `blocks` (never a block's page 0:
+/// the stream's discard empties the first block's).
+fn early_range(blocks: &[Block]) -> std::ops::Range<usize> {
+    let mut at = 0u64;
+    for b in blocks {
+        let pages = b.bytes / PAGE_SIZE as u64;
+        if b.name == EARLY_BLOCK {
+            return (at + 1).min(at + pages) as usize..(at + pages.min(EARLY_PAGES)) as usize;
+        }
+        at += pages;
+    }
+    0..0
+}
 
 /// What a lazy restore journals: enough to resume it after a crash.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -102,31 +152,44 @@ pub async fn restore(
     name: &str,
     record: &CommitRecord,
     vm: &str,
-    hashes: Vec<PageHash>,
-    tail: Vec<u8>,
+    prepared: Prepared,
     incoming: &Path,
     qmp: &Path,
+    keeper: Option<keeper::Keeper>,
     t0: Instant,
     progress: Progress,
 ) -> Result<Served, LazyError> {
     let entry = record.vm(vm).ok_or_else(|| RestoreError::Internal(format!("no VM {vm}")))?;
     let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
     let target_err = |m: String| LazyError::Failed(RestoreError::Target(m));
-    let mut q = Qmp::connect(qmp).await.map_err(|e| target_err(e.to_string()))?;
-    check_target(&mut q, vm, state).await?;
+    let ksock = keeper::socket_of(&node.config.data_dir, vm);
+    // Every command goes through the keeper, which started beside QEMU: one monitor client,
+    // and its start off the way to running.
+    let mut keeper = match keeper {
+        Some(k) => k,
+        None => keeper::Keeper::spawn(qmp, &ksock).map_err(LazyError::Refused)?,
+    };
+    if let Err(e) = keeper.ready().await {
+        keeper.kill().await;
+        return Err(LazyError::Refused(e));
+    }
+    tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "keeper started");
+    if let Err(e) = check_target_through(&ksock, vm, state).await {
+        keeper.kill().await;
+        return Err(target_err(e));
+    }
     // `events`: the keeper ends when QEMU says the migration completed or failed.
-    let on = serde_json::json!({ "capabilities": [
+    let on = serde_json::json!({ "execute": "migrate-set-capabilities", "arguments": { "capabilities": [
         { "capability": "postcopy-ram", "state": true },
         { "capability": "events", "state": true },
-    ] });
-    if let Err(e) = q.execute("migrate-set-capabilities", on).await {
-        return Err(LazyError::Refused(e.to_string()));
+    ] } });
+    if let Err(e) = keeper::call(&ksock, on).await {
+        // The restore goes on eagerly, through a monitor of its own.
+        keeper.kill().await;
+        return Err(LazyError::Refused(e));
     }
-    drop(q);
+    keeper.detach(); // the guest may run from here: the keeper must outlive this node
     tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "postcopy set");
-    let ksock = keeper::socket_of(&node.config.data_dir, vm);
-    keeper::start(qmp, &ksock).await.map_err(LazyError::Refused)?;
-    tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "keeper started");
     let conn = UnixStream::connect(incoming).map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;
     // Journaled before QEMU gets a byte: from the package on, the guest may run.
     let journal = Journal { name: name.to_string(), vm: vm.to_string(), qmp: qmp.to_path_buf() };
@@ -137,7 +200,8 @@ pub async fn restore(
     // The source must not vanish while the guest runs: the stream is served by a task of its
     // own, which a caller that goes away does not cancel.
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let serving = tokio::spawn(serve(node.clone(), record.clone(), meta, hashes, conn, Start::New { tail, ready: ready_tx }, progress));
+    let Prepared { hashes, tail, early, stats: early_stats } = prepared;
+    let serving = tokio::spawn(serve(node.clone(), record.clone(), meta, hashes, conn, Start::New { tail, early, ready: ready_tx }, progress));
     // 2. Running.
     let running = async {
         let _ = ready_rx.await;
@@ -165,7 +229,12 @@ pub async fn restore(
     // 3. and 4.
     let served = serving.await.map_err(|e| LazyError::Paused(RestoreError::Internal(e.to_string())))?;
     let served = match served {
-        Ok(r) => r,
+        Ok(mut r) => {
+            r.fetched.pages_local += early_stats.pages_local;
+            r.fetched.pages_shared += early_stats.pages_shared;
+            r.fetched.bytes_fetched += early_stats.bytes_fetched;
+            r
+        }
         Err(e) => {
             // QEMU holds the guest in postcopy-paused; try again until the pages are there.
             tracing::warn!(target: "vmcsnap::restore", vm, error = %e, "lazy restore lost its stream mid-way; QEMU holds the guest in postcopy, retrying");
@@ -179,6 +248,20 @@ pub async fn restore(
     wait_completed(qmp, &ksock).await.map_err(|e| LazyError::Paused(RestoreError::Qemu(e)))?;
     let _ = node.store.meta_delete(&key);
     Ok(Served { running_ms, stats: served })
+}
+
+/// [`super::fetch::check_target`] through the keeper on `ksock`.
+async fn check_target_through(ksock: &Path, vm: &str, state: &QemuState) -> Result<(), String> {
+    let kvm = keeper::call(ksock, serde_json::json!({ "execute": "query-kvm" })).await?;
+    let accel = if kvm["enabled"].as_bool().unwrap_or(false) { "kvm" } else { "tcg" };
+    if accel != state.accel {
+        return Err(accel_mismatch(vm, &state.accel, accel));
+    }
+    let status = keeper::call(ksock, serde_json::json!({ "execute": "query-status" })).await?;
+    match status["status"].as_str().unwrap_or("unknown") {
+        "inmigrate" => Ok(()),
+        s => Err(not_inmigrate(s)),
+    }
 }
 
 /// Polls QEMU until its incoming migration is `completed` (through the keeper while it holds
@@ -206,8 +289,9 @@ async fn wait_completed(qmp: &Path, ksock: &Path) -> Result<(), String> {
 
 /// How a stream starts.
 enum Start {
-    /// A fresh QEMU: head, advice, RAM list, package with `tail`; `ready` once that is sent.
-    New { tail: Vec<u8>, ready: tokio::sync::oneshot::Sender<()> },
+    /// A fresh QEMU: head, advice, RAM list, the `early` pages it has (pre-copy), package with
+    /// `tail`; `ready` once that is sent.
+    New { tail: Vec<u8>, early: HashMap<PageHash, Vec<u8>>, ready: tokio::sync::oneshot::Sender<()> },
     /// A paused migration, on the channel `migrate-recover` opened.
     Resume,
 }
@@ -227,7 +311,7 @@ async fn serve(
     let Layout { starts, names, bitmap_max } = Layout::of(&meta);
     let (mut rp_rx, tx, writer) = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
-    let mut src = begin(start, &meta, &names, &starts, &mut sent, &tx, &mut rp_rx).await?;
+    let mut src = begin(start, &meta, &names, &starts, &hashes, &mut sent, &tx, &mut rp_rx).await?;
 
     // Windows that hold a page QEMU lacks, fetched ahead in memory order.
     let wanted: Vec<usize> = (0..hashes.len().div_ceil(RESTORE_WINDOW_PAGES))
@@ -284,7 +368,7 @@ async fn serve(
                         need.sort();
                         need.dedup();
                         asked.push(async move {
-                            let pages = if need.is_empty() { Ok(HashMap::new()) } else { fetcher.fetch(need).await };
+                            let pages = if need.is_empty() { Ok(HashMap::new()) } else { fetcher.fetch_urgent(need).await };
                             pages.map(|p| (b, idx, p))
                         });
                     }
@@ -396,21 +480,39 @@ async fn finish(
 }
 
 /// The connection of a lazy restore to the RAM pages: for a fresh QEMU, the head, advice, RAM
-/// list and device-state package; for a paused one, the bitmaps of the pages it has (marked
-/// in `sent`) and the resume handshake.
+/// list, early pages and device-state package; for a paused one, the bitmaps of the pages it
+/// has. What QEMU has is marked in `sent`.
+#[allow(clippy::too_many_arguments)]
 async fn begin(
     start: Start,
     meta: &StreamMeta,
     names: &HashMap<String, usize>,
     starts: &[u64],
+    hashes: &[PageHash],
     sent: &mut [bool],
     tx: &tokio::sync::mpsc::Sender<Vec<u8>>,
     rp_rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
 ) -> Result<Source<Vec<u8>>, RestoreError> {
     let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
     Ok(match start {
-        Start::New { tail, ready } => {
-            let mut s = Source::start(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
+        Start::New { tail, early, ready } => {
+            // Zero pages and the fetched ones go; a page whose fetch failed is had later.
+            let mut pages = Vec::new();
+            for g in early_range(&meta.blocks).take_while(|g| *g < hashes.len()) {
+                let h = &hashes[g];
+                let data = if h.is_zero() {
+                    None
+                } else {
+                    match early.get(h) {
+                        Some(d) => Some(d.as_slice()),
+                        None => continue,
+                    }
+                };
+                let b = starts.partition_point(|&s| s <= g as u64) - 1;
+                pages.push((b, g as u64 - starts[b], data));
+                sent[g] = true;
+            }
+            let mut s = Source::start_with(Vec::new(), meta.clone(), pages).map_err(|e| io_err("stream", e))?;
             s.package(&tail).map_err(|e| io_err("device state", e))?;
             send(tx, std::mem::take(s.writer())).await?;
             let _ = ready.send(());

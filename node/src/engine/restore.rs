@@ -202,7 +202,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     };
     let mut disks = Vec::new();
     let mut launch_state = None;
-    let mut prefetched = None;
+    let (mut prefetched, mut keeper) = (None, None);
     let dest = match target {
         Some(Target::File(path)) => file_dest(path, opts.force)?,
         Some(Target::QemuIncoming(_)) if opts.disk.is_some() => return Err(RestoreError::Target("--disk writes a disk to a file: use --to file:PATH".into())),
@@ -221,6 +221,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             disks = launch.disks;
             launch_state = Some(launch.state);
             prefetched = launch.prefetched;
+            keeper = launch.keeper;
             let l = launch.launched;
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }
@@ -235,7 +236,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     let mut lazy = None;
     let mut dest = dest;
     if let (Dest::Qemu { launched: Some(l), .. }, false) = (&dest, opts.eager) {
-        match restore_lazy(&node, (&name, &record, entry), l, prefetched.take(), t0, &mut progress).await {
+        match restore_lazy(&node, (&name, &record, entry), l, (prefetched.take(), keeper.take()), t0, &mut progress).await {
             Ok(done) => lazy = Some(done),
             Err(LazyError::Refused(why)) => {
                 tracing::info!(target: "vmcsnap::restore", vm = %vm, reason = %why, "no lazy restore: restoring eagerly");
@@ -333,7 +334,9 @@ struct Launch {
     /// Each restored disk's device and image.
     disks: Vec<(String, PathBuf)>,
     /// For a lazy restore: the page manifest and the device state, read while QEMU started.
-    prefetched: Option<(Vec<PageHash>, Vec<u8>)>,
+    prefetched: Option<super::lazy::Prepared>,
+    /// For a lazy restore: the monitor keeper, started beside QEMU.
+    keeper: Option<crate::qemu::keeper::Keeper>,
 }
 
 /// Restores `entry`'s disks, then starts its QEMU here and, unless the restore is eager,
@@ -348,19 +351,18 @@ async fn prepare_launch(
 ) -> Result<Launch, RestoreError> {
     // Its disks first, into new images the VM is then pointed at.
     let (state, disks) = restore_disks(node, record, entry, recorded, opts.in_place, progress).await?;
-    let launch = launch_here(node, &entry.id, &state);
+    let lazy = !opts.eager && lazy_refusal(recorded).is_none();
+    let ksock = crate::qemu::keeper::socket_of(&node.config.data_dir, &entry.id);
+    let launch = launch_here_with(node, &entry.id, &state, move |qmp| lazy.then(|| crate::qemu::keeper::Keeper::spawn(qmp, &ksock).ok()).flatten());
     let read = async {
-        if opts.eager {
+        if !lazy {
             return None;
         }
-        let fetcher = Fetcher::new(node, record);
-        let hashes = expand_manifest(&fetcher, entry, |_, _| {}).await.ok()?;
-        let tail = fetch_blob(&fetcher, &recorded.device_state).await.ok()?;
-        Some((hashes, tail))
+        super::lazy::prepare(node, record, entry, |_, _| {}).await.ok()
     };
     let (launched, prefetched) = tokio::join!(launch, read);
     match launched {
-        Ok(launched) => Ok(Launch { launched, state, disks, prefetched }),
+        Ok((launched, keeper)) => Ok(Launch { launched, state, disks, prefetched, keeper }),
         Err(e) => {
             if !opts.in_place {
                 remove_disks(&disks); // new images; in place, the old ones are gone already
@@ -464,16 +466,26 @@ fn remove_disks(disks: &[(String, PathBuf)]) {
 
 /// Starts the VM's recorded QEMU command line on this host, waiting for its stream.
 async fn launch_here(node: &Arc<Node>, vm: &str, state: &QemuState) -> Result<crate::qemu::launch::Launched, RestoreError> {
+    Ok(launch_here_with(node, vm, state, |_| ()).await?.0)
+}
+
+/// [`launch_here`], with `beside` run as soon as QEMU is started (given its monitor's path).
+async fn launch_here_with<T: Send + 'static>(
+    node: &Arc<Node>,
+    vm: &str,
+    state: &QemuState,
+    beside: impl FnOnce(&Path) -> T + Send + 'static,
+) -> Result<(crate::qemu::launch::Launched, T), RestoreError> {
     let dir = node.config.data_dir.clone();
     let (vm2, st, policy) = (vm.to_string(), state.clone(), node.launch_policy());
-    let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st, &policy))
+    let l = tokio::task::spawn_blocking(move || crate::qemu::launch::launch(&dir, &vm2, &st, &policy, beside))
         .await
         .map_err(|e| RestoreError::Internal(e.to_string()))?
         .map_err(|e| match e {
             crate::qemu::launch::LaunchError::Refused(m) => RestoreError::Target(m),
             crate::qemu::launch::LaunchError::Failed(m) => RestoreError::Qemu(m),
         })?;
-    tracing::info!(target: "vmcsnap::restore", vm, pid = l.pid, log = %l.log.display(), "launched QEMU for the restore");
+    tracing::info!(target: "vmcsnap::restore", vm, pid = l.0.pid, log = %l.0.log.display(), "launched QEMU for the restore");
     Ok(l)
 }
 
@@ -488,6 +500,14 @@ async fn wait_gone(pid: u32) {
             Err(_) => return,
         }
     }
+}
+
+/// Why a VM captured as `state` is not restored lazily, if it is not.
+fn lazy_refusal(state: &QemuState) -> Option<String> {
+    if !state.was_running {
+        return Some("the VM was paused when captured, and a postcopy restore runs it".into());
+    }
+    lazy_unsupported(&state.cmdline)
 }
 
 /// Why QEMU cannot restore a VM lazily, read from its command line: RAM that is a shared
@@ -507,29 +527,27 @@ async fn restore_lazy(
     node: &Arc<Node>,
     (name, record, entry): (&str, &CommitRecord, &VmEntry),
     l: &crate::qemu::launch::Launched,
-    prefetched: Option<(Vec<PageHash>, Vec<u8>)>,
+    (prefetched, keeper): (Option<super::lazy::Prepared>, Option<crate::qemu::keeper::Keeper>),
     t0: Instant,
     progress: &mut Progress,
 ) -> Result<(u64, super::lazy::Served), LazyError> {
     let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
-    if !state.was_running {
-        return Err(LazyError::Refused("the VM was paused when captured, and a postcopy restore runs it".into()));
-    }
-    if let Some(why) = lazy_unsupported(&state.cmdline) {
+    if let Some(why) = lazy_refusal(state) {
         return Err(LazyError::Refused(why));
     }
-    let (mut hashes, tail) = match prefetched {
+    let mut prepared = match prefetched {
         Some(p) => p,
         None => {
-            let fetcher = Fetcher::new(node, record);
             progress.phase("manifest", entry.manifest.depth as u64);
-            let hashes = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
-            (hashes, fetch_blob(&fetcher, &state.device_state).await?)
+            super::lazy::prepare(node, record, entry, |done, _| progress.set(done as u64)).await?
         }
     };
-    hashes.truncate(entry.ram_pages() as usize); // its disks were restored before the launch
-    let distinct = hashes.iter().filter(|h| !h.is_zero()).collect::<std::collections::HashSet<_>>().len() as u64;
-    let served = super::lazy::restore(node, name, record, &entry.id, hashes, tail, &l.incoming, &l.qmp, t0, progress.clone()).await?;
+    prepared.hashes.truncate(entry.ram_pages() as usize); // its disks were restored before the launch
+    // Counted beside the restore, not on its way to running.
+    let hashes = prepared.hashes.clone();
+    let distinct = tokio::task::spawn_blocking(move || hashes.iter().filter(|h| !h.is_zero()).collect::<std::collections::HashSet<_>>().len() as u64);
+    let served = super::lazy::restore(node, name, record, &entry.id, prepared, &l.incoming, &l.qmp, keeper, t0, progress.clone()).await?;
+    let distinct = distinct.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
     Ok((distinct, served))
 }
 

@@ -58,29 +58,66 @@ pub fn socket_of(dir: &Path, vm: &str) -> PathBuf {
     dir.join(format!("qmp-keeper-{vm}.sock"))
 }
 
-/// Starts a keeper of the monitor at `qmp` listening on `listen`; returns once it holds the
-/// monitor and listens. (It is not a child to wait for: tokio reaps it whenever it exits.)
-pub async fn start(qmp: &Path, listen: &Path) -> Result<(), String> {
-    let mut child = tokio::process::Command::new("/proc/self/exe")
-        .arg(SUBCOMMAND)
-        .arg(qmp)
-        .arg(listen)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        // Its own process group: a ^C to the node's must not end it.
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| format!("cannot start the monitor keeper: {e}"))?;
-    let stdout = child.stdout.take().ok_or("the monitor keeper has no output")?;
-    let mut line = String::new();
-    let ready = tokio::time::timeout(READY_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line)).await;
-    if !matches!(ready, Ok(Ok(_)) if line.trim() == "ready") {
-        let _ = child.start_kill();
-        return Err(format!("the monitor keeper of {} did not start", qmp.display()));
+/// A keeper process of one QEMU's monitor. Dropped, it is killed, unless [`Keeper::detach`]ed
+/// (then it lives on, and tokio reaps it whenever it exits).
+pub struct Keeper {
+    child: tokio::process::Child,
+    qmp: PathBuf,
+    detached: bool,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.child.start_kill();
+        }
     }
-    Ok(())
+}
+
+impl Keeper {
+    /// Starts a keeper of the monitor at `qmp`, to listen on `listen`. The monitor's socket
+    /// need not exist yet: the keeper waits for it (up to [`READY_TIMEOUT`]), so that it can
+    /// start beside the QEMU it is to keep.
+    pub fn spawn(qmp: &Path, listen: &Path) -> Result<Self, String> {
+        let child = tokio::process::Command::new("/proc/self/exe")
+            .arg(SUBCOMMAND)
+            .arg(qmp)
+            .arg(listen)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            // Its own process group: a ^C to the node's must not end it.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start the monitor keeper: {e}"))?;
+        Ok(Self { child, qmp: qmp.to_path_buf(), detached: false })
+    }
+
+    /// Waits until the keeper holds the monitor and listens.
+    pub async fn ready(&mut self) -> Result<(), String> {
+        let stdout = self.child.stdout.take().ok_or("the monitor keeper has no output")?;
+        let mut line = String::new();
+        let ready = tokio::time::timeout(READY_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line)).await;
+        if !matches!(ready, Ok(Ok(_)) if line.trim() == "ready") {
+            let _ = self.child.start_kill();
+            return Err(format!("the monitor keeper of {} did not start", self.qmp.display()));
+        }
+        Ok(())
+    }
+
+    /// Ends the keeper (it ignores gentler signals) and waits for it: QEMU's monitor is free
+    /// for another client once this returns.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        self.detached = true;
+    }
+
+    /// Lets the keeper outlive this handle (and the node).
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
 }
 
 /// Passes one command (`{"execute": ...}` or `{"exec-oob": ...}`) to QEMU through the keeper
@@ -119,9 +156,16 @@ pub fn run(qmp: &Path, listen: &Path) -> i32 {
         eprintln!("qmp-keeper: {m}");
         2
     };
-    let q = match UnixStream::connect(qmp) {
-        Ok(q) => q,
-        Err(e) => return fail(format!("cannot connect to {}: {e}", qmp.display())),
+    // QEMU may still be starting: its socket missing, or a stale one nobody listens on.
+    let t0 = std::time::Instant::now();
+    let q = loop {
+        match UnixStream::connect(qmp) {
+            Ok(q) => break q,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) && t0.elapsed() < READY_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return fail(format!("cannot connect to {}: {e}", qmp.display())),
+        }
     };
     let _ = q.set_read_timeout(Some(READY_TIMEOUT));
     let mut rd = BufReader::new(match q.try_clone() {

@@ -160,8 +160,10 @@ pub enum LaunchError {
     Failed(String),
 }
 
-/// Starts the VM's QEMU on this host, waiting for its migration stream.
-pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy: &LaunchPolicy) -> Result<Launched, LaunchError> {
+/// Starts the VM's QEMU on this host, waiting for its migration stream. `beside` runs as soon
+/// as QEMU is started, with its monitor's path (its socket may not be there yet); what it
+/// returns comes back with the launch.
+pub fn launch<T>(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy: &LaunchPolicy, beside: impl FnOnce(&std::path::Path) -> T) -> Result<(Launched, T), LaunchError> {
     // A record can come from any member: the host's policy decides, before anything is touched.
     let prog = policy.check(&state.cmdline)?;
     // The monitor the VM was captured through (of several, the one its manager left to
@@ -192,6 +194,7 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy: &
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| failed(format!("cannot start {}: {e}", prog.display())))?;
     let pid = child.id();
+    let besides = beside(&qmp);
     let t0 = Instant::now();
     loop {
         use std::os::unix::fs::FileTypeExt;
@@ -207,13 +210,13 @@ pub fn launch(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy: &
             let _ = child.wait();
             return Err(failed(format!("QEMU did not start listening within {LAUNCH_TIMEOUT:?}: {}", log_tail(&log))));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
     // Reap it when it exits, whenever that is.
     std::thread::spawn(move || {
         let _ = child.wait();
     });
-    Ok(Launched { pid, qmp, incoming, log })
+    Ok((Launched { pid, qmp, incoming, log }, besides))
 }
 
 #[cfg(test)]
@@ -276,7 +279,7 @@ mod tests {
             mode: vmcsnap_protocol::manifest::CaptureMode::StopCopy,
             was_running: true,
         };
-        assert!(matches!(launch(dir.path(), "v", &state, &policy(dir.path())), Err(LaunchError::Refused(_))));
+        assert!(matches!(launch(dir.path(), "v", &state, &policy(dir.path()), |_| ()), Err(LaunchError::Refused(_))));
         assert_eq!(std::fs::read(&victim).expect("still there"), b"keep");
         assert!(!dir.path().join("launch-v.log").exists(), "nothing was started");
     }

@@ -4,9 +4,11 @@
 //!
 //! # What goes to QEMU (all integers big-endian)
 //! 1. The recorded head (magic, version, configuration), `OPEN_RETURN_PATH`, `POSTCOPY_ADVISE`
-//!    (host and target page size), the `ram` section's start (the RAM block list) and one
-//!    `POSTCOPY_RAM_DISCARD` (QEMU 7.2 needs one; see [`Source::start`]). QEMU empties its
-//!    RAM at the advice: every page of the guest must come from the source.
+//!    (host and target page size), the `ram` section's start (the RAM block list), optionally
+//!    a part section of pages that must be there before the guest runs (QEMU loads them as
+//!    pre-copy pages, as it does a real source's first rounds: resident, never asked for), and
+//!    one `POSTCOPY_RAM_DISCARD` (QEMU 7.2 needs one; see [`Source::start_with`]). QEMU empties
+//!    its RAM at the advice: every page of the guest must come from the source.
 //! 2. `PACKAGED`: one length-prefixed blob of `POSTCOPY_LISTEN`, the recorded device state
 //!    (without its end-of-stream record and JSON description) and `POSTCOPY_RUN`. QEMU reads
 //!    the whole blob first, so that page requests can flow while devices load; at `RUN` the
@@ -72,7 +74,15 @@ pub struct Source<W: Write> {
 
 impl<W: Write> Source<W> {
     /// A new stream: head, return path, postcopy advice, the RAM block list.
-    pub fn start(mut w: W, meta: StreamMeta) -> io::Result<Self> {
+    pub fn start(w: W, meta: StreamMeta) -> io::Result<Self> {
+        Self::start_with(w, meta, std::iter::empty())
+    }
+
+    /// A new stream whose `early` pages (block, page index, data or `None` for zero) are
+    /// loaded before `LISTEN`, as pre-copy pages: they are resident when the guest runs, and
+    /// QEMU never asks for them. Page 0 of the first block cannot be one of them (the discard
+    /// below empties it).
+    pub fn start_with<'a>(mut w: W, meta: StreamMeta, early: impl IntoIterator<Item = (usize, u64, Option<&'a [u8]>)>) -> io::Result<Self> {
         w.write_all(&meta.head)?;
         command(&mut w, CMD_OPEN_RETURN_PATH, &[])?;
         let mut advise = Vec::with_capacity(16);
@@ -80,20 +90,28 @@ impl<W: Write> Source<W> {
         advise.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes()); // target page size
         command(&mut w, CMD_POSTCOPY_ADVISE, &advise)?;
         write_ram_setup(&mut w, &meta)?;
+        let mut s = Self { w, meta, in_part: false, last_block: None };
+        for (block, index, data) in early {
+            if block == 0 && index == 0 {
+                return Err(invalid("page 0 of the first block cannot go before the discard".into()));
+            }
+            s.page(block, index, data)?;
+        }
+        s.end_part()?;
         // QEMU 7.2 needs a discard before `LISTEN`: when none came, its `LISTEN` handler moves
         // the incoming state from listening back to "discard", and the pages that follow are
         // loaded as pre-copy pages, written straight into registered RAM — the loading thread
         // then faults on the very page it is loading, for ever. The first page of the first
         // block is discarded: it is empty anyway since the advice.
-        if let Some(b) = meta.blocks.first() {
+        if let Some(b) = s.meta.blocks.first() {
             let mut d = vec![0u8, u8::try_from(b.name.len()).map_err(|_| invalid("RAM block name over 255 bytes".into()))?];
             d.extend_from_slice(b.name.as_bytes());
             d.push(0);
             d.extend_from_slice(&0u64.to_be_bytes());
             d.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
-            command(&mut w, CMD_POSTCOPY_RAM_DISCARD, &d)?;
+            command(&mut s.w, CMD_POSTCOPY_RAM_DISCARD, &d)?;
         }
-        Ok(Self { w, meta, in_part: false, last_block: None })
+        Ok(s)
     }
 
     /// A stream resumed on a new channel after `migrate-recover`: asks for the bitmap of
@@ -300,6 +318,23 @@ mod tests {
         assert_eq!(&pkg[5..5 + 12], &[&[0x04u8, 0, 0, 0, 9][..], b"devices"].concat()[..], "devices without EOF and description");
         assert_eq!(&pkg[len - 5..], &[SEC_COMMAND, 0, 5, 0, 0], "run last");
         assert_eq!(&out[out.len() - 1..], &[SEC_EOF]);
+    }
+
+    #[test]
+    fn early_pages_come_before_the_discard_and_the_package() {
+        let page = [9u8; 4096];
+        let mut s = Source::start_with(Vec::new(), meta(), [(0, 2, Some(&page[..])), (0, 5, None)]).expect("start");
+        let tail = [&[0x04u8, 0, 0, 0, 9][..], b"devices", &[SEC_EOF, 0x06, 0, 0, 0, 2], b"{}"].concat();
+        s.package(&tail).expect("package");
+        let out = s.finish().expect("finish");
+        let data_at = out.windows(4096).position(|w| w == page).expect("early page");
+        let discard_at = out.windows(3).position(|w| w == [SEC_COMMAND, 0, 6]).expect("discard");
+        let pkg_at = out.windows(3).position(|w| w == [SEC_COMMAND, 0, 7]).expect("package");
+        assert!(data_at < discard_at && discard_at < pkg_at, "early pages, discard, package");
+        // Page 2's record: its offset with the page flag, the block named.
+        let rec = (2 * 4096u64 | F_PAGE).to_be_bytes();
+        assert_eq!(&out[data_at - 8 - 7..data_at - 7], &rec, "page 2 of pc.ram");
+        assert!(Source::start_with(Vec::new(), meta(), [(0, 0, None)]).is_err(), "page 0 goes before the discard that empties it");
     }
 
     #[test]
