@@ -196,6 +196,7 @@ pub async fn restore(
     let key = [LAZY_PREFIX, vm.as_bytes()].concat();
     let bytes = serde_json::to_vec(&journal).map_err(|e| RestoreError::Internal(e.to_string()))?;
     node.store.meta_put(&key, &bytes).map_err(RestoreError::from)?;
+    tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "journaled");
     let meta = crate::qemu::stream_meta(state, &entry.blocks);
     // The source must not vanish while the guest runs: the stream is served by a task of its
     // own, which a caller that goes away does not cancel.
