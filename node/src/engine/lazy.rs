@@ -751,3 +751,23 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> 
     let _ = std::fs::remove_file(&sock);
     Ok("completed")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(name: &str, pages: u64) -> Block {
+        Block { name: name.into(), bytes: pages * PAGE_SIZE as u64 }
+    }
+
+    #[test]
+    fn the_early_pages_are_the_first_mib_of_pc_ram_without_its_page_0() {
+        assert_eq!(early_range(&[block("pc.ram", 65536), block("vga.vram", 4096)]), 1..256);
+        // Wherever the block sits among the others.
+        assert_eq!(early_range(&[block("vga.vram", 4096), block("pc.ram", 2048)]), 4097..4352);
+        // A guest smaller than a MiB, one of a page, and one without `pc.ram`.
+        assert_eq!(early_range(&[block("pc.ram", 100)]), 1..100);
+        assert!(early_range(&[block("pc.ram", 1)]).is_empty());
+        assert!(early_range(&[block("mem0", 65536)]).is_empty());
+    }
+}
