@@ -53,7 +53,7 @@ const WINDOWS_QUEUED: usize = 2;
 /// The RAM sent before the guest may run: the first [`EARLY_PAGES`] of this block, an x86
 /// guest's first MiB (real-mode memory: interrupt table, BIOS data, option ROMs, the BIOS
 /// shadow). QEMU reads some of it while it loads the device state, before the guest runs
-/// (under TCG, the VAPIC option ROM's pages); each page asked for there was a round trip on
+/// (under TCG, 0xCA000 and 0xCB000 in the option ROM area, likely the VAPIC's); each page asked for there was a round trip on
 /// the way to running.
 const EARLY_BLOCK: &str = "pc.ram";
 /// See [`EARLY_BLOCK`].
