@@ -80,7 +80,12 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             if hashes.len() > GET_PAGES_MAX {
                 return Err(AnswerError::BadRequest(format!("Get of {} pages (max {GET_PAGES_MAX})", hashes.len())));
             }
-            let pages = store.get(&hashes)?.into_iter().map(|p| p.map(serde_bytes::ByteBuf::from)).collect();
+            // A peer hashes every page it gets (and asks the next owner for a damaged one).
+            let pages = match asker {
+                Asker::Local => store.get(&hashes)?,
+                Asker::Peer => store.get_for_peer(&hashes)?,
+            };
+            let pages = pages.into_iter().map(|p| p.map(serde_bytes::ByteBuf::from)).collect();
             Ok(DataResponse::Pages { pages })
         }
         DataRequest::Sync { incarnation } => {

@@ -180,7 +180,7 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
 /// Encodes and writes one frame, then finishes the stream.
 pub async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
     let frame = codec::encode_frame(msg)?;
-    send.write_all(&frame).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    send.write_chunk(frame.into()).await.map_err(|e| FrameError::Io(e.to_string()))?;
     send.finish().map_err(|e| FrameError::Io(e.to_string()))?;
     Ok(())
 }
@@ -188,7 +188,7 @@ pub async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, msg:
 /// Encodes and writes one frame, leaving the stream open for more (a cut's conversation).
 pub async fn write_frame_open<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
     let frame = codec::encode_frame(msg)?;
-    send.write_all(&frame).await.map_err(|e| FrameError::Io(e.to_string()))?;
+    send.write_chunk(frame.into()).await.map_err(|e| FrameError::Io(e.to_string()))?;
     Ok(())
 }
 
@@ -333,24 +333,25 @@ impl DataClient {
 
     async fn request_once(&self, peer: NodeId, addr: SocketAddr, req: &DataRequest) -> Result<DataResponse, NetError> {
         let frame = codec::encode_frame(req).map_err(|source| NetError::Codec { peer: peer.short(), source })?;
-        self.exchange(peer, addr, &frame).await
+        self.exchange(peer, addr, frame.into()).await
     }
 
     /// Sends `frame` as it is (header and body, however wrong) as one request and reads the
     /// answer frame, once: how tests play a peer that sends garbage.
     pub async fn request_raw(&self, peer: NodeId, addr: SocketAddr, frame: &[u8]) -> Result<DataResponse, NetError> {
-        match self.exchange(peer, addr, frame).await? {
+        match self.exchange(peer, addr, bytes::Bytes::copy_from_slice(frame)).await? {
             DataResponse::Error { kind, message } => Err(NetError::Remote { peer: peer.short(), kind, message }),
             r => Ok(r),
         }
     }
 
-    async fn exchange(&self, peer: NodeId, addr: SocketAddr, frame: &[u8]) -> Result<DataResponse, NetError> {
+    /// `frame` goes to QUIC as it is, not copied (1 MiB `Put`s and `Pages`).
+    async fn exchange(&self, peer: NodeId, addr: SocketAddr, frame: bytes::Bytes) -> Result<DataResponse, NetError> {
         let (conn, _busy) = self.connection(peer, addr).await?;
         let transport = |reason: String| NetError::Transport { peer: peer.short(), reason };
         let fut = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
-            send.write_all(frame).await.map_err(|e| transport(e.to_string()))?;
+            send.write_chunk(frame).await.map_err(|e| transport(e.to_string()))?;
             send.finish().map_err(|e| transport(e.to_string()))?;
             read_frame::<DataResponse>(&mut recv).await.map_err(|e| frame_error(peer, e))
         };
