@@ -76,6 +76,10 @@ pub struct Qmp {
     /// the epoch by QEMU's clock): the pause as the guest had it.
     stopped_us: Option<u64>,
     resumed_us: Option<u64>,
+    /// Commands sent whose answers were not read yet. More than one while a command runs
+    /// means an earlier one timed out or was abandoned: its answer, when it comes, is
+    /// skipped (QEMU answers in order), never taken for a later command's.
+    pending: usize,
 }
 
 impl Qmp {
@@ -88,7 +92,7 @@ impl Qmp {
             .map_err(|e| connect_err(e.to_string()))?;
         let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
         let (rd, wr) = s.into_split();
-        let mut q = Self { rd: BufReader::new(rd), wr, pid, stopped_us: None, resumed_us: None };
+        let mut q = Self { rd: BufReader::new(rd), wr, pid, stopped_us: None, resumed_us: None, pending: 0 };
         let mut skipped = 0;
         loop {
             let v = q.read_value().await?;
@@ -132,6 +136,7 @@ impl Qmp {
         let mut line = msg.to_string();
         line.push('\n');
         self.wr.write_all(line.as_bytes()).await.map_err(|e| QmpError::Protocol(e.to_string()))?;
+        self.pending += 1;
         loop {
             let v = self.read_value().await?;
             if let Some(event) = v.get("event").and_then(|e| e.as_str()) {
@@ -144,7 +149,11 @@ impl Qmp {
                 }
             }
             if let Some(r) = reply(command, v) {
-                return r;
+                self.pending -= 1;
+                if self.pending == 0 {
+                    return r;
+                }
+                tracing::debug!(target: "vmcsnap::qmp", command, "skipped the late answer to an earlier command");
             }
         }
     }
@@ -363,6 +372,40 @@ mod tests {
         let mut q = Qmp::connect(&path).await.expect("connects past the stale answer");
         let v = q.execute("query-status", json!({})).await.expect("answer");
         assert_eq!(v["status"], "running");
+        server.await.expect("server");
+    }
+
+    /// Once seen with QEMU 7.2: a command timed out while QEMU's main loop was blocked; its
+    /// answer came later and was read as the next command's (`query-status` said the VM was
+    /// "completed"). The late answer is now skipped.
+    #[tokio::test]
+    async fn a_late_answer_is_not_taken_for_the_next_commands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            wr.write_all(b"{\"QMP\":{\"version\":{},\"capabilities\":[]}}\n").await.expect("write");
+            let mut line = String::new();
+            rd.read_line(&mut line).await.expect("read");
+            wr.write_all(b"{\"return\":{}}\n").await.expect("write");
+            line.clear();
+            rd.read_line(&mut line).await.expect("read");
+            assert!(line.contains("query-migrate"), "{line}");
+            // No answer until the next command has come.
+            line.clear();
+            rd.read_line(&mut line).await.expect("read");
+            assert!(line.contains("query-status"), "{line}");
+            wr.write_all(b"{\"return\":{\"status\":\"completed\"}}\n").await.expect("write");
+            wr.write_all(b"{\"event\":\"STOP\",\"timestamp\":{\"seconds\":1,\"microseconds\":0}}\n").await.expect("write");
+            wr.write_all(b"{\"return\":{\"status\":\"postmigrate\",\"running\":false}}\n").await.expect("write");
+        });
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        let late = tokio::time::timeout(Duration::from_millis(200), q.execute("query-migrate", json!({}))).await;
+        assert!(late.is_err(), "no answer yet");
+        assert_eq!(q.status().await.expect("answer"), "postmigrate");
         server.await.expect("server");
     }
 
