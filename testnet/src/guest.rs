@@ -10,11 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The guest kernel and initramfs: `$VMCSNAP_GUEST_DIR`, else `guest/cache` in the repository.
+/// The guest kernel and initramfs: `$VMCSNAP_GUEST_DIR`, else `guest/cache` in the repository
+/// this was built from, else in the repository around the working directory (a build directory
+/// shared by two checkouts keeps the path of the one that built this crate, which may be gone).
 pub fn guest_dir() -> PathBuf {
-    std::env::var_os("VMCSNAP_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/cache"))
+    if let Some(d) = std::env::var_os("VMCSNAP_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/cache");
+    if built.is_dir() {
+        return built;
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    [cwd.join("guest/cache"), cwd.join("../guest/cache")].into_iter().find(|d| d.is_dir()).unwrap_or(built)
 }
 
 /// Checks the guest build is there.

@@ -111,6 +111,13 @@ impl Gate {
         }
     }
 
+    /// Resolves once the gate is closed.
+    async fn closing(&self) {
+        while !self.is_closed() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn wait_open(&self) {
         let mut closed = self.0.closed.lock().unwrap_or_else(|e| e.into_inner());
         while *closed {
@@ -895,7 +902,15 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
         if gate.is_closed() {
             break; // held by the parser (see below)
         }
-        let info = q.migrate_info().await?;
+        // The parser may close the gate while this query waits: if QEMU has just ended its
+        // pass and paused the VM itself, its migration thread then blocks on the gate
+        // holding QEMU's big lock, and the answer would not come until the gate opened
+        // (seen: a 30 s wait for QMP's timeout, then a failed snapshot). The query is left
+        // unanswered then; `Qmp` skips its answer when it comes.
+        let info = tokio::select! {
+            r = q.migrate_info() => r?,
+            _ = gate.closing() => break,
+        };
         match info.get("status").and_then(|s| s.as_str()) {
             Some(st @ ("failed" | "cancelled")) => return Err(CaptureError::Refused(format!("QEMU reports the migration {st}"))),
             Some("device") | Some("completed") | Some("pre-switchover") => {
@@ -1036,6 +1051,64 @@ async fn drain(
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// A query QEMU cannot answer while the parser holds the stream (its migration thread,
+    /// having paused the VM on its own, blocks on the gate with QEMU's big lock held) does
+    /// not hold up pre-copy's live rounds: they end as held, and the pause goes on.
+    #[tokio::test]
+    async fn a_hold_ends_the_live_rounds_while_a_query_waits() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let l = tokio::net::UnixListener::bind(&path).expect("bind");
+        let gate = Gate::default();
+        let held = gate.clone();
+        let qemu = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (rd, mut wr) = s.into_split();
+            let mut rd = tokio::io::BufReader::new(rd);
+            wr.write_all(b"{\"QMP\":{\"version\":{},\"capabilities\":[]}}\n").await.expect("write");
+            let mut line = String::new();
+            rd.read_line(&mut line).await.expect("read");
+            wr.write_all(b"{\"return\":{}}\n").await.expect("write");
+            let active = b"{\"return\":{\"status\":\"active\",\"ram\":{\"total\":268435456,\"remaining\":134217728,\"transferred\":1,\"dirty-sync-count\":1}}}\n";
+            for i in 0.. {
+                line.clear();
+                if rd.read_line(&mut line).await.expect("read") == 0 {
+                    return i;
+                }
+                assert!(line.contains("query-migrate"), "{line}");
+                if i == 2 {
+                    // The parser holds the stream now; QEMU answers only once it is let go
+                    // (by then the client may have hung up).
+                    held.close();
+                    while held.is_closed() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    let _ = wr.write_all(active).await;
+                    return i + 1;
+                }
+                wr.write_all(active).await.expect("write");
+            }
+            unreachable!()
+        });
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        let (step_tx, step_rx) = tokio::sync::watch::channel(Step::Prepare);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut pacer = Pacer::new(step_rx, tx, 0);
+        let pace = tokio::spawn(async move {
+            assert_eq!(rx.recv().await, Some((0, crate::source::Reached::Prepared)));
+            step_tx.send_replace(Step::Pause);
+            step_tx
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), live_rounds(&mut q, &mut pacer, &gate)).await;
+        let r = r.expect("the live rounds ended while the query waited").expect("rounds");
+        assert!(r.is_err(), "held while the VM runs, not paused by QEMU");
+        assert!(!gate.is_closed(), "opened again at the end");
+        drop(pace.await.expect("pacer"));
+        drop(q);
+        assert_eq!(qemu.await.expect("qemu"), 3, "the third query was held until the gate opened");
+    }
 
     /// The parser closes the gate once, at the record asked for; reads wait while it is
     /// closed; once opened it stays open, however many records follow.
