@@ -476,8 +476,9 @@ impl Store {
     }
 
     /// Reads pages; `None` where the store lacks one or holds a corrupt copy. Each page read
-    /// is checked against its hash, so a corrupted disk is reported (logged, counted, and
-    /// left for the scrubber to repair), never served.
+    /// is checked against its hash, so a corrupted disk is reported (logged, counted, and left
+    /// for the scrubber to repair), never returned. (What a `Get` serves a peer is
+    /// [`Store::get_for_peer`]'s, which the peer checks.)
     pub fn get(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         Ok(self
             .read(hashes)?
@@ -993,7 +994,7 @@ mod tests {
         let n = 32768usize;
         let mut hashes = Vec::with_capacity(n);
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for batch in 0..n / 1024 {
+        for _ in 0..n / 1024 {
             let pages: Vec<Vec<u8>> = (0..1024)
                 .map(|_| {
                     let mut p = vec![0u8; PAGE_SIZE];
@@ -1009,7 +1010,6 @@ mod tests {
             let refs: Vec<(PageHash, &[u8])> = pages.iter().map(|p| (hash_page(p), p.as_slice())).collect();
             hashes.extend(refs.iter().map(|(h, _)| *h));
             s.put_own(&refs).expect("put");
-            let _ = batch;
         }
         s.sync().expect("sync");
         let db = s.db().expect("db");

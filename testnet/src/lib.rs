@@ -23,6 +23,7 @@ pub mod guest;
 pub mod idle;
 pub mod netns;
 pub mod pagestats;
+pub mod reaper;
 pub mod sim;
 pub mod swimsim;
 pub mod stats;

@@ -267,7 +267,13 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    vmcsnap_testnet::reaper::install();
+    let r = run(cli);
+    while vmcsnap_testnet::reaper::exiting() {
+        std::thread::park(); // the handler exits
+    }
+    if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
