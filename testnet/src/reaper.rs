@@ -58,7 +58,7 @@ pub fn end_descendants(root: u32) -> usize {
 
 fn kill_all(pids: &[u32]) {
     for pid in pids {
-        // SAFETY: kill(2) on a pid read from /proc just now: a descendant of `root`.
+        // SAFETY: kill(2) on a pid just read from /proc as a descendant (see `descendants`).
         #[allow(unsafe_code)]
         unsafe {
             libc::kill(*pid as libc::pid_t, libc::SIGKILL);
