@@ -222,17 +222,22 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
     let mut header = [0u8; FRAME_HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(|e| FrameError::Io(e.to_string()))?;
     let len = codec::frame_len(header)?;
-    // The body grows as its bytes arrive (a header alone does not commit 4 MiB), so a peer's
-    // open streams hold at most what the connection's receive window let it send.
-    let mut body = Vec::with_capacity(len.min(FRAME_READ_CHUNK));
-    while body.len() < len {
-        let want = (len - body.len()).min(FRAME_READ_CHUNK);
+    // The body is kept as QUIC hands it over, in chunks (a header alone does not commit 4 MiB,
+    // so a peer's open streams hold at most what the connection's receive window let it send),
+    // and decoded from them: a page is copied once, into its own buffer.
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut got = 0;
+    while got < len {
+        let want = (len - got).min(FRAME_READ_CHUNK);
         match recv.read_chunk(want, true).await.map_err(|e| FrameError::Io(e.to_string()))? {
-            Some(chunk) => body.extend_from_slice(&chunk.bytes),
-            None => return Err(FrameError::Io(format!("stream ended {} bytes into a {len}-byte frame", body.len()))),
+            Some(chunk) => {
+                got += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+            }
+            None => return Err(FrameError::Io(format!("stream ended {got} bytes into a {len}-byte frame"))),
         }
     }
-    Ok(codec::decode_body(&body)?)
+    Ok(codec::decode_parts(&chunks)?)
 }
 
 /// Encodes and writes one frame, then finishes the stream.

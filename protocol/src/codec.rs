@@ -118,6 +118,71 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     Ok(v)
 }
 
+/// Decodes one body that arrived in `parts` (a frame's bytes as the transport handed them
+/// over, in order), refusing trailing bytes. The same as [`decode_body`] of the parts joined,
+/// without joining them: each page is copied once, from its part into its own buffer.
+pub fn decode_parts<T: DeserializeOwned, P: AsRef<[u8]>>(parts: &[P]) -> Result<T, CodecError> {
+    let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+    if len > MESSAGE_BYTES_MAX {
+        return Err(CodecError::TooLarge { len, max: MESSAGE_BYTES_MAX });
+    }
+    let mut r = PartsReader { parts, at: 0, off: 0, left: len };
+    let v = bincode::serde::decode_from_reader(&mut r, config())?;
+    if r.left != 0 {
+        return Err(CodecError::Trailing(r.left));
+    }
+    Ok(v)
+}
+
+/// Reads across a list of byte slices as if they were one.
+struct PartsReader<'a, P> {
+    parts: &'a [P],
+    /// The part being read, and how far into it.
+    at: usize,
+    off: usize,
+    /// Bytes not read yet, over all parts.
+    left: usize,
+}
+
+impl<P: AsRef<[u8]>> PartsReader<'_, P> {
+    /// The unread bytes of the part being read, past empty parts.
+    fn current(&mut self) -> &[u8] {
+        while self.at < self.parts.len() && self.off == self.parts[self.at].as_ref().len() {
+            self.at += 1;
+            self.off = 0;
+        }
+        self.parts.get(self.at).map_or(&[], |p| &p.as_ref()[self.off..])
+    }
+}
+
+impl<P: AsRef<[u8]>> bincode::de::read::Reader for PartsReader<'_, P> {
+    fn read(&mut self, bytes: &mut [u8]) -> Result<(), bincode::error::DecodeError> {
+        if bytes.len() > self.left {
+            return Err(bincode::error::DecodeError::UnexpectedEnd { additional: bytes.len() - self.left });
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            let cur = self.current();
+            let n = cur.len().min(bytes.len() - done);
+            bytes[done..done + n].copy_from_slice(&cur[..n]);
+            self.off += n;
+            done += n;
+        }
+        self.left -= bytes.len();
+        Ok(())
+    }
+
+    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
+        let cur = self.current();
+        (cur.len() >= n).then(|| &cur[..n])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.off += n;
+        self.left -= n;
+    }
+}
+
 /// Encodes a persisted record: 4 magic bytes, a big-endian u16 version, then the body.
 pub fn encode_record<T: Serialize>(
     magic: [u8; 4],
@@ -173,6 +238,29 @@ mod tests {
         assert!(frame.len() < PAGE_SIZE + 64, "frame is {} bytes", frame.len());
         let back: DataRequest = decode_body(&frame[4..]).expect("decode");
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn a_body_in_parts_decodes_as_the_whole_would() {
+        let msg = crate::wire::DataResponse::Pages {
+            pages: vec![Some(vec![3u8; PAGE_SIZE].into()), None, Some(vec![4u8; PAGE_SIZE].into())],
+        };
+        let body = encode_body(&msg).expect("encode");
+        // Cut in two at every point, and in three around the second page.
+        for cut in 0..=body.len() {
+            let back: crate::wire::DataResponse = decode_parts(&[&body[..cut], &body[cut..]]).expect("two parts");
+            assert_eq!(back, msg, "cut at {cut}");
+        }
+        let parts = [&body[..1], &[][..], &body[1..PAGE_SIZE + 9], &body[PAGE_SIZE + 9..]];
+        assert_eq!(decode_parts::<crate::wire::DataResponse, _>(&parts).expect("parts"), msg);
+        // Short, long and oversized bodies are errors, as whole.
+        let short = decode_parts::<crate::wire::DataResponse, _>(&[&body[..body.len() - 1]]);
+        assert!(matches!(short, Err(CodecError::Decode(_))), "{short:?}");
+        let long = decode_parts::<crate::wire::DataResponse, _>(&[&body[..], &[0u8][..]]);
+        assert!(matches!(long, Err(CodecError::Trailing(1))), "{long:?}");
+        let big = vec![0u8; MESSAGE_BYTES_MAX];
+        let over = decode_parts::<crate::wire::DataResponse, _>(&[&big[..], &[0u8][..]]);
+        assert!(matches!(over, Err(CodecError::TooLarge { .. })), "{over:?}");
     }
 
     #[test]

@@ -310,7 +310,7 @@ async fn serve(
     let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
     let fetcher = Fetcher::new(&node, &record);
     let Layout { starts, names, bitmap_max } = Layout::of(&meta);
-    let (mut rp_rx, tx, writer) = channels(conn, bitmap_max)?;
+    let Channels { mut rp_rx, tx, free, writer } = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
     let mut src = begin(start, &meta, &names, &starts, &hashes, &mut sent, &tx, &mut rp_rx).await?;
 
@@ -392,7 +392,8 @@ async fn serve(
                     requested += 1;
                 }
                 src.end_part().map_err(|e| io_err("stream", e))?;
-                send(&tx, std::mem::take(src.writer())).await?;
+                let next = spare(&free);
+                send(&tx, std::mem::replace(src.writer(), next)).await?;
             }
             _ = async { if let Some(d) = push_due { tokio::time::sleep_until(d).await } }, if pushing.is_some() && !push_ready => {
                 push_due = None;
@@ -403,7 +404,8 @@ async fn serve(
                 let end = (base + RESTORE_WINDOW_PAGES).min(hashes.len());
                 let (g, in_part) = push_part(&mut src, &starts, hashes, &mut sent, &pages, at..end)?;
                 src.end_part().map_err(|e| io_err("stream", e))?;
-                send(&tx, std::mem::take(src.writer())).await?;
+                let next = spare(&free);
+                send(&tx, std::mem::replace(src.writer(), next)).await?;
                 pushed += (in_part * PAGE_SIZE) as u64;
                 if rate > 0 {
                     push_due = Some(tokio::time::Instant::from_std(push_start + Duration::from_secs_f64(pushed as f64 / rate as f64)));
@@ -557,21 +559,22 @@ async fn begin(
     })
 }
 
+/// A postcopy connection's channels (see [`channels`]).
+struct Channels {
+    /// Return-path messages, as read.
+    rp_rx: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
+    /// Bytes for QEMU.
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// Part buffers the writer is done with, to be written again.
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The writer; ends once `tx` is dropped and all is written.
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
 /// The two directions of a postcopy connection: return-path messages read on a thread of
 /// their own, and bytes written on a blocking thread. Dropping the sender ends the write side,
 /// so that QEMU sees the stream end (and pauses, unless it had it all).
-#[allow(clippy::type_complexity)]
-fn channels(
-    conn: UnixStream,
-    bitmap_max: usize,
-) -> Result<
-    (
-        tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
-        tokio::sync::mpsc::Sender<Vec<u8>>,
-        tokio::task::JoinHandle<std::io::Result<()>>,
-    ),
-    RestoreError,
-> {
+fn channels(conn: UnixStream, bitmap_max: usize) -> Result<Channels, RestoreError> {
     let mut reader = conn.try_clone().map_err(|e| RestoreError::Qemu(format!("cannot read QEMU's return path: {e}")))?;
     let (rp_tx, rp_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || loop {
@@ -582,14 +585,29 @@ fn channels(
         }
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SEND_QUEUE);
+    let (free_tx, free) = std::sync::mpsc::channel();
     let mut wconn = conn;
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        while let Some(b) = rx.blocking_recv() {
+        while let Some(mut b) = rx.blocking_recv() {
             wconn.write_all(&b)?;
+            if b.capacity() >= PART_BYTES {
+                b.clear();
+                let _ = free_tx.send(b);
+            }
         }
         wconn.shutdown(std::net::Shutdown::Write)
     });
-    Ok((rp_rx, tx, writer))
+    Ok(Channels { rp_rx, tx, free, writer })
+}
+
+/// Bytes of a full part section: its pages, each behind its 8-byte record header, and room for
+/// the section's own header, the block's name and the end.
+const PART_BYTES: usize = PART_PAGES_MAX * (PAGE_SIZE + 8) + 4096;
+
+/// The buffer the next part is written into: one the writer is done with, or a new one of a
+/// part's size (a part grown from an empty buffer is copied each time the buffer doubles).
+fn spare(free: &std::sync::mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
+    free.try_recv().unwrap_or_else(|_| Vec::with_capacity(PART_BYTES))
 }
 
 /// Writes the pages of `range` QEMU lacks, at most [`PART_PAGES_MAX`] of them, from the fetched
