@@ -49,6 +49,9 @@ pub(super) struct Fetcher<'a> {
     pub(super) pages_local: AtomicU64,
     /// Pages another fetch on this node fetched for this one too ([`crate::share`]).
     pub(super) pages_shared: AtomicU64,
+    /// A lazy restore's push: its `Get`s (not those for pages a guest asked for) wait for
+    /// [`Node::lazy_push_gets`].
+    push: bool,
     _sharing: crate::share::Entered<'a>,
 }
 
@@ -69,8 +72,16 @@ impl<'a> Fetcher<'a> {
             bytes_fetched: AtomicU64::new(0),
             pages_local: AtomicU64::new(0),
             pages_shared: AtomicU64::new(0),
+            push: false,
             _sharing: node.fetch_share.enter(),
         }
+    }
+
+    /// The same, for a lazy restore: the fetches of its background push share this node's
+    /// [`crate::node::LAZY_PUSH_GETS_IN_FLIGHT`] with those of the other lazy restores.
+    pub(super) fn for_push(mut self) -> Self {
+        self.push = true;
+        self
     }
 
     /// What this fetcher found here, took from another fetch, and fetched.
@@ -126,7 +137,8 @@ impl<'a> Fetcher<'a> {
         if urgent {
             ask.extend(follow.drain(..).map(|(h, _)| h));
         }
-        let fetched = self.from_owners(ask, &mut out).await;
+        let paced = self.push && !urgent;
+        let fetched = self.from_owners(ask, &mut out, paced).await;
         for (h, tx) in lead.iter().zip(senders) {
             share.led(*h, tx, out.get(h));
         }
@@ -142,19 +154,19 @@ impl<'a> Fetcher<'a> {
                 None => own.push(h),
             }
         }
-        self.from_owners(own, &mut out).await?;
+        self.from_owners(own, &mut out, paced).await?;
         Ok(out)
     }
 
     /// Fetches `hashes` from their owners into `out`: each page's owners in placement order,
     /// tried one after another.
-    async fn from_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Vec<u8>>) -> Result<(), RestoreError> {
+    async fn from_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Vec<u8>>, paced: bool) -> Result<(), RestoreError> {
         let mut todo: Vec<Wanted> =
             hashes.into_iter().map(|h| Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }).collect();
         while !todo.is_empty() {
             let members = self.members.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let requests = self.route(std::mem::take(&mut todo), &members)?;
-            let dead = self.fetch_round(requests, &members, out, &mut todo).await;
+            let dead = self.fetch_round(requests, &members, out, &mut todo, paced).await;
             let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
             for o in dead {
                 if let Some(Some(m)) = members.get_mut(o) {
@@ -221,7 +233,8 @@ impl<'a> Fetcher<'a> {
         Ok(requests)
     }
 
-    /// Sends one round of `Get`s, [`FETCHES_IN_FLIGHT`] at once. Verified pages go to `out`;
+    /// Sends one round of `Get`s, [`FETCHES_IN_FLIGHT`] at once (`paced`: each also waits for
+    /// one of [`Node::lazy_push_gets`]). Verified pages go to `out`;
     /// pages an owner lacked or sent wrong go back to `retry` with their next owner. Returns
     /// the owners that failed (not asked again in this restore).
     async fn fetch_round(
@@ -230,6 +243,7 @@ impl<'a> Fetcher<'a> {
         members: &[Option<Member>],
         out: &mut HashMap<PageHash, Vec<u8>>,
         retry: &mut Vec<Wanted>,
+        paced: bool,
     ) -> Vec<usize> {
         let node = self.node;
         let mut results = stream::iter(requests)
@@ -238,6 +252,8 @@ impl<'a> Fetcher<'a> {
                     return (o, items, Err("not a member".to_string()));
                 };
                 let hashes = items.iter().map(|i| i.hash).collect();
+                // Closed only with the node, which ends this restore too.
+                let _permit = if paced { node.lazy_push_gets.acquire().await.ok() } else { None };
                 let r = match node.call(&m, DataRequest::Get { hashes }).await {
                     Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => Ok(pages),
                     Ok(_) => Err("answered with the wrong message".to_string()),

@@ -308,7 +308,7 @@ async fn serve(
     mut progress: Progress,
 ) -> Result<ServeStats, RestoreError> {
     let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
-    let fetcher = Fetcher::new(&node, &record);
+    let fetcher = Fetcher::new(&node, &record).for_push();
     let Layout { starts, names, bitmap_max } = Layout::of(&meta);
     let Channels { mut rp_rx, tx, free, writer } = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
