@@ -159,13 +159,12 @@ pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// may exceed it (`CAP_NET_ADMIN`, as a node run by root); short of that, a warning names the
 /// sysctl. Returns the buffer granted.
 fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> usize {
-    let want = UDP_RECEIVE_BUFFER;
     let s = socket2::SockRef::from(socket);
     // Linux reports twice what it granted (the rest is its bookkeeping).
     let granted = |s: &socket2::SockRef<'_>| s.recv_buffer_size().map_or(0, |b| b / 2);
-    let _ = s.set_recv_buffer_size(want);
-    if granted(&s) < want {
-        force_receive_buffer(socket, want);
+    let _ = s.set_recv_buffer_size(UDP_RECEIVE_BUFFER);
+    if granted(&s) < UDP_RECEIVE_BUFFER {
+        force_receive_buffer(socket, UDP_RECEIVE_BUFFER);
     }
     let got = granted(&s);
     if got < UDP_RECEIVE_BUFFER {

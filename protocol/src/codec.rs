@@ -108,19 +108,12 @@ pub fn frame_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, CodecError> 
 
 /// Decodes one body, refusing trailing bytes.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
-    if body.len() > MESSAGE_BYTES_MAX {
-        return Err(CodecError::TooLarge { len: body.len(), max: MESSAGE_BYTES_MAX });
-    }
-    let (v, used) = bincode::serde::decode_from_slice(body, config())?;
-    if used != body.len() {
-        return Err(CodecError::Trailing(body.len() - used));
-    }
-    Ok(v)
+    decode_parts(&[body])
 }
 
 /// Decodes one body that arrived in `parts` (a frame's bytes as the transport handed them
-/// over, in order), refusing trailing bytes. The same as [`decode_body`] of the parts joined,
-/// without joining them: each page is copied once, from its part into its own buffer.
+/// over, in order), refusing trailing bytes: [`decode_body`] of the parts joined, without
+/// joining them (each page is copied once, from its part into its own buffer).
 pub fn decode_parts<T: DeserializeOwned, P: AsRef<[u8]>>(parts: &[P]) -> Result<T, CodecError> {
     let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
     if len > MESSAGE_BYTES_MAX {
