@@ -72,6 +72,9 @@ enum Cmd {
         listen: PathBuf,
         /// The node's capture socket.
         to: PathBuf,
+        /// Read nothing until `go FILLER` on standard input (see relay.rs).
+        #[arg(long)]
+        held: bool,
     },
     /// Internal: holds a lazily restored QEMU's monitor for the node (see
     /// node/src/qemu/keeper.rs).
@@ -563,7 +566,7 @@ fn cli_error(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::StreamRelay { listen, to } => std::process::exit(vmcsnap_node::qemu::relay::run(&listen, &to)),
+        Cmd::StreamRelay { listen, to, held } => std::process::exit(vmcsnap_node::qemu::relay::run(&listen, &to, held)),
         Cmd::QmpKeeper { qmp, listen } => std::process::exit(vmcsnap_node::qemu::keeper::run(&qmp, &listen)),
         Cmd::Node(NodeCmd::Run { args }) => node_run(args).await,
         Cmd::Node(NodeCmd::ConfigExample) => {

@@ -353,6 +353,9 @@ struct CaptureIo {
     listener: tokio::net::UnixListener,
     spool: std::fs::File,
     relay: Option<super::relay::Relay>,
+    /// A live capture's background snapshot started before the barrier and held (see
+    /// [`arm`]): the filler bytes ahead of its stream, and QEMU's last `RESUME` seen then.
+    armed: Option<(u64, Option<u64>)>,
 }
 
 impl Drop for CaptureIo {
@@ -466,10 +469,15 @@ async fn capture_memory(
     }
     let req = &CaptureRequest { mode: facts.mode, ..req.clone() };
     let mut timing = Timing::default();
-    let result = migrate(q, req, &facts, &io, pacer, sink, &mut timing, fleece).await;
+    let result = migrate(q, req, &facts, &mut io, pacer, sink, &mut timing, fleece).await;
 
     // Whatever happened: no migration left running, the VM as it was, the old parameters.
     if result.is_err() {
+        // A held background snapshot is drained to its end, not cancelled (see
+        // `Qmp::cancel_migration`): its relay reads it from now on.
+        if let Some(r) = io.relay.as_mut() {
+            r.let_go();
+        }
         timing.stopped_to_cancel |= q.cancel_migration(CANCEL_TIMEOUT).await.unwrap_or(true);
     }
     // Only now (its relay is left to drain a stream QEMU may still be sending).
@@ -625,7 +633,8 @@ async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts,
         if refused.is_none() {
             // Before the barrier: starting it costs the paused VM nothing then.
             let at = req.work_dir.join(format!("relay-{}-{}.sock", req.vm, req.tag));
-            match super::relay::Relay::start(&at, &io.sock).await {
+            let held = setup_waits_for_its_stream(&facts.qemu_version);
+            match super::relay::Relay::start(&at, &io.sock, held).await {
                 Ok(r) => io.relay = Some(r),
                 Err(e) => {
                     let _ = q.execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "background-snapshot", "state": false }] })).await;
@@ -648,6 +657,19 @@ async fn configure(q: &mut Qmp, req: &CaptureRequest<'_>, facts: &mut QemuFacts,
     };
     q.execute("migrate-set-parameters", json!({ "max-bandwidth": live_bandwidth, "downtime-limit": super::CAPTURE_DOWNTIME_LIMIT_MS }))
         .await?;
+    // Last: from here on a migration runs.
+    if let Some(r) = io.relay.as_mut().filter(|r| r.held) {
+        match arm(q, req, r).await {
+            Ok(filler) => io.armed = Some((filler, q.last_resume())),
+            Err(e) => {
+                tracing::warn!(target: "vmcsnap::snapshot", vm = req.vm, error = %e, "cannot start the background snapshot ahead of the pause; starting it in the pause");
+                // Not the held one's path: that relay removes its socket file when it ends.
+                let at = req.work_dir.join(format!("relay-{}-{}-unheld.sock", req.vm, req.tag));
+                io.relay = None;
+                io.relay = Some(super::relay::Relay::start(&at, &io.sock, false).await.map_err(CaptureError::Io)?);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -670,6 +692,98 @@ async fn live_refused(q: &mut Qmp, was_running: bool) -> Option<String> {
     }
 }
 
+/// Whether QEMU's background snapshot writes its setup to the stream — and so can be held
+/// there, the VM running — before it pauses the VM and without QEMU's big lock held: QEMU
+/// 7.x (read in 7.2's `bg_migration_thread`; tried on 7.2). Later QEMU holds the big lock
+/// through its setup, so a held stream would hold the monitor too.
+fn setup_waits_for_its_stream(qemu_version: &str) -> bool {
+    qemu_version.split('.').next() == Some("7")
+}
+
+/// More filler than any sane send buffer takes (Linux's default for a unix socket, from
+/// `net.core.wmem_default`, takes about 200 KiB; the relay skips it inside the pause): the
+/// capture starts its background snapshot in the pause instead.
+const ARM_FILLER_MAX: u64 = 4 << 20;
+
+/// Starts a live capture's background snapshot before the cut's barrier, held: a connection
+/// to the held `relay`, its send buffer filled with zeros (its size is left as it is: QEMU
+/// streams through it afterwards), goes to QEMU (`getfd`), and
+/// `migrate fd:` starts the snapshot on the running VM. QEMU's migration thread touches every
+/// page of guest RAM and writes its setup — and waits there, as nothing can be written, with
+/// the VM running and the monitor free. At `Release` ([`Relay::release`]) the relay reads the
+/// filler, and QEMU goes on to pause the (already paused) VM, save its device state, protect
+/// its memory and resume it: a pause that no longer grows with memory size. Returns the
+/// filler's length.
+///
+/// [`Relay::release`]: super::relay::Relay::release
+async fn arm(q: &mut Qmp, req: &CaptureRequest<'_>, relay: &super::relay::Relay) -> Result<u64, String> {
+    use std::io::Write;
+    let conn = std::os::unix::net::UnixStream::connect(&relay.listen).map_err(|e| format!("cannot connect to the stream relay: {e}"))?;
+    conn.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let zeros = [0u8; 4096];
+    let mut filler = 0u64;
+    loop {
+        match (&conn).write(&zeros) {
+            Ok(n) => filler += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("cannot write to the stream relay: {e}")),
+        }
+        if filler > ARM_FILLER_MAX {
+            return Err(format!("the stream relay's connection takes more than {ARM_FILLER_MAX} bytes unread"));
+        }
+    }
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let socket = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&conn))).unwrap_or_default();
+    let name = format!("vmcsnap-capture-{}", req.tag);
+    q.execute_with_fd("getfd", json!({ "fdname": name }), std::os::fd::AsFd::as_fd(&conn)).await.map_err(|e| e.to_string())?;
+    drop(conn);
+    if let Err(e) = q.execute("migrate", json!({ "uri": format!("fd:{name}") })).await {
+        let _ = q.execute("closefd", json!({ "fdname": name })).await;
+        return Err(e.to_string());
+    }
+    // Reported prepared only once QEMU waits: a page loop still running at `Go` would run
+    // inside the pause.
+    let t0 = Instant::now();
+    let held = match q.pid() {
+        Some(pid) => blocked_writing(pid, &socket, ARM_SETTLE_MAX).await,
+        None => false,
+    };
+    tracing::debug!(target: "vmcsnap::cut", vm = req.vm, filler, held, ms = t0.elapsed().as_millis() as u64, "background snapshot started ahead of the pause");
+    Ok(filler)
+}
+
+/// Longest wait for QEMU to reach its held write in [`arm`] (its page loop reads every page of
+/// guest RAM: milliseconds per GiB on an idle host).
+const ARM_SETTLE_MAX: Duration = Duration::from_secs(5);
+
+/// Waits (up to `limit`) until a thread of process `pid` is blocked writing to `socket` (its
+/// `/proc` link, `socket:[INODE]`), as `/proc/PID/task/*/syscall` shows it; false when not
+/// seen, or when `/proc` cannot tell (no such descriptor; another user's process).
+async fn blocked_writing(pid: u32, socket: &Path, limit: Duration) -> bool {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten();
+    let Some(fd) = fds.filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == socket)).find_map(|e| e.file_name().to_str()?.parse::<u64>().ok()) else {
+        return false;
+    };
+    let writes = [libc::SYS_sendmsg, libc::SYS_writev, libc::SYS_write].map(|n| n as i64);
+    let t0 = Instant::now();
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+        for t in tasks {
+            let Ok(line) = std::fs::read_to_string(t.path().join("syscall")) else { continue };
+            let mut f = line.split_whitespace();
+            let nr = f.next().and_then(|n| n.parse::<i64>().ok());
+            let arg0 = f.next().and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+            if nr.is_some_and(|n| writes.contains(&n)) && arg0 == Some(fd) {
+                return true;
+            }
+        }
+        if t0.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 impl CaptureIo {
     fn open(req: &CaptureRequest<'_>) -> Result<Self, CaptureError> {
         let sock = req.work_dir.join(format!("capture-{}-{}.sock", req.vm, req.tag));
@@ -686,7 +800,7 @@ impl CaptureIo {
             .map_err(|e| CaptureError::Io(format!("cannot create the spool file {}: {e}", spool_path.display())))?;
         // Unlinked at once: it disappears with the last handle, whatever happens.
         let _ = std::fs::remove_file(&spool_path);
-        Ok(Self { sock, listener, spool, relay: None })
+        Ok(Self { sock, listener, spool, relay: None, armed: None })
     }
 }
 
@@ -698,7 +812,7 @@ async fn migrate(
     q: &mut Qmp,
     req: &CaptureRequest<'_>,
     facts: &QemuFacts,
-    io: &CaptureIo,
+    io: &mut CaptureIo,
     pacer: &mut Pacer,
     sink: &impl PageSink,
     timing: &mut Timing,
@@ -714,7 +828,15 @@ async fn migrate(
         if facts.was_running {
             let t = (Instant::now(), unix_us());
             q.execute("stop", json!({})).await?;
+            tracing::debug!(target: "vmcsnap::cut", vm = req.vm, "stopped");
             timing.paused_at = Some(t);
+            if io.armed.is_some_and(|(_, resumed)| q.last_resume() != resumed) {
+                // QEMU went past its setup without waiting for the stream: it paused and
+                // resumed the VM on its own, and its device state is from then, not the cut.
+                return Err(CaptureError::Refused(
+                    "QEMU did not hold its background snapshot before pausing the VM (this QEMU version writes nothing in its setup); the capture is abandoned".into(),
+                ));
+            }
         }
         pacer.paused();
         // Still paused (until `cont`, or QEMU's own resume after the device state, which
@@ -731,8 +853,13 @@ async fn migrate(
     }
     // A live stream through the relay, which drains it should this node die: a background
     // snapshot must end, or its write protection stays (see `relay`).
-    let to = io.relay.as_ref().map_or(&io.sock, |r| &r.listen);
-    q.execute("migrate", json!({ "uri": format!("unix:{}", to.display()) })).await?;
+    match (io.armed, io.relay.as_mut()) {
+        (Some((filler, _)), Some(relay)) => relay.release(filler).await.map_err(CaptureError::Io)?,
+        _ => {
+            let to = io.relay.as_ref().map_or(&io.sock, |r| &r.listen);
+            q.execute("migrate", json!({ "uri": format!("unix:{}", to.display()) })).await?;
+        }
+    }
     let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, io.listener.accept())
         .await
         .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?

@@ -136,6 +136,31 @@ impl Qmp {
         let mut line = msg.to_string();
         line.push('\n');
         self.wr.write_all(line.as_bytes()).await.map_err(|e| QmpError::Protocol(e.to_string()))?;
+        self.answer(command).await
+    }
+
+    /// [`Qmp::execute`] with a file descriptor passed along (`SCM_RIGHTS`), as `getfd` and
+    /// `add-fd` take theirs.
+    pub async fn execute_with_fd(&mut self, command: &str, arguments: Value, fd: std::os::fd::BorrowedFd<'_>) -> Result<Value, QmpError> {
+        use std::os::fd::AsRawFd;
+        let mut line = json!({ "execute": command, "arguments": arguments }).to_string();
+        line.push('\n');
+        let sock = self.wr.as_ref();
+        let sent = loop {
+            sock.writable().await.map_err(|e| QmpError::Protocol(e.to_string()))?;
+            match sock.try_io(tokio::io::Interest::WRITABLE, || send_with_fd(sock.as_raw_fd(), line.as_bytes(), fd.as_raw_fd())) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(QmpError::Protocol(format!("cannot pass a file descriptor to QEMU: {e}"))),
+            }
+        };
+        // The descriptor went with the first byte; the rest of a short send follows.
+        self.wr.write_all(&line.as_bytes()[sent..]).await.map_err(|e| QmpError::Protocol(e.to_string()))?;
+        self.answer(command).await
+    }
+
+    /// Reads the answer to `command`, just sent.
+    async fn answer(&mut self, command: &str) -> Result<Value, QmpError> {
         self.pending += 1;
         loop {
             let v = self.read_value().await?;
@@ -337,6 +362,39 @@ pub enum Settled {
     Resumed(String),
     /// The VM is in a state that `cont` does not leave (`shutdown`, `inmigrate`, ...).
     Other(String),
+}
+
+/// sendmsg(2) of `data` on the socket `sock` with the descriptor `fd` attached
+/// (`SCM_RIGHTS`); returns the bytes sent (at least one, or an error).
+#[allow(unsafe_code)]
+fn send_with_fd(sock: std::os::fd::RawFd, data: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+    const FD_BYTES: u32 = std::mem::size_of::<std::os::fd::RawFd>() as u32;
+    // u64s: a control buffer aligned as a `cmsghdr` must be.
+    let mut control = [0u64; 4];
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: `msghdr` is plain data (all-zero is valid: no name, no buffers); the pointers set
+    // below point at `iov` and `control`, which outlive the sendmsg(2) call; CMSG_SPACE(4) is
+    // 24 bytes on every Linux target, within `control`'s 32, so CMSG_FIRSTHDR is non-null and
+    // the header and the descriptor written through it stay inside `control`; sendmsg only
+    // reads `data` (through `iov`) and the control buffer, and a failure changes nothing.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(FD_BYTES) as _;
+        let c = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(FD_BYTES) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<std::os::fd::RawFd>(), fd);
+        let n = libc::sendmsg(sock, &raw const msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,15 @@
 //! costs the paused VM no process start. Until QEMU connects, the relay lives only as long as
 //! the node (its standard input is the node's lifeline); once QEMU streams, it lives until the
 //! stream ends, whatever happens to the node, and ignores SIGTERM, SIGINT and SIGHUP.
+//!
+//! **Held** (`--held`, QEMU 7.x; see `capture::arm`): the node itself connects to the relay,
+//! fills that connection's send buffer with filler bytes and hands its end to QEMU
+//! (`getfd`, then `migrate fd:`) before the cut's barrier. The relay reads nothing until the
+//! node writes `go FILLER` on its lifeline at `Release`: until then QEMU's migration thread,
+//! having done its setup while the VM ran, waits on its first write, before it stops the VM.
+//! The relay then skips the filler and passes the rest on. A lifeline that closes first (the
+//! node died, or gave the capture up) lets the whole stream drain instead, so that QEMU's
+//! background snapshot completes.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -29,21 +38,25 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Relay {
     _child: tokio::process::Child,
     /// The write end of the relay's lifeline; closed when this drops or the node dies.
-    _lifeline: Option<tokio::process::ChildStdin>,
+    lifeline: Option<tokio::process::ChildStdin>,
     /// The socket QEMU's `migrate` connects to.
     pub listen: PathBuf,
+    /// Whether it reads only once released ([`Relay::release`]).
+    pub held: bool,
 }
 
 impl Relay {
-    /// Starts a relay listening on `listen` that passes what it receives on to `to`; returns
-    /// once it listens.
-    pub async fn start(listen: &Path, to: &Path) -> Result<Self, String> {
+    /// Starts a relay listening on `listen` that passes what it receives on to `to` (once
+    /// [`Relay::release`]d if `held`); returns once it listens.
+    pub async fn start(listen: &Path, to: &Path, held: bool) -> Result<Self, String> {
         // The running binary itself, even if a package upgrade replaced its file.
         let exe = Path::new("/proc/self/exe");
-        let mut child = tokio::process::Command::new(exe)
-            .arg(SUBCOMMAND)
-            .arg(listen)
-            .arg(to)
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg(SUBCOMMAND).arg(listen).arg(to);
+        if held {
+            cmd.arg(HELD_FLAG);
+        }
+        let mut child = cmd
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
@@ -54,7 +67,7 @@ impl Relay {
             .map_err(|e| format!("cannot start the stream relay: {e}"))?;
         let lifeline = child.stdin.take();
         let stdout = child.stdout.take().ok_or("the stream relay has no output")?;
-        let relay = Self { _child: child, _lifeline: lifeline, listen: listen.to_path_buf() };
+        let relay = Self { _child: child, lifeline, listen: listen.to_path_buf(), held };
         let mut line = String::new();
         let ready = tokio::time::timeout(READY_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line)).await;
         if !matches!(ready, Ok(Ok(_)) if line.trim() == "ready") {
@@ -62,6 +75,21 @@ impl Relay {
             return Err(format!("the stream relay did not start listening on {}", listen.display()));
         }
         Ok(relay)
+    }
+
+    /// Lets a held relay read: it skips the `filler` bytes the node wrote ahead of QEMU's
+    /// stream, then passes the stream on.
+    pub async fn release(&mut self, filler: u64) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let l = self.lifeline.as_mut().ok_or("the stream relay was already let go")?;
+        l.write_all(format!("go {filler}\n").as_bytes()).await.map_err(|e| format!("the stream relay is gone: {e}"))?;
+        l.flush().await.map_err(|e| format!("the stream relay is gone: {e}"))
+    }
+
+    /// Closes the lifeline now: a relay QEMU never reached exits, a held one drains the
+    /// stream (QEMU's background snapshot runs to its end, into nothing).
+    pub fn let_go(&mut self) {
+        self.lifeline = None;
     }
 }
 
@@ -72,14 +100,19 @@ impl Drop for Relay {
     }
 }
 
+/// The argument that makes a relay held.
+pub const HELD_FLAG: &str = "--held";
+
 /// Whether QEMU has connected (the lifeline no longer matters then).
 static CONNECTED: AtomicBool = AtomicBool::new(false);
 
 /// Listens on `listen`, says `ready` on standard output, takes one connection and copies it
 /// to the unix socket `to` until its end; from the first failure to connect or write on,
 /// drains the connection instead. Exits if standard input (the node's lifeline) closes
-/// before the connection came. Returns the exit status: 0 when every byte was delivered.
-pub fn run(listen: &Path, to: &Path) -> i32 {
+/// before the connection came. If `held`, reads nothing of the connection until a line
+/// `go FILLER` on standard input, then skips FILLER bytes; drains it if standard input closes
+/// first. Returns the exit status: 0 when every byte was delivered.
+pub fn run(listen: &Path, to: &Path, held: bool) -> i32 {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: signal(2) with SIG_IGN, before any other thread of this process exists;
         // no handler code runs. A stream must be drained to its end (a relay QEMU never
@@ -98,13 +131,20 @@ pub fn run(listen: &Path, to: &Path) -> i32 {
         }
     };
     let gone = listen.to_path_buf();
+    // `Some(filler)` at `go`; `None` when the lifeline closed first.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<Option<u64>>();
     std::thread::spawn(move || {
-        let mut b = [0u8; 64];
-        while matches!(std::io::stdin().read(&mut b), Ok(n) if n > 0) {}
+        let mut lines = std::io::BufRead::lines(std::io::stdin().lock());
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(n) = line.strip_prefix("go ").and_then(|n| n.trim().parse().ok()) {
+                let _ = go_tx.send(Some(n));
+            }
+        }
         if !CONNECTED.load(Ordering::SeqCst) {
             let _ = std::fs::remove_file(&gone);
             std::process::exit(1);
         }
+        let _ = go_tx.send(None);
     });
     println!("ready");
     let _ = std::io::stdout().flush();
@@ -114,8 +154,25 @@ pub fn run(listen: &Path, to: &Path) -> i32 {
     };
     CONNECTED.store(true, Ordering::SeqCst);
     drop(l);
-    let _ = std::fs::remove_file(listen);
-    let mut out = UnixStream::connect(to).ok();
+    // Removed once the stream starts: a held relay's connection is the node's until then.
+    if !held {
+        let _ = std::fs::remove_file(listen);
+    }
+    let mut go = true;
+    if held {
+        let released = go_rx.recv();
+        let _ = std::fs::remove_file(listen);
+        match released {
+            Ok(Some(filler)) => {
+                // What the node wrote ahead of QEMU's stream.
+                if std::io::copy(&mut (&mut conn).take(filler), &mut std::io::sink()).ok() != Some(filler) {
+                    return 1;
+                }
+            }
+            _ => go = false,
+        }
+    }
+    let mut out = if go { UnixStream::connect(to).ok() } else { None };
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = match conn.read(&mut buf) {

@@ -77,6 +77,7 @@ impl Cut {
         for a in actions {
             match a {
                 CoordAction::Broadcast(cmd) => {
+                    tracing::debug!(target: "vmcsnap::cut", ?cmd, "broadcast");
                     futures::future::join_all(self.sessions.iter().map(|s| s.send(cmd.clone()))).await;
                 }
                 CoordAction::Phase(phase, total) => progress.phase(phase, total),

@@ -159,9 +159,13 @@ async fn capture_all(
         for action in machine.on_event(ev) {
             match action {
                 PartAction::Step(s) => {
+                    tracing::debug!(target: "vmcsnap::cut", step = ?s, "step");
                     step_tx.send_modify(|now| *now = (*now).max(s));
                 }
                 PartAction::Report(r) => {
+                    if matches!(r, CutReport::Ready | CutReport::Paused) {
+                        tracing::debug!(target: "vmcsnap::cut", report = ?r, "report");
+                    }
                     let _ = reports.send(r).await;
                 }
                 PartAction::ArmDeadline(wait) => deadline = Some(tokio::time::Instant::now() + wait.limit()),
