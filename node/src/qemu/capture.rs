@@ -764,7 +764,7 @@ async fn blocked_writing(pid: u32, socket: &Path, limit: Duration) -> bool {
     let Some(fd) = fds.filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == socket)).find_map(|e| e.file_name().to_str()?.parse::<u64>().ok()) else {
         return false;
     };
-    let writes = [libc::SYS_sendmsg, libc::SYS_writev, libc::SYS_write].map(|n| n as i64);
+    let writes = [libc::SYS_sendmsg, libc::SYS_sendto, libc::SYS_writev, libc::SYS_write].map(|n| n as i64);
     let t0 = Instant::now();
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
@@ -1177,6 +1177,33 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `arm` waits for, seen in this process: a thread blocked writing to a socket whose
+    /// send buffer is full is found by the socket's `/proc` link; a socket nobody writes to
+    /// is not (within the limit).
+    #[tokio::test]
+    async fn a_thread_blocked_writing_to_a_full_socket_is_seen_in_proc() {
+        use std::io::Write;
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (idle, _idle_peer) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let link = |s: &std::os::unix::net::UnixStream| std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(s))).expect("link");
+        let (full, quiet) = (link(&a), link(&idle));
+        a.set_nonblocking(true).expect("nonblocking");
+        while (&a).write(&[0u8; 4096]).is_ok() {}
+        a.set_nonblocking(false).expect("blocking");
+        let writer = std::thread::spawn(move || {
+            let _ = (&a).write_all(&[1u8; 4096]);
+            a
+        });
+        assert!(blocked_writing(std::process::id(), &full, Duration::from_secs(5)).await);
+        assert!(!blocked_writing(std::process::id(), &quiet, Duration::from_millis(50)).await);
+        assert!(!blocked_writing(std::process::id(), Path::new("socket:[0]"), Duration::from_secs(5)).await, "no such descriptor: at once");
+        // Let the writer finish.
+        let mut sink = vec![0u8; 1 << 20];
+        b.set_nonblocking(true).expect("nonblocking");
+        while std::io::Read::read(&mut &b, &mut sink).is_ok() {}
+        drop(writer.join().expect("writer"));
+    }
     use std::io::Read;
 
     /// A query QEMU cannot answer while the parser holds the stream (its migration thread,
