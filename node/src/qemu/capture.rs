@@ -748,7 +748,13 @@ async fn arm(q: &mut Qmp, req: &CaptureRequest<'_>, relay: &super::relay::Relay)
         Some(pid) => blocked_writing(pid, &socket, ARM_SETTLE_MAX).await,
         None => false,
     };
-    tracing::debug!(target: "vmcsnap::cut", vm = req.vm, filler, held, ms = t0.elapsed().as_millis() as u64, "background snapshot started ahead of the pause");
+    let ms = t0.elapsed().as_millis() as u64;
+    if held {
+        tracing::debug!(target: "vmcsnap::cut", vm = req.vm, filler, ms, "background snapshot started ahead of the pause");
+    } else {
+        // Going on regardless: what QEMU has not done by `Go` it does in the pause.
+        tracing::info!(target: "vmcsnap::snapshot", vm = req.vm, ms, "QEMU was not seen waiting in its background snapshot's setup; its pause may be longer");
+    }
     Ok(filler)
 }
 
