@@ -103,9 +103,6 @@ impl Drop for Relay {
 /// The argument that makes a relay held.
 pub const HELD_FLAG: &str = "--held";
 
-/// Whether QEMU has connected (the lifeline no longer matters then).
-static CONNECTED: AtomicBool = AtomicBool::new(false);
-
 /// Listens on `listen`, says `ready` on standard output, takes one connection and copies it
 /// to the unix socket `to` until its end; from the first failure to connect or write on,
 /// drains the connection instead. Exits if standard input (the node's lifeline) closes
@@ -122,6 +119,11 @@ pub fn run(listen: &Path, to: &Path, held: bool) -> i32 {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
+    serve(listen, to, held, std::io::stdin(), &mut std::io::stdout())
+}
+
+/// [`run`], its lifeline and its `ready` line given.
+fn serve(listen: &Path, to: &Path, held: bool, lifeline: impl Read + Send + 'static, ready: &mut impl Write) -> i32 {
     let _ = std::fs::remove_file(listen);
     let l = match UnixListener::bind(listen) {
         Ok(l) => l,
@@ -130,29 +132,25 @@ pub fn run(listen: &Path, to: &Path, held: bool) -> i32 {
             return 2;
         }
     };
-    let gone = listen.to_path_buf();
-    // `Some(filler)` at `go`; `None` when the lifeline closed first.
+    // `Some(filler)` at `go`; `None` once the lifeline closed.
     let (go_tx, go_rx) = std::sync::mpsc::channel::<Option<u64>>();
+    let closed = std::sync::Arc::new(AtomicBool::new(false));
+    let closing = closed.clone();
     std::thread::spawn(move || {
-        let mut lines = std::io::BufRead::lines(std::io::stdin().lock());
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(lifeline));
         while let Some(Ok(line)) = lines.next() {
             if let Some(n) = line.strip_prefix("go ").and_then(|n| n.trim().parse().ok()) {
                 let _ = go_tx.send(Some(n));
             }
         }
-        if !CONNECTED.load(Ordering::SeqCst) {
-            let _ = std::fs::remove_file(&gone);
-            std::process::exit(1);
-        }
+        closing.store(true, Ordering::SeqCst);
         let _ = go_tx.send(None);
     });
-    println!("ready");
-    let _ = std::io::stdout().flush();
-    let mut conn = match l.accept() {
-        Ok((c, _)) => c,
-        Err(_) => return 2,
+    let _ = writeln!(ready, "ready").and_then(|_| ready.flush());
+    let Some(mut conn) = accept(&l, &closed) else {
+        let _ = std::fs::remove_file(listen);
+        return 1;
     };
-    CONNECTED.store(true, Ordering::SeqCst);
     drop(l);
     // Removed once the stream starts: a held relay's connection is the node's until then.
     if !held {
@@ -186,5 +184,107 @@ pub fn run(listen: &Path, to: &Path, held: bool) -> i32 {
                 out = None;
             }
         }
+    }
+}
+
+/// The one connection; `None` once the lifeline closed with none made. The lifeline is read
+/// before each try: whoever connected before closing it (the node, for a held relay) is
+/// taken, however late this process runs, rather than left to a reset.
+fn accept(l: &UnixListener, closed: &AtomicBool) -> Option<UnixStream> {
+    l.set_nonblocking(true).ok()?;
+    loop {
+        let gone = closed.load(Ordering::SeqCst);
+        match l.accept() {
+            Ok((c, _)) => return c.set_nonblocking(false).ok().map(|_| c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if gone {
+                    return None;
+                }
+                let mut fd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(l), events: libc::POLLIN, revents: 0 };
+                // SAFETY: poll(2) on one valid pollfd that lives across the call; it only
+                // writes `revents`. The timeout bounds how late a closed lifeline is seen.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::poll(&mut fd, 1, LIFELINE_POLL_MS);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// How often a relay waiting for its connection looks at its lifeline.
+const LIFELINE_POLL_MS: i32 = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`serve`] on a thread with a socket pair as its lifeline; returns the lifeline's
+    /// other end and the relay's exit status to come.
+    fn relay(dir: &Path, held: bool) -> (UnixStream, std::thread::JoinHandle<i32>) {
+        let (node, lifeline) = UnixStream::pair().expect("pair");
+        let (listen, to) = (dir.join("relay.sock"), dir.join("to.sock"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            struct Ready(std::sync::mpsc::Sender<()>);
+            impl Write for Ready {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    self.0.send(()).map_err(std::io::Error::other)
+                }
+            }
+            serve(&listen, &to, held, lifeline, &mut Ready(tx))
+        });
+        rx.recv().expect("ready");
+        (node, t)
+    }
+
+    #[test]
+    fn a_held_relay_skips_the_filler_at_go_and_passes_the_rest_on() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let to = UnixListener::bind(dir.path().join("to.sock")).expect("to");
+        let (mut node, relay) = relay(dir.path(), true);
+        let mut qemu = UnixStream::connect(dir.path().join("relay.sock")).expect("connect");
+        qemu.write_all(&[0u8; 1000]).expect("filler");
+        node.write_all(b"go 1000\n").expect("go");
+        let stream: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        qemu.write_all(&stream).expect("stream");
+        drop(qemu);
+        let mut got = Vec::new();
+        to.accept().expect("relayed").0.read_to_end(&mut got).expect("read");
+        assert_eq!(got.len(), stream.len());
+        assert!(got == stream, "the stream, without the filler");
+        assert_eq!(relay.join().expect("relay"), 0);
+    }
+
+    /// The lifeline closes right after the connection is made — before the relay may have
+    /// taken it: the stream drains to its end rather than being reset, and nothing is passed on.
+    #[test]
+    fn a_held_relay_whose_lifeline_closes_right_after_the_connection_drains_it() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("tmp");
+            let to = UnixListener::bind(dir.path().join("to.sock")).expect("to");
+            to.set_nonblocking(true).expect("nonblocking");
+            let (node, relay) = relay(dir.path(), true);
+            let mut qemu = UnixStream::connect(dir.path().join("relay.sock")).expect("connect");
+            drop(node);
+            qemu.write_all(&vec![7u8; 8 << 20]).expect("drained, not reset");
+            drop(qemu);
+            assert_eq!(relay.join().expect("relay"), 1, "nothing was delivered");
+            assert!(to.accept().is_err(), "nothing is passed on without go");
+        }
+    }
+
+    #[test]
+    fn a_relay_whose_lifeline_closes_with_no_connection_ends_and_removes_its_socket() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (node, relay) = relay(dir.path(), false);
+        drop(node);
+        assert_eq!(relay.join().expect("relay"), 1);
+        assert!(!dir.path().join("relay.sock").exists());
     }
 }
