@@ -312,6 +312,13 @@ pub struct FetchStats {
     pub bytes_fetched: u64,
 }
 
+impl FetchStats {
+    /// Both counts together (two fetchers of one restore).
+    pub fn plus(self, o: Self) -> Self {
+        Self { pages_local: self.pages_local + o.pages_local, pages_shared: self.pages_shared + o.pages_shared, bytes_fetched: self.bytes_fetched + o.bytes_fetched }
+    }
+}
+
 /// A page still to fetch: its remaining owners (placement indexes, next first) and what the
 /// owners tried so far said.
 struct Wanted {

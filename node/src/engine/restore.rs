@@ -14,7 +14,8 @@
 //! Into QEMU (`--to qemu:unix:PATH`, or `--launch --eager`), step 3 writes a migration stream
 //! instead: the recorded head and RAM block list, each non-zero page once, then the device
 //! state; with the target's QMP socket the accelerator is checked first, and the guest is
-//! resumed afterwards if it was running when captured.
+//! resumed afterwards if it was running when captured. A `--launch --eager` restore reads
+//! the manifest, the device state and the stream's first windows while its QEMU starts.
 //!
 //! With `--launch` (not `--eager`) the restore is lazy where QEMU can do it ([`super::lazy`]):
 //! the guest runs once its device state is loaded and its memory follows. Where it cannot (a
@@ -202,7 +203,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     };
     let mut disks = Vec::new();
     let mut launch_state = None;
-    let (mut prefetched, mut keeper) = (None, None);
+    let (mut prefetched, mut keeper, mut eager_start) = (None, None, None);
     let dest = match target {
         Some(Target::File(path)) => file_dest(path, opts.force)?,
         Some(Target::QemuIncoming(_)) if opts.disk.is_some() => return Err(RestoreError::Target("--disk writes a disk to a file: use --to file:PATH".into())),
@@ -222,6 +223,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             launch_state = Some(launch.state);
             prefetched = launch.prefetched;
             keeper = launch.keeper;
+            eager_start = launch.eager;
             let l = launch.launched;
             Dest::Qemu { incoming: l.incoming.clone(), qmp: Some(l.qmp.clone()), launched: Some(l) }
         }
@@ -267,7 +269,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
             (distinct, s.fetched, Some("running".to_string()), Some(served.running_ms), Some(s.requested))
         }
         None => {
-            let r = restore_into(&node, &record, entry, &dest, opts.disk.as_deref(), &mut progress).await;
+            let r = restore_into(&node, &record, entry, &dest, opts.disk.as_deref(), eager_start.take(), &mut progress).await;
             if r.is_err() {
                 if let Dest::Qemu { launched: Some(l), .. } = &dest {
                     kill(l);
@@ -337,10 +339,54 @@ struct Launch {
     prefetched: Option<super::lazy::Prepared>,
     /// For a lazy restore: the monitor keeper, started beside QEMU.
     keeper: Option<crate::qemu::keeper::Keeper>,
+    /// For an eager restore: its start, read while QEMU started.
+    eager: Option<EagerStart>,
 }
 
-/// Restores `entry`'s disks, then starts its QEMU here and, unless the restore is eager,
-/// reads its manifest and device state meanwhile. A failed start removes new disk images.
+/// What an eager restore into a QEMU it launches reads while that QEMU starts (tens of ms
+/// for one QEMU here, a couple of hundred with several starting at once): the page hashes,
+/// the device state and the stream's first windows.
+struct EagerStart {
+    /// Every page of the VM, its memory first.
+    hashes: Vec<PageHash>,
+    /// The recorded device state.
+    tail: Vec<u8>,
+    /// The first windows of its memory, in order.
+    windows: Vec<Window>,
+    /// Where their pages came from.
+    stats: super::fetch::FetchStats,
+}
+
+/// Windows an eager restore fetches while its QEMU starts: as many as it keeps in flight
+/// afterwards, so that it holds no more memory than it would anyway.
+const EAGER_START_WINDOWS: usize = RESTORE_WINDOWS_IN_FLIGHT;
+
+/// Reads an [`EagerStart`] of `entry`.
+async fn eager_start(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry) -> Result<EagerStart, RestoreError> {
+    let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
+    let fetcher = Fetcher::new(node, record);
+    let (hashes, tail) = tokio::join!(expand_manifest(&fetcher, entry, |_, _| {}), fetch_blob(&fetcher, &state.device_state));
+    let (hashes, tail) = (hashes?, tail?);
+    let ram = &hashes[..(entry.ram_pages() as usize).min(hashes.len())];
+    let mut fetches = Vec::new();
+    for (w, window) in ram.chunks(RESTORE_WINDOW_PAGES).take(EAGER_START_WINDOWS).enumerate() {
+        let base = (w * RESTORE_WINDOW_PAGES) as u64;
+        fetches.push(fetch_window(&fetcher, window, base));
+    }
+    let windows = futures::future::try_join_all(fetches).await?;
+    Ok(EagerStart { stats: fetcher.stats(), hashes, tail, windows })
+}
+
+/// One window of pages at page `base`, fetched.
+async fn fetch_window(fetcher: &Fetcher<'_>, window: &[PageHash], base: u64) -> Result<Window, RestoreError> {
+    let pages = fetcher.fetch(window_need(window, base, None)).await?;
+    Ok((base, window.to_vec(), pages))
+}
+
+/// Restores `entry`'s disks, then starts its QEMU here and reads meanwhile what the restore
+/// starts with: a lazy one its manifest, device state and early pages, an eager one its
+/// [`EagerStart`] (best effort: what fails here is read again afterwards). A failed start
+/// removes new disk images.
 async fn prepare_launch(
     node: &Arc<Node>,
     record: &CommitRecord,
@@ -355,14 +401,20 @@ async fn prepare_launch(
     let ksock = crate::qemu::keeper::socket_of(&node.config.data_dir, &entry.id);
     let launch = launch_here_with(node, &entry.id, &state, move |qmp| lazy.then(|| crate::qemu::keeper::Keeper::spawn(qmp, &ksock).ok()).flatten());
     let read = async {
-        if !lazy {
-            return None;
+        if lazy {
+            return (super::lazy::prepare(node, record, entry, |_, _| {}).await.ok(), None);
         }
-        super::lazy::prepare(node, record, entry, |_, _| {}).await.ok()
+        match eager_start(node, record, entry).await {
+            Ok(s) => (None, Some(s)),
+            Err(e) => {
+                tracing::debug!(target: "vmcsnap::restore", vm = %entry.id, error = %e, "nothing read while QEMU started");
+                (None, None)
+            }
+        }
     };
-    let (launched, prefetched) = tokio::join!(launch, read);
+    let (launched, (prefetched, eager)) = tokio::join!(launch, read);
     match launched {
-        Ok((launched, keeper)) => Ok(Launch { launched, state, disks, prefetched, keeper }),
+        Ok((launched, keeper)) => Ok(Launch { launched, state, disks, prefetched, keeper, eager }),
         Err(e) => {
             if !opts.in_place {
                 remove_disks(&disks); // new images; in place, the old ones are gone already
@@ -554,7 +606,16 @@ async fn restore_lazy(
 /// A restore's distinct non-zero pages, where they came from, and the target QEMU's run state.
 type Restored = (u64, super::fetch::FetchStats, Option<String>);
 
-async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, dest: &Dest, disk: Option<&str>, progress: &mut Progress) -> Result<Restored, RestoreError> {
+/// Restores into `dest`; `start` (an eager launch's, [`EagerStart`]) is what was read already.
+async fn restore_into(
+    node: &Arc<Node>,
+    record: &CommitRecord,
+    entry: &VmEntry,
+    dest: &Dest,
+    disk: Option<&str>,
+    start: Option<EagerStart>,
+    progress: &mut Progress,
+) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     // Which pages: the memory's, or one disk's (and its exact size).
     let (range, len) = match disk {
@@ -570,8 +631,14 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
     };
     // 2. Manifest.
     let fetcher = Fetcher::new(node, record);
-    progress.phase("manifest", entry.manifest.depth as u64);
-    let all = expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?;
+    let start = start.filter(|_| disk.is_none() && matches!(dest, Dest::Qemu { .. }));
+    let (all, tail, ready, read) = match start {
+        Some(s) => (s.hashes, Some(s.tail), s.windows, s.stats),
+        None => {
+            progress.phase("manifest", entry.manifest.depth as u64);
+            (expand_manifest(&fetcher, entry, |done, _| progress.set(done as u64)).await?, None, vec![], Default::default())
+        }
+    };
     // Memory only, unless a disk was asked for: disks are restored into images of their own.
     let hashes = &all[range.start as usize..range.end as usize];
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "manifest read");
@@ -581,11 +648,11 @@ async fn restore_into(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, 
         Dest::File(path) => (restore_file(&fetcher, hashes, path, len, progress).await?, None),
         Dest::Qemu { incoming, qmp, .. } => {
             let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
-            restore_qemu(&fetcher, entry, state, hashes, incoming, qmp.as_deref(), progress).await?
+            restore_qemu(&fetcher, entry, state, hashes, (tail, ready), incoming, qmp.as_deref(), progress).await?
         }
     };
     tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "restored");
-    Ok((distinct, fetcher.stats(), status))
+    Ok((distinct, fetcher.stats().plus(read), status))
 }
 
 /// Writes the pages `hashes` into a new file at `path` (through a partial file renamed at the
@@ -628,12 +695,15 @@ async fn restore_file(fetcher: &Fetcher<'_>, hashes: &[PageHash], path: &Path, l
 }
 
 /// Writes a migration stream of the VM into a QEMU waiting on `incoming`; with its QMP
-/// socket, checks the accelerator first and leaves the guest running if it was.
+/// socket, checks the accelerator first and leaves the guest running if it was. `read`: the
+/// device state and the first windows, if read already.
+#[allow(clippy::too_many_arguments)]
 async fn restore_qemu(
     fetcher: &Fetcher<'_>,
     entry: &VmEntry,
     state: &QemuState,
     hashes: &[PageHash],
+    (tail, ready): (Option<Vec<u8>>, Vec<Window>),
     incoming: &Path,
     qmp: Option<&Path>,
     progress: &mut Progress,
@@ -647,8 +717,11 @@ async fn restore_qemu(
         check_target(q, &entry.id, state).await?;
     }
     let t0 = Instant::now();
-    let tail = fetch_blob(fetcher, &state.device_state).await?;
-    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, "device state fetched");
+    let tail = match tail {
+        Some(t) => t,
+        None => fetch_blob(fetcher, &state.device_state).await?,
+    };
+    tracing::debug!(target: "vmcsnap::restore", ms = t0.elapsed().as_secs_f64() * 1e3, ready = ready.len(), "device state fetched");
     let meta = crate::qemu::stream_meta(state, &entry.blocks);
     // Page index where each block starts.
     let mut starts = Vec::with_capacity(meta.blocks.len());
@@ -685,7 +758,7 @@ async fn restore_qemu(
         conn.shutdown(std::net::Shutdown::Write)?;
         Ok(())
     });
-    let fetched = fetch_windows(fetcher, hashes, None, tx, progress).await;
+    let fetched = fetch_windows(fetcher, hashes, None, ready, tx, progress).await;
     let written = writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
     let distinct = fetched?;
     written.map_err(|e| RestoreError::Write { path: incoming.to_path_buf(), reason: e.to_string() })?;
@@ -726,11 +799,13 @@ type Window = (u64, Vec<PageHash>, HashMap<PageHash, Vec<u8>>);
 /// Fetches `hashes` window by window, [`RESTORE_WINDOWS_IN_FLIGHT`] at a time, and sends
 /// each finished window, in order, to `tx`. With `first` (where each page first appears),
 /// only a page's first appearance is fetched; otherwise every distinct page of each window.
-/// Returns the number of distinct non-zero pages fetched or found.
+/// The `ready` windows (the first ones, fetched already) go first. Returns the number of
+/// distinct non-zero pages fetched or found.
 async fn fetch_windows(
     fetcher: &Fetcher<'_>,
     hashes: &[PageHash],
     first: Option<&HashMap<PageHash, u64>>,
+    ready: Vec<Window>,
     tx: tokio::sync::mpsc::Sender<Window>,
     progress: &mut Progress,
 ) -> Result<u64, RestoreError> {
@@ -739,19 +814,18 @@ async fn fetch_windows(
     let window_pages = RESTORE_WINDOW_PAGES;
     let windows = hashes.len().div_ceil(window_pages);
     let mut distinct = std::collections::HashSet::new();
-    let mut fetches = stream::iter(0..windows)
-        .map(move |w| {
+    let skip = ready.len();
+    let mut fetches = stream::iter(ready.into_iter().map(Some).chain((skip..windows).map(|_| None)).enumerate())
+        .map(move |(w, done)| {
             let base = (w * window_pages) as u64;
             let window = &hashes[w * window_pages..((w + 1) * window_pages).min(hashes.len())];
-            let mut need: Vec<PageHash> = window
-                .iter()
-                .enumerate()
-                .filter(|(i, h)| !h.is_zero() && first.is_none_or(|f| f.get(*h) == Some(&(base + *i as u64))))
-                .map(|(_, h)| *h)
-                .collect();
-            need.sort();
-            need.dedup();
-            async move { fetcher.fetch(need).await.map(|pages| (base, window.to_vec(), pages)) }
+            let need = if done.is_some() { vec![] } else { window_need(window, base, first) };
+            async move {
+                match done {
+                    Some(d) => Ok(d),
+                    None => fetcher.fetch(need).await.map(|pages| (base, window.to_vec(), pages)),
+                }
+            }
         })
         .buffered(RESTORE_WINDOWS_IN_FLIGHT);
     while let Some(r) = fetches.next().await {
@@ -764,6 +838,20 @@ async fn fetch_windows(
         progress.set(end.min(total));
     }
     Ok(distinct.len() as u64)
+}
+
+/// The distinct non-zero pages of `window` (at page `base`) to fetch; with `first`, only
+/// those that first appear there.
+fn window_need(window: &[PageHash], base: u64, first: Option<&HashMap<PageHash, u64>>) -> Vec<PageHash> {
+    let mut need: Vec<PageHash> = window
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| !h.is_zero() && first.is_none_or(|f| f.get(*h) == Some(&(base + *i as u64))))
+        .map(|(_, h)| *h)
+        .collect();
+    need.sort();
+    need.dedup();
+    need
 }
 
 /// Writes every page of `hashes` into `file`. Returns the number of distinct non-zero pages.
@@ -817,7 +905,7 @@ async fn fill(fetcher: &Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::Fil
             Ok(())
         })
     };
-    let fetched = fetch_windows(fetcher, hashes, Some(&first), tx, progress).await;
+    let fetched = fetch_windows(fetcher, hashes, Some(&first), vec![], tx, progress).await;
     let written = writer.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
     let distinct = fetched?;
     written.map_err(|e| RestoreError::Write { path: PathBuf::from("(partial file)"), reason: e.to_string() })?;
