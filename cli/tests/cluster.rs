@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::Cluster;
-use vmcsnap_testnet::guest::{self, md5_of, uptime_of, Guest, QmpSync};
+use vmcsnap_testnet::guest::{self, md5_of, uptime_of, Guest, Lab, QmpSync};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
@@ -59,18 +59,14 @@ fn assert_one_cut(created: &serde_json::Value) {
 
 #[test]
 fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(["g1", "g2", "g3"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 2, None).expect("cluster");
+    let vms = lab.vms.clone();
 
     // n1 runs g1 (idle) and g2 (16 MiB of random data); n2 runs g3 (writing all the time).
-    let _g1 = Guest::start(&vms, "g1", 128, "", &accel).expect("g1");
-    let g2 = Guest::start(&vms, "g2", 128, "fill=16", &accel).expect("g2");
-    let g3 = Guest::start(&vms, "g3", 128, "writer=1", &accel).expect("g3");
+    let _g1 = lab.guest("g1", 128, "");
+    let g2 = lab.guest("g2", 128, "fill=16");
+    let g3 = lab.guest("g3", 128, "writer=1");
     let fill = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
     g3.wait_for("WRITER-STARTED", BOOT).expect("g3 writer");
     let up1 = uptime_of(&check(&vms, "g1"));
@@ -141,19 +137,16 @@ fn cluster_snapshot_from_a_third_host_rolled_back_on_other_hosts() {
 
 #[test]
 fn a_participant_dying_mid_snapshot_aborts_the_cut_and_every_vm_runs() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let vms1 = tmp.path().join("vms-n1");
-    let vms2 = tmp.path().join("vms-n2");
+    let lab = Lab::new();
+    let vms1 = lab.dir().join("vms-n1");
+    let vms2 = lab.dir().join("vms-n2");
     std::fs::create_dir_all(&vms2).expect("dir");
     // n2 finds its VMs by their sockets in --vm-dir.
     let extra = vec![vec![], vec!["--vm-dir".to_string(), vms2.display().to_string()], vec![]];
-    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 3, 2, None, extra).expect("cluster");
+    let mut c = Cluster::start_with_args(&bin(), &lab.dir().join("cluster"), 3, 2, None, extra).expect("cluster");
 
-    let g1 = Guest::start(&vms1, "g1", 128, "fill=16", &accel).expect("g1");
-    let g2 = Guest::start(&vms2, "g2", 128, "fill=32", &accel).expect("g2");
+    let g1 = Guest::start(&vms1, "g1", 128, "fill=16", &lab.accel).expect("g1");
+    let g2 = Guest::start(&vms2, "g2", 128, "fill=32", &lab.accel).expect("g2");
     let fill1 = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
     let fill2 = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
     c.json(0, &["vm", "add", "g1", "--qmp", &vms1.join("g1.qmp").display().to_string()]).expect("vm add");
@@ -230,14 +223,11 @@ fn settings(qmp: &Path) -> (bool, u64, u64, String) {
 /// manager had on, on again). A snapshot that succeeds sets them back too.
 #[test]
 fn a_node_stopped_mid_snapshot_leaves_its_vm_running_and_its_qemu_as_it_was() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let lab = Lab::new();
+    let mut c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
     let qmp = vms.join("g1.qmp");
-    let g1 = Guest::start(&vms, "g1", 128, "fill=32", &accel).expect("g1");
+    let g1 = lab.guest("g1", 128, "fill=32");
     let fill = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
     c.json(1, &["vm", "add", "g1", "--qmp", &qmp.display().to_string()]).expect("vm add");
     // Settings the VM's manager chose.
@@ -295,16 +285,13 @@ fn a_node_stopped_mid_snapshot_leaves_its_vm_running_and_its_qemu_as_it_was() {
 /// through the vmcsnap socket, its memory intact.
 #[test]
 fn a_vm_whose_manager_holds_its_monitor_is_captured_through_a_second_qmp_socket() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
     let ours = vms.join("g1-vmcsnap.qmp");
-    let _reaper = guest::Reaper(vec![ours.clone()]);
+    lab.reap(ours.clone());
     let second = format!("unix:{},server=on,wait=off", ours.display());
-    let g1 = Guest::start_with(&vms, "g1", 128, "fill=16", &accel, &["-qmp", &second]).expect("g1");
+    let g1 = lab.guest_with("g1", 128, "fill=16", &["-qmp", &second]);
     let fill = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
     // The manager (libvirt) holds the first monitor from here on.
     let mut manager = QmpSync::connect(&vms.join("g1.qmp")).expect("the manager's monitor");
@@ -337,15 +324,11 @@ fn a_vm_whose_manager_holds_its_monitor_is_captured_through_a_second_qmp_socket(
 /// the copy, and comes back on another host with its memory intact.
 #[test]
 fn a_live_cut_pauses_each_guest_only_for_the_cut_and_restores_elsewhere() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(["g1", "g2"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
-    let g1 = Guest::start(&vms, "g1", 128, "fill=16", &accel).expect("g1");
-    let g2 = Guest::start(&vms, "g2", 128, "writer=1", &accel).expect("g2");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 2, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let g1 = lab.guest("g1", 128, "fill=16");
+    let g2 = lab.guest("g2", 128, "writer=1");
     let fill = md5_of(&g1.wait_for("FILL-DONE", BOOT).expect("g1 fill"));
     g2.wait_for("WRITER-STARTED", BOOT).expect("g2 writer");
     for (node, vm) in [(0, "g1"), (1, "g2")] {
@@ -388,16 +371,12 @@ fn a_live_cut_pauses_each_guest_only_for_the_cut_and_restores_elsewhere() {
 /// the snapshot falls back to pre-copy, says so, records it, and the VM restores.
 #[test]
 fn live_mode_falls_back_to_pre_copy_where_qemu_refuses_it_and_says_so() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(vec![vms.join("gs.qmp")]);
-    let backing = format!("memory-backend-file,id=mem0,size=128M,share=on,mem-path={}", tmp.path().join("gs.mem").display());
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let backing = format!("memory-backend-file,id=mem0,size=128M,share=on,mem-path={}", lab.dir().join("gs.mem").display());
     let shared = ["-object", &backing, "-machine", "memory-backend=mem0"];
-    let g = Guest::start_with(&vms, "gs", 128, "fill=8", &accel, &shared).expect("gs");
+    let g = lab.guest_with("gs", 128, "fill=8", &shared);
     let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("gs fill"));
     let source = format!("gs=qemu:{}", vms.join("gs.qmp").display());
     let o = c.cli(0, &["snapshot", "create", "fb", "--vm", &source, "--mode", "live"]).expect("run");
@@ -444,15 +423,11 @@ fn relay_socket(dir: &Path) -> Option<PathBuf> {
 /// as before).
 #[test]
 fn a_live_cut_aborted_before_its_release_drains_the_held_snapshot_and_every_vm_runs() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(["g1", "g2"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
-    let g1 = Guest::start(&vms, "g1", 128, "", &accel).expect("g1");
-    let g2 = Guest::start(&vms, "g2", 128, "", &accel).expect("g2");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let g1 = lab.guest("g1", 128, "");
+    let g2 = lab.guest("g2", 128, "");
     g1.wait_for("BOOT-OK", BOOT).expect("g1 boot");
     g2.wait_for("BOOT-OK", BOOT).expect("g2 boot");
     for (node, vm) in [(0, "g1"), (1, "g2")] {
@@ -504,15 +479,11 @@ fn a_live_cut_aborted_before_its_release_drains_the_held_snapshot_and_every_vm_r
 /// write protection — the guest writes fresh memory as fast as before.
 #[test]
 fn a_live_snapshot_aborted_mid_stream_leaves_every_vm_running_unprotected() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(["g1", "g2"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
-    let g1 = Guest::start(&vms, "g1", 128, "", &accel).expect("g1");
-    let g2 = Guest::start(&vms, "g2", 128, "fill=16", &accel).expect("g2");
+    let lab = Lab::new();
+    let mut c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let g1 = lab.guest("g1", 128, "");
+    let g2 = lab.guest("g2", 128, "fill=16");
     g1.wait_for("BOOT-OK", BOOT).expect("g1 boot");
     let fill = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
     for (node, vm) in [(0, "g1"), (1, "g2")] {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::Cluster;
-use vmcsnap_testnet::guest::{self, Guest, QmpSync};
+use vmcsnap_testnet::guest::{self, Guest, Lab, QmpSync};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
@@ -97,15 +97,12 @@ fn leftovers(qmp: &Path) -> Vec<String> {
 /// original disk is never written by the restore.
 #[test]
 fn a_rollback_brings_the_disk_back_as_it_was_at_the_cut() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
     let qmp = vms.join("g.qmp");
-    let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let (g, orig) = disk_guest(&vms, "g", 128, &accel);
+    lab.reap(qmp.clone());
+    let (g, orig) = disk_guest(&vms, "g", 128, &lab.accel);
     let a = third(&g.console("vmcsnap-disk-write A 4", "DISKWROTE A", CONSOLE).expect("write A"));
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
     // QEMU 7.2 deactivates a VM's disks at the end of a stop-copy or pre-copy migration, which
@@ -167,18 +164,16 @@ fn a_rollback_brings_the_disk_back_as_it_was_at_the_cut() {
 /// snapshot's memory and disks written back to files.
 #[test]
 fn disks_cloned_from_one_image_are_stored_once() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(vec![vms.join("g1.qmp"), vms.join("g2.qmp")]);
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    lab.reap(lab.qmp("g1"));
+    lab.reap(lab.qmp("g2"));
     let mut guests = Vec::new();
     for name in ["g1", "g2"] {
         let (_img, drive) = guest::disk_copy(&vms, name).expect("disk");
         let drive: Vec<&str> = drive.iter().map(String::as_str).collect();
-        let g = Guest::start_with(&vms, name, 96, "disk=1", &accel, &drive).expect("guest");
+        let g = Guest::start_with(&vms, name, 96, "disk=1", &lab.accel, &drive).expect("guest");
         guests.push(g);
     }
     for g in &guests {
@@ -195,7 +190,7 @@ fn disks_cloned_from_one_image_are_stored_once() {
     let show = c.json(0, &["snapshot", "show", "s"]).expect("show");
     let new: u64 = show["vms"].as_array().expect("vms").iter().map(|v| v["stats"]["pages_new"].as_u64().expect("pages_new")).sum();
 
-    let out = tmp.path().join("out");
+    let out = lab.dir().join("out");
     std::fs::create_dir_all(&out).expect("out");
     let mut files = Vec::new();
     for vm in ["g1", "g2"] {
@@ -225,22 +220,19 @@ fn disks_cloned_from_one_image_are_stored_once() {
 /// job, filter, export, temporary target) or on disk.
 #[test]
 fn a_snapshot_that_dies_reading_a_disk_leaves_nothing_behind() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let lab = Lab::new();
+    let mut c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
     std::fs::create_dir_all(&vms).expect("vms");
     let qmp = vms.join("g.qmp");
-    let _reaper = guest::Reaper(vec![qmp.clone()]);
+    lab.reap(qmp.clone());
     // A raw disk of random data (the guest does not mount it): long enough to read that the
     // node dies in the middle.
     let img = vms.join("g.img");
     let st = Command::new("dd").arg("if=/dev/urandom").arg(format!("of={}", img.display())).args(["bs=1M", "count=160", "status=none"]).status().expect("dd");
     assert!(st.success());
     let drive = format!("file={},if=virtio,format=raw", img.display());
-    let g = Guest::start_with(&vms, "g", 96, "", &accel, &["-drive", &drive]).expect("g");
+    let g = lab.guest_with("g", 96, "", &["-drive", &drive]);
     g.wait_for("BOOT-OK", BOOT).expect("boot");
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
 
@@ -304,15 +296,12 @@ fn disk_reads(log: &Path, vm: &str) -> Vec<(u64, String)> {
 /// unmounted), the third's disk written back is byte-identical to the image itself.
 #[test]
 fn later_snapshots_read_only_what_changed_and_restore_whole() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
     let qmp = vms.join("g.qmp");
-    let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let (mut g, orig) = disk_guest(&vms, "g", 96, &accel);
+    lab.reap(qmp.clone());
+    let (mut g, orig) = disk_guest(&vms, "g", 96, &lab.accel);
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
     c.json(0, &["snapshot", "create", "s1", "--vm", "g"]).expect("s1");
     let d = third(&g.console("vmcsnap-disk-write D 4", "DISKWROTE D", CONSOLE).expect("write D"));
@@ -329,7 +318,7 @@ fn later_snapshots_read_only_what_changed_and_restore_whole() {
     assert_eq!(reads[2].1, "s2", "{reads:?}");
     assert!(reads[2].0 < 4 << 20, "the third reads what the unmount wrote: {reads:?}");
 
-    let out = tmp.path().join("s3.disk");
+    let out = lab.dir().join("s3.disk");
     c.json(1, &["snapshot", "restore", "s3", "--vm", "g", "--disk", "virtio0", "--to", &format!("file:{}", out.display())]).expect("disk to a file");
     assert!(std::fs::read(&out).expect("restored") == std::fs::read(&orig).expect("image"), "the third snapshot's disk is the image, byte for byte");
     assert_eq!(md5_hex(&file_in_image(&out, "D").expect("D")), d);
@@ -342,15 +331,12 @@ fn later_snapshots_read_only_what_changed_and_restore_whole() {
 /// the image byte for byte.
 #[test]
 fn a_paused_vm_is_captured_with_its_disk_and_stays_paused() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
     let qmp = vms.join("g.qmp");
-    let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let (mut g, orig) = disk_guest(&vms, "g", 96, &accel);
+    lab.reap(qmp.clone());
+    let (mut g, orig) = disk_guest(&vms, "g", 96, &lab.accel);
     g.console("vmcsnap-disk-write A 2", "DISKWROTE A", CONSOLE).expect("write A");
     QmpSync::connect(&qmp).and_then(|mut q| q.execute("stop", serde_json::json!({}))).expect("stop");
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
@@ -358,7 +344,7 @@ fn a_paused_vm_is_captured_with_its_disk_and_stays_paused() {
     let status = QmpSync::connect(&qmp).and_then(|mut q| q.status()).expect("status");
     assert!(status == "paused" || status == "postmigrate", "it stays paused: {status}");
     assert!(leftovers(&qmp).is_empty());
-    let out = tmp.path().join("s.disk");
+    let out = lab.dir().join("s.disk");
     c.json(1, &["snapshot", "restore", "s", "--vm", "g", "--disk", "virtio0", "--to", &format!("file:{}", out.display())]).expect("disk to a file");
     assert!(std::fs::read(&out).expect("restored") == std::fs::read(&orig).expect("image"), "the paused VM's disk, byte for byte");
     g.kill();

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::Cluster;
-use vmcsnap_testnet::guest::{self, md5_of, Guest, QmpSync};
+use vmcsnap_testnet::guest::{self, md5_of, Guest, Lab, QmpSync};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
@@ -49,14 +49,10 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<Strin
 /// checks out from inside.
 #[test]
 fn a_lazy_restore_runs_at_once_and_takes_pages_from_the_other_replica() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(vec![vms.join("g.qmp")]);
-    let g = Guest::start(&vms, "g", 128, "fill=48", &accel).expect("g");
+    let lab = Lab::new();
+    let mut c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 2, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let g = lab.guest("g", 128, "fill=48");
     let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
     c.json(0, &["vm", "add", "g", "--qmp", &vms.join("g.qmp").display().to_string()]).expect("vm add");
     c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
@@ -82,7 +78,7 @@ fn a_lazy_restore_runs_at_once_and_takes_pages_from_the_other_replica() {
     let caps = q.execute("query-migrate-capabilities", serde_json::json!({})).expect("capabilities");
     let on: Vec<&str> = caps.as_array().expect("capabilities").iter().filter(|c| c["state"] == true).filter_map(|c| c["capability"].as_str()).collect();
     assert!(on.is_empty(), "capabilities left on: {on:?}");
-    q.execute("migrate", serde_json::json!({ "uri": format!("exec:cat > {}", tmp.path().join("migrated").display()) })).expect("migrate");
+    q.execute("migrate", serde_json::json!({ "uri": format!("exec:cat > {}", lab.dir().join("migrated").display()) })).expect("migrate");
     q.wait_migrated().expect("a pre-copy migration of the restored VM completes");
     q.execute("cont", serde_json::json!({})).expect("cont");
     drop(q);
@@ -96,17 +92,13 @@ fn a_lazy_restore_runs_at_once_and_takes_pages_from_the_other_replica() {
 /// checks out.
 #[test]
 fn a_lazy_restore_whose_source_dies_waits_paused_and_recovers() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
+    let lab = Lab::new();
     // n2 pushes slowly (4 MiB/s), so that it dies with most of the memory still to send.
     let slow = vec![vec![], vec!["--lazy-push-rate".to_string(), "4".to_string()]];
-    let mut c = Cluster::start_with_args(&bin(), &tmp.path().join("cluster"), 2, 1, None, slow).expect("cluster");
-    let vms = tmp.path().join("vms");
+    let mut c = Cluster::start_with_args(&bin(), &lab.dir().join("cluster"), 2, 1, None, slow).expect("cluster");
+    let vms = lab.vms.clone();
     let qmp = vms.join("g.qmp");
-    let _reaper = guest::Reaper(vec![qmp.clone()]);
-    let g = Guest::start(&vms, "g", 128, "fill=48", &accel).expect("g");
+    let g = lab.guest("g", 128, "fill=48");
     let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
     c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
@@ -156,15 +148,11 @@ fn a_lazy_restore_whose_source_dies_waits_paused_and_recovers() {
 /// and taken from that fetch by the other (`pages_shared`), and both guests check out.
 #[test]
 fn clones_restored_at_once_on_one_host_share_their_fetches() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 1, None).expect("cluster");
-    let vms = tmp.path().join("vms");
-    let _reaper = guest::Reaper(["c1", "c2"].map(|v| vms.join(format!("{v}.qmp"))).to_vec());
-    let g1 = Guest::start(&vms, "c1", 128, "cache=16", &accel).expect("c1");
-    let g2 = Guest::start(&vms, "c2", 128, "cache=16", &accel).expect("c2");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let g1 = lab.guest("c1", 128, "cache=16");
+    let g2 = lab.guest("c2", 128, "cache=16");
     let text = md5_of(&g1.wait_for("CACHE-DONE", BOOT).expect("c1 cache"));
     assert_eq!(md5_of(&g2.wait_for("CACHE-DONE", BOOT).expect("c2 cache")), text, "both guests hold the same text");
     for (node, vm) in [(0, "c1"), (1, "c2")] {

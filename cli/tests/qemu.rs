@@ -11,7 +11,7 @@ use std::time::Duration;
 use vmcsnap_protocol::manifest::build_manifest;
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 use vmcsnap_testnet::cluster::Cluster;
-use vmcsnap_testnet::guest::{self, md5_of, uptime_of, Guest};
+use vmcsnap_testnet::guest::{self, md5_of, uptime_of, Guest, Lab};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmcsnap"))
@@ -57,18 +57,14 @@ fn restore_and_check_as(c: &Cluster, node: usize, (snap, vm): (&str, &str), dir:
 
 #[test]
 fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 3, 2, None).expect("cluster");
-    let vmdir = tmp.path().join("vms");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 3, 2, None).expect("cluster");
+    let vmdir = lab.vms.clone();
 
     // Host 1 runs g1 (idle) and g2 (32 MiB of random data); host 2 runs g3 (idle, writing).
-    let _reaper = guest::Reaper(["g1", "g2", "g3"].map(|v| vmdir.join(format!("{v}.qmp"))).to_vec());
-    let g1 = Guest::start(&vmdir, "g1", 128, "", &accel).expect("g1");
-    let g2 = Guest::start(&vmdir, "g2", 128, "fill=32", &accel).expect("g2");
-    let g3 = Guest::start(&vmdir, "g3", 128, "writer=1", &accel).expect("g3");
+    let g1 = lab.guest("g1", 128, "");
+    let g2 = lab.guest("g2", 128, "fill=32");
+    let g3 = lab.guest("g3", 128, "writer=1");
     let fill = md5_of(&g2.wait_for("FILL-DONE", BOOT).expect("g2 fill"));
     g1.wait_for("BOOT-OK", BOOT).expect("g1 boot");
     g3.wait_for("WRITER-STARTED", BOOT).expect("g3 writer");
@@ -91,7 +87,7 @@ fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
     // raw restores of each VM's RAM and the commit records, independently of the nodes.
     let mut distinct: HashSet<PageHash> = HashSet::new();
     for (snap, vm) in [("stop1", "g1"), ("stop1", "g2"), ("stop2", "g3")] {
-        let raw = tmp.path().join(format!("{vm}.ram"));
+        let raw = lab.dir().join(format!("{vm}.ram"));
         c.json(2, &["snapshot", "restore", snap, "--vm", vm, "--to", &format!("file:{}", raw.display())]).expect("raw restore");
         let hashes: Vec<PageHash> = std::fs::read(&raw).expect("read").chunks(PAGE_SIZE).map(hash_page).collect();
         distinct.extend(hashes.iter().filter(|h| !h.is_zero()));
@@ -132,7 +128,7 @@ fn guests_snapshot_on_two_hosts_and_come_back_on_a_third() {
         guest::kill_by_qmp(&vmdir.join(format!("{vm}.qmp")));
     }
     restore_and_check(&c, 0, "live", "g2", &vmdir, &fill, up2b);
-    if accel == "kvm" {
+    if lab.accel == "kvm" {
         // Under TCG, QEMU's own live migration of a guest that keeps writing loses writes
         // now and then (see `qemu_alone_live_migration_of_a_writing_tcg_guest`), so the
         // writer's pre-copy image is checked only where dirty logging is KVM's.
@@ -194,15 +190,12 @@ fn fake_qemu(dir: &Path, stream: Vec<u8>) -> PathBuf {
 
 #[test]
 fn a_corrupt_or_truncated_stream_commits_nothing() {
-    let (_k, _i) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-    let _slot = guest::slot();
-    let accel = guest::accel().expect("accelerator");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let c = Cluster::start(&bin(), &tmp.path().join("cluster"), 2, 2, None).expect("cluster");
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 2, None).expect("cluster");
     // A real stream from a real QEMU, taken with QEMU's own file migration.
-    let g = Guest::start(&tmp.path().join("vms"), "src", 128, "", &accel).expect("guest");
+    let g = Guest::start(&lab.dir().join("vms"), "src", 128, "", &lab.accel).expect("guest");
     g.wait_for("BOOT-OK", BOOT).expect("boot");
-    let file = tmp.path().join("stream.bin");
+    let file = lab.dir().join("stream.bin");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut q = vmcsnap_node::qemu::qmp::Qmp::connect(&g.qmp).await.expect("qmp");
@@ -225,7 +218,7 @@ fn a_corrupt_or_truncated_stream_commits_nothing() {
         ("truncated-tail", stream[..stream.len() - 100].to_vec(), "truncated"),
         ("corrupt", corrupt, "migration stream"),
     ] {
-        let qmp = fake_qemu(tmp.path(), bytes);
+        let qmp = fake_qemu(lab.dir(), bytes);
         let o = c.cli(0, &["snapshot", "create", name, "--vm", &format!("x=qemu:{}", qmp.display())]).expect("run");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(msg), "{name}: {err}");

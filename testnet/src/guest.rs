@@ -353,6 +353,70 @@ pub fn kill_by_qmp(qmp: &Path) {
     }
 }
 
+/// What a test with real guests starts from: the guest build checked, a [`slot`] taken, the
+/// accelerator picked, a temporary directory (its `vms/` for the guests' files), and, however
+/// the test ends, every QEMU of the guests it started (also those a restore launched in their
+/// place, on the same QMP socket) or of the sockets it was told to [`Lab::reap`] ended before
+/// the directory goes. Panics where a test would (no guest build).
+pub struct Lab {
+    /// The accelerator the guests use ([`accel`]).
+    pub accel: String,
+    /// Where [`Lab::guest`] puts its guests' sockets, consoles and logs.
+    pub vms: PathBuf,
+    reap: std::cell::RefCell<Vec<PathBuf>>,
+    tmp: tempfile::TempDir,
+    _slot: Slot,
+}
+
+impl Lab {
+    /// Waits for a [`slot`], then sets the lab up.
+    pub fn new() -> Self {
+        guest_files().expect("guest build (scripts/build-guest.sh)");
+        let slot = slot();
+        let accel = accel().expect("accelerator");
+        let tmp = tempfile::tempdir().expect("tmp");
+        Self { accel, vms: tmp.path().join("vms"), reap: Default::default(), tmp, _slot: slot }
+    }
+
+    /// The test's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Guest `name`'s QMP socket.
+    pub fn qmp(&self, name: &str) -> PathBuf {
+        self.vms.join(format!("{name}.qmp"))
+    }
+
+    /// Boots guest `name` (`mem_mb` MiB, kernel arguments `kargs`) in [`Lab::vms`].
+    pub fn guest(&self, name: &str, mem_mb: u32, kargs: &str) -> Guest {
+        self.guest_with(name, mem_mb, kargs, &[])
+    }
+
+    /// [`Lab::guest`] with more QEMU arguments.
+    pub fn guest_with(&self, name: &str, mem_mb: u32, kargs: &str, extra: &[&str]) -> Guest {
+        self.reap(self.qmp(name));
+        Guest::start_with(&self.vms, name, mem_mb, kargs, &self.accel, extra).unwrap_or_else(|e| panic!("guest {name}: {e:#}"))
+    }
+
+    /// Ends, with the test, whatever QEMU the QMP socket `qmp` names.
+    pub fn reap(&self, qmp: PathBuf) {
+        self.reap.borrow_mut().push(qmp);
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        drop(Reaper(std::mem::take(self.reap.get_mut())));
+    }
+}
+
 /// Quits, when dropped, every QEMU whose QMP socket it names: guests that a restore launched
 /// belong to no [`Guest`] handle, and a test that fails half-way must not leave them running.
 pub struct Reaper(pub Vec<PathBuf>);
