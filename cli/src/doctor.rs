@@ -118,7 +118,7 @@ pub(crate) fn disk(dir: &Path) -> Check {
     if rc != 0 {
         return check("disk", Verdict::Warn, format!("{}: {}", at.display(), std::io::Error::last_os_error()));
     }
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let free = st.f_bavail * st.f_frsize;
     let gib = free as f64 / (1u64 << 30) as f64;
     let verdict = if free < 1 << 30 { Verdict::Fail } else if free < 16 << 30 { Verdict::Warn } else { Verdict::Ok };
     check("disk", verdict, format!("{gib:.1} GiB free on {} (the node refuses pages below --min-free, default 1 GiB; a stop-copy spools up to a VM's memory there)", at.display()))

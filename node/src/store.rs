@@ -973,6 +973,22 @@ impl Store {
     }
 }
 
+/// Bytes free to unprivileged users on the file system of `path` (`u64::MAX` if it cannot
+/// tell).
+#[allow(unsafe_code)]
+pub fn fs_free_bytes(path: &Path) -> u64 {
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return u64::MAX };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
+    unsafe {
+        if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
+            return u64::MAX;
+        }
+        let st = st.assume_init();
+        st.f_bavail.saturating_mul(st.f_frsize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1244,21 +1260,5 @@ mod tests {
         assert_eq!(store.catalog_put(&record("old", 5)).expect("sign"), Kept::Signed);
         assert!(store.catalog_get("old").expect("get")[0].is_signed());
         assert_eq!(store.catalog_put(&old[0]).expect("unsigned"), Kept::Already);
-    }
-}
-
-/// Bytes free to unprivileged users on the file system of `path` (`u64::MAX` if it cannot
-/// tell).
-#[allow(unsafe_code)]
-pub fn fs_free_bytes(path: &Path) -> u64 {
-    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return u64::MAX };
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: statvfs(3) writes the struct for a NUL-terminated path; read only on success.
-    unsafe {
-        if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
-            return u64::MAX;
-        }
-        let st = st.assume_init();
-        st.f_bavail.saturating_mul(st.f_frsize)
     }
 }

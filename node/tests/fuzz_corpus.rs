@@ -216,7 +216,7 @@ mod seeds {
         for (i, r) in requests.iter().enumerate() {
             put(&dir, "wire", &format!("request-{i}"), &encode_body(r).expect("encode"));
         }
-        let responses = vec![
+        let responses = [
             DataResponse::Have { missing: vec![0, 3], incarnation: 7 },
             DataResponse::Tombstones { tombstones: vec![tomb.clone()] },
             DataResponse::Pages { pages: vec![Some(page.clone().into()), None] },

@@ -628,7 +628,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn h(i: u64) -> PageHash {
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             return ZERO_HASH;
         }
         PageHash(*blake3::hash(&i.to_le_bytes()).as_bytes())

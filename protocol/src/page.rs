@@ -6,7 +6,7 @@ use std::fmt;
 /// Size of one guest page, the unit of dedup, storage and transfer.
 pub const PAGE_SIZE: usize = 4096;
 
-const _: () = assert!(PAGE_SIZE.is_power_of_two() && PAGE_SIZE % 32 == 0);
+const _: () = assert!(PAGE_SIZE.is_power_of_two() && PAGE_SIZE.is_multiple_of(32));
 
 /// BLAKE3-256 of a page's bytes: the page's address everywhere.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

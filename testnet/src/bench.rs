@@ -626,7 +626,7 @@ pub fn table(m: &ModeResult) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let c = &m.columns;
-    let _ = writeln!(o, "\n{} — {}", m.mode, "same run, same guests");
+    let _ = writeln!(o, "\n{} — same run, same guests", m.mode);
     let _ = write!(o, "{:<34}", "");
     for col in c {
         let _ = write!(o, " {:>19}", col.name);

@@ -117,7 +117,7 @@ fn node_log(c: &Cluster, i: usize) -> String {
 /// Node `i`'s short id (the one its peers' logs name it by), from its log.
 fn short_id(c: &Cluster, i: usize) -> anyhow::Result<(String, f64)> {
     let log = node_log(c, i);
-    let line = log.lines().filter(|l| l.contains("node started node=")).last().context("no `node started` line in the node's log")?;
+    let line = log.lines().rfind(|l| l.contains("node started node=")).context("no `node started` line in the node's log")?;
     let id = line.split("node started node=").nth(1).and_then(|r| r.get(..8)).context("no node id in the `node started` line")?;
     Ok((id.to_string(), log_time(line).context("no time on the `node started` line")?))
 }

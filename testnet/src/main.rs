@@ -40,7 +40,7 @@ struct GenArgs {
 
 impl GenArgs {
     fn config(&self) -> anyhow::Result<GenConfig> {
-        if self.size == 0 || self.size % 4096 != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(4096) {
             bail!("--size must be a positive multiple of 4 KiB");
         }
         let c = GenConfig { vms: self.vms, pages: self.size / 4096, zero: self.zero, shared: self.shared, duplicate: self.duplicate, seed: self.seed };

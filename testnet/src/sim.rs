@@ -383,6 +383,44 @@ pub fn table(results: &[SimResult]) -> String {
     out
 }
 
+/// Nanoseconds per key, on one thread, of [`owners_into`] (every member scored) and of
+/// [`is_owner`] for one member (it stops once `replicas` members beat it), over `keys` keys
+/// and `hosts` hosts; and the share of keys that member owns (the two must agree on it).
+pub fn owner_cost(hosts: usize, replicas: usize, keys: u64) -> (f64, f64, f64) {
+    let ids: Vec<NodeId> = (0..hosts as u64).map(|i| sim_host(7, i)).collect();
+    let view = View::new(ids);
+    let key = |k: u64| {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&(k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d).to_le_bytes());
+        PageHash(*blake3::hash(&b).as_bytes())
+    };
+    let hashes: Vec<PageHash> = (0..keys).map(key).collect();
+    let me = hosts / 2;
+    let mut scratch = Vec::with_capacity(replicas);
+    let t0 = Instant::now();
+    let mut by_list = 0u64;
+    for h in &hashes {
+        owners_into(&view, h.prefix_u64(), replicas, &mut scratch);
+        by_list += u64::from(scratch.contains(&me));
+    }
+    let list_ns = t0.elapsed().as_nanos() as f64 / keys.max(1) as f64;
+    let t0 = Instant::now();
+    let by_ask = hashes.iter().filter(|h| is_owner(&view, h, replicas, me)).count() as u64;
+    let ask_ns = t0.elapsed().as_nanos() as f64 / keys.max(1) as f64;
+    assert_eq!(by_list, by_ask, "is_owner disagrees with owners_into");
+    (list_ns, ask_ns, by_ask as f64 / keys.max(1) as f64)
+}
+
+/// [`owner_cost`] for each of `hosts`, as a plain-text table.
+pub fn cost_table(hosts: &[usize], replicas: usize, keys: u64) -> String {
+    let mut out = format!("\nowner computation, R = {replicas}, {keys} keys, one thread:\n{:>7}  {:>22}  {:>26}  {:>8}\n", "hosts", "all owners (ns/key)", "is this host one (ns/key)", "speedup");
+    for &h in hosts {
+        let (list, ask, _) = owner_cost(h, replicas, keys);
+        out += &format!("{h:>7}  {list:>22.1}  {ask:>26.1}  {:>7.1}x\n", list / ask);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,42 +510,4 @@ mod tests {
         let r = simulate(1000, 2, keys, 1);
         println!("{}", table(&[r]));
     }
-}
-
-/// Nanoseconds per key, on one thread, of [`owners_into`] (every member scored) and of
-/// [`is_owner`] for one member (it stops once `replicas` members beat it), over `keys` keys
-/// and `hosts` hosts; and the share of keys that member owns (the two must agree on it).
-pub fn owner_cost(hosts: usize, replicas: usize, keys: u64) -> (f64, f64, f64) {
-    let ids: Vec<NodeId> = (0..hosts as u64).map(|i| sim_host(7, i)).collect();
-    let view = View::new(ids);
-    let key = |k: u64| {
-        let mut b = [0u8; 32];
-        b[..8].copy_from_slice(&(k.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d).to_le_bytes());
-        PageHash(*blake3::hash(&b).as_bytes())
-    };
-    let hashes: Vec<PageHash> = (0..keys).map(key).collect();
-    let me = hosts / 2;
-    let mut scratch = Vec::with_capacity(replicas);
-    let t0 = Instant::now();
-    let mut by_list = 0u64;
-    for h in &hashes {
-        owners_into(&view, h.prefix_u64(), replicas, &mut scratch);
-        by_list += u64::from(scratch.contains(&me));
-    }
-    let list_ns = t0.elapsed().as_nanos() as f64 / keys.max(1) as f64;
-    let t0 = Instant::now();
-    let by_ask = hashes.iter().filter(|h| is_owner(&view, h, replicas, me)).count() as u64;
-    let ask_ns = t0.elapsed().as_nanos() as f64 / keys.max(1) as f64;
-    assert_eq!(by_list, by_ask, "is_owner disagrees with owners_into");
-    (list_ns, ask_ns, by_ask as f64 / keys.max(1) as f64)
-}
-
-/// [`owner_cost`] for each of `hosts`, as a plain-text table.
-pub fn cost_table(hosts: &[usize], replicas: usize, keys: u64) -> String {
-    let mut out = format!("\nowner computation, R = {replicas}, {keys} keys, one thread:\n{:>7}  {:>22}  {:>26}  {:>8}\n", "hosts", "all owners (ns/key)", "is this host one (ns/key)", "speedup");
-    for &h in hosts {
-        let (list, ask, _) = owner_cost(h, replicas, keys);
-        out += &format!("{h:>7}  {list:>22.1}  {ask:>26.1}  {:>7.1}x\n", list / ask);
-    }
-    out
 }

@@ -103,7 +103,7 @@ pub async fn run(node: Arc<Node>) {
         match cycle(&node).await {
             Ok(c) => {
                 tracing::info!(target: "vmcsnap::gc", records = c.records, candidates = c.candidates, deleted = c.deleted,
-                    freed_mib = c.deleted * PAGE_SIZE as u64 >> 20, "garbage collection done");
+                    freed_mib = (c.deleted * PAGE_SIZE as u64) >> 20, "garbage collection done");
                 node.store.gc_publish("idle", None);
                 node.store.gc_cycle_done(began);
             }

@@ -770,7 +770,7 @@ async fn blocked_writing(pid: u32, socket: &Path, limit: Duration) -> bool {
     let Some(fd) = fds.filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == socket)).find_map(|e| e.file_name().to_str()?.parse::<u64>().ok()) else {
         return false;
     };
-    let writes = [libc::SYS_sendmsg, libc::SYS_sendto, libc::SYS_writev, libc::SYS_write].map(|n| n as i64);
+    let writes = [libc::SYS_sendmsg, libc::SYS_sendto, libc::SYS_writev, libc::SYS_write];
     let t0 = Instant::now();
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();

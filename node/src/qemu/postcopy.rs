@@ -332,7 +332,7 @@ mod tests {
         let pkg_at = out.windows(3).position(|w| w == [SEC_COMMAND, 0, 7]).expect("package");
         assert!(data_at < discard_at && discard_at < pkg_at, "early pages, discard, package");
         // Page 2's record: its offset with the page flag, the block named.
-        let rec = (2 * 4096u64 | F_PAGE).to_be_bytes();
+        let rec = ((2 * 4096u64) | F_PAGE).to_be_bytes();
         assert_eq!(&out[data_at - 8 - 7..data_at - 7], &rec, "page 2 of pc.ram");
         assert!(Source::start_with(Vec::new(), meta(), [(0, 0, None)]).is_err(), "page 0 goes before the discard that empties it");
     }

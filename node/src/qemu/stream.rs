@@ -529,7 +529,7 @@ impl<W: Write> Rebuilder<W> {
             return Err(invalid(format!("page {index} ({} bytes) outside block {} of {} bytes", data.len(), b.name, b.bytes)));
         }
         let cont = self.last_block == Some(block);
-        let v = index * PAGE_SIZE as u64 | F_PAGE | if cont { F_CONTINUE } else { 0 };
+        let v = (index * PAGE_SIZE as u64) | F_PAGE | if cont { F_CONTINUE } else { 0 };
         self.w.write_all(&v.to_be_bytes())?;
         if !cont {
             let name = &self.meta.blocks[block].name;
