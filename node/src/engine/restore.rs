@@ -371,15 +371,15 @@ async fn eager_start(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry) -
     let mut fetches = Vec::new();
     for (w, window) in ram.chunks(RESTORE_WINDOW_PAGES).take(EAGER_START_WINDOWS).enumerate() {
         let base = (w * RESTORE_WINDOW_PAGES) as u64;
-        fetches.push(fetch_window(&fetcher, window, base));
+        fetches.push(fetch_window(&fetcher, window, base, None));
     }
     let windows = futures::future::try_join_all(fetches).await?;
     Ok(EagerStart { stats: fetcher.stats(), hashes, tail, windows })
 }
 
-/// One window of pages at page `base`, fetched.
-async fn fetch_window(fetcher: &Fetcher<'_>, window: &[PageHash], base: u64) -> Result<Window, RestoreError> {
-    let pages = fetcher.fetch(window_need(window, base, None)).await?;
+/// One window of pages at page `base`, fetched (with `first`, see [`window_need`]).
+async fn fetch_window(fetcher: &Fetcher<'_>, window: &[PageHash], base: u64, first: Option<&HashMap<PageHash, u64>>) -> Result<Window, RestoreError> {
+    let pages = fetcher.fetch(window_need(window, base, first)).await?;
     Ok((base, window.to_vec(), pages))
 }
 
@@ -819,11 +819,10 @@ async fn fetch_windows(
         .map(move |(w, done)| {
             let base = (w * window_pages) as u64;
             let window = &hashes[w * window_pages..((w + 1) * window_pages).min(hashes.len())];
-            let need = if done.is_some() { vec![] } else { window_need(window, base, first) };
             async move {
                 match done {
                     Some(d) => Ok(d),
-                    None => fetcher.fetch(need).await.map(|pages| (base, window.to_vec(), pages)),
+                    None => fetch_window(fetcher, window, base, first).await,
                 }
             }
         })
