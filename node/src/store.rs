@@ -237,7 +237,6 @@ fn prefix(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-
 fn cf_options(blob: bool) -> Options {
     let mut o = Options::default();
     let mut t = BlockBasedOptions::default();
@@ -250,7 +249,7 @@ fn cf_options(blob: bool) -> Options {
         // Live blobs move only in garbage collection's own compaction ([`Store::compact_pages`]):
         // a blob file whose pages are all deleted goes without it, and moving the oldest
         // quarter's live pages in every compaction rewrote a quarter of the store each time
-        // (seen mid-snapshot: 17 MiB moved on a node that had stored 76 MiB).
+        // (seen mid-snapshot: 17 MiB moved on a node that had flushed 80 MiB).
         o.set_enable_blob_gc(false);
         // Small memtables: pages reach their blob files while a snapshot is still sending
         // (background flushes), so the snapshot's closing `Sync` mostly writes the last one;
