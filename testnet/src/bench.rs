@@ -60,6 +60,11 @@ pub struct Column {
     pub second_bytes: u64,
     /// The second snapshot's time until durable, s.
     pub second_s: f64,
+    /// The second snapshot's longest VM pause, ms. QEMU's background snapshot pauses longer
+    /// the second time: its first write protection leaves guest RAM mapped page by page
+    /// where it had huge pages (transparent huge pages split), and the next protection walks
+    /// every page table entry.
+    pub second_pause_max_ms: f64,
     /// Each VM's pause in the first snapshot, ms, by VM name.
     pub pauses: Vec<(String, f64)>,
     /// vmcsnap: the first snapshot's stage marks on the initiator (ms since it began there).
@@ -452,13 +457,13 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         let wait = Duration::from_secs(opts.interval_s).saturating_sub(t_first.elapsed());
         println!("second snapshots in {:.0} s", wait.as_secs_f64());
         std::thread::sleep(wait);
-        let (kvm2_bytes, kvm2_s, _, _) = kvm_snapshot(&vmdir, &mdir.join("kvm/second"), None, &vms, mode)?;
+        let (kvm2_bytes, kvm2_s, kvm2_pauses, _) = kvm_snapshot(&vmdir, &mdir.join("kvm/second"), None, &vms, mode)?;
         let _ = std::fs::remove_dir_all(mdir.join("kvm/second"));
         let mut seconds = Vec::new();
         for (c, (r, f)) in clusters.iter().zip([1u8, 2].iter().zip(&firsts)) {
             let s = vmcsnap_snapshot(c, opts.hosts, "second", mode, *r)?;
             println!("vmcsnap R={r} second: {:.1} MiB added in {:.2} s", mib(s.stored - f.stored), s.secs);
-            seconds.push((s.stored - f.stored, s.secs));
+            seconds.push((s.stored - f.stored, s.secs, s.pause_ms().into_iter().fold(f64::NAN, f64::max)));
         }
         let h1 = snapshot_hashes(&clusters[0], "first", &vms, &dir.join("ram"))?;
         let h2 = snapshot_hashes(&clusters[0], "second", &vms, &dir.join("ram"))?;
@@ -499,6 +504,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             restore_s: kvm_restore_s,
             second_bytes: kvm2_bytes,
             second_s: kvm2_s,
+            second_pause_max_ms: max(&kvm2_pauses),
             pauses: vms.iter().map(|v| v.name.clone()).zip(kvm_pauses.iter().copied()).collect(),
             stages: vec![],
         };
@@ -548,9 +554,9 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     }))
 }
 
-/// vmcsnap's column at `replicas`: its first snapshot, its second (bytes, s) and its rollback
-/// (every VM running, all memory resident; s).
-fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64), rollback: (f64, f64)) -> Column {
+/// vmcsnap's column at `replicas`: its first snapshot, its second (bytes, s, longest pause ms)
+/// and its rollback (every VM running, all memory resident; s).
+fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: (f64, f64)) -> Column {
     Column {
         name: format!("vmcsnap R={replicas}"),
         bytes: f.stored,
@@ -562,6 +568,7 @@ fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64), rollback: (f64, f
         restore_s: rollback.1,
         second_bytes: second.0,
         second_s: second.1,
+        second_pause_max_ms: second.2,
         pauses: f.pauses.clone(),
         stages: f.stages.clone(),
     }
@@ -651,6 +658,7 @@ pub fn table(m: &ModeResult) -> String {
     row(&mut o, "rollback: all memory resident", &|x| format!("{:.2} s", x.restore_s));
     row(&mut o, "second snapshot: bytes written", &|x| format!("{:.1} MiB", mib(x.second_bytes)));
     row(&mut o, "second snapshot: time", &|x| format!("{:.2} s", x.second_s));
+    row(&mut o, "second snapshot: VM pause, max", &|x| format!("{:.0} ms", x.second_pause_max_ms));
     let b = &m.breakdown;
     let pct = |n: u64| n as f64 * 100.0 / b.total.max(1) as f64;
     let _ = writeln!(

@@ -512,6 +512,7 @@ async fn capture_memory(
     let reported = q.reported_pause().filter(|_| timing.paused_at.is_some());
     let pause_ms = reported.map(|(s, r)| (r - s).div_ceil(1000)).or(measured_ms);
     let paused_unix_us = reported.map(|(s, _)| s).or(timing.paused_at.map(|(_, u)| u));
+    tracing::debug!(target: "vmcsnap::cut", vm = req.vm, pause_ms, qemu_downtime_ms = downtime, "pause, and the part of it QEMU counts as its downtime");
     let mut stats = VmStats { pause_ms: pause_ms.or(downtime), paused_unix_us, ..Default::default() };
     let hashes: Vec<PageHash> = maps.into_iter().flatten().collect();
     stats.pages_total = hashes.len() as u64;
