@@ -34,6 +34,42 @@ pub struct BenchOptions {
     pub svg: PathBuf,
     /// Keys per placement simulation.
     pub sim_keys: u64,
+    /// A hugetlbfs mount to back every guest's RAM with (private huge pages), or `None` for
+    /// QEMU's default anonymous memory.
+    pub hugepages: Option<PathBuf>,
+}
+
+/// QEMU arguments that put a guest's `mem` MiB of RAM in private huge pages from the hugetlbfs
+/// mount `dir` (none when `dir` is `None`).
+pub fn memory_args(dir: Option<&Path>, mem: u32) -> Vec<String> {
+    match dir {
+        None => Vec::new(),
+        Some(d) => vec![
+            "-object".into(),
+            format!("memory-backend-file,id=ram,mem-path={},size={mem}M,share=off", d.display()),
+            "-machine".into(),
+            "memory-backend=ram".into(),
+        ],
+    }
+}
+
+/// Checks that the hugetlbfs mount `dir` has `pages` free 2 MiB pages.
+fn check_hugepages(dir: &Path, pages: u64) -> anyhow::Result<()> {
+    let free: u64 = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .context("this kernel has no 2 MiB huge pages")?
+        .trim()
+        .parse()?;
+    let is_hugetlbfs = std::fs::read_to_string("/proc/mounts")?.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(2) == Some(&"hugetlbfs") && f.get(1).map(Path::new) == Some(dir)
+    });
+    if !is_hugetlbfs {
+        bail!("--hugepages {}: not a hugetlbfs mount (mount -t hugetlbfs none {0})", dir.display());
+    }
+    if free < pages {
+        bail!("--hugepages: {free} free 2 MiB pages, the guests and their restores need {pages} (as root: echo {pages} > /proc/sys/vm/nr_hugepages)");
+    }
+    Ok(())
 }
 
 /// One column's numbers for one mode.
@@ -208,14 +244,15 @@ pub(crate) fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms
 
 /// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
 /// seconds until all run. The guests are killed again afterwards.
-pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str) -> anyhow::Result<f64> {
+pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str, extra: &[String]) -> anyhow::Result<f64> {
     let t0 = Instant::now();
     let children: Vec<anyhow::Result<std::process::Child>> = std::thread::scope(|s| {
         let hs: Vec<_> = vms
             .iter()
             .map(|vm| {
                 s.spawn(move || -> anyhow::Result<std::process::Child> {
-                    let argv = Guest::command(vmdir, &vm.name, mem, &vm.kargs, accel)?;
+                    let mut argv = Guest::command(vmdir, &vm.name, mem, &vm.kargs, accel)?;
+                    argv.extend(extra.iter().cloned());
                     let qmp = vmdir.join(format!("{}.qmp", vm.name));
                     let log = vmdir.join(format!("{}.kvm-restore.log", vm.name));
                     Ok(guest::qemu_restore_from_file(&argv, &files.join(format!("{}.save", vm.name)), &qmp, &log)?.1)
@@ -248,10 +285,14 @@ pub(crate) fn kill_all(vmdir: &Path, vms: &[Vm]) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
-/// A fresh vmcsnap cluster with every VM registered on its host.
-pub(crate) fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm]) -> anyhow::Result<Cluster> {
+/// A fresh vmcsnap cluster with every VM registered on its host (`also`: more directories a
+/// rollback's QEMU may use, such as a hugetlbfs mount).
+pub(crate) fn vmcsnap_cluster(bin: &Path, dir: &Path, hosts: usize, vmdir: &Path, vms: &[Vm], also: &[&Path]) -> anyhow::Result<Cluster> {
     // The guests' sockets and logs live in `vmdir`: a rollback may launch them there.
-    let launch = vec!["--launch-dir".to_string(), vmdir.display().to_string()];
+    let mut launch = vec!["--launch-dir".to_string(), vmdir.display().to_string()];
+    for d in also {
+        launch.extend(["--launch-dir".to_string(), d.display().to_string()]);
+    }
     let c = Cluster::start_with_args(bin, dir, hosts, 1, None, vec![launch; hosts])?;
     for vm in vms {
         let qmp = vmdir.join(format!("{}.qmp", vm.name));
@@ -426,9 +467,18 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     // Every guest ends with the run, also when it fails half-way (restores launch guests that
     // belong to no `Guest` handle).
     let _reaper = guest::Reaper(vms.iter().map(|v| vmdir.join(format!("{}.qmp", v.name))).collect());
+    let hugepages = opts.hugepages.as_deref().map(std::fs::canonicalize).transpose()?;
+    if let Some(d) = &hugepages {
+        // Each guest, and each restored guest beside the ones still ending.
+        check_hugepages(d, 2 * vms.len() as u64 * (opts.mem_mib as u64).div_ceil(2))?;
+        println!("guest RAM in private huge pages from {}", d.display());
+    }
+    let mem_args = memory_args(hugepages.as_deref(), opts.mem_mib);
+    let mem_refs: Vec<&str> = mem_args.iter().map(String::as_str).collect();
+    let also: Vec<&Path> = hugepages.iter().map(PathBuf::as_path).collect();
     let mut guests = Vec::new();
     for vm in &vms {
-        guests.push(Guest::start(&vmdir, &vm.name, opts.mem_mib, &vm.kargs, &accel)?);
+        guests.push(Guest::start_with(&vmdir, &vm.name, opts.mem_mib, &vm.kargs, &accel, &mem_refs)?);
     }
     for (g, vm) in guests.iter().zip(&vms) {
         g.wait_for(vm.ready, Duration::from_secs(300)).with_context(|| format!("guest {}", vm.name))?;
@@ -447,7 +497,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         let mut clusters = Vec::new();
         let mut firsts = Vec::new();
         for r in [1u8, 2] {
-            let c = vmcsnap_cluster(bin, &mdir.join(format!("r{r}")), opts.hosts, &vmdir, &vms)?;
+            let c = vmcsnap_cluster(bin, &mdir.join(format!("r{r}")), opts.hosts, &vmdir, &vms, &also)?;
             let f = vmcsnap_snapshot(&c, opts.hosts, "first", mode, r)?;
             println!("vmcsnap R={r}: {:.0} MiB stored in {:.2} s, pause max {:.0} ms", mib(f.stored), f.secs, f.pause_ms().iter().cloned().fold(0.0, f64::max));
             clusters.push(c);
@@ -472,7 +522,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         // Rollbacks: default KVM, then vmcsnap R=1, then R=2 (whose guests run on).
         kill_all(&vmdir, &vms);
         drop(std::mem::take(&mut guests));
-        let kvm_restore_s = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel)?;
+        let kvm_restore_s = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel, &mem_args)?;
         println!("default KVM rollback: {kvm_restore_s:.2} s");
         let mut restores = Vec::new();
         for (i, c) in clusters.iter().enumerate() {

@@ -75,7 +75,7 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
     let (kvm_bytes, kvm_s, kvm_pauses, _) = kvm_snapshot(&vmdir, &dir.join("kvm"), None, &vms, "live")?;
 
     println!("\nvmcsnap: one live cut of every VM, taken from n3 (which runs none of them)");
-    let c = vmcsnap_cluster(bin, &dir.join("cluster"), hosts, &vmdir, &vms)?;
+    let c = vmcsnap_cluster(bin, &dir.join("cluster"), hosts, &vmdir, &vms, &[])?;
     let taken = vmcsnap_snapshot(&c, hosts, "demo", "live", 1)?;
     let (stored, snap_s, pauses, skew) = (taken.stored, taken.secs, taken.pause_ms(), taken.skew);
 
@@ -91,7 +91,7 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
         println!("  {} now on {}: random data md5 {} {}", v.name, Cluster::name(v.host), md5_of(&line), if ok { "(intact)" } else { "(DIFFERS)" });
     }
     kill_all(&vmdir, &vms);
-    let kvm_rollback_s = kvm_restore(&vmdir, &dir.join("kvm"), &vms, MEM_MIB, &accel)?;
+    let kvm_rollback_s = kvm_restore(&vmdir, &dir.join("kvm"), &vms, MEM_MIB, &accel, &[])?;
     drop(c);
 
     let f = DemoFigures {

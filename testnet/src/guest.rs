@@ -432,6 +432,13 @@ impl Drop for Reaper {
     }
 }
 
+/// Whether this process runs as root (`id -u`): tests that mount file systems, reserve huge
+/// pages or drive the system's libvirtd need it, and skip with a note otherwise.
+pub fn is_root() -> bool {
+    let o = Command::new("id").arg("-u").output();
+    o.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 /// SIGKILLs every process whose command line contains `needle`.
 pub fn kill_naming(needle: &str) {
     let Ok(rd) = std::fs::read_dir("/proc") else { return };

@@ -145,6 +145,11 @@ enum Cmd {
         /// Keys per placement simulation.
         #[arg(long, default_value_t = 1_000_000)]
         sim_keys: u64,
+        /// Back every guest's RAM with private huge pages from this hugetlbfs mount (both
+        /// sides; as root: `mount -t hugetlbfs none /dev/hugepages`, and enough pages in
+        /// /proc/sys/vm/nr_hugepages: twice the guests' memory).
+        #[arg(long, value_name = "DIR")]
+        hugepages: Option<PathBuf>,
     },
     /// What an idle cluster costs: per cluster size, the time until a joining node is listed
     /// by all, idle CPU and RSS per node process, and the time until a frozen node is listed
@@ -346,13 +351,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vmcsnap_testnet::benchstore::run(&dir, &vmcsnap_bin(), runs, mib, json)
         }
         Cmd::BenchFabric { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
-        Cmd::Bench { dir, hosts, guests_per_host, mem, data, interval, modes, svg, json, sim_keys } => {
+        Cmd::Bench { dir, hosts, guests_per_host, mem, data, interval, modes, svg, json, sim_keys, hugepages } => {
             for m in &modes {
                 if !["stop-copy", "pre-copy", "live"].contains(&m.as_str()) {
                     bail!("--modes takes stop-copy, pre-copy and/or live, not {m:?}");
                 }
             }
-            let opts = vmcsnap_testnet::bench::BenchOptions { dir, hosts, guests_per_host, mem_mib: mem, data_mib: data, interval_s: interval, modes, svg, sim_keys };
+            let opts = vmcsnap_testnet::bench::BenchOptions { dir, hosts, guests_per_host, mem_mib: mem, data_mib: data, interval_s: interval, modes, svg, sim_keys, hugepages };
             let out = vmcsnap_testnet::bench::run(&opts, &vmcsnap_bin())?;
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&out)?)?;

@@ -10,7 +10,11 @@
 //! 3. **Streaming**: pages QEMU asks for (a vCPU or device touched them) go first, each from
 //!    this node's store, else its owners, verified against its hash; between requests the
 //!    rest is pushed window by window, in memory order. Zero pages are sent only when asked
-//!    for (QEMU's RAM starts empty and reads as zero once the stream ends).
+//!    for (QEMU's RAM starts empty and reads as zero once the stream ends). Memory backed by
+//!    huge pages goes a host page at a time (QEMU places whole host pages): a host page
+//!    with any non-zero page is pushed whole, zero pages included; the launched QEMU's `info
+//!    ramblock` gives the sizes, asked when the recorded command line names `mem-path` or
+//!    `hugetlb`.
 //! 4. **Resident**: the `ram` section's end and `EOF`; QEMU unregisters userfaultfd and says
 //!    `completed`. The journal entry goes.
 //!
@@ -108,6 +112,9 @@ struct Journal {
     name: String,
     vm: String,
     qmp: PathBuf,
+    /// Host page size of each RAM block as the launched QEMU has it (empty: 4 KiB each).
+    #[serde(default)]
+    page_sizes: Vec<u64>,
 }
 
 /// What a finished lazy restore reports.
@@ -178,6 +185,14 @@ pub async fn restore(
         keeper.kill().await;
         return Err(target_err(e));
     }
+    let meta = crate::qemu::stream_meta(state, &entry.blocks);
+    let page_sizes = match host_page_sizes(&ksock, state, &meta).await {
+        Ok(p) => p,
+        Err(e) => {
+            keeper.kill().await;
+            return Err(LazyError::Refused(e));
+        }
+    };
     // `events`: the keeper ends when QEMU says the migration completed or failed.
     let on = serde_json::json!({ "execute": "migrate-set-capabilities", "arguments": { "capabilities": [
         { "capability": "postcopy-ram", "state": true },
@@ -192,17 +207,16 @@ pub async fn restore(
     tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "postcopy set");
     let conn = UnixStream::connect(incoming).map_err(|e| target_err(format!("cannot connect to the QEMU waiting on {}: {e}", incoming.display())))?;
     // Journaled before QEMU gets a byte: from the package on, the guest may run.
-    let journal = Journal { name: name.to_string(), vm: vm.to_string(), qmp: qmp.to_path_buf() };
+    let journal = Journal { name: name.to_string(), vm: vm.to_string(), qmp: qmp.to_path_buf(), page_sizes: page_sizes.clone() };
     let key = [LAZY_PREFIX, vm.as_bytes()].concat();
     let bytes = serde_json::to_vec(&journal).map_err(|e| RestoreError::Internal(e.to_string()))?;
     node.store.meta_put(&key, &bytes).map_err(RestoreError::from)?;
     tracing::debug!(target: "vmcsnap::restore", vm, ms = t0.elapsed().as_secs_f64() * 1e3, "journaled");
-    let meta = crate::qemu::stream_meta(state, &entry.blocks);
     // The source must not vanish while the guest runs: the stream is served by a task of its
     // own, which a caller that goes away does not cancel.
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let Prepared { hashes, tail, early, stats: early_stats } = prepared;
-    let serving = tokio::spawn(serve(node.clone(), record.clone(), meta, hashes, conn, Start::New { tail, early, ready: ready_tx }, progress));
+    let serving = tokio::spawn(serve(node.clone(), record.clone(), meta, page_sizes, hashes, conn, Start::New { tail, early, ready: ready_tx }, progress));
     // 2. Running.
     let running = async {
         let _ = ready_rx.await;
@@ -265,6 +279,47 @@ async fn check_target_through(ksock: &Path, vm: &str, state: &QemuState) -> Resu
     }
 }
 
+/// The host page size of each RAM block of `meta` in the QEMU behind the keeper on `ksock`, in
+/// bytes, from its `info ramblock`: asked only when the recorded command line backs memory by
+/// a file or huge pages (`mem-path`, `hugetlb`), empty otherwise (4 KiB pages). A size the push
+/// cannot send a host page at a time is an error (the restore is then eager).
+async fn host_page_sizes(ksock: &Path, state: &QemuState, meta: &StreamMeta) -> Result<Vec<u64>, String> {
+    if !state.cmdline.iter().any(|a| a.contains("mem-path") || a.contains("hugetlb")) {
+        return Ok(Vec::new());
+    }
+    let ask = serde_json::json!({ "execute": "human-monitor-command", "arguments": { "command-line": "info ramblock" } });
+    let out = keeper::call(ksock, ask).await.map_err(|e| format!("QEMU's RAM blocks (`info ramblock`): {e}"))?;
+    let sizes = ramblock_page_sizes(out.as_str().unwrap_or_default(), &meta.blocks)?;
+    let starts = Layout::of(meta).starts;
+    for ((b, &size), start) in meta.blocks.iter().zip(&sizes).zip(starts) {
+        let pages = size / PAGE_SIZE as u64;
+        if pages > 1 && (RESTORE_WINDOW_PAGES as u64 % pages != 0 || start % pages != 0 || b.bytes % size != 0) {
+            return Err(format!("RAM block {} has host pages of {} KiB, which the lazy restore cannot send whole", b.name, size >> 10));
+        }
+    }
+    Ok(sizes)
+}
+
+/// The host page size of each of `blocks` in QEMU's `info ramblock` table `text` (a header,
+/// then one line per block: name, page size as `4 KiB` or `2 MiB`, offsets and lengths).
+fn ramblock_page_sizes(text: &str, blocks: &[Block]) -> Result<Vec<u64>, String> {
+    let mut sizes = HashMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(name), Some(n), Some(unit)) = (f.first(), f.get(1), f.get(2)) else { continue };
+        let unit: u64 = match *unit {
+            "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => return Err(format!("QEMU's `info ramblock` line {line:?} has no page size")),
+        };
+        let n: f64 = n.parse().map_err(|_| format!("QEMU's `info ramblock` line {line:?} has no page size"))?;
+        sizes.insert(name.to_string(), (n * unit as f64) as u64);
+    }
+    blocks.iter().map(|b| sizes.get(&b.name).copied().ok_or_else(|| format!("QEMU's `info ramblock` does not list RAM block {}", b.name))).collect()
+}
+
 /// Polls QEMU until its incoming migration is `completed` (through the keeper while it holds
 /// the monitor; it lets go on completion).
 async fn wait_completed(qmp: &Path, ksock: &Path) -> Result<(), String> {
@@ -298,10 +353,12 @@ enum Start {
 }
 
 /// Serves one postcopy stream on `conn` until QEMU has every page.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     node: Arc<Node>,
     record: CommitRecord,
     meta: StreamMeta,
+    page_sizes: Vec<u64>,
     hashes: Vec<PageHash>,
     conn: UnixStream,
     start: Start,
@@ -310,9 +367,11 @@ async fn serve(
     let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
     let fetcher = Fetcher::new(&node, &record).for_push();
     let Layout { starts, names, bitmap_max } = Layout::of(&meta);
+    // Pages per host page of each block: QEMU places whole host pages.
+    let host: Vec<u64> = (0..meta.blocks.len()).map(|b| page_sizes.get(b).map_or(1, |s| (s / PAGE_SIZE as u64).max(1))).collect();
     let Channels { mut rp_rx, tx, free, writer } = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
-    let mut src = begin(start, &meta, &names, &starts, &hashes, &mut sent, &tx, &mut rp_rx).await?;
+    let mut src = begin(start, &meta, page_sizes, &host, &names, &starts, &hashes, &mut sent, &tx, &mut rp_rx).await?;
 
     // Windows that hold a page QEMU lacks, fetched ahead in memory order.
     let wanted: Vec<usize> = (0..hashes.len().div_ceil(RESTORE_WINDOW_PAGES))
@@ -364,7 +423,7 @@ async fn serve(
                         if let Some(b) = block {
                             last_block = Some(b);
                         }
-                        let (b, idx) = requested_pages(last_block.as_deref(), offset, len, &names, &meta, &starts)?;
+                        let (b, idx) = requested_pages(last_block.as_deref(), offset, len, &names, &meta, &starts, &host)?;
                         let mut need: Vec<PageHash> = idx.iter().map(|g| hashes[*g as usize]).filter(|h| !h.is_zero()).collect();
                         need.sort();
                         need.dedup();
@@ -402,7 +461,7 @@ async fn serve(
                 // One part of the window being pushed.
                 let (base, pages, at) = pushing.take().expect("pushing");
                 let end = (base + RESTORE_WINDOW_PAGES).min(hashes.len());
-                let (g, in_part) = push_part(&mut src, &starts, hashes, &mut sent, &pages, at..end)?;
+                let (g, in_part) = push_part(&mut src, &starts, &host, hashes, &mut sent, &pages, at..end)?;
                 src.end_part().map_err(|e| io_err("stream", e))?;
                 let next = spare(&free);
                 send(&tx, std::mem::replace(src.writer(), next)).await?;
@@ -489,6 +548,8 @@ async fn finish(
 async fn begin(
     start: Start,
     meta: &StreamMeta,
+    page_sizes: Vec<u64>,
+    host: &[u64],
     names: &HashMap<String, usize>,
     starts: &[u64],
     hashes: &[PageHash],
@@ -512,17 +573,20 @@ async fn begin(
                     }
                 };
                 let b = starts.partition_point(|&s| s <= g as u64) - 1;
+                if host[b] > 1 {
+                    continue; // huge pages go whole, once QEMU listens
+                }
                 pages.push((b, g as u64 - starts[b], data));
                 sent[g] = true;
             }
-            let mut s = Source::start_with(Vec::new(), meta.clone(), pages).map_err(|e| io_err("stream", e))?;
+            let mut s = Source::start_with(Vec::new(), meta.clone(), page_sizes, pages).map_err(|e| io_err("stream", e))?;
             s.package(&tail).map_err(|e| io_err("device state", e))?;
             send(tx, std::mem::take(s.writer())).await?;
             let _ = ready.send(());
             s
         }
         Start::Resume => {
-            let mut s = Source::resume(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
+            let mut s = Source::resume(Vec::new(), meta.clone(), page_sizes).map_err(|e| io_err("stream", e))?;
             send(tx, std::mem::take(s.writer())).await?;
             let mut bitmaps = 0;
             while bitmaps < meta.blocks.len() {
@@ -610,11 +674,15 @@ fn spare(free: &std::sync::mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
     free.try_recv().unwrap_or_else(|_| Vec::with_capacity(PART_BYTES))
 }
 
-/// Writes the pages of `range` QEMU lacks, at most [`PART_PAGES_MAX`] of them, from the fetched
-/// `pages`. Returns where it stopped and how many it wrote.
+/// Writes the host pages of `range` QEMU lacks that are not all zero, until about
+/// [`PART_PAGES_MAX`] pages, from the fetched `pages`: a 4 KiB page, or every page of a huge
+/// one (`host`: pages per host page of each block). Returns where it stopped and how many
+/// pages it wrote.
+#[allow(clippy::too_many_arguments)]
 fn push_part(
     src: &mut Source<Vec<u8>>,
     starts: &[u64],
+    host: &[u64],
     hashes: &[PageHash],
     sent: &mut [bool],
     pages: &HashMap<PageHash, Vec<u8>>,
@@ -623,19 +691,25 @@ fn push_part(
     let (mut g, end) = (range.start, range.end);
     let mut written = 0;
     while g < end && written < PART_PAGES_MAX {
-        if !sent[g] && !hashes[g].is_zero() {
-            let b = starts.partition_point(|&s| s <= g as u64) - 1;
-            write_page(src, b, g as u64 - starts[b], &hashes[g], pages)?;
-            sent[g] = true;
-            written += 1;
+        let b = starts.partition_point(|&s| s <= g as u64) - 1;
+        let n = host[b] as usize;
+        if n > 1 && ((g as u64 - starts[b]) % n as u64 != 0 || g + n > end) {
+            return Err(RestoreError::Internal(format!("the push reached page {g} inside a host page of {n} pages")));
         }
-        g += 1;
+        if !sent[g] && hashes[g..g + n].iter().any(|h| !h.is_zero()) {
+            for i in g..g + n {
+                write_page(src, b, i as u64 - starts[b], &hashes[i], pages)?;
+                sent[i] = true;
+            }
+            written += n;
+        }
+        g += n;
     }
     Ok((g, written))
 }
 
 /// The block and global page indexes of a page request (`block`: the request's, or the last
-/// named one).
+/// named one), widened to whole host pages (`host`: pages per host page of each block).
 fn requested_pages(
     block: Option<&str>,
     offset: u64,
@@ -643,11 +717,13 @@ fn requested_pages(
     names: &HashMap<String, usize>,
     meta: &StreamMeta,
     starts: &[u64],
+    host: &[u64],
 ) -> Result<(usize, Vec<u64>), RestoreError> {
     let bname = block.ok_or_else(|| RestoreError::Qemu("QEMU asked for pages without naming a block".into()))?;
     let b = *names.get(bname).ok_or_else(|| RestoreError::Qemu(format!("QEMU asked for pages of an unknown block {bname}")))?;
-    let first = offset / PAGE_SIZE as u64;
-    let n = (len as u64).div_ceil(PAGE_SIZE as u64).max(1);
+    let hp = host[b].max(1);
+    let (first, n) = (offset / PAGE_SIZE as u64, (len as u64).div_ceil(PAGE_SIZE as u64).max(1));
+    let (first, n) = (first / hp * hp, (first + n).div_ceil(hp) * hp - first / hp * hp);
     let pages_in_block = meta.blocks[b].bytes / PAGE_SIZE as u64;
     if first + n > pages_in_block {
         return Err(RestoreError::Qemu(format!("QEMU asked for pages {first}+{n} of block {bname}, which has {pages_in_block}")));
@@ -764,7 +840,7 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> 
         h.truncate(entry.ram_pages() as usize); // memory only: its disks were restored first
         h
     };
-    serve(node.clone(), record.clone(), meta, hashes, conn, Start::Resume, Progress::new(None)).await.map_err(|e| e.to_string())?;
+    serve(node.clone(), record.clone(), meta, j.page_sizes.clone(), hashes, conn, Start::Resume, Progress::new(None)).await.map_err(|e| e.to_string())?;
     wait_completed(&j.qmp, &keeper::socket_of(&node.config.data_dir, &j.vm)).await?;
     let _ = std::fs::remove_file(&sock);
     Ok("completed")
@@ -787,5 +863,54 @@ mod tests {
         assert_eq!(early_range(&[block("pc.ram", 100)]), 1..100);
         assert!(early_range(&[block("pc.ram", 1)]).is_empty());
         assert!(early_range(&[block("mem0", 65536)]).is_empty());
+    }
+
+    #[test]
+    fn page_sizes_come_from_qemus_ramblock_table() {
+        let text = "              Block Name    PSize              Offset               Used              Total\r\n                      m0    2 MiB  0x0000000000000000 0x0000000008000000 0x0000000008000000\r\n   0000:00:02.0/vga.vram    4 KiB  0x0000000008080000 0x0000000001000000 0x0000000001000000\r\n";
+        let blocks = [block("m0", 32768), block("0000:00:02.0/vga.vram", 4096)];
+        assert_eq!(ramblock_page_sizes(text, &blocks), Ok(vec![2 << 20, 4096]));
+        let missing = ramblock_page_sizes(text, &[block("pc.ram", 8)]).expect_err("not listed");
+        assert!(missing.contains("pc.ram"), "{missing}");
+        assert!(ramblock_page_sizes("head\n m0 2 parsecs 0x0\n", &blocks).is_err(), "no unit");
+    }
+
+    #[test]
+    fn huge_pages_go_whole_zero_pages_included_and_all_zero_ones_not_at_all() {
+        use crate::qemu::stream::StreamMeta;
+        let hp = 512usize;
+        let meta = StreamMeta {
+            head: b"QEVM\0\0\0\x03".to_vec(),
+            machine: "m".into(),
+            ram_section: (2, 0, 4),
+            footers: false,
+            blocks: vec![block("m0", 3 * hp as u64), block("vga", 4)],
+        };
+        let mut hashes = vec![vmcsnap_protocol::ZERO_HASH; 3 * hp + 4];
+        let data = vec![7u8; PAGE_SIZE];
+        let h = vmcsnap_protocol::hash_page(&data);
+        hashes[1] = h; // host page 0: one non-zero page
+        hashes[2 * hp + 5] = h; // host page 2
+        hashes[3 * hp + 1] = h; // vga, 4 KiB pages
+        let pages: HashMap<PageHash, Vec<u8>> = [(h, data)].into_iter().collect();
+        let (starts, host) = (vec![0, 3 * hp as u64], vec![hp as u64, 1]);
+        let mut sent = vec![false; hashes.len()];
+        let mut src = Source::start_with(Vec::new(), meta.clone(), vec![2 << 20, 4096], std::iter::empty()).expect("start");
+        let (g, n) = push_part(&mut src, &starts, &host, &hashes, &mut sent, &pages, 0..hashes.len()).expect("push");
+        assert_eq!((g, n), (hp, hp), "one whole host page, more than a part's pages");
+        assert!(sent[..hp].iter().all(|s| *s), "host page 0 whole");
+        let (g, n) = push_part(&mut src, &starts, &host, &hashes, &mut sent, &pages, g..hashes.len()).expect("push");
+        assert_eq!((g, n), (3 * hp, hp), "host page 2");
+        assert!(!sent[hp..2 * hp].iter().any(|s| *s), "the all-zero host page 1 is not pushed");
+        let (g, n) = push_part(&mut src, &starts, &host, &hashes, &mut sent, &pages, g..hashes.len()).expect("push");
+        assert_eq!((g, n), (hashes.len(), 1), "4 KiB pages one by one, zero ones left out");
+        // Pushing from inside a host page is a bug, not a stream QEMU would fail on.
+        assert!(push_part(&mut src, &starts, &host, &hashes, &mut vec![false; hashes.len()], &pages, 3..hashes.len()).is_err());
+        // A request for one 4 KiB page of a huge page is a request for all of it.
+        let names: HashMap<String, usize> = [("m0".to_string(), 0), ("vga".to_string(), 1)].into_iter().collect();
+        let (b, idx) = requested_pages(Some("m0"), (hp as u64 + 3) * 4096, 4096, &names, &meta, &starts, &host).expect("request");
+        assert_eq!((b, idx.first().copied(), idx.len()), (0, Some(hp as u64), hp));
+        let (b, idx) = requested_pages(Some("vga"), 4096, 4096, &names, &meta, &starts, &host).expect("request");
+        assert_eq!((b, idx), (1, vec![3 * hp as u64 + 1]));
     }
 }

@@ -9,7 +9,8 @@
 //! What may be launched is this host's decision ([`LaunchPolicy`]), never a record's: the
 //! binary is the host's own `qemu-system-*` of the recorded name, from the policy's directory
 //! (default `/usr/bin`); every socket or file QEMU would create, write or unlink (QMP, chardev
-//! sockets and log files, serial and monitor files, pid and debug log files) must lie inside
+//! sockets and log files, serial and monitor files, pid and debug log files, guest memory's
+//! `mem-path`, e.g. a hugetlbfs mount) must lie inside
 //! the policy's directories; options that run host code (`-plugin`, tap `script=` and
 //! `downscript=`) are refused. A record that breaks the policy is refused before anything is
 //! unlinked or spawned.
@@ -74,7 +75,8 @@ pub struct LaunchPolicy {
 /// Options that make QEMU run host code: refused whatever their value.
 const HOST_CODE_OPTIONS: &[&str] = &["-plugin"];
 /// Options whose value names sockets or files QEMU creates, writes or unlinks.
-const PATH_OPTIONS: &[&str] = &["-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-pidfile", "-D"];
+const PATH_OPTIONS: &[&str] =
+    &["-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-pidfile", "-D", "-mem-path", "-object"];
 
 impl LaunchPolicy {
     /// Checks `cmdline` against the policy; returns the program to run (the host's own).
@@ -125,10 +127,10 @@ impl LaunchPolicy {
     }
 }
 
-/// The paths in an option's value: `unix:P`, `file:P`, `path=P`, `logfile=P`, or the value
-/// itself for options that take a file name.
+/// The paths in an option's value: `unix:P`, `file:P`, `path=P`, `logfile=P`, `mem-path=P` (a
+/// memory backend's file or directory), or the value itself for options that take a file name.
 fn paths_in(opt: &str, value: &str) -> Vec<String> {
-    if matches!(opt, "-pidfile" | "-D") {
+    if matches!(opt, "-pidfile" | "-D" | "-mem-path") {
         return vec![value.to_string()];
     }
     let mut out = Vec::new();
@@ -141,7 +143,7 @@ fn paths_in(opt: &str, value: &str) -> Vec<String> {
             }
         }
         if let Some((key, v)) = part.split_once('=') {
-            if matches!(key, "path" | "logfile") {
+            if matches!(key, "path" | "logfile" | "mem-path") {
                 out.push(v.to_string());
             }
         }
@@ -240,7 +242,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let d = dir.path().display().to_string();
         let p = policy(dir.path());
-        let ok = args(&["/some/where/qemu-system-x86_64", "-m", "128", "-qmp", &format!("unix:{d}/v.qmp,server=on,wait=off"), "-chardev", &format!("socket,id=s,path={d}/v.ser,server=on,logfile={d}/v.log")]);
+        let ok = args(&[
+            "/some/where/qemu-system-x86_64",
+            "-m",
+            "128",
+            "-qmp",
+            &format!("unix:{d}/v.qmp,server=on,wait=off"),
+            "-chardev",
+            &format!("socket,id=s,path={d}/v.ser,server=on,logfile={d}/v.log"),
+            "-object",
+            &format!("memory-backend-file,id=m0,mem-path={d}/huge,size=128M,share=off"),
+            "-object",
+            "memory-backend-memfd,id=m1,hugetlb=on,size=128M",
+        ]);
         // The host's own binary runs, whatever path the record names.
         assert_eq!(p.check(&ok).expect("allowed"), PathBuf::from("/usr/bin/qemu-system-x86_64"));
         let refused: Vec<Vec<String>> = vec![
@@ -254,6 +268,8 @@ mod tests {
             args(&["qemu-system-x86_64", "-chardev", &format!("socket,id=s,path={d}/../../etc/x,server=on")]),
             args(&["qemu-system-x86_64", "-serial", "file:/root/.bashrc"]),
             args(&["qemu-system-x86_64", "-pidfile", "/etc/motd"]),
+            args(&["qemu-system-x86_64", "-mem-path", "/etc/motd"]),
+            args(&["qemu-system-x86_64", "-object", "memory-backend-file,id=m0,mem-path=/etc/motd,size=128M,share=on"]),
         ];
         for c in refused {
             assert!(matches!(p.check(&c), Err(LaunchError::Refused(_))), "{c:?} was allowed");

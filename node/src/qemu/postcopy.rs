@@ -4,7 +4,8 @@
 //!
 //! # What goes to QEMU (all integers big-endian)
 //! 1. The recorded head (magic, version, configuration), `OPEN_RETURN_PATH`, `POSTCOPY_ADVISE`
-//!    (host and target page size), the `ram` section's start (the RAM block list), optionally
+//!    (host and target page size), the `ram` section's start (the RAM block list, with the host
+//!    page size of each block backed by huge pages), optionally
 //!    a part section of pages that must be there before the guest runs (QEMU loads them as
 //!    pre-copy pages, as it does a real source's first rounds: resident, never asked for), and
 //!    one `POSTCOPY_RAM_DISCARD` (QEMU 7.2 needs one; see [`Source::start_with`]). QEMU empties
@@ -15,6 +16,8 @@
 //!    guest runs.
 //! 3. `ram` part sections with pages, in any order, each page at most once (QEMU places a page
 //!    with `UFFDIO_COPY` and fails the migration on a second copy). Pages never sent are zero.
+//!    A block backed by huge pages (hugetlbfs) is placed a host page at a time: all of a host
+//!    page's 4 KiB pages, zero ones included, go one after another, no other page between them.
 //! 4. The `ram` section's end and `EOF`: QEMU unregisters userfaultfd; the guest's memory is
 //!    all resident.
 //!
@@ -68,6 +71,8 @@ fn invalid(m: String) -> io::Error {
 pub struct Source<W: Write> {
     w: W,
     meta: StreamMeta,
+    /// Host page size of each block of `meta`, in bytes.
+    page_sizes: Vec<u64>,
     in_part: bool,
     last_block: Option<usize>,
 }
@@ -75,25 +80,40 @@ pub struct Source<W: Write> {
 impl<W: Write> Source<W> {
     /// A new stream: head, return path, postcopy advice, the RAM block list.
     pub fn start(w: W, meta: StreamMeta) -> io::Result<Self> {
-        Self::start_with(w, meta, std::iter::empty())
+        Self::start_with(w, meta, Vec::new(), std::iter::empty())
     }
 
     /// A new stream whose `early` pages (block, page index, data or `None` for zero) are
     /// loaded before `LISTEN`, as pre-copy pages: they are resident when the guest runs, and
-    /// QEMU never asks for them. Page 0 of the first block cannot be one of them (the discard
-    /// below empties it).
-    pub fn start_with<'a>(mut w: W, meta: StreamMeta, early: impl IntoIterator<Item = (usize, u64, Option<&'a [u8]>)>) -> io::Result<Self> {
+    /// QEMU never asks for them. The first host page of the first block cannot hold one of them
+    /// (the discard below empties it), nor can a block of huge pages.
+    ///
+    /// `page_sizes`: the destination's host page size of each block, in bytes (QEMU's `info
+    /// ramblock`), as QEMU checks it against its own; empty when every block has 4 KiB pages.
+    pub fn start_with<'a>(
+        mut w: W,
+        meta: StreamMeta,
+        page_sizes: Vec<u64>,
+        early: impl IntoIterator<Item = (usize, u64, Option<&'a [u8]>)>,
+    ) -> io::Result<Self> {
+        let page_sizes = checked_page_sizes(&meta, page_sizes)?;
         w.write_all(&meta.head)?;
         command(&mut w, CMD_OPEN_RETURN_PATH, &[])?;
         let mut advise = Vec::with_capacity(16);
-        advise.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes()); // host page size summary
+        // QEMU compares the sizes' bitwise OR over all blocks with its own.
+        let summary = page_sizes.iter().fold(0, |a, s| a | s).max(PAGE_SIZE as u64);
+        advise.extend_from_slice(&summary.to_be_bytes()); // host page size summary
         advise.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes()); // target page size
         command(&mut w, CMD_POSTCOPY_ADVISE, &advise)?;
-        write_ram_setup(&mut w, &meta)?;
-        let mut s = Self { w, meta, in_part: false, last_block: None };
+        write_ram_setup(&mut w, &meta, Some(&page_sizes))?;
+        let first_host_page = page_sizes.first().map_or(1, |s| s / PAGE_SIZE as u64);
+        let mut s = Self { w, meta, page_sizes, in_part: false, last_block: None };
         for (block, index, data) in early {
-            if block == 0 && index == 0 {
-                return Err(invalid("page 0 of the first block cannot go before the discard".into()));
+            if block == 0 && index < first_host_page {
+                return Err(invalid("the first host page of the first block cannot go before the discard".into()));
+            }
+            if s.page_sizes.get(block).is_some_and(|&p| p != PAGE_SIZE as u64) {
+                return Err(invalid("a block of huge pages cannot have early pages".into()));
             }
             s.page(block, index, data)?;
         }
@@ -101,14 +121,15 @@ impl<W: Write> Source<W> {
         // QEMU 7.2 needs a discard before `LISTEN`: when none came, its `LISTEN` handler moves
         // the incoming state from listening back to "discard", and the pages that follow are
         // loaded as pre-copy pages, written straight into registered RAM — the loading thread
-        // then faults on the very page it is loading, for ever. The first page of the first
-        // block is discarded: it is empty anyway since the advice.
+        // then faults on the very page it is loading, for ever. The first host page of the
+        // first block is discarded (QEMU discards whole host pages): it is empty anyway since
+        // the advice.
         if let Some(b) = s.meta.blocks.first() {
             let mut d = vec![0u8, u8::try_from(b.name.len()).map_err(|_| invalid("RAM block name over 255 bytes".into()))?];
             d.extend_from_slice(b.name.as_bytes());
             d.push(0);
             d.extend_from_slice(&0u64.to_be_bytes());
-            d.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes());
+            d.extend_from_slice(&s.page_sizes[0].to_be_bytes());
             command(&mut s.w, CMD_POSTCOPY_RAM_DISCARD, &d)?;
         }
         Ok(s)
@@ -116,13 +137,14 @@ impl<W: Write> Source<W> {
 
     /// A stream resumed on a new channel after `migrate-recover`: asks for the bitmap of
     /// pages QEMU has, block by block (answered on the return path).
-    pub fn resume(mut w: W, meta: StreamMeta) -> io::Result<Self> {
+    pub fn resume(mut w: W, meta: StreamMeta, page_sizes: Vec<u64>) -> io::Result<Self> {
+        let page_sizes = checked_page_sizes(&meta, page_sizes)?;
         for b in &meta.blocks {
             let mut data = vec![u8::try_from(b.name.len()).map_err(|_| invalid("RAM block name over 255 bytes".into()))?];
             data.extend_from_slice(b.name.as_bytes());
             command(&mut w, CMD_RECV_BITMAP, &data)?;
         }
-        Ok(Self { w, meta, in_part: false, last_block: None })
+        Ok(Self { w, meta, page_sizes, in_part: false, last_block: None })
     }
 
     /// Tells a resumed destination to go on (after every bitmap came back).
@@ -199,6 +221,23 @@ impl<W: Write> Source<W> {
         self.w.write_all(&[SEC_EOF])?;
         Ok(self.w)
     }
+}
+
+/// `page_sizes` for `meta`'s blocks (empty: 4 KiB each), each a power of two of at least
+/// 4 KiB that divides its block.
+fn checked_page_sizes(meta: &StreamMeta, page_sizes: Vec<u64>) -> io::Result<Vec<u64>> {
+    if page_sizes.is_empty() {
+        return Ok(vec![PAGE_SIZE as u64; meta.blocks.len()]);
+    }
+    if page_sizes.len() != meta.blocks.len() {
+        return Err(invalid(format!("{} page sizes for {} RAM blocks", page_sizes.len(), meta.blocks.len())));
+    }
+    for (b, &p) in meta.blocks.iter().zip(&page_sizes) {
+        if !p.is_power_of_two() || p < PAGE_SIZE as u64 || b.bytes % p != 0 {
+            return Err(invalid(format!("RAM block {} of {} bytes cannot have host pages of {p} bytes", b.name, b.bytes)));
+        }
+    }
+    Ok(page_sizes)
 }
 
 fn command<W: Write>(w: &mut W, cmd: u16, data: &[u8]) -> io::Result<()> {
@@ -323,7 +362,7 @@ mod tests {
     #[test]
     fn early_pages_come_before_the_discard_and_the_package() {
         let page = [9u8; 4096];
-        let mut s = Source::start_with(Vec::new(), meta(), [(0, 2, Some(&page[..])), (0, 5, None)]).expect("start");
+        let mut s = Source::start_with(Vec::new(), meta(), Vec::new(), [(0, 2, Some(&page[..])), (0, 5, None)]).expect("start");
         let tail = [&[0x04u8, 0, 0, 0, 9][..], b"devices", &[SEC_EOF, 0x06, 0, 0, 0, 2], b"{}"].concat();
         s.package(&tail).expect("package");
         let out = s.finish().expect("finish");
@@ -334,7 +373,25 @@ mod tests {
         // Page 2's record: its offset with the page flag, the block named.
         let rec = ((2 * 4096u64) | F_PAGE).to_be_bytes();
         assert_eq!(&out[data_at - 8 - 7..data_at - 7], &rec, "page 2 of pc.ram");
-        assert!(Source::start_with(Vec::new(), meta(), [(0, 0, None)]).is_err(), "page 0 goes before the discard that empties it");
+        assert!(Source::start_with(Vec::new(), meta(), Vec::new(), [(0, 0, None)]).is_err(), "page 0 goes before the discard that empties it");
+    }
+
+    #[test]
+    fn huge_pages_are_in_the_advice_the_ram_list_and_the_discard() {
+        let mut m = meta();
+        m.blocks[0].bytes = 4 << 20;
+        let out = Source::start_with(Vec::new(), m.clone(), vec![2 << 20, 4096], std::iter::empty()).expect("start").finish().expect("finish");
+        let advise_at = out.windows(5).position(|w| w == [SEC_COMMAND, 0, 3, 0, 16]).expect("advise");
+        assert_eq!(&out[advise_at + 5..advise_at + 13], &((2u64 << 20) | 4096).to_be_bytes(), "the OR of the page sizes");
+        let name_at = out.windows(7).position(|w| w == b"\x06pc.ram").expect("pc.ram listed");
+        assert_eq!(&out[name_at + 7..name_at + 15], &(4u64 << 20).to_be_bytes(), "its length");
+        assert_eq!(&out[name_at + 15..name_at + 23], &(2u64 << 20).to_be_bytes(), "its host page size");
+        assert_eq!(out[name_at + 23], 6, "pc.rom next, no page size (4 KiB)");
+        let discard_at = out.windows(3).position(|w| w == [SEC_COMMAND, 0, 6]).expect("discard");
+        assert_eq!(&out[discard_at + 5 + 9 + 8..discard_at + 5 + 9 + 16], &(2u64 << 20).to_be_bytes(), "a whole host page discarded");
+        assert!(Source::start_with(Vec::new(), m.clone(), vec![2 << 20, 4096], [(0, 600, None)]).is_err(), "no early page in huge pages");
+        assert!(Source::start_with(Vec::new(), m.clone(), vec![3 << 20, 4096], std::iter::empty()).is_err(), "not a power of two");
+        assert!(Source::start_with(Vec::new(), m, vec![4096], std::iter::empty()).is_err(), "one size per block");
     }
 
     #[test]

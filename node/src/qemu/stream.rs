@@ -456,9 +456,11 @@ fn name_len(name: &str) -> io::Result<u8> {
     u8::try_from(name.len()).map_err(|_| invalid(format!("RAM block name of {} bytes (at most 255)", name.len())))
 }
 
-/// Writes the `ram` section's start: the RAM block list (names and used lengths), then its
-/// footer. The meta comes from a commit record: its sizes and names are checked, not trusted.
-pub(super) fn write_ram_setup<W: Write>(w: &mut W, meta: &StreamMeta) -> io::Result<()> {
+/// Writes the `ram` section's start: the RAM block list (names and used lengths; for a postcopy
+/// destination, `postcopy_page_sizes` adds the host page size of each block of huge pages),
+/// then its footer. The meta comes from a commit record: its sizes and names are checked, not
+/// trusted.
+pub(super) fn write_ram_setup<W: Write>(w: &mut W, meta: &StreamMeta, postcopy_page_sizes: Option<&[u64]>) -> io::Result<()> {
     let (sid, inst, ver) = meta.ram_section;
     w.write_all(&[SEC_START])?;
     w.write_all(&sid.to_be_bytes())?;
@@ -469,10 +471,15 @@ pub(super) fn write_ram_setup<W: Write>(w: &mut W, meta: &StreamMeta) -> io::Res
     let total = meta.blocks.iter().try_fold(0u64, |a, b| a.checked_add(b.bytes)).filter(|t| *t <= RAM_BYTES_MAX);
     let total = total.ok_or_else(|| invalid("RAM blocks of more than the largest VM".into()))?;
     w.write_all(&(total | F_MEM_SIZE).to_be_bytes())?;
-    for b in &meta.blocks {
+    for (i, b) in meta.blocks.iter().enumerate() {
         w.write_all(&[name_len(&b.name)?])?;
         w.write_all(b.name.as_bytes())?;
         w.write_all(&b.bytes.to_be_bytes())?;
+        // A postcopy destination reads the host page size of a block whose pages are not
+        // 4 KiB (huge pages), and checks it against its own.
+        if let Some(&p) = postcopy_page_sizes.and_then(|s| s.get(i)).filter(|&&p| p != PAGE_SIZE as u64) {
+            w.write_all(&p.to_be_bytes())?;
+        }
     }
     w.write_all(&F_EOS.to_be_bytes())?;
     write_footer(w, meta)
@@ -510,7 +517,7 @@ impl<W: Write> Rebuilder<W> {
     /// Writes the head, the RAM start section and opens the RAM part section.
     pub fn start(mut w: W, meta: StreamMeta) -> io::Result<Self> {
         w.write_all(&meta.head)?;
-        write_ram_setup(&mut w, &meta)?;
+        write_ram_setup(&mut w, &meta, None)?;
         let sid = meta.ram_section.0;
         let mut me = Self { w, meta, last_block: None };
         me.w.write_all(&[SEC_PART])?;
