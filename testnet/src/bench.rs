@@ -446,6 +446,27 @@ pub struct ModeResult {
     pub breakdown: Breakdown,
 }
 
+/// Boots `vms` in `vmdir` (their RAM in huge pages from the hugetlbfs mount `hugepages`, if
+/// any) and waits until each is ready.
+fn boot_guests(vmdir: &Path, vms: &[Vm], mem: u32, accel: &str, hugepages: Option<&Path>) -> anyhow::Result<Vec<Guest>> {
+    if let Some(d) = hugepages {
+        // Each guest, and each restored guest beside the ones still ending.
+        check_hugepages(d, 2 * vms.len() as u64 * (mem as u64).div_ceil(2))?;
+        println!("guest RAM in private huge pages from {}", d.display());
+    }
+    let mem_args = memory_args(hugepages, mem);
+    let mem_refs: Vec<&str> = mem_args.iter().map(String::as_str).collect();
+    let mut guests = Vec::new();
+    for vm in vms {
+        guests.push(Guest::start_with(vmdir, &vm.name, mem, &vm.kargs, accel, &mem_refs)?);
+    }
+    for (g, vm) in guests.iter().zip(vms) {
+        g.wait_for(vm.ready, Duration::from_secs(300)).with_context(|| format!("guest {}", vm.name))?;
+    }
+    println!("guests ready");
+    Ok(guests)
+}
+
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value> {
     if opts.hosts < 2 {
@@ -468,22 +489,9 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     // belong to no `Guest` handle).
     let _reaper = guest::Reaper(vms.iter().map(|v| vmdir.join(format!("{}.qmp", v.name))).collect());
     let hugepages = opts.hugepages.as_deref().map(std::fs::canonicalize).transpose()?;
-    if let Some(d) = &hugepages {
-        // Each guest, and each restored guest beside the ones still ending.
-        check_hugepages(d, 2 * vms.len() as u64 * (opts.mem_mib as u64).div_ceil(2))?;
-        println!("guest RAM in private huge pages from {}", d.display());
-    }
     let mem_args = memory_args(hugepages.as_deref(), opts.mem_mib);
-    let mem_refs: Vec<&str> = mem_args.iter().map(String::as_str).collect();
     let also: Vec<&Path> = hugepages.iter().map(PathBuf::as_path).collect();
-    let mut guests = Vec::new();
-    for vm in &vms {
-        guests.push(Guest::start_with(&vmdir, &vm.name, opts.mem_mib, &vm.kargs, &accel, &mem_refs)?);
-    }
-    for (g, vm) in guests.iter().zip(&vms) {
-        g.wait_for(vm.ready, Duration::from_secs(300)).with_context(|| format!("guest {}", vm.name))?;
-    }
-    println!("guests ready");
+    let mut guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, hugepages.as_deref())?;
     let mut results = Vec::new();
     for mode in &opts.modes {
         let mode = mode.as_str();

@@ -371,7 +371,7 @@ async fn serve(
     let host: Vec<u64> = (0..meta.blocks.len()).map(|b| page_sizes.get(b).map_or(1, |s| (s / PAGE_SIZE as u64).max(1))).collect();
     let Channels { mut rp_rx, tx, free, writer } = channels(conn, bitmap_max)?;
     let mut sent = vec![false; hashes.len()];
-    let mut src = begin(start, &meta, page_sizes, &host, &names, &starts, &hashes, &mut sent, &tx, &mut rp_rx).await?;
+    let mut src = begin(start, &meta, &host, &names, &starts, &hashes, &mut sent, &tx, &mut rp_rx).await?;
 
     // Windows that hold a page QEMU lacks, fetched ahead in memory order.
     let wanted: Vec<usize> = (0..hashes.len().div_ceil(RESTORE_WINDOW_PAGES))
@@ -543,12 +543,11 @@ async fn finish(
 
 /// The connection of a lazy restore to the RAM pages: for a fresh QEMU, the head, advice, RAM
 /// list, early pages and device-state package; for a paused one, the bitmaps of the pages it
-/// has. What QEMU has is marked in `sent`.
+/// has. What QEMU has is marked in `sent`; `host` holds each block's pages per host page.
 #[allow(clippy::too_many_arguments)]
 async fn begin(
     start: Start,
     meta: &StreamMeta,
-    page_sizes: Vec<u64>,
     host: &[u64],
     names: &HashMap<String, usize>,
     starts: &[u64],
@@ -579,6 +578,7 @@ async fn begin(
                 pages.push((b, g as u64 - starts[b], data));
                 sent[g] = true;
             }
+            let page_sizes = host.iter().map(|h| h * PAGE_SIZE as u64).collect();
             let mut s = Source::start_with(Vec::new(), meta.clone(), page_sizes, pages).map_err(|e| io_err("stream", e))?;
             s.package(&tail).map_err(|e| io_err("device state", e))?;
             send(tx, std::mem::take(s.writer())).await?;
@@ -586,7 +586,7 @@ async fn begin(
             s
         }
         Start::Resume => {
-            let mut s = Source::resume(Vec::new(), meta.clone(), page_sizes).map_err(|e| io_err("stream", e))?;
+            let mut s = Source::resume(Vec::new(), meta.clone()).map_err(|e| io_err("stream", e))?;
             send(tx, std::mem::take(s.writer())).await?;
             let mut bitmaps = 0;
             while bitmaps < meta.blocks.len() {

@@ -71,8 +71,6 @@ fn invalid(m: String) -> io::Error {
 pub struct Source<W: Write> {
     w: W,
     meta: StreamMeta,
-    /// Host page size of each block of `meta`, in bytes.
-    page_sizes: Vec<u64>,
     in_part: bool,
     last_block: Option<usize>,
 }
@@ -107,12 +105,12 @@ impl<W: Write> Source<W> {
         command(&mut w, CMD_POSTCOPY_ADVISE, &advise)?;
         write_ram_setup(&mut w, &meta, Some(&page_sizes))?;
         let first_host_page = page_sizes.first().map_or(1, |s| s / PAGE_SIZE as u64);
-        let mut s = Self { w, meta, page_sizes, in_part: false, last_block: None };
+        let mut s = Self { w, meta, in_part: false, last_block: None };
         for (block, index, data) in early {
             if block == 0 && index < first_host_page {
                 return Err(invalid("the first host page of the first block cannot go before the discard".into()));
             }
-            if s.page_sizes.get(block).is_some_and(|&p| p != PAGE_SIZE as u64) {
+            if page_sizes.get(block).is_some_and(|&p| p != PAGE_SIZE as u64) {
                 return Err(invalid("a block of huge pages cannot have early pages".into()));
             }
             s.page(block, index, data)?;
@@ -129,7 +127,7 @@ impl<W: Write> Source<W> {
             d.extend_from_slice(b.name.as_bytes());
             d.push(0);
             d.extend_from_slice(&0u64.to_be_bytes());
-            d.extend_from_slice(&s.page_sizes[0].to_be_bytes());
+            d.extend_from_slice(&page_sizes[0].to_be_bytes());
             command(&mut s.w, CMD_POSTCOPY_RAM_DISCARD, &d)?;
         }
         Ok(s)
@@ -137,14 +135,13 @@ impl<W: Write> Source<W> {
 
     /// A stream resumed on a new channel after `migrate-recover`: asks for the bitmap of
     /// pages QEMU has, block by block (answered on the return path).
-    pub fn resume(mut w: W, meta: StreamMeta, page_sizes: Vec<u64>) -> io::Result<Self> {
-        let page_sizes = checked_page_sizes(&meta, page_sizes)?;
+    pub fn resume(mut w: W, meta: StreamMeta) -> io::Result<Self> {
         for b in &meta.blocks {
             let mut data = vec![u8::try_from(b.name.len()).map_err(|_| invalid("RAM block name over 255 bytes".into()))?];
             data.extend_from_slice(b.name.as_bytes());
             command(&mut w, CMD_RECV_BITMAP, &data)?;
         }
-        Ok(Self { w, meta, page_sizes, in_part: false, last_block: None })
+        Ok(Self { w, meta, in_part: false, last_block: None })
     }
 
     /// Tells a resumed destination to go on (after every bitmap came back).
