@@ -214,17 +214,21 @@ struct HugePages {
 impl HugePages {
     const NR: &str = "/proc/sys/vm/nr_hugepages";
 
+    fn reserved() -> u64 {
+        std::fs::read_to_string(Self::NR).expect("nr_hugepages").trim().parse().expect("a number")
+    }
+
     /// Mounts hugetlbfs (2 MiB pages) at `mount` and reserves `pages` more huge pages.
     fn reserve(mount: &Path, pages: u64) -> Self {
         static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let one = ONE.lock().unwrap_or_else(|p| p.into_inner());
-        let before: u64 = std::fs::read_to_string(Self::NR).expect("nr_hugepages").trim().parse().expect("a number");
+        let before = Self::reserved();
         std::fs::create_dir_all(mount).expect("mount point");
         let ok = std::process::Command::new("mount").args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"]).arg(mount).status().expect("mount");
         assert!(ok.success(), "cannot mount hugetlbfs at {}", mount.display());
         let me = Self { mount: mount.to_path_buf(), before, _one: one };
         std::fs::write(Self::NR, format!("{}", before + pages)).expect("reserve huge pages");
-        let now: u64 = std::fs::read_to_string(Self::NR).expect("nr_hugepages").trim().parse().expect("a number");
+        let now = Self::reserved();
         assert!(now >= before + pages, "the kernel gave {} of {pages} huge pages (memory too fragmented?)", now.saturating_sub(before));
         me
     }

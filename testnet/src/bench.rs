@@ -96,10 +96,11 @@ pub struct Column {
     pub second_bytes: u64,
     /// The second snapshot's time until durable, s.
     pub second_s: f64,
-    /// The second snapshot's longest VM pause, ms. QEMU's background snapshot pauses longer
-    /// from the second time on (likely because the first splits guest RAM's transparent huge
-    /// pages, so later write protections walk one entry per 4 KiB page; docs/benchmarks.md):
-    /// the first snapshot of fresh guests is default KVM's best case.
+    /// The second snapshot's longest VM pause, ms. QEMU's background snapshot of anonymous
+    /// guest RAM pauses longer from the second time on (likely because the first leaves
+    /// never-written memory mapped 4 KiB at a time, which later write protections walk;
+    /// docs/benchmarks.md, "Guests in huge pages"): the first snapshot of fresh guests is
+    /// default KVM's best case.
     pub second_pause_max_ms: f64,
     /// Each VM's pause in the first snapshot, ms, by VM name.
     pub pauses: Vec<(String, f64)>,
@@ -446,15 +447,14 @@ pub struct ModeResult {
     pub breakdown: Breakdown,
 }
 
-/// Boots `vms` in `vmdir` (their RAM in huge pages from the hugetlbfs mount `hugepages`, if
-/// any) and waits until each is ready.
-fn boot_guests(vmdir: &Path, vms: &[Vm], mem: u32, accel: &str, hugepages: Option<&Path>) -> anyhow::Result<Vec<Guest>> {
+/// Boots `vms` in `vmdir` with the QEMU arguments `mem_args` (see [`memory_args`]; `hugepages`
+/// is their hugetlbfs mount, if any) and waits until each is ready.
+fn boot_guests(vmdir: &Path, vms: &[Vm], mem: u32, accel: &str, mem_args: &[String], hugepages: Option<&Path>) -> anyhow::Result<Vec<Guest>> {
     if let Some(d) = hugepages {
         // Each guest, and each restored guest beside the ones still ending.
         check_hugepages(d, 2 * vms.len() as u64 * (mem as u64).div_ceil(2))?;
         println!("guest RAM in private huge pages from {}", d.display());
     }
-    let mem_args = memory_args(hugepages, mem);
     let mem_refs: Vec<&str> = mem_args.iter().map(String::as_str).collect();
     let mut guests = Vec::new();
     for vm in vms {
@@ -491,7 +491,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     let hugepages = opts.hugepages.as_deref().map(std::fs::canonicalize).transpose()?;
     let mem_args = memory_args(hugepages.as_deref(), opts.mem_mib);
     let also: Vec<&Path> = hugepages.iter().map(PathBuf::as_path).collect();
-    let mut guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, hugepages.as_deref())?;
+    let mut guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
     let mut results = Vec::new();
     for mode in &opts.modes {
         let mode = mode.as_str();
