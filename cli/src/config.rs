@@ -57,9 +57,10 @@ pub(crate) struct RunArgs {
     /// binary a snapshot names [default: /usr/bin].
     #[arg(long, value_name = "DIR")]
     pub(crate) qemu_dir: Option<PathBuf>,
-    /// A directory where a restored VM's sockets and files (QMP, serial, logs) may be,
-    /// besides the data directory and --vm-dir (repeatable; replaces the file's
-    /// `launch-dirs`). A snapshot whose command line uses any other path is refused.
+    /// A directory where a restored VM's sockets, files and disks (QMP, serial, logs, disk
+    /// images, hugetlbfs) may be, besides the data directory, --vm-dir and --disk-dir
+    /// (repeatable; replaces the file's `launch-dirs`), e.g. /var/lib/libvirt/images. A
+    /// snapshot whose command line uses any other path is refused.
     #[arg(long = "launch-dir", value_name = "DIR")]
     pub(crate) launch_dirs: Vec<PathBuf>,
     /// Longest a snapshot this node takes may run before it is given up (e.g. 90s, 30m, 6h).
@@ -257,7 +258,7 @@ listen = "10.0.0.1:7400"         # this host's own address on the cluster networ
 # replicas = {replicas}
 # vm-dir = "/run/vmcsnap/vms"    # QMP sockets named ID.qmp: this host's VMs
 # qemu-dir = "/usr/bin"
-# launch-dirs = []
+# launch-dirs = []              # where restored VMs' disks, sockets and logs may be, e.g. ["/var/lib/libvirt/images"]
 # disk-dir = "/var/lib/vmcsnap/disks"
 # snapshot-deadline = "{deadline}"
 # gc-interval = "{gc}"

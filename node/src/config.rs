@@ -50,8 +50,8 @@ pub struct NodeConfig {
     pub join: Option<String>,
     /// Where this host's `qemu-system-*` binaries are (restores launch only those).
     pub qemu_dir: PathBuf,
-    /// Directories besides the data directory and `vm_dir` where a launched QEMU's sockets
-    /// and files may be.
+    /// Directories besides the data directory, `vm_dir` and the disk directory where a
+    /// launched QEMU's sockets, files and disks may be.
     pub launch_dirs: Vec<PathBuf>,
     /// Longest a snapshot this node takes may run: it is not committed later. Garbage
     /// collection relies on it (see [`NodeConfig::gc_grace`]); set it alike on every node.

@@ -308,12 +308,14 @@ impl Node {
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data
-    /// directory, `--vm-dir` or a `--launch-dir`.
+    /// directory, `--vm-dir`, a `--launch-dir`, or (the disks a restore wrote) the disk
+    /// directory.
     pub fn launch_policy(&self) -> crate::qemu::launch::LaunchPolicy {
         let c = &self.config;
         let mut dirs = vec![c.data_dir.clone()];
         dirs.extend(c.vm_dir.clone());
         dirs.extend(c.launch_dirs.iter().cloned());
+        dirs.push(c.disk_dir());
         crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs }
     }
 

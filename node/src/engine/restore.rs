@@ -443,8 +443,7 @@ async fn restore_disks(
         return Ok((state.clone(), vec![]));
     }
     let dir = node.config.disk_dir().join(&entry.id);
-    let mut allowed = node.launch_policy().dirs;
-    allowed.push(node.config.disk_dir());
+    let allowed = node.launch_policy().dirs;
     // In place: where each disk goes in the end (checked before anything is written).
     let mut finals: Vec<Option<PathBuf>> = Vec::new();
     for (d, _, _) in &disks {

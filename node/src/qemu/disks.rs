@@ -133,8 +133,9 @@ pub fn drive_file(cmdline: &[String], arg: usize) -> Option<String> {
     drive_options(cmdline.get(arg)?).into_iter().find(|(k, _)| k == "file").map(|(_, v)| v)
 }
 
-/// A `-drive` value's options, in order (`,,` is a literal comma).
-fn drive_options(value: &str) -> Vec<(String, String)> {
+/// A QEMU option value's `key=value` parts, in order (`,,` is a literal comma; a part
+/// without `=` comes back with an empty value).
+pub fn drive_options(value: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = value.chars().peekable();

@@ -9,11 +9,17 @@
 //! What may be launched is this host's decision ([`LaunchPolicy`]), never a record's: the
 //! binary is the host's own `qemu-system-*` of the recorded name, from the policy's directory
 //! (default `/usr/bin`); every socket or file QEMU would create, write or unlink (QMP, chardev
-//! sockets and log files, serial and monitor files, pid and debug log files, guest memory's
-//! `mem-path`, e.g. a hugetlbfs mount) must lie inside
-//! the policy's directories; options that run host code (`-plugin`, tap `script=` and
-//! `downscript=`) are refused. A record that breaks the policy is refused before anything is
-//! unlinked or spawned.
+//! sockets and log files, serial and monitor files and host devices, pid, debug and trace
+//! files, guest memory's `mem-path`, e.g. a hugetlbfs mount, a filter's dump file), and every
+//! host file or directory it would hand the guest (disks of `-drive`, `-blockdev` — libvirt's
+//! JSON form too — and their short forms, `json:` and `file:`/`host_device:` names, `-virtfs`
+//! and `-fsdev` directories, `vvfat` directories) must lie inside the policy's directories.
+//! Network disks (`nbd:`, `rbd:`, ...) name no host file and pass; other block protocols are
+//! refused. Options that run host code (`-plugin`; a tap's `script=`, `downscript=` and
+//! `helper=`; user networking's `smb=` and `guestfwd=...-cmd:`) and `-readconfig` (options
+//! this check cannot see) are refused. Files QEMU only reads for itself or loads into the
+//! guest at boot (`-kernel`, `-initrd`, firmware, ROMs, `-fw_cfg` files) are not checked. A
+//! record that breaks the policy is refused before anything is unlinked or spawned.
 
 use super::qmp_paths_of;
 use std::path::{Component, Path, PathBuf};
@@ -72,11 +78,31 @@ pub struct LaunchPolicy {
     pub dirs: Vec<PathBuf>,
 }
 
-/// Options that make QEMU run host code: refused whatever their value.
-const HOST_CODE_OPTIONS: &[&str] = &["-plugin"];
-/// Options whose value names sockets or files QEMU creates, writes or unlinks.
-const PATH_OPTIONS: &[&str] =
-    &["-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-pidfile", "-D", "-mem-path", "-object"];
+/// Options that make QEMU run host code, or read more options from a file this check cannot
+/// see: refused whatever their value.
+const REFUSED_OPTIONS: &[&str] = &["-plugin", "-readconfig"];
+/// Options whose value names sockets or files QEMU creates, writes or unlinks, or host files
+/// and directories it hands the guest (disks, shared directories).
+const PATH_OPTIONS: &[&str] = &[
+    "-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-gdb", "-pidfile", "-D", "-trace", "-writeconfig",
+    "-mem-path", "-object", "-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-virtfs",
+    "-fsdev", "-netdev", "-nic", "-net",
+];
+/// Options that set up a guest network (tap scripts, helpers, smbd, `guestfwd` commands).
+const NET_OPTIONS: &[&str] = &["-netdev", "-nic", "-net"];
+/// Options whose value is a character device, `unix:P,server=on` or `/dev/ttyS0` included.
+const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-gdb"];
+/// Options whose whole value is one file.
+const FILE_OPTIONS: &[&str] = &["-pidfile", "-D", "-mem-path", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd"];
+/// Does `key` of `opt`'s value (`key=P`, or a JSON member) name a file or directory: sockets and
+/// logs, memory backends' `mem-path`, a dump's or a secret's `file`, a disk's `file` or
+/// `filename` (a `-blockdev`'s `file` names its child node instead), a shared directory's
+/// `path`, a `vvfat` disk's or TLS credentials' `dir`.
+fn is_path_key(opt: &str, key: &str) -> bool {
+    matches!(key, "path" | "logfile" | "mem-path" | "addr.path" | "sock" | "filename" | "dir")
+        || key.ends_with(".filename")
+        || (key == "file" && opt != "-blockdev")
+}
 
 impl LaunchPolicy {
     /// Checks `cmdline` against the policy; returns the program to run (the host's own).
@@ -96,14 +122,18 @@ impl LaunchPolicy {
         while i < cmdline.len() {
             let opt = cmdline[i].as_str();
             let value = cmdline.get(i + 1).map(String::as_str).unwrap_or("");
-            if HOST_CODE_OPTIONS.contains(&opt) {
-                return refused(format!("the recorded command line has {opt}, which runs host code; refusing to start it"));
+            if REFUSED_OPTIONS.contains(&opt) {
+                return refused(format!("the recorded command line has {opt}, which runs host code or reads options this host cannot check; refusing to start it"));
             }
-            if value.split(',').any(|kv| matches!(kv.split_once('='), Some(("script" | "downscript", v)) if v != "no" && !v.is_empty())) {
-                return refused(format!("the recorded command line runs a host script ({opt} {value}); refusing to start it"));
+            let unreadable = |e: String| LaunchError::Refused(format!("the recorded command line's {opt} {value}: {e}; refusing to start it"));
+            if NET_OPTIONS.contains(&opt) {
+                if let Some(what) = runs_host_code(value).map_err(unreadable)? {
+                    return refused(format!("the recorded command line runs {what} ({opt} {value}); refusing to start it"));
+                }
             }
             if PATH_OPTIONS.contains(&opt) {
-                for p in paths_in(opt, value) {
+                let paths = paths_in(opt, value).map_err(unreadable)?;
+                for p in paths {
                     self.check_path(&p, opt)?;
                 }
             }
@@ -119,7 +149,7 @@ impl LaunchPolicy {
             && self.dirs.iter().any(|d| path.starts_with(d));
         if !inside {
             return Err(LaunchError::Refused(format!(
-                "the recorded command line's {opt} uses {p}, outside the directories this host's launch policy allows ({}); refusing to start it",
+                "the recorded command line's {opt} uses {p}, outside the directories this host's launch policy allows ({}); add its directory with --launch-dir if it belongs to the VM, otherwise refusing to start it",
                 self.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
             )));
         }
@@ -127,28 +157,107 @@ impl LaunchPolicy {
     }
 }
 
-/// The paths in an option's value: `unix:P`, `file:P`, `path=P`, `logfile=P`, `mem-path=P` (a
-/// memory backend's file or directory), or the value itself for options that take a file name.
-fn paths_in(opt: &str, value: &str) -> Vec<String> {
-    if matches!(opt, "-pidfile" | "-D" | "-mem-path") {
-        return vec![value.to_string()];
+/// What in a network option's value would make QEMU run a host program: a tap device's
+/// `script=`, `downscript=` or `helper=`, user networking's `smb=` (runs smbd) or a
+/// `guestfwd=` to a command; `key=value` or JSON.
+fn runs_host_code(value: &str) -> Result<Option<&'static str>, String> {
+    let what = |k: &str, v: &str| match k {
+        "script" | "downscript" if v != "no" && !v.is_empty() => Some("a host script"),
+        "helper" if !v.is_empty() => Some("a host helper program"),
+        "smb" if !v.is_empty() => Some("a host smbd"),
+        "guestfwd" if v.contains("cmd:") => Some("a host command"),
+        _ => None,
+    };
+    if value.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(value).map_err(|e| format!("not JSON QEMU would take ({e})"))?;
+        let Some(m) = v.as_object() else { return Ok(None) };
+        return Ok(m.iter().find_map(|(k, x)| what(k, &x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))));
     }
+    Ok(super::disks::drive_options(value).iter().find_map(|(k, v)| what(k, v)))
+}
+
+/// The local paths in an option's value: a character device's `unix:P`, `file:P`, `pipe:P`,
+/// `tty:P` or `/dev/...`, the path keys ([`is_path_key`]) of `key=value` parts or of a JSON value (`-blockdev {"driver":"file",...}`,
+/// as libvirt writes them, and a disk's `json:{...}`), or the value itself for options that
+/// take a file name. A disk's network protocol (`nbd:`, `rbd:`, `iscsi://`, ...) names no
+/// local file and is passed over.
+fn paths_in(opt: &str, value: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
-    for (k, part) in value.split(',').enumerate() {
-        if k == 0 {
-            for prefix in ["unix:", "file:", "pipe:"] {
-                if let Some(p) = part.strip_prefix(prefix) {
+    if FILE_OPTIONS.contains(&opt) {
+        local_file(opt, value, &mut out)?;
+        return Ok(out);
+    }
+    if value.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(value).map_err(|e| format!("not JSON QEMU would take ({e})"))?;
+        json_paths(opt, &v, &mut out)?;
+        return Ok(out);
+    }
+    for (k, (key, v)) in super::disks::drive_options(value).into_iter().enumerate() {
+        if k == 0 && CHARDEV_OPTIONS.contains(&opt) {
+            // A character device's short form: `unix:P`, `file:P`, `pipe:P`, `tty:P`, or a
+            // host device itself (`/dev/ttyS0`).
+            let raw = if v.is_empty() { key.clone() } else { format!("{key}={v}") };
+            if raw.starts_with('/') {
+                out.push(raw.clone());
+            }
+            for prefix in ["unix:", "file:", "pipe:", "tty:", "serial:"] {
+                if let Some(p) = raw.strip_prefix(prefix) {
                     out.push(p.to_string());
                 }
             }
+            continue;
         }
-        if let Some((key, v)) = part.split_once('=') {
-            if matches!(key, "path" | "logfile" | "mem-path") {
-                out.push(v.to_string());
-            }
+        if is_path_key(opt, &key) {
+            local_file(opt, &v, &mut out)?;
         }
     }
-    out
+    Ok(out)
+}
+
+/// A disk's or file's name: the file itself, a `file:` path, a `json:{...}` description's files;
+/// nothing for a network protocol.
+fn local_file(opt: &str, v: &str, out: &mut Vec<String>) -> Result<(), String> {
+    if let Some(j) = v.strip_prefix("json:") {
+        let j: serde_json::Value = serde_json::from_str(j).map_err(|e| format!("a json: name QEMU would not take ({e})"))?;
+        return json_paths(opt, &j, out);
+    }
+    // `proto:...` with no `/` before the colon: a block protocol. The local ones open the
+    // rest as a file; network ones (nbd, rbd, iscsi, http, ssh, ...) name no local file;
+    // others (`fat:rw:DIR` hands the guest a host directory, `blkdebug:` reads a config
+    // file) cannot be checked and are refused.
+    let proto = v.split_once(':').filter(|(p, _)| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '_')));
+    match proto {
+        None => out.push(v.to_string()),
+        Some(("file" | "host_device" | "host_cdrom", rest)) => out.push(rest.to_string()),
+        Some((p, _)) if NETWORK_PROTOCOLS.contains(&p.split('+').next().unwrap_or(p)) => {}
+        Some((p, _)) => return Err(format!("the block protocol {p}: names host files this host's launch policy cannot check")),
+    }
+    Ok(())
+}
+
+/// Block protocols that reach a disk over the network (QEMU 7.2's).
+const NETWORK_PROTOCOLS: &[&str] = &["nbd", "rbd", "iscsi", "gluster", "ssh", "http", "https", "ftp", "ftps", "nfs", "sheepdog", "vxhs"];
+
+/// The strings of path keys ([`is_path_key`]) anywhere in a JSON value (an `addr: {"type":
+/// "unix", "path": P}` too); a path key whose value is neither a string nor an object is
+/// refused.
+fn json_paths(opt: &str, v: &serde_json::Value, out: &mut Vec<String>) -> Result<(), String> {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                match x {
+                    serde_json::Value::String(s) if is_path_key(opt, k) => local_file(opt, s, out)?,
+                    serde_json::Value::Object(_) | serde_json::Value::Array(_) => json_paths(opt, x, out)?,
+                    serde_json::Value::String(_) => {}
+                    other if is_path_key(opt, k) => return Err(format!("{k} is {other}, not a file name")),
+                    _ => {}
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().try_for_each(|x| json_paths(opt, x, out))?,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Why a QEMU could not be launched.
@@ -254,6 +363,28 @@ mod tests {
             &format!("memory-backend-file,id=m0,mem-path={d}/huge,size=128M,share=off"),
             "-object",
             "memory-backend-memfd,id=m1,hugetlb=on,size=128M",
+            "-drive",
+            &format!("file={d}/disk.img,if=virtio,format=raw"),
+            "-drive",
+            "file=rbd:pool/image,if=none,id=ceph",
+            "-drive",
+            "file=nbd+unix:///export?socket=/run/nbd.sock,if=none,id=n",
+            "-blockdev",
+            &format!(r#"{{"driver":"file","filename":"{d}/v.qcow2","node-name":"s"}}"#),
+            "-blockdev",
+            r#"{"driver":"qcow2","node-name":"f","file":"s"}"#,
+            "-blockdev",
+            "driver=qcow2,node-name=g,file=s",
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-netdev",
+            "user,id=n1,hostfwd=tcp::2222-:22",
+            "-serial",
+            "mon:stdio",
+            "-gdb",
+            "tcp::1234",
+            "-append",
+            "console=ttyS0 script=/x",
         ]);
         // The host's own binary runs, whatever path the record names.
         assert_eq!(p.check(&ok).expect("allowed"), PathBuf::from("/usr/bin/qemu-system-x86_64"));
@@ -270,6 +401,37 @@ mod tests {
             args(&["qemu-system-x86_64", "-pidfile", "/etc/motd"]),
             args(&["qemu-system-x86_64", "-mem-path", "/etc/motd"]),
             args(&["qemu-system-x86_64", "-object", "memory-backend-file,id=m0,mem-path=/etc/motd,size=128M,share=on"]),
+            args(&["qemu-system-x86_64", "-object", r#"{"qom-type":"memory-backend-file","id":"m0","mem-path":"/etc/motd","size":134217728}"#]),
+            args(&["qemu-system-x86_64", "-object", "filter-dump,id=f,netdev=n,file=/etc/cron.d/x"]),
+            args(&["qemu-system-x86_64", "-object", "{not json"]),
+            // Disks: written by the guest (or read by it), so the host decides where they are.
+            args(&["qemu-system-x86_64", "-drive", "file=/etc/shadow,format=raw,if=virtio"]),
+            args(&["qemu-system-x86_64", "-drive", "file.driver=file,file.filename=/etc/shadow,if=virtio"]),
+            args(&["qemu-system-x86_64", "-drive", r#"file=json:{"driver":"file","filename":"/etc/shadow"},if=virtio"#]),
+            args(&["qemu-system-x86_64", "-drive", "file=relative.img,if=virtio"]),
+            args(&["qemu-system-x86_64", "-drive", &format!("file={d}/x,,/../../../etc/shadow,if=virtio")]),
+            args(&["qemu-system-x86_64", "-blockdev", r#"{"driver":"file","filename":"/dev/sda","node-name":"s"}"#]),
+            args(&["qemu-system-x86_64", "-blockdev", r#"{"driver":"qcow2","node-name":"f","file":{"driver":"file","filename":"/etc/shadow"}}"#]),
+            args(&["qemu-system-x86_64", "-blockdev", "driver=host_device,filename=/dev/sda,node-name=s"]),
+            args(&["qemu-system-x86_64", "-hda", "/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-hda", "host_device:/dev/sda"]),
+            args(&["qemu-system-x86_64", "-drive", "file=fat:rw:/etc,if=virtio"]),
+            args(&["qemu-system-x86_64", "-blockdev", "driver=vvfat,dir=/etc,rw=on,node-name=v"]),
+            args(&["qemu-system-x86_64", "-blockdev", r#"{"driver":"vvfat","dir":"/etc","rw":true,"node-name":"v"}"#]),
+            args(&["qemu-system-x86_64", "-pflash", "/boot/efi.fd"]),
+            args(&["qemu-system-x86_64", "-virtfs", "local,path=/,mount_tag=root,security_model=passthrough"]),
+            args(&["qemu-system-x86_64", "-serial", "/dev/ttyS0"]),
+            args(&["qemu-system-x86_64", "-gdb", "unix:/etc/x,server=on"]),
+            args(&["qemu-system-x86_64", "-trace", "events=e,file=/etc/motd"]),
+            args(&["qemu-system-x86_64", "-writeconfig", "/etc/motd"]),
+            args(&["qemu-system-x86_64", "-readconfig", &format!("{d}/vm.cfg")]),
+            // Host programs behind guest networking.
+            args(&["qemu-system-x86_64", "-netdev", "tap,id=n,helper=/tmp/evil"]),
+            args(&["qemu-system-x86_64", "-netdev", r#"{"type":"tap","id":"n","script":"/tmp/evil.sh"}"#]),
+            args(&["qemu-system-x86_64", "-nic", "user,smb=/srv"]),
+            args(&["qemu-system-x86_64", "-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:1234-cmd:/bin/sh"]),
+            args(&["qemu-system-x86_64", "-netdev", r#"{"type":"user","id":"n","guestfwd":[{"str":"tcp:10.0.2.100:1234-cmd:/bin/sh"}]}"#]),
+            args(&["qemu-system-x86_64", "-netdev", "stream,id=n,addr.type=unix,addr.path=/etc/x,server=on"]),
         ];
         for c in refused {
             assert!(matches!(p.check(&c), Err(LaunchError::Refused(_))), "{c:?} was allowed");
