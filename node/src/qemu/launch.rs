@@ -11,14 +11,16 @@
 //! (default `/usr/bin`); every socket or file QEMU would create, write or unlink (QMP, chardev
 //! sockets and log files, serial and monitor files and host devices, pid, debug and trace
 //! files, guest memory's `mem-path`, e.g. a hugetlbfs mount, a filter's dump file), and every
-//! host file or directory it would hand the guest (disks of `-drive`, `-blockdev` — libvirt's
-//! JSON form too — and their short forms, `json:` and `file:`/`host_device:` names, `-virtfs`
-//! and `-fsdev` directories, `vvfat` directories) must lie inside the policy's directories.
+//! host file, device or directory it would hand the guest to write (disks of `-drive`,
+//! `-blockdev` — libvirt's JSON form too — and their short forms, `json:` and
+//! `file:`/`host_device:` names, `-virtfs` and `-fsdev` directories, `vvfat` directories, a
+//! TPM, an input device, a VNC or audio file) must lie inside the policy's directories.
 //! Network disks (`nbd:`, `rbd:`, ...) name no host file and pass; other block protocols are
 //! refused. Options that run host code (`-plugin`; a tap's `script=`, `downscript=` and
 //! `helper=`; user networking's `smb=` and `guestfwd=...-cmd:`) and `-readconfig` (options
 //! this check cannot see) are refused. Files QEMU only reads for itself or loads into the
-//! guest at boot (`-kernel`, `-initrd`, firmware, ROMs, `-fw_cfg` files) are not checked. A
+//! guest (`-kernel`, `-initrd`, firmware, ROMs, `-fw_cfg` files, read-only disks and CD-ROMs,
+//! `/dev/urandom`) are not checked. A
 //! record that breaks the policy is refused before anything is unlinked or spawned.
 
 use super::qmp_paths_of;
@@ -85,21 +87,23 @@ const REFUSED_OPTIONS: &[&str] = &["-plugin", "-readconfig"];
 /// and directories it hands the guest (disks, shared directories).
 const PATH_OPTIONS: &[&str] = &[
     "-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-gdb", "-pidfile", "-D", "-trace", "-writeconfig",
-    "-mem-path", "-object", "-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-virtfs",
-    "-fsdev", "-netdev", "-nic", "-net",
+    "-mem-path", "-object", "-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-virtfs",
+    "-fsdev", "-netdev", "-nic", "-net", "-vnc", "-audiodev", "-tpmdev",
 ];
 /// Options that set up a guest network (tap scripts, helpers, smbd, `guestfwd` commands).
 const NET_OPTIONS: &[&str] = &["-netdev", "-nic", "-net"];
 /// Options whose value is a character device, `unix:P,server=on` or `/dev/ttyS0` included.
-const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-gdb"];
+const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-gdb", "-vnc"];
 /// Options whose whole value is one file.
-const FILE_OPTIONS: &[&str] = &["-pidfile", "-D", "-mem-path", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd"];
+const FILE_OPTIONS: &[&str] = &["-pidfile", "-D", "-mem-path", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd"];
+/// Host devices any QEMU may use whatever the policy: entropy sources and sinks.
+const HARMLESS_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/hwrng"];
 /// Does `key` of `opt`'s value (`key=P`, or a JSON member) name a file or directory: sockets and
 /// logs, memory backends' `mem-path`, a dump's or a secret's `file`, a disk's `file` or
 /// `filename` (a `-blockdev`'s `file` names its child node instead), a shared directory's
-/// `path`, a `vvfat` disk's or TLS credentials' `dir`.
+/// `path`, a `vvfat` disk's or TLS credentials' `dir`, a host input device's `evdev`.
 fn is_path_key(opt: &str, key: &str) -> bool {
-    matches!(key, "path" | "logfile" | "mem-path" | "addr.path" | "sock" | "filename" | "dir")
+    matches!(key, "path" | "logfile" | "mem-path" | "addr.path" | "sock" | "filename" | "dir" | "evdev")
         || key.ends_with(".filename")
         || (key == "file" && opt != "-blockdev")
 }
@@ -143,6 +147,9 @@ impl LaunchPolicy {
     }
 
     fn check_path(&self, p: &str, opt: &str) -> Result<(), LaunchError> {
+        if HARMLESS_DEVICES.contains(&p) {
+            return Ok(());
+        }
         let path = Path::new(p);
         let inside = path.is_absolute()
             && !path.components().any(|c| matches!(c, Component::ParentDir))
@@ -192,7 +199,11 @@ fn paths_in(opt: &str, value: &str) -> Result<Vec<String>, String> {
         json_paths(opt, &v, &mut out)?;
         return Ok(out);
     }
-    for (k, (key, v)) in super::disks::drive_options(value).into_iter().enumerate() {
+    let parts = super::disks::drive_options(value);
+    if DISK_OPTIONS.contains(&opt) && read_only(parts.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        return Ok(out);
+    }
+    for (k, (key, v)) in parts.into_iter().enumerate() {
         if k == 0 && CHARDEV_OPTIONS.contains(&opt) {
             // A character device's short form: `unix:P`, `file:P`, `pipe:P`, `tty:P`, or a
             // host device itself (`/dev/ttyS0`).
@@ -212,6 +223,21 @@ fn paths_in(opt: &str, value: &str) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// Options that attach a disk.
+const DISK_OPTIONS: &[&str] = &["-drive", "-blockdev"];
+
+/// Is a disk opened read-only (`readonly=on`, `read-only=on`, a CD-ROM, or `snapshot=on`, which
+/// writes to a temporary file instead)? QEMU only reads such an image, as it reads a kernel or
+/// firmware (`-drive if=pflash,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd`), and like those
+/// it is not checked.
+fn read_only<'a>(mut parts: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
+    parts.any(|(k, v)| match k {
+        "readonly" | "read-only" | "snapshot" => matches!(v, "on" | "true" | "yes" | ""),
+        "media" => v == "cdrom",
+        _ => false,
+    })
 }
 
 /// A disk's or file's name: the file itself, a `file:` path, a `json:{...}` description's files;
@@ -244,8 +270,10 @@ const NETWORK_PROTOCOLS: &[&str] = &["nbd", "rbd", "iscsi", "gluster", "ssh", "h
 fn json_paths(opt: &str, v: &serde_json::Value, out: &mut Vec<String>) -> Result<(), String> {
     match v {
         serde_json::Value::Object(m) => {
+            let ro = DISK_OPTIONS.contains(&opt) && m.get("read-only").and_then(serde_json::Value::as_bool) == Some(true);
             for (k, x) in m {
                 match x {
+                    serde_json::Value::String(_) if ro => {}
                     serde_json::Value::String(s) if is_path_key(opt, k) => local_file(opt, s, out)?,
                     serde_json::Value::Object(_) | serde_json::Value::Array(_) => json_paths(opt, x, out)?,
                     serde_json::Value::String(_) => {}
@@ -385,6 +413,19 @@ mod tests {
             "tcp::1234",
             "-append",
             "console=ttyS0 script=/x",
+            // Read-only images are read like a kernel or firmware: not checked.
+            "-drive",
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
+            "-drive",
+            "file=/srv/iso/debian.iso,media=cdrom",
+            "-cdrom",
+            "/srv/iso/debian.iso",
+            "-blockdev",
+            r#"{"driver":"file","filename":"/srv/base.qcow2","node-name":"b","read-only":true}"#,
+            "-object",
+            r#"{"qom-type":"rng-random","id":"rng0","filename":"/dev/urandom"}"#,
+            "-vnc",
+            "127.0.0.1:0",
         ]);
         // The host's own binary runs, whatever path the record names.
         assert_eq!(p.check(&ok).expect("allowed"), PathBuf::from("/usr/bin/qemu-system-x86_64"));
@@ -425,6 +466,12 @@ mod tests {
             args(&["qemu-system-x86_64", "-trace", "events=e,file=/etc/motd"]),
             args(&["qemu-system-x86_64", "-writeconfig", "/etc/motd"]),
             args(&["qemu-system-x86_64", "-readconfig", &format!("{d}/vm.cfg")]),
+            args(&["qemu-system-x86_64", "-drive", "if=pflash,format=raw,unit=1,file=/var/lib/other/VARS.fd,readonly=off"]),
+            args(&["qemu-system-x86_64", "-blockdev", r#"{"driver":"file","filename":"/srv/base.qcow2","node-name":"b","read-only":false}"#]),
+            args(&["qemu-system-x86_64", "-vnc", "unix:/etc/x"]),
+            args(&["qemu-system-x86_64", "-audiodev", "wav,id=a,path=/etc/motd"]),
+            args(&["qemu-system-x86_64", "-tpmdev", "passthrough,id=t,path=/dev/tpm0"]),
+            args(&["qemu-system-x86_64", "-object", "input-linux,id=k,evdev=/dev/input/event0"]),
             // Host programs behind guest networking.
             args(&["qemu-system-x86_64", "-netdev", "tap,id=n,helper=/tmp/evil"]),
             args(&["qemu-system-x86_64", "-netdev", r#"{"type":"tap","id":"n","script":"/tmp/evil.sh"}"#]),
