@@ -778,7 +778,7 @@ impl Store {
         for (_, v) in self.meta_prefix(TOMB_PREFIX)? {
             out.push(SignedTombstone::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
-        out.sort_by(|a, b| b.tombstone.deleted_unix_ms.cmp(&a.tombstone.deleted_unix_ms));
+        out.sort_by_key(|t| std::cmp::Reverse(t.tombstone.deleted_unix_ms));
         Ok(out)
     }
 

@@ -293,7 +293,7 @@ async fn host_page_sizes(ksock: &Path, state: &QemuState, meta: &StreamMeta) -> 
     let starts = Layout::of(meta).starts;
     for ((b, &size), start) in meta.blocks.iter().zip(&sizes).zip(starts) {
         let pages = size / PAGE_SIZE as u64;
-        if pages > 1 && (RESTORE_WINDOW_PAGES as u64 % pages != 0 || start % pages != 0 || b.bytes % size != 0) {
+        if pages > 1 && (!(RESTORE_WINDOW_PAGES as u64).is_multiple_of(pages) || !start.is_multiple_of(pages) || !b.bytes.is_multiple_of(size)) {
             return Err(format!("RAM block {} has host pages of {} KiB, which the lazy restore cannot send whole", b.name, size >> 10));
         }
     }
@@ -693,7 +693,7 @@ fn push_part(
     while g < end && written < PART_PAGES_MAX {
         let b = starts.partition_point(|&s| s <= g as u64) - 1;
         let n = host[b] as usize;
-        if n > 1 && ((g as u64 - starts[b]) % n as u64 != 0 || g + n > end) {
+        if n > 1 && (!(g as u64 - starts[b]).is_multiple_of(n as u64) || g + n > end) {
             return Err(RestoreError::Internal(format!("the push reached page {g} inside a host page of {n} pages")));
         }
         if !sent[g] && hashes[g..g + n].iter().any(|h| !h.is_zero()) {
