@@ -20,8 +20,8 @@
 //! `helper=`; user networking's `smb=` and `guestfwd=...-cmd:`) and `-readconfig` (options
 //! this check cannot see) are refused. Files QEMU only reads for itself or loads into the
 //! guest (`-kernel`, `-initrd`, firmware, ROMs, `-fw_cfg` files, read-only disks and CD-ROMs,
-//! `/dev/urandom`) are not checked. A
-//! record that breaks the policy is refused before anything is unlinked or spawned.
+//! `/dev/urandom`) are not checked. A record that breaks the policy is refused before anything
+//! is unlinked or spawned.
 
 use super::qmp_paths_of;
 use std::path::{Component, Path, PathBuf};
@@ -184,10 +184,10 @@ fn runs_host_code(value: &str) -> Result<Option<&'static str>, String> {
 }
 
 /// The local paths in an option's value: a character device's `unix:P`, `file:P`, `pipe:P`,
-/// `tty:P` or `/dev/...`, the path keys ([`is_path_key`]) of `key=value` parts or of a JSON value (`-blockdev {"driver":"file",...}`,
-/// as libvirt writes them, and a disk's `json:{...}`), or the value itself for options that
-/// take a file name. A disk's network protocol (`nbd:`, `rbd:`, `iscsi://`, ...) names no
-/// local file and is passed over.
+/// `tty:P` or `/dev/...`; the path keys ([`is_path_key`]) of `key=value` parts or of a JSON
+/// value (`-blockdev {"driver":"file",...}` as libvirt writes them, a disk's `json:{...}`); or
+/// the value itself for options that take a file name. A read-only disk is not looked at, and
+/// a disk's network protocol (`nbd:`, `rbd:`, `iscsi://`, ...) names no local file.
 fn paths_in(opt: &str, value: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     if FILE_OPTIONS.contains(&opt) {
@@ -200,7 +200,7 @@ fn paths_in(opt: &str, value: &str) -> Result<Vec<String>, String> {
         return Ok(out);
     }
     let parts = super::disks::drive_options(value);
-    if DISK_OPTIONS.contains(&opt) && read_only(parts.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+    if DISK_OPTIONS.contains(&opt) && read_only(&parts) {
         return Ok(out);
     }
     for (k, (key, v)) in parts.into_iter().enumerate() {
@@ -232,9 +232,9 @@ const DISK_OPTIONS: &[&str] = &["-drive", "-blockdev"];
 /// writes to a temporary file instead)? QEMU only reads such an image, as it reads a kernel or
 /// firmware (`-drive if=pflash,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd`), and like those
 /// it is not checked.
-fn read_only<'a>(mut parts: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
-    parts.any(|(k, v)| match k {
-        "readonly" | "read-only" | "snapshot" => matches!(v, "on" | "true" | "yes" | ""),
+fn read_only(parts: &[(String, String)]) -> bool {
+    parts.iter().any(|(k, v)| match k.as_str() {
+        "readonly" | "read-only" | "snapshot" => matches!(v.as_str(), "on" | "true" | "yes" | ""),
         "media" => v == "cdrom",
         _ => false,
     })
@@ -445,7 +445,7 @@ mod tests {
             args(&["qemu-system-x86_64", "-object", r#"{"qom-type":"memory-backend-file","id":"m0","mem-path":"/etc/motd","size":134217728}"#]),
             args(&["qemu-system-x86_64", "-object", "filter-dump,id=f,netdev=n,file=/etc/cron.d/x"]),
             args(&["qemu-system-x86_64", "-object", "{not json"]),
-            // Disks: written by the guest (or read by it), so the host decides where they are.
+            // Disks the guest may write: the host decides where they are.
             args(&["qemu-system-x86_64", "-drive", "file=/etc/shadow,format=raw,if=virtio"]),
             args(&["qemu-system-x86_64", "-drive", "file.driver=file,file.filename=/etc/shadow,if=virtio"]),
             args(&["qemu-system-x86_64", "-drive", r#"file=json:{"driver":"file","filename":"/etc/shadow"},if=virtio"#]),
