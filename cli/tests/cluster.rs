@@ -442,6 +442,10 @@ fn a_live_cut_aborted_before_its_release_drains_the_held_snapshot_and_every_vm_r
     // g2's monitor is taken (QEMU serves one client at a time): its capture fails at once. g1's
     // goes on until its pacer's next wait, past the start of its held snapshot.
     let busy = QmpSync::connect(&vms.join("g2.qmp")).expect("g2 qmp");
+    // And its backlog is full, as connections that gave up waiting for its greeting leave it
+    // (a status query, a probe): QEMU accepts none of them while it is busy. No node may wait
+    // for a place in that queue.
+    let queued: Vec<std::os::unix::net::UnixStream> = (0..2).map(|_| std::os::unix::net::UnixStream::connect(vms.join("g2.qmp")).expect("queued")).collect();
     let out = std::process::Command::new(bin())
         .args(["snapshot", "create", "held", "--vm", "g1", "--vm", "g2", "--mode", "live", "--node"])
         .arg(c.nodes[2].dir.as_os_str())
@@ -449,8 +453,8 @@ fn a_live_cut_aborted_before_its_release_drains_the_held_snapshot_and_every_vm_r
         .expect("create");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the cut must fail: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(err.contains("g2"), "the error names the VM: {err}");
-    drop(busy);
+    assert!(err.contains("g2"), "the error names the VM: {err}\ng2's host said:\n{}\nthe initiator said:\n{}", c.tail(1, "node.log", 40), c.tail(2, "node.log", 40));
+    drop((busy, queued));
 
     // g1's capture is over; its QEMU is as it was.
     let (m, caps) = {

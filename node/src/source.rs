@@ -182,8 +182,16 @@ impl Source {
     pub fn probe(&self) -> Result<u64, String> {
         match self {
             Source::Qemu(p) => {
-                std::os::unix::net::UnixStream::connect(p)
-                    .map_err(|e| format!("cannot reach QMP socket {}: {e} (is the VM running?)", p.display()))?;
+                // Only that a socket is there: no connection. A blocking connect to a monitor
+                // whose backlog is full (another client holds it, and attempts that gave up
+                // are still queued) waits until that client leaves, holding a runtime thread
+                // and the cut with it; and each connection left queued makes the next fail.
+                // The capture's own connect has timeouts and says what it found.
+                use std::os::unix::fs::FileTypeExt;
+                let meta = std::fs::metadata(p).map_err(|e| format!("cannot reach QMP socket {}: {e} (is the VM running?)", p.display()))?;
+                if !meta.file_type().is_socket() {
+                    return Err(format!("{} is not a socket (a VM's QMP socket is given to QEMU as -qmp unix:PATH,server=on,wait=off)", p.display()));
+                }
                 Ok(0)
             }
             Source::File(p) => {
@@ -257,5 +265,12 @@ mod tests {
         assert_eq!(s.probe().expect("probe"), 3 * PAGE_SIZE as u64);
         let missing = Source::parse("file:/nonexistent/vmcsnap").expect("parse");
         assert!(missing.probe().expect_err("missing").contains("cannot read"));
+        // A QMP socket is looked at, not connected to (a real monitor that is busy with its
+        // backlog full: cli/tests/cluster.rs, the held live cut's abort).
+        let sock = dir.path().join("vm.qmp");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        assert_eq!(Source::Qemu(sock).probe().expect("a socket"), 0);
+        assert!(Source::Qemu(p).probe().expect_err("a file").contains("not a socket"));
+        assert!(Source::Qemu(dir.path().join("gone.qmp")).probe().expect_err("missing").contains("cannot reach"));
     }
 }
