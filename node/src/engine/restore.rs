@@ -564,11 +564,22 @@ fn lazy_refusal(state: &QemuState) -> Option<String> {
 /// Why QEMU cannot restore a VM lazily, read from its command line: RAM that is a shared
 /// mapping of a file (userfaultfd cannot fill missing pages of a regular file).
 fn lazy_unsupported(cmdline: &[String]) -> Option<String> {
-    cmdline.windows(2).find_map(|w| {
-        let o = &w[1];
-        (w[0] == "-object" && o.starts_with("memory-backend-file") && o.split(',').any(|kv| kv == "share=on" || kv == "share=true"))
-            .then(|| "its RAM is a shared mapping of a file, which QEMU cannot fill lazily".to_string())
-    })
+    cmdline
+        .windows(2)
+        .any(|w| w[0] == "-object" && is_shared_file_backend(&w[1]))
+        .then(|| "its RAM is a shared mapping of a file, which QEMU cannot fill lazily".to_string())
+}
+
+/// Is an `-object` value a memory backend that maps a file shared: `memory-backend-file,...,
+/// share=on`, or libvirt's JSON form `{"qom-type":"memory-backend-file",...,"share":true}`?
+fn is_shared_file_backend(value: &str) -> bool {
+    if value.trim_start().starts_with('{') {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(value) else { return false };
+        return v["qom-type"] == "memory-backend-file" && (v["share"] == true || v["share"] == "on");
+    }
+    let opts = crate::qemu::disks::drive_options(value);
+    let file = opts.iter().enumerate().any(|(i, (k, v))| (i == 0 && k == "memory-backend-file" && v.is_empty()) || (k == "qom-type" && v == "memory-backend-file"));
+    file && opts.iter().any(|(k, v)| k == "share" && matches!(v.as_str(), "on" | "true" | "yes"))
 }
 
 /// A lazy restore into the QEMU launched as `l`: the manifest and device state first (unless
@@ -908,4 +919,30 @@ async fn fill(fetcher: &Fetcher<'_>, hashes: &[PageHash], file: Arc<std::fs::Fil
     let distinct = fetched?;
     written.map_err(|e| RestoreError::Write { path: PathBuf::from("(partial file)"), reason: e.to_string() })?;
     Ok(distinct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_shared_with_a_file_is_seen_in_either_form() {
+        let line = |o: &str| vec!["qemu-system-x86_64".to_string(), "-object".to_string(), o.to_string()];
+        for shared in [
+            "memory-backend-file,id=m0,mem-path=/dev/shm/vm,size=1G,share=on",
+            "qom-type=memory-backend-file,id=m0,mem-path=/dev/shm/vm,size=1G,share=yes",
+            r#"{"qom-type":"memory-backend-file","id":"pc.ram","mem-path":"/dev/shm/vm","share":true,"size":1073741824}"#,
+        ] {
+            assert!(lazy_unsupported(&line(shared)).is_some(), "{shared}");
+        }
+        for not in [
+            "memory-backend-file,id=m0,mem-path=/dev/hugepages,size=1G,share=off",
+            "memory-backend-memfd,id=m0,size=1G,share=on",
+            r#"{"qom-type":"memory-backend-file","id":"pc.ram","mem-path":"/dev/hugepages","share":false}"#,
+            r#"{"qom-type":"memory-backend-memfd","id":"pc.ram","share":true}"#,
+            "{not json",
+        ] {
+            assert!(lazy_unsupported(&line(not)).is_none(), "{not}");
+        }
+    }
 }
