@@ -99,10 +99,6 @@ fn a_lazy_restore_whose_source_dies_waits_paused_and_recovers() {
 /// and goes on sending whole host pages (the page sizes are journaled).
 #[test]
 fn a_lazy_restore_into_huge_pages_whose_source_dies_recovers() {
-    if !guest::is_root() {
-        eprintln!("skipped: mounting hugetlbfs and reserving huge pages need root; CI runs this as root");
-        return;
-    }
     source_dies_and_recovers(true);
 }
 
@@ -226,10 +222,14 @@ impl HugePages {
     }
 
     /// Mounts hugetlbfs (pages of `size` bytes) at `mount` and reserves `pages` more; `None`
-    /// (and a note why the test is skipped) when this host cannot: a kernel without hugetlbfs,
-    /// or memory too fragmented to give the pages. Those are the host's limits, not the
+    /// (and a note why the test is skipped) when this host cannot: not root, a kernel without
+    /// hugetlbfs, or memory too fragmented to give the pages. Those are the host's limits, not the
     /// restore's.
     fn reserve_sized(mount: &Path, size: u64, pages: u64) -> Option<Self> {
+        if !guest::is_root() {
+            eprintln!("skipped: mounting hugetlbfs and reserving huge pages need root; CI runs this as root");
+            return None;
+        }
         static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let one = ONE.lock().unwrap_or_else(|p| p.into_inner());
         let nr = PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages", size >> 10));
@@ -270,10 +270,6 @@ impl Drop for HugePages {
 /// memory has arrived and its data checks out from inside.
 #[test]
 fn a_guest_in_huge_pages_restores_lazily() {
-    if !guest::is_root() {
-        eprintln!("skipped: mounting hugetlbfs and reserving huge pages need root; CI runs this as root");
-        return;
-    }
     let lab = Lab::new();
     let huge = lab.vms.join("huge");
     let Some(_pages) = HugePages::reserve(&huge, 2 * 64 + 16) else { return };
@@ -301,16 +297,11 @@ fn a_guest_in_huge_pages_restores_lazily() {
     guest::kill_by_qmp(&vms.join("g.qmp"));
 }
 
-
 /// A guest whose RAM is 1 GiB huge pages: QEMU's postcopy would place such a page whole, and
 /// one is larger than the lazy restore's push windows, so the restore goes eagerly, says why,
 /// and the guest's data checks out.
 #[test]
 fn a_guest_in_1g_pages_restores_eagerly_and_says_why() {
-    if !guest::is_root() {
-        eprintln!("skipped: mounting hugetlbfs and reserving huge pages need root; CI runs this as root");
-        return;
-    }
     let lab = Lab::new();
     let huge = lab.vms.join("huge1g");
     // One for the guest, one for its restore should the first be slow to be given back.
