@@ -58,9 +58,11 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) qemu_dir: Option<PathBuf>,
     /// A directory where a restored VM's sockets, files and disks (QMP, serial, logs, disk
-    /// images, hugetlbfs) may be, besides the data directory, --vm-dir and --disk-dir
+    /// images, hugetlbfs, guest kernels, ISOs) may be, besides --vm-dir and --disk-dir
     /// (repeatable; replaces the file's `launch-dirs`), e.g. /var/lib/libvirt/images. A
-    /// snapshot whose command line uses any other path is refused.
+    /// snapshot whose command line uses any other path (for files QEMU only reads, any other
+    /// than /usr/share and /usr/lib) is refused, and so is any path in the data directory but
+    /// its disks.
     #[arg(long = "launch-dir", value_name = "DIR")]
     pub(crate) launch_dirs: Vec<PathBuf>,
     /// Longest a snapshot this node takes may run before it is given up (e.g. 90s, 30m, 6h).
@@ -258,7 +260,7 @@ listen = "10.0.0.1:7400"         # this host's own address on the cluster networ
 # replicas = {replicas}
 # vm-dir = "/run/vmcsnap/vms"    # QMP sockets named ID.qmp: this host's VMs
 # qemu-dir = "/usr/bin"
-# launch-dirs = []              # where restored VMs' disks, sockets and logs may be, e.g. ["/var/lib/libvirt/images"]
+# launch-dirs = []              # where restored VMs' disks, sockets, logs, kernels and ISOs may be, e.g. ["/var/lib/libvirt"]
 # disk-dir = "/var/lib/vmcsnap/disks"
 # snapshot-deadline = "{deadline}"
 # gc-interval = "{gc}"

@@ -296,7 +296,7 @@ vmcsnap snapshot restore nightly --vm web1 --disk virtio0 --to file:/tmp/web1-di
         #[arg(long, value_name = "DEVICE", requires = "to")]
         disk: Option<String>,
         /// With --launch: write each VM's captured disks over the images its recorded command
-        /// line names (which must lie in the host's --launch-dir, --vm-dir, data or disk
+        /// line names (which must lie in the host's --launch-dir, --vm-dir or disk
         /// directory), instead of into new images. Destroys what those images hold now: needs
         /// --yes.
         #[arg(long, requires = "launch")]

@@ -312,11 +312,10 @@ impl Node {
     /// directory.
     pub fn launch_policy(&self) -> crate::qemu::launch::LaunchPolicy {
         let c = &self.config;
-        let mut dirs = vec![c.data_dir.clone()];
-        dirs.extend(c.vm_dir.clone());
+        let mut dirs: Vec<_> = c.vm_dir.iter().cloned().collect();
         dirs.extend(c.launch_dirs.iter().cloned());
         dirs.push(c.disk_dir());
-        crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs }
+        crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs, own: c.data_dir.clone() }
     }
 
     /// Notes a member's liveness (for [`Node::is_gone`]).

@@ -178,6 +178,8 @@ impl Cluster {
             .args(&admission)
             // A test cluster's guests live next to it: restores may launch them there.
             .args(["--launch-dir", &self.dir.parent().unwrap_or(&self.dir).display().to_string()])
+            // ... and boot the kernel and initramfs of the guest build.
+            .args(["--launch-dir", &std::path::absolute(crate::guest::guest_dir()).unwrap_or_default().display().to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

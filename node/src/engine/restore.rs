@@ -443,7 +443,7 @@ async fn restore_disks(
         return Ok((state.clone(), vec![]));
     }
     let dir = node.config.disk_dir().join(&entry.id);
-    let allowed = node.launch_policy().dirs;
+    let policy = node.launch_policy();
     // In place: where each disk goes in the end (checked before anything is written).
     let mut finals: Vec<Option<PathBuf>> = Vec::new();
     for (d, _, _) in &disks {
@@ -454,13 +454,11 @@ async fn restore_disks(
         let file = crate::qemu::disks::drive_file(&state.cmdline, d.arg)
             .ok_or_else(|| RestoreError::Target(format!("disk {}: the recorded command line names no image for it", d.device)))?;
         let p = PathBuf::from(&file);
-        let inside = p.is_absolute() && !p.components().any(|c| matches!(c, std::path::Component::ParentDir)) && allowed.iter().any(|a| p.starts_with(a));
-        if !inside || !p.parent().is_some_and(Path::is_dir) {
-            return Err(RestoreError::Target(format!(
-                "--in-place: disk {}'s image {file} is not in a directory this host's policy lets a restore write ({}); add its directory with --launch-dir, or restore into new images (without --in-place)",
-                d.device,
-                allowed.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
-            )));
+        if let Err(why) = policy.may_write(&p) {
+            return Err(RestoreError::Target(format!("--in-place: disk {}: {why}; or restore into new images (without --in-place)", d.device)));
+        }
+        if !p.parent().is_some_and(Path::is_dir) {
+            return Err(RestoreError::Target(format!("--in-place: disk {}'s image {file} has no directory on this host; restore into new images (without --in-place)", d.device)));
         }
         finals.push(Some(p));
     }

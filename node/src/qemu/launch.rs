@@ -8,20 +8,25 @@
 //!
 //! What may be launched is this host's decision ([`LaunchPolicy`]), never a record's: the
 //! binary is the host's own `qemu-system-*` of the recorded name, from the policy's directory
-//! (default `/usr/bin`); every socket or file QEMU would create, write or unlink (QMP, chardev
+//! (default `/usr/bin`). The command line is read as QEMU reads it (`--opt` as `-opt`, a bare
+//! argument as a disk). Every socket or file QEMU would create, write or unlink (QMP, chardev
 //! sockets and log files, serial and monitor files and host devices, pid, debug and trace
 //! files, guest memory's `mem-path`, e.g. a hugetlbfs mount, a filter's dump file), and every
 //! host file, device or directory it would hand the guest to write (disks of `-drive`,
 //! `-blockdev` — libvirt's JSON form too — and their short forms, `json:` and
 //! `file:`/`host_device:` names, `-virtfs` and `-fsdev` directories, `vvfat` directories, a
-//! TPM, an input device, a VNC or audio file) must lie inside the policy's directories.
-//! Network disks (`nbd:`, `rbd:`, ...) name no host file and pass; other block protocols are
-//! refused. Options that run host code (`-plugin`; a tap's `script=`, `downscript=` and
-//! `helper=`; user networking's `smb=` and `guestfwd=...-cmd:`) and `-readconfig` (options
-//! this check cannot see) are refused. Files QEMU only reads for itself or loads into the
-//! guest (`-kernel`, `-initrd`, firmware, ROMs, `-fw_cfg` files, read-only disks and CD-ROMs,
-//! `/dev/urandom`) are not checked. A record that breaks the policy is refused before anything
-//! is unlinked or spawned.
+//! TPM, an input device, a VNC or audio file) must lie inside the policy's directories
+//! (`--vm-dir`, the disk directory, `--launch-dir`). Files QEMU reads for the guest (`-kernel`,
+//! `-initrd`, firmware and `-L`, ROMs, `-fw_cfg`, ACPI and SMBIOS tables, read-only disks and
+//! CD-ROMs) must lie inside those or the system's package data ([`SYSTEM_READ_DIRS`]): a
+//! record cannot show its guest a host secret. Nothing the command line names, in any option,
+//! may lie in the node's own data directory (identity key, store, control socket), but in a
+//! disk directory inside it. Network disks (`nbd:`, `rbd:`, ...) name no host file and pass;
+//! other block protocols are refused. Options that run host code (`-plugin`; a tap's
+//! `script=`, `downscript=` and `helper=`; user networking's `smb=` and `guestfwd=...-cmd:`),
+//! hand the guest a host device (VFIO, `usb-host`, vhost SCSI and vDPA) and `-readconfig`
+//! (options this check cannot see) are refused. A record that breaks the policy is refused
+//! before anything is unlinked or spawned. QEMU starts in `/`.
 
 use super::qmp_paths_of;
 use std::path::{Component, Path, PathBuf};
@@ -49,11 +54,11 @@ pub fn adjusted_cmdline(cmdline: &[String], incoming: &std::path::Path) -> Vec<S
     let mut out = Vec::with_capacity(cmdline.len() + 2);
     let mut i = 0;
     while i < cmdline.len() {
-        match cmdline[i].as_str() {
-            "-incoming" => i += 2,
-            "-daemonize" => i += 1,
-            a => {
-                out.push(a.to_string());
+        match option_name(&cmdline[i]).as_deref() {
+            Some("-incoming") => i += 2,
+            Some("-daemonize") => i += 1,
+            _ => {
+                out.push(cmdline[i].clone());
                 i += 1;
             }
         }
@@ -75,37 +80,71 @@ pub fn log_tail(path: &std::path::Path) -> String {
 pub struct LaunchPolicy {
     /// Where this host's `qemu-system-*` binaries are.
     pub qemu_dir: PathBuf,
-    /// Directories QEMU's sockets and files may be in (the node's data directory, its
-    /// `--vm-dir`, and any `--launch-dir`).
+    /// Directories QEMU's sockets, files and disks may be in (the node's `--vm-dir`, its disk
+    /// directory and any `--launch-dir`); QEMU may read from them too.
     pub dirs: Vec<PathBuf>,
+    /// The node's own data directory (its identity key, store and control socket): nothing a
+    /// command line names may lie in it, read or written, except inside one of `dirs` (the
+    /// default disk directory is in it).
+    pub own: PathBuf,
 }
+
+/// Directories of files any QEMU may read whatever the policy: the system's firmware, ROMs and
+/// other package data (OVMF, SeaBIOS, iPXE, keymaps), which hold nothing secret.
+pub const SYSTEM_READ_DIRS: &[&str] = &["/usr/share", "/usr/lib", "/usr/lib64", "/usr/local/share", "/usr/local/lib"];
 
 /// Options that make QEMU run host code, or read more options from a file this check cannot
 /// see: refused whatever their value.
 const REFUSED_OPTIONS: &[&str] = &["-plugin", "-readconfig"];
-/// Options whose value names sockets or files QEMU creates, writes or unlinks, or host files
-/// and directories it hands the guest (disks, shared directories).
+/// Options whose value names sockets or files QEMU creates, writes or unlinks, host files and
+/// directories it hands the guest (disks, shared directories), or files it loads for the guest
+/// (ROMs, firmware tables, `fw_cfg` files).
 const PATH_OPTIONS: &[&str] = &[
     "-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-gdb", "-pidfile", "-D", "-trace", "-writeconfig",
     "-mem-path", "-object", "-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-virtfs",
-    "-fsdev", "-netdev", "-nic", "-net", "-vnc", "-audiodev", "-tpmdev",
+    "-fsdev", "-netdev", "-nic", "-net", "-vnc", "-audiodev", "-tpmdev", "-device", "-global", "-set", "-fw_cfg", "-acpitable", "-smbios",
+    "-qtest", "-qtest-log", "-dump-vmstate", "-spice", "-display", "-boot",
 ];
 /// Options that set up a guest network (tap scripts, helpers, smbd, `guestfwd` commands).
 const NET_OPTIONS: &[&str] = &["-netdev", "-nic", "-net"];
 /// Options whose value is a character device, `unix:P,server=on` or `/dev/ttyS0` included.
-const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-gdb", "-vnc"];
-/// Options whose whole value is one file.
-const FILE_OPTIONS: &[&str] = &["-pidfile", "-D", "-mem-path", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd"];
+const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-gdb", "-vnc", "-qtest"];
+/// Options whose whole value is one file QEMU writes or hands the guest to write.
+const FILE_OPTIONS: &[&str] =
+    &["-pidfile", "-D", "-mem-path", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-qtest-log", "-dump-vmstate"];
+/// Options whose whole value is one file or directory QEMU only reads: boot files, firmware
+/// and its directory, a CD-ROM.
+const READ_FILE_OPTIONS: &[&str] = &["-kernel", "-initrd", "-dtb", "-bios", "-L", "-cdrom", "-option-rom", "-shim"];
+/// Options that load files for the guest by key (`-fw_cfg name=N,file=F`, `-acpitable
+/// file=F`, `-smbios file=F`): read.
+const READ_KEY_OPTIONS: &[&str] = &["-fw_cfg", "-acpitable", "-smbios", "-boot"];
 /// Host devices any QEMU may use whatever the policy: entropy sources and sinks.
 const HARMLESS_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/hwrng"];
 /// Does `key` of `opt`'s value (`key=P`, or a JSON member) name a file or directory: sockets and
 /// logs, memory backends' `mem-path`, a dump's or a secret's `file`, a disk's `file` or
 /// `filename` (a `-blockdev`'s `file` names its child node instead), a shared directory's
-/// `path`, a `vvfat` disk's or TLS credentials' `dir`, a host input device's `evdev`.
+/// `path`, a `vvfat` disk's or TLS credentials' `dir`, a host input device's `evdev`, a vDPA
+/// device's `vhostdev`, a device's `romfile` (`-global DRIVER.romfile=F` too), a GPU's
+/// `rendernode`, an audio device's `dev`, SPICE's TLS files, a boot splash image.
 fn is_path_key(opt: &str, key: &str) -> bool {
-    matches!(key, "path" | "logfile" | "mem-path" | "addr.path" | "sock" | "filename" | "dir" | "evdev")
+    // `-global DRIVER.PROP=V` and `-set GROUP.ID.PROP=V` set one property of a device.
+    let key = if matches!(opt, "-global" | "-set") { key.rsplit('.').next().unwrap_or(key) } else { key };
+    matches!(key, "path" | "logfile" | "mem-path" | "addr.path" | "sock" | "filename" | "dir" | "evdev" | "vhostdev" | "sysfsdev" | "romfile" | "rendernode")
         || key.ends_with(".filename")
         || (key == "file" && opt != "-blockdev")
+        || (key == "data" && opt == "-acpitable")
+        || (key == "splash" && opt == "-boot")
+        || ((key == "dev" || key.ends_with(".dev")) && opt == "-audiodev")
+        || (key.starts_with("x509") && opt == "-spice")
+}
+
+/// How QEMU uses a file a command line names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// It creates, writes or unlinks it, or hands it to the guest to write.
+    Write,
+    /// It only reads it, for itself or into the guest.
+    Read,
 }
 
 impl LaunchPolicy {
@@ -122,9 +161,12 @@ impl LaunchPolicy {
         if !prog.is_file() {
             return refused(format!("this host has no {} (the launch policy allows QEMU from {} only)", name, self.qemu_dir.display()));
         }
-        let mut i = 1;
-        while i < cmdline.len() {
-            let opt = cmdline[i].as_str();
+        let (bare, guest_text) = parse(cmdline);
+        // Every argument that names an option is checked with the argument after it, whether
+        // or not QEMU would read them so: a misread option table cannot hide one.
+        for (i, arg) in cmdline.iter().enumerate().skip(1) {
+            let Some(opt) = option_name(arg) else { continue };
+            let opt = opt.as_str();
             let value = cmdline.get(i + 1).map(String::as_str).unwrap_or("");
             if REFUSED_OPTIONS.contains(&opt) {
                 return refused(format!("the recorded command line has {opt}, which runs host code or reads options this host cannot check; refusing to start it"));
@@ -135,33 +177,220 @@ impl LaunchPolicy {
                     return refused(format!("the recorded command line runs {what} ({opt} {value}); refusing to start it"));
                 }
             }
-            if PATH_OPTIONS.contains(&opt) {
-                let paths = paths_in(opt, value).map_err(unreadable)?;
-                for p in paths {
-                    self.check_path(&p, opt)?;
+            if opt == "-device" && passes_through_host_device(value) {
+                return refused(format!("the recorded command line hands the guest a host device ({opt} {value}); refusing to start it"));
+            }
+            if PATH_OPTIONS.contains(&opt) || READ_FILE_OPTIONS.contains(&opt) {
+                for (p, access) in paths_in(opt, value).map_err(unreadable)? {
+                    self.check_path(&p, opt, access)?;
                 }
             }
-            i += 1;
+        }
+        // A bare argument is QEMU's first disk (`-hda`).
+        for &i in &bare {
+            let mut out = Vec::new();
+            local_file("-hda", &cmdline[i], Access::Write, &mut out).map_err(|e| LaunchError::Refused(format!("the recorded command line's bare argument {}: {e}; refusing to start it", cmdline[i])))?;
+            for (p, access) in out {
+                self.check_path(&p, "bare argument (a disk, as -hda)", access)?;
+            }
+        }
+        // Whatever an option is, no file of the node's own may be named in it (the guest's
+        // kernel command line, `-append`, is the guest's and names no host file).
+        for (k, arg) in cmdline.iter().enumerate().skip(1) {
+            if guest_text.contains(&k) {
+                continue;
+            }
+            for p in path_tokens(arg) {
+                self.check_not_own(&p, cmdline.get(k - 1).map(String::as_str).unwrap_or(""))?;
+            }
         }
         Ok(prog)
     }
 
-    fn check_path(&self, p: &str, opt: &str) -> Result<(), LaunchError> {
+    /// Whether QEMU may use `p` so: written, only inside [`LaunchPolicy::dirs`] (named without
+    /// `..`); read, inside those or [`SYSTEM_READ_DIRS`]; and never in the node's own
+    /// directory. Symbolic links are followed.
+    /// Whether a restore may write `p` (a disk restored in place).
+    pub fn may_write(&self, p: &Path) -> Result<(), String> {
+        self.check_path(&p.display().to_string(), "disk image", Access::Write).map_err(|e| e.to_string())
+    }
+
+    fn check_path(&self, p: &str, opt: &str, access: Access) -> Result<(), LaunchError> {
         if HARMLESS_DEVICES.contains(&p) {
             return Ok(());
         }
+        self.check_not_own(p, opt)?;
         let path = Path::new(p);
-        let inside = path.is_absolute()
-            && !path.components().any(|c| matches!(c, Component::ParentDir))
-            && self.dirs.iter().any(|d| path.starts_with(d));
+        let real = resolve(path);
+        let (inside, allowed) = match access {
+            Access::Write => (
+                path.is_absolute()
+                    && !path.components().any(|c| matches!(c, Component::ParentDir))
+                    && self.dirs.iter().any(|d| path.starts_with(d) && real.starts_with(resolve(d))),
+                self.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+            ),
+            Access::Read => {
+                let dirs: Vec<PathBuf> = self.dirs.iter().cloned().chain(SYSTEM_READ_DIRS.iter().map(PathBuf::from)).collect();
+                (path.is_absolute() && dirs.iter().any(|d| real.starts_with(resolve(d))), dirs.iter().map(|d| d.display().to_string()).collect())
+            }
+        };
         if !inside {
+            let how = match access {
+                Access::Write => "uses",
+                Access::Read => "reads",
+            };
             return Err(LaunchError::Refused(format!(
-                "the recorded command line's {opt} uses {p}, outside the directories this host's launch policy allows ({}); add its directory with --launch-dir if it belongs to the VM, otherwise refusing to start it",
-                self.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                "the recorded command line's {opt} {how} {p}, outside the directories this host's launch policy allows ({}); add its directory with --launch-dir if it belongs to the VM, otherwise refusing to start it",
+                allowed.join(", ")
             )));
         }
         Ok(())
     }
+
+    /// Refuses a path that is, or leads, into the node's own directory (but not into one of
+    /// [`LaunchPolicy::dirs`] inside it, such as the default disk directory). A relative path
+    /// is taken from `/`, the launched QEMU's working directory.
+    fn check_not_own(&self, p: &str, opt: &str) -> Result<(), LaunchError> {
+        let own = resolve(&self.own);
+        let real = resolve(&Path::new("/").join(p));
+        if real.starts_with(&own) && !self.dirs.iter().map(|d| resolve(d)).any(|d| d.starts_with(&own) && real.starts_with(&d)) {
+            return Err(LaunchError::Refused(format!(
+                "the recorded command line's {opt} names {p}, in this node's own data directory {} (its identity and store); refusing to start it",
+                self.own.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The options that take an argument in QEMU 7.2's option table (`qemu-options.hx`, every
+/// target), and in later QEMU's (`-shim`, `-run-with`); every other option takes none.
+const OPTIONS_WITH_ARGUMENT: &[&str] = &[
+    "-shim", "-run-with",
+    "-machine", "-M", "-cpu", "-accel", "-smp", "-numa", "-add-fd", "-set", "-global", "-boot", "-m", "-mem-path", "-k", "-audio", "-audiodev", "-device", "-name", "-uuid", "-fda", "-fdb", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-blockdev", "-drive", "-mtdblock", "-sd", "-fsdev", "-virtfs", "-iscsi", "-usbdevice", "-display", "-spice", "-rotate", "-vga", "-g", "-vnc", "-acpitable", "-smbios", "-netdev", "-nic", "-net", "-chardev", "-tpmdev", "-bios", "-pflash", "-kernel", "-append", "-initrd", "-dtb", "-compat", "-fw_cfg", "-serial", "-parallel", "-monitor", "-qmp", "-qmp-pretty", "-mon", "-debugcon", "-pidfile", "-overcommit", "-gdb", "-d", "-D", "-dfilter", "-seed", "-L", "-xen-domid", "-action", "-loadvm", "-option-rom", "-rtc", "-icount", "-watchdog-action", "-echr", "-incoming", "-chroot", "-runas", "-prom-env", "-semihosting-config", "-sandbox", "-readconfig", "-trace", "-plugin", "-qtest", "-qtest-log", "-msg", "-dump-vmstate", "-object"
+];
+
+/// The option an argument names, as QEMU reads it (`-drive` and `--drive` alike), if it
+/// names one.
+fn option_name(arg: &str) -> Option<String> {
+    let name = arg.strip_prefix('-')?;
+    let name = name.strip_prefix('-').unwrap_or(name);
+    (!name.is_empty()).then(|| format!("-{name}"))
+}
+
+/// Reads a command line as QEMU does: an option in [`OPTIONS_WITH_ARGUMENT`] takes the next
+/// argument whatever it is; any other option takes none (QEMU exits on one it does not know).
+/// Returns the bare arguments (QEMU opens each as a disk) and the arguments of `-append` (the
+/// guest kernel's command line).
+fn parse(cmdline: &[String]) -> (Vec<usize>, Vec<usize>) {
+    let (mut bare, mut guest_text) = (Vec::new(), Vec::new());
+    let mut i = 1;
+    while i < cmdline.len() {
+        match option_name(&cmdline[i]) {
+            None => bare.push(i),
+            Some(o) if OPTIONS_WITH_ARGUMENT.contains(&o.as_str()) => {
+                if o == "-append" {
+                    guest_text.push(i + 1);
+                }
+                i += 1;
+            }
+            Some(_) => {}
+        }
+        i += 1;
+    }
+    (bare, guest_text)
+}
+
+/// `p` as the kernel would find it: its longest existing ancestor with symbolic links
+/// resolved, then the rest with `.` and `..` applied by name.
+fn resolve(p: &Path) -> PathBuf {
+    let parts: Vec<Component> = p.components().collect();
+    for k in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..k].iter().collect();
+        if let Ok(mut out) = std::fs::canonicalize(&head) {
+            for c in &parts[k..] {
+                match c {
+                    Component::ParentDir => {
+                        out.pop();
+                    }
+                    Component::Normal(n) => out.push(n),
+                    _ => {}
+                }
+            }
+            return out;
+        }
+    }
+    p.to_path_buf()
+}
+
+/// Every string in an argument that may name a file, for the check that no option names the
+/// node's own files: each run of characters that starts the argument or follows `=`, `:`,
+/// `,`, a quote or a bracket, up to the next `,`, quote, bracket or blank; and the same in the
+/// strings of JSON values (`{...}` arguments, `json:{...}` names), whose escapes may hide a
+/// `/`. Only runs with a `/` are kept.
+fn path_tokens(arg: &str) -> Vec<String> {
+    fn strings(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s.clone()),
+            serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            serde_json::Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+    let mut texts = vec![arg.to_string()];
+    let mut k = 0;
+    while k < texts.len() {
+        let t = texts[k].clone();
+        let starts = t.match_indices('{').map(|(i, _)| i).filter(|&i| i == 0 || t[..i].ends_with("json:"));
+        for i in starts.collect::<Vec<_>>() {
+            let rest = t[i..].replace(",,", ",");
+            if let Some(Ok(v)) = serde_json::Deserializer::from_str(&rest).into_iter::<serde_json::Value>().next() {
+                let mut found = Vec::new();
+                strings(&v, &mut found);
+                for f in found {
+                    if !texts.contains(&f) {
+                        texts.push(f);
+                    }
+                }
+            }
+        }
+        k += 1;
+    }
+    let starts_after = |c: char| matches!(c, '=' | ':' | ',' | '"' | '\'' | '{' | '[');
+    let ends_at = |c: char| matches!(c, ',' | '"' | '\'' | '}' | ']') || c.is_whitespace();
+    let mut out = Vec::new();
+    for t in &texts {
+        let mut prev: Option<char> = None;
+        for (i, c) in t.char_indices() {
+            if (prev.is_none() || prev.is_some_and(starts_after)) && !ends_at(c) {
+                let run: String = t[i..].chars().take_while(|&c| !ends_at(c)).collect();
+                if run.contains('/') && !out.contains(&run) {
+                    out.push(run);
+                }
+            }
+            prev = Some(c);
+        }
+    }
+    out
+}
+
+/// Does a `-device` hand the guest a host device (VFIO, a host USB device, a vhost SCSI or
+/// vDPA target)?
+fn passes_through_host_device(value: &str) -> bool {
+    let driver = if value.trim_start().starts_with('{') {
+        serde_json::from_str::<serde_json::Value>(value).ok().and_then(|v| v.get("driver").and_then(|d| d.as_str()).map(str::to_string)).unwrap_or_default()
+    } else {
+        super::disks::drive_options(value)
+            .into_iter()
+            .enumerate()
+            .find_map(|(k, (key, v))| match (k, v.is_empty()) {
+                (0, true) => Some(key),
+                _ if key == "driver" => Some(v),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    driver.starts_with("vfio") || driver.starts_with("usb-host") || driver.starts_with("vhost-scsi") || driver.starts_with("vhost-vdpa") || driver == "pci-assign"
 }
 
 /// What in a network option's value would make QEMU run a host program: a tap device's
@@ -183,43 +412,62 @@ fn runs_host_code(value: &str) -> Result<Option<&'static str>, String> {
     Ok(super::disks::drive_options(value).iter().find_map(|(k, v)| what(k, v)))
 }
 
-/// The local paths in an option's value: a character device's `unix:P`, `file:P`, `pipe:P`,
-/// `tty:P` or `/dev/...`; the path keys ([`is_path_key`]) of `key=value` parts or of a JSON
-/// value (`-blockdev {"driver":"file",...}` as libvirt writes them, a disk's `json:{...}`); or
-/// the value itself for options that take a file name. A read-only disk is not looked at, and
-/// a disk's network protocol (`nbd:`, `rbd:`, `iscsi://`, ...) names no local file.
-fn paths_in(opt: &str, value: &str) -> Result<Vec<String>, String> {
+/// The local paths in an option's value and how QEMU uses each: a character device's
+/// `unix:P`, `file:P`, `pipe:P`, `tty:P` or `/dev/...`; the path keys ([`is_path_key`]) of
+/// `key=value` parts or of a JSON value (`-blockdev {"driver":"file",...}` as libvirt writes
+/// them, a disk's `json:{...}`); or the value itself for options that take a file name. A
+/// read-only disk's files, boot files, firmware and what `-fw_cfg`, `-acpitable`, `-smbios` and
+/// a device's `romfile` load are read; the rest written. A disk's network protocol (`nbd:`,
+/// `rbd:`, `iscsi://`, ...) names no local file.
+fn paths_in(opt: &str, value: &str) -> Result<Vec<(String, Access)>, String> {
     let mut out = Vec::new();
     if FILE_OPTIONS.contains(&opt) {
-        local_file(opt, value, &mut out)?;
+        local_file(opt, value, Access::Write, &mut out)?;
         return Ok(out);
     }
+    if READ_FILE_OPTIONS.contains(&opt) {
+        local_file(opt, value, Access::Read, &mut out)?;
+        return Ok(out);
+    }
+    // Devices' files (`romfile`, a `loader`'s `file`) are loaded, not written; `-set` may set a
+    // drive's file, though.
+    let device = opt == "-device" || opt == "-global" || (opt == "-set" && value.starts_with("device."));
+    let keyed = if READ_KEY_OPTIONS.contains(&opt) || device { Access::Read } else { Access::Write };
     if value.trim_start().starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(value).map_err(|e| format!("not JSON QEMU would take ({e})"))?;
-        json_paths(opt, &v, &mut out)?;
+        json_paths(opt, &v, keyed, &mut out)?;
         return Ok(out);
     }
     let parts = super::disks::drive_options(value);
-    if DISK_OPTIONS.contains(&opt) && read_only(&parts) {
-        return Ok(out);
-    }
+    let access = if DISK_OPTIONS.contains(&opt) && read_only(&parts) { Access::Read } else { keyed };
+    // `-global driver=D,property=P,value=V`: the property's name is a value here.
+    let global_path = opt == "-global" && parts.iter().any(|(k, v)| k == "property" && is_path_key(opt, v));
     for (k, (key, v)) in parts.into_iter().enumerate() {
         if k == 0 && CHARDEV_OPTIONS.contains(&opt) {
             // A character device's short form: `unix:P`, `file:P`, `pipe:P`, `tty:P`, or a
             // host device itself (`/dev/ttyS0`).
             let raw = if v.is_empty() { key.clone() } else { format!("{key}={v}") };
             if raw.starts_with('/') {
-                out.push(raw.clone());
+                out.push((raw.clone(), Access::Write));
             }
             for prefix in ["unix:", "file:", "pipe:", "tty:", "serial:"] {
                 if let Some(p) = raw.strip_prefix(prefix) {
-                    out.push(p.to_string());
+                    out.push((p.to_string(), Access::Write));
                 }
             }
             continue;
         }
-        if is_path_key(opt, &key) {
-            local_file(opt, &v, &mut out)?;
+        let read = if key.ends_with("romfile") { Access::Read } else { access };
+        if opt == "-spice" && key == "addr" && v.starts_with('/') {
+            // `-spice unix=on,addr=/P`: a socket.
+            out.push((v.clone(), Access::Write));
+        }
+        if key == "data" && opt == "-acpitable" {
+            for f in v.split(':') {
+                local_file(opt, f, Access::Read, &mut out)?;
+            }
+        } else if is_path_key(opt, &key) || (global_path && key == "value") {
+            local_file(opt, &v, read, &mut out)?;
         }
     }
     Ok(out)
@@ -230,8 +478,7 @@ const DISK_OPTIONS: &[&str] = &["-drive", "-blockdev"];
 
 /// Is a disk opened read-only (`readonly=on`, `read-only=on`, a CD-ROM, or `snapshot=on`, which
 /// writes to a temporary file instead)? QEMU only reads such an image, as it reads a kernel or
-/// firmware (`-drive if=pflash,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd`), and like those
-/// it is not checked.
+/// firmware (`-drive if=pflash,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd`).
 fn read_only(parts: &[(String, String)]) -> bool {
     parts.iter().any(|(k, v)| match k.as_str() {
         "readonly" | "read-only" | "snapshot" => matches!(v.as_str(), "on" | "true" | "yes" | ""),
@@ -242,10 +489,10 @@ fn read_only(parts: &[(String, String)]) -> bool {
 
 /// A disk's or file's name: the file itself, a `file:` path, a `json:{...}` description's files;
 /// nothing for a network protocol.
-fn local_file(opt: &str, v: &str, out: &mut Vec<String>) -> Result<(), String> {
+fn local_file(opt: &str, v: &str, access: Access, out: &mut Vec<(String, Access)>) -> Result<(), String> {
     if let Some(j) = v.strip_prefix("json:") {
         let j: serde_json::Value = serde_json::from_str(j).map_err(|e| format!("a json: name QEMU would not take ({e})"))?;
-        return json_paths(opt, &j, out);
+        return json_paths(opt, &j, access, out);
     }
     // `proto:...` with no `/` before the colon: a block protocol. The local ones open the
     // rest as a file; network ones (nbd, rbd, iscsi, http, ssh, ...) name no local file;
@@ -253,8 +500,8 @@ fn local_file(opt: &str, v: &str, out: &mut Vec<String>) -> Result<(), String> {
     // file) cannot be checked and are refused.
     let proto = v.split_once(':').filter(|(p, _)| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '_')));
     match proto {
-        None => out.push(v.to_string()),
-        Some(("file" | "host_device" | "host_cdrom", rest)) => out.push(rest.to_string()),
+        None => out.push((v.to_string(), access)),
+        Some(("file" | "host_device" | "host_cdrom", rest)) => out.push((rest.to_string(), access)),
         Some((p, _)) if NETWORK_PROTOCOLS.contains(&p.split('+').next().unwrap_or(p)) => {}
         Some((p, _)) => return Err(format!("the block protocol {p}: names host files this host's launch policy cannot check")),
     }
@@ -266,23 +513,23 @@ const NETWORK_PROTOCOLS: &[&str] = &["nbd", "rbd", "iscsi", "gluster", "ssh", "h
 
 /// The strings of path keys ([`is_path_key`]) anywhere in a JSON value (an `addr: {"type":
 /// "unix", "path": P}` too); a path key whose value is neither a string nor an object is
-/// refused.
-fn json_paths(opt: &str, v: &serde_json::Value, out: &mut Vec<String>) -> Result<(), String> {
+/// refused. A read-only disk's files are read.
+fn json_paths(opt: &str, v: &serde_json::Value, access: Access, out: &mut Vec<(String, Access)>) -> Result<(), String> {
     match v {
         serde_json::Value::Object(m) => {
             let ro = DISK_OPTIONS.contains(&opt) && m.get("read-only").and_then(serde_json::Value::as_bool) == Some(true);
+            let access = if ro { Access::Read } else { access };
             for (k, x) in m {
                 match x {
-                    serde_json::Value::String(_) if ro => {}
-                    serde_json::Value::String(s) if is_path_key(opt, k) => local_file(opt, s, out)?,
-                    serde_json::Value::Object(_) | serde_json::Value::Array(_) => json_paths(opt, x, out)?,
+                    serde_json::Value::String(s) if is_path_key(opt, k) => local_file(opt, s, if k.ends_with("romfile") { Access::Read } else { access }, out)?,
+                    serde_json::Value::Object(_) | serde_json::Value::Array(_) => json_paths(opt, x, access, out)?,
                     serde_json::Value::String(_) => {}
                     other if is_path_key(opt, k) => return Err(format!("{k} is {other}, not a file name")),
                     _ => {}
                 }
             }
         }
-        serde_json::Value::Array(a) => a.iter().try_for_each(|x| json_paths(opt, x, out))?,
+        serde_json::Value::Array(a) => a.iter().try_for_each(|x| json_paths(opt, x, access, out))?,
         _ => {}
     }
     Ok(())
@@ -329,6 +576,9 @@ pub fn launch<T>(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy
     let out = std::fs::File::create(&log).map_err(|e| failed(format!("cannot create {}: {e}", log.display())))?;
     let err = out.try_clone().map_err(|e| failed(e.to_string()))?;
     let mut cmd = Command::new(&prog);
+    // Relative paths start at `/` (what the policy's check assumed), not at the node's own
+    // working directory.
+    cmd.current_dir("/");
     cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(out).stderr(err);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| failed(format!("cannot start {}: {e}", prog.display())))?;
@@ -363,7 +613,7 @@ mod tests {
     use super::*;
 
     fn policy(dir: &Path) -> LaunchPolicy {
-        LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![dir.to_path_buf()] }
+        LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![dir.to_path_buf()], own: dir.join("node") }
     }
 
     fn args(a: &[&str]) -> Vec<String> {
@@ -379,6 +629,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let d = dir.path().display().to_string();
         let p = policy(dir.path());
+        std::fs::create_dir_all(dir.path().join("node")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("x")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path().join("node"), dir.path().join("link")).expect("symlink");
         let ok = args(&[
             "/some/where/qemu-system-x86_64",
             "-m",
@@ -413,15 +666,27 @@ mod tests {
             "tcp::1234",
             "-append",
             "console=ttyS0 script=/x",
-            // Read-only images are read like a kernel or firmware: not checked.
+            // Read-only images, boot files and ROMs are read: from the policy's directories or
+            // the system's package data.
             "-drive",
             "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
             "-drive",
-            "file=/srv/iso/debian.iso,media=cdrom",
+            &format!("file={d}/debian.iso,media=cdrom"),
             "-cdrom",
-            "/srv/iso/debian.iso",
+            &format!("{d}/debian.iso"),
             "-blockdev",
-            r#"{"driver":"file","filename":"/srv/base.qcow2","node-name":"b","read-only":true}"#,
+            &format!(r#"{{"driver":"file","filename":"{d}/base.qcow2","node-name":"b","read-only":true}}"#),
+            "-kernel",
+            &format!("{d}/sub/../bzImage"),
+            "--initrd",
+            &format!("{d}/initrd.img"),
+            "-L",
+            "/usr/share/qemu",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=/usr/share/qemu/efi-virtio.rom",
+            "-fw_cfg",
+            &format!("name=opt/x,file={d}/fw.bin"),
+            &format!("{d}/disks/first.img"),
             "-object",
             r#"{"qom-type":"rng-random","id":"rng0","filename":"/dev/urandom"}"#,
             "-vnc",
@@ -479,10 +744,77 @@ mod tests {
             args(&["qemu-system-x86_64", "-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:1234-cmd:/bin/sh"]),
             args(&["qemu-system-x86_64", "-netdev", r#"{"type":"user","id":"n","guestfwd":[{"str":"tcp:10.0.2.100:1234-cmd:/bin/sh"}]}"#]),
             args(&["qemu-system-x86_64", "-netdev", "stream,id=n,addr.type=unix,addr.path=/etc/x,server=on"]),
+            // `--option` is the same option.
+            args(&["qemu-system-x86_64", "--drive", "file=/etc/shadow,format=raw,if=virtio"]),
+            args(&["qemu-system-x86_64", "--plugin", "/tmp/evil.so"]),
+            // A bare argument is a disk.
+            args(&["qemu-system-x86_64", "-m", "128", "/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-nographic", "/dev/sda"]),
+            // `-append`'s argument is the guest's, but only where QEMU reads it so.
+            args(&["qemu-system-x86_64", "-name", "-append", "/etc/shadow"]),
+            // Files read into the guest (a kernel, a read-only disk, a ROM, fw_cfg) come from
+            // the policy's directories or the system's package data only.
+            args(&["qemu-system-x86_64", "-kernel", "/root/.ssh/id_ed25519"]),
+            args(&["qemu-system-x86_64", "-initrd", "/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-drive", "file=/etc/shadow,readonly=on,if=virtio"]),
+            args(&["qemu-system-x86_64", "-cdrom", "/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-blockdev", r#"{"driver":"file","filename":"/etc/shadow","node-name":"b","read-only":true}"#]),
+            args(&["qemu-system-x86_64", "-device", "virtio-net-pci,romfile=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-global", "virtio-net-pci.romfile=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-global", "driver=virtio-net-pci,property=romfile,value=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-set", "drive.d0.file=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-device", "loader,file=/etc/shadow,addr=0x1000"]),
+            args(&["qemu-system-x86_64", "-fw_cfg", "name=opt/x,file=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-acpitable", "data=/usr/share/x:/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-smbios", "file=/etc/shadow"]),
+            args(&["qemu-system-x86_64", "-L", "/etc"]),
+            args(&["qemu-system-x86_64", "-kernel", "/usr/share/../../etc/shadow"]),
+            // Host devices handed to the guest.
+            args(&["qemu-system-x86_64", "-device", "vfio-pci,host=01:00.0"]),
+            args(&["qemu-system-x86_64", "-device", "usb-host,hostbus=1,hostaddr=2"]),
+            args(&["qemu-system-x86_64", "-device", r#"{"driver":"vfio-pci","host":"01:00.0"}"#]),
+            args(&["qemu-system-x86_64", "-netdev", "vhost-vdpa,id=v,vhostdev=/dev/vhost-vdpa-0"]),
+            // The node's own files (identity key, store, control socket), read or written,
+            // through whatever option, link or spelling.
+            args(&["qemu-system-x86_64", "-drive", &format!("file={d}/node/identity.key,format=raw,if=virtio")]),
+            args(&["qemu-system-x86_64", "-kernel", &format!("{d}/node/identity.key")]),
+            args(&["qemu-system-x86_64", "-pidfile", &format!("{d}/node/identity.key")]),
+            args(&["qemu-system-x86_64", "-chardev", &format!("socket,id=c,path={d}/node/control.sock,server=on")]),
+            args(&["qemu-system-x86_64", "-name", &format!("guest=x,debug-threads=on,,{d}/node/identity.key")]),
+            args(&["qemu-system-x86_64", "-blockdev", &format!(r#"{{"driver":"file","filename":"\u002f{}/node/db","node-name":"b"}}"#, d.trim_start_matches('/'))]),
+            args(&["qemu-system-x86_64", "-drive", &format!(r#"file=json:{{"driver":"file",,"filename":"{d}/node/identity.key"}},if=virtio"#)]),
+            args(&["qemu-system-x86_64", "-drive", &format!("file={d}/link/identity.key,if=virtio")]),
+            args(&["qemu-system-x86_64", "-drive", &format!("file={d}/x/../node/identity.key,readonly=on,if=virtio")]),
+            args(&["qemu-system-x86_64", "-drive", &format!("file={},if=virtio,readonly=on", d.trim_start_matches('/').to_string() + "/node/identity.key")]),
+            args(&["qemu-system-x86_64", "-unknown-option", &format!("{d}/node/identity.key")]),
         ];
         for c in refused {
             assert!(matches!(p.check(&c), Err(LaunchError::Refused(_))), "{c:?} was allowed");
         }
+    }
+
+    #[test]
+    fn the_data_directory_is_open_only_where_restored_disks_go() {
+        if !Path::new("/usr/bin/qemu-system-x86_64").is_file() {
+            eprintln!("no /usr/bin/qemu-system-x86_64 here: policy test skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let own = dir.path().join("data");
+        let disks = own.join("disks");
+        std::fs::create_dir_all(disks.join("g1")).expect("mkdir");
+        // The default disk directory is in the data directory; a --launch-dir around it all
+        // opens neither the rest of it.
+        let p = LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![disks.clone(), dir.path().to_path_buf()], own: own.clone() };
+        let drive = |f: &Path| args(&["qemu-system-x86_64", "-drive", &format!("file={},if=virtio,format=raw", f.display())]);
+        assert!(p.check(&drive(&disks.join("g1/s1-vda.raw"))).is_ok());
+        assert!(p.check(&drive(&dir.path().join("vm.img"))).is_ok());
+        for f in [own.join("identity.key"), own.join("db/CURRENT"), own.join("certificate"), disks.join("../identity.key"), own.clone()] {
+            let e = p.check(&drive(&f)).expect_err("refused").to_string();
+            assert!(e.contains("own data directory"), "{f:?}: {e}");
+        }
+        assert!(p.may_write(&disks.join("g1/vda.raw")).is_ok());
+        assert!(p.may_write(&own.join("identity.key")).is_err());
     }
 
     #[test]
@@ -511,7 +843,7 @@ mod tests {
 
     #[test]
     fn cmdline_is_adjusted_for_incoming() {
-        let c: Vec<String> = ["qemu", "-m", "256", "-daemonize", "-incoming", "defer", "-qmp", "unix:/q,server=on"].iter().map(|s| s.to_string()).collect();
+        let c: Vec<String> = ["qemu", "-m", "256", "-daemonize", "-incoming", "defer", "-qmp", "unix:/q,server=on", "--incoming", "exec:sh", "--daemonize"].iter().map(|s| s.to_string()).collect();
         let a = adjusted_cmdline(&c, std::path::Path::new("/d/in.sock"));
         assert_eq!(a, ["qemu", "-m", "256", "-qmp", "unix:/q,server=on", "-incoming", "unix:/d/in.sock"]);
     }
