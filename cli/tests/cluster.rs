@@ -396,6 +396,35 @@ fn live_mode_falls_back_to_pre_copy_where_qemu_refuses_it_and_says_so() {
     guest::kill_by_qmp(&vms.join("gs.qmp"));
 }
 
+/// A record whose command line names a file of the restoring node's own — here n2's identity
+/// key, as a read-only disk, what a hostile member's record could ask for to read it from its
+/// guest — is refused on that host before anything starts, and the key is untouched. On n1,
+/// whose own directory it is not, the same path is a file in its --launch-dir: it restores.
+#[test]
+fn a_record_naming_the_restoring_nodes_own_files_is_refused_there() {
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let key = c.nodes[1].dir.join("identity.key");
+    let before = std::fs::read(&key).expect("n2's key");
+    let drive = format!("file={},format=raw,if=virtio,readonly=on", key.display());
+    let g = lab.guest_with("gk", 128, "fill=8", &["-drive", &drive]);
+    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("gk fill"));
+    let source = format!("gk=qemu:{}", vms.join("gk.qmp").display());
+    c.json(0, &["snapshot", "create", "k", "--vm", &source, "--no-disks"]).expect("snapshot");
+    guest::kill_by_qmp(&vms.join("gk.qmp"));
+    drop(g);
+    let o = c.cli(0, &["snapshot", "restore", "k", "--vm", "gk", "--launch", "--on", "n2"]).expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("own data directory") && err.contains("identity.key"), "{err}");
+    assert_eq!(std::fs::read(&key).expect("n2's key"), before, "n2's key is untouched");
+    assert!(!c.nodes[1].dir.join("launch-gk.log").exists(), "no QEMU was started on n2");
+    assert!(status(&vms.join("gk.qmp")).starts_with("unreachable"), "no guest runs");
+    c.json(0, &["snapshot", "restore", "k", "--vm", "gk", "--launch", "--on", "n1"]).expect("restore on n1");
+    assert_eq!(md5_of(&check(&vms, "gk")), fill);
+    guest::kill_by_qmp(&vms.join("gk.qmp"));
+}
+
 /// How long the guest takes to write `mib` MiB of fresh memory (its own clock, seconds). A
 /// write to memory still write-protected by a dead background snapshot would never return.
 fn write_seconds(dir: &Path, vm: &str, mib: u32) -> f64 {

@@ -221,7 +221,12 @@ impl LaunchPolicy {
         }
         self.check_not_own(p, opt)?;
         let path = Path::new(p);
-        let real = resolve(path);
+        // QEMU runs in `/`: a relative name is opened from there first; a ROM or firmware name
+        // not found there is looked up in QEMU's own firmware directories.
+        let real = resolve(&Path::new("/").join(path));
+        if access == Access::Read && path.is_relative() && !real.exists() {
+            return Ok(());
+        }
         let (inside, allowed) = match access {
             Access::Write => (
                 path.is_absolute()
@@ -231,7 +236,7 @@ impl LaunchPolicy {
             ),
             Access::Read => {
                 let dirs: Vec<PathBuf> = self.dirs.iter().cloned().chain(SYSTEM_READ_DIRS.iter().map(PathBuf::from)).collect();
-                (path.is_absolute() && dirs.iter().any(|d| real.starts_with(resolve(d))), dirs.iter().map(|d| d.display().to_string()).collect())
+                (dirs.iter().any(|d| real.starts_with(resolve(d))), dirs.iter().map(|d| d.display().to_string()).collect())
             }
         };
         if !inside {
@@ -684,6 +689,10 @@ mod tests {
             "/usr/share/qemu",
             "-device",
             "virtio-net-pci,netdev=n0,romfile=/usr/share/qemu/efi-virtio.rom",
+            "-device",
+            "e1000,netdev=n1,romfile=efi-e1000.rom",
+            "-bios",
+            "bios-256k.bin",
             "-fw_cfg",
             &format!("name=opt/x,file={d}/fw.bin"),
             &format!("{d}/disks/first.img"),
@@ -769,6 +778,8 @@ mod tests {
             args(&["qemu-system-x86_64", "-smbios", "file=/etc/shadow"]),
             args(&["qemu-system-x86_64", "-L", "/etc"]),
             args(&["qemu-system-x86_64", "-kernel", "/usr/share/../../etc/shadow"]),
+            args(&["qemu-system-x86_64", "-kernel", "etc/shadow"]),
+            args(&["qemu-system-x86_64", "-bios", "../etc/shadow"]),
             // Host devices handed to the guest.
             args(&["qemu-system-x86_64", "-device", "vfio-pci,host=01:00.0"]),
             args(&["qemu-system-x86_64", "-device", "usb-host,hostbus=1,hostaddr=2"]),
