@@ -91,6 +91,9 @@ pub struct DiskBlock {
     pub device: String,
 }
 
+/// Longest disk device name.
+pub const DEVICE_BYTES_MAX: usize = 128;
+
 impl DiskBlock {
     /// The block name: `disk:SIZE:ARG:DEVICE`.
     pub fn name(&self) -> String {
@@ -103,8 +106,10 @@ impl DiskBlock {
         let mut it = rest.splitn(3, ':');
         let size = it.next()?.parse().ok()?;
         let arg = it.next()?.parse().ok()?;
-        let device = it.next().filter(|d| !d.is_empty())?.to_string();
-        Some(Self { size, arg, device })
+        // A QEMU id (a letter, then letters, digits, '-', '.', '_'): it names the restored
+        // image's file, so a record's device may not be a path.
+        let device = it.next().filter(|d| d.len() <= DEVICE_BYTES_MAX && d.starts_with(|c: char| c.is_ascii_alphabetic()) && d.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))?;
+        Some(Self { size, arg, device: device.to_string() })
     }
 }
 
@@ -705,6 +710,10 @@ mod tests {
         assert_eq!(DiskBlock::parse(&d.name()), Some(d.clone()));
         assert_eq!(DiskBlock::parse("pc.ram"), None);
         assert_eq!(DiskBlock::parse("disk:1:2:"), None);
+        for bad in ["disk:1:2:x/../../etc/cron.d/y", "disk:1:2:../y", "disk:1:2:-y", "disk:1:2:a b", "disk:1:2:a:b"] {
+            assert_eq!(DiskBlock::parse(bad), None, "{bad}");
+        }
+        assert!(DiskBlock::parse("disk:1:2:drive-virtio-disk0.x_1").is_some());
         let mut rec = CommitRecord::minimal(NodeId([1; 32]), "s");
         let pages = 10_000u64.div_ceil(PAGE_SIZE as u64);
         rec.vms[0].blocks.push(Block { name: d.name(), bytes: pages * PAGE_SIZE as u64 });
