@@ -29,7 +29,8 @@
 //! option after the check (`-set`, but a device's property) or read options this check cannot
 //! see (`-readconfig`) are refused, and so is a key given twice where QEMU would keep the
 //! other value. A record that breaks the policy is refused before anything is unlinked or
-//! spawned. What is checked is exactly what QEMU is given; QEMU starts in `/`.
+//! spawned. What is checked is exactly what QEMU is given, and what a disk image's header names
+//! (its backing chain, a qcow2 data file) as if QEMU probed it; QEMU starts in `/`.
 
 use super::qmp_paths_of;
 use std::path::{Component, Path, PathBuf};
@@ -249,6 +250,11 @@ impl LaunchPolicy {
             if PATH_OPTIONS.contains(&opt) || READ_FILE_OPTIONS.contains(&opt) {
                 for (p, access) in paths_in(opt, value).map_err(unreadable)? {
                     self.check_path(&p, opt, access)?;
+                    // A `-drive` given as `format=raw` is not probed: its header is data.
+                    let raw = opt == "-drive" && super::disks::drive_options(value).iter().any(|(k, v)| k == "format" && v == "raw");
+                    if IMAGE_OPTIONS.contains(&opt) && !raw {
+                        self.check_image(&p, opt)?;
+                    }
                 }
             }
         }
@@ -258,6 +264,7 @@ impl LaunchPolicy {
             local_file("-hda", &cmdline[i], Access::Write, &mut out).map_err(|e| LaunchError::Refused(format!("the recorded command line's bare argument {}: {e}; refusing to start it", cmdline[i])))?;
             for (p, access) in out {
                 self.check_path(&p, "bare argument (a disk, as -hda)", access)?;
+                self.check_image(&p, "bare argument (a disk, as -hda)")?;
             }
         }
         // Whatever an option is, no file of the node's own may be named in it (the guest's
@@ -271,6 +278,31 @@ impl LaunchPolicy {
             }
         }
         Ok(prog)
+    }
+
+    /// Checks the files a disk image's own header names (its backing chain, a qcow2 external
+    /// data file) as QEMU would open them: a backing file is read, a data file written.
+    fn check_image(&self, p: &str, opt: &str) -> Result<(), LaunchError> {
+        let mut image = Path::new("/").join(p);
+        for _ in 0..IMAGE_CHAIN_MAX {
+            let refs = match image_references(&image) {
+                Ok(r) => r,
+                Err(e) => return Err(LaunchError::Refused(format!("the recorded command line's {opt} uses {}, {e}; refusing to start it", image.display()))),
+            };
+            let mut backing = None;
+            for (r, access) in refs {
+                let name = r.display().to_string();
+                self.check_path(&name, &format!("{opt} image {}", image.display()), access)?;
+                if access == Access::Read {
+                    backing = Some(r);
+                }
+            }
+            match backing {
+                Some(b) => image = b,
+                None => return Ok(()),
+            }
+        }
+        Err(LaunchError::Refused(format!("the recorded command line's {opt} uses {p}, whose backing chain is longer than {IMAGE_CHAIN_MAX}; refusing to start it")))
     }
 
     /// Whether a restore may write `p` (a disk restored in place).
@@ -655,6 +687,65 @@ fn paths_in(opt: &str, value: &str) -> Result<Vec<(String, Access)>, String> {
 
 /// Options that attach a disk.
 const DISK_OPTIONS: &[&str] = &["-drive", "-blockdev"];
+/// Options whose files QEMU may open as disk images (and so follow what their headers name).
+const IMAGE_OPTIONS: &[&str] = &["-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-cdrom"];
+/// Longest backing chain followed.
+const IMAGE_CHAIN_MAX: usize = 16;
+
+/// The files an image's header names, should QEMU open it in the format its first bytes
+/// claim (it probes an image given without `format=`): a qcow2 or QED backing file (read;
+/// relative to the image's directory) and a qcow2 external data file (written). A VMDK
+/// descriptor, whose extents may be anywhere, is refused; anything else (raw) names nothing.
+/// A file that is not there, or not a regular file, names nothing.
+fn image_references(image: &Path) -> Result<Vec<(PathBuf, Access)>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(image) else { return Ok(vec![]) };
+    if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Ok(vec![]);
+    }
+    let mut h = [0u8; 4096];
+    let n = f.read(&mut h).map_err(|e| format!("which cannot be read ({e})"))?;
+    let h = &h[..n];
+    let be32 = |o: usize| h.get(o..o + 4).map(|b| u32::from_be_bytes(b.try_into().unwrap_or_default()) as u64);
+    let be64 = |o: usize| h.get(o..o + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+    let le32 = |o: usize| h.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as u64);
+    let mut name_at = |off: u64, len: u64| -> Result<PathBuf, String> {
+        if len == 0 || len > 1023 {
+            return Err(format!("whose header names a file of {len} bytes"));
+        }
+        let mut b = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(off)).and_then(|_| f.read_exact(&mut b)).map_err(|e| format!("whose header cannot be read ({e})"))?;
+        let name = String::from_utf8(b).map_err(|_| "whose header names a file that is not UTF-8".to_string())?;
+        Ok(image.parent().unwrap_or(Path::new("/")).join(name))
+    };
+    let bad = || "whose header is cut short".to_string();
+    let mut out = Vec::new();
+    if h.starts_with(b"QFI\xfb") {
+        let (version, off, len) = (be32(4).ok_or_else(bad)?, be64(8).ok_or_else(bad)?, be32(16).ok_or_else(bad)?);
+        if off != 0 {
+            out.push((name_at(off, len)?, Access::Read));
+        }
+        // Header extensions: type, length, data padded to 8 bytes; type 0 ends them.
+        let mut at = if version >= 3 { be32(100).ok_or_else(bad)? as usize } else { 72 };
+        while let (Some(kind), Some(len)) = (be32(at), be32(at + 4)) {
+            if kind == 0 {
+                break;
+            }
+            if kind == 0x4441_5441 {
+                out.push((name_at(at as u64 + 8, len)?, Access::Write));
+            }
+            at += 8 + (len as usize).div_ceil(8) * 8;
+        }
+    } else if h.starts_with(b"QED\0") {
+        let (off, len) = (le32(56).ok_or_else(bad)?, le32(60).ok_or_else(bad)?);
+        if off != 0 {
+            out.push((name_at(off, len)?, Access::Read));
+        }
+    } else if h.starts_with(b"KDMV") || h.starts_with(b"# Disk DescriptorFile") {
+        return Err("a VMDK image, whose extents this host does not check (give it as format=raw, or convert it)".into());
+    }
+    Ok(out)
+}
 
 /// Is a disk opened read-only (`readonly=on`, `read-only=on`, a CD-ROM, or `snapshot=on`, which
 /// writes to a temporary file instead)? QEMU only reads such an image, as it reads a kernel or
@@ -1067,6 +1158,55 @@ mod tests {
         }
         assert!(p.may_write(&disks.join("g1/vda.raw")).is_ok());
         assert!(p.may_write(&own.join("identity.key")).is_err());
+    }
+
+    /// A qcow2 header (version 2, or 3 with an external data file) naming `backing`.
+    fn qcow2(path: &Path, backing: &str, data_file: Option<&str>) {
+        let mut h = vec![0u8; 1024];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&(if data_file.is_some() { 3u32 } else { 2 }).to_be_bytes());
+        if !backing.is_empty() {
+            h[8..16].copy_from_slice(&768u64.to_be_bytes());
+            h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+            h[768..768 + backing.len()].copy_from_slice(backing.as_bytes());
+        }
+        if let Some(d) = data_file {
+            h[100..104].copy_from_slice(&104u32.to_be_bytes());
+            h[104..108].copy_from_slice(&0x4441_5441u32.to_be_bytes());
+            h[108..112].copy_from_slice(&(d.len() as u32).to_be_bytes());
+            h[112..112 + d.len()].copy_from_slice(d.as_bytes());
+        }
+        std::fs::write(path, h).expect("image");
+    }
+
+    #[test]
+    fn what_an_images_header_names_is_checked_too() {
+        if !Path::new("/usr/bin/qemu-system-x86_64").is_file() {
+            eprintln!("no /usr/bin/qemu-system-x86_64 here: policy test skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let p = policy(d);
+        std::fs::create_dir_all(d.join("node")).expect("mkdir");
+        let drive = |f: &str, extra: &str| args(&["qemu-system-x86_64", "-drive", &format!("file={}/{f},if=virtio{extra}", d.display())]);
+        std::fs::write(d.join("base.raw"), vec![0u8; 4096]).expect("base");
+        qcow2(&d.join("ok.qcow2"), "base.raw", None);
+        qcow2(&d.join("chain.qcow2"), "ok.qcow2", None);
+        qcow2(&d.join("shadow.qcow2"), "/etc/shadow", None);
+        qcow2(&d.join("own.qcow2"), "node/identity.key", None);
+        qcow2(&d.join("far.qcow2"), "shadow.qcow2", None);
+        qcow2(&d.join("data.qcow2"), "", Some("/etc/motd"));
+        std::fs::write(d.join("x.vmdk"), b"# Disk DescriptorFile\nRW 8 FLAT \"/dev/sda\" 0\n").expect("vmdk");
+        for ok in [drive("ok.qcow2", ""), drive("chain.qcow2", ",format=qcow2"), drive("shadow.qcow2", ",format=raw"), drive("base.raw", "")] {
+            assert!(p.check(&ok).is_ok(), "{ok:?}: {:?}", p.check(&ok));
+        }
+        for (bad, why) in [("shadow.qcow2", "/etc/shadow"), ("own.qcow2", "own data directory"), ("far.qcow2", "/etc/shadow"), ("data.qcow2", "/etc/motd"), ("x.vmdk", "VMDK")] {
+            let e = p.check(&drive(bad, "")).expect_err(bad).to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = p.check(&args(&["qemu-system-x86_64", &format!("{}/shadow.qcow2", d.display())])).expect_err("bare").to_string();
+        assert!(e.contains("/etc/shadow"), "{e}");
     }
 
     #[test]
