@@ -716,6 +716,11 @@ fn image_references(image: &Path) -> Result<Vec<(PathBuf, Access)>, String> {
         let mut b = vec![0u8; len as usize];
         f.seek(SeekFrom::Start(off)).and_then(|_| f.read_exact(&mut b)).map_err(|e| format!("whose header cannot be read ({e})"))?;
         let name = String::from_utf8(b).map_err(|_| "whose header names a file that is not UTF-8".to_string())?;
+        // `json:{...}`, `file:P`, `nbd://...`: QEMU opens such a name as it says, not beside the
+        // image; not followed here.
+        if name.split('/').next().is_some_and(|head| head.contains(':')) {
+            return Err(format!("whose header names {name:?}, a protocol or JSON name this host does not follow"));
+        }
         Ok(image.parent().unwrap_or(Path::new("/")).join(name))
     };
     let bad = || "whose header is cut short".to_string();
@@ -1197,11 +1202,12 @@ mod tests {
         qcow2(&d.join("own.qcow2"), "node/identity.key", None);
         qcow2(&d.join("far.qcow2"), "shadow.qcow2", None);
         qcow2(&d.join("data.qcow2"), "", Some("/etc/motd"));
+        qcow2(&d.join("json.qcow2"), r#"json:{"driver":"file","filename":"/etc/shadow"}"#, None);
         std::fs::write(d.join("x.vmdk"), b"# Disk DescriptorFile\nRW 8 FLAT \"/dev/sda\" 0\n").expect("vmdk");
         for ok in [drive("ok.qcow2", ""), drive("chain.qcow2", ",format=qcow2"), drive("shadow.qcow2", ",format=raw"), drive("base.raw", "")] {
             assert!(p.check(&ok).is_ok(), "{ok:?}: {:?}", p.check(&ok));
         }
-        for (bad, why) in [("shadow.qcow2", "/etc/shadow"), ("own.qcow2", "own data directory"), ("far.qcow2", "/etc/shadow"), ("data.qcow2", "/etc/motd"), ("x.vmdk", "VMDK")] {
+        for (bad, why) in [("shadow.qcow2", "/etc/shadow"), ("own.qcow2", "own data directory"), ("far.qcow2", "/etc/shadow"), ("data.qcow2", "/etc/motd"), ("x.vmdk", "VMDK"), ("json.qcow2", "protocol or JSON")] {
             let e = p.check(&drive(bad, "")).expect_err(bad).to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
