@@ -111,7 +111,7 @@ pub struct LaunchPolicy {
 /// other package data (OVMF, SeaBIOS, iPXE, keymaps), which hold nothing secret.
 pub const SYSTEM_READ_DIRS: &[&str] = &["/usr/share", "/usr/lib", "/usr/lib64", "/usr/local/share", "/usr/local/lib"];
 
-/// Options that make QEMU run host code, open a debugger stub on a TCP port (it reads and writes
+/// Options that make QEMU run host code, serve a debugger on a TCP port (it reads and writes
 /// the guest and runs monitor commands), give the guest the host's files (semihosting), or
 /// read more options from a file this check cannot see: refused whatever their value.
 const REFUSED_OPTIONS: &[&str] = &["-plugin", "-readconfig", "-gdb", "-s", "-semihosting", "-semihosting-config"];
@@ -119,7 +119,7 @@ const REFUSED_OPTIONS: &[&str] = &["-plugin", "-readconfig", "-gdb", "-s", "-sem
 /// directories it hands the guest (disks, shared directories), or files it loads for the guest
 /// (ROMs, firmware tables, `fw_cfg` files).
 const PATH_OPTIONS: &[&str] = &[
-    "-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-gdb", "-pidfile", "-D", "-trace", "-writeconfig",
+    "-chardev", "-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-mon", "-pidfile", "-D", "-trace", "-writeconfig",
     "-mem-path", "-object", "-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-virtfs",
     "-fsdev", "-netdev", "-nic", "-net", "-vnc", "-audiodev", "-tpmdev", "-device", "-global", "-set", "-fw_cfg", "-acpitable", "-smbios",
     "-qtest", "-qtest-log", "-dump-vmstate", "-spice", "-display", "-boot", "-machine", "-M", "-icount", "-audio", "-option-rom",
@@ -127,7 +127,7 @@ const PATH_OPTIONS: &[&str] = &[
 /// Options that set up a guest network (tap scripts, helpers, smbd, `guestfwd` commands).
 const NET_OPTIONS: &[&str] = &["-netdev", "-nic", "-net"];
 /// Options whose value is a character device, `unix:P,server=on` or `/dev/ttyS0` included.
-const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-gdb", "-vnc", "-qtest"];
+const CHARDEV_OPTIONS: &[&str] = &["-qmp", "-qmp-pretty", "-monitor", "-serial", "-parallel", "-debugcon", "-vnc", "-qtest"];
 /// Options whose whole value is one file QEMU writes or hands the guest to write.
 const FILE_OPTIONS: &[&str] =
     &["-pidfile", "-D", "-mem-path", "-writeconfig", "-hda", "-hdb", "-hdc", "-hdd", "-fda", "-fdb", "-pflash", "-mtdblock", "-sd", "-qtest-log", "-dump-vmstate"];
@@ -214,7 +214,7 @@ impl LaunchPolicy {
             let value = cmdline.get(i + 1).map(String::as_str).unwrap_or("");
             if REFUSED_OPTIONS.contains(&opt) {
                 return refused(format!(
-                    "the recorded command line has {opt}, which a restored VM may never have here (it runs host code, opens a debugger stub or host file access, or reads options this host cannot check); refusing to start it"
+                    "the recorded command line has {opt}, which a restored VM may never have here (it runs host code, serves a debugger or host file access, or reads options this host cannot check); refusing to start it"
                 ));
             }
             let unreadable = |e: String| LaunchError::Refused(format!("the recorded command line's {opt} {value}: {e}; refusing to start it"));
