@@ -65,6 +65,13 @@ pub(crate) struct RunArgs {
     /// its disks.
     #[arg(long = "launch-dir", value_name = "DIR")]
     pub(crate) launch_dirs: Vec<PathBuf>,
+    /// Whether a QEMU a restore launches here runs in QEMU's seccomp sandbox, as libvirt runs
+    /// its QEMUs: it is killed if it starts a program (a `migrate exec:...`, a network script,
+    /// anything a snapshot's command line might make it run) or gains privileges. Turn it off
+    /// only for a QEMU built without seccomp, or to migrate restored VMs with `exec:`
+    /// [default: on].
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new(), hide_possible_values = true)]
+    pub(crate) launch_sandbox: Option<bool>,
     /// Longest a snapshot this node takes may run before it is given up (e.g. 90s, 30m, 6h).
     /// Garbage collection frees a page only after it was unreferenced this long (plus 10 s),
     /// so give every node the same value [default: 6h].
@@ -132,6 +139,7 @@ pub(crate) struct FileConfig {
     vm_dir: Option<PathBuf>,
     qemu_dir: Option<PathBuf>,
     launch_dirs: Option<Vec<PathBuf>>,
+    launch_sandbox: Option<bool>,
     snapshot_deadline: Option<String>,
     gc_interval: Option<String>,
     scrub_interval: Option<String>,
@@ -213,6 +221,7 @@ fn merge(args: RunArgs, file: FileConfig) -> anyhow::Result<(vmcsnap_node::NodeC
         join: args.join.or(file.join),
         qemu_dir: abs(args.qemu_dir.or(file.qemu_dir).unwrap_or_else(|| "/usr/bin".into()))?,
         launch_dirs: launch_dirs.into_iter().map(abs).collect::<Result<_, _>>()?,
+        launch_sandbox: args.launch_sandbox.or(file.launch_sandbox).unwrap_or(true),
         snapshot_deadline: duration(args.snapshot_deadline, "snapshot-deadline", file.snapshot_deadline, defaults::DEFAULT_SNAPSHOT_DEADLINE)?,
         gc_interval: duration(args.gc_interval, "gc-interval", file.gc_interval, defaults::DEFAULT_GC_INTERVAL)?,
         scrub_interval: duration(args.scrub_interval, "scrub-interval", file.scrub_interval, defaults::DEFAULT_SCRUB_INTERVAL)?,
@@ -261,6 +270,7 @@ listen = "10.0.0.1:7400"         # this host's own address on the cluster networ
 # vm-dir = "/run/vmcsnap/vms"    # QMP sockets named ID.qmp: this host's VMs
 # qemu-dir = "/usr/bin"
 # launch-dirs = []              # where restored VMs' disks, sockets, logs, kernels and ISOs may be, e.g. ["/var/lib/libvirt"]
+# launch-sandbox = true          # restored QEMUs in QEMU's seccomp sandbox (killed if they start a program)
 # disk-dir = "/var/lib/vmcsnap/disks"
 # snapshot-deadline = "{deadline}"
 # gc-interval = "{gc}"
@@ -330,6 +340,7 @@ mod tests {
         assert_eq!(c.listen, "10.0.0.1:7400".parse::<SocketAddr>().expect("addr"));
         assert_eq!((c.replicas, c.min_free, c.scrub_rate, log.as_str()), (2, 1 << 30, 32 << 20, "info"));
         assert_eq!(c.snapshot_deadline, defaults::DEFAULT_SNAPSHOT_DEADLINE);
+        assert!(c.launch_sandbox, "restored QEMUs are sandboxed unless told otherwise");
     }
 
     #[test]
@@ -338,6 +349,10 @@ mod tests {
         let a = RunArgs { replicas: Some(1), data_dir: Some("/b".into()), ..args() };
         let (c, _) = merge(a, file).expect("valid");
         assert_eq!((c.replicas, c.scrub_rate, c.gc_interval), (1, 8 << 20, Duration::from_secs(120)));
+        let file = FileConfig::parse("data-dir = \"/a\"\nlisten = \"127.0.0.1:1\"\nlaunch-sandbox = false\n").expect("file");
+        assert!(!merge(args(), file).expect("valid").0.launch_sandbox);
+        let file = FileConfig::parse("data-dir = \"/a\"\nlisten = \"127.0.0.1:1\"\nlaunch-sandbox = false\n").expect("file");
+        assert!(merge(RunArgs { launch_sandbox: Some(true), ..args() }, file).expect("valid").0.launch_sandbox);
         assert_eq!(c.data_dir, PathBuf::from("/b"));
         assert_eq!(c.peers, vec!["127.0.0.1:2".parse::<SocketAddr>().expect("addr")]);
     }

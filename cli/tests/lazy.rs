@@ -78,11 +78,34 @@ fn a_lazy_restore_runs_at_once_and_takes_pages_from_the_other_replica() {
     let caps = q.execute("query-migrate-capabilities", serde_json::json!({})).expect("capabilities");
     let on: Vec<&str> = caps.as_array().expect("capabilities").iter().filter(|c| c["state"] == true).filter_map(|c| c["capability"].as_str()).collect();
     assert!(on.is_empty(), "capabilities left on: {on:?}");
-    q.execute("migrate", serde_json::json!({ "uri": format!("exec:cat > {}", lab.dir().join("migrated").display()) })).expect("migrate");
+    let sock = lab.dir().join("migrate.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let sink = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut c, _) = listener.accept()?;
+        std::io::copy(&mut c, &mut std::io::sink())
+    });
+    q.execute("migrate", serde_json::json!({ "uri": format!("unix:{}", sock.display()) })).expect("migrate");
     q.wait_migrated().expect("a pre-copy migration of the restored VM completes");
+    assert!(sink.join().expect("sink").expect("stream") > 48 << 20, "the whole guest went out");
     q.execute("cont", serde_json::json!({})).expect("cont");
-    drop(q);
     assert_eq!(md5_of(&check(&vms, "g")), fill, "the guest's data after migrating on");
+
+    // The QEMU the restore launched runs in QEMU's seccomp sandbox (the node's default,
+    // `--launch-sandbox on`): asked to start a program, it is killed and nothing runs.
+    let qemu: Vec<u32> = guest::pids_naming(&vms.join("g.qmp").display().to_string())
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu-system")))
+        .collect();
+    assert_eq!(qemu.len(), 1, "one QEMU on the guest's monitor: {qemu:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).expect("status");
+    assert!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "not in a seccomp filter:\n{status}");
+    let ran = lab.dir().join("ran");
+    let _ = q.execute("migrate", serde_json::json!({ "uri": format!("exec:touch {}", ran.display()) }));
+    drop(q);
+    wait_until("the sandboxed QEMU to be killed", Duration::from_secs(20), || {
+        std::path::Path::new(&format!("/proc/{}", qemu[0])).exists().then(|| "still there".to_string())
+    });
+    assert!(!ran.exists(), "a restored QEMU started a program");
     guest::kill_by_qmp(&vms.join("g.qmp"));
 }
 

@@ -53,6 +53,9 @@ pub struct NodeConfig {
     /// Directories besides the data directory, `vm_dir` and the disk directory where a
     /// launched QEMU's sockets, files and disks may be.
     pub launch_dirs: Vec<PathBuf>,
+    /// Whether a launched QEMU runs in QEMU's seccomp sandbox (it is killed if it starts a
+    /// program; see [`crate::qemu::launch::sandbox_value`]).
+    pub launch_sandbox: bool,
     /// Longest a snapshot this node takes may run: it is not committed later. Garbage
     /// collection relies on it (see [`NodeConfig::gc_grace`]); set it alike on every node.
     pub snapshot_deadline: Duration,
@@ -95,6 +98,7 @@ impl NodeConfig {
             join: None,
             qemu_dir: "/usr/bin".into(),
             launch_dirs: vec![],
+            launch_sandbox: true,
             snapshot_deadline: DEFAULT_SNAPSHOT_DEADLINE,
             gc_interval: DEFAULT_GC_INTERVAL,
             scrub_interval: DEFAULT_SCRUB_INTERVAL,

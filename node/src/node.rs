@@ -315,7 +315,7 @@ impl Node {
         let mut dirs: Vec<_> = c.vm_dir.iter().cloned().collect();
         dirs.extend(c.launch_dirs.iter().cloned());
         dirs.push(c.disk_dir());
-        crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs, own: c.data_dir.clone() }
+        crate::qemu::launch::LaunchPolicy { qemu_dir: c.qemu_dir.clone(), dirs, own: c.data_dir.clone(), sandbox: c.launch_sandbox }
     }
 
     /// Notes a member's liveness (for [`Node::is_gone`]).

@@ -441,23 +441,32 @@ pub fn is_root() -> bool {
 
 /// SIGKILLs every process whose command line contains `needle`.
 pub fn kill_naming(needle: &str) {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    for pid in pids_naming(needle) {
+        // SAFETY: kill(2) on a pid read from /proc; at worst it names a process that
+        // already exited.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// Every process but this one whose command line contains `needle`.
+pub fn pids_naming(needle: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
     let me = std::process::id();
+    let mut out = Vec::new();
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
-        if pid as u32 == me {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == me {
             continue;
         }
         let Ok(c) = std::fs::read(e.path().join("cmdline")) else { continue };
         if String::from_utf8_lossy(&c).contains(needle) {
-            // SAFETY: kill(2) on a pid read from /proc; at worst it names a process that
-            // already exited.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            out.push(pid);
         }
     }
+    out
 }
 
 /// A blocking QMP client, for benchmarks and tests that drive QEMU directly.

@@ -77,13 +77,33 @@ pub fn without_incoming(cmdline: &[String]) -> Vec<String> {
     out
 }
 
-/// A command line (already [`without_incoming`]) adjusted to wait for a stream on `incoming`.
-/// (Not in QEMU's seccomp sandbox: with `spawn=deny` a restored VM could not be migrated on
-/// with `exec:` as any other VM can; the options that start programs are refused instead.)
-pub fn adjusted_cmdline(cmdline: &[String], incoming: &std::path::Path) -> Vec<String> {
+/// A command line (already [`without_incoming`]) adjusted to wait for a stream on `incoming`,
+/// and with `sandbox`, run in QEMU's seccomp sandbox ([`sandbox_value`]).
+pub fn adjusted_cmdline(cmdline: &[String], incoming: &std::path::Path, sandbox: bool) -> Vec<String> {
     let mut out = cmdline.to_vec();
     out.extend(["-incoming".to_string(), format!("unix:{}", incoming.display())]);
+    if sandbox {
+        out.extend(["-sandbox".to_string(), sandbox_value(cmdline)]);
+    }
     out
+}
+
+/// The `-sandbox` a launched QEMU gets: what libvirt gives its QEMUs. QEMU is killed if it
+/// starts a program (`spawn`: `migrate exec:`, tap scripts, `smb=`, or whatever option this
+/// check does not know of), gains privileges (`elevateprivileges`; allowed where the command
+/// line drops them itself with `-runas`, whose `setuid` it would otherwise kill), uses
+/// obsolete system calls or changes its scheduling (`resourcecontrol`). QEMU merges every
+/// `-sandbox` it is given and the last value of each key wins, so one the record carries
+/// (`-sandbox off`, `spawn=allow`) cannot undo this one, which comes last.
+pub fn sandbox_value(cmdline: &[String]) -> String {
+    let (mut runas, mut i) = (false, 1);
+    while i < cmdline.len() {
+        let opt = option_name(&cmdline[i]);
+        runas |= opt.as_deref() == Some("-runas");
+        i += if opt.as_deref().is_some_and(|o| OPTIONS_WITH_ARGUMENT.contains(&o)) { 2 } else { 1 };
+    }
+    let elevate = if runas { "allow" } else { "deny" };
+    format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
 }
 
 /// The last lines of a log file, for error messages.
@@ -105,6 +125,9 @@ pub struct LaunchPolicy {
     /// command line names may lie in it, read or written, except inside one of `dirs` (the
     /// default disk directory is in it).
     pub own: PathBuf,
+    /// Whether launched QEMUs run in QEMU's seccomp sandbox (`--launch-sandbox`, on by
+    /// default; see [`sandbox_value`]).
+    pub sandbox: bool,
 }
 
 /// Directories of files any QEMU may read whatever the policy: the system's firmware, ROMs and
@@ -863,7 +886,7 @@ pub fn launch<T>(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy
     let incoming = data_dir.join(format!("incoming-{vm}.sock"));
     let _ = std::fs::remove_file(&incoming);
     let log = data_dir.join(format!("launch-{vm}.log"));
-    let argv = adjusted_cmdline(&cmdline, &incoming);
+    let argv = adjusted_cmdline(&cmdline, &incoming, policy.sandbox);
     let failed = LaunchError::Failed;
     let out = std::fs::File::create(&log).map_err(|e| failed(format!("cannot create {}: {e}", log.display())))?;
     let err = out.try_clone().map_err(|e| failed(e.to_string()))?;
@@ -884,7 +907,13 @@ pub fn launch<T>(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy
             break;
         }
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(failed(format!("QEMU exited ({st}) before listening: {}", log_tail(&log))));
+            let tail = log_tail(&log);
+            let hint = if policy.sandbox && (tail.contains("sandbox") || tail.contains("seccomp")) {
+                " (this QEMU cannot run in its seccomp sandbox: start the node with --launch-sandbox off to launch it without)"
+            } else {
+                ""
+            };
+            return Err(failed(format!("QEMU exited ({st}) before listening: {tail}{hint}")));
         }
         if t0.elapsed() > LAUNCH_TIMEOUT {
             let _ = child.kill();
@@ -905,7 +934,7 @@ mod tests {
     use super::*;
 
     fn policy(dir: &Path) -> LaunchPolicy {
-        LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![dir.to_path_buf()], own: dir.join("node") }
+        LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![dir.to_path_buf()], own: dir.join("node"), sandbox: true }
     }
 
     fn args(a: &[&str]) -> Vec<String> {
@@ -1153,7 +1182,7 @@ mod tests {
         std::fs::create_dir_all(disks.join("g1")).expect("mkdir");
         // The default disk directory is in the data directory; a --launch-dir around it all
         // opens neither the rest of it.
-        let p = LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![disks.clone(), dir.path().to_path_buf()], own: own.clone() };
+        let p = LaunchPolicy { qemu_dir: PathBuf::from("/usr/bin"), dirs: vec![disks.clone(), dir.path().to_path_buf()], own: own.clone(), sandbox: true };
         let drive = |f: &Path| args(&["qemu-system-x86_64", "-drive", &format!("file={},if=virtio,format=raw", f.display())]);
         assert!(p.check(&drive(&disks.join("g1/s1-vda.raw"))).is_ok());
         assert!(p.check(&drive(&dir.path().join("vm.img"))).is_ok());
@@ -1242,8 +1271,18 @@ mod tests {
     #[test]
     fn cmdline_is_adjusted_for_incoming() {
         let c: Vec<String> = ["qemu", "-m", "256", "-daemonize", "-incoming", "defer", "-qmp", "unix:/q,server=on", "--incoming", "exec:sh", "--daemonize"].iter().map(|s| s.to_string()).collect();
-        let a = adjusted_cmdline(&without_incoming(&c), std::path::Path::new("/d/in.sock"));
+        let a = adjusted_cmdline(&without_incoming(&c), std::path::Path::new("/d/in.sock"), false);
         assert_eq!(a, ["qemu", "-m", "256", "-qmp", "unix:/q,server=on", "-incoming", "unix:/d/in.sock"]);
+        // In the sandbox, whose options come last (QEMU keeps the last value of each key).
+        let c: Vec<String> = ["qemu", "-m", "256", "-sandbox", "off"].iter().map(|s| s.to_string()).collect();
+        let a = adjusted_cmdline(&c, std::path::Path::new("/d/in.sock"), true);
+        assert_eq!(a[a.len() - 2..], ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        // A QEMU that drops its privileges itself may: `-runas` calls setuid.
+        let c: Vec<String> = ["qemu", "--runas", "nobody"].iter().map(|s| s.to_string()).collect();
+        assert!(sandbox_value(&c).contains("elevateprivileges=allow,spawn=deny"));
+        // `-runas` as another option's argument is no `-runas`.
+        let c: Vec<String> = ["qemu", "-name", "-runas", "-m", "64"].iter().map(|s| s.to_string()).collect();
+        assert!(sandbox_value(&c).contains("elevateprivileges=deny"));
         // An option's argument is never taken for an option: what is checked is what runs.
         let c: Vec<String> = ["qemu", "-netdev", "-incoming", "-append", "user,id=n,guestfwd=x"].iter().map(|s| s.to_string()).collect();
         assert_eq!(without_incoming(&c), ["qemu", "-netdev", "-incoming", "-append", "user,id=n,guestfwd=x"]);
