@@ -603,3 +603,39 @@ fn a_live_snapshot_aborted_mid_stream_leaves_every_vm_running_unprotected() {
     assert!(g1_write < before_write * 3.0 + 2.0, "g1 after the abort: {g1_write} s");
     drop((g1, g2));
 }
+
+/// A VM whose QMP monitor is a `-chardev socket` with `-mon mode=control` on it (as Proxmox
+/// and many scripts start QEMU), not `-qmp unix:`: it is snapshotted, killed and restored with
+/// `--launch` on another host, which finds its monitor in that form; the restored QEMU runs
+/// in its seccomp sandbox and the guest's data checks out.
+#[test]
+fn a_vm_whose_qmp_is_a_chardev_with_a_control_monitor_restores_with_launch() {
+    let lab = Lab::new();
+    let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
+    let vms = lab.vms.clone();
+    let qmp = lab.qmp("gm");
+    let mut argv = Guest::command(&vms, "gm", 128, "fill=8", &lab.accel).expect("argv");
+    let at = argv.iter().position(|a| a == "-qmp").expect("-qmp");
+    argv.splice(
+        at..at + 2,
+        ["-chardev".to_string(), format!("socket,id=qmp,path={},server=on,wait=off", qmp.display()), "-mon".to_string(), "chardev=qmp,mode=control".to_string()],
+    );
+    lab.reap(qmp.clone());
+    std::fs::create_dir_all(&vms).expect("vms");
+    let log = std::fs::File::create(vms.join("gm.qemu.log")).expect("log");
+    let mut child = std::process::Command::new(&argv[0]).args(&argv[1..]).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log).spawn().expect("qemu");
+    let g = Guest::paths(&vms, "gm");
+    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("gm fill"));
+    let source = format!("gm=qemu:{}", qmp.display());
+    c.json(0, &["snapshot", "create", "m", "--vm", &source]).expect("snapshot");
+    guest::kill_by_qmp(&qmp);
+    let _ = child.wait();
+    let r = c.json(0, &["snapshot", "restore", "m", "--vm", "gm", "--launch", "--on", "n2"]).expect("restore with --launch");
+    assert_eq!((r[0]["host"].as_str(), r[0]["vm_status"].as_str()), (Some("n2"), Some("running")), "{r}");
+    let launched = std::fs::read_to_string(c.nodes[1].dir.join("launch-gm.log")).unwrap_or_default();
+    let qemu = guest::qemus_on(&qmp);
+    assert_eq!(qemu.len(), 1, "one QEMU on the guest's monitor: {qemu:?} ({launched})");
+    assert!(guest::in_seccomp_filter(qemu[0]), "the restored QEMU is in its seccomp sandbox");
+    assert_eq!(md5_of(&check(&vms, "gm")), fill, "the guest's data after the restore");
+    guest::kill_by_qmp(&qmp);
+}

@@ -92,13 +92,9 @@ fn a_lazy_restore_runs_at_once_and_takes_pages_from_the_other_replica() {
 
     // The QEMU the restore launched runs in QEMU's seccomp sandbox (the node's default,
     // `--launch-sandbox on`): asked to start a program, it is killed and nothing runs.
-    let qemu: Vec<u32> = guest::pids_naming(&vms.join("g.qmp").display().to_string())
-        .into_iter()
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu-system")))
-        .collect();
+    let qemu = guest::qemus_on(&vms.join("g.qmp"));
     assert_eq!(qemu.len(), 1, "one QEMU on the guest's monitor: {qemu:?}");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).expect("status");
-    assert!(status.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])), "not in a seccomp filter:\n{status}");
+    assert!(guest::in_seccomp_filter(qemu[0]), "the restored QEMU is not in a seccomp filter");
     let ran = lab.dir().join("ran");
     let _ = q.execute("migrate", serde_json::json!({ "uri": format!("exec:touch {}", ran.display()) }));
     drop(q);

@@ -451,6 +451,19 @@ pub fn kill_naming(needle: &str) {
     }
 }
 
+/// The QEMU processes whose command line names the monitor socket `qmp`.
+pub fn qemus_on(qmp: &Path) -> Vec<u32> {
+    pids_naming(&qmp.display().to_string())
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu-system")))
+        .collect()
+}
+
+/// Whether process `pid` runs under a seccomp filter (`Seccomp: 2` in its status).
+pub fn in_seccomp_filter(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.lines().any(|l| l.split_whitespace().eq(["Seccomp:", "2"])))
+}
+
 /// Every process but this one whose command line contains `needle`.
 pub fn pids_naming(needle: &str) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };

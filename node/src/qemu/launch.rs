@@ -32,7 +32,6 @@
 //! spawned. What is checked is exactly what QEMU is given, and what a disk image's header names
 //! (its backing chain, a qcow2 data file) as if QEMU probed it; QEMU starts in `/`.
 
-use super::qmp_paths_of;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -96,14 +95,66 @@ pub fn adjusted_cmdline(cmdline: &[String], incoming: &std::path::Path, sandbox:
 /// `-sandbox` it is given and the last value of each key wins, so one the record carries
 /// (`-sandbox off`, `spawn=allow`) cannot undo this one, which comes last.
 pub fn sandbox_value(cmdline: &[String]) -> String {
-    let (mut runas, mut i) = (false, 1);
-    while i < cmdline.len() {
-        let opt = option_name(&cmdline[i]);
-        runas |= opt.as_deref() == Some("-runas");
-        i += if opt.as_deref().is_some_and(|o| OPTIONS_WITH_ARGUMENT.contains(&o)) { 2 } else { 1 };
-    }
+    let runas = options(cmdline).iter().any(|(o, _)| o == "-runas");
     let elevate = if runas { "allow" } else { "deny" };
     format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
+}
+
+/// The options of a command line as QEMU reads it (see [`parse`]), each with its argument if
+/// it takes one; bare arguments left out.
+fn options(cmdline: &[String]) -> Vec<(String, Option<&str>)> {
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < cmdline.len() {
+        let Some(opt) = option_name(&cmdline[i]) else {
+            i += 1;
+            continue;
+        };
+        let takes = OPTIONS_WITH_ARGUMENT.contains(&opt.as_str());
+        let arg = if takes { cmdline.get(i + 1).map(String::as_str) } else { None };
+        out.push((opt, arg));
+        i += if takes { 2 } else { 1 };
+    }
+    out
+}
+
+/// Every QMP socket of a command line, in order: `-qmp unix:PATH` (and `-qmp-pretty`, or
+/// `chardev:ID` naming one), and a Unix `-chardev socket` that a `-mon ...,mode=control` runs
+/// QMP on (as Proxmox and many scripts give it). A VM under libvirt or Proxmox has its
+/// manager's and, for vmcsnap, a second one.
+pub fn qmp_sockets(cmdline: &[String]) -> Vec<String> {
+    let opts = options(cmdline);
+    let socket_of = |id: &str| {
+        opts.iter().filter(|(o, _)| o == "-chardev").find_map(|(_, v)| {
+            let parts = super::disks::drive_options(v.unwrap_or_default());
+            let is_socket = parts.first().is_some_and(|(b, v)| b == "socket" && v.is_empty()) || parts.iter().any(|(k, v)| k == "backend" && v == "socket");
+            let named = parts.iter().any(|(k, v)| k == "id" && v == id);
+            (is_socket && named).then(|| parts.iter().find(|(k, _)| k == "path").map(|(_, p)| p.clone())).flatten()
+        })
+    };
+    let mut out = Vec::new();
+    for (o, v) in &opts {
+        let v = v.unwrap_or_default();
+        match o.as_str() {
+            "-qmp" | "-qmp-pretty" => {
+                let head = v.split(',').next().unwrap_or(v);
+                if let Some(p) = head.strip_prefix("unix:") {
+                    out.push(p.to_string());
+                } else if let Some(p) = head.strip_prefix("chardev:").and_then(socket_of) {
+                    out.push(p);
+                }
+            }
+            "-mon" => {
+                let parts = super::disks::drive_options(v);
+                let control = parts.iter().any(|(k, v)| k == "mode" && v == "control");
+                if let Some(p) = parts.iter().find(|(k, _)| k == "chardev").filter(|_| control).and_then(|(_, id)| socket_of(id)) {
+                    out.push(p);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The last lines of a log file, for error messages.
@@ -869,10 +920,10 @@ pub fn launch<T>(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy
     let prog = policy.check(&cmdline)?;
     // The monitor the VM was captured through (of several, the one its manager left to
     // vmcsnap), else its first.
-    let monitors = qmp_paths_of(&cmdline);
+    let monitors = qmp_sockets(&cmdline);
     let qmp = monitors.iter().find(|p| **p == state.qmp).or(monitors.first()).cloned().ok_or_else(|| {
         LaunchError::Refused(
-            "the recorded command line has no -qmp unix:PATH; start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH".into(),
+            "the recorded command line has no QMP socket (-qmp unix:PATH, or a -chardev socket with -mon mode=control); start QEMU yourself with -incoming unix:PATH and restore with --to qemu:unix:PATH".into(),
         )
     })?;
     let qmp = PathBuf::from(qmp);
@@ -908,7 +959,10 @@ pub fn launch<T>(data_dir: &std::path::Path, vm: &str, state: &QemuState, policy
         }
         if let Ok(Some(st)) = child.try_wait() {
             let tail = log_tail(&log);
-            let hint = if policy.sandbox && (tail.contains("sandbox") || tail.contains("seccomp")) {
+            let killed = std::os::unix::process::ExitStatusExt::signal(&st) == Some(libc::SIGSYS);
+            let hint = if policy.sandbox && killed {
+                " (killed by its seccomp sandbox: something in the recorded command line needs a system call the sandbox denies; the node's --launch-sandbox off launches QEMU without it)"
+            } else if policy.sandbox && (tail.contains("sandbox") || tail.contains("seccomp")) {
                 " (this QEMU cannot run in its seccomp sandbox: start the node with --launch-sandbox off to launch it without)"
             } else {
                 ""
