@@ -423,6 +423,21 @@ fn snapshot_hashes(c: &Cluster, name: &str, vms: &[Vm], tmp: &Path) -> anyhow::R
     Ok(out)
 }
 
+/// Writes snapshots' page hashes to `path` (`VMCSNAP_BENCH_HASHES=FILE`), for offline study of
+/// the manifest format: per snapshot the VM count, then per VM its page count and hashes
+/// (counts as little-endian u32s).
+fn write_hashes(path: &Path, snapshots: &[&Vec<Vec<PageHash>>]) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    for snap in snapshots {
+        out.extend((snap.len() as u32).to_le_bytes());
+        for vm in snap.iter() {
+            out.extend((vm.len() as u32).to_le_bytes());
+            vm.iter().for_each(|h| out.extend(h.0));
+        }
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
 fn breakdown(first: &[Vec<PageHash>], second: &[Vec<PageHash>]) -> Breakdown {
     let mut b = Breakdown::default();
     let mut all: HashSet<PageHash> = HashSet::new();
@@ -565,19 +580,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         let h1 = snapshot_hashes(&clusters[0], "first", &vms, &dir.join("ram"))?;
         let h2 = snapshot_hashes(&clusters[0], "second", &vms, &dir.join("ram"))?;
         let bd = breakdown(&h1, &h2);
-        // `VMCSNAP_BENCH_HASHES=FILE` writes both snapshots' page hashes (per snapshot: the VM
-        // count, then per VM its page count and hashes; little-endian u32s) for offline study
-        // of the manifest format.
         if let Some(f) = std::env::var_os("VMCSNAP_BENCH_HASHES") {
-            let mut out = Vec::new();
-            for snap in [&h1, &h2] {
-                out.extend((snap.len() as u32).to_le_bytes());
-                for vm in snap.iter() {
-                    out.extend((vm.len() as u32).to_le_bytes());
-                    vm.iter().for_each(|h| out.extend(h.0));
-                }
-            }
-            std::fs::write(&f, out).with_context(|| format!("writing {}", Path::new(&f).display()))?;
+            write_hashes(Path::new(&f), &[&h1, &h2])?;
         }
         drop((h1, h2));
         // Rollbacks: default KVM, then vmcsnap R=1, then R=2 (whose guests run on).
