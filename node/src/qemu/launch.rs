@@ -1323,6 +1323,24 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_qmp_sockets() {
+        let c: Vec<String> = ["qemu", "-m", "256", "-qmp", "unix:/run/v1.qmp,server=on,wait=off"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(qmp_sockets(&c), ["/run/v1.qmp"]);
+        assert_eq!(qmp_sockets(&c[..3]), Vec::<String>::new());
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+        // As Proxmox gives it: a Unix socket chardev with a control-mode monitor on it, then
+        // a second, HMP one, which is no QMP socket.
+        let c = args(&[
+            "qemu", "-chardev", "socket,id=qmp,path=/run/q/100.qmp,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-chardev", "socket,id=hmp,path=/run/q/100.mon,server=on,wait=off", "-mon", "chardev=hmp", "--qmp", "unix:/run/v.qmp,server=on",
+        ]);
+        assert_eq!(qmp_sockets(&c), ["/run/q/100.qmp", "/run/v.qmp"]);
+        // `chardev:ID`; an option's argument is no option; a TCP chardev is no socket file.
+        let c = args(&["qemu", "-chardev", "socket,id=m,path=/run/m.qmp,server=on", "-qmp", "chardev:m", "-name", "-qmp", "-chardev", "socket,id=t,host=::,port=4444", "-mon", "chardev=t,mode=control"]);
+        assert_eq!(qmp_sockets(&c), ["/run/m.qmp"]);
+    }
+
+    #[test]
     fn cmdline_is_adjusted_for_incoming() {
         let c: Vec<String> = ["qemu", "-m", "256", "-daemonize", "-incoming", "defer", "-qmp", "unix:/q,server=on", "--incoming", "exec:sh", "--daemonize"].iter().map(|s| s.to_string()).collect();
         let a = adjusted_cmdline(&without_incoming(&c), std::path::Path::new("/d/in.sock"), false);

@@ -108,16 +108,6 @@ pub fn blob_chunks(bytes: &[u8]) -> (BlobRef, Vec<Vec<u8>>) {
     (BlobRef { len: bytes.len() as u64, chunks }, pages)
 }
 
-/// The QMP socket named by a QEMU command line's `-qmp unix:PATH[,...]`, if any.
-pub fn qmp_path_of(cmdline: &[String]) -> Option<String> {
-    qmp_paths_of(cmdline).into_iter().next()
-}
-
-/// Every QMP socket of a command line, in order (see [`launch::qmp_sockets`]).
-pub fn qmp_paths_of(cmdline: &[String]) -> Vec<String> {
-    launch::qmp_sockets(cmdline)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,23 +141,5 @@ mod tests {
         };
         let (state, blocks) = recorded_state(meta.clone(), BlobRef { len: 0, chunks: vec![] }, facts);
         assert_eq!(stream_meta(&state, &blocks), meta);
-    }
-
-    #[test]
-    fn finds_the_qmp_socket() {
-        let c: Vec<String> = ["qemu", "-m", "256", "-qmp", "unix:/run/v1.qmp,server=on,wait=off"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(qmp_path_of(&c).as_deref(), Some("/run/v1.qmp"));
-        assert_eq!(qmp_path_of(&c[..3]), None);
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
-        // As Proxmox gives it: a Unix socket chardev with a control-mode monitor on it, then
-        // a second, HMP one, which is no QMP socket.
-        let c = args(&[
-            "qemu", "-chardev", "socket,id=qmp,path=/run/q/100.qmp,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
-            "-chardev", "socket,id=hmp,path=/run/q/100.mon,server=on,wait=off", "-mon", "chardev=hmp", "--qmp", "unix:/run/v.qmp,server=on",
-        ]);
-        assert_eq!(qmp_paths_of(&c), ["/run/q/100.qmp", "/run/v.qmp"]);
-        // `chardev:ID`; an option's argument is no option; a TCP chardev is no socket file.
-        let c = args(&["qemu", "-chardev", "socket,id=m,path=/run/m.qmp,server=on", "-qmp", "chardev:m", "-name", "-qmp", "-chardev", "socket,id=t,host=::,port=4444", "-mon", "chardev=t,mode=control"]);
-        assert_eq!(qmp_paths_of(&c), ["/run/m.qmp"]);
     }
 }
