@@ -270,6 +270,8 @@ impl LaunchPolicy {
         let refused = |m: String| Err(LaunchError::Refused(m));
         let Some(first) = cmdline.first() else { return refused("the snapshot has no QEMU command line".into()) };
         let name = Path::new(first).file_name().and_then(|n| n.to_str()).unwrap_or("");
+        // Proxmox runs its QEMU as `kvm`, a link to its qemu-system-x86_64.
+        let name = if name == "kvm" { "qemu-system-x86_64" } else { name };
         let arch = name.strip_prefix("qemu-system-").unwrap_or("");
         if arch.is_empty() || !arch.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
             return refused(format!("the recorded command line runs {first:?}, not a qemu-system-* binary; refusing to start it"));
@@ -1086,6 +1088,10 @@ mod tests {
         ]);
         // The host's own binary runs, whatever path the record names.
         assert_eq!(p.check(&ok).expect("allowed"), PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        // Proxmox's name for it too.
+        let mut proxmox = ok.clone();
+        proxmox[0] = "/usr/bin/kvm".into();
+        assert_eq!(p.check(&proxmox).expect("allowed"), PathBuf::from("/usr/bin/qemu-system-x86_64"));
         let refused: Vec<Vec<String>> = vec![
             args(&["/tmp/x/evil", "-m", "128"]),
             args(&["qemu-system-x86_64;rm", "-m", "128"]),
