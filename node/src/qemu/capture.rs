@@ -867,18 +867,28 @@ async fn migrate(
             q.execute("migrate", json!({ "uri": format!("unix:{}", to.display()) })).await?;
         }
     }
-    let (conn, _) = tokio::time::timeout(CONNECT_TIMEOUT, io.listener.accept())
+    let relayed = io.relay.is_some();
+    let connected = async {
+        let (conn, _) = io.listener.accept().await.map_err(|e| CaptureError::Io(e.to_string()))?;
+        if relayed {
+            // The relay's connection brings QEMU's: read directly, copied by no one.
+            return super::relay::take_stream(&conn).await.map_err(CaptureError::Io);
+        }
+        let conn = conn.into_std().map_err(|e| CaptureError::Io(e.to_string()))?;
+        conn.set_nonblocking(false).map_err(|e| CaptureError::Io(e.to_string()))?;
+        Ok(conn)
+    };
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connected)
         .await
-        .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))?
-        .map_err(|e| CaptureError::Io(e.to_string()))?;
-    let conn = conn.into_std().map_err(|e| CaptureError::Io(e.to_string()))?;
-    conn.set_nonblocking(false).map_err(|e| CaptureError::Io(e.to_string()))?;
+        .map_err(|_| CaptureError::Io("QEMU did not connect to the capture socket".into()))??;
     let spool_w = io.spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Entry>>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Batch>();
     let gate = Gate::default();
     let gated = Gated { inner: conn, gate: gate.clone() };
     let counted = gate.clone();
-    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx, counted));
+    let batching = Batching::default();
+    let memory = batching.memory.clone();
+    let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx, counted, batching));
     let watch = pacer.cancel_watch();
     // The VM resumes as soon as QEMU has sent everything and the pacer allows it: the stream is
     // parsed and spooled at stream speed while the sink takes the pages at its own pace. In
@@ -901,7 +911,7 @@ async fn migrate(
         if req.mode == CaptureMode::StopCopy {
             let _ = resumed_rx.await;
         }
-        drain(sink, rx, &io.spool, &watch).await
+        drain(sink, rx, &io.spool, &memory, &watch).await
     };
     let t0 = Instant::now();
     let stage = |stage: &str| tracing::info!(target: "vmcsnap::stage", vm = req.vm, stage, ms = t0.elapsed().as_millis() as u64, "stage");
@@ -1079,73 +1089,149 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
     Ok(self_paused.ok_or(ready_at))
 }
 
-/// One page record: block, page index, and where its bytes are in the spool file (`None` for
-/// a zero page).
+/// One page record: block, page index, and where its bytes are in its batch's [`Pages`]
+/// (`None` for a zero page).
 type Entry = (u32, u64, Option<u64>);
 
-/// Parses the stream, appending non-zero pages to `spool`; sends the page records in batches
-/// (the spool is flushed before each batch is sent). Hashing happens on the other side, so
-/// this thread — the one QEMU waits on — only copies.
+/// Where a batch's non-zero pages are: in memory, one after another, or in the spool file
+/// (at the entries' offsets).
+enum Pages {
+    Memory(Vec<u8>),
+    Spooled,
+}
+
+/// Page records handed from the parser to the hashing side, with their pages.
+type Batch = (Vec<Entry>, Pages);
+
+/// Bytes of pages a capture keeps in memory between its parser and the hashing side; beyond
+/// that, batches go through the spool file (a sink slower than QEMU's stream, or one not read
+/// yet: a stop-copy pause). Within it, a page costs no write to the spool and no read back.
+pub const CAPTURE_MEMORY_BYTES: u64 = 32 << 20;
+
+/// How the parser batches: pages per batch, and bytes of pages it may keep in memory
+/// ([`CAPTURE_MEMORY_BYTES`]; the hashing side gives them back as it takes each batch).
+#[derive(Clone)]
+struct Batching {
+    pages: usize,
+    memory: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    memory_max: u64,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self { pages: CAPTURE_BATCH_PAGES, memory: Default::default(), memory_max: CAPTURE_MEMORY_BYTES }
+    }
+}
+
+/// Parses the stream; sends the page records in batches, each with its non-zero pages in
+/// memory while the batches queued hold less than the budget, else appended to `spool`
+/// (flushed before the batch is sent). Hashing happens on the other side, so this thread —
+/// the one QEMU waits on — only copies.
 fn parse_to_spool(
     conn: impl std::io::Read,
     spool: std::fs::File,
-    tx: tokio::sync::mpsc::UnboundedSender<Vec<Entry>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Batch>,
     gate: Gate,
+    batching: Batching,
 ) -> Result<stream::Parsed, StreamError> {
     use std::io::Write;
+    use std::sync::atomic::Ordering;
     let reader = std::io::BufReader::with_capacity(1 << 20, conn);
-    let mut w = std::io::BufWriter::with_capacity(CAPTURE_BATCH_PAGES * PAGE_SIZE, spool);
+    let mut w = std::io::BufWriter::with_capacity(batching.pages * PAGE_SIZE, spool);
     let mut off = 0u64;
-    let mut batch: Vec<Entry> = Vec::with_capacity(CAPTURE_BATCH_PAGES);
+    let batch_bytes = (batching.pages * PAGE_SIZE) as u64;
+    let in_memory = || batching.memory.load(Ordering::SeqCst) + batch_bytes <= batching.memory_max;
+    let mut batch: Vec<Entry> = Vec::with_capacity(batching.pages);
+    // This batch's pages, if it is kept in memory (decided when it starts).
+    let mut mem: Option<Vec<u8>> = in_memory().then(|| Vec::with_capacity(batching.pages * PAGE_SIZE));
     let spool_err = |e: std::io::Error| StreamError::Sink(format!("spool file: {e}"));
     let mut records = 0u64;
+    let mut send = |batch: Vec<Entry>, mem: Option<Vec<u8>>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<(), StreamError> {
+        let pages = match mem {
+            Some(m) => {
+                batching.memory.fetch_add(m.len() as u64, Ordering::SeqCst);
+                Pages::Memory(m)
+            }
+            None => {
+                w.flush().map_err(spool_err)?;
+                Pages::Spooled
+            }
+        };
+        tx.send((batch, pages)).map_err(|_| StreamError::Sink("the capture stopped".into()))
+    };
     let parsed = stream::parse(reader, |b, i, d| {
         records += 1;
         gate.records(records);
         let entry = match d {
-            Some(d) if !is_zero_page(d) => {
-                w.write_all(d).map_err(spool_err)?;
-                off += PAGE_SIZE as u64;
-                (b as u32, i, Some(off - PAGE_SIZE as u64))
-            }
+            Some(d) if !is_zero_page(d) => match mem.as_mut() {
+                Some(m) => {
+                    m.extend_from_slice(d);
+                    (b as u32, i, Some((m.len() - PAGE_SIZE) as u64))
+                }
+                None => {
+                    w.write_all(d).map_err(spool_err)?;
+                    off += PAGE_SIZE as u64;
+                    (b as u32, i, Some(off - PAGE_SIZE as u64))
+                }
+            },
             _ => (b as u32, i, None),
         };
         batch.push(entry);
-        if batch.len() >= CAPTURE_BATCH_PAGES {
-            w.flush().map_err(spool_err)?;
-            tx.send(std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH_PAGES)))
-                .map_err(|_| StreamError::Sink("the capture stopped".into()))?;
+        if batch.len() >= batching.pages {
+            send(std::mem::replace(&mut batch, Vec::with_capacity(batching.pages)), mem.take(), &mut w)?;
+            mem = in_memory().then(|| Vec::with_capacity(batching.pages * PAGE_SIZE));
         }
         Ok(())
     })?;
-    w.flush().map_err(spool_err)?;
     if !batch.is_empty() {
-        let _ = tx.send(batch);
+        let _ = send(batch, mem, &mut w);
     }
     Ok(parsed)
 }
 
-/// Keeps each block's page map (last copy wins) and hands non-zero pages, read back from the
-/// spool and hashed, to the sink.
+/// Keeps each block's page map (last copy wins) and hands non-zero pages, hashed, to the
+/// sink: a batch's pages from memory, or read back from the spool.
 async fn drain(
     sink: &impl PageSink,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Entry>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Batch>,
     spool: &std::fs::File,
+    memory: &std::sync::atomic::AtomicU64,
     watch: &CancelWatch,
 ) -> Result<Vec<Vec<PageHash>>, CaptureError> {
     use std::os::unix::fs::FileExt;
+    /// A batch's pages: in memory, or this many bytes of the spool (from its first offset).
+    enum Held {
+        Memory(Vec<u8>),
+        Spool(std::fs::File, usize),
+    }
     let mut maps: Vec<Vec<PageHash>> = Vec::new();
-    while let Some(batch) = rx.recv().await {
+    while let Some((batch, pages)) = rx.recv().await {
         watch.check()?;
-        // The batch's non-zero pages sit one after another in the spool: one read, then hash
-        // them on the blocking pool.
+        // The batch's non-zero pages sit one after another (in memory, or in the spool: one
+        // read); hashed on the blocking pool.
         let offs: Vec<u64> = batch.iter().filter_map(|e| e.2).collect();
-        let (first, data, hashes) = match (offs.first(), offs.last()) {
-            (Some(&first), Some(&last)) => {
+        let located = match (pages, offs.first(), offs.last()) {
+            (Pages::Memory(m), _, _) => {
+                memory.fetch_sub(m.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                Some((0, Held::Memory(m)))
+            }
+            (Pages::Spooled, Some(&first), Some(&last)) => {
                 let spool = spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
+                Some((first, Held::Spool(spool, (last - first) as usize + PAGE_SIZE)))
+            }
+            (Pages::Spooled, _, _) => None,
+        };
+        let (first, data, hashes) = match located {
+            Some((first, pages)) => {
                 let (data, hashes) = tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, Vec<PageHash>)> {
-                    let mut buf = vec![0u8; (last - first) as usize + PAGE_SIZE];
-                    spool.read_exact_at(&mut buf, first)?;
+                    let buf = match pages {
+                        Held::Memory(m) => m,
+                        Held::Spool(spool, len) => {
+                            let mut buf = vec![0u8; len];
+                            spool.read_exact_at(&mut buf, first)?;
+                            buf
+                        }
+                    };
                     let hashes = buf.chunks_exact(PAGE_SIZE).map(hash_page).collect();
                     Ok((Bytes::from(buf), hashes))
                 })
@@ -1154,7 +1240,7 @@ async fn drain(
                 .map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
                 (first, data, hashes)
             }
-            _ => (0, Bytes::new(), Vec::new()),
+            None => (0, Bytes::new(), Vec::new()),
         };
         let mut pages = Vec::with_capacity(offs.len());
         for (b, i, off) in batch {
@@ -1269,6 +1355,49 @@ mod tests {
         drop(pace.await.expect("pacer"));
         drop(q);
         assert_eq!(qemu.await.expect("qemu"), 3, "the third query was held until the gate opened");
+    }
+
+    /// Pages collected by the test's sink.
+    #[derive(Default)]
+    struct Collect(std::sync::Mutex<Vec<(PageHash, Bytes)>>);
+
+    impl PageSink for Collect {
+        async fn push(&self, pages: Vec<(PageHash, Bytes)>) -> Result<(), crate::source::SinkError> {
+            self.0.lock().expect("lock").extend(pages);
+            Ok(())
+        }
+    }
+
+    /// Batches of one page, memory for two of them, nothing drained until the stream is
+    /// parsed: the first pages pass in memory, the rest through the spool, and the hashing side
+    /// sees every page in order either way (last copy wins) and gives the memory back.
+    #[tokio::test]
+    async fn pages_pass_in_memory_within_the_budget_and_through_the_spool_beyond_it() {
+        let (stream, want) = stream::tests::sample();
+        let spool = tempfile::tempfile().expect("spool");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Batch>();
+        let batching = Batching { pages: 1, memory_max: 2 * PAGE_SIZE as u64, ..Default::default() };
+        let memory = batching.memory.clone();
+        let w = spool.try_clone().expect("clone");
+        parse_to_spool(&stream[..], w, tx, Gate::default(), batching).expect("parsed");
+        assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 2 * PAGE_SIZE as u64, "two batches' pages held in memory");
+        assert_eq!(spool.metadata().expect("len").len(), 2 * PAGE_SIZE as u64, "the other two non-zero pages spooled");
+        let (_step, steps) = tokio::sync::watch::channel(Step::Prepare);
+        let (reached, _reached) = tokio::sync::mpsc::unbounded_channel();
+        let watch = Pacer::new(steps, reached, 0).cancel_watch();
+        let sink = Collect::default();
+        let maps = drain(&sink, rx, &spool, &memory, &watch).await.expect("drained");
+        assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 0, "given back");
+        let pushed = sink.0.into_inner().expect("lock");
+        assert_eq!(pushed.len(), 4, "every non-zero page sent, a re-sent one too");
+        assert!(pushed.iter().all(|(h, p)| *h == hash_page(p)));
+        let got: std::collections::BTreeMap<(usize, u64), PageHash> = maps
+            .iter()
+            .enumerate()
+            .flat_map(|(b, m)| m.iter().enumerate().filter(|(_, h)| !h.is_zero()).map(move |(i, h)| ((b, i as u64), *h)))
+            .collect();
+        let want: std::collections::BTreeMap<(usize, u64), PageHash> = want.iter().map(|(k, p)| (*k, hash_page(p))).collect();
+        assert_eq!(got, want);
     }
 
     /// The parser closes the gate once, at the record asked for; reads wait while it is

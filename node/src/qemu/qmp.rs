@@ -384,7 +384,7 @@ pub enum Settled {
 /// sendmsg(2) of `data` on the socket `sock` with the descriptor `fd` attached
 /// (`SCM_RIGHTS`); returns the bytes sent (at least one, or an error).
 #[allow(unsafe_code)]
-fn send_with_fd(sock: std::os::fd::RawFd, data: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+pub(super) fn send_with_fd(sock: std::os::fd::RawFd, data: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<usize> {
     const FD_BYTES: u32 = std::mem::size_of::<std::os::fd::RawFd>() as u32;
     // u64s: a control buffer aligned as a `cmsghdr` must be.
     let mut control = [0u64; 4];

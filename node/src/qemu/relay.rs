@@ -1,25 +1,31 @@
 //! The stream relay of a live capture: a small process (`vmcsnap stream-relay LISTEN TO`, the
-//! node's own binary) that QEMU's migration connects to and that passes the stream on to the
-//! node's capture socket — and, should the node die, stop or stop reading, reads the rest of
-//! the stream and drops it. QEMU's background snapshot then ends as a completed one, which
-//! releases its write protection; one that breaks off can deadlock QEMU 7.2 under TCG (see
-//! [`super::qmp::Qmp::cancel_migration`]).
+//! node's own binary) that QEMU's migration connects to and that hands the connection on to
+//! the node's capture socket (the descriptor itself, `SCM_RIGHTS`: the node reads QEMU's
+//! stream directly, and no byte of it is copied through this process) while keeping a
+//! descriptor of its own. Should the node die, or give the capture up, the relay reads the
+//! rest of the stream and drops it. QEMU's background snapshot then ends as a completed one,
+//! which releases its write protection; one that breaks off can deadlock QEMU 7.2 under TCG
+//! (see [`super::qmp::Qmp::cancel_migration`]).
 //!
 //! The node starts the relay before the cut's barrier, so that QEMU's `migrate` at `Release`
-//! costs the paused VM no process start. Until QEMU connects, the relay lives only as long as
-//! the node (its standard input is the node's lifeline); once QEMU streams, it lives until the
-//! stream ends, whatever happens to the node, and ignores SIGTERM, SIGINT and SIGHUP.
+//! costs the paused VM no process start. Its standard input is the node's lifeline: until QEMU
+//! connects, the relay lives only as long as it; once QEMU streams, the relay lives until the
+//! stream ends, whatever happens to the node, ignores SIGTERM, SIGINT and SIGHUP, and drains
+//! the stream from the moment the lifeline closes (the node died, or dropped its [`Relay`]:
+//! it read the stream to its end, or gave it up). Two readers never split a stream the node
+//! keeps: the relay reads only once the node no longer does.
 //!
 //! **Held** (`--held`, QEMU 7.x; see `capture::arm`): the node itself connects to the relay,
 //! fills that connection's send buffer with filler bytes and hands its end to QEMU
 //! (`getfd`, then `migrate fd:`) before the cut's barrier. The relay reads nothing until the
 //! node writes `go FILLER` on its lifeline at `Release`: until then QEMU's migration thread,
 //! having done its setup while the VM ran, waits on its first write, before it stops the VM.
-//! The relay then skips the filler and passes the rest on. A lifeline that closes first (the
-//! node died, or gave the capture up) lets the whole stream drain instead, so that QEMU's
+//! The relay then skips the filler and hands the connection on. A lifeline that closes first
+//! (the node died, or gave the capture up) lets the whole stream drain instead, so that QEMU's
 //! background snapshot completes.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,10 +92,75 @@ impl Relay {
         l.flush().await.map_err(|e| format!("the stream relay is gone: {e}"))
     }
 
-    /// Closes the lifeline now: a relay QEMU never reached exits, a held one drains the
-    /// stream (QEMU's background snapshot runs to its end, into nothing).
+    /// Closes the lifeline now: a relay QEMU never reached exits, one that QEMU streams into
+    /// drains the stream (QEMU's background snapshot runs to its end, into nothing).
     pub fn let_go(&mut self) {
         self.lifeline = None;
+    }
+}
+
+/// The node's side of the hand-over: on `conn`, the relay's connection to the capture
+/// socket, receives QEMU's connection. The relay keeps a descriptor of it, and drains it once
+/// the [`Relay`] is dropped or [let go](Relay::let_go).
+pub async fn take_stream(conn: &tokio::net::UnixStream) -> Result<UnixStream, String> {
+    loop {
+        conn.readable().await.map_err(|e| format!("the stream relay's connection: {e}"))?;
+        match conn.try_io(tokio::io::Interest::READABLE, || recv_fd(conn.as_raw_fd())) {
+            Ok(fd) => {
+                let s = UnixStream::from(fd);
+                // Blocking, as the relay left it (the flag is the relay's too: one open file).
+                s.set_nonblocking(false).map_err(|e| format!("QEMU's connection: {e}"))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("the stream relay handed over no stream: {e}")),
+        }
+    }
+}
+
+/// recvmsg(2) of one byte with one descriptor attached (`SCM_RIGHTS`) on `sock`; any further
+/// descriptors are closed.
+#[allow(unsafe_code)]
+fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
+    const FD_BYTES: usize = std::mem::size_of::<RawFd>();
+    let mut byte = [0u8; 1];
+    // u64s: a control buffer aligned as a `cmsghdr` must be; room for a few descriptors.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: byte.len() };
+    // SAFETY: `msghdr` is plain data (all-zero is valid); its pointers point at `iov`, `byte`
+    // and `control`, which outlive the recvmsg(2) call, with their true lengths, so the kernel
+    // writes only inside them. The header CMSG_FIRSTHDR returns (null-checked) lies inside
+    // `control` (the kernel wrote at most `msg_controllen` bytes); descriptors are read
+    // unaligned from within its `cmsg_len`, each a new descriptor of this process that is
+    // owned exactly once (the first returned, the rest closed).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(sock, &raw mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut fds = Vec::new();
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                let data = libc::CMSG_DATA(c);
+                for i in 0..len / FD_BYTES {
+                    let fd = std::ptr::read_unaligned(data.add(i * FD_BYTES).cast::<RawFd>());
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+        if n == 0 && fds.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection closed"));
+        }
+        // Further descriptors (none from a relay) close as the vector drops.
+        fds.into_iter().next().ok_or_else(|| std::io::Error::other("no descriptor came with the message"))
     }
 }
 
@@ -103,12 +174,13 @@ impl Drop for Relay {
 /// The argument that makes a relay held.
 pub const HELD_FLAG: &str = "--held";
 
-/// Listens on `listen`, says `ready` on standard output, takes one connection and copies it
-/// to the unix socket `to` until its end; from the first failure to connect or write on,
-/// drains the connection instead. Exits if standard input (the node's lifeline) closes
-/// before the connection came. If `held`, reads nothing of the connection until a line
-/// `go FILLER` on standard input, then skips FILLER bytes; drains it if standard input closes
-/// first. Returns the exit status: 0 when every byte was delivered.
+/// Listens on `listen`, says `ready` on standard output, takes one connection and hands it to
+/// the node at the unix socket `to` (the descriptor, [`take_stream`]); once standard input
+/// (the node's lifeline) closes, drains what the node left of it — all of it, when the
+/// hand-over failed. Exits if the lifeline closes before the connection came. If `held`,
+/// reads nothing of the connection until a line `go FILLER` on standard input, then skips
+/// FILLER bytes; drains it if the lifeline closes first. Returns the exit status: 0 when the
+/// connection was handed over.
 pub fn run(listen: &Path, to: &Path, held: bool) -> i32 {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: signal(2) with SIG_IGN, before any other thread of this process exists;
@@ -170,19 +242,29 @@ fn serve(listen: &Path, to: &Path, held: bool, lifeline: impl Read + Send + 'sta
             _ => go = false,
         }
     }
-    let mut out = if go { UnixStream::connect(to).ok() } else { None };
+    if go {
+        // Handed over, the stream is the node's to read until the lifeline closes: then (the
+        // node died, or is done with it) whatever is left is drained here.
+        let handed = UnixStream::connect(to).and_then(|out| super::qmp::send_with_fd(out.as_raw_fd(), b"S", conn.as_raw_fd()));
+        if handed.is_ok() {
+            while let Ok(Some(_)) = go_rx.recv() {}
+            drain(&mut conn);
+            return 0;
+        }
+    }
+    drain(&mut conn);
+    1
+}
+
+/// Reads `conn` to its end (or its first error) and drops what it read.
+fn drain(conn: &mut UnixStream) {
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = match conn.read(&mut buf) {
-            Ok(0) => return if out.is_some() { 0 } else { 1 },
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return 1,
-        };
-        if let Some(o) = out.as_mut() {
-            if o.write_all(&buf[..n]).is_err() {
-                out = None;
-            }
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
@@ -243,8 +325,14 @@ mod tests {
         (node, t)
     }
 
+    /// The node's side: accepts the relay on `to` and receives QEMU's connection.
+    fn taken(to: &UnixListener) -> UnixStream {
+        let (c, _) = to.accept().expect("the relay connects");
+        UnixStream::from(recv_fd(c.as_raw_fd()).expect("a stream handed over"))
+    }
+
     #[test]
-    fn a_held_relay_skips_the_filler_at_go_and_passes_the_rest_on() {
+    fn a_held_relay_skips_the_filler_at_go_and_hands_the_stream_over() {
         let dir = tempfile::tempdir().expect("tmp");
         let to = UnixListener::bind(dir.path().join("to.sock")).expect("to");
         let (mut node, relay) = relay(dir.path(), true);
@@ -252,12 +340,39 @@ mod tests {
         qemu.write_all(&[0u8; 1000]).expect("filler");
         node.write_all(b"go 1000\n").expect("go");
         let stream: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        qemu.write_all(&stream).expect("stream");
-        drop(qemu);
         let mut got = Vec::new();
-        to.accept().expect("relayed").0.read_to_end(&mut got).expect("read");
+        let mut conn = taken(&to);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                qemu.write_all(&stream).expect("stream");
+                drop(qemu);
+            });
+            conn.read_to_end(&mut got).expect("read");
+        });
         assert_eq!(got.len(), stream.len());
-        assert!(got == stream, "the stream, without the filler");
+        assert!(got == stream, "the stream, without the filler, read by the node alone");
+        drop(node); // done: the lifeline closes, the relay finds the stream ended
+        assert_eq!(relay.join().expect("relay"), 0);
+    }
+
+    /// The node reads part of the stream and dies (its lifeline closes, its descriptor of the
+    /// stream too): the relay drains the rest, so QEMU's writes all complete.
+    #[test]
+    fn a_stream_the_node_stops_reading_is_drained_once_its_lifeline_closes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let to = UnixListener::bind(dir.path().join("to.sock")).expect("to");
+        let (node, relay) = relay(dir.path(), false);
+        let mut qemu = UnixStream::connect(dir.path().join("relay.sock")).expect("connect");
+        let mut conn = taken(&to);
+        let writer = std::thread::spawn(move || qemu.write_all(&vec![9u8; 16 << 20]).is_ok());
+        let mut head = vec![0u8; 1 << 20];
+        conn.read_exact(&mut head).expect("the node reads the stream's start");
+        assert!(head.iter().all(|&b| b == 9));
+        drop(conn);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writer.is_finished(), "nothing drains while the node may still read");
+        drop(node);
+        assert!(writer.join().expect("writer"), "every write completed: the relay drained the rest");
         assert_eq!(relay.join().expect("relay"), 0);
     }
 

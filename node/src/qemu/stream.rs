@@ -562,13 +562,13 @@ impl<W: Write> Rebuilder<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
     /// A small stream in QEMU 7.2's shape: two blocks, zero and data pages, a page re-sent in
     /// a later part (live pre-copy), device sections, EOF and a JSON description.
-    fn sample() -> (Vec<u8>, BTreeMap<(usize, u64), Vec<u8>>) {
+    pub(crate) fn sample() -> (Vec<u8>, BTreeMap<(usize, u64), Vec<u8>>) {
         let mut s = Vec::new();
         s.extend_from_slice(&QEVM_MAGIC.to_be_bytes());
         s.extend_from_slice(&QEVM_VERSION.to_be_bytes());
