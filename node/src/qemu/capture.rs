@@ -6,9 +6,10 @@
 //!    `downtime-limit` (the old values come back at the end).
 //! 3. **Migrate**: listen on a unix socket in the work directory; for stop-copy, wait for the
 //!    pacer's [`Step::Pause`] and `stop` first; `migrate unix:SOCK`. A blocking thread parses
-//!    the stream as it arrives and appends the non-zero pages to a spool file (unlinked), so
-//!    QEMU sends at stream speed whatever the sink's pace; the async side hashes the spooled
-//!    pages, keeps the VM's page map (last copy wins) and hands the pages to the sink. For
+//!    the stream as it arrives and passes the non-zero pages on in batches, in memory up to
+//!    [`CAPTURE_MEMORY_BYTES`] queued and beyond that through a spool file (unlinked), so
+//!    QEMU sends at stream speed whatever the sink's pace; the async side hashes the pages,
+//!    keeps the VM's page map (last copy wins) and hands the pages to the sink. For
 //!    pre-copy, the live rounds run until one pass is (nearly) done, the copy is held there,
 //!    and the VM is stopped at [`Step::Pause`].
 //! 4. **Resume**: once QEMU reports the migration `completed` and the pacer says
@@ -32,8 +33,9 @@ use vmcsnap_protocol::wire::DiskChoice;
 use vmcsnap_protocol::{hash_page, is_zero_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
 /// Page records handed from the parser thread to the hashing side in one message. The queue
-/// of such messages is unbounded on purpose (records are 48 bytes; the pages are in the
-/// spool), so that the VM's pause never waits on the sink.
+/// of such messages is unbounded on purpose (records are 48 bytes; the pages are in memory
+/// only up to [`CAPTURE_MEMORY_BYTES`], else in the spool), so that the VM's pause never waits
+/// on the sink.
 pub const CAPTURE_BATCH_PAGES: usize = 256;
 /// Time for QEMU to connect to the node's socket after `migrate`.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -12,7 +12,8 @@
 //!   client that reads the views).
 //! - [`launch`]: start the recorded QEMU command line with `-incoming`.
 //! - [`postcopy`]: the stream and return path of a lazy restore, the node as QEMU's source.
-//! - [`relay`]: the process a live capture's stream passes through, which outlives the node.
+//! - [`relay`]: the process a live capture's stream connects to; it hands the connection
+//!   to the node and, outliving it, drains what the node leaves.
 //! - [`keeper`]: the process that holds a lazily restored QEMU's monitor, which outlives the
 //!   node, so that a paused postcopy can always be recovered.
 //! - [`recorded_state`] and [`stream_meta`]: the one conversion between a stream's metadata
