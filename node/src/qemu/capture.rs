@@ -888,8 +888,7 @@ async fn migrate(
     let gate = Gate::default();
     let gated = Gated { inner: conn, gate: gate.clone() };
     let counted = gate.clone();
-    let batching = Batching::default();
-    let memory = batching.memory.clone();
+    let batching = Batching { vm: req.vm.to_string(), ..Batching::default() };
     let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx, counted, batching));
     let watch = pacer.cancel_watch();
     // The VM resumes as soon as QEMU has sent everything and the pacer allows it: the stream is
@@ -913,7 +912,7 @@ async fn migrate(
         if req.mode == CaptureMode::StopCopy {
             let _ = resumed_rx.await;
         }
-        drain(sink, rx, &io.spool, &memory, &watch).await
+        drain(sink, rx, &io.spool, &watch).await
     };
     let t0 = Instant::now();
     let stage = |stage: &str| tracing::info!(target: "vmcsnap::stage", vm = req.vm, stage, ms = t0.elapsed().as_millis() as u64, "stage");
@@ -1095,25 +1094,41 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
 /// (`None` for a zero page).
 type Entry = (u32, u64, Option<u64>);
 
-/// Where a batch's non-zero pages are: in memory, one after another, or in the spool file
-/// (at the entries' offsets).
+/// Where a batch's non-zero pages are: in memory, one after another (counted in the node's
+/// budget until dropped), or in the spool file (at the entries' offsets).
 enum Pages {
-    Memory(Vec<u8>),
+    Memory(Vec<u8>, Queued),
     Spooled,
 }
 
 /// Page records handed from the parser to the hashing side, with their pages.
 type Batch = (Vec<Entry>, Pages);
 
-/// Bytes of pages a capture keeps in memory between its parser and the hashing side; beyond
-/// that, batches go through the spool file (a sink slower than QEMU's stream, or one not read
-/// yet: a stop-copy pause). Within it, a page costs no write to the spool and no read back.
-pub const CAPTURE_MEMORY_BYTES: u64 = 32 << 20;
+/// Bytes of pages this node's captures, all together, keep in memory between their parsers
+/// and their hashing sides; beyond that, batches go through each capture's spool file (sinks
+/// slower than QEMU's streams, or not read yet: a stop-copy pause). Within it, a page costs no
+/// write to the spool and no read back.
+pub const CAPTURE_MEMORY_BYTES: u64 = 64 << 20;
 
-/// How the parser batches: pages per batch, and bytes of pages it may keep in memory
-/// ([`CAPTURE_MEMORY_BYTES`]; the hashing side gives them back as it takes each batch).
+/// Bytes of a batch's pages counted in a budget, until dropped: by the hashing side as it
+/// takes the batch, or with the queue of a capture that ended without taking them.
+struct Queued {
+    bytes: u64,
+    budget: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How the parser batches: pages per batch, and bytes of pages it may keep in memory (the
+/// node's captures share [`CAPTURE_MEMORY_BYTES`]).
 #[derive(Clone)]
 struct Batching {
+    /// The VM, for the log.
+    vm: String,
     pages: usize,
     memory: std::sync::Arc<std::sync::atomic::AtomicU64>,
     memory_max: u64,
@@ -1121,7 +1136,8 @@ struct Batching {
 
 impl Default for Batching {
     fn default() -> Self {
-        Self { pages: CAPTURE_BATCH_PAGES, memory: Default::default(), memory_max: CAPTURE_MEMORY_BYTES }
+        static QUEUED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>> = std::sync::OnceLock::new();
+        Self { vm: String::new(), pages: CAPTURE_BATCH_PAGES, memory: QUEUED.get_or_init(Default::default).clone(), memory_max: CAPTURE_MEMORY_BYTES }
     }
 }
 
@@ -1148,11 +1164,14 @@ fn parse_to_spool(
     let mut mem: Option<Vec<u8>> = in_memory().then(|| Vec::with_capacity(batching.pages * PAGE_SIZE));
     let spool_err = |e: std::io::Error| StreamError::Sink(format!("spool file: {e}"));
     let mut records = 0u64;
+    let mut in_memory_bytes = 0u64;
     let mut send = |batch: Vec<Entry>, mem: Option<Vec<u8>>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<(), StreamError> {
         let pages = match mem {
             Some(m) => {
-                batching.memory.fetch_add(m.len() as u64, Ordering::SeqCst);
-                Pages::Memory(m)
+                let bytes = m.len() as u64;
+                in_memory_bytes += bytes;
+                batching.memory.fetch_add(bytes, Ordering::SeqCst);
+                Pages::Memory(m, Queued { bytes, budget: batching.memory.clone() })
             }
             None => {
                 w.flush().map_err(spool_err)?;
@@ -1188,6 +1207,7 @@ fn parse_to_spool(
     if !batch.is_empty() {
         let _ = send(batch, mem, &mut w);
     }
+    tracing::debug!(target: "vmcsnap::snapshot", vm = batching.vm, in_memory_bytes, spooled_bytes = off, "stream parsed");
     Ok(parsed)
 }
 
@@ -1197,7 +1217,6 @@ async fn drain(
     sink: &impl PageSink,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Batch>,
     spool: &std::fs::File,
-    memory: &std::sync::atomic::AtomicU64,
     watch: &CancelWatch,
 ) -> Result<Vec<Vec<PageHash>>, CaptureError> {
     use std::os::unix::fs::FileExt;
@@ -1213,8 +1232,8 @@ async fn drain(
         // read); hashed on the blocking pool.
         let offs: Vec<u64> = batch.iter().filter_map(|e| e.2).collect();
         let located = match (pages, offs.first(), offs.last()) {
-            (Pages::Memory(m), _, _) => {
-                memory.fetch_sub(m.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            (Pages::Memory(m, queued), _, _) => {
+                drop(queued); // taken: the budget is the queue's
                 Some((0, Held::Memory(m)))
             }
             (Pages::Spooled, Some(&first), Some(&last)) => {
@@ -1378,7 +1397,7 @@ mod tests {
         let (stream, want) = stream::tests::sample();
         let spool = tempfile::tempfile().expect("spool");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Batch>();
-        let batching = Batching { pages: 1, memory_max: 2 * PAGE_SIZE as u64, ..Default::default() };
+        let batching = Batching { vm: "t".into(), pages: 1, memory: Default::default(), memory_max: 2 * PAGE_SIZE as u64 };
         let memory = batching.memory.clone();
         let w = spool.try_clone().expect("clone");
         parse_to_spool(&stream[..], w, tx, Gate::default(), batching).expect("parsed");
@@ -1388,7 +1407,7 @@ mod tests {
         let (reached, _reached) = tokio::sync::mpsc::unbounded_channel();
         let watch = Pacer::new(steps, reached, 0).cancel_watch();
         let sink = Collect::default();
-        let maps = drain(&sink, rx, &spool, &memory, &watch).await.expect("drained");
+        let maps = drain(&sink, rx, &spool, &watch).await.expect("drained");
         assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 0, "given back");
         let pushed = sink.0.into_inner().expect("lock");
         assert_eq!(pushed.len(), 4, "every non-zero page sent, a re-sent one too");
@@ -1400,6 +1419,21 @@ mod tests {
             .collect();
         let want: std::collections::BTreeMap<(usize, u64), PageHash> = want.iter().map(|(k, p)| (*k, hash_page(p))).collect();
         assert_eq!(got, want);
+    }
+
+    /// A capture that ends with batches still queued (the hashing side failed, or the capture
+    /// was dropped) gives their memory back to the node's budget.
+    #[test]
+    fn batches_left_in_the_queue_give_their_memory_back() {
+        let (stream, _) = stream::tests::sample();
+        let spool = tempfile::tempfile().expect("spool");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Batch>();
+        let batching = Batching { vm: "t".into(), pages: 1, memory: Default::default(), memory_max: 1 << 20 };
+        let memory = batching.memory.clone();
+        parse_to_spool(&stream[..], spool, tx, Gate::default(), batching).expect("parsed");
+        assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 4 * PAGE_SIZE as u64, "every non-zero page in memory");
+        drop(rx);
+        assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     /// The parser closes the gate once, at the record asked for; reads wait while it is
