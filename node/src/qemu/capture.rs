@@ -1160,14 +1160,16 @@ fn parse_to_spool(
     let batch_bytes = (batching.pages * PAGE_SIZE) as u64;
     let in_memory = || batching.memory.load(Ordering::SeqCst) + batch_bytes <= batching.memory_max;
     let mut batch: Vec<Entry> = Vec::with_capacity(batching.pages);
-    // This batch's pages, if it is kept in memory (decided when it starts).
-    let mut mem: Option<Vec<u8>> = in_memory().then(|| Vec::with_capacity(batching.pages * PAGE_SIZE));
+    // This batch's pages, if it is kept in memory (decided when it starts; allocated at its
+    // first non-zero page).
+    let mut mem: Option<Vec<u8>> = in_memory().then(Vec::new);
     let spool_err = |e: std::io::Error| StreamError::Sink(format!("spool file: {e}"));
     let mut records = 0u64;
     let mut in_memory_bytes = 0u64;
     let mut send = |batch: Vec<Entry>, mem: Option<Vec<u8>>, w: &mut std::io::BufWriter<std::fs::File>| -> Result<(), StreamError> {
         let pages = match mem {
-            Some(m) => {
+            Some(mut m) => {
+                m.shrink_to_fit(); // its pages live on in the sink as slices of it
                 let bytes = m.len() as u64;
                 in_memory_bytes += bytes;
                 batching.memory.fetch_add(bytes, Ordering::SeqCst);
@@ -1186,6 +1188,9 @@ fn parse_to_spool(
         let entry = match d {
             Some(d) if !is_zero_page(d) => match mem.as_mut() {
                 Some(m) => {
+                    if m.capacity() == 0 {
+                        m.reserve_exact(batching.pages * PAGE_SIZE);
+                    }
                     m.extend_from_slice(d);
                     (b as u32, i, Some((m.len() - PAGE_SIZE) as u64))
                 }
@@ -1200,7 +1205,7 @@ fn parse_to_spool(
         batch.push(entry);
         if batch.len() >= batching.pages {
             send(std::mem::replace(&mut batch, Vec::with_capacity(batching.pages)), mem.take(), &mut w)?;
-            mem = in_memory().then(|| Vec::with_capacity(batching.pages * PAGE_SIZE));
+            mem = in_memory().then(Vec::new);
         }
         Ok(())
     })?;
@@ -1232,6 +1237,7 @@ async fn drain(
         // read); hashed on the blocking pool.
         let offs: Vec<u64> = batch.iter().filter_map(|e| e.2).collect();
         let located = match (pages, offs.first(), offs.last()) {
+            (_, None, _) | (_, _, None) => None, // only zero pages
             (Pages::Memory(m, queued), _, _) => {
                 drop(queued); // taken: the budget is the queue's
                 Some((0, Held::Memory(m)))
@@ -1240,7 +1246,6 @@ async fn drain(
                 let spool = spool.try_clone().map_err(|e| CaptureError::Io(format!("spool file: {e}")))?;
                 Some((first, Held::Spool(spool, (last - first) as usize + PAGE_SIZE)))
             }
-            (Pages::Spooled, _, _) => None,
         };
         let (first, data, hashes) = match located {
             Some((first, pages)) => {
