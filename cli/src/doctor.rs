@@ -124,6 +124,15 @@ pub(crate) fn disk(dir: &Path) -> Check {
     check("disk", verdict, format!("{gib:.1} GiB free on {} (the node refuses pages below --min-free, default 1 GiB; a stop-copy spools up to a VM's memory there)", at.display()))
 }
 
+/// Whether RocksDB's checksums (every stored page's, at each flush) run on the CPU's
+/// instruction or on the library's table-driven loop.
+pub(crate) fn checksums() -> Check {
+    match crate::rocksdb_crc::in_use() {
+        Ok(()) => check("checksums", Verdict::Ok, "RocksDB's CRC32C runs on the CPU's SSE4.2 instruction"),
+        Err(why) => check("checksums", Verdict::Warn, format!("{why}; the node's flushes take more CPU")),
+    }
+}
+
 /// Where the checks look: the data directory of the node on this host.
 pub(crate) fn data_dir(node: Option<&Path>) -> PathBuf {
     node.map(|p| if p.is_dir() { p.to_path_buf() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() }).unwrap_or_else(|| PathBuf::from("/var/lib/vmcsnap"))

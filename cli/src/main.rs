@@ -5,6 +5,7 @@
 
 mod config;
 mod doctor;
+mod rocksdb_crc;
 mod wait;
 
 use anyhow::{bail, Context};
@@ -1166,7 +1167,7 @@ fn man_pages(dir: &Path) -> anyhow::Result<()> {
 async fn doctor_run(qemu_dir: &Path, common: &NodeArg) -> anyhow::Result<()> {
     use doctor::Verdict;
     let data = doctor::data_dir(common.node.as_deref());
-    let mut checks = vec![doctor::qemu(qemu_dir), doctor::kvm(), doctor::userfaultfd(), doctor::clock(), doctor::disk(&data)];
+    let mut checks = vec![doctor::qemu(qemu_dir), doctor::kvm(), doctor::userfaultfd(), doctor::clock(), doctor::disk(&data), doctor::checksums()];
     checks.push(match &common.node {
         None => doctor::Check { name: "node", verdict: Verdict::Warn, detail: "not checked: pass --node DIR (or set VMCSNAP_NODE) to check this host's node".into() },
         Some(_) => match tokio::time::timeout(std::time::Duration::from_secs(10), call(&NodeArg { node: common.node.clone(), json: true }, ControlRequest::ClusterStatus)).await {

@@ -13,7 +13,8 @@
 //! # Codemap, in layers (a module imports only modules of a lower layer; `tests/layers.rs`
 //! checks it)
 //! 0. [`config`] (the validated configuration), [`identity`] (the ed25519 key), [`store`]
-//!    (RocksDB pages, catalog, metadata), [`source`] (memory sources and the capture contract:
+//!    (RocksDB pages, catalog, metadata), [`crc32c`] (RocksDB's checksum on the CPU's
+//!    instruction), [`source`] (memory sources and the capture contract:
 //!    pacing, page sink, result), [`tls`] (the data plane's TLS: libp2p's profile, AES-GCM
 //!    first).
 //! 1. [`admission`] (this node's certificate and the revocations it keeps), [`qemu`] (stream
@@ -33,6 +34,7 @@ pub mod admission;
 pub mod answer;
 pub mod config;
 pub mod control;
+pub mod crc32c;
 pub mod daemon;
 pub mod engine;
 pub mod exporter;

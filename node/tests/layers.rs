@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 0),
     ("identity", 0),
     ("store", 0),
+    ("crc32c", 0),
     ("source", 0),
     ("tls", 0),
     ("admission", 1),
