@@ -55,13 +55,19 @@ impl Partners {
     fn pick(&mut self, alive: &[NodeId], rotate: bool, fanout: usize, rng: &mut impl rand::Rng) -> Vec<NodeId> {
         use rand::seq::{IndexedRandom, SliceRandom};
         self.ids.retain(|p| alive.contains(p));
+        let mut rotated_out = None;
         if rotate && !self.ids.is_empty() && alive.len() > self.ids.len() {
             let i = rng.random_range(0..self.ids.len());
-            self.ids.swap_remove(i);
+            rotated_out = Some(self.ids.swap_remove(i));
         }
-        let others: Vec<NodeId> = alive.iter().filter(|p| !self.ids.contains(p)).copied().collect();
+        // Not the one just rotated out (a rotation would then change nothing), unless the
+        // set stays short without it.
+        let others: Vec<NodeId> = alive.iter().filter(|p| !self.ids.contains(p) && Some(**p) != rotated_out).copied().collect();
         let want = SYNC_PARTNERS.saturating_sub(self.ids.len());
         self.ids.extend(others.choose_multiple(rng, want).copied());
+        if let Some(r) = rotated_out.filter(|_| self.ids.len() < SYNC_PARTNERS) {
+            self.ids.push(r);
+        }
         let mut out = self.ids.clone();
         out.shuffle(rng);
         out.truncate(fanout);
@@ -970,10 +976,22 @@ mod partner_tests {
             p.pick(&alive, false, CATALOG_SYNC_FANOUT, &mut rng);
         }
         assert_eq!(p.ids, before);
-        // A rotation swaps exactly one.
-        p.pick(&alive, true, CATALOG_SYNC_FANOUT, &mut rng);
-        assert_eq!(p.ids.len(), SYNC_PARTNERS);
-        assert_eq!(p.ids.iter().filter(|i| before.contains(i)).count(), SYNC_PARTNERS - 1);
+        // A rotation swaps exactly one, for another (it once drew the one it dropped, in
+        // about one round of 35 here).
+        for _ in 0..200 {
+            let before = p.ids.clone();
+            p.pick(&alive, true, CATALOG_SYNC_FANOUT, &mut rng);
+            assert_eq!(p.ids.len(), SYNC_PARTNERS);
+            assert_eq!(p.ids.iter().filter(|i| before.contains(i)).count(), SYNC_PARTNERS - 1);
+        }
+        // With one peer beyond the partners, a rotation swaps it in.
+        let seven = ids(7);
+        let mut r = Partners::default();
+        r.pick(&seven, false, CATALOG_SYNC_FANOUT, &mut rng);
+        let before = r.ids.clone();
+        r.pick(&seven, true, CATALOG_SYNC_FANOUT, &mut rng);
+        assert_eq!(r.ids.len(), SYNC_PARTNERS);
+        assert_eq!(r.ids.iter().filter(|i| before.contains(i)).count(), SYNC_PARTNERS - 1);
         // A partner that goes down is replaced by a live peer at the next round.
         let gone = p.ids[0];
         let alive2: Vec<NodeId> = alive.iter().copied().filter(|i| *i != gone).collect();
