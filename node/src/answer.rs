@@ -8,7 +8,7 @@
 
 use crate::store::{Store, StoreError};
 use vmcsnap_protocol::manifest::validate_name;
-use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, NAME_CLAIM_TTL_MS, PUT_PAGES_MAX, TOMBSTONES_MAX};
+use vmcsnap_protocol::wire::{CatalogEntry, DataRequest, DataResponse, PageSet, RemoteErrorKind, CATALOG_ENTRIES_MAX, GET_PAGES_MAX, HAVE_HASHES_MAX, NAME_CLAIM_TTL_MS, PUT_PAGES_MAX, TOMBSTONES_MAX};
 use vmcsnap_dht::admission::Trust;
 use vmcsnap_protocol::{NodeId, PAGE_SIZE};
 
@@ -69,7 +69,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             if pages.len() > PUT_PAGES_MAX {
                 return Err(AnswerError::BadRequest(format!("Put of {} pages (max {PUT_PAGES_MAX})", pages.len())));
             }
-            let refs: Vec<_> = pages.iter().map(|p| (p.hash, p.data.as_slice())).collect();
+            let refs = pages.pages().ok_or_else(|| AnswerError::BadRequest("Put whose bytes are not one page per hash".into()))?;
             let (stored, already, incarnation) = match asker {
                 Asker::Local => store.put_own_at(&refs)?,
                 Asker::Peer => store.put_verified_at(&refs)?,
@@ -82,10 +82,9 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             }
             // A peer hashes every page it gets (and asks the next owner for a damaged one).
             let pages = match asker {
-                Asker::Local => store.get(&hashes)?,
+                Asker::Local => PageSet::of(store.get(&hashes)?),
                 Asker::Peer => store.get_for_peer(&hashes)?,
             };
-            let pages = pages.into_iter().map(|p| p.map(serde_bytes::ByteBuf::from)).collect();
             Ok(DataResponse::Pages { pages })
         }
         DataRequest::Sync { incarnation } => {

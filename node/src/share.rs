@@ -8,13 +8,16 @@
 //! last one ends, the recent pages are dropped, so an idle node holds none of them; and a
 //! fetch running alone keeps a page only for a follower (no copy per page fetched).
 
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::watch;
 use vmcsnap_protocol::PageHash;
 
-/// Pages kept after their fetch (32 MiB), for fetches that come a little later.
+/// Pages kept after their fetch (32 MiB), for fetches that come a little later. Each is a
+/// slice of the `Get` answer it came in (up to 1 MiB), which lives until its last kept page
+/// goes; pages are kept and dropped in the order they came, so that is a few answers more.
 pub const RECENT_PAGES: usize = 8192;
 /// Longest a follower waits for a leader's copy before it fetches the page itself: a leader's
 /// fetch may sit unpolled behind its restore's full queue, and a guest's page fault must not
@@ -22,7 +25,7 @@ pub const RECENT_PAGES: usize = 8192;
 pub const FOLLOW_WAIT: Duration = Duration::from_millis(200);
 
 /// A fetched page, or `None` while its leader fetches it.
-type Cell = watch::Receiver<Option<Arc<Vec<u8>>>>;
+type Cell = watch::Receiver<Option<Bytes>>;
 
 /// The node's shared fetches.
 #[derive(Default)]
@@ -44,11 +47,11 @@ struct Inner {
 #[derive(Default)]
 pub struct Claim {
     /// Fetched lately by another fetch: here.
-    pub have: Vec<(PageHash, Arc<Vec<u8>>)>,
+    pub have: Vec<(PageHash, Bytes)>,
     /// Being fetched by another: wait for it ([`follow`]).
     pub follow: Vec<(PageHash, Cell)>,
     /// Fetch it, then [`FetchShare::led`].
-    pub lead: Vec<(PageHash, watch::Sender<Option<Arc<Vec<u8>>>>)>,
+    pub lead: Vec<(PageHash, watch::Sender<Option<Bytes>>)>,
 }
 
 /// A running fetch: the share lives while one does.
@@ -92,7 +95,7 @@ impl FetchShare {
         c
     }
 
-    fn insert(i: &mut Inner, h: PageHash) -> watch::Sender<Option<Arc<Vec<u8>>>> {
+    fn insert(i: &mut Inner, h: PageHash) -> watch::Sender<Option<Bytes>> {
         let (tx, rx) = watch::channel(None);
         i.pages.insert(h, rx);
         tx
@@ -101,12 +104,12 @@ impl FetchShare {
     /// A led page's fetch ended: `page` (verified) for its followers and later fetches, or
     /// `None` (the fetch failed: followers fetch it themselves). A fetch running alone with no
     /// follower keeps nothing (no copy of every page it fetches).
-    pub fn led(&self, h: PageHash, tx: watch::Sender<Option<Arc<Vec<u8>>>>, page: Option<&Vec<u8>>) {
+    pub fn led(&self, h: PageHash, tx: watch::Sender<Option<Bytes>>, page: Option<&Bytes>) {
         let mut i = self.lock();
         let wanted = i.users > 1 || tx.receiver_count() > 1;
         match page {
             Some(p) if wanted => {
-                let _ = tx.send(Some(Arc::new(p.clone())));
+                let _ = tx.send(Some(p.clone()));
                 i.recent.push_back(h);
                 while i.recent.len() > RECENT_PAGES {
                     if let Some(old) = i.recent.pop_front() {
@@ -123,7 +126,7 @@ impl FetchShare {
 
 /// Waits for a leader's copy of a page, at most [`FOLLOW_WAIT`]; `None` if it gave up or is
 /// slow (fetch the page yourself).
-pub async fn follow(mut cell: Cell) -> Option<Arc<Vec<u8>>> {
+pub async fn follow(mut cell: Cell) -> Option<Bytes> {
     tokio::time::timeout(FOLLOW_WAIT, cell.wait_for(|p| p.is_some())).await.ok()?.ok().and_then(|p| p.clone())
 }
 
@@ -149,10 +152,10 @@ mod tests {
         let mut leads = first.lead.into_iter();
         let (h1, tx1) = leads.next().expect("lead 1");
         let (h2, tx2) = leads.next().expect("lead 2");
-        share.led(h2, tx2, Some(&vec![7u8; 8]));
+        share.led(h2, tx2, Some(&Bytes::from(vec![7u8; 8])));
         share.led(h1, tx1, None);
         let (_, cell) = second.follow.into_iter().next().expect("follow");
-        assert_eq!(follow(cell).await.as_deref(), Some(&vec![7u8; 8]));
+        assert_eq!(follow(cell).await.as_deref(), Some(&[7u8; 8][..]));
         // Later: page 2 is here, page 1 is to be led again.
         let third = share.claim(&[h(1), h(2)]);
         assert_eq!((third.have.len(), third.lead.len()), (1, 1));
@@ -171,7 +174,7 @@ mod tests {
         let alone = share.enter();
         let c = share.claim(&[h(1)]);
         for (hh, tx) in c.lead {
-            share.led(hh, tx, Some(&vec![1u8]));
+            share.led(hh, tx, Some(&Bytes::from(vec![1u8])));
         }
         assert!(share.lock().pages.is_empty(), "a fetch alone keeps nothing");
         let _other = share.enter();
@@ -182,7 +185,7 @@ mod tests {
             b[..4].copy_from_slice(&i.to_le_bytes());
             let c = share.claim(&[PageHash(b)]);
             for (hh, tx) in c.lead {
-                share.led(hh, tx, Some(&vec![1u8]));
+                share.led(hh, tx, Some(&Bytes::from(vec![1u8])));
             }
         }
         let i = share.lock();

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmcsnap_protocol::manifest::{SignedRecord, SignedTombstone, NAME_VERSIONS_MAX};
-use vmcsnap_protocol::wire::{GcStats, RepairStats, ScrubStats};
+use vmcsnap_protocol::wire::{GcStats, PageSet, RepairStats, ScrubStats};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
 const CF_PAGES: &str = "pages";
@@ -499,14 +499,46 @@ impl Store {
             .collect())
     }
 
+    /// [`Store::get`] into one buffer: each page held (and hashing right) is a slice of it, not
+    /// an allocation of its own.
+    pub fn get_shared(&self, hashes: &[PageHash]) -> Result<Vec<Option<bytes::Bytes>>, StoreError> {
+        let mut data = Vec::new();
+        let mut at = vec![None; hashes.len()];
+        self.read_each(hashes, |i, p| {
+            if data.capacity() == 0 {
+                // Room for every page from here on (`i` ascends), reserved once, not touched:
+                // memory a page does not fill costs nothing.
+                data.reserve_exact((hashes.len() - i) * PAGE_SIZE);
+            }
+            if p.len() == PAGE_SIZE && hash_page(p) == hashes[i] {
+                at[i] = Some(data.len());
+                data.extend_from_slice(p);
+            } else {
+                tracing::error!(target: "vmcsnap::store", page = %hashes[i], "a stored page does not match its hash; not served (the scrubber repairs it from a replica)");
+            }
+        })?;
+        let data = bytes::Bytes::from(data);
+        Ok(at.into_iter().map(|a| a.map(|a| data.slice(a..a + PAGE_SIZE))).collect())
+    }
+
     /// Pages for a peer that checks each against its hash (a `Get`), read without hashing
     /// them here: a damaged copy is caught there (which then asks the page's next owner)
     /// and by this node's scrubber, so hashing it here too would only double the work
     /// (BLAKE3 was a tenth of an owner's CPU while it served a restore). A copy of the wrong
     /// length is not served.
-    pub fn get_for_peer(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let mut out = vec![None; hashes.len()];
-        self.read_each(hashes, |i, p| out[i] = Some(p).filter(|p| p.len() == PAGE_SIZE).map(|p| p.to_vec()))?;
+    /// The pages go into one buffer, not one allocation each.
+    pub fn get_for_peer(&self, hashes: &[PageHash]) -> Result<PageSet, StoreError> {
+        let mut out = PageSet::with_capacity(hashes.len());
+        // `read_each` goes in ascending order: the pages not held in between are pushed as such.
+        self.read_each(hashes, |i, p| {
+            while out.len() < i {
+                out.push(None);
+            }
+            out.push(Some(p));
+        })?;
+        while out.len() < hashes.len() {
+            out.push(None);
+        }
         Ok(out)
     }
 
@@ -519,7 +551,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Calls `found(i, bytes)` for each of `hashes` this store holds. Hashes whose prefix the
+    /// Calls `found(i, bytes)` for each of `hashes` this store holds, `i` ascending. Hashes whose prefix the
     /// index lacks are not looked up (during a restore, most of what one node asks for is
     /// held by others).
     fn read_each(&self, hashes: &[PageHash], mut found: impl FnMut(usize, &[u8])) -> Result<(), StoreError> {
@@ -1107,8 +1139,15 @@ mod tests {
         s.put_own(&[(ha, &a), (hc, &b)]).expect("put");
         assert_eq!(s.read(&[ha, hc, hd]).expect("read"), vec![Read::Page(a.clone()), Read::Corrupt, Read::Missing]);
         assert_eq!(s.get(&[ha, hc, hd]).expect("get"), vec![Some(a.clone()), None, None]);
-        // The peer hashes what it gets, and asks the next owner for page 3.
-        assert_eq!(s.get_for_peer(&[ha, hc, hd]).expect("get"), vec![Some(a), Some(b), None]);
+        // The same, each page a slice of one buffer.
+        let shared = s.get_shared(&[hd, ha, hc, ha]).expect("get shared");
+        assert_eq!(shared.iter().map(|p| p.as_deref()).collect::<Vec<_>>(), vec![None, Some(&a[..]), None, Some(&a[..])]);
+        // The peer hashes what it gets, and asks the next owner for page 3; the gaps stay
+        // where they are whatever is held around them.
+        assert_eq!(s.get_for_peer(&[ha, hc, hd]).expect("get"), PageSet::of([Some(&a), Some(&b), None]));
+        assert_eq!(s.get_for_peer(&[hd, hd, hc, hd, ha]).expect("get"), PageSet::of([None, None, Some(&b), None, Some(&a)]));
+        assert_eq!(s.get_for_peer(&[hd]).expect("get"), PageSet::of([None::<&[u8]>]));
+        assert_eq!(s.get_for_peer(&[]).expect("get"), PageSet::default());
     }
 
     #[test]

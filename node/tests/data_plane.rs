@@ -12,7 +12,7 @@ use vmcsnap_node::net::{self, DataClient, NetError};
 use vmcsnap_node::NodeConfig;
 use vmcsnap_dht::admission::{sign_record, sign_tombstone};
 use vmcsnap_protocol::manifest::{CaptureMode, CommitRecord, SignedRecord, SignedTombstone, Tombstone};
-use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse, PagePut, RemoteErrorKind, HAVE_HASHES_MAX};
+use vmcsnap_protocol::wire::{CutBegin, DataRequest, DataResponse, PagePuts, PageSet, RemoteErrorKind, HAVE_HASHES_MAX};
 use vmcsnap_protocol::{hash_page, NodeId, PageHash, PAGE_SIZE};
 
 fn free_addr() -> SocketAddr {
@@ -29,7 +29,7 @@ fn free_addr() -> SocketAddr {
 fn every_request(page: PageHash, record: SignedRecord, tombstone: SignedTombstone, placement: Vec<NodeId>) -> Vec<DataRequest> {
     vec![
         DataRequest::Have { hashes: vec![page] },
-        DataRequest::Put { pages: vec![PagePut { hash: page, data: vec![0u8; PAGE_SIZE].into() }] },
+        DataRequest::Put { pages: PagePuts::from_parts(vec![page], vec![0u8; PAGE_SIZE]) },
         DataRequest::Get { hashes: vec![page] },
         DataRequest::Sync { incarnation: 0 },
         DataRequest::Delete { tombstone: tombstone.clone() },
@@ -106,27 +106,27 @@ async fn owners_reject_bad_pages_and_strangers() {
     let good = hash_page(&page);
     // A page sent under someone else's hash is refused, and not stored.
     let wrong = PageHash([9; 32]);
-    let put = DataRequest::Put { pages: vec![PagePut { hash: wrong, data: page.clone().into() }] };
+    let put = DataRequest::Put { pages: PagePuts::from_parts(vec![wrong], page.clone()) };
     match client.request(target.id, target.data_addr, &put).await {
         Err(NetError::Remote { kind: RemoteErrorKind::HashMismatch, .. }) => {}
         other => panic!("expected a hash mismatch, got {other:?}"),
     }
-    // A short page too.
-    let put = DataRequest::Put { pages: vec![PagePut { hash: good, data: vec![7u8; 100].into() }] };
-    assert!(matches!(client.request(target.id, target.data_addr, &put).await, Err(NetError::Remote { kind: RemoteErrorKind::HashMismatch, .. })));
+    // A short page is a malformed request.
+    let put = DataRequest::Put { pages: PagePuts::from_parts(vec![good], vec![7u8; 100]) };
+    assert!(matches!(client.request(target.id, target.data_addr, &put).await, Err(NetError::Remote { kind: RemoteErrorKind::BadRequest, .. })));
     let have = client.request(target.id, target.data_addr, &DataRequest::Have { hashes: vec![good, wrong] }).await.expect("have");
     let DataResponse::Have { missing, incarnation } = have else { panic!("{have:?}") };
     assert_eq!(missing, vec![0, 1]);
 
     // The honest page is stored and served back, and counted once.
-    let put = DataRequest::Put { pages: vec![PagePut { hash: good, data: page.clone().into() }] };
+    let put = DataRequest::Put { pages: PagePuts::from_parts(vec![good], page.clone()) };
     assert_eq!(client.request(target.id, target.data_addr, &put).await.expect("put"), DataResponse::Put { stored: 1, already: 0, incarnation });
     // A sync under another incarnation (the owner restarted since it answered) is refused.
     let r = client.request(target.id, target.data_addr, &DataRequest::Sync { incarnation: incarnation ^ 1 }).await;
     assert!(matches!(r, Err(NetError::Remote { kind: RemoteErrorKind::Restarted, .. })), "{r:?}");
     assert_eq!(client.request(target.id, target.data_addr, &DataRequest::Sync { incarnation }).await.expect("sync"), DataResponse::Synced);
     let got = client.request(target.id, target.data_addr, &DataRequest::Get { hashes: vec![good, wrong] }).await.expect("get");
-    assert_eq!(got, DataResponse::Pages { pages: vec![Some(page.clone().into()), None] });
+    assert_eq!(got, DataResponse::Pages { pages: PageSet::of([Some(page.clone()), None]) });
     match client.request(target.id, target.data_addr, &DataRequest::Stats).await.expect("stats") {
         DataResponse::Stats { pages, .. } => assert_eq!(pages, 1),
         other => panic!("{other:?}"),

@@ -44,7 +44,7 @@ mod seeds {
     use vmcsnap_protocol::codec::encode_body;
     use vmcsnap_protocol::control::{encode_control, ControlEvent, ControlRequest, ErrorKind};
     use vmcsnap_protocol::manifest::{build_manifest, BlobRef, CaptureMode, CommitRecord, QemuState, Tombstone, VmEntry, VmStats};
-    use vmcsnap_protocol::wire::{CatalogEntry, CutBegin, CutCommand, CutReport, DataRequest, DataResponse, PagePut};
+    use vmcsnap_protocol::wire::{CatalogEntry, CutBegin, CutCommand, CutReport, DataRequest, DataResponse, PagePuts, PageSet};
     use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE, ZERO_HASH};
 
     struct Guest(Child);
@@ -203,7 +203,7 @@ mod seeds {
         let h = hash_page(&page);
         let requests = vec![
             DataRequest::Have { hashes: vec![h, ZERO_HASH] },
-            DataRequest::Put { pages: vec![PagePut { hash: h, data: page.clone().into() }] },
+            DataRequest::Put { pages: PagePuts::from_parts(vec![h], page.clone()) },
             DataRequest::Get { hashes: vec![h] },
             DataRequest::Commit { record: signed.clone(), relay: vec![] },
             DataRequest::CatalogGet { name: "nightly".into() },
@@ -219,7 +219,7 @@ mod seeds {
         let responses = [
             DataResponse::Have { missing: vec![0, 3], incarnation: 7 },
             DataResponse::Tombstones { tombstones: vec![tomb.clone()] },
-            DataResponse::Pages { pages: vec![Some(page.clone().into()), None] },
+            DataResponse::Pages { pages: PageSet::of([Some(page.clone()), None]) },
             DataResponse::Catalog { entries: vec![CatalogEntry { name: "nightly".into(), record_hash: signed.id().expect("id") }] },
             DataResponse::Records { records: vec![signed.clone()] },
         ];

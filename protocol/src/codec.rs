@@ -216,14 +216,12 @@ pub fn decode_record<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{DataRequest, PagePut};
+    use crate::wire::{DataRequest, PagePuts};
     use crate::{PageHash, PAGE_SIZE};
 
     #[test]
     fn frame_round_trip() {
-        let msg = DataRequest::Put {
-            pages: vec![PagePut { hash: PageHash([7; 32]), data: vec![1u8; PAGE_SIZE].into() }],
-        };
+        let msg = DataRequest::Put { pages: PagePuts::from_parts(vec![PageHash([7; 32])], vec![1u8; PAGE_SIZE]) };
         let frame = encode_frame(&msg).expect("encode");
         let len = frame_len(frame[..4].try_into().expect("4 bytes")).expect("len");
         assert_eq!(len, frame.len() - 4);
@@ -236,7 +234,7 @@ mod tests {
     #[test]
     fn a_body_in_parts_decodes_as_the_whole_would() {
         let msg = crate::wire::DataResponse::Pages {
-            pages: vec![Some(vec![3u8; PAGE_SIZE].into()), None, Some(vec![4u8; PAGE_SIZE].into())],
+            pages: crate::wire::PageSet::of([Some(vec![3u8; PAGE_SIZE]), None, Some(vec![4u8; PAGE_SIZE])]),
         };
         let body = encode_body(&msg).expect("encode");
         // Cut in two at every point, and in three around the second page.

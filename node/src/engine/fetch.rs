@@ -9,6 +9,7 @@ use super::LOCAL_LOOKUP_PAGES;
 use crate::net::NetError;
 use crate::node::{fan_out, Node, PEER_ANSWER_TIMEOUT};
 use crate::qemu::qmp::Qmp;
+use bytes::Bytes;
 use futures::{stream, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,18 +97,18 @@ impl<'a> Fetcher<'a> {
     /// Fetches distinct non-zero pages. Returns them keyed by hash. Pages this node lacks
     /// are shared with the other fetches running here ([`crate::share`]): one that another
     /// fetches or fetched lately is taken from it, not from the owners again.
-    pub(super) async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+    pub(super) async fn fetch(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Bytes>, RestoreError> {
         self.fetch_as(hashes, false).await
     }
 
     /// [`Fetcher::fetch`] for pages a guest waits on: a page another fetch is fetching is
     /// fetched again, not waited for (that fetch may be a window of thousands of pages; a
     /// lazily restored guest's vCPU, and under TCG QEMU's whole main loop, would wait on it).
-    pub(super) async fn fetch_urgent(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+    pub(super) async fn fetch_urgent(&self, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Bytes>, RestoreError> {
         self.fetch_as(hashes, true).await
     }
 
-    async fn fetch_as(&self, hashes: Vec<PageHash>, urgent: bool) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+    async fn fetch_as(&self, hashes: Vec<PageHash>, urgent: bool) -> Result<HashMap<PageHash, Bytes>, RestoreError> {
         let mut out = HashMap::with_capacity(hashes.len());
         let local = self.lookup_local(&hashes).await?;
         let mut remote = Vec::new();
@@ -127,7 +128,7 @@ impl<'a> Fetcher<'a> {
         let claim = share.claim(&remote);
         for (h, p) in claim.have {
             self.pages_shared.fetch_add(1, Ordering::Relaxed);
-            out.insert(h, p.to_vec());
+            out.insert(h, p);
         }
         // Led pages first (nothing here waits on another fetch), then the followed ones; when
         // urgent, those too, at once.
@@ -149,7 +150,7 @@ impl<'a> Fetcher<'a> {
             match p {
                 Some(p) => {
                     self.pages_shared.fetch_add(1, Ordering::Relaxed);
-                    out.insert(h, p.to_vec());
+                    out.insert(h, p);
                 }
                 None => own.push(h),
             }
@@ -160,7 +161,7 @@ impl<'a> Fetcher<'a> {
 
     /// Fetches `hashes` from their owners into `out`: each page's owners in placement order,
     /// tried one after another.
-    async fn from_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Vec<u8>>, paced: bool) -> Result<(), RestoreError> {
+    async fn from_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Bytes>, paced: bool) -> Result<(), RestoreError> {
         let mut todo: Vec<Wanted> =
             hashes.into_iter().map(|h| Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }).collect();
         while !todo.is_empty() {
@@ -179,12 +180,12 @@ impl<'a> Fetcher<'a> {
 
     /// This node's copies of `hashes` (pages it holds are not fetched again), looked up in
     /// parallel slices. A read of a page this node lacks costs no more than an existence check.
-    async fn lookup_local(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, RestoreError> {
+    async fn lookup_local(&self, hashes: &[PageHash]) -> Result<Vec<Option<Bytes>>, RestoreError> {
         let t0 = Instant::now();
         let lookups = hashes.chunks(LOCAL_LOOKUP_PAGES).map(|chunk| {
             let store = self.node.store.clone();
             let hs = chunk.to_vec();
-            tokio::task::spawn_blocking(move || store.get(&hs))
+            tokio::task::spawn_blocking(move || store.get_shared(&hs))
         });
         let mut local = Vec::with_capacity(hashes.len());
         for r in futures::future::join_all(lookups).await {
@@ -241,7 +242,7 @@ impl<'a> Fetcher<'a> {
         &self,
         requests: Vec<(usize, Vec<Wanted>)>,
         members: &[Option<Member>],
-        out: &mut HashMap<PageHash, Vec<u8>>,
+        out: &mut HashMap<PageHash, Bytes>,
         retry: &mut Vec<Wanted>,
         paced: bool,
     ) -> Vec<usize> {
@@ -255,7 +256,14 @@ impl<'a> Fetcher<'a> {
                 // Closed only with the node, which ends this restore too.
                 let _permit = if paced { node.lazy_push_gets.acquire().await.ok() } else { None };
                 let r = match node.call(&m, DataRequest::Get { hashes }).await {
-                    Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => Ok(pages),
+                    Ok(DataResponse::Pages { pages }) if pages.len() == items.len() => match pages.ranges() {
+                        // Each page a slice of the answer's one buffer.
+                        Some(ranges) => {
+                            let data = Bytes::from(pages.into_data());
+                            Ok(ranges.into_iter().map(|r| r.map(|r| data.slice(r))).collect::<Vec<_>>())
+                        }
+                        None => Err("answered with a malformed page set".to_string()),
+                    },
                     Ok(_) => Err("answered with the wrong message".to_string()),
                     Err(NetError::Unreachable { .. }) => Err("unreachable".to_string()),
                     Err(e) => Err(e.to_string()),
@@ -272,7 +280,7 @@ impl<'a> Fetcher<'a> {
                         match p {
                             Some(p) if hash_page(&p) == w.hash => {
                                 self.bytes_fetched.fetch_add(p.len() as u64, Ordering::Relaxed);
-                                out.insert(w.hash, p.into_vec());
+                                out.insert(w.hash, p);
                             }
                             Some(p) => {
                                 let got = hash_page(&p);
@@ -350,7 +358,7 @@ pub(super) async fn expand_manifest(fetcher: &Fetcher<'_>, entry: &VmEntry, mut 
         need.dedup();
         let chunks = fetcher.fetch(need.clone()).await?;
         level = expand_level(&level, sizes[d], |h| {
-            chunks.get(h).cloned().ok_or_else(|| RestoreError::Internal(format!("manifest chunk {h} missing after fetch")))
+            chunks.get(h).map(|c| c.to_vec()).ok_or_else(|| RestoreError::Internal(format!("manifest chunk {h} missing after fetch")))
         })?;
         on_chunks(entry.manifest.depth as usize - d, &need);
     }
@@ -374,7 +382,7 @@ pub async fn referenced_pages(node: &Arc<Node>, record: &CommitRecord, mut keep:
 
 /// Fetches `hashes` (distinct, non-zero) of `record` from wherever they are: this node first,
 /// then the owners in ranking order, each page verified against its hash.
-pub async fn fetch_pages(node: &Arc<Node>, record: &CommitRecord, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Vec<u8>>, RestoreError> {
+pub async fn fetch_pages(node: &Arc<Node>, record: &CommitRecord, hashes: Vec<PageHash>) -> Result<HashMap<PageHash, Bytes>, RestoreError> {
     Fetcher::new(node, record).fetch(hashes).await
 }
 

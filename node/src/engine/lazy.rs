@@ -72,7 +72,7 @@ pub struct Prepared {
     pub tail: Vec<u8>,
     /// The non-zero early pages that could be fetched (the others are asked for, or pushed,
     /// later).
-    pub early: HashMap<PageHash, Vec<u8>>,
+    pub early: HashMap<PageHash, bytes::Bytes>,
     /// Where those came from.
     pub stats: super::fetch::FetchStats,
 }
@@ -347,7 +347,7 @@ async fn wait_completed(qmp: &Path, ksock: &Path) -> Result<(), String> {
 enum Start {
     /// A fresh QEMU: head, advice, RAM list, the `early` pages it has (pre-copy), package with
     /// `tail`; `ready` once that is sent.
-    New { tail: Vec<u8>, early: HashMap<PageHash, Vec<u8>>, ready: tokio::sync::oneshot::Sender<()> },
+    New { tail: Vec<u8>, early: HashMap<PageHash, bytes::Bytes>, ready: tokio::sync::oneshot::Sender<()> },
     /// A paused migration, on the channel `migrate-recover` opened.
     Resume,
 }
@@ -403,8 +403,8 @@ async fn serve(
     let mut push_due: Option<tokio::time::Instant> = None;
     // The window being pushed: its base, pages, and how far it got; and windows fetched
     // since. The window fetches are polled all along (at most [`WINDOWS_QUEUED`] wait).
-    let mut pushing: Option<(usize, HashMap<PageHash, Vec<u8>>, usize)> = None;
-    let mut queued: std::collections::VecDeque<(usize, HashMap<PageHash, Vec<u8>>)> = Default::default();
+    let mut pushing: Option<(usize, HashMap<PageHash, bytes::Bytes>, usize)> = None;
+    let mut queued: std::collections::VecDeque<(usize, HashMap<PageHash, bytes::Bytes>)> = Default::default();
 
     loop {
         if pushing.is_none() {
@@ -567,7 +567,7 @@ async fn begin(
                     None
                 } else {
                     match early.get(h) {
-                        Some(d) => Some(d.as_slice()),
+                        Some(d) => Some(&d[..]),
                         None => continue,
                     }
                 };
@@ -685,7 +685,7 @@ fn push_part(
     host: &[u64],
     hashes: &[PageHash],
     sent: &mut [bool],
-    pages: &HashMap<PageHash, Vec<u8>>,
+    pages: &HashMap<PageHash, bytes::Bytes>,
     range: std::ops::Range<usize>,
 ) -> Result<(usize, usize), RestoreError> {
     let (mut g, end) = (range.start, range.end);
@@ -733,8 +733,8 @@ fn requested_pages(
 
 /// Writes page `index` of block `b`, whose hash is `h`, from the fetched `pages` (zero pages
 /// as such).
-fn write_page(src: &mut Source<Vec<u8>>, b: usize, index: u64, h: &PageHash, pages: &HashMap<PageHash, Vec<u8>>) -> Result<(), RestoreError> {
-    let data = if h.is_zero() { None } else { Some(pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?.as_slice()) };
+fn write_page(src: &mut Source<Vec<u8>>, b: usize, index: u64, h: &PageHash, pages: &HashMap<PageHash, bytes::Bytes>) -> Result<(), RestoreError> {
+    let data = if h.is_zero() { None } else { Some(&pages.get(h).ok_or_else(|| RestoreError::Internal("a fetched page went missing".into()))?[..]) };
     src.page(b, index, data).map_err(|e| RestoreError::Qemu(format!("stream: {e}")))
 }
 
@@ -892,7 +892,7 @@ mod tests {
         hashes[1] = h; // host page 0: one non-zero page
         hashes[2 * hp + 5] = h; // host page 2
         hashes[3 * hp + 1] = h; // vga, 4 KiB pages
-        let pages: HashMap<PageHash, Vec<u8>> = [(h, data)].into_iter().collect();
+        let pages: HashMap<PageHash, bytes::Bytes> = [(h, bytes::Bytes::from(data))].into_iter().collect();
         let (starts, host) = (vec![0, 3 * hp as u64], vec![hp as u64, 1]);
         let mut sent = vec![false; hashes.len()];
         let mut src = Source::start_with(Vec::new(), meta.clone(), vec![2 << 20, 4096], std::iter::empty()).expect("start");

@@ -198,7 +198,7 @@ async fn pull(node: &Arc<Node>, rec: &vmcsnap_protocol::manifest::CommitRecord, 
         let n = got.len() as u64;
         let s = node.store.clone();
         tokio::task::spawn_blocking(move || {
-            let pages: Vec<(PageHash, &[u8])> = got.iter().map(|(h, p)| (*h, p.as_slice())).collect();
+            let pages: Vec<(PageHash, &[u8])> = got.iter().map(|(h, p)| (*h, &p[..])).collect();
             // Durable, or refused if the store was reopened in between (the pages may be gone).
             let (_, _, incarnation) = s.put_own_at(&pages)?;
             s.sync_incarnation(incarnation)

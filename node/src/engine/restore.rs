@@ -802,7 +802,7 @@ async fn restore_qemu(
 const RUN_BYTES_MAX: usize = 1 << 20;
 
 /// One restore window: first page index, the window's hashes, the fetched pages.
-type Window = (u64, Vec<PageHash>, HashMap<PageHash, Vec<u8>>);
+type Window = (u64, Vec<PageHash>, HashMap<PageHash, bytes::Bytes>);
 
 /// Fetches `hashes` window by window, [`RESTORE_WINDOWS_IN_FLIGHT`] at a time, and sends
 /// each finished window, in order, to `tx`. With `first` (where each page first appears),

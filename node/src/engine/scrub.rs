@@ -104,7 +104,7 @@ pub async fn pass(node: &Arc<Node>) -> Result<Pass, StoreError> {
 async fn repair(node: &Arc<Node>, hash: PageHash) -> bool {
     for peer in node.alive_peers() {
         let Ok(DataResponse::Pages { pages }) = node.call(&peer, DataRequest::Get { hashes: vec![hash] }).await else { continue };
-        let Some(Some(data)) = pages.into_iter().next() else { continue };
+        let Some(Some(data)) = pages.pages().and_then(|p| p.into_iter().next()).map(|p| p.map(<[u8]>::to_vec)) else { continue };
         if hash_page(&data) != hash {
             continue;
         }

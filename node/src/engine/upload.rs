@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Mutex};
 use vmcsnap_dht::placement::{owners_into, View};
 use vmcsnap_dht::Member;
 use vmcsnap_protocol::manifest::VmStats;
-use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePut, PUT_PAGES_MAX};
+use vmcsnap_protocol::wire::{DataRequest, DataResponse, PagePuts, PUT_PAGES_MAX};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
 /// One page on its way to one owner.
@@ -189,10 +189,10 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
                     }
                 }
                 for chunk in missing.chunks(PUT_PAGES_MAX) {
-                    let mut pages = Vec::with_capacity(chunk.len());
+                    let mut pages = PagePuts::with_capacity(chunk.len());
                     for &i in chunk {
                         let item = batch.get(i as usize).ok_or_else(|| SnapshotError::Protocol(member.id.short()))?;
-                        pages.push(PagePut { hash: item.hash, data: serde_bytes::ByteBuf::from(item.data.to_vec()) });
+                        pages.push(item.hash, &item.data);
                     }
                     match node.call(&member, DataRequest::Put { pages }).await.map_err(|e| owner_error(&member, e))? {
                         DataResponse::Put { incarnation, .. } => inc.check(&member, incarnation)?,
@@ -263,8 +263,9 @@ impl ClaimSample {
             DataResponse::Pages { pages } if pages.len() == hashes.len() => pages,
             _ => return Err(SnapshotError::Protocol(member.id.short())),
         };
+        let pages = pages.pages().ok_or_else(|| SnapshotError::Protocol(member.id.short()))?;
         for (h, p) in hashes.iter().zip(pages) {
-            if p.is_none_or(|p| hash_page(&p) != *h) {
+            if p.is_none_or(|p| hash_page(p) != *h) {
                 return Err(SnapshotError::FalseClaim { owner: node.host_name(&member.id), page: h.short() });
             }
         }

@@ -79,7 +79,8 @@ async fn check_owner(node: &Arc<Node>, owner: NodeId, hashes: &[PageHash], deep:
         for batch in present.chunks(GET_PAGES_MAX) {
             match node.call(&member, DataRequest::Get { hashes: batch.to_vec() }).await {
                 Ok(DataResponse::Pages { pages }) if pages.len() == batch.len() => {
-                    corrupt += batch.iter().zip(pages).filter(|(h, p)| p.as_ref().is_none_or(|p| vmcsnap_protocol::hash_page(p) != **h)).count() as u64;
+                    let pages = pages.pages().ok_or("answered Get with a malformed page set")?;
+                    corrupt += batch.iter().zip(pages).filter(|(h, p)| p.is_none_or(|p| vmcsnap_protocol::hash_page(p) != **h)).count() as u64;
                 }
                 Ok(_) => return Err("answered Get with the wrong message".into()),
                 Err(e) => return Err(e.to_string()),
