@@ -82,7 +82,7 @@ pub fn answer(store: &Store, trust: &Trust, id: NodeId, req: DataRequest, asker:
             }
             // A peer hashes every page it gets (and asks the next owner for a damaged one).
             let pages = match asker {
-                Asker::Local => PageSet::of(store.get(&hashes)?),
+                Asker::Local => PageSet::of(store.get_shared(&hashes)?),
                 Asker::Peer => store.get_for_peer(&hashes)?,
             };
             Ok(DataResponse::Pages { pages })

@@ -484,19 +484,7 @@ impl Store {
     /// for the scrubber to repair), never returned. (What a `Get` serves a peer is
     /// [`Store::get_for_peer`]'s, which the peer checks.)
     pub fn get(&self, hashes: &[PageHash]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        Ok(self
-            .read(hashes)?
-            .into_iter()
-            .zip(hashes)
-            .map(|(r, h)| match r {
-                Read::Page(p) => Some(p),
-                Read::Missing => None,
-                Read::Corrupt => {
-                    tracing::error!(target: "vmcsnap::store", page = %h, "a stored page does not match its hash; not served (the scrubber repairs it from a replica)");
-                    None
-                }
-            })
-            .collect())
+        Ok(self.get_shared(hashes)?.into_iter().map(|p| p.map(|p| p.to_vec())).collect())
     }
 
     /// [`Store::get`] into one buffer: each page held (and hashing right) is a slice of it, not
