@@ -273,7 +273,7 @@ mod tests {
         let mut again = Slot::take(&slots).expect("slot");
         assert!(again.assign(a), "a closed connection's place was not given back");
         drop((held, fifth, again));
-        let s = slots.lock().unwrap();
+        let s = slots.lock().expect("slots");
         assert_eq!((s.all, s.per_peer.len()), (0, 0));
         drop(s);
         let all: Vec<Slot> = (0..CONNECTIONS_MAX).map(|_| Slot::take(&slots).expect("slot")).collect();

@@ -139,7 +139,7 @@ impl<'a> Fetcher<'a> {
             ask.extend(follow.drain(..).map(|(h, _)| h));
         }
         let paced = self.push && !urgent;
-        let fetched = self.from_owners(ask, &mut out, paced).await;
+        let fetched = self.ask_owners(ask, &mut out, paced).await;
         for (h, tx) in lead.iter().zip(senders) {
             share.led(*h, tx, out.get(h));
         }
@@ -155,13 +155,13 @@ impl<'a> Fetcher<'a> {
                 None => own.push(h),
             }
         }
-        self.from_owners(own, &mut out, paced).await?;
+        self.ask_owners(own, &mut out, paced).await?;
         Ok(out)
     }
 
     /// Fetches `hashes` from their owners into `out`: each page's owners in placement order,
     /// tried one after another.
-    async fn from_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Bytes>, paced: bool) -> Result<(), RestoreError> {
+    async fn ask_owners(&self, hashes: Vec<PageHash>, out: &mut HashMap<PageHash, Bytes>, paced: bool) -> Result<(), RestoreError> {
         let mut todo: Vec<Wanted> =
             hashes.into_iter().map(|h| Wanted { hash: h, owners: owners(&self.view, &h, self.replicas), extended: false, reasons: vec!["not on this host".into()] }).collect();
         while !todo.is_empty() {

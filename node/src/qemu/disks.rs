@@ -467,10 +467,10 @@ mod tests {
         assert_eq!(drive_arg(&c, "/vm/a,b.qcow2"), Some(4));
         assert_eq!(drive_arg(&c, "/vm/c.raw"), Some(6));
         assert_eq!(drive_arg(&c, "/vm/x"), None);
-        let r = point_drive_at(&c, 4, Path::new("/restored/d,1.raw")).unwrap();
+        let r = point_drive_at(&c, 4, Path::new("/restored/d,1.raw")).expect("drive 4");
         assert_eq!(r[4], "file=/restored/d,,1.raw,if=virtio,format=raw");
         assert_eq!(drive_arg(&r, "/restored/d,1.raw"), Some(4));
-        let r = point_drive_at(&c, 6, Path::new("/restored/e.raw")).unwrap();
+        let r = point_drive_at(&c, 6, Path::new("/restored/e.raw")).expect("drive 6");
         assert_eq!(r[6], "file=/restored/e.raw,if=virtio,format=raw");
         assert!(point_drive_at(&c, 2, Path::new("/x")).is_err());
     }

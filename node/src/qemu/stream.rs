@@ -566,9 +566,12 @@ pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// Pages by (block, page index).
+    pub(crate) type Pages = BTreeMap<(usize, u64), Vec<u8>>;
+
     /// A small stream in QEMU 7.2's shape: two blocks, zero and data pages, a page re-sent in
     /// a later part (live pre-copy), device sections, EOF and a JSON description.
-    pub(crate) fn sample() -> (Vec<u8>, BTreeMap<(usize, u64), Vec<u8>>) {
+    pub(crate) fn sample() -> (Vec<u8>, Pages) {
         let mut s = Vec::new();
         s.extend_from_slice(&QEVM_MAGIC.to_be_bytes());
         s.extend_from_slice(&QEVM_VERSION.to_be_bytes());
@@ -591,7 +594,7 @@ pub(crate) mod tests {
         s.extend_from_slice(&F_EOS.to_be_bytes());
         sec(&mut s, SEC_FOOTER, 2);
         let mut want = BTreeMap::new();
-        let page = |s: &mut Vec<u8>, want: &mut BTreeMap<(usize, u64), Vec<u8>>, blk: Option<&str>, bi: usize, idx: u64, fill: u8| {
+        let page = |s: &mut Vec<u8>, want: &mut Pages, blk: Option<&str>, bi: usize, idx: u64, fill: u8| {
             let f = if blk.is_some() { 0 } else { F_CONTINUE };
             if fill == 0 {
                 s.extend_from_slice(&((idx * 4096) | F_ZERO | f).to_be_bytes());
@@ -641,7 +644,7 @@ pub(crate) mod tests {
         (s, want)
     }
 
-    fn collect(stream: &[u8]) -> Result<(Parsed, BTreeMap<(usize, u64), Vec<u8>>), StreamError> {
+    fn collect(stream: &[u8]) -> Result<(Parsed, Pages), StreamError> {
         let mut pages = BTreeMap::new();
         let p = parse(stream, |b, i, d| {
             match d {
