@@ -121,6 +121,36 @@ fn a_lazy_restore_into_huge_pages_whose_source_dies_recovers() {
     source_dies_and_recovers(true);
 }
 
+/// Boots guest `g` (128 MiB, QEMU arguments `extra`) with 48 MiB of random data, registers it
+/// on n1, snapshots it as `s` and kills it; returns its data's checksum.
+fn snapshot_filled_guest(lab: &Lab, c: &Cluster, extra: &[&str]) -> String {
+    let qmp = lab.qmp("g");
+    let g = lab.guest_with("g", 128, "fill=48", extra);
+    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
+    c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
+    c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
+    guest::kill_by_qmp(&qmp);
+    drop(g);
+    fill
+}
+
+/// Starts `snapshot restore s --vm g --launch --on n2 --json` from n1, and returns it once n2
+/// says the guest runs while its memory follows.
+fn restore_on_n2_until_running(c: &Cluster) -> std::process::Child {
+    let restore = std::process::Command::new(bin())
+        .args(["snapshot", "restore", "s", "--vm", "g", "--launch", "--on", "n2", "--json", "--node"])
+        .arg(c.nodes[0].dir.as_os_str())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let node_log = c.nodes[1].dir.join("node.log");
+    wait_until("the guest runs while its memory follows", Duration::from_secs(60), || {
+        (!std::fs::read_to_string(&node_log).unwrap_or_default().contains("guest running; memory follows")).then(|| "not yet".to_string())
+    });
+    restore
+}
+
 fn source_dies_and_recovers(huge: bool) {
     let lab = Lab::new();
     let huge_dir = lab.vms.join("huge");
@@ -135,28 +165,13 @@ fn source_dies_and_recovers(huge: bool) {
     let qmp = vms.join("g.qmp");
     let backend = format!("memory-backend-file,id=m0,mem-path={},size=128M,share=off", huge_dir.display());
     let extra: Vec<&str> = if huge { vec!["-object", &backend, "-machine", "memory-backend=m0"] } else { Vec::new() };
-    let g = lab.guest_with("g", 128, "fill=48", &extra);
-    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
-    c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
-    c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
-    guest::kill_by_qmp(&qmp);
-    drop(g);
-
-    let restore = std::process::Command::new(bin())
-        .args(["snapshot", "restore", "s", "--vm", "g", "--launch", "--on", "n2", "--node"])
-        .arg(c.nodes[0].dir.as_os_str())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let fill = snapshot_filled_guest(&lab, &c, &extra);
     // Once the guest runs on n2, n2 dies. (QEMU's monitor is held by n2's keeper until the
     // restore completes: the node's log and QEMU's say what happens.)
+    let restore = restore_on_n2_until_running(&c);
     let node_log = c.nodes[1].dir.join("node.log");
     let qemu_log = c.nodes[1].dir.join("launch-g.log");
     let log_has = |p: &Path, what: &str| std::fs::read_to_string(p).unwrap_or_default().contains(what);
-    wait_until("the guest runs while its memory follows", Duration::from_secs(60), || {
-        (!log_has(&node_log, "guest running; memory follows")).then(|| "not yet".to_string())
-    });
     c.kill(1);
     let out = restore.wait_with_output().expect("wait");
     assert!(!out.status.success(), "the restore's source died: {}", String::from_utf8_lossy(&out.stdout));
@@ -177,6 +192,41 @@ fn source_dies_and_recovers(huge: bool) {
     let vmsl = c.json(1, &["vm", "list"]).expect("vm list");
     let log: String = std::fs::read_to_string(&node_log).unwrap_or_default().lines().filter(|l| l.contains("restore")).collect::<Vec<_>>().join("\n");
     assert!(vmsl.as_array().expect("vms").iter().any(|v| v["id"] == "g" && v["host"] == "n2"), "{vmsl}\n{log}");
+    guest::kill_by_qmp(&qmp);
+}
+
+/// A lazy restore whose stream to QEMU breaks while its node lives on (QEMU's `migrate-pause`
+/// on the destination shuts its end of the stream, as a failure to read or place a page
+/// would): QEMU pauses the postcopy, the restore resumes it at once on a new connection with
+/// the pages QEMU lacks, ends well and says what happened; the guest's data checks out.
+#[test]
+fn a_lazy_restore_whose_stream_breaks_resumes_at_once() {
+    let lab = Lab::new();
+    // n2 pushes slowly (8 MiB/s), so that the stream breaks with most of the memory to send.
+    let slow = vec![vec![], vec!["--lazy-push-rate".to_string(), "8".to_string()]];
+    let c = Cluster::start_with_args(&bin(), &lab.dir().join("cluster"), 2, 1, None, slow).expect("cluster");
+    let vms = lab.vms.clone();
+    let qmp = vms.join("g.qmp");
+    let fill = snapshot_filled_guest(&lab, &c, &[]);
+    let restore = restore_on_n2_until_running(&c);
+    // The monitor is the node's keeper's while the postcopy lasts: asked through it.
+    let mut keeper = std::os::unix::net::UnixStream::connect(c.nodes[1].dir.join("qmp-keeper-g.sock")).expect("keeper");
+    std::io::Write::write_all(&mut keeper, b"{\"exec-oob\": \"migrate-pause\"}\n").expect("migrate-pause");
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(keeper), &mut answer).expect("answer");
+    assert!(answer.contains("return"), "migrate-pause: {answer}");
+
+    let out = restore.wait_with_output().expect("wait");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the restore resumes its stream: {stdout}{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(r[0]["vm_status"], "running", "{r}");
+    assert_eq!(r[0]["lazy"], true, "{r}");
+    let note = r[0]["note"].as_str().unwrap_or_default();
+    eprintln!("the restore's note: {note}");
+    assert!(note.contains("broke off once") && note.contains("resumed"), "the restore says its stream broke and was resumed: {r}");
+    assert_eq!(migration(&qmp), "completed");
+    assert_eq!(md5_of(&check(&vms, "g")), fill, "the guest's data after a resumed lazy restore");
     guest::kill_by_qmp(&qmp);
 }
 

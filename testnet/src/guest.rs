@@ -414,6 +414,12 @@ impl Default for Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         drop(Reaper(std::mem::take(self.reap.get_mut())));
+        // `VMCSNAP_TEST_KEEP=1` keeps a failed test's directory (nodes' logs, QEMU's
+        // `launch-*.log`, consoles) for a look.
+        if std::thread::panicking() && std::env::var_os("VMCSNAP_TEST_KEEP").is_some() {
+            self.tmp.disable_cleanup(true);
+            eprintln!("kept the failed test's directory {}", self.tmp.path().display());
+        }
     }
 }
 

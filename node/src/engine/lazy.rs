@@ -20,8 +20,10 @@
 //!
 //! If pages cannot be had, or the node dies, QEMU holds the migration in `postcopy-paused`:
 //! the guest waits on the missing pages and never runs on memory that is not the snapshot's.
-//! The node retries every [`RECOVER_RETRY`] (and at start, from the journal): `migrate-recover`
-//! onto a new socket, QEMU's bitmap of the pages it has, `POSTCOPY_RESUME`, then the rest.
+//! A restore whose stream broke while its node lives resumes it at once ([`RESUME_NOW`]
+//! tries); then, and after a node's death, the node retries every [`RECOVER_RETRY`] (and at
+//! start, from the journal): `migrate-recover` onto a new socket, QEMU's bitmap of the pages it
+//! has, `POSTCOPY_RESUME`, then the rest.
 
 use super::error::RestoreError;
 use super::fetch::{accel_mismatch, expand_manifest, fetch_blob, forget_elsewhere, not_inmigrate, Fetcher};
@@ -49,6 +51,11 @@ pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(60);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between attempts to resume a paused lazy restore.
 pub const RECOVER_RETRY: Duration = Duration::from_secs(10);
+/// Attempts a restore makes at once to resume its stream when it broke off, before it says
+/// so and leaves it to the node's retries; and the pause before each.
+const RESUME_NOW: usize = 3;
+/// See [`RESUME_NOW`].
+const RESUME_NOW_PAUSE: Duration = Duration::from_millis(500);
 /// Buffers queued for the socket (each at most [`PART_PAGES_MAX`] pages): a page request waits
 /// behind at most this many.
 const SEND_QUEUE: usize = 2;
@@ -121,8 +128,10 @@ struct Journal {
 pub struct Served {
     /// From the restore's start until QEMU ran the guest.
     pub running_ms: u64,
-    /// How the pages went.
+    /// How the pages went (of a resumed stream: its second connection's).
     pub stats: ServeStats,
+    /// Why and how the stream was resumed, if it broke off once.
+    pub resumed: Option<String>,
 }
 
 /// How one postcopy stream's pages went.
@@ -151,8 +160,8 @@ impl From<RestoreError> for LazyError {
     }
 }
 
-/// Restores VM `vm` of `record` lazily into the QEMU waiting on `incoming` (QMP `qmp`).
-/// Returns once all memory is resident; `t0` is the restore's start.
+/// Restores VM `vm` of `record` lazily into the QEMU `target` launched (waiting on its
+/// incoming socket). Returns once all memory is resident; `t0` is the restore's start.
 #[allow(clippy::too_many_arguments)]
 pub async fn restore(
     node: &Arc<Node>,
@@ -160,12 +169,12 @@ pub async fn restore(
     record: &CommitRecord,
     vm: &str,
     prepared: Prepared,
-    incoming: &Path,
-    qmp: &Path,
+    target: &crate::qemu::launch::Launched,
     keeper: Option<keeper::Keeper>,
     t0: Instant,
     progress: Progress,
 ) -> Result<Served, LazyError> {
+    let (incoming, qmp) = (&target.incoming, &target.qmp);
     let entry = record.vm(vm).ok_or_else(|| RestoreError::Internal(format!("no VM {vm}")))?;
     let state = entry.qemu.as_ref().ok_or_else(|| RestoreError::Internal("no QEMU state".into()))?;
     let target_err = |m: String| LazyError::Failed(RestoreError::Target(m));
@@ -243,26 +252,56 @@ pub async fn restore(
     tracing::info!(target: "vmcsnap::restore", vm, ms = running_ms, "guest running; memory follows");
     // 3. and 4.
     let served = serving.await.map_err(|e| LazyError::Paused(RestoreError::Internal(e.to_string())))?;
-    let served = match served {
-        Ok(mut r) => {
-            r.fetched.pages_local += early_stats.pages_local;
-            r.fetched.pages_shared += early_stats.pages_shared;
-            r.fetched.bytes_fetched += early_stats.bytes_fetched;
-            r
+    let (mut stats, resumed) = match served {
+        Ok(r) => {
+            wait_completed(qmp, &ksock).await.map_err(|e| LazyError::Paused(RestoreError::Qemu(e)))?;
+            (r, None)
         }
         Err(e) => {
-            // QEMU holds the guest in postcopy-paused; try again until the pages are there.
-            tracing::warn!(target: "vmcsnap::restore", vm, error = %e, "lazy restore lost its stream mid-way; QEMU holds the guest in postcopy, retrying");
-            tokio::spawn(retry(node.clone(), journal));
-            return Err(LazyError::Paused(RestoreError::Qemu(format!(
-                "VM {vm} runs, but its memory could not all be delivered ({e}); QEMU holds it paused in postcopy (its vCPUs wait for the missing pages, nothing runs on wrong memory) and this node tries again every {} s",
-                RECOVER_RETRY.as_secs()
-            ))));
+            // QEMU holds the guest in postcopy-paused (its log says why the stream broke).
+            // Resumed at once, a few times, on a new connection with the pages QEMU lacks;
+            // then left to the node's retries.
+            tracing::warn!(target: "vmcsnap::restore", vm, error = %e, "lazy restore lost its stream mid-way; QEMU holds the guest in postcopy, resuming it");
+            let resumed = resume_now(node, &journal).await;
+            // Read after QEMU had time to say why it paused.
+            let log = crate::qemu::launch::log_tail(&target.log);
+            let said = if log.is_empty() { String::new() } else { format!("; QEMU said: {log}") };
+            match resumed {
+                Ok(r) => {
+                    tracing::info!(target: "vmcsnap::restore", vm, qemu_log = %log, "lazy restore resumed and completed");
+                    (r, Some(format!("the stream to QEMU broke off once ({e}{said}) and was resumed")))
+                }
+                Err(last) => {
+                    tokio::spawn(retry(node.clone(), journal));
+                    return Err(LazyError::Paused(RestoreError::Qemu(format!(
+                        "VM {vm} runs, but its memory could not all be delivered ({e}{said}; resuming: {last}); QEMU holds it paused in postcopy (its vCPUs wait for the missing pages, nothing runs on wrong memory) and this node tries again every {} s",
+                        RECOVER_RETRY.as_secs()
+                    ))));
+                }
+            }
         }
     };
-    wait_completed(qmp, &ksock).await.map_err(|e| LazyError::Paused(RestoreError::Qemu(e)))?;
+    stats.fetched.pages_local += early_stats.pages_local;
+    stats.fetched.pages_shared += early_stats.pages_shared;
+    stats.fetched.bytes_fetched += early_stats.bytes_fetched;
     let _ = node.store.meta_delete(&key);
-    Ok(Served { running_ms, stats: served })
+    Ok(Served { running_ms, stats, resumed })
+}
+
+/// Tries [`RESUME_NOW`] times, [`RESUME_NOW_PAUSE`] apart, to resume the paused restore `j`
+/// to the end; the pages' stats of the try that did, or the last try's error.
+async fn resume_now(node: &Arc<Node>, j: &Journal) -> Result<ServeStats, String> {
+    let mut last = String::new();
+    for _ in 0..RESUME_NOW {
+        tokio::time::sleep(RESUME_NOW_PAUSE).await;
+        match recover(node, j).await {
+            Ok(("completed", stats)) => return Ok(stats),
+            Ok(("completed before", _)) => return Ok(ServeStats::default()),
+            Ok((other, _)) => return Err(other.to_string()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// [`super::fetch::check_target`] through the keeper on `ksock`.
@@ -436,7 +475,11 @@ async fn serve(
                     Ok(_) => {}
                     Err(e) => {
                         let have = sent.iter().filter(|s| **s).count();
-                        return Err(io_err(&format!("QEMU's return path, with {have} of {} pages sent", hashes.len()), e));
+                        let what = format!("QEMU's return path, with {have} of {} pages sent", hashes.len());
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            return Err(RestoreError::Qemu(format!("{what}: QEMU closed the connection")));
+                        }
+                        return Err(io_err(&what, e));
                     }
                 }
             }
@@ -522,7 +565,7 @@ impl Layout {
 /// QEMU's `SHUT` (zero pages it still asks for meanwhile read as zero once it unregisters).
 async fn finish(
     src: Source<Vec<u8>>,
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    tx: ToQemu,
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
     rp_rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
 ) -> Result<(), RestoreError> {
@@ -553,7 +596,7 @@ async fn begin(
     starts: &[u64],
     hashes: &[PageHash],
     sent: &mut [bool],
-    tx: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    tx: &ToQemu,
     rp_rx: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
 ) -> Result<Source<Vec<u8>>, RestoreError> {
     let io_err = |what: &str, e: std::io::Error| RestoreError::Qemu(format!("{what}: {e}"));
@@ -623,12 +666,19 @@ async fn begin(
     })
 }
 
+/// The bytes for QEMU (see [`send`]), and why the writer stopped if it did (QEMU closed the
+/// connection: its log says why).
+struct ToQemu {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    why: Arc<std::sync::OnceLock<String>>,
+}
+
 /// A postcopy connection's channels (see [`channels`]).
 struct Channels {
     /// Return-path messages, as read.
     rp_rx: tokio::sync::mpsc::UnboundedReceiver<std::io::Result<RpMessage>>,
     /// Bytes for QEMU.
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    tx: ToQemu,
     /// Part buffers the writer is done with, to be written again.
     free: std::sync::mpsc::Receiver<Vec<u8>>,
     /// The writer; ends once `tx` is dropped and all is written.
@@ -649,11 +699,17 @@ fn channels(conn: UnixStream, bitmap_max: usize) -> Result<Channels, RestoreErro
         }
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(SEND_QUEUE);
+    let why = Arc::new(std::sync::OnceLock::new());
+    let tx = ToQemu { tx, why: why.clone() };
     let (free_tx, free) = std::sync::mpsc::channel();
     let mut wconn = conn;
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         while let Some(mut b) = rx.blocking_recv() {
-            wconn.write_all(&b)?;
+            if let Err(e) = wconn.write_all(&b) {
+                // Said before `rx` goes, so that the failed send finds it.
+                let _ = why.set(e.to_string());
+                return Err(e);
+            }
             if b.capacity() >= PART_BYTES {
                 b.clear();
                 let _ = free_tx.send(b);
@@ -739,8 +795,11 @@ fn write_page(src: &mut Source<Vec<u8>>, b: usize, index: u64, h: &PageHash, pag
 }
 
 /// Queues bytes for the socket to QEMU.
-async fn send(tx: &tokio::sync::mpsc::Sender<Vec<u8>>, b: Vec<u8>) -> Result<(), RestoreError> {
-    tx.send(b).await.map_err(|_| RestoreError::Qemu("the stream to QEMU broke off".into()))
+async fn send(tx: &ToQemu, b: Vec<u8>) -> Result<(), RestoreError> {
+    tx.tx.send(b).await.map_err(|_| {
+        let why = tx.why.get().map_or("its writer ended", |w| w.as_str());
+        RestoreError::Qemu(format!("the stream to QEMU broke off: {why}"))
+    })
 }
 
 /// Resumes every lazy restore this node journaled and did not finish (it died mid-way).
@@ -763,7 +822,7 @@ async fn retry(node: Arc<Node>, j: Journal) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     loop {
         match recover(&node, &j).await {
-            Ok(done) => {
+            Ok((done, _)) => {
                 tracing::info!(target: "vmcsnap::restore", vm = %j.vm, outcome = done, "lazy restore ended");
                 let _ = node.store.meta_delete(&key);
                 if done.starts_with("completed") {
@@ -785,10 +844,12 @@ async fn retry(node: Arc<Node>, j: Journal) {
     }
 }
 
-/// One attempt at resuming `j`. `Ok` says how it ended (the journal entry can go).
-async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> {
+/// One attempt at resuming `j`. `Ok` says how it ended (the journal entry can go), with the
+/// pages' stats of a stream it served to the end.
+async fn recover(node: &Arc<Node>, j: &Journal) -> Result<(&'static str, ServeStats), String> {
+    let none = ServeStats::default();
     if !j.qmp.exists() {
-        return Ok("VM gone");
+        return Ok(("VM gone", none));
     }
     let sock = node.config.data_dir.join(format!("recover-{}.sock", j.vm));
     let _ = std::fs::remove_file(&sock);
@@ -800,8 +861,8 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> 
         if let Err(e) = keeper::call(&ksock, recover).await {
             let status = keeper::call(&ksock, serde_json::json!({ "execute": "query-migrate" })).await;
             return match status.as_ref().map(|m| m["status"].as_str().unwrap_or("none")) {
-                Ok("completed") => Ok("completed before"),
-                Ok("failed") => Ok("QEMU's migration failed"),
+                Ok("completed") => Ok(("completed before", none)),
+                Ok("failed") => Ok(("QEMU's migration failed", none)),
                 _ => Err(format!("migrate-recover: {e} (migration: {status:?})")),
             };
         }
@@ -809,15 +870,15 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> 
         // No keeper: QEMU's migration is over, or QEMU is gone.
         let mut q = match Qmp::connect(&j.qmp).await {
             Ok(q) => q,
-            Err(_) if !j.qmp.exists() => return Ok("VM gone"),
+            Err(_) if !j.qmp.exists() => return Ok(("VM gone", none)),
             Err(e) => return Err(e.to_string()),
         };
         let status = q.migrate_status().await.map_err(|e| e.to_string())?;
         match status.as_str() {
             "postcopy-paused" => {}
-            "completed" => return Ok("completed before"),
+            "completed" => return Ok(("completed before", none)),
             "postcopy-active" | "postcopy-recover" => return Err(format!("QEMU's migration is {status}; waiting for it to pause")),
-            other => return Ok(if other == "failed" { "QEMU's migration failed" } else { "no migration" }),
+            other => return Ok((if other == "failed" { "QEMU's migration failed" } else { "no migration" }, none)),
         }
         let plain = serde_json::json!({ "uri": format!("unix:{}", sock.display()) });
         q.execute("migrate-recover", plain).await.map_err(|e| e.to_string())?;
@@ -840,10 +901,10 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<&'static str, String> 
         h.truncate(entry.ram_pages() as usize); // memory only: its disks were restored first
         h
     };
-    serve(node.clone(), record.clone(), meta, j.page_sizes.clone(), hashes, conn, Start::Resume, Progress::new(None)).await.map_err(|e| e.to_string())?;
+    let stats = serve(node.clone(), record.clone(), meta, j.page_sizes.clone(), hashes, conn, Start::Resume, Progress::new(None)).await.map_err(|e| e.to_string())?;
     wait_completed(&j.qmp, &keeper::socket_of(&node.config.data_dir, &j.vm)).await?;
     let _ = std::fs::remove_file(&sock);
-    Ok("completed")
+    Ok(("completed", stats))
 }
 
 #[cfg(test)]

@@ -266,6 +266,7 @@ pub async fn restore(node: Arc<Node>, name: String, vm: String, opts: RestoreOpt
     let (pages_needed, fetcher_stats, vm_status, running_ms, requested) = match lazy {
         Some((distinct, served)) => {
             let s = served.stats;
+            note = served.resumed;
             (distinct, s.fetched, Some("running".to_string()), Some(served.running_ms), Some(s.requested))
         }
         None => {
@@ -606,7 +607,7 @@ async fn restore_lazy(
     // Counted beside the restore, not on its way to running.
     let hashes = prepared.hashes.clone();
     let distinct = tokio::task::spawn_blocking(move || hashes.iter().filter(|h| !h.is_zero()).collect::<std::collections::HashSet<_>>().len() as u64);
-    let served = super::lazy::restore(node, name, record, &entry.id, prepared, &l.incoming, &l.qmp, keeper, t0, progress.clone()).await?;
+    let served = super::lazy::restore(node, name, record, &entry.id, prepared, l, keeper, t0, progress.clone()).await?;
     let distinct = distinct.await.map_err(|e| RestoreError::Internal(e.to_string()))?;
     Ok((distinct, served))
 }
