@@ -98,14 +98,13 @@ pub async fn prepare(node: &Arc<Node>, record: &CommitRecord, entry: &VmEntry, o
     Ok(Prepared { hashes, tail, early, stats: fetcher.stats() })
 }
 
-/// The global page indexes of the early pages among RAM `blocks` (never a block's page 0:
-/// the stream's discard empties the first block's).
+/// The global page indexes of the early pages among RAM `blocks`.
 fn early_range(blocks: &[Block]) -> std::ops::Range<usize> {
     let mut at = 0u64;
     for b in blocks {
         let pages = b.bytes / PAGE_SIZE as u64;
         if b.name == EARLY_BLOCK {
-            return (at + 1).min(at + pages) as usize..(at + pages.min(EARLY_PAGES)) as usize;
+            return at as usize..(at + pages.min(EARLY_PAGES)) as usize;
         }
         at += pages;
     }
@@ -916,13 +915,13 @@ mod tests {
     }
 
     #[test]
-    fn the_early_pages_are_the_first_mib_of_pc_ram_without_its_page_0() {
-        assert_eq!(early_range(&[block("pc.ram", 65536), block("vga.vram", 4096)]), 1..256);
+    fn the_early_pages_are_the_first_mib_of_pc_ram() {
+        assert_eq!(early_range(&[block("pc.ram", 65536), block("vga.vram", 4096)]), 0..256);
         // Wherever the block sits among the others.
-        assert_eq!(early_range(&[block("vga.vram", 4096), block("pc.ram", 2048)]), 4097..4352);
+        assert_eq!(early_range(&[block("vga.vram", 4096), block("pc.ram", 2048)]), 4096..4352);
         // A guest smaller than a MiB, one of a page, and one without `pc.ram`.
-        assert_eq!(early_range(&[block("pc.ram", 100)]), 1..100);
-        assert!(early_range(&[block("pc.ram", 1)]).is_empty());
+        assert_eq!(early_range(&[block("pc.ram", 100)]), 0..100);
+        assert_eq!(early_range(&[block("pc.ram", 1)]), 0..1);
         assert!(early_range(&[block("mem0", 65536)]).is_empty());
     }
 

@@ -5,11 +5,12 @@
 //! # What goes to QEMU (all integers big-endian)
 //! 1. The recorded head (magic, version, configuration), `OPEN_RETURN_PATH`, `POSTCOPY_ADVISE`
 //!    (host and target page size), the `ram` section's start (the RAM block list, with the host
-//!    page size of each block backed by huge pages), optionally
-//!    a part section of pages that must be there before the guest runs (QEMU loads them as
-//!    pre-copy pages, as it does a real source's first rounds: resident, never asked for), and
-//!    one `POSTCOPY_RAM_DISCARD` (QEMU 7.2 needs one; see [`Source::start_with`]). QEMU empties
-//!    its RAM at the advice: every page of the guest must come from the source.
+//!    page size of each block backed by huge pages), one `POSTCOPY_RAM_DISCARD` (QEMU 7.2
+//!    needs one, and the first turns transparent huge pages off; see [`Source::start_with`]),
+//!    and optionally a part section of pages that must be there before the guest runs (QEMU
+//!    loads them as pre-copy pages, as it does a real source's first rounds: resident, never
+//!    asked for). QEMU empties its RAM at the advice: every page of the guest must come from
+//!    the source.
 //! 2. `PACKAGED`: one length-prefixed blob of `POSTCOPY_LISTEN`, the recorded device state
 //!    (without its end-of-stream record and JSON description) and `POSTCOPY_RUN`. QEMU reads
 //!    the whole blob first, so that page requests can flow while devices load; at `RUN` the
@@ -83,8 +84,7 @@ impl<W: Write> Source<W> {
 
     /// A new stream whose `early` pages (block, page index, data or `None` for zero) are
     /// loaded before `LISTEN`, as pre-copy pages: they are resident when the guest runs, and
-    /// QEMU never asks for them. The first host page of the first block cannot hold one of them
-    /// (the discard below empties it), nor can a block of huge pages.
+    /// QEMU never asks for them. A block of huge pages cannot have any.
     ///
     /// `page_sizes`: the destination's host page size of each block, in bytes (QEMU's `info
     /// ramblock`), as QEMU checks it against its own; empty when every block has 4 KiB pages.
@@ -104,32 +104,32 @@ impl<W: Write> Source<W> {
         advise.extend_from_slice(&(PAGE_SIZE as u64).to_be_bytes()); // target page size
         command(&mut w, CMD_POSTCOPY_ADVISE, &advise)?;
         write_ram_setup(&mut w, &meta, Some(&page_sizes))?;
-        let first_host_page = page_sizes.first().map_or(1, |s| s / PAGE_SIZE as u64);
+        // QEMU 7.2 needs a discard before `LISTEN`: when none came, its `LISTEN` handler moves
+        // the incoming state from listening back to "discard", and the pages that follow are
+        // loaded as pre-copy pages, written straight into registered RAM — the loading thread
+        // then faults on the very page it is loading, for ever. The first host page of the
+        // first block is discarded (QEMU discards whole host pages): it is empty anyway since
+        // the advice. It goes before the early pages: QEMU's first discard also turns
+        // transparent huge pages off in its RAM, and an early page written while they are on
+        // can fault in a whole 2 MiB of zeros around it, present when userfaultfd registers —
+        // a later page of those 2 MiB then fails its `UFFDIO_COPY` (`File exists`) and QEMU
+        // pauses the migration.
+        if let Some(b) = meta.blocks.first() {
+            let mut d = vec![0u8, u8::try_from(b.name.len()).map_err(|_| invalid("RAM block name over 255 bytes".into()))?];
+            d.extend_from_slice(b.name.as_bytes());
+            d.push(0);
+            d.extend_from_slice(&0u64.to_be_bytes());
+            d.extend_from_slice(&page_sizes[0].to_be_bytes());
+            command(&mut w, CMD_POSTCOPY_RAM_DISCARD, &d)?;
+        }
         let mut s = Self { w, meta, in_part: false, last_block: None };
         for (block, index, data) in early {
-            if block == 0 && index < first_host_page {
-                return Err(invalid("the first host page of the first block cannot go before the discard".into()));
-            }
             if page_sizes.get(block).is_some_and(|&p| p != PAGE_SIZE as u64) {
                 return Err(invalid("a block of huge pages cannot have early pages".into()));
             }
             s.page(block, index, data)?;
         }
         s.end_part()?;
-        // QEMU 7.2 needs a discard before `LISTEN`: when none came, its `LISTEN` handler moves
-        // the incoming state from listening back to "discard", and the pages that follow are
-        // loaded as pre-copy pages, written straight into registered RAM — the loading thread
-        // then faults on the very page it is loading, for ever. The first host page of the
-        // first block is discarded (QEMU discards whole host pages): it is empty anyway since
-        // the advice.
-        if let Some(b) = s.meta.blocks.first() {
-            let mut d = vec![0u8, u8::try_from(b.name.len()).map_err(|_| invalid("RAM block name over 255 bytes".into()))?];
-            d.extend_from_slice(b.name.as_bytes());
-            d.push(0);
-            d.extend_from_slice(&0u64.to_be_bytes());
-            d.extend_from_slice(&page_sizes[0].to_be_bytes());
-            command(&mut s.w, CMD_POSTCOPY_RAM_DISCARD, &d)?;
-        }
         Ok(s)
     }
 
@@ -357,20 +357,19 @@ mod tests {
     }
 
     #[test]
-    fn early_pages_come_before_the_discard_and_the_package() {
+    fn early_pages_come_after_the_discard_and_before_the_package() {
         let page = [9u8; 4096];
-        let mut s = Source::start_with(Vec::new(), meta(), Vec::new(), [(0, 2, Some(&page[..])), (0, 5, None)]).expect("start");
+        let mut s = Source::start_with(Vec::new(), meta(), Vec::new(), [(0, 2, Some(&page[..])), (0, 5, None), (0, 0, None)]).expect("start");
         let tail = [&[0x04u8, 0, 0, 0, 9][..], b"devices", &[SEC_EOF, 0x06, 0, 0, 0, 2], b"{}"].concat();
         s.package(&tail).expect("package");
         let out = s.finish().expect("finish");
         let data_at = out.windows(4096).position(|w| w == page).expect("early page");
         let discard_at = out.windows(3).position(|w| w == [SEC_COMMAND, 0, 6]).expect("discard");
         let pkg_at = out.windows(3).position(|w| w == [SEC_COMMAND, 0, 7]).expect("package");
-        assert!(data_at < discard_at && discard_at < pkg_at, "early pages, discard, package");
+        assert!(discard_at < data_at && data_at < pkg_at, "discard (huge pages off), early pages, package");
         // Page 2's record: its offset with the page flag, the block named.
         let rec = ((2 * 4096u64) | F_PAGE).to_be_bytes();
         assert_eq!(&out[data_at - 8 - 7..data_at - 7], &rec, "page 2 of pc.ram");
-        assert!(Source::start_with(Vec::new(), meta(), Vec::new(), [(0, 0, None)]).is_err(), "page 0 goes before the discard that empties it");
     }
 
     #[test]
