@@ -341,15 +341,25 @@ impl Drop for Guest {
     }
 }
 
-/// Kills whatever QEMU serves `qmp` (for guests started by a restore's `--launch`).
+/// Kills whatever QEMU serves `qmp` (for guests started by a restore's `--launch`), and waits
+/// (a few seconds at most) until it is gone: a restore that launches a QEMU on the same socket
+/// next must not find the old one still listening there.
 pub fn kill_by_qmp(qmp: &Path) {
-    if let Ok(s) = std::os::unix::net::UnixStream::connect(qmp) {
+    let pids = qemus_on(qmp);
+    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(qmp) {
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut s2 = s;
-        let _ = s2.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+        let _ = s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+        // Read until QEMU closes the connection on its way out: QEMU drops the commands it has
+        // not run yet of a client that hangs up.
         let mut buf = [0u8; 4096];
-        let _ = std::io::Read::read(&mut s2, &mut buf);
-        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) && matches!(std::io::Read::read(&mut s, &mut buf), Ok(n) if n > 0) {}
+    }
+    // Gone, or a zombie its parent has not reaped yet (a test's own guest, reaped on drop).
+    let running = |p: &u32| std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| st.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')));
+    let t0 = Instant::now();
+    while pids.iter().any(running) && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
