@@ -121,11 +121,11 @@ fn a_lazy_restore_into_huge_pages_whose_source_dies_recovers() {
     source_dies_and_recovers(true);
 }
 
-/// Boots guest `g` (128 MiB, QEMU arguments `extra`) with 48 MiB of random data, registers it
-/// on n1, snapshots it as `s` and kills it; returns its data's checksum.
-fn snapshot_filled_guest(lab: &Lab, c: &Cluster, extra: &[&str]) -> String {
+/// Boots guest `g` (128 MiB, QEMU arguments `extra`) with `fill_mib` MiB of random data,
+/// registers it on n1, snapshots it as `s` and kills it; returns its data's checksum.
+fn snapshot_filled_guest(lab: &Lab, c: &Cluster, fill_mib: u32, extra: &[&str]) -> String {
     let qmp = lab.qmp("g");
-    let g = lab.guest_with("g", 128, "fill=48", extra);
+    let g = lab.guest_with("g", 128, &format!("fill={fill_mib}"), extra);
     let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
     c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
     c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
@@ -165,7 +165,7 @@ fn source_dies_and_recovers(huge: bool) {
     let qmp = vms.join("g.qmp");
     let backend = format!("memory-backend-file,id=m0,mem-path={},size=128M,share=off", huge_dir.display());
     let extra: Vec<&str> = if huge { vec!["-object", &backend, "-machine", "memory-backend=m0"] } else { Vec::new() };
-    let fill = snapshot_filled_guest(&lab, &c, &extra);
+    let fill = snapshot_filled_guest(&lab, &c, 48, &extra);
     // Once the guest runs on n2, n2 dies. (QEMU's monitor is held by n2's keeper until the
     // restore completes: the node's log and QEMU's say what happens.)
     let restore = restore_on_n2_until_running(&c);
@@ -207,7 +207,7 @@ fn a_lazy_restore_whose_stream_breaks_resumes_at_once() {
     let c = Cluster::start_with_args(&bin(), &lab.dir().join("cluster"), 2, 1, None, slow).expect("cluster");
     let vms = lab.vms.clone();
     let qmp = vms.join("g.qmp");
-    let fill = snapshot_filled_guest(&lab, &c, &[]);
+    let fill = snapshot_filled_guest(&lab, &c, 48, &[]);
     let restore = restore_on_n2_until_running(&c);
     // The monitor is the node's keeper's while the postcopy lasts: asked through it.
     let mut keeper = std::os::unix::net::UnixStream::connect(c.nodes[1].dir.join("qmp-keeper-g.sock")).expect("keeper");
@@ -406,12 +406,7 @@ fn a_guest_that_used_its_low_memory_restores_lazily_in_one_stream() {
     let lab = Lab::new();
     let c = Cluster::start(&bin(), &lab.dir().join("cluster"), 2, 1, None).expect("cluster");
     let qmp = lab.qmp("g");
-    let g = lab.guest("g", 128, "fill=56");
-    let fill = md5_of(&g.wait_for("FILL-DONE", BOOT).expect("fill"));
-    c.json(0, &["vm", "add", "g", "--qmp", &qmp.display().to_string()]).expect("vm add");
-    c.json(0, &["snapshot", "create", "s", "--vm", "g"]).expect("snapshot");
-    guest::kill_by_qmp(&qmp);
-    drop(g);
+    let fill = snapshot_filled_guest(&lab, &c, 56, &[]);
     // What the test is about: pages at 1–2 MiB that are not zero (seen in every run here; said
     // when not, since the guest's allocator decides).
     let raw = lab.dir().join("g.ram");
