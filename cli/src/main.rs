@@ -58,6 +58,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run this host's node.
@@ -161,6 +163,8 @@ enum ListSort {
     Unique,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum NodeCmd {
     /// Start the node in the foreground (stop it with Ctrl-C or SIGTERM).

@@ -296,6 +296,10 @@ async fn execute(node: Arc<Node>, req: ControlRequest, progress: Progress) -> Re
     }
 }
 
+/// What a member's `Stats` answer says: pages, bytes, garbage collection, scrub, and (free
+/// bytes, full, repair).
+type MemberFigures = (u64, u64, GcStats, ScrubStats, (u64, bool, RepairStats));
+
 async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
     let members = node.members();
     let view = View::new(members.iter().filter(|m| m.alive).map(|m| m.id).collect());
@@ -310,7 +314,7 @@ async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
             _ => None,
         })
         .collect();
-    let stats: Vec<Option<(u64, u64, GcStats, ScrubStats, (u64, bool, RepairStats))>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
+    let stats: Vec<Option<MemberFigures>> = members.iter().map(|m| figures.get(&m.id).cloned()).collect();
     let members = members
         .iter()
         .zip(stats)

@@ -14,8 +14,11 @@ use vmcsnap_protocol::manifest::{expand_level, level_sizes, ManifestRoot, Signed
 use vmcsnap_protocol::wire::{CutCommand, CutReport, DataRequest, DataResponse};
 use vmcsnap_protocol::{hash_page, PageHash, PAGE_SIZE};
 
+/// A fuzz target: its name and the function that takes one input.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The targets, by name (the name of the `fuzz/fuzz_targets/` file and the corpus folder).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("wire", wire),
     ("control", control),
     ("record", record),

@@ -53,6 +53,9 @@ fn tomb_key(name: &str, id: &PageHash) -> Vec<u8> {
     [TOMB_PREFIX, name.as_bytes(), &[0], &id.0].concat()
 }
 
+/// A metadata entry: its key and its value.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -983,7 +986,7 @@ impl Store {
     }
 
     /// Every metadata entry whose key starts with `prefix`, in key order.
-    pub fn meta_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn meta_prefix(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, StoreError> {
         let db = self.db()?;
         let mut out = Vec::new();
         let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);

@@ -58,8 +58,9 @@ pub enum SnapshotError {
         owner: String,
         /// Its address.
         addr: std::net::SocketAddr,
-        /// The failure.
-        source: NetError,
+        /// The failure (boxed: it is the largest variant's part, and every `Result` of this
+        /// error would carry its size).
+        source: Box<NetError>,
     },
     /// An owner answered with a message that does not fit the request.
     #[error("owner {0} answered a request with the wrong message")]

@@ -11,7 +11,6 @@ use crate::source::{PageSink, SinkError};
 use bytes::Bytes;
 use futures::{stream, StreamExt, TryStreamExt};
 use std::collections::HashSet;
-use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -162,7 +161,7 @@ fn restarted(m: &Member) -> SnapshotError {
 
 /// An owner's failure as a snapshot error.
 pub fn owner_error(m: &Member, source: NetError) -> SnapshotError {
-    SnapshotError::Owner { owner: m.id.short(), addr: m.data_addr, source }
+    SnapshotError::Owner { owner: m.id.short(), addr: m.data_addr, source: Box::new(source) }
 }
 
 async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<Item>>, counters: Arc<Vec<VmCounters>>) -> Result<Option<(Member, u64)>, SnapshotError> {
@@ -282,14 +281,12 @@ pub struct VmPages<'a> {
 }
 
 impl PageSink for VmPages<'_> {
-    fn push(&self, pages: Vec<(PageHash, Bytes)>) -> impl Future<Output = Result<(), SinkError>> + Send {
-        async move {
-            let mut up = self.up.lock().await;
-            for (h, data) in pages {
-                up.push(h, data, Some(self.vm)).await.map_err(|e| Box::new(e) as SinkError)?;
-            }
-            Ok(())
+    async fn push(&self, pages: Vec<(PageHash, Bytes)>) -> Result<(), SinkError> {
+        let mut up = self.up.lock().await;
+        for (h, data) in pages {
+            up.push(h, data, Some(self.vm)).await.map_err(|e| Box::new(e) as SinkError)?;
         }
+        Ok(())
     }
 }
 
