@@ -270,6 +270,14 @@ pub async fn restore(
                     tracing::info!(target: "vmcsnap::restore", vm, qemu_log = %log, "lazy restore resumed and completed");
                     (r, Some(format!("the stream to QEMU broke off once ({e}{said}) and was resumed")))
                 }
+                Err(last) if last == "VM gone" => {
+                    // Not paused: QEMU ended (with `-no-reboot`, a guest that panicked or shut
+                    // down ends it too). The retry finds it gone and drops the journal entry.
+                    tokio::spawn(retry(node.clone(), journal));
+                    return Err(LazyError::Paused(RestoreError::Qemu(format!(
+                        "VM {vm} ran, but its QEMU exited before all its memory was delivered ({e}{said}): the guest shut down or crashed (its console says which), or QEMU was ended; nothing of it runs"
+                    ))));
+                }
                 Err(last) => {
                     tokio::spawn(retry(node.clone(), journal));
                     return Err(LazyError::Paused(RestoreError::Qemu(format!(

@@ -49,6 +49,15 @@ pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unsent bytes left in pre-copy's first pass at which the live copy is held (see
 /// [`live_rounds`]); what is left then goes in the final round, while the VM is paused.
 pub const HOLD_REMAINING_BYTES: u64 = 8 << 20;
+/// The parser's reads from QEMU's stream, bytes.
+const PARSER_READ_BYTES: usize = 1 << 20;
+/// The same for pre-copy: QEMU can run ahead of the gate by this buffer and the socket's, and
+/// a pass whose last pages are zero (a few bytes each in the stream) must not fit in them, or
+/// QEMU ends the pass past a closed gate and pauses the VM on its own (seen with 1 MiB).
+const PARSER_READ_BYTES_HELD: usize = 64 << 10;
+/// Longest a held pre-copy capture waits for its hashing side to catch up with its parser
+/// before it reports itself prepared (see [`Gate::settled`]).
+pub const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// Holds a pre-copy stream: while closed, the parser reads nothing more, so QEMU's migration
 /// thread blocks writing once the socket's buffers are full (the VM runs on). It cannot
@@ -68,11 +77,23 @@ struct GateState {
     turned: std::sync::Condvar,
     /// Page records after which the parser closes the gate (once); `u64::MAX`: never.
     hold_at: std::sync::atomic::AtomicU64,
+    /// Whether the parser waits at the closed gate (it has sent every whole batch it read).
+    parked: std::sync::atomic::AtomicBool,
+    /// Batches the parser sent, and those the hashing side has handed to the sink.
+    sent: std::sync::atomic::AtomicU64,
+    drained: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Gate {
     fn default() -> Self {
-        Self(std::sync::Arc::new(GateState { closed: Default::default(), turned: Default::default(), hold_at: u64::MAX.into() }))
+        Self(std::sync::Arc::new(GateState {
+            closed: Default::default(),
+            turned: Default::default(),
+            hold_at: u64::MAX.into(),
+            parked: Default::default(),
+            sent: Default::default(),
+            drained: Default::default(),
+        }))
     }
 }
 
@@ -102,15 +123,17 @@ impl Gate {
 
     /// Called by the parser with the page records read so far. (Under the lock, so that an
     /// [`Gate::open`] is never undone by a close decided just before it.)
-    fn records(&self, n: u64) {
+    fn records(&self, n: u64) -> bool {
         if n < self.0.hold_at.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
+            return false;
         }
         let mut closed = self.0.closed.lock().unwrap_or_else(|e| e.into_inner());
         if n >= self.0.hold_at.load(std::sync::atomic::Ordering::SeqCst) {
             self.0.hold_at.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
             *closed = true;
+            return true;
         }
+        false
     }
 
     /// Resolves once the gate is closed.
@@ -121,9 +144,43 @@ impl Gate {
     }
 
     fn wait_open(&self) {
+        use std::sync::atomic::Ordering;
         let mut closed = self.0.closed.lock().unwrap_or_else(|e| e.into_inner());
         while *closed {
+            self.0.parked.store(true, Ordering::SeqCst);
             closed = self.0.turned.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+        self.0.parked.store(false, Ordering::SeqCst);
+    }
+
+    /// Counts a batch the parser sent to the hashing side.
+    fn batch_sent(&self) {
+        self.0.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Counts a batch the hashing side handed to the sink.
+    fn batch_drained(&self) {
+        self.0.drained.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Resolves once the parser waits at the closed gate and every batch it sent has been
+    /// hashed and handed to the sink, or after `max`: whether it settled. A held pre-copy
+    /// capture waits for this before it reports itself prepared, so that the cut's pause
+    /// (its `Go`, QEMU's `stop`, its `Release`) is not left waiting for cores that the first
+    /// pass's backlog keeps busy; the VM runs meanwhile.
+    async fn settled(&self, max: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let until = tokio::time::Instant::now() + max;
+        loop {
+            // `drained` before `sent`: a batch sent in between reads as not drained.
+            let drained = self.0.drained.load(Ordering::SeqCst);
+            if self.0.parked.load(Ordering::SeqCst) && drained >= self.0.sent.load(Ordering::SeqCst) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until || !self.is_closed() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }
@@ -888,7 +945,8 @@ async fn migrate(
     let gate = Gate::default();
     let gated = Gated { inner: conn, gate: gate.clone() };
     let counted = gate.clone();
-    let batching = Batching { vm: req.vm.to_string(), ..Batching::default() };
+    let read_bytes = if req.mode == CaptureMode::PreCopy { PARSER_READ_BYTES_HELD } else { PARSER_READ_BYTES };
+    let batching = Batching { vm: req.vm.to_string(), read_bytes, ..Batching::default() };
     let mut parser = tokio::task::spawn_blocking(move || parse_to_spool(gated, spool_w, tx, counted, batching));
     let watch = pacer.cancel_watch();
     // The VM resumes as soon as QEMU has sent everything and the pacer allows it: the stream is
@@ -912,7 +970,7 @@ async fn migrate(
         if req.mode == CaptureMode::StopCopy {
             let _ = resumed_rx.await;
         }
-        drain(sink, rx, &io.spool, &watch).await
+        drain(sink, rx, &io.spool, &watch, &gate).await
     };
     let t0 = Instant::now();
     let stage = |stage: &str| tracing::info!(target: "vmcsnap::stage", vm = req.vm, stage, ms = t0.elapsed().as_millis() as u64, "stage");
@@ -963,7 +1021,9 @@ async fn finish_stream(
                     q.execute("stop", json!({})).await?;
                     // Still throttled, QEMU cannot have finished since: if it has, it paused
                     // the VM on its own while it was ready (from then on, an upper bound).
-                    if matches!(q.migrate_status().await?.as_str(), "device" | "completed" | "pre-switchover") {
+                    let st = q.migrate_status().await?;
+                    tracing::debug!(target: "vmcsnap::cut", migration = %st, ms = t.0.elapsed().as_millis() as u64, "stopped");
+                    if matches!(st.as_str(), "device" | "completed" | "pre-switchover") {
                         ready_at
                     } else {
                         t
@@ -1033,9 +1093,12 @@ fn unix_us() -> u64 {
 /// Pre-copy's live rounds: waits until QEMU has (nearly) made one full pass over the VM's
 /// memory, then holds the copy there — by closing `gate`, since QEMU would otherwise pause an
 /// idle VM on its own the moment the pass ends, long before the other VMs paced with it are
-/// ready — and reports the VM prepared; then waits for [`Step::Pause`] and opens the gate
-/// (on every way out). If QEMU still finished on its own (the hold came too late), it paused
-/// the VM itself: returns when that was first seen.
+/// ready — then lets the hashing side catch up with the parser (up to [`SETTLE_MAX`], the
+/// VM running: see [`Gate::settled`]) and reports the VM prepared; then waits for
+/// [`Step::Pause`] and opens the gate (on every way out). If QEMU still finished on its own
+/// (the hold came too late, or what was left of the pass fitted in the socket's buffers),
+/// it paused the VM itself: returns when that was first seen (its status, or its `STOP`
+/// event while held).
 /// `Ok(Ok(t))`: QEMU paused the VM itself at `t`; `Ok(Err(t))`: the VM runs, ready since `t`.
 async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Result<(Instant, u64), (Instant, u64)>, CaptureError> {
     // Open again on every way out, errors too (the parser may close it any time from here).
@@ -1080,6 +1143,25 @@ async fn live_rounds(q: &mut Qmp, pacer: &mut Pacer, gate: &Gate) -> Result<Resu
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if self_paused.is_none() {
+        // Held, the VM running: let the first pass's backlog through hashing before the cut
+        // may pause anything (see `Gate::settled`); a cancel ends the wait.
+        // A QEMU whose pass ended in buffers (a tail of zero pages is a few bytes a page)
+        // pauses the VM on its own despite the hold: then it is ready at once, since the cut
+        // waits on it.
+        let t = Instant::now();
+        let settled = tokio::select! {
+            s = gate.settled(SETTLE_MAX) => s,
+            r = q.stop_seen() => {
+                if r.is_ok() {
+                    self_paused = Some((Instant::now(), unix_us()));
+                }
+                false
+            }
+            _ = watch.clone().cancelled() => return Err(Cancelled.into()),
+        };
+        tracing::debug!(target: "vmcsnap::cut", settled, self_paused = self_paused.is_some(), ms = t.elapsed().as_millis() as u64, "held; the backlog handed over");
     }
     let ready_at = (Instant::now(), unix_us());
     pacer.prepared();
@@ -1132,12 +1214,20 @@ struct Batching {
     pages: usize,
     memory: std::sync::Arc<std::sync::atomic::AtomicU64>,
     memory_max: u64,
+    /// Bytes per read from the stream.
+    read_bytes: usize,
 }
 
 impl Default for Batching {
     fn default() -> Self {
         static QUEUED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>> = std::sync::OnceLock::new();
-        Self { vm: String::new(), pages: CAPTURE_BATCH_PAGES, memory: QUEUED.get_or_init(Default::default).clone(), memory_max: CAPTURE_MEMORY_BYTES }
+        Self {
+            vm: String::new(),
+            pages: CAPTURE_BATCH_PAGES,
+            memory: QUEUED.get_or_init(Default::default).clone(),
+            memory_max: CAPTURE_MEMORY_BYTES,
+            read_bytes: PARSER_READ_BYTES,
+        }
     }
 }
 
@@ -1154,7 +1244,7 @@ fn parse_to_spool(
 ) -> Result<stream::Parsed, StreamError> {
     use std::io::Write;
     use std::sync::atomic::Ordering;
-    let reader = std::io::BufReader::with_capacity(1 << 20, conn);
+    let reader = std::io::BufReader::with_capacity(batching.read_bytes, conn);
     let mut w = std::io::BufWriter::with_capacity(batching.pages * PAGE_SIZE, spool);
     let mut off = 0u64;
     let batch_bytes = (batching.pages * PAGE_SIZE) as u64;
@@ -1180,11 +1270,14 @@ fn parse_to_spool(
                 Pages::Spooled
             }
         };
+        gate.batch_sent();
         tx.send((batch, pages)).map_err(|_| StreamError::Sink("the capture stopped".into()))
     };
     let parsed = stream::parse(reader, |b, i, d| {
         records += 1;
-        gate.records(records);
+        if gate.records(records) {
+            tracing::debug!(target: "vmcsnap::cut", vm = batching.vm, records, "the parser holds the stream");
+        }
         let entry = match d {
             Some(d) if !is_zero_page(d) => match mem.as_mut() {
                 Some(m) => {
@@ -1212,7 +1305,7 @@ fn parse_to_spool(
     if !batch.is_empty() {
         let _ = send(batch, mem, &mut w);
     }
-    tracing::debug!(target: "vmcsnap::snapshot", vm = batching.vm, in_memory_bytes, spooled_bytes = off, "stream parsed");
+    tracing::debug!(target: "vmcsnap::snapshot", vm = batching.vm, in_memory_bytes, spooled_bytes = off, records, "stream parsed");
     Ok(parsed)
 }
 
@@ -1223,6 +1316,7 @@ async fn drain(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Batch>,
     spool: &std::fs::File,
     watch: &CancelWatch,
+    gate: &Gate,
 ) -> Result<Vec<Vec<PageHash>>, CaptureError> {
     use std::os::unix::fs::FileExt;
     /// A batch's pages: in memory, or this many bytes of the spool (from its first offset).
@@ -1289,6 +1383,7 @@ async fn drain(
             }
         }
         sink.push(pages).await.map_err(CaptureError::Sink)?;
+        gate.batch_drained();
     }
     Ok(maps)
 }
@@ -1355,6 +1450,9 @@ mod tests {
                     // The parser holds the stream now; QEMU answers only once it is let go
                     // (by then the client may have hung up).
                     held.close();
+                    // The parser waits at the gate, every batch it sent handed over.
+                    let parked = held.clone();
+                    std::thread::spawn(move || parked.wait_open());
                     while held.is_closed() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
@@ -1383,6 +1481,27 @@ mod tests {
         assert_eq!(qemu.await.expect("qemu"), 3, "the third query was held until the gate opened");
     }
 
+    /// A held capture reports itself prepared only once its parser waits at the gate and
+    /// every batch it sent was handed over (or the wait's bound passed).
+    #[tokio::test]
+    async fn a_held_capture_settles_once_its_backlog_is_handed_over() {
+        let gate = Gate::default();
+        gate.batch_sent();
+        gate.batch_sent();
+        gate.close();
+        assert!(!gate.settled(Duration::from_millis(20)).await, "the parser is still reading");
+        let parked = gate.clone();
+        let parser = std::thread::spawn(move || parked.wait_open());
+        assert!(!gate.settled(Duration::from_millis(20)).await, "two batches not handed over");
+        gate.batch_drained();
+        assert!(!gate.settled(Duration::from_millis(20)).await, "one batch not handed over");
+        gate.batch_drained();
+        assert!(gate.settled(Duration::from_secs(5)).await, "parked, all handed over");
+        gate.open();
+        parser.join().expect("parser");
+        assert!(!gate.settled(Duration::from_secs(5)).await, "an open gate: nothing to wait for");
+    }
+
     /// Pages collected by the test's sink.
     #[derive(Default)]
     struct Collect(std::sync::Mutex<Vec<(PageHash, Bytes)>>);
@@ -1402,7 +1521,7 @@ mod tests {
         let (stream, want) = stream::tests::sample();
         let spool = tempfile::tempfile().expect("spool");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Batch>();
-        let batching = Batching { vm: "t".into(), pages: 1, memory: Default::default(), memory_max: 2 * PAGE_SIZE as u64 };
+        let batching = Batching { vm: "t".into(), pages: 1, memory: Default::default(), memory_max: 2 * PAGE_SIZE as u64, read_bytes: PARSER_READ_BYTES };
         let memory = batching.memory.clone();
         let w = spool.try_clone().expect("clone");
         parse_to_spool(&stream[..], w, tx, Gate::default(), batching).expect("parsed");
@@ -1412,7 +1531,7 @@ mod tests {
         let (reached, _reached) = tokio::sync::mpsc::unbounded_channel();
         let watch = Pacer::new(steps, reached, 0).cancel_watch();
         let sink = Collect::default();
-        let maps = drain(&sink, rx, &spool, &watch).await.expect("drained");
+        let maps = drain(&sink, rx, &spool, &watch, &Gate::default()).await.expect("drained");
         assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 0, "given back");
         let pushed = sink.0.into_inner().expect("lock");
         assert_eq!(pushed.len(), 4, "every non-zero page sent, a re-sent one too");
@@ -1433,7 +1552,7 @@ mod tests {
         let (stream, _) = stream::tests::sample();
         let spool = tempfile::tempfile().expect("spool");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Batch>();
-        let batching = Batching { vm: "t".into(), pages: 1, memory: Default::default(), memory_max: 1 << 20 };
+        let batching = Batching { vm: "t".into(), pages: 1, memory: Default::default(), memory_max: 1 << 20, read_bytes: PARSER_READ_BYTES };
         let memory = batching.memory.clone();
         parse_to_spool(&stream[..], spool, tx, Gate::default(), batching).expect("parsed");
         assert_eq!(memory.load(std::sync::atomic::Ordering::SeqCst), 4 * PAGE_SIZE as u64, "every non-zero page in memory");

@@ -200,6 +200,23 @@ impl Qmp {
         }
     }
 
+    /// Resolves once QEMU reports the VM stopped (a `STOP` event on this connection, read
+    /// now or earlier and not followed by a `RESUME`), sending nothing: for a wait in which
+    /// QEMU may pause the VM on its own. Answers to abandoned commands that come meanwhile
+    /// are skipped. Cancel-safe; an error if the monitor closes.
+    pub async fn stop_seen(&mut self) -> Result<(), QmpError> {
+        loop {
+            if self.stopped_us.is_some_and(|s| self.resumed_us.is_none_or(|r| s > r)) {
+                return Ok(());
+            }
+            let v = self.next_value().await?;
+            self.note_event(&v);
+            if v.get("event").is_none() {
+                self.pending = self.pending.saturating_sub(1);
+            }
+        }
+    }
+
     /// The last pause QEMU reported on this connection: (stopped, resumed), µs since the
     /// epoch, if it reported both and in that order.
     pub fn reported_pause(&self) -> Option<(u64, u64)> {
@@ -484,6 +501,37 @@ mod tests {
         async fn write(&mut self, bytes: &[u8]) {
             self.wr.write_all(bytes).await.expect("write");
         }
+    }
+
+    /// A wait for QEMU to pause the VM on its own: the late answer to an abandoned command
+    /// and other events pass, the `STOP` event ends it (and a second wait at once, until a
+    /// `RESUME`); the next command still gets its own answer.
+    #[tokio::test]
+    async fn a_stop_is_seen_without_a_command_and_a_late_answer_passes() {
+        let (_dir, path, accept) = Fake::listen();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let mut f = accept.await.expect("accept");
+            let line = f.command().await;
+            assert!(line.contains("query-migrate"), "{line}");
+            go_rx.await.expect("waiting");
+            f.write(b"{\"return\":{\"status\":\"active\"}}\n").await;
+            f.write(b"{\"event\":\"MIGRATION_PASS\",\"timestamp\":{\"seconds\":1,\"microseconds\":0}}\n").await;
+            f.write(b"{\"event\":\"STOP\",\"timestamp\":{\"seconds\":2,\"microseconds\":0}}\n").await;
+            let line = f.command().await;
+            assert!(line.contains("query-status"), "{line}");
+            f.write(b"{\"return\":{\"status\":\"finish-migrate\",\"running\":false}}\n").await;
+        });
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        let abandoned = tokio::time::timeout(Duration::from_millis(50), q.execute("query-migrate", json!({}))).await;
+        assert!(abandoned.is_err(), "no answer yet");
+        let early = tokio::time::timeout(Duration::from_millis(50), q.stop_seen()).await;
+        assert!(early.is_err(), "nothing stopped yet");
+        go_tx.send(()).expect("server waits");
+        tokio::time::timeout(Duration::from_secs(5), q.stop_seen()).await.expect("STOP seen").expect("monitor open");
+        tokio::time::timeout(Duration::from_millis(50), q.stop_seen()).await.expect("still stopped").expect("monitor open");
+        assert_eq!(q.status().await.expect("its own answer"), "finish-migrate");
+        server.await.expect("server");
     }
 
     /// Once seen with QEMU 7.2: a command timed out while QEMU's main loop was blocked; its
