@@ -270,7 +270,7 @@ pub async fn restore(
                     tracing::info!(target: "vmcsnap::restore", vm, qemu_log = %log, "lazy restore resumed and completed");
                     (r, Some(format!("the stream to QEMU broke off once ({e}{said}) and was resumed")))
                 }
-                Err(last) if last == "VM gone" => {
+                Err(last) if last == VM_GONE => {
                     // Not paused: QEMU ended (with `-no-reboot`, a guest that panicked or shut
                     // down ends it too). The retry finds it gone and drops the journal entry.
                     tokio::spawn(retry(node.clone(), journal));
@@ -851,12 +851,15 @@ async fn retry(node: Arc<Node>, j: Journal) {
     }
 }
 
+/// How [`recover`] says that the restored VM's QEMU is gone (its monitor socket with it).
+const VM_GONE: &str = "VM gone";
+
 /// One attempt at resuming `j`. `Ok` says how it ended (the journal entry can go), with the
 /// pages' stats of a stream it served to the end.
 async fn recover(node: &Arc<Node>, j: &Journal) -> Result<(&'static str, ServeStats), String> {
     let none = ServeStats::default();
     if !j.qmp.exists() {
-        return Ok(("VM gone", none));
+        return Ok((VM_GONE, none));
     }
     let sock = node.config.data_dir.join(format!("recover-{}.sock", j.vm));
     let _ = std::fs::remove_file(&sock);
@@ -877,7 +880,7 @@ async fn recover(node: &Arc<Node>, j: &Journal) -> Result<(&'static str, ServeSt
         // No keeper: QEMU's migration is over, or QEMU is gone.
         let mut q = match Qmp::connect(&j.qmp).await {
             Ok(q) => q,
-            Err(_) if !j.qmp.exists() => return Ok(("VM gone", none)),
+            Err(_) if !j.qmp.exists() => return Ok((VM_GONE, none)),
             Err(e) => return Err(e.to_string()),
         };
         let status = q.migrate_status().await.map_err(|e| e.to_string())?;

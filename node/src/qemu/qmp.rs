@@ -211,7 +211,7 @@ impl Qmp {
             }
             let v = self.next_value().await?;
             self.note_event(&v);
-            if v.get("event").is_none() {
+            if reply("", v).is_some() {
                 self.pending = self.pending.saturating_sub(1);
             }
         }
