@@ -247,6 +247,8 @@ pub struct Node {
     busy: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The catalog-sync partners ([`SYNC_PARTNERS`]).
     partners: std::sync::Mutex<Partners>,
+    /// Held while VMs of this node are paused for a cut; snapshots' background work waits.
+    pub quiet: crate::source::Quiet,
     /// Work that winds down before the node stops.
     pub drain: Drain,
     /// What `--metrics` exports.
@@ -310,7 +312,7 @@ impl Drain {
 impl Node {
     /// A node over its parts (see [`crate::daemon::run`]).
     pub fn new(store: Arc<Store>, config: NodeConfig, vms: Registry, trust: Arc<Trust>, signer: Signer, membership: Membership, client: DataClient) -> Self {
-        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), fetch_share: Default::default(), lazy_push_gets: tokio::sync::Semaphore::new(LAZY_PUSH_GETS_IN_FLIGHT), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), partners: Default::default(), drain: Default::default(), metrics: Default::default() }
+        Self { id: membership.local(), store, config, vms, trust, signer, gc_wake: Default::default(), fetch_share: Default::default(), lazy_push_gets: tokio::sync::Semaphore::new(LAZY_PUSH_GETS_IN_FLIGHT), repair_wake: Default::default(), down_since: Default::default(), membership, client, busy: Default::default(), partners: Default::default(), quiet: Default::default(), drain: Default::default(), metrics: Default::default() }
     }
 
     /// What this host lets a restore launch: QEMU from `--qemu-dir`, its files in the data

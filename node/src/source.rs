@@ -49,12 +49,21 @@ pub struct Pacer {
     step: watch::Receiver<Step>,
     reached: mpsc::UnboundedSender<(usize, Reached)>,
     index: usize,
+    /// The node's [`Quiet`], held from the pause until the VM runs again (or the pacer goes).
+    quiet: Option<(Quiet, Option<QuietHold>)>,
 }
 
 impl Pacer {
     /// A pacer following `step`, reporting on `reached` as capture `index`.
     pub fn new(step: watch::Receiver<Step>, reached: mpsc::UnboundedSender<(usize, Reached)>, index: usize) -> Self {
-        Self { step, reached, index }
+        Self { step, reached, index, quiet: None }
+    }
+
+    /// This pacer holds `quiet` while its VM is paused for the cut: from [`Step::Pause`] until
+    /// [`Pacer::resumed`].
+    pub fn quieting(mut self, quiet: Quiet) -> Self {
+        self.quiet = Some((quiet, None));
+        self
     }
 
     /// Reports that the capture is prepared.
@@ -63,11 +72,27 @@ impl Pacer {
     }
 
     /// Reports that the VM is paused.
-    pub fn paused(&self) {
+    pub fn paused(&mut self) {
+        self.hold_quiet();
         let _ = self.reached.send((self.index, Reached::Paused));
     }
 
-    /// Waits until the pacing reaches `step`; fails if it is cancelled first.
+    /// The VM runs again (or the capture will not pause it again): the node's background work
+    /// need not wait for it any more.
+    pub fn resumed(&mut self) {
+        if let Some((_, hold)) = &mut self.quiet {
+            *hold = None;
+        }
+    }
+
+    fn hold_quiet(&mut self) {
+        if let Some((q, hold @ None)) = &mut self.quiet {
+            *hold = Some(q.hold());
+        }
+    }
+
+    /// Waits until the pacing reaches `step`; fails if it is cancelled first. Reaching
+    /// [`Step::Pause`] holds the node's [`Quiet`] (the VM is about to pause).
     pub async fn wait(&mut self, step: Step) -> Result<(), Cancelled> {
         loop {
             let now = *self.step.borrow_and_update();
@@ -75,6 +100,9 @@ impl Pacer {
                 return Err(Cancelled);
             }
             if now >= step {
+                if step == Step::Pause {
+                    self.hold_quiet();
+                }
                 return Ok(());
             }
             if self.step.changed().await.is_err() {
@@ -86,6 +114,61 @@ impl Pacer {
     /// A watch on cancellation alone, for work that runs beside the paced steps.
     pub fn cancel_watch(&self) -> CancelWatch {
         CancelWatch(self.step.clone())
+    }
+}
+
+/// Longest a node's background work waits for [`Quiet`] in one quiet spell: a cut whose VMs
+/// stay paused longer (a slow peer, a stop-copy of much memory) no longer holds it back.
+pub const QUIET_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// While VMs of this node are paused for a cut, the node's background work of snapshots
+/// (hashing pages, sending them to their owners) waits: on a busy host the pause's own work —
+/// QEMU's final round and device state, the parser, the cut's messages, `cont` — then gets
+/// the CPU, and the pause is shorter. The wait ends when no VM is paused any more, or
+/// [`QUIET_MAX`] after the spell began.
+#[derive(Clone, Default)]
+pub struct Quiet(std::sync::Arc<watch::Sender<(usize, Option<tokio::time::Instant>)>>);
+
+/// One paused VM's hold on a [`Quiet`]; released when dropped.
+pub struct QuietHold(Quiet);
+
+impl Quiet {
+    /// Holds the quiet until the returned hold is dropped.
+    pub fn hold(&self) -> QuietHold {
+        self.0.send_modify(|(n, since)| {
+            *n += 1;
+            since.get_or_insert_with(tokio::time::Instant::now);
+        });
+        QuietHold(self.clone())
+    }
+
+    /// Whether a VM holds the quiet now (and its spell has not outlasted [`QUIET_MAX`]).
+    pub fn is_held(&self) -> bool {
+        let (n, since) = *self.0.borrow();
+        n > 0 && since.is_some_and(|s| s.elapsed() < QUIET_MAX)
+    }
+
+    /// Waits while the quiet is held (see [`Quiet`]).
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        loop {
+            let (n, since) = *rx.borrow_and_update();
+            let Some(end) = since.filter(|_| n > 0).map(|s| s + QUIET_MAX) else { return };
+            if !matches!(tokio::time::timeout_at(end, rx.changed()).await, Ok(Ok(()))) {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for QuietHold {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|(n, since)| {
+            *n -= 1;
+            if *n == 0 {
+                *since = None;
+            }
+        });
     }
 }
 
@@ -232,6 +315,7 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn pacers_follow_their_steps_and_cancel() {
@@ -249,6 +333,54 @@ mod tests {
         assert_eq!(p.wait(Step::Resume).await, Err(Cancelled));
         assert!(watch.check().is_err());
         watch.cancelled().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_work_waits_while_a_vm_holds_the_quiet_and_no_longer_than_its_max() {
+        let quiet = Quiet::default();
+        // Nobody holds it: no wait.
+        tokio::time::timeout(Duration::from_millis(1), quiet.wait()).await.expect("not held");
+        let (a, b) = (quiet.hold(), quiet.hold());
+        assert!(quiet.is_held());
+        let waiter = tokio::spawn({
+            let q = quiet.clone();
+            async move { q.wait().await }
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "one VM still holds it");
+        drop(b);
+        tokio::time::timeout(Duration::from_millis(1), waiter).await.expect("released").expect("join");
+        assert!(!quiet.is_held());
+        // A spell that outlasts QUIET_MAX holds nothing back any more.
+        let _c = quiet.hold();
+        let t = tokio::time::Instant::now();
+        quiet.wait().await;
+        assert_eq!(t.elapsed(), QUIET_MAX);
+        assert!(!quiet.is_held());
+        quiet.wait().await;
+        assert_eq!(t.elapsed(), QUIET_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_pacer_holds_the_quiet_from_the_pause_until_its_vm_runs() {
+        let quiet = Quiet::default();
+        let (step_tx, step_rx) = watch::channel(Step::Prepare);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut p = Pacer::new(step_rx, tx, 0).quieting(quiet.clone());
+        p.prepared();
+        assert!(!quiet.is_held());
+        step_tx.send_replace(Step::Pause);
+        p.wait(Step::Pause).await.expect("pause");
+        assert!(quiet.is_held());
+        p.paused();
+        p.resumed();
+        assert!(!quiet.is_held());
+        // A capture that ends without saying so lets go too.
+        p.paused();
+        assert!(quiet.is_held());
+        drop(p);
+        assert!(!quiet.is_held());
     }
 
     #[test]

@@ -172,6 +172,8 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
         .map(|batch| {
             let (node, member, counters, inc) = (node.clone(), member.clone(), counters.clone(), incarnation.clone());
             async move {
+                // A VM of this node paused for a cut gets the CPU first (see `Quiet`).
+                node.quiet.wait().await;
                 let hashes = batch.iter().map(|i| i.hash).collect();
                 let missing = match node.call(&member, DataRequest::Have { hashes }).await.map_err(|e| owner_error(&member, e))? {
                     DataResponse::Have { missing, incarnation } => {
@@ -188,6 +190,7 @@ async fn owner_worker(node: Arc<Node>, member: Member, rx: mpsc::Receiver<Vec<It
                     }
                 }
                 for chunk in missing.chunks(PUT_PAGES_MAX) {
+                    node.quiet.wait().await;
                     let mut pages = PagePuts::with_capacity(chunk.len());
                     for &i in chunk {
                         let item = batch.get(i as usize).ok_or_else(|| SnapshotError::Protocol(member.id.short()))?;
@@ -278,10 +281,13 @@ pub struct VmPages<'a> {
     pub up: &'a Mutex<Uploader>,
     /// The VM's index.
     pub vm: usize,
+    /// The node's quiet: pages wait while VMs are paused for a cut.
+    pub quiet: &'a crate::source::Quiet,
 }
 
 impl PageSink for VmPages<'_> {
     async fn push(&self, pages: Vec<(PageHash, Bytes)>) -> Result<(), SinkError> {
+        self.quiet.wait().await;
         let mut up = self.up.lock().await;
         for (h, data) in pages {
             up.push(h, data, Some(self.vm)).await.map_err(|e| Box::new(e) as SinkError)?;

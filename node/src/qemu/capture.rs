@@ -957,7 +957,7 @@ async fn migrate(
     let resume = async {
         let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
         let r = match req.mode {
-            CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing).await,
+            CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing, pacer).await,
             mode => finish_stream(q, (mode, &gate), facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
         };
         if r.is_err() {
@@ -1043,12 +1043,17 @@ async fn finish_stream(
         r = &mut *parser => r.map_err(|e| CaptureError::Io(format!("stream parser failed: {e}")))??,
         _ = watch.cancelled() => return Err(Cancelled.into()),
     };
+    let since = |t: Option<(Instant, u64)>| t.map_or(0, |t| t.0.elapsed().as_millis() as u64);
+    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), records = parsed.page_records, "paused: the stream ended");
     let downtime = q.wait_migration_completed(COMPLETE_TIMEOUT).await?;
+    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: QEMU completed");
     pacer.wait(Step::Resume).await?;
+    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: released");
     if was_running {
         q.execute("cont", json!({})).await?;
         timing.resumed_at = Some(Instant::now());
     }
+    pacer.resumed();
     Ok((parsed, downtime))
 }
 
@@ -1060,12 +1065,16 @@ async fn finish_live(
     parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
     watch: CancelWatch,
     timing: &mut Timing,
+    pacer: &mut Pacer,
 ) -> Result<(stream::Parsed, Option<u64>), CaptureError> {
     let t0 = Instant::now();
     while timing.resumed_at.is_none() && !parser.is_finished() {
         watch.check()?;
         match q.status().await?.as_str() {
-            "running" => timing.resumed_at = Some(Instant::now()),
+            "running" => {
+                timing.resumed_at = Some(Instant::now());
+                pacer.resumed();
+            }
             _ if t0.elapsed() > COMPLETE_TIMEOUT => return Err(CaptureError::Refused("QEMU did not resume the VM after saving its device state".into())),
             _ => tokio::time::sleep(Duration::from_millis(1)).await,
         }
@@ -1083,6 +1092,7 @@ async fn finish_live(
             Settled::Other(s) => return Err(CaptureError::Refused(format!("after a live snapshot the VM is {s}"))),
         }
     }
+    pacer.resumed();
     Ok((parsed, downtime))
 }
 

@@ -113,7 +113,7 @@ async fn capture_all(
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     for (vi, (id, source, bytes)) in sources.iter().cloned().enumerate() {
-        let pacer = Pacer::new(step_rx.clone(), ev_tx.clone(), vi);
+        let pacer = Pacer::new(step_rx.clone(), ev_tx.clone(), vi).quieting(node.quiet.clone());
         let (node, up, begin) = (node.clone(), up.clone(), begin.clone());
         tasks.spawn(async move {
             let t0 = std::time::Instant::now();
@@ -135,6 +135,9 @@ async fn capture_all(
     // The node stopping (SIGTERM) aborts the cut, as the initiator would: every VM resumes.
     let mut stopping = std::pin::pin!(node.drain.stopping());
     let mut stop_seen = false;
+    // From `Go` until every VM here is paused (each capture then holds it until its VM runs):
+    // the node's background work gives the pause the CPU at once (see `Quiet`).
+    let mut quiet = None;
     while !tasks.is_empty() {
         let ev = tokio::select! {
             _ = &mut stopping, if !stop_seen => {
@@ -160,11 +163,19 @@ async fn capture_all(
             match action {
                 PartAction::Step(s) => {
                     tracing::debug!(target: "vmcsnap::cut", step = ?s, "step");
+                    if s == Step::Pause {
+                        quiet.get_or_insert_with(|| node.quiet.hold());
+                    } else {
+                        quiet = None;
+                    }
                     step_tx.send_modify(|now| *now = (*now).max(s));
                 }
                 PartAction::Report(r) => {
                     if matches!(r, CutReport::Ready | CutReport::Paused) {
                         tracing::debug!(target: "vmcsnap::cut", report = ?r, "report");
+                    }
+                    if matches!(r, CutReport::Paused) {
+                        quiet = None;
                     }
                     let _ = reports.send(r).await;
                 }
@@ -198,6 +209,7 @@ async fn capture_one(
             pacer.wait(Step::Pause).await.map_err(|_| SnapshotError::Aborted)?;
             pacer.paused();
             pacer.wait(Step::Resume).await.map_err(|_| SnapshotError::Aborted)?;
+            pacer.resumed();
             let (hashes, stats) = capture_file(up, vi, id, bytes, path).await?;
             Ok(Captured { hashes, blocks: vec![Block { name: "ram".into(), bytes }], stats, qemu: None, extra_pages: vec![] })
         }
@@ -214,7 +226,7 @@ async fn capture_one(
                 work_dir: &node.config.data_dir,
                 tag: std::process::id() ^ vi as u32,
             };
-            let mut c = capture(&req, &mut pacer, &VmPages { up, vm: vi }, &node.vms).await.map_err(|e| match e {
+            let mut c = capture(&req, &mut pacer, &VmPages { up, vm: vi, quiet: &node.quiet }, &node.vms).await.map_err(|e| match e {
                 CaptureError::Cancelled(_) => SnapshotError::Aborted,
                 CaptureError::Sink(e) => from_sink(e),
                 source => SnapshotError::Capture { vm: id.to_string(), source },
