@@ -143,7 +143,8 @@ impl Quiet {
     }
 
     /// Whether a VM holds the quiet now (and its spell has not outlasted [`QUIET_MAX`]).
-    pub fn is_held(&self) -> bool {
+    #[cfg(test)]
+    fn is_held(&self) -> bool {
         let (n, since) = *self.0.borrow();
         n > 0 && since.is_some_and(|s| s.elapsed() < QUIET_MAX)
     }
