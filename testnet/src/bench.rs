@@ -135,6 +135,7 @@ pub struct Breakdown {
     pub second_unique: u64,
 }
 
+#[derive(Clone)]
 pub(crate) struct Vm {
     pub(crate) name: String,
     pub(crate) kargs: String,
@@ -182,35 +183,7 @@ pub(crate) fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms
             .iter()
             .map(|vm| {
                 s.spawn(move || -> anyhow::Result<(u64, f64, f64)> {
-                    let file = out.join(format!("{}.save", vm.name));
-                    let mut q = QmpSync::connect(&vmdir.join(format!("{}.qmp", vm.name)))?;
-                    q.execute("migrate-set-parameters", serde_json::json!({"max-bandwidth": 64u64 << 30, "downtime-limit": 10}))?;
-                    let uri = format!("exec:cat > {}", file.display());
-                    let pause_ms = if mode == "live" {
-                        // QEMU's own background snapshot to its file: the VM runs on.
-                        let cap = |on: bool| serde_json::json!({ "capabilities": [{ "capability": "background-snapshot", "state": on }] });
-                        q.execute("migrate-set-capabilities", cap(true))?;
-                        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
-                        let v = q.wait_migrated()?;
-                        q.execute("migrate-set-capabilities", cap(false))?;
-                        v["downtime"].as_f64().unwrap_or(f64::NAN)
-                    } else if mode == "stop-copy" {
-                        let t = Instant::now();
-                        q.execute("stop", serde_json::json!({}))?;
-                        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
-                        q.wait_migrated()?;
-                        q.execute("cont", serde_json::json!({}))?;
-                        t.elapsed().as_secs_f64() * 1e3
-                    } else {
-                        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
-                        let v = q.wait_migrated()?;
-                        let seen = Instant::now();
-                        // QEMU leaves the source paused after a migration: resume it.
-                        q.execute("cont", serde_json::json!({}))?;
-                        v["downtime"].as_f64().unwrap_or(f64::NAN) + seen.elapsed().as_secs_f64() * 1e3
-                    };
-                    std::fs::File::open(&file)?.sync_all()?;
-                    Ok((std::fs::metadata(&file)?.len(), t0.elapsed().as_secs_f64(), pause_ms))
+                    kvm_snapshot_one(vmdir, out, vm, mode, t0).with_context(|| format!("default KVM's snapshot of {}", vm.name))
                 })
             })
             .collect();
@@ -249,6 +222,40 @@ pub(crate) fn kvm_snapshot(vmdir: &Path, out: &Path, copy_to: Option<&Path>, vms
         copy_s = t.elapsed().as_secs_f64();
     }
     Ok((bytes, durable, pauses, copy_s))
+}
+
+/// One VM's snapshot by QEMU itself to `out/NAME.save` (see [`kvm_snapshot`]): bytes, seconds
+/// since `t0` until the file was durable, the VM's pause in ms.
+fn kvm_snapshot_one(vmdir: &Path, out: &Path, vm: &Vm, mode: &str, t0: Instant) -> anyhow::Result<(u64, f64, f64)> {
+    let file = out.join(format!("{}.save", vm.name));
+    let mut q = QmpSync::connect(&vmdir.join(format!("{}.qmp", vm.name))).context("its monitor")?;
+    q.execute("migrate-set-parameters", serde_json::json!({"max-bandwidth": 64u64 << 30, "downtime-limit": 10}))?;
+    let uri = format!("exec:cat > {}", file.display());
+    let pause_ms = if mode == "live" {
+        // QEMU's own background snapshot to its file: the VM runs on.
+        let cap = |on: bool| serde_json::json!({ "capabilities": [{ "capability": "background-snapshot", "state": on }] });
+        q.execute("migrate-set-capabilities", cap(true))?;
+        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
+        let v = q.wait_migrated()?;
+        q.execute("migrate-set-capabilities", cap(false))?;
+        v["downtime"].as_f64().unwrap_or(f64::NAN)
+    } else if mode == "stop-copy" {
+        let t = Instant::now();
+        q.execute("stop", serde_json::json!({}))?;
+        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
+        q.wait_migrated()?;
+        q.execute("cont", serde_json::json!({}))?;
+        t.elapsed().as_secs_f64() * 1e3
+    } else {
+        q.execute("migrate", serde_json::json!({ "uri": uri }))?;
+        let v = q.wait_migrated()?;
+        let seen = Instant::now();
+        // QEMU leaves the source paused after a migration: resume it.
+        q.execute("cont", serde_json::json!({}))?;
+        v["downtime"].as_f64().unwrap_or(f64::NAN) + seen.elapsed().as_secs_f64() * 1e3
+    };
+    std::fs::File::open(&file)?.sync_all()?;
+    Ok((std::fs::metadata(&file)?.len(), t0.elapsed().as_secs_f64(), pause_ms))
 }
 
 /// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
@@ -546,10 +553,20 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     let mem_args = memory_args(hugepages.as_deref(), opts.mem_mib);
     let also: Vec<&Path> = hugepages.iter().map(PathBuf::as_path).collect();
     let mut guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
+    let placed = vms.clone();
     let mut results = Vec::new();
-    for mode in &opts.modes {
+    for (m, mode) in opts.modes.iter().enumerate() {
         let mode = mode.as_str();
         println!("\n== {mode} ==");
+        if m > 0 {
+            // Each mode starts from freshly booted guests where the first one placed them. The
+            // last rollback's guests run in the seccomp sandbox a restore gives QEMU, which
+            // kills a QEMU asked to `migrate exec:` (default KVM's snapshot to its file).
+            kill_all(&vmdir, &vms);
+            drop(std::mem::take(&mut guests));
+            vms = placed.clone();
+            guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
+        }
         let mdir = dir.join(mode);
         // Default KVM.
         let t_first = Instant::now();
