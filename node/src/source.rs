@@ -142,6 +142,16 @@ impl Quiet {
         QuietHold(self.clone())
     }
 
+    /// [`Quiet::hold`], starting a new spell: the wait's [`QUIET_MAX`] counts from now, also
+    /// while other holds last (a cut's pause after its wait for `Go`).
+    pub fn hold_anew(&self) -> QuietHold {
+        self.0.send_modify(|(n, since)| {
+            *n += 1;
+            *since = Some(tokio::time::Instant::now());
+        });
+        QuietHold(self.clone())
+    }
+
     /// Whether a VM holds the quiet now (and its spell has not outlasted [`QUIET_MAX`]).
     #[cfg(test)]
     fn is_held(&self) -> bool {
@@ -361,6 +371,25 @@ mod tests {
         assert!(!quiet.is_held());
         quiet.wait().await;
         assert_eq!(t.elapsed(), QUIET_MAX);
+    }
+
+    /// A cut's wait for `Go` holds the quiet; its pause starts a spell of its own, which the
+    /// wait's length does not shorten.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_anew_starts_its_own_spell() {
+        let quiet = Quiet::default();
+        let waiting = quiet.hold();
+        tokio::time::sleep(QUIET_MAX - Duration::from_millis(100)).await;
+        assert!(quiet.is_held());
+        let paused = quiet.hold_anew();
+        drop(waiting);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(quiet.is_held(), "the pause's spell began 500 ms ago");
+        let t = tokio::time::Instant::now();
+        quiet.wait().await;
+        assert_eq!(t.elapsed(), QUIET_MAX - Duration::from_millis(500));
+        drop(paused);
+        assert!(!quiet.is_held());
     }
 
     #[tokio::test]

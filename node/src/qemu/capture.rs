@@ -55,6 +55,14 @@ const PARSER_READ_BYTES: usize = 1 << 20;
 /// a pass whose last pages are zero (a few bytes each in the stream) must not fit in them, or
 /// QEMU ends the pass past a closed gate and pauses the VM on its own (seen with 1 MiB).
 const PARSER_READ_BYTES_HELD: usize = 64 << 10;
+/// The send buffer of QEMU's end of a pre-copy or stop-copy stream while its VM is paused
+/// (from the pause on; during pre-copy's live rounds it keeps the system's default, which
+/// bounds how far QEMU runs past a closed gate). With Linux's default (208 KiB) the final
+/// round went through in hundreds of hand-overs between QEMU's migration thread and the
+/// parser, each a wake-up on cores the paused cut's other QEMUs and nodes also want; with
+/// this one, QEMU writes a writer guest's final round (9–14 MiB) without waiting for the
+/// parser. Kernel memory, used only while the parser lags.
+const PAUSED_SEND_BUFFER: usize = 16 << 20;
 /// Longest a held pre-copy capture waits for its hashing side to catch up with its parser
 /// before it reports itself prepared (see [`Gate::settled`]).
 pub const SETTLE_MAX: Duration = Duration::from_secs(2);
@@ -765,6 +773,25 @@ fn setup_waits_for_its_stream(qemu_version: &str) -> bool {
 /// capture starts its background snapshot in the pause instead.
 const ARM_FILLER_MAX: u64 = 4 << 20;
 
+/// Gives QEMU its end of a pre-copy or stop-copy stream: the node connects to the capture's
+/// own socket (whose listener the parser's side accepts), passes that end to QEMU (`getfd`)
+/// and sends `migrate fd:`. Stop-copy's VM is paused already: its end gets
+/// [`PAUSED_SEND_BUFFER`] at once. Pre-copy's keeps the default until its pause; the returned
+/// handle on it is for that (and must be dropped for the stream to end: see `finish_stream`).
+async fn hand_stream(q: &mut Qmp, req: &CaptureRequest<'_>, sock: &Path) -> Result<Option<std::os::unix::net::UnixStream>, CaptureError> {
+    let end = std::os::unix::net::UnixStream::connect(sock).map_err(|e| CaptureError::Io(format!("cannot connect to the capture socket: {e}")))?;
+    if req.mode == CaptureMode::StopCopy {
+        crate::net::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
+    }
+    let name = format!("vmcsnap-capture-{}", req.tag);
+    q.execute_with_fd("getfd", json!({ "fdname": name }), std::os::fd::AsFd::as_fd(&end)).await?;
+    if let Err(e) = q.execute("migrate", json!({ "uri": format!("fd:{name}") })).await {
+        let _ = q.execute("closefd", json!({ "fdname": name })).await;
+        return Err(e.into());
+    }
+    Ok((req.mode == CaptureMode::PreCopy).then_some(end))
+}
+
 /// Starts a live capture's background snapshot before the cut's barrier, held: a connection
 /// to the held `relay`, its send buffer filled with zeros (its size is left as it is: QEMU
 /// streams through it afterwards), goes to QEMU (`getfd`), and
@@ -918,13 +945,15 @@ async fn migrate(
         pacer.wait(Step::Resume).await?;
     }
     // A live stream through the relay, which drains it should this node die: a background
-    // snapshot must end, or its write protection stays (see `relay`).
+    // snapshot must end, or its write protection stays (see `relay`). Otherwise QEMU gets its
+    // end of the capture's socket from the node (see `hand_stream`).
+    let mut qemu_end = None;
     match (io.armed, io.relay.as_mut()) {
         (Some((filler, _)), Some(relay)) => relay.release(filler).await.map_err(CaptureError::Io)?,
-        _ => {
-            let to = io.relay.as_ref().map_or(&io.sock, |r| &r.listen);
-            q.execute("migrate", json!({ "uri": format!("unix:{}", to.display()) })).await?;
+        (_, Some(relay)) => {
+            q.execute("migrate", json!({ "uri": format!("unix:{}", relay.listen.display()) })).await?;
         }
+        (_, None) => qemu_end = hand_stream(q, req, &io.sock).await?,
     }
     let relayed = io.relay.is_some();
     let connected = async {
@@ -958,7 +987,7 @@ async fn migrate(
         let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
         let r = match req.mode {
             CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing, pacer).await,
-            mode => finish_stream(q, (mode, &gate), facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
+            mode => finish_stream(q, (mode, &gate, req.max_bandwidth.is_some_and(|b| b != super::CAPTURE_BANDWIDTH), qemu_end.take()), facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
         };
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
@@ -987,11 +1016,14 @@ async fn migrate(
 
 /// The pausing side of the migration: pre-copy's live rounds and pause (where `fleece`'s disk
 /// views start), then the end of the stream, QEMU's `completed`, and the resume the pacer
-/// allows.
+/// allows. `capped`: the live rounds ran under the request's bandwidth cap, lifted at the
+/// pause. `qemu_end`: pre-copy's handle on QEMU's end of the stream (see [`hand_stream`]),
+/// whose send buffer grows at the pause; dropped then, and before any wait for the parser
+/// (while it is open the parser sees no end of the stream).
 #[allow(clippy::too_many_arguments)]
 async fn finish_stream(
     q: &mut Qmp,
-    (mode, gate): (CaptureMode, &Gate),
+    (mode, gate, capped, mut qemu_end): (CaptureMode, &Gate, bool, Option<std::os::unix::net::UnixStream>),
     was_running: bool,
     pacer: &mut Pacer,
     parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
@@ -1000,7 +1032,12 @@ async fn finish_stream(
     fleece: Option<&mut Fleece>,
 ) -> Result<(stream::Parsed, Option<u64>), CaptureError> {
     if mode == CaptureMode::PreCopy {
-        let self_paused = match live_rounds(q, pacer, gate).await {
+        let rounds = live_rounds(q, pacer, gate).await;
+        if let Some(end) = qemu_end.take().filter(|_| rounds.is_ok()) {
+            let granted = crate::net::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
+            tracing::debug!(target: "vmcsnap::cut", kib = granted >> 10, "the final round's send buffer");
+        }
+        let self_paused = match rounds {
             Ok(p) => p,
             Err(e) => {
                 // When QEMU gave up, the stream's own fault says more than its "failed": the
@@ -1031,8 +1068,11 @@ async fn finish_stream(
                 }
             });
         }
-        // What is left goes at full speed: the VM waits for it.
-        let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
+        // What is left goes at full speed: the VM waits for it. (Uncapped, the live rounds ran
+        // at that speed already: no command more in the pause.)
+        if capped {
+            let _ = q.execute("migrate-set-parameters", json!({ "max-bandwidth": super::CAPTURE_BANDWIDTH })).await;
+        }
         pacer.paused();
         if let Some(f) = fleece {
             f.freeze(q).await?;
@@ -1045,15 +1085,17 @@ async fn finish_stream(
     };
     let since = |t: Option<(Instant, u64)>| t.map_or(0, |t| t.0.elapsed().as_millis() as u64);
     tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), records = parsed.page_records, "paused: the stream ended");
-    let downtime = q.wait_migration_completed(COMPLETE_TIMEOUT).await?;
-    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: QEMU completed");
+    // The stream holds all of the VM now: it may run again as soon as the cut allows and QEMU
+    // takes `cont` (a moment after its last byte), not only once its `completed` is seen.
     pacer.wait(Step::Resume).await?;
     tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: released");
     if was_running {
-        q.execute("cont", json!({})).await?;
+        q.cont_when_finalized(COMPLETE_TIMEOUT).await?;
         timing.resumed_at = Some(Instant::now());
+        tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: resumed");
     }
     pacer.resumed();
+    let downtime = q.wait_migration_completed(COMPLETE_TIMEOUT).await?;
     Ok((parsed, downtime))
 }
 

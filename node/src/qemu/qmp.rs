@@ -362,6 +362,23 @@ impl Qmp {
         }
     }
 
+    /// Resumes a VM that a migration left paused (`cont`) as soon as QEMU takes it: QEMU
+    /// refuses ("Migration is not finalized yet") while it finalizes the migration (runstate
+    /// `finish-migrate`, from the stream's last byte until it marks the migration done), so the
+    /// command goes again every millisecond until taken, for up to `timeout`. Any other
+    /// refusal is returned at once.
+    pub async fn cont_when_finalized(&mut self, timeout: Duration) -> Result<(), QmpError> {
+        let t0 = std::time::Instant::now();
+        loop {
+            match self.execute("cont", json!({})).await {
+                Err(QmpError::Refused { desc, .. }) if desc.contains("not finalized") && t0.elapsed() < timeout => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                r => return r.map(drop),
+            }
+        }
+    }
+
     /// Leaves the VM running if a migration (finished, failed or cancelled) left it paused:
     /// waits out QEMU's passing states (`finish-migrate`, `cancelling`) for up to `timeout`,
     /// then `cont`s a `paused` or `postmigrate` VM.
@@ -531,6 +548,31 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), q.stop_seen()).await.expect("STOP seen").expect("monitor open");
         tokio::time::timeout(Duration::from_millis(50), q.stop_seen()).await.expect("still stopped").expect("monitor open");
         assert_eq!(q.status().await.expect("its own answer"), "finish-migrate");
+        server.await.expect("server");
+    }
+
+    /// `cont` right after a migration's last byte: QEMU refuses it until the migration is
+    /// finalized, then takes it; another refusal ends the wait at once.
+    #[tokio::test]
+    async fn cont_is_sent_again_until_the_migration_is_finalized() {
+        let (_dir, path, accept) = Fake::listen();
+        let server = tokio::spawn(async move {
+            let mut f = accept.await.expect("accept");
+            for answer in [
+                &b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"Migration is not finalized yet\"}}\n"[..],
+                b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"Migration is not finalized yet\"}}\n",
+                b"{\"return\":{}}\n",
+                b"{\"error\":{\"class\":\"GenericError\",\"desc\":\"Resetting the Virtual Machine is required\"}}\n",
+            ] {
+                let line = f.command().await;
+                assert!(line.contains("\"cont\""), "{line}");
+                f.write(answer).await;
+            }
+        });
+        let mut q = Qmp::connect(&path).await.expect("connect");
+        q.cont_when_finalized(Duration::from_secs(5)).await.expect("taken at the third");
+        let e = q.cont_when_finalized(Duration::from_secs(5)).await.expect_err("not a wait");
+        assert!(e.to_string().contains("Resetting"), "{e}");
         server.await.expect("server");
     }
 

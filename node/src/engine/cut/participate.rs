@@ -136,8 +136,11 @@ async fn capture_all(
     let mut stopping = std::pin::pin!(node.drain.stopping());
     let mut stop_seen = false;
     // From `Go` until every VM here is paused (each capture then holds it until its VM runs):
-    // the node's background work gives the pause the CPU at once (see `Quiet`).
-    let mut quiet = None;
+    // the node's background work gives the pause the CPU at once (see `Quiet`). And from the
+    // `Ready` report until `Go` (a spell of its own): pre-copy's uploads of the first pass then
+    // stop flooding the owners' sockets, in which `Go` would wait behind their pages (seen:
+    // one host's `Go` 30–70 ms after the others', every VM's pause that much longer).
+    let (mut quiet, mut waiting) = (None, None);
     while !tasks.is_empty() {
         let ev = tokio::select! {
             _ = &mut stopping, if !stop_seen => {
@@ -164,10 +167,11 @@ async fn capture_all(
                 PartAction::Step(s) => {
                     tracing::debug!(target: "vmcsnap::cut", step = ?s, "step");
                     if s == Step::Pause {
-                        quiet.get_or_insert_with(|| node.quiet.hold());
+                        quiet.get_or_insert_with(|| node.quiet.hold_anew());
                     } else {
                         quiet = None;
                     }
+                    waiting = None;
                     step_tx.send_modify(|now| *now = (*now).max(s));
                 }
                 PartAction::Report(r) => {
@@ -176,6 +180,9 @@ async fn capture_all(
                     }
                     if matches!(r, CutReport::Paused) {
                         quiet = None;
+                    }
+                    if matches!(r, CutReport::Ready) && quiet.is_none() {
+                        waiting.get_or_insert_with(|| node.quiet.hold());
                     }
                     let _ = reports.send(r).await;
                 }
