@@ -16,7 +16,7 @@
 //!    (RocksDB pages, catalog, metadata), [`crc32c`] (RocksDB's checksum on the CPU's
 //!    instruction), [`source`] (memory sources and the capture contract:
 //!    pacing, page sink, result), [`tls`] (the data plane's TLS: libp2p's profile, AES-GCM
-//!    first).
+//!    first), [`sockbuf`] (socket buffers past the system's caps).
 //! 1. [`admission`] (this node's certificate and the revocations it keeps), [`qemu`] (stream
 //!    parser and rebuilder, QMP, capture, launch: QEMU's terms only), [`net`]
 //!    (the QUIC data plane's client side and framing), [`answer`] (store requests, for peers
@@ -46,6 +46,7 @@ pub mod node;
 pub mod qemu;
 pub mod server;
 pub mod share;
+pub mod sockbuf;
 pub mod source;
 pub mod store;
 pub mod tls;

@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("crc32c", 0),
     ("source", 0),
     ("tls", 0),
+    ("sockbuf", 0),
     ("admission", 1),
     ("qemu", 1),
     ("net", 1),

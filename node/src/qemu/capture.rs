@@ -781,7 +781,7 @@ const ARM_FILLER_MAX: u64 = 4 << 20;
 async fn hand_stream(q: &mut Qmp, req: &CaptureRequest<'_>, sock: &Path) -> Result<Option<std::os::unix::net::UnixStream>, CaptureError> {
     let end = std::os::unix::net::UnixStream::connect(sock).map_err(|e| CaptureError::Io(format!("cannot connect to the capture socket: {e}")))?;
     if req.mode == CaptureMode::StopCopy {
-        crate::net::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
+        crate::sockbuf::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
     }
     let name = format!("vmcsnap-capture-{}", req.tag);
     q.execute_with_fd("getfd", json!({ "fdname": name }), std::os::fd::AsFd::as_fd(&end)).await?;
@@ -1034,7 +1034,7 @@ async fn finish_stream(
     if mode == CaptureMode::PreCopy {
         let rounds = live_rounds(q, pacer, gate).await;
         if let Some(end) = qemu_end.take().filter(|_| rounds.is_ok()) {
-            let granted = crate::net::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
+            let granted = crate::sockbuf::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
             tracing::debug!(target: "vmcsnap::cut", kib = granted >> 10, "the final round's send buffer");
         }
         let self_paused = match rounds {
