@@ -606,19 +606,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         drop(std::mem::take(&mut guests));
         let kvm_restore_s = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel, &mem_args)?;
         println!("default KVM rollback: {kvm_restore_s:.2} s");
-        let mut restores = Vec::new();
-        for (i, c) in clusters.iter().enumerate() {
-            let (running, secs) = vmcsnap_restore(c, opts.hosts, "first", &mut vms)?;
-            println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s", i + 1);
-            restores.push((running, secs));
-            if i + 1 < clusters.len() {
-                kill_all(&vmdir, &vms);
-                // The next rollback puts every VM where this one found it.
-                for vm in vms.iter_mut() {
-                    vm.host = (vm.host + opts.hosts - 1) % opts.hosts;
-                }
-            }
-        }
+        let restores = vmcsnap_rollbacks(&clusters, opts.hosts, &vmdir, &mut vms)?;
         drop(clusters);
         // `VMCSNAP_BENCH_KEEP=1` keeps the nodes' directories (their `node.log`) for a look.
         if std::env::var_os("VMCSNAP_BENCH_KEEP").is_none() {
@@ -684,6 +672,26 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         "guests": vms.len(), "mem_mib": opts.mem_mib, "hosts": opts.hosts, "accel": accel,
         "modes": results, "placement": sim_json,
     }))
+}
+
+/// vmcsnap's rollbacks of the first snapshot, one per cluster in turn (R=1, then R=2), each VM
+/// on another host; the last one's guests run on. (every VM running, all memory resident)
+/// in seconds, per cluster.
+fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut [Vm]) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut restores = Vec::new();
+    for (i, c) in clusters.iter().enumerate() {
+        let (running, secs) = vmcsnap_restore(c, hosts, "first", vms)?;
+        println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s", i + 1);
+        restores.push((running, secs));
+        if i + 1 < clusters.len() {
+            kill_all(vmdir, vms);
+            // The next rollback puts every VM where this one found it.
+            for vm in vms.iter_mut() {
+                vm.host = (vm.host + hosts - 1) % hosts;
+            }
+        }
+    }
+    Ok(restores)
 }
 
 /// vmcsnap's column at `replicas`: its first snapshot, its second (bytes, s, longest pause ms)

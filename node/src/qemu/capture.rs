@@ -57,11 +57,11 @@ const PARSER_READ_BYTES: usize = 1 << 20;
 const PARSER_READ_BYTES_HELD: usize = 64 << 10;
 /// The send buffer of QEMU's end of a pre-copy or stop-copy stream while its VM is paused
 /// (from the pause on; during pre-copy's live rounds it keeps the system's default, which
-/// bounds how far QEMU runs past a closed gate). With Linux's default (208 KiB) the final
-/// round went through in hundreds of hand-overs between QEMU's migration thread and the
-/// parser, each a wake-up on cores the paused cut's other QEMUs and nodes also want; with
-/// this one, QEMU writes a writer guest's final round (9–14 MiB) without waiting for the
-/// parser. Kernel memory, used only while the parser lags.
+/// bounds how far QEMU runs past a closed gate). With Linux's default (about 200 KiB) QEMU's
+/// migration thread waits for the parser every 200 KiB of a final round of megabytes (a
+/// writer guest's: 9–14 MiB), each wait a wake-up on cores that the paused cut's other QEMUs
+/// and nodes want too; with this one it need not. Kernel memory, used only while the parser
+/// lags.
 const PAUSED_SEND_BUFFER: usize = 16 << 20;
 /// Longest a held pre-copy capture waits for its hashing side to catch up with its parser
 /// before it reports itself prepared (see [`Gate::settled`]).
@@ -1015,8 +1015,8 @@ async fn migrate(
 }
 
 /// The pausing side of the migration: pre-copy's live rounds and pause (where `fleece`'s disk
-/// views start), then the end of the stream, QEMU's `completed`, and the resume the pacer
-/// allows. `capped`: the live rounds ran under the request's bandwidth cap, lifted at the
+/// views start), then the end of the stream, the resume the pacer allows, and QEMU's
+/// `completed`. `capped`: the live rounds ran under the request's bandwidth cap, lifted at the
 /// pause. `qemu_end`: pre-copy's handle on QEMU's end of the stream (see [`hand_stream`]),
 /// whose send buffer grows at the pause; dropped then, and before any wait for the parser
 /// (while it is open the parser sees no end of the stream).

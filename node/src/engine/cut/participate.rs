@@ -139,7 +139,8 @@ async fn capture_all(
     // the node's background work gives the pause the CPU at once (see `Quiet`). And from the
     // `Ready` report until `Go` (a spell of its own): pre-copy's uploads of the first pass then
     // stop flooding the owners' sockets, in which `Go` would wait behind their pages (seen:
-    // one host's `Go` 30–70 ms after the others', every VM's pause that much longer).
+    // one host's `Go` 12–138 ms after the others' in first snapshots, every VM's pause that much
+    // longer).
     let (mut quiet, mut waiting) = (None, None);
     while !tasks.is_empty() {
         let ev = tokio::select! {
