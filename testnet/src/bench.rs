@@ -106,6 +106,11 @@ pub struct Column {
     pub pauses: Vec<(String, f64)>,
     /// vmcsnap: the first snapshot's stage marks on the initiator (ms since it began there).
     pub stages: Vec<(String, f64)>,
+    /// Where the machine's CPU went during the rollback (until all memory was resident).
+    pub rollback_cpu: crate::cpu::Cpu,
+    /// vmcsnap: where the machine's CPU went during the first snapshot (until durable); the
+    /// guests' own vCPUs are in the QEMUs' share. Not measured for default KVM (zero cores).
+    pub snapshot_cpu: crate::cpu::Cpu,
 }
 
 /// The reduction of raw guest memory, by cause (pages).
@@ -259,8 +264,9 @@ fn kvm_snapshot_one(vmdir: &Path, out: &Path, vm: &Vm, mode: &str, t0: Instant) 
 }
 
 /// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
-/// seconds until all run. The guests are killed again afterwards.
-pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str, extra: &[String]) -> anyhow::Result<f64> {
+/// seconds until all run, and the CPU spent meanwhile. The guests are killed again afterwards.
+pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str, extra: &[String]) -> anyhow::Result<(f64, crate::cpu::Cpu)> {
+    let cpu = crate::cpu::Sample::take();
     let t0 = Instant::now();
     let children: Vec<anyhow::Result<std::process::Child>> = std::thread::scope(|s| {
         let hs: Vec<_> = vms
@@ -278,6 +284,7 @@ pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, acce
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("thread panicked")))).collect()
     });
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu.until(&crate::cpu::Sample::take());
     let mut first_err = None;
     for c in children {
         match c {
@@ -291,7 +298,7 @@ pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, acce
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok(secs)
+    Ok((secs, cpu))
 }
 
 pub(crate) fn kill_all(vmdir: &Path, vms: &[Vm]) {
@@ -329,15 +336,19 @@ pub(crate) struct Taken {
     pub(crate) skew: Option<f64>,
     /// The initiator's stage marks: ms since the snapshot began there, in order.
     pub(crate) stages: Vec<(String, f64)>,
+    /// Where the machine's CPU went until the snapshot was durable.
+    pub(crate) cpu: crate::cpu::Cpu,
 }
 
 /// vmcsnap's snapshot of every VM, from the last host.
 pub(crate) fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str, replicas: u8) -> anyhow::Result<Taken> {
     let logs: Vec<PathBuf> = c.nodes.iter().map(|n| n.dir.join("node.log")).collect();
     let before: Vec<u64> = logs.iter().map(|l| std::fs::metadata(l).map(|m| m.len()).unwrap_or(0)).collect();
+    let cpu = crate::cpu::Sample::take();
     let t = Instant::now();
     let s = c.json(hosts - 1, &["snapshot", "create", name, "--all", "--mode", mode, "--replicas", &replicas.to_string()])?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu.until(&crate::cpu::Sample::take());
     let mut initiator = Vec::new();
     for (i, (l, from)) in logs.iter().zip(before).enumerate() {
         let marks = stages(l, from);
@@ -350,7 +361,8 @@ pub(crate) fn vmcsnap_snapshot(c: &Cluster, hosts: usize, name: &str, mode: &str
         s["vms"].as_array().context("vms")?.iter().map(|v| (v[0].as_str().unwrap_or("?").to_string(), v[1]["pause_ms"].as_f64().unwrap_or(f64::NAN))).collect();
     println!("  {name} R={replicas} pauses: {}", pauses.iter().map(|(n, p)| format!("{n} {p:.0} ms")).collect::<Vec<_>>().join(", "));
     let skew = s["pause_skew_us"].as_f64().map(|u| u / 1000.0);
-    Ok(Taken { stored: stored_bytes(c)?, secs, pauses, skew, stages: initiator })
+    println!("  {name} R={replicas} {}", cpu.line());
+    Ok(Taken { stored: stored_bytes(c)?, secs, pauses, skew, stages: initiator, cpu })
 }
 
 impl Taken {
@@ -379,19 +391,21 @@ fn stages(log: &Path, from: u64) -> Vec<(Option<String>, String, f64)> {
 }
 
 /// vmcsnap's rollback of every VM, each on the next host (lazy). Returns seconds until all
-/// run and until all memory is resident. "All run" is the latest VM's time to running on its
+/// run and until all memory is resident, and the CPU spent until then. "All run" is the latest VM's time to running on its
 /// host plus what the command spent outside the hosts' restores (finding the record, asking
 /// the hosts, answering).
-pub(crate) fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<(f64, f64, crate::cpu::Cpu)> {
     let mut args: Vec<String> = vec!["snapshot".into(), "restore".into(), name.into(), "--launch".into()];
     for vm in vms.iter() {
         args.push("--on".into());
         args.push(format!("{}={}", vm.name, Cluster::name((vm.host + 1) % hosts)));
     }
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let cpu = crate::cpu::Sample::take();
     let t = Instant::now();
     let r = c.json(0, &a)?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu.until(&crate::cpu::Sample::take());
     let (mut running, mut elapsed) = (0f64, 0f64);
     for s in r.as_array().context("restored")? {
         if s["vm_status"] != "running" {
@@ -413,7 +427,7 @@ pub(crate) fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [
     for vm in vms.iter_mut() {
         vm.host = (vm.host + 1) % hosts;
     }
-    Ok((running + (secs - elapsed).max(0.0), secs))
+    Ok((running + (secs - elapsed).max(0.0), secs, cpu))
 }
 
 /// Page hashes of every VM of a snapshot, from raw restores into `tmp` (deleted after).
@@ -604,8 +618,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         // Rollbacks: default KVM, then vmcsnap R=1, then R=2 (whose guests run on).
         kill_all(&vmdir, &vms);
         drop(std::mem::take(&mut guests));
-        let kvm_restore_s = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel, &mem_args)?;
-        println!("default KVM rollback: {kvm_restore_s:.2} s");
+        let (kvm_restore_s, kvm_cpu) = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel, &mem_args)?;
+        println!("default KVM rollback: {kvm_restore_s:.2} s; {}", kvm_cpu.line());
         let restores = vmcsnap_rollbacks(&clusters, opts.hosts, &vmdir, &mut vms)?;
         drop(clusters);
         // `VMCSNAP_BENCH_KEEP=1` keeps the nodes' directories (their `node.log`) for a look.
@@ -627,6 +641,8 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             second_pause_max_ms: max(&kvm2_pauses),
             pauses: vms.iter().map(|v| v.name.clone()).zip(kvm_pauses.iter().copied()).collect(),
             stages: vec![],
+            rollback_cpu: kvm_cpu,
+            snapshot_cpu: Default::default(),
         };
         let kvm_copy = Column {
             name: "default KVM + copy".into(),
@@ -638,7 +654,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         };
         let mut columns = vec![kvm, kvm_copy];
         for (i, ((f, s), rs)) in firsts.iter().zip(&seconds).zip(&restores).enumerate() {
-            columns.push(vmcsnap_column(i as u8 + 1, f, *s, *rs));
+            columns.push(vmcsnap_column(i as u8 + 1, f, *s, rs.clone()));
         }
         let m = ModeResult { mode: mode.to_string(), columns, breakdown: bd };
         print!("{}", table(&m));
@@ -677,12 +693,12 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
 /// vmcsnap's rollbacks of the first snapshot, one per cluster in turn (R=1, then R=2), each VM
 /// on another host; the last one's guests run on. (every VM running, all memory resident)
 /// in seconds, per cluster.
-fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut [Vm]) -> anyhow::Result<Vec<(f64, f64)>> {
+fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut [Vm]) -> anyhow::Result<Vec<(f64, f64, crate::cpu::Cpu)>> {
     let mut restores = Vec::new();
     for (i, c) in clusters.iter().enumerate() {
-        let (running, secs) = vmcsnap_restore(c, hosts, "first", vms)?;
-        println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s", i + 1);
-        restores.push((running, secs));
+        let (running, secs, cpu) = vmcsnap_restore(c, hosts, "first", vms)?;
+        println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s; {}", i + 1, cpu.line());
+        restores.push((running, secs, cpu));
         if i + 1 < clusters.len() {
             kill_all(vmdir, vms);
             // The next rollback puts every VM where this one found it.
@@ -695,8 +711,8 @@ fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut
 }
 
 /// vmcsnap's column at `replicas`: its first snapshot, its second (bytes, s, longest pause ms)
-/// and its rollback (every VM running, all memory resident; s).
-fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: (f64, f64)) -> Column {
+/// and its rollback (every VM running, all memory resident; s; the CPU spent).
+fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: (f64, f64, crate::cpu::Cpu)) -> Column {
     Column {
         name: format!("vmcsnap R={replicas}"),
         bytes: f.stored,
@@ -711,6 +727,8 @@ fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: (f
         second_pause_max_ms: second.2,
         pauses: f.pauses.clone(),
         stages: f.stages.clone(),
+        rollback_cpu: rollback.2,
+        snapshot_cpu: f.cpu.clone(),
     }
 }
 
@@ -833,7 +851,7 @@ pub fn goals(m: &ModeResult) -> Vec<String> {
         format!("{} R=1 stores >= 30% fewer bytes than default KVM: {:.1}% fewer", verdict(bytes_red >= 0.30), bytes_red * 100.0),
         format!("{} R=1 snapshot time >= 63% below default KVM: {:+.1}%", verdict(time_red >= 0.63), -time_red * 100.0),
         format!(
-            "{} R=1 bytes within +1% of the content limit: {:+.2}% ({} pages stored for {} distinct non-zero pages: manifest chunks {}, other pages (device state) {}; any manifest of 32-byte references takes at least {} pages, {:+.2}%; 16-byte references would take {} chunks, {:+.2}%)",
+            "{} R=1 bytes within +1% of the content limit: {:+.2}% ({} pages stored for {} distinct non-zero pages: manifest chunks {}, other pages {} (device state; in pre-copy also page versions a later round replaced, referenced by nothing and left to GC); any manifest of 32-byte references takes at least {} pages, {:+.2}%; 16-byte references would take {} chunks, {:+.2}%)",
             verdict(over <= 0.01),
             over * 100.0,
             stored,
@@ -885,6 +903,37 @@ pub fn goals(m: &ModeResult) -> Vec<String> {
             kvm.restore_s,
             r.restore_s / kvm.restore_s
         ));
+        let c = &r.snapshot_cpu;
+        if c.cores > 0 {
+            out.push(format!(
+                "   {} first snapshot's CPU until durable: {:.2} core-s ({:.0}% of the machine; nodes {:.2}, QEMUs {:.2}, helpers {:.2})",
+                r.name,
+                c.busy_s,
+                100.0 * c.busy_share(),
+                c.nodes_s,
+                c.qemus_s,
+                c.helpers_s
+            ));
+        }
+        let (c, k) = (&r.rollback_cpu, &kvm.rollback_cpu);
+        if c.cores > 0 && k.cores > 0 {
+            out.push(format!(
+                "   {} rollback's CPU until resident: {:.2} core-s ({:.0}% of the machine; nodes {:.2}, helpers {:.2}, QEMUs {:.2} with \
+                 their running guests) against default KVM's {:.2} ({:.0}%); the nodes' and helpers' work alone takes {} cores {:.2} s \
+                 ({:.2}x default KVM's rollback)",
+                r.name,
+                c.busy_s,
+                100.0 * c.busy_share(),
+                c.nodes_s,
+                c.helpers_s,
+                c.qemus_s,
+                k.busy_s,
+                100.0 * k.busy_share(),
+                c.cores,
+                (c.nodes_s + c.helpers_s) / c.cores as f64,
+                (c.nodes_s + c.helpers_s) / c.cores as f64 / kvm.restore_s
+            ));
+        }
     }
     out
 }

@@ -82,7 +82,7 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
     println!("\nevery guest killed; rolled back with `vmcsnap snapshot restore demo --launch`, each on another host");
     kill_all(&vmdir, &vms);
     drop(guests);
-    let (running_s, _) = vmcsnap_restore(&c, hosts, "demo", &mut vms)?;
+    let (running_s, _, _) = vmcsnap_restore(&c, hosts, "demo", &mut vms)?;
     let mut intact = 0;
     for (v, want) in vms.iter().zip(&sums) {
         let line = Guest::paths(&vmdir, &v.name).console("vmcsnap-check", "CHECK", CONSOLE).with_context(|| format!("{}'s console", v.name))?;
@@ -91,7 +91,7 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
         println!("  {} now on {}: random data md5 {} {}", v.name, Cluster::name(v.host), md5_of(&line), if ok { "(intact)" } else { "(DIFFERS)" });
     }
     kill_all(&vmdir, &vms);
-    let kvm_rollback_s = kvm_restore(&vmdir, &dir.join("kvm"), &vms, MEM_MIB, &accel, &[])?;
+    let (kvm_rollback_s, _) = kvm_restore(&vmdir, &dir.join("kvm"), &vms, MEM_MIB, &accel, &[])?;
     drop(c);
 
     let f = DemoFigures {

@@ -2,6 +2,7 @@
 //!
 //! - [`cluster`]: N real `vmcsnap node run` processes on loopback, each with its own data
 //!   directory and port, driven through the real `vmcsnap` CLI.
+//! - [`cpu`]: where a benchmark window's CPU went (the machine's, the nodes', the QEMUs').
 //! - [`gen`]: synthetic VM memory images with realistic shares of zero, shared-image,
 //!   intra-VM duplicate and private pages, from a seed.
 //! - [`idle`]: what an idle cluster costs per node (CPU, RSS), and how fast joins and
@@ -17,6 +18,7 @@ pub mod benchdisk;
 pub mod benchstore;
 pub mod chart;
 pub mod cluster;
+pub mod cpu;
 pub mod demovm;
 pub mod gen;
 pub mod guest;
