@@ -41,9 +41,6 @@ pub const CAPTURE_BATCH_PAGES: usize = 256;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for QEMU to report the migration finished after the stream ended.
 pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a paused VM's capture asks QEMU whether it has sent all of the stream, while the
-/// parser has not read its end yet.
-const COMPLETED_POLL: Duration = Duration::from_millis(4);
 /// Time for QEMU to leave a passing state (`finish-migrate`, `cancelling`) before the VM is
 /// resumed after a failure.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -987,16 +984,11 @@ async fn migrate(
     // compete with it for the CPU, so that starts once the VM runs again.
     let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel::<()>();
     let resume = async {
-        // Dropped (and so signalled) once the VM runs again, or whenever this ends.
-        let mut resumed_tx = Some(resumed_tx);
+        let _resumed_tx = resumed_tx; // dropped (and so signalled) whenever this ends
         let r = match req.mode {
             CaptureMode::Live => finish_live(q, &mut parser, watch.clone(), timing, pacer).await,
-            mode => {
-                let capped = req.max_bandwidth.is_some_and(|b| b != super::CAPTURE_BANDWIDTH);
-                finish_stream(q, (mode, &gate, capped, qemu_end.take(), resumed_tx.take()), facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await
-            }
+            mode => finish_stream(q, (mode, &gate, req.max_bandwidth.is_some_and(|b| b != super::CAPTURE_BANDWIDTH), qemu_end.take()), facts.was_running, pacer, &mut parser, watch.clone(), timing, fleece).await,
         };
-        drop(resumed_tx);
         if r.is_err() {
             // Stop QEMU sending at once, so that the parser (and the sink) end too.
             timing.stopped_to_cancel |= q.cancel_migration(CANCEL_TIMEOUT).await.unwrap_or(true);
@@ -1023,16 +1015,15 @@ async fn migrate(
 }
 
 /// The pausing side of the migration: pre-copy's live rounds and pause (where `fleece`'s disk
-/// views start), then the resume, once the pacer allows it and the stream is whole (its end
-/// parsed, or QEMU `completed` while the parser still reads), and the end of the stream.
-/// `capped`: the live rounds ran under the request's bandwidth cap, lifted at the pause. `qemu_end`: pre-copy's handle on QEMU's end of the stream (see [`hand_stream`]),
+/// views start), then the end of the stream, the resume the pacer allows, and QEMU's
+/// `completed`. `capped`: the live rounds ran under the request's bandwidth cap, lifted at the
+/// pause. `qemu_end`: pre-copy's handle on QEMU's end of the stream (see [`hand_stream`]),
 /// whose send buffer grows at the pause; dropped then, and before any wait for the parser
-/// (while it is open the parser sees no end of the stream). `resumed`: dropped once the VM
-/// runs again (stop-copy's hashing waits for that).
+/// (while it is open the parser sees no end of the stream).
 #[allow(clippy::too_many_arguments)]
 async fn finish_stream(
     q: &mut Qmp,
-    (mode, gate, capped, mut qemu_end, resumed): (CaptureMode, &Gate, bool, Option<std::os::unix::net::UnixStream>, Option<tokio::sync::oneshot::Sender<()>>),
+    (mode, gate, capped, mut qemu_end): (CaptureMode, &Gate, bool, Option<std::os::unix::net::UnixStream>),
     was_running: bool,
     pacer: &mut Pacer,
     parser: &mut tokio::task::JoinHandle<Result<stream::Parsed, StreamError>>,
@@ -1087,42 +1078,15 @@ async fn finish_stream(
             f.freeze(q).await?;
         }
     }
-    // The VM may run again once the cut allows it and QEMU has written its whole stream: when
-    // the parser has read the stream's end, or QEMU reports `completed`, whichever is seen
-    // first (QEMU runs ahead of the parser by up to the send buffer; up to 160 ms of parsing
-    // in stop-copy's traces). What QEMU sent is fixed from then on, whatever the guest does.
-    // Not before: a VM resumed while QEMU still iterates would go on being copied live. A
-    // cancel ends the wait: the VM must not stay paused for it.
+    // A cancel ends the wait for the stream too: the VM must not stay paused for it.
+    let parsed = tokio::select! {
+        r = &mut *parser => r.map_err(|e| CaptureError::Io(format!("stream parser failed: {e}")))??,
+        _ = watch.cancelled() => return Err(Cancelled.into()),
+    };
     let since = |t: Option<(Instant, u64)>| t.map_or(0, |t| t.0.elapsed().as_millis() as u64);
-    let (mut parsed, mut downtime) = (None, None);
-    loop {
-        tokio::select! {
-            r = &mut *parser => {
-                parsed = Some(r.map_err(|e| CaptureError::Io(format!("stream parser failed: {e}")))??);
-                break;
-            }
-            _ = watch.clone().cancelled() => return Err(Cancelled.into()),
-            _ = tokio::time::sleep(COMPLETED_POLL) => {
-                let info = q.migrate_info().await?;
-                match info["status"].as_str() {
-                    Some("completed") => {
-                        downtime = Some(info["downtime"].as_u64());
-                        break;
-                    }
-                    Some(st @ ("failed" | "cancelled")) => {
-                        // The parser's fault, if it had one, says more than QEMU's "failed".
-                        if let Ok(Ok(Err(pe))) = tokio::time::timeout(Duration::from_secs(2), &mut *parser).await {
-                            return Err(pe.into());
-                        }
-                        return Err(QmpError::Protocol(format!("QEMU reports the migration {st}")).into());
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    let what = if parsed.is_some() { "the stream ended" } else { "QEMU completed" };
-    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), what, "paused: the stream is whole");
+    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), records = parsed.page_records, "paused: the stream ended");
+    // The stream holds all of the VM now: it may run again as soon as the cut allows and QEMU
+    // takes `cont` (a moment after its last byte), not only once its `completed` is seen.
     pacer.wait(Step::Resume).await?;
     tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: released");
     if was_running {
@@ -1131,19 +1095,7 @@ async fn finish_stream(
         tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), "paused: resumed");
     }
     pacer.resumed();
-    drop(resumed);
-    let parsed = match parsed {
-        Some(p) => p,
-        None => tokio::select! {
-            r = &mut *parser => r.map_err(|e| CaptureError::Io(format!("stream parser failed: {e}")))??,
-            _ = watch.cancelled() => return Err(Cancelled.into()),
-        },
-    };
-    let downtime = match downtime {
-        Some(d) => d,
-        None => q.wait_migration_completed(COMPLETE_TIMEOUT).await?,
-    };
-    tracing::debug!(target: "vmcsnap::cut", ms = since(timing.paused_at), records = parsed.page_records, "the stream ended");
+    let downtime = q.wait_migration_completed(COMPLETE_TIMEOUT).await?;
     Ok((parsed, downtime))
 }
 
