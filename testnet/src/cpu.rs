@@ -61,9 +61,6 @@ pub struct Sample {
     procs: HashMap<u32, (Group, u64)>,
 }
 
-/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`): 100 on every Linux this runs on.
-const TICKS: f64 = 100.0;
-
 impl Sample {
     /// Reads the counters now.
     pub fn take() -> Self {
@@ -73,7 +70,7 @@ impl Sample {
             let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
             let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
             let Some(g) = group(&cmdline) else { continue };
-            if let Some(t) = std::fs::read_to_string(e.path().join("stat")).ok().and_then(|s| ticks(&s)) {
+            if let Some(t) = process_ticks(pid) {
                 procs.insert(pid, (g, t));
             }
         }
@@ -88,11 +85,12 @@ impl Sample {
             let before = self.procs.get(pid).filter(|(g0, _)| g0 == g).map_or(0, |(_, t0)| *t0);
             *by.entry(*g).or_default() += t.saturating_sub(before);
         }
-        let s = |g| by.get(&g).copied().unwrap_or(0) as f64 / TICKS;
+        let hz = clock_ticks();
+        let s = |g| by.get(&g).copied().unwrap_or(0) as f64 / hz;
         Cpu {
             wall_s: end.at.duration_since(self.at).as_secs_f64(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            busy_s: end.busy_ticks.saturating_sub(self.busy_ticks) as f64 / TICKS,
+            busy_s: end.busy_ticks.saturating_sub(self.busy_ticks) as f64 / hz,
             nodes_s: s(Group::Node),
             qemus_s: s(Group::Qemu),
             helpers_s: s(Group::Helper),
@@ -106,6 +104,23 @@ fn busy(stat: &str) -> Option<u64> {
     let v: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().ok()).collect::<Option<_>>()?;
     // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
     Some(v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum())
+}
+
+/// A process's CPU time (user + system) in clock ticks, from `/proc/PID/stat`.
+pub(crate) fn process_ticks(pid: u32) -> Option<u64> {
+    ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`; 100 where it cannot be read).
+pub(crate) fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant; no memory is touched.
+    #[allow(unsafe_code)]
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
 }
 
 /// A process's user + system ticks from its `/proc/PID/stat` (fields 14 and 15, counted after
@@ -151,7 +166,7 @@ mod tests {
 
     #[test]
     fn processes_are_grouped_by_what_they_run() {
-        assert_eq!(group(b"/usr/bin/qemu-system-x86_64\0-m\0256\0"), Some(Group::Qemu));
+        assert_eq!(group(b"/usr/bin/qemu-system-x86_64\0-nodefaults\0"), Some(Group::Qemu));
         assert_eq!(group(b"/x/target/release/vmcsnap\0node\0run\0--data\0d\0"), Some(Group::Node));
         assert_eq!(group(b"/x/vmcsnap\0qmp-keeper\0--socket\0s\0"), Some(Group::Helper));
         assert_eq!(group(b"/x/vmcsnap\0snapshot\0restore\0first\0"), None);

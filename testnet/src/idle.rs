@@ -58,32 +58,11 @@ pub struct IdleResult {
     pub down_s: Option<f64>,
 }
 
-/// CPU ticks (user + system) of a process, from `/proc/PID/stat`.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 /// Resident set size of a process in bytes.
 fn rss_bytes(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf reads a constant; no memory is touched.
-    #[allow(unsafe_code)]
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
 }
 
 /// Seconds since midnight (UTC) of a node log line's timestamp
@@ -156,17 +135,17 @@ pub fn measure(bin: &Path, dir: &Path, n: usize, opts: &IdleOptions) -> anyhow::
     if pids.len() != n {
         bail!("{} of {n} nodes are running", pids.len());
     }
-    let hz = clock_ticks();
+    let hz = crate::cpu::clock_ticks();
     let mut means = Vec::new();
     let mut node_max: f64 = 0.0;
     for w in 0..opts.windows {
-        let before: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+        let before: Vec<Option<u64>> = pids.iter().map(|p| crate::cpu::process_ticks(*p)).collect();
         let start = Instant::now();
         std::thread::sleep(opts.window);
         let secs = start.elapsed().as_secs_f64();
         let mut per = Vec::new();
         for (p, b) in pids.iter().zip(&before) {
-            let (Some(b), Some(a)) = (b, cpu_ticks(*p)) else { bail!("node process {p} went away during the measurement") };
+            let (Some(b), Some(a)) = (b, crate::cpu::process_ticks(*p)) else { bail!("node process {p} went away during the measurement") };
             per.push((a - b) as f64 / hz / secs * 100.0);
         }
         let mean = per.iter().sum::<f64>() / per.len() as f64;
