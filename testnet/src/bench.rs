@@ -391,9 +391,9 @@ fn stages(log: &Path, from: u64) -> Vec<(Option<String>, String, f64)> {
 }
 
 /// vmcsnap's rollback of every VM, each on the next host (lazy). Returns seconds until all
-/// run and until all memory is resident, and the CPU spent until then. "All run" is the latest VM's time to running on its
-/// host plus what the command spent outside the hosts' restores (finding the record, asking
-/// the hosts, answering).
+/// run and until all memory is resident, and the CPU spent until then. "All run" is the
+/// latest VM's time to running on its host plus what the command spent outside the hosts'
+/// restores (finding the record, asking the hosts, answering).
 pub(crate) fn vmcsnap_restore(c: &Cluster, hosts: usize, name: &str, vms: &mut [Vm]) -> anyhow::Result<(f64, f64, crate::cpu::Cpu)> {
     let mut args: Vec<String> = vec!["snapshot".into(), "restore".into(), name.into(), "--launch".into()];
     for vm in vms.iter() {

@@ -783,12 +783,7 @@ async fn hand_stream(q: &mut Qmp, req: &CaptureRequest<'_>, sock: &Path) -> Resu
     if req.mode == CaptureMode::StopCopy {
         crate::sockbuf::enlarge_send_buffer(std::os::fd::AsFd::as_fd(&end), PAUSED_SEND_BUFFER);
     }
-    let name = format!("vmcsnap-capture-{}", req.tag);
-    q.execute_with_fd("getfd", json!({ "fdname": name }), std::os::fd::AsFd::as_fd(&end)).await?;
-    if let Err(e) = q.execute("migrate", json!({ "uri": format!("fd:{name}") })).await {
-        let _ = q.execute("closefd", json!({ "fdname": name })).await;
-        return Err(e.into());
-    }
+    q.migrate_to_fd(&format!("vmcsnap-capture-{}", req.tag), std::os::fd::AsFd::as_fd(&end)).await?;
     Ok((req.mode == CaptureMode::PreCopy).then_some(end))
 }
 
@@ -821,13 +816,8 @@ async fn arm(q: &mut Qmp, req: &CaptureRequest<'_>, relay: &super::relay::Relay)
     }
     conn.set_nonblocking(false).map_err(|e| e.to_string())?;
     let socket = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&conn))).unwrap_or_default();
-    let name = format!("vmcsnap-capture-{}", req.tag);
-    q.execute_with_fd("getfd", json!({ "fdname": name }), std::os::fd::AsFd::as_fd(&conn)).await.map_err(|e| e.to_string())?;
+    q.migrate_to_fd(&format!("vmcsnap-capture-{}", req.tag), std::os::fd::AsFd::as_fd(&conn)).await.map_err(|e| e.to_string())?;
     drop(conn);
-    if let Err(e) = q.execute("migrate", json!({ "uri": format!("fd:{name}") })).await {
-        let _ = q.execute("closefd", json!({ "fdname": name })).await;
-        return Err(e.to_string());
-    }
     // Reported prepared only once QEMU waits: a page loop still running at `Go` would run
     // inside the pause.
     let t0 = Instant::now();

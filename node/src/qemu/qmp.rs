@@ -184,6 +184,18 @@ impl Qmp {
         self.answer(command).await
     }
 
+    /// Starts a migration into `fd`: passes it to QEMU under `name` (`getfd`) and sends
+    /// `migrate fd:name`; if QEMU refuses the migration, its copy of the descriptor is closed
+    /// again (`closefd`).
+    pub async fn migrate_to_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", json!({ "fdname": name }), fd).await?;
+        if let Err(e) = self.execute("migrate", json!({ "uri": format!("fd:{name}") })).await {
+            let _ = self.execute("closefd", json!({ "fdname": name })).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Reads the answer to `command`, just sent.
     async fn answer(&mut self, command: &str) -> Result<Value, QmpError> {
         self.pending += 1;
