@@ -108,6 +108,8 @@ pub struct Column {
     pub stages: Vec<(String, f64)>,
     /// Where the machine's CPU went during the rollback (until all memory was resident).
     pub rollback_cpu: crate::cpu::Cpu,
+    /// The rolled-back guests, asked once the rollback was over.
+    pub rollback_checked: Checked,
     /// vmcsnap: where the machine's CPU went during the first snapshot (until durable); the
     /// guests' own vCPUs are in the QEMUs' share. Not measured for default KVM (zero cores).
     pub snapshot_cpu: crate::cpu::Cpu,
@@ -147,6 +149,9 @@ pub(crate) struct Vm {
     pub(crate) ready: &'static str,
     /// Index of the host it runs on now.
     pub(crate) host: usize,
+    /// The md5 of the random data the guest wrote at boot (`fill`), which every rollback
+    /// must give back; `None` for guests without it.
+    pub(crate) data_md5: Option<String>,
 }
 
 fn workloads(hosts: usize, per_host: usize, data: u32) -> Vec<Vm> {
@@ -161,7 +166,7 @@ fn workloads(hosts: usize, per_host: usize, data: u32) -> Vec<Vm> {
         for k in 0..per_host {
             // Every host gets one guest with the shared page cache; the others rotate.
             let (kind, kargs, ready) = if k == per_host - 1 { &kinds[3] } else { &kinds[(h + k) % 3] };
-            out.push(Vm { name: format!("{kind}{}", out.len() + 1), kargs: kargs.clone(), ready, host: h });
+            out.push(Vm { name: format!("{kind}{}", out.len() + 1), kargs: kargs.clone(), ready, host: h, data_md5: None });
         }
     }
     out
@@ -265,7 +270,7 @@ fn kvm_snapshot_one(vmdir: &Path, out: &Path, vm: &Vm, mode: &str, t0: Instant) 
 
 /// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
 /// seconds until all run, and the CPU spent meanwhile. The guests are killed again afterwards.
-pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str, extra: &[String]) -> anyhow::Result<(f64, crate::cpu::Cpu)> {
+pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str, extra: &[String]) -> anyhow::Result<(f64, crate::cpu::Cpu, Checked)> {
     let cpu = crate::cpu::Sample::take();
     let t0 = Instant::now();
     let children: Vec<anyhow::Result<std::process::Child>> = std::thread::scope(|s| {
@@ -285,6 +290,7 @@ pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, acce
     });
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu.until(&crate::cpu::Sample::take());
+    let checked = if children.iter().all(|c| c.is_ok()) { check_guests(vmdir, vms, "kvm") } else { Checked::default() };
     let mut first_err = None;
     for c in children {
         match c {
@@ -298,7 +304,89 @@ pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, acce
     if let Some(e) = first_err {
         return Err(e);
     }
-    Ok((secs, cpu))
+    Ok((secs, cpu, checked))
+}
+
+/// What a rollback's guests answered once it was over (outside its timing).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Checked {
+    /// Guests that answered on their console, random data intact where they have it.
+    pub ok: usize,
+    /// The others: the VM and what went wrong (with the end of its console).
+    pub failed: Vec<(String, String)>,
+}
+
+impl Checked {
+    /// One line for the benchmark's output.
+    pub fn line(&self) -> String {
+        let mut s = format!("restored guests checked: {} of {} answered with their data intact", self.ok, self.ok + self.failed.len());
+        for (vm, why) in &self.failed {
+            s.push_str(&format!("\n  FAILED {vm}: {why}"));
+        }
+        s
+    }
+}
+
+/// Time a restored guest has to answer on its console.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Asks every guest of a rollback, in parallel, to answer `vmcsnap-check` on its console, and
+/// compares the md5 of the random data of those that wrote some at boot. A guest that crashed
+/// or lost memory after its restore reported success shows here; its console log is kept as
+/// `NAME.LABEL.log` beside the guest's (the next restore reopens the guest's own log).
+pub(crate) fn check_guests(vmdir: &Path, vms: &[Vm], label: &str) -> Checked {
+    let answers: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = vms.iter().map(|vm| s.spawn(move || check_guest(vmdir, vm))).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("the check's thread panicked".into()))).collect()
+    });
+    let mut checked = Checked::default();
+    for (vm, a) in vms.iter().zip(answers) {
+        match a {
+            Ok(()) => checked.ok += 1,
+            Err(why) => {
+                let (kept, tail) = keep_console(vmdir, vm, label);
+                checked.failed.push((vm.name.clone(), format!("{why}; its console ends {tail:?} (kept in {})", kept.display())));
+            }
+        }
+    }
+    checked
+}
+
+/// Copies a guest's console log to `NAME.LABEL.log` (a restore's QEMU reopens the guest's own
+/// log, so the next rollback would overwrite it); returns the copy and the log's last 600
+/// bytes.
+fn keep_console(vmdir: &Path, vm: &Vm, label: &str) -> (PathBuf, String) {
+    let log = vmdir.join(format!("{}.log", vm.name));
+    let kept = vmdir.join(format!("{}.{label}.log", vm.name));
+    let tail = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b[b.len().saturating_sub(600)..]).into_owned()).unwrap_or_default();
+    let _ = std::fs::copy(&log, &kept);
+    (kept, tail)
+}
+
+/// For a rollback that failed: every guest's console kept (see [`keep_console`]), and the
+/// end of each that shows a kernel crash.
+fn consoles_after_failure(vmdir: &Path, vms: &[Vm], label: &str) -> String {
+    let mut crashed = Vec::new();
+    for vm in vms {
+        let (_, tail) = keep_console(vmdir, vm, label);
+        if ["Kernel panic", "BUG:", "Oops"].iter().any(|m| tail.contains(m)) {
+            crashed.push(format!("{}'s console ends {tail:?}", vm.name));
+        }
+    }
+    let mut s = format!("the guests' consoles are kept as NAME.{label}.log in {}", vmdir.display());
+    if !crashed.is_empty() {
+        s.push_str("; ");
+        s.push_str(&crashed.join("; "));
+    }
+    s
+}
+
+fn check_guest(vmdir: &Path, vm: &Vm) -> Result<(), String> {
+    let line = Guest::paths(vmdir, &vm.name).console("vmcsnap-check", "CHECK", CHECK_TIMEOUT).map_err(|e| format!("{e:#}"))?;
+    match &vm.data_md5 {
+        Some(want) if guest::md5_of(&line) != *want => Err(format!("its random data's md5 is {} after the rollback, {want} before", guest::md5_of(&line))),
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn kill_all(vmdir: &Path, vms: &[Vm]) {
@@ -524,7 +612,7 @@ pub struct ModeResult {
 
 /// Boots `vms` in `vmdir` with the QEMU arguments `mem_args` (see [`memory_args`]; `hugepages`
 /// is their hugetlbfs mount, if any) and waits until each is ready.
-fn boot_guests(vmdir: &Path, vms: &[Vm], mem: u32, accel: &str, mem_args: &[String], hugepages: Option<&Path>) -> anyhow::Result<Vec<Guest>> {
+fn boot_guests(vmdir: &Path, vms: &mut [Vm], mem: u32, accel: &str, mem_args: &[String], hugepages: Option<&Path>) -> anyhow::Result<Vec<Guest>> {
     if let Some(d) = hugepages {
         // Each guest, and each restored guest beside the ones still ending.
         check_hugepages(d, 2 * vms.len() as u64 * (mem as u64).div_ceil(2))?;
@@ -532,11 +620,12 @@ fn boot_guests(vmdir: &Path, vms: &[Vm], mem: u32, accel: &str, mem_args: &[Stri
     }
     let mem_refs: Vec<&str> = mem_args.iter().map(String::as_str).collect();
     let mut guests = Vec::new();
-    for vm in vms {
+    for vm in vms.iter() {
         guests.push(Guest::start_with(vmdir, &vm.name, mem, &vm.kargs, accel, &mem_refs)?);
     }
     for (g, vm) in guests.iter().zip(vms) {
-        g.wait_for(vm.ready, Duration::from_secs(300)).with_context(|| format!("guest {}", vm.name))?;
+        let line = g.wait_for(vm.ready, Duration::from_secs(300)).with_context(|| format!("guest {}", vm.name))?;
+        vm.data_md5 = (vm.ready == "FILL-DONE").then(|| guest::md5_of(&line));
     }
     println!("guests ready");
     Ok(guests)
@@ -566,7 +655,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
     let hugepages = opts.hugepages.as_deref().map(std::fs::canonicalize).transpose()?;
     let mem_args = memory_args(hugepages.as_deref(), opts.mem_mib);
     let also: Vec<&Path> = hugepages.iter().map(PathBuf::as_path).collect();
-    let mut guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
+    let mut guests = boot_guests(&vmdir, &mut vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
     let placed = vms.clone();
     let mut results = Vec::new();
     for (m, mode) in opts.modes.iter().enumerate() {
@@ -579,7 +668,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             kill_all(&vmdir, &vms);
             drop(std::mem::take(&mut guests));
             vms = placed.clone();
-            guests = boot_guests(&vmdir, &vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
+            guests = boot_guests(&vmdir, &mut vms, opts.mem_mib, &accel, &mem_args, hugepages.as_deref())?;
         }
         let mdir = dir.join(mode);
         // Default KVM.
@@ -618,9 +707,9 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
         // Rollbacks: default KVM, then vmcsnap R=1, then R=2 (whose guests run on).
         kill_all(&vmdir, &vms);
         drop(std::mem::take(&mut guests));
-        let (kvm_restore_s, kvm_cpu) = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel, &mem_args)?;
-        println!("default KVM rollback: {kvm_restore_s:.2} s; {}", kvm_cpu.line());
-        let restores = vmcsnap_rollbacks(&clusters, opts.hosts, &vmdir, &mut vms)?;
+        let (kvm_restore_s, kvm_cpu, kvm_checked) = kvm_restore(&vmdir, &mdir.join("kvm/copy"), &vms, opts.mem_mib, &accel, &mem_args)?;
+        println!("default KVM rollback: {kvm_restore_s:.2} s; {}\n  {}", kvm_cpu.line(), kvm_checked.line());
+        let restores = vmcsnap_rollbacks(&clusters, opts.hosts, &vmdir, &mut vms, mode)?;
         drop(clusters);
         // `VMCSNAP_BENCH_KEEP=1` keeps the nodes' directories (their `node.log`) for a look.
         if std::env::var_os("VMCSNAP_BENCH_KEEP").is_none() {
@@ -642,6 +731,7 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
             pauses: vms.iter().map(|v| v.name.clone()).zip(kvm_pauses.iter().copied()).collect(),
             stages: vec![],
             rollback_cpu: kvm_cpu,
+            rollback_checked: kvm_checked,
             snapshot_cpu: Default::default(),
         };
         let kvm_copy = Column {
@@ -693,12 +783,17 @@ pub fn run(opts: &BenchOptions, bin: &Path) -> anyhow::Result<serde_json::Value>
 /// vmcsnap's rollbacks of the first snapshot, one per cluster in turn (R=1, then R=2), each VM
 /// on another host; the last one's guests run on. (every VM running, all memory resident)
 /// in seconds, per cluster.
-fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut [Vm]) -> anyhow::Result<Vec<(f64, f64, crate::cpu::Cpu)>> {
+fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut [Vm], mode: &str) -> anyhow::Result<Vec<Rollback>> {
     let mut restores = Vec::new();
     for (i, c) in clusters.iter().enumerate() {
-        let (running, secs, cpu) = vmcsnap_restore(c, hosts, "first", vms)?;
-        println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s; {}", i + 1, cpu.line());
-        restores.push((running, secs, cpu));
+        let label = format!("{mode}-r{}", i + 1);
+        let (running, secs, cpu) = match vmcsnap_restore(c, hosts, "first", vms) {
+            Ok(r) => r,
+            Err(e) => return Err(e.context(consoles_after_failure(vmdir, vms, &label))),
+        };
+        let checked = check_guests(vmdir, vms, &label);
+        println!("vmcsnap R={} rollback: every VM running after {running:.2} s, all memory resident after {secs:.2} s; {}\n  {}", i + 1, cpu.line(), checked.line());
+        restores.push(Rollback { running_s: running, resident_s: secs, cpu, checked });
         if i + 1 < clusters.len() {
             kill_all(vmdir, vms);
             // The next rollback puts every VM where this one found it.
@@ -710,9 +805,22 @@ fn vmcsnap_rollbacks(clusters: &[Cluster], hosts: usize, vmdir: &Path, vms: &mut
     Ok(restores)
 }
 
+/// One vmcsnap rollback of every VM.
+#[derive(Clone)]
+struct Rollback {
+    /// Until every VM ran, s.
+    running_s: f64,
+    /// Until all memory was resident, s.
+    resident_s: f64,
+    /// The CPU spent until then.
+    cpu: crate::cpu::Cpu,
+    /// What the guests answered afterwards.
+    checked: Checked,
+}
+
 /// vmcsnap's column at `replicas`: its first snapshot, its second (bytes, s, longest pause ms)
-/// and its rollback (every VM running, all memory resident; s; the CPU spent).
-fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: (f64, f64, crate::cpu::Cpu)) -> Column {
+/// and its rollback.
+fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: Rollback) -> Column {
     Column {
         name: format!("vmcsnap R={replicas}"),
         bytes: f.stored,
@@ -720,14 +828,15 @@ fn vmcsnap_column(replicas: u8, f: &Taken, second: (u64, f64, f64), rollback: (f
         pause_max_ms: f.pause_ms().into_iter().fold(f64::NAN, f64::max),
         pause_median_ms: crate::stats::median(f.pause_ms()),
         pause_skew_ms: f.skew,
-        running_s: rollback.0,
-        restore_s: rollback.1,
+        running_s: rollback.running_s,
+        restore_s: rollback.resident_s,
         second_bytes: second.0,
         second_s: second.1,
         second_pause_max_ms: second.2,
         pauses: f.pauses.clone(),
         stages: f.stages.clone(),
-        rollback_cpu: rollback.2,
+        rollback_cpu: rollback.cpu,
+        rollback_checked: rollback.checked,
         snapshot_cpu: f.cpu.clone(),
     }
 }
@@ -814,6 +923,7 @@ pub fn table(m: &ModeResult) -> String {
     row(&mut o, "pause skew (one cut)", &|x| x.pause_skew_ms.map(|s| format!("{s:.1} ms")).unwrap_or_else(|| "-".into()));
     row(&mut o, "rollback: every VM running", &|x| format!("{:.2} s", x.running_s));
     row(&mut o, "rollback: all memory resident", &|x| format!("{:.2} s", x.restore_s));
+    row(&mut o, "rollback: guests intact after", &|x| format!("{} of {}", x.rollback_checked.ok, x.rollback_checked.ok + x.rollback_checked.failed.len()));
     row(&mut o, "second snapshot: bytes written", &|x| format!("{:.1} MiB", mib(x.second_bytes)));
     row(&mut o, "second snapshot: time", &|x| format!("{:.2} s", x.second_s));
     row(&mut o, "second snapshot: VM pause, max", &|x| format!("{:.0} ms", x.second_pause_max_ms));
@@ -941,6 +1051,21 @@ pub fn goals(m: &ModeResult) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_rollback_keeps_every_console_and_quotes_the_crashed_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vms = workloads(2, 1, 16);
+        std::fs::write(dir.path().join(format!("{}.log", vms[0].name)), "[ 84.9] BUG: kernel NULL pointer dereference\n[ 84.9] Kernel panic - not syncing: Fatal exception in interrupt\n").expect("log");
+        std::fs::write(dir.path().join(format!("{}.log", vms[1].name)), "CACHE-DONE\n").expect("log");
+        let said = consoles_after_failure(dir.path(), &vms, "live-r1");
+        assert!(said.contains(&format!("{}'s console ends", vms[0].name)) && said.contains("Kernel panic"), "{said}");
+        assert!(!said.contains(&format!("{}'s console", vms[1].name)), "{said}");
+        for vm in &vms {
+            let kept = std::fs::read_to_string(dir.path().join(format!("{}.live-r1.log", vm.name))).expect("kept");
+            assert_eq!(kept, std::fs::read_to_string(dir.path().join(format!("{}.log", vm.name))).expect("log"));
+        }
+    }
 
     #[test]
     fn every_host_has_a_cache_guest_and_names_are_unique() {

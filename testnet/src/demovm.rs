@@ -55,7 +55,7 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
     let accel = guest::accel()?;
     let vmdir = dir.join("vms");
     let hosts = 3;
-    let vm = |name: &str, kargs: &str, host: usize| Vm { name: name.into(), kargs: kargs.into(), ready: "CACHE-DONE", host };
+    let vm = |name: &str, kargs: &str, host: usize| Vm { name: name.into(), kargs: kargs.into(), ready: "CACHE-DONE", host, data_md5: None };
     let mut vms = vec![vm("web1", "fill=16 cache=16", 0), vm("web2", "fill=8 cache=16", 0), vm("db1", "fill=8 cache=16", 1)];
     println!("== vmcsnap demo: 3 nodes, {} QEMU guests of {MEM_MIB} MiB ({accel}) ==", vms.len());
     let mut guests = Vec::new();
@@ -64,10 +64,11 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
     }
     let _reaper = guest::Reaper(vms.iter().map(|v| vmdir.join(format!("{}.qmp", v.name))).collect());
     let mut sums = Vec::new();
-    for (g, v) in guests.iter().zip(&vms) {
+    for (g, v) in guests.iter().zip(&mut vms) {
         let fill = g.wait_for("FILL-DONE", Duration::from_secs(300)).with_context(|| format!("guest {}", v.name))?;
         g.wait_for("CACHE-DONE", Duration::from_secs(300)).with_context(|| format!("guest {}", v.name))?;
         sums.push(md5_of(&fill));
+        v.data_md5 = Some(md5_of(&fill));
         println!("  {} on {}: random data md5 {}", v.name, Cluster::name(v.host), &sums.last().map(String::as_str).unwrap_or("?"));
     }
 
@@ -91,7 +92,7 @@ pub fn run(dir: &Path, bin: &Path) -> anyhow::Result<DemoFigures> {
         println!("  {} now on {}: random data md5 {} {}", v.name, Cluster::name(v.host), md5_of(&line), if ok { "(intact)" } else { "(DIFFERS)" });
     }
     kill_all(&vmdir, &vms);
-    let (kvm_rollback_s, _) = kvm_restore(&vmdir, &dir.join("kvm"), &vms, MEM_MIB, &accel, &[])?;
+    let (kvm_rollback_s, _, _) = kvm_restore(&vmdir, &dir.join("kvm"), &vms, MEM_MIB, &accel, &[])?;
     drop(c);
 
     let f = DemoFigures {
