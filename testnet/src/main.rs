@@ -238,6 +238,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// How long QEMUs take to start on this machine, all at once (the bench's command line,
+    /// `-incoming defer`), until each answers on QMP: the floor under any rollback's "every VM
+    /// running", default KVM's and vmcsnap's alike.
+    QemuStart {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = ".testnet/qemu-start")]
+        dir: PathBuf,
+        /// QEMUs started at once.
+        #[arg(long, default_value_t = 6)]
+        guests: usize,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u32,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Fabric throughput on generated memory, 3 nodes: snapshot and restore GB/s, node RSS.
     BenchFabric {
         /// Working directory (wiped first).
@@ -349,6 +366,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::BenchStore { dir, runs, mib, json } => {
             fresh_dir(&dir)?;
             vmcsnap_testnet::benchstore::run(&dir, &vmcsnap_bin(), runs, mib, json)
+        }
+        Cmd::QemuStart { dir, guests, mem, runs } => {
+            fresh_dir(&dir)?;
+            let dir = std::path::absolute(&dir)?;
+            let accel = vmcsnap_testnet::guest::accel()?;
+            let (mut secs, mut cpus) = (Vec::new(), Vec::new());
+            for run in 0..runs.max(1) {
+                let (s, c) = vmcsnap_testnet::bench::qemu_start(&dir, guests, mem, &accel)?;
+                println!("run {run}: {guests} QEMU{} ({accel}, {mem} MiB) answering QMP after {s:.3} s; their CPU {c:.2} core-s", if guests == 1 { "" } else { "s" });
+                secs.push(s);
+                cpus.push(c);
+            }
+            let range = |v: &[f64]| (v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(0.0, f64::max));
+            let ((s0, s1), (c0, c1)) = (range(&secs), range(&cpus));
+            let (s, c) = (vmcsnap_testnet::stats::median(secs), vmcsnap_testnet::stats::median(cpus));
+            println!("median of {runs} runs: {s:.3} s [{s0:.3}–{s1:.3}], {c:.2} core-s [{c0:.2}–{c1:.2}]");
+            Ok(())
         }
         Cmd::BenchFabric { dir, runs, replicas, json, mem_dir, gen } => bench(&dir, runs, replicas, json, &mem_dir, &gen),
         Cmd::Bench { dir, hosts, guests_per_host, mem, data, interval, modes, svg, json, sim_keys, hugepages } => {
