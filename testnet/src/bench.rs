@@ -269,7 +269,8 @@ fn kvm_snapshot_one(vmdir: &Path, out: &Path, vm: &Vm, mode: &str, t0: Instant) 
 }
 
 /// Default KVM rollback: every VM's QEMU started with `-incoming` from its file, at once;
-/// seconds until all run, and the CPU spent meanwhile. The guests are killed again afterwards.
+/// seconds until all run, the CPU spent meanwhile, and what the guests answered when asked
+/// afterwards ([`check_guests`]). The guests are killed again after that.
 pub(crate) fn kvm_restore(vmdir: &Path, files: &Path, vms: &[Vm], mem: u32, accel: &str, extra: &[String]) -> anyhow::Result<(f64, crate::cpu::Cpu, Checked)> {
     let cpu = crate::cpu::Sample::take();
     let t0 = Instant::now();
@@ -330,56 +331,6 @@ impl Checked {
 /// Time a restored guest has to answer on its console.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The floor under "every VM running" on this machine: `guests` QEMUs with the bench's
-/// command line and `-incoming defer`, started at once, as every restore (default KVM's and
-/// vmcsnap's) starts its QEMUs before it can load anything. Seconds until each answers on
-/// QMP, and the core-seconds they used until then. Every QEMU ends with the call.
-pub fn qemu_start(dir: &Path, guests: usize, mem: u32, accel: &str) -> anyhow::Result<(f64, f64)> {
-    struct Ended(Vec<std::process::Child>);
-    impl Drop for Ended {
-        fn drop(&mut self) {
-            for c in &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    std::fs::create_dir_all(dir)?;
-    let mut qemus = Ended(Vec::new());
-    let mut qmps = Vec::new();
-    let t0 = Instant::now();
-    for i in 0..guests {
-        let name = format!("start{i}");
-        let mut argv = Guest::command(dir, &name, mem, "", accel)?;
-        argv.extend(["-incoming".to_string(), "defer".to_string()]);
-        let qmp = dir.join(format!("{name}.qmp"));
-        let _ = std::fs::remove_file(&qmp);
-        let child = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-        qemus.0.push(child);
-        qmps.push(qmp);
-    }
-    for (i, qmp) in qmps.iter().enumerate() {
-        while QmpSync::connect(qmp).is_err() {
-            if let Ok(Some(st)) = qemus.0[i].try_wait() {
-                bail!("QEMU {i} exited ({st}) before it answered on {}", qmp.display());
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                bail!("QEMU {i} did not answer on {} within 60 s", qmp.display());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let ticks: u64 = qemus.0.iter().filter_map(|c| crate::cpu::process_ticks(c.id())).sum();
-    Ok((secs, ticks as f64 / crate::cpu::clock_ticks()))
-}
-
 /// Asks every guest of a rollback, in parallel, to answer `vmcsnap-check` on its console, and
 /// compares the md5 of the random data of those that wrote some at boot. A guest that crashed
 /// or lost memory after its restore reported success shows here; its console log is kept as
@@ -437,6 +388,56 @@ fn check_guest(vmdir: &Path, vm: &Vm) -> Result<(), String> {
         Some(want) if guest::md5_of(&line) != *want => Err(format!("its random data's md5 is {} after the rollback, {want} before", guest::md5_of(&line))),
         _ => Ok(()),
     }
+}
+
+/// The floor under "every VM running" on this machine: `guests` QEMUs with the bench's
+/// command line and `-incoming defer`, started at once, as every restore (default KVM's and
+/// vmcsnap's) starts its QEMUs before it can load anything. Seconds until each answers on
+/// QMP, and the core-seconds they used until then. Every QEMU ends with the call.
+pub fn qemu_start(dir: &Path, guests: usize, mem: u32, accel: &str) -> anyhow::Result<(f64, f64)> {
+    struct Ended(Vec<std::process::Child>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut qemus = Ended(Vec::new());
+    let mut qmps = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..guests {
+        let name = format!("start{i}");
+        let mut argv = Guest::command(dir, &name, mem, "", accel)?;
+        argv.extend(["-incoming".to_string(), "defer".to_string()]);
+        let qmp = dir.join(format!("{name}.qmp"));
+        let _ = std::fs::remove_file(&qmp);
+        let child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        qemus.0.push(child);
+        qmps.push(qmp);
+    }
+    for (i, qmp) in qmps.iter().enumerate() {
+        while QmpSync::connect(qmp).is_err() {
+            if let Ok(Some(st)) = qemus.0[i].try_wait() {
+                bail!("QEMU {i} exited ({st}) before it answered on {}", qmp.display());
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("QEMU {i} did not answer on {} within 60 s", qmp.display());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let ticks: u64 = qemus.0.iter().filter_map(|c| crate::cpu::process_ticks(c.id())).sum();
+    Ok((secs, ticks as f64 / crate::cpu::clock_ticks()))
 }
 
 pub(crate) fn kill_all(vmdir: &Path, vms: &[Vm]) {
