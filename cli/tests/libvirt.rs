@@ -21,7 +21,7 @@ const BOOT: Duration = Duration::from_secs(90);
 const CONSOLE: Duration = Duration::from_secs(60);
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/libvirt.sh")
+    vmcsnap_testnet::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../scripts/libvirt.sh")
 }
 
 fn virsh(args: &[&str]) -> std::process::Output {
@@ -48,7 +48,7 @@ impl Libvirt {
     /// Starts the domain from the repo's template (`extra` more QEMU arguments).
     fn create(&self, dir: &Path, xml_name: &str, extra: &[&str]) {
         let (kernel, initrd) = guest::guest_files().expect("guest build (scripts/build-guest.sh)");
-        let template = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/libvirt-guest.xml.in")).expect("template");
+        let template = std::fs::read_to_string(vmcsnap_testnet::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../scripts/libvirt-guest.xml.in")).expect("template");
         let args: String = extra.iter().map(|a| format!("    <qemu:arg value='{a}'/>\n")).collect();
         let xml = template
             .replace("@NAME@", &self.domain)

@@ -5,7 +5,7 @@
 //! service manager's part, a `NOTIFY_SOCKET` and a SIGTERM.)
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmcsnap_testnet::cluster::free_port;
@@ -15,7 +15,7 @@ fn bin() -> PathBuf {
 }
 
 fn unit_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/vmcsnap-node.service")
+    vmcsnap_testnet::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../packaging/vmcsnap-node.service")
 }
 
 fn tool(args: &[&str]) -> String {
@@ -148,7 +148,7 @@ fn the_units_command_line_notifies_ready_and_stops_cleanly_on_sigterm() {
 #[test]
 fn the_package_holds_the_binary_unit_config_man_pages_and_completions() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-deb.sh");
+    let script = vmcsnap_testnet::crate_dir(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-deb.sh");
     let out = Command::new(&script).arg("--bin").arg(bin()).arg("--out").arg(tmp.path()).output().expect("package-deb.sh");
     assert!(out.status.success(), "package-deb.sh: {}", String::from_utf8_lossy(&out.stderr));
     let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();

@@ -5,11 +5,18 @@
 //! real material: a migration stream from a real QEMU, the QMP answers that QEMU gave, and
 //! signed records, wire and control messages built from that stream's facts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use vmcsnap_node::fuzz::TARGETS;
 
+/// This crate's directory: the running test's `CARGO_MANIFEST_DIR` (cargo sets it when it runs
+/// tests), else the one it was compiled in (a build directory shared by two checkouts may run
+/// a test built in the other, which may be gone).
+fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus")
+    crate_dir().join("../fuzz/corpus")
 }
 
 #[test]

@@ -32,6 +32,14 @@ pub mod stats;
 
 use std::path::PathBuf;
 
+/// A crate's directory, for a test that reads files beside it: the running test's
+/// `CARGO_MANIFEST_DIR` (cargo sets it when it runs tests), else `built`, the directory the
+/// test was compiled in (`env!("CARGO_MANIFEST_DIR")`; a build directory shared by two
+/// checkouts may run a test built in the other, which may be gone).
+pub fn crate_dir(built: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(built))
+}
+
 /// Finds the `vmcsnap` binary: `$VMCSNAP_BIN`, else next to the running executable (or one
 /// directory up, for test binaries in `deps/`), else `vmcsnap` on `PATH`.
 pub fn vmcsnap_bin() -> PathBuf {
