@@ -378,8 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 secs.push(s);
                 cpus.push(c);
             }
-            let range = |v: &[f64]| (v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(0.0, f64::max));
-            let ((s0, s1), (c0, c1)) = (range(&secs), range(&cpus));
+            let ((s0, s1), (c0, c1)) = (vmcsnap_testnet::stats::range(&secs), vmcsnap_testnet::stats::range(&cpus));
             let (s, c) = (vmcsnap_testnet::stats::median(secs), vmcsnap_testnet::stats::median(cpus));
             println!("median of {runs} runs: {s:.3} s [{s0:.3}–{s1:.3}], {c:.2} core-s [{c0:.2}–{c1:.2}]");
             Ok(())
